@@ -1,0 +1,437 @@
+//! The checkpoint coordinator.
+//!
+//! It triggers checkpoint n by sending barrier n to every source subtask; barriers flow
+//! with the data; every subtask acknowledges with its state once it has snapshotted. When
+//! all have acknowledged, the checkpoint is written to storage and only then announced as
+//! complete (sinks commit on that). A decline or a timeout aborts the checkpoint; the
+//! job goes on and the next one starts. One checkpoint is in flight at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::sleep_until;
+
+use super::{CheckpointStorage, CompletedCheckpoint, FORMAT_VERSION};
+use crate::error::{Error, Result};
+use crate::record::Barrier;
+use crate::telemetry::{self, JobStats};
+
+/// What subtasks tell the coordinator.
+#[derive(Debug)]
+pub enum TaskEvent {
+    /// The subtask has snapshotted its state for `checkpoint`.
+    Ack {
+        checkpoint: u64,
+        task: String,
+        state: serde_json::Value,
+    },
+    /// The subtask could not take part in `checkpoint`.
+    Decline {
+        checkpoint: u64,
+        task: String,
+        reason: String,
+    },
+}
+
+/// Result of an acknowledgement.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Still waiting for others.
+    Pending,
+    /// Every expected task has acknowledged.
+    Complete,
+    /// Not a task this checkpoint waits for, or acknowledged twice: ignored.
+    Unexpected,
+}
+
+/// A checkpoint in flight: plain state, no I/O.
+#[derive(Debug)]
+pub struct PendingCheckpoint {
+    pub barrier: Barrier,
+    pub triggered_at: Instant,
+    triggered_at_ms: u64,
+    waiting: BTreeSet<String>,
+    states: BTreeMap<String, serde_json::Value>,
+}
+
+impl PendingCheckpoint {
+    pub fn new(barrier: Barrier, tasks: &[String], now: Instant) -> Self {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            barrier,
+            triggered_at: now,
+            triggered_at_ms: ms,
+            waiting: tasks.iter().cloned().collect(),
+            states: BTreeMap::new(),
+        }
+    }
+
+    pub fn acknowledge(&mut self, task: &str, state: serde_json::Value) -> AckOutcome {
+        if !self.waiting.remove(task) {
+            return AckOutcome::Unexpected;
+        }
+        self.states.insert(task.to_string(), state);
+        if self.waiting.is_empty() {
+            AckOutcome::Complete
+        } else {
+            AckOutcome::Pending
+        }
+    }
+
+    pub fn is_expired(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.triggered_at) >= timeout
+    }
+
+    /// Tasks that have not acknowledged yet.
+    pub fn missing(&self) -> Vec<String> {
+        self.waiting.iter().cloned().collect()
+    }
+
+    pub fn into_completed(self, job: &str) -> CompletedCheckpoint {
+        CompletedCheckpoint {
+            format_version: FORMAT_VERSION,
+            job: job.to_string(),
+            id: self.barrier.id,
+            triggered_at_ms: self.triggered_at_ms,
+            tasks: self.states,
+        }
+    }
+}
+
+/// Timing of checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointTiming {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub min_pause: Duration,
+}
+
+/// The coordinator of one job attempt.
+pub struct Coordinator {
+    pub job: String,
+    pub timing: CheckpointTiming,
+    pub storage: Arc<dyn CheckpointStorage>,
+    /// Every subtask that must acknowledge.
+    pub tasks: Vec<String>,
+    /// One trigger channel per source subtask.
+    pub triggers: Vec<mpsc::UnboundedSender<Barrier>>,
+    pub events: mpsc::UnboundedReceiver<TaskEvent>,
+    /// The id of the newest completed checkpoint, for sinks to commit on.
+    pub completed: watch::Sender<u64>,
+    /// Id of the first checkpoint this attempt triggers.
+    pub first_id: u64,
+    pub stats: Arc<JobStats>,
+}
+
+/// Asks a running coordinator to take a final checkpoint and stop the job.
+#[derive(Clone)]
+pub struct CoordinatorHandle {
+    stop: watch::Sender<bool>,
+}
+
+impl CoordinatorHandle {
+    pub fn new() -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Self { stop: tx }, rx)
+    }
+
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Coordinator {
+    /// Run until a final checkpoint completes after `stop` (returns its id), or a
+    /// failure that needs a restart.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<u64> {
+        let mut next_id = self.first_id;
+        let mut pending: Option<PendingCheckpoint> = None;
+        let mut last_trigger = Instant::now();
+        let mut last_end = Instant::now();
+        let mut stopping = *stop.borrow();
+        loop {
+            let next_trigger = match (&pending, stopping) {
+                (Some(_), _) => None,
+                (None, true) => Some(Instant::now()),
+                (None, false) => Some(
+                    (last_trigger + self.timing.interval).max(last_end + self.timing.min_pause),
+                ),
+            };
+            let deadline = pending
+                .as_ref()
+                .map(|p| p.triggered_at + self.timing.timeout);
+            tokio::select! {
+                _ = async { sleep_until(next_trigger.unwrap_or_else(Instant::now).into()).await }, if next_trigger.is_some() => {
+                    let barrier = Barrier { id: next_id, is_final: stopping };
+                    next_id += 1;
+                    last_trigger = Instant::now();
+                    for t in &self.triggers {
+                        t.send(barrier).map_err(|_| Error::Internal("a source subtask stopped".into()))?;
+                    }
+                    tracing::debug!(checkpoint = barrier.id, is_final = barrier.is_final, "triggered");
+                    pending = Some(PendingCheckpoint::new(barrier, &self.tasks, last_trigger));
+                }
+                _ = async { sleep_until(deadline.unwrap_or_else(Instant::now).into()).await }, if deadline.is_some() => {
+                    if let Some(p) = pending.take() {
+                        if p.is_expired(Instant::now(), self.timing.timeout) {
+                            tracing::warn!(checkpoint = p.barrier.id, missing = ?p.missing(), "checkpoint timed out; aborted");
+                            telemetry::checkpoint_failed();
+                            last_end = Instant::now();
+                            if p.barrier.is_final {
+                                return Err(Error::Internal(format!("final checkpoint {} timed out", p.barrier.id)));
+                            }
+                        } else {
+                            pending = Some(p);
+                        }
+                    }
+                }
+                event = self.events.recv() => {
+                    let Some(event) = event else {
+                        return Err(Error::Internal("all subtasks stopped".into()));
+                    };
+                    if let Some(done) = self.on_event(event, &mut pending)? {
+                        last_end = Instant::now();
+                        if done.is_final {
+                            return Ok(done.id);
+                        }
+                    }
+                }
+                changed = stop.changed(), if !stopping => {
+                    // A dropped handle means nobody can ask to stop any more: same as asking.
+                    let _ = changed;
+                    stopping = true;
+                    tracing::info!("stop requested: taking a final checkpoint");
+                }
+            }
+        }
+    }
+
+    /// Handle an acknowledgement or decline; returns the barrier of a checkpoint that
+    /// just completed.
+    fn on_event(
+        &mut self,
+        event: TaskEvent,
+        pending: &mut Option<PendingCheckpoint>,
+    ) -> Result<Option<Barrier>> {
+        let current = pending.as_ref().map(|p| p.barrier.id);
+        match event {
+            TaskEvent::Decline {
+                checkpoint,
+                task,
+                reason,
+            } => {
+                if current == Some(checkpoint) {
+                    tracing::warn!(checkpoint, task, reason, "checkpoint declined; aborted");
+                    telemetry::checkpoint_failed();
+                    let p = pending.take();
+                    if p.is_some_and(|p| p.barrier.is_final) {
+                        return Err(Error::Internal(format!(
+                            "final checkpoint {checkpoint} declined: {reason}"
+                        )));
+                    }
+                }
+                Ok(None)
+            }
+            TaskEvent::Ack {
+                checkpoint,
+                task,
+                state,
+            } => {
+                if current != Some(checkpoint) {
+                    tracing::debug!(
+                        checkpoint,
+                        task,
+                        "late acknowledgement of an aborted checkpoint"
+                    );
+                    return Ok(None);
+                }
+                let Some(p) = pending.as_mut() else {
+                    return Ok(None);
+                };
+                if p.acknowledge(&task, state) != AckOutcome::Complete {
+                    return Ok(None);
+                }
+                let Some(p) = pending.take() else {
+                    return Ok(None);
+                };
+                let barrier = p.barrier;
+                let started = p.triggered_at;
+                let completed = p.into_completed(&self.job);
+                // Written before it is announced: a sink commits only what a restore
+                // would also find.
+                let bytes = self.storage.store(&completed)?;
+                self.completed.send_replace(barrier.id);
+                let took = started.elapsed();
+                telemetry::checkpoint_completed(took, bytes);
+                self.stats.checkpoint_completed(barrier.id);
+                tracing::debug!(
+                    checkpoint = barrier.id,
+                    ms = took.as_millis() as u64,
+                    bytes,
+                    "checkpoint complete"
+                );
+                Ok(Some(barrier))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::MemoryStorage;
+
+    fn b(id: u64) -> Barrier {
+        Barrier {
+            id,
+            is_final: false,
+        }
+    }
+
+    #[test]
+    fn completes_when_every_task_acknowledged() {
+        let tasks = vec!["source-0".to_string(), "sink-0".to_string()];
+        let mut p = PendingCheckpoint::new(b(3), &tasks, Instant::now());
+        assert_eq!(
+            p.acknowledge("sink-0", serde_json::json!(1)),
+            AckOutcome::Pending
+        );
+        assert_eq!(
+            p.acknowledge("sink-0", serde_json::json!(1)),
+            AckOutcome::Unexpected
+        );
+        assert_eq!(
+            p.acknowledge("other-0", serde_json::json!(1)),
+            AckOutcome::Unexpected
+        );
+        assert_eq!(p.missing(), vec!["source-0".to_string()]);
+        assert_eq!(
+            p.acknowledge("source-0", serde_json::json!(2)),
+            AckOutcome::Complete
+        );
+        let c = p.into_completed("job");
+        assert_eq!(c.id, 3);
+        assert_eq!(c.tasks.len(), 2);
+    }
+
+    #[test]
+    fn expires_after_the_timeout() {
+        let now = Instant::now();
+        let p = PendingCheckpoint::new(b(1), &["a-0".to_string()], now);
+        assert!(!p.is_expired(now + Duration::from_millis(999), Duration::from_secs(1)));
+        assert!(p.is_expired(now + Duration::from_secs(1), Duration::from_secs(1)));
+    }
+
+    struct Harness {
+        triggers: Vec<mpsc::UnboundedReceiver<Barrier>>,
+        events: mpsc::UnboundedSender<TaskEvent>,
+        completed: watch::Receiver<u64>,
+        storage: Arc<MemoryStorage>,
+        handle: CoordinatorHandle,
+        join: tokio::task::JoinHandle<Result<u64>>,
+    }
+
+    fn start(timeout: Duration) -> Harness {
+        let (ttx, trx) = mpsc::unbounded_channel();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (ctx, crx) = watch::channel(0);
+        let storage = Arc::new(MemoryStorage::new(3));
+        let (handle, stop) = CoordinatorHandle::new();
+        let coordinator = Coordinator {
+            job: "j".into(),
+            timing: CheckpointTiming {
+                interval: Duration::from_millis(100),
+                timeout,
+                min_pause: Duration::ZERO,
+            },
+            storage: storage.clone(),
+            tasks: vec!["source-0".into(), "sink-0".into()],
+            triggers: vec![ttx],
+            events: erx,
+            completed: ctx,
+            first_id: 1,
+            stats: Arc::new(JobStats::default()),
+        };
+        let join = tokio::spawn(coordinator.run(stop));
+        Harness {
+            triggers: vec![trx],
+            events: etx,
+            completed: crx,
+            storage,
+            handle,
+            join,
+        }
+    }
+
+    fn ack(id: u64, task: &str) -> TaskEvent {
+        TaskEvent::Ack {
+            checkpoint: id,
+            task: task.into(),
+            state: serde_json::json!({ "task": task }),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stores_then_announces_and_aborts_on_timeout() {
+        let mut h = start(Duration::from_secs(1));
+        let b1 = h.triggers[0].recv().await.unwrap();
+        assert_eq!(b1.id, 1);
+        h.events.send(ack(1, "source-0")).unwrap();
+        h.events.send(ack(1, "sink-0")).unwrap();
+        h.completed.changed().await.unwrap();
+        assert_eq!(*h.completed.borrow(), 1);
+        assert_eq!(h.storage.latest().unwrap().unwrap().id, 1);
+
+        // Checkpoint 2: the sink never answers; it is aborted, 3 follows.
+        let b2 = h.triggers[0].recv().await.unwrap();
+        assert_eq!(b2.id, 2);
+        h.events.send(ack(2, "source-0")).unwrap();
+        let b3 = h.triggers[0].recv().await.unwrap();
+        assert_eq!(b3.id, 3);
+        assert_eq!(
+            *h.completed.borrow(),
+            1,
+            "an aborted checkpoint is never announced"
+        );
+        // A late ack of 2 does not complete anything.
+        h.events.send(ack(2, "sink-0")).unwrap();
+        h.events.send(ack(3, "sink-0")).unwrap();
+        h.events.send(ack(3, "source-0")).unwrap();
+        h.completed.changed().await.unwrap();
+        assert_eq!(*h.completed.borrow(), 3);
+        assert_eq!(h.storage.latest().unwrap().unwrap().id, 3);
+
+        // A decline aborts too.
+        let b4 = h.triggers[0].recv().await.unwrap();
+        h.events
+            .send(TaskEvent::Decline {
+                checkpoint: b4.id,
+                task: "sink-0".into(),
+                reason: "test".into(),
+            })
+            .unwrap();
+        let b5 = h.triggers[0].recv().await.unwrap();
+        assert_eq!(b5.id, 5);
+        h.events.send(ack(5, "source-0")).unwrap();
+        h.events.send(ack(5, "sink-0")).unwrap();
+
+        // Stop: a final barrier, and the coordinator returns once it completes.
+        h.handle.stop();
+        let fin = loop {
+            let b = h.triggers[0].recv().await.unwrap();
+            if b.is_final {
+                break b;
+            }
+            h.events.send(ack(b.id, "source-0")).unwrap();
+            h.events.send(ack(b.id, "sink-0")).unwrap();
+        };
+        h.events.send(ack(fin.id, "source-0")).unwrap();
+        h.events.send(ack(fin.id, "sink-0")).unwrap();
+        assert_eq!(h.join.await.unwrap().unwrap(), fin.id);
+        assert_eq!(h.storage.latest().unwrap().unwrap().id, fin.id);
+    }
+}

@@ -1,0 +1,50 @@
+//! Asynchronous barrier snapshots: the coordinator that runs them and the storage that
+//! keeps completed ones.
+
+pub mod coordinator;
+pub mod storage;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use coordinator::{Coordinator, CoordinatorHandle, PendingCheckpoint, TaskEvent};
+pub use storage::{CheckpointStorage, DirectoryStorage, MemoryStorage};
+
+/// Format of the stored metadata; bumped on incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A completed checkpoint: every subtask's acknowledged state, by task name
+/// (`source-0`, `sink-1`, ...). Self-describing JSON, so it can be read by hand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletedCheckpoint {
+    pub format_version: u32,
+    pub job: String,
+    pub id: u64,
+    /// When it was triggered, epoch ms.
+    pub triggered_at_ms: u64,
+    pub tasks: BTreeMap<String, serde_json::Value>,
+}
+
+impl CompletedCheckpoint {
+    /// States of one operator's subtasks (`source`, `sink`), whatever their parallelism
+    /// was when the checkpoint was taken.
+    pub fn operator_states<'a>(
+        &'a self,
+        operator: &'a str,
+    ) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
+        self.tasks
+            .iter()
+            .filter(move |(name, _)| task_operator(name) == operator)
+            .map(|(_, state)| state)
+    }
+}
+
+/// Name of a subtask as it appears in checkpoints and logs.
+pub fn task_name(operator: &str, subtask: usize) -> String {
+    format!("{operator}-{subtask}")
+}
+
+fn task_operator(name: &str) -> &str {
+    name.rsplit_once('-').map_or(name, |(op, _)| op)
+}

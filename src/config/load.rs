@@ -1,0 +1,474 @@
+//! Reading the file and the environment, and checking the result.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use config::{Config, Environment, File, FileFormat};
+
+use super::*;
+use crate::error::{Error, Result};
+
+/// Environment variables that override file keys: `SLUICE__SINK__URL` sets `sink.url`.
+pub const ENV_PREFIX: &str = "SLUICE";
+
+/// Load `path`, apply `SLUICE__…` environment overrides, and validate.
+///
+/// Order, lowest first: defaults, the file, the environment. Secrets (the sink's
+/// password, Kafka passwords) are refused in the file: they must come from the
+/// environment, so that config files can be committed and shared.
+pub fn load(path: &Path) -> Result<JobConfig> {
+    let file = || File::from(path).format(FileFormat::Toml).required(true);
+    let fail = |key: &str, message: String| Error::Config {
+        file: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    if !path.exists() {
+        return Err(fail("-", "file not found".into()));
+    }
+    let file_only = Config::builder()
+        .add_source(file())
+        .build()
+        .map_err(|e| fail(&key_of(&e), e.to_string()))?;
+    refuse_secrets_in_file(&file_only).map_err(|(key, message)| fail(&key, message))?;
+
+    let env = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("source.topics")
+        .with_list_parse_key("sink.key");
+    let merged = Config::builder()
+        .add_source(file())
+        .add_source(env)
+        .build()
+        .map_err(|e| fail(&key_of(&e), e.to_string()))?;
+    let mut cfg: JobConfig = merged
+        .try_deserialize()
+        .map_err(|e| fail(&key_of(&e), e.to_string()))?;
+    cfg.file = path.to_path_buf();
+    if cfg.sink.password.is_none() {
+        cfg.sink.password = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The key a `config` error is about, when it says.
+fn key_of(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type { key: Some(k), .. } => k.clone(),
+        config::ConfigError::NotFound(k) => k.clone(),
+        other => {
+            // serde's messages name the field as `name`; use it when there is one.
+            let text = other.to_string();
+            text.split('`').nth(1).unwrap_or("-").to_string()
+        }
+    }
+}
+
+fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, String)> {
+    if file.get_string("sink.password").is_ok() {
+        return Err((
+            "sink.password".into(),
+            "secrets may not be written in the file; set SLUICE__SINK__PASSWORD or PGPASSWORD"
+                .into(),
+        ));
+    }
+    if let Ok(url) = file.get_string("sink.url") {
+        if url_has_password(&url) {
+            return Err((
+                "sink.url".into(),
+                "the URL holds a password; remove it and set SLUICE__SINK__PASSWORD or PGPASSWORD"
+                    .into(),
+            ));
+        }
+    }
+    if let Ok(props) = file.get::<BTreeMap<String, PropertyValue>>("source.properties") {
+        for (key, _) in flatten_properties(&props) {
+            if key.contains("password") || key.contains("secret") {
+                return Err((
+                    format!("source.properties.{key}"),
+                    format!(
+                        "secrets may not be written in the file; set SLUICE__SOURCE__PROPERTIES__{}",
+                        key.replace('.', "__").to_uppercase()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) => userinfo.contains(':'),
+        None => false,
+    }
+}
+
+/// librdkafka properties as `key=value` pairs, nested tables joined with dots.
+pub fn flatten_properties(props: &BTreeMap<String, PropertyValue>) -> Vec<(String, String)> {
+    fn walk(
+        prefix: &str,
+        props: &BTreeMap<String, PropertyValue>,
+        out: &mut Vec<(String, String)>,
+    ) {
+        for (k, v) in props {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                PropertyValue::Table(t) => walk(&key, t, out),
+                PropertyValue::Bool(b) => out.push((key, b.to_string())),
+                PropertyValue::Int(i) => out.push((key, i.to_string())),
+                PropertyValue::Float(f) => out.push((key, f.to_string())),
+                PropertyValue::Text(s) => out.push((key, s.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", props, &mut out);
+    out
+}
+
+/// `name` or `schema.name`, letters, digits and underscores: safe to quote into SQL.
+pub(crate) fn is_identifier(s: &str) -> bool {
+    let part = |p: &str| {
+        let mut chars = p.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() <= 2 && parts.iter().all(|p| part(p))
+}
+
+/// Kafka metadata a column can take its value from.
+pub const KAFKA_VALUES: [&str; 5] = [
+    "kafka.topic",
+    "kafka.partition",
+    "kafka.offset",
+    "kafka.timestamp",
+    "kafka.payload",
+];
+
+impl JobConfig {
+    /// Reject impossible values, naming the key. Cross-field checks live here too.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |key: &str, message: &str| {
+            Err(Error::Config {
+                file: self.file.clone(),
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        let name_ok = !self.job.name.is_empty()
+            && self.job.name.len() <= 64
+            && self
+                .job
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return fail("job.name", "must be 1 to 64 letters, digits, '-' or '_'");
+        }
+        if !(1..=32768).contains(&self.job.max_parallelism) {
+            return fail("job.max_parallelism", "must be between 1 and 32768");
+        }
+        let s = &self.source;
+        if s.bootstrap_servers.trim().is_empty() {
+            return fail("source.bootstrap_servers", "must not be empty");
+        }
+        if s.topics.is_empty() || s.topics.iter().any(|t| t.trim().is_empty()) {
+            return fail("source.topics", "must name at least one topic");
+        }
+        if s.parallelism == 0 {
+            return fail("source.parallelism", "must be at least 1");
+        }
+        if s.parallelism > self.job.max_parallelism {
+            return fail("source.parallelism", "must not exceed job.max_parallelism");
+        }
+        if s.batch_size == 0 {
+            return fail("source.batch_size", "must be at least 1");
+        }
+        if s.partition_discovery_interval.is_zero() {
+            return fail(
+                "source.partition_discovery_interval",
+                "must be greater than 0",
+            );
+        }
+        if s.embedded.partitions < 1 {
+            return fail("source.embedded.partitions", "must be at least 1");
+        }
+        if s.embedded.events_per_second == 0 {
+            return fail("source.embedded.events_per_second", "must be at least 1");
+        }
+        if self.decode.max_record_bytes == 0 {
+            return fail("decode.max_record_bytes", "must be at least 1");
+        }
+        let mut seen = HashSet::new();
+        for f in &self.decode.fields {
+            if f.name.is_empty() {
+                return fail("decode.fields.name", "must not be empty");
+            }
+            if !seen.insert(f.name.as_str()) {
+                return fail(
+                    "decode.fields.name",
+                    &format!("`{}` is declared twice", f.name),
+                );
+            }
+        }
+
+        let c = &self.checkpoint;
+        if c.interval.is_zero() {
+            return fail("checkpoint.interval", "must be greater than 0");
+        }
+        if c.timeout.is_zero() {
+            return fail("checkpoint.timeout", "must be greater than 0");
+        }
+        if c.retain == 0 {
+            return fail("checkpoint.retain", "must be at least 1");
+        }
+        if c.storage == StorageKind::Filesystem && c.dir.is_none() {
+            return fail(
+                "checkpoint.dir",
+                "is required when checkpoint.storage = \"filesystem\"",
+            );
+        }
+        match &self.restart {
+            RestartConfig::ExponentialBackoff {
+                initial,
+                multiplier,
+                max,
+                ..
+            } => {
+                if initial.is_zero() {
+                    return fail("restart.initial", "must be greater than 0");
+                }
+                if *multiplier < 1.0 || !multiplier.is_finite() {
+                    return fail("restart.multiplier", "must be at least 1");
+                }
+                if max < initial {
+                    return fail("restart.max", "must be at least restart.initial");
+                }
+            }
+            RestartConfig::FailureRate {
+                max_failures,
+                interval,
+                ..
+            } => {
+                if *max_failures == 0 {
+                    return fail(
+                        "restart.max_failures",
+                        "must be at least 1 (or use strategy = \"none\")",
+                    );
+                }
+                if interval.is_zero() {
+                    return fail("restart.interval", "must be greater than 0");
+                }
+            }
+            RestartConfig::FixedDelay { .. } | RestartConfig::None => {}
+        }
+
+        let k = &self.sink;
+        match k.kind {
+            SinkKind::Postgres
+                if !k.url.starts_with("postgres://") && !k.url.starts_with("postgresql://") =>
+            {
+                return fail("sink.url", "a postgres sink needs a postgres:// URL");
+            }
+            SinkKind::Sqlite if !k.url.starts_with("sqlite:") => {
+                return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
+            }
+            _ => {}
+        }
+        if k.kind == SinkKind::Sqlite && k.strategy == Strategy::TwoPhase {
+            return fail(
+                "sink.strategy",
+                "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent",
+            );
+        }
+        if k.kind == SinkKind::Sqlite && k.parallelism != 1 {
+            return fail("sink.parallelism", "a sqlite sink takes one writer; set 1");
+        }
+        if k.parallelism == 0 {
+            return fail("sink.parallelism", "must be at least 1");
+        }
+        if k.parallelism > self.job.max_parallelism {
+            return fail("sink.parallelism", "must not exceed job.max_parallelism");
+        }
+        if k.batch_size == 0 {
+            return fail("sink.batch_size", "must be at least 1");
+        }
+        if !is_identifier(&k.table) {
+            return fail(
+                "sink.table",
+                "must be a plain SQL name (letters, digits, _; optionally schema.table)",
+            );
+        }
+        match k.partitioner {
+            PartitionerKind::Broadcast => {
+                return fail(
+                    "sink.partitioner",
+                    "broadcast would write every record once per sink subtask",
+                );
+            }
+            PartitionerKind::Forward if k.parallelism != s.parallelism => {
+                return fail(
+                    "sink.partitioner",
+                    "forward needs sink.parallelism = source.parallelism",
+                );
+            }
+            _ => {}
+        }
+        let columns = self.sink_columns();
+        let mut names = HashSet::new();
+        for col in &columns {
+            if !is_identifier(&col.name) || col.name.contains('.') {
+                return fail(
+                    "sink.columns.name",
+                    &format!("`{}` is not a plain column name", col.name),
+                );
+            }
+            if !names.insert(col.name.as_str()) {
+                return fail(
+                    "sink.columns.name",
+                    &format!("`{}` appears twice", col.name),
+                );
+            }
+            let known = KAFKA_VALUES.contains(&col.value.as_str())
+                || self.decode.fields.iter().any(|f| f.name == col.value);
+            if !known {
+                return fail(
+                    "sink.columns.value",
+                    &format!(
+                        "`{}` is neither a decode.fields name nor one of {}",
+                        col.value,
+                        KAFKA_VALUES.join(", ")
+                    ),
+                );
+            }
+        }
+        if k.strategy == Strategy::Idempotent {
+            let key = self.sink_key();
+            if key.is_empty() {
+                return fail("sink.key", "an idempotent sink needs a key to upsert on");
+            }
+            if let Some(missing) = key.iter().find(|c| !names.contains(c.as_str())) {
+                return fail(
+                    "sink.key",
+                    &format!("`{missing}` is not one of sink.columns"),
+                );
+            }
+        }
+        let d = &self.dead_letter;
+        match d.kind {
+            DeadLetterKind::Table if !is_identifier(&d.table) => {
+                return fail("dead_letter.table", "must be a plain SQL name");
+            }
+            DeadLetterKind::Kafka if d.topic.as_deref().is_none_or(str::is_empty) => {
+                return fail(
+                    "dead_letter.topic",
+                    "is required when dead_letter.kind = \"kafka\"",
+                );
+            }
+            _ => {}
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return fail(
+                "metrics.listen",
+                "must be host:port, e.g. 127.0.0.1:9464 (or empty to turn off)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The sink's columns, the defaults filled in.
+    pub fn sink_columns(&self) -> Vec<ColumnSpec> {
+        if !self.sink.columns.is_empty() {
+            return self.sink.columns.clone();
+        }
+        let kafka = [
+            ("topic", "kafka.topic"),
+            ("partition", "kafka.partition"),
+            ("offset", "kafka.offset"),
+        ];
+        kafka
+            .iter()
+            .map(|(n, v)| ColumnSpec {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .chain(self.decode.fields.iter().map(|f| ColumnSpec {
+                name: f.name.clone(),
+                value: f.name.clone(),
+            }))
+            .collect()
+    }
+
+    /// The sink's conflict key, the default filled in.
+    pub fn sink_key(&self) -> Vec<String> {
+        if self.sink.key.is_empty() {
+            vec!["topic".into(), "partition".into(), "offset".into()]
+        } else {
+            self.sink.key.clone()
+        }
+    }
+
+    /// Whether the source runs the in-process broker and generator.
+    pub fn is_embedded(&self) -> bool {
+        self.source.bootstrap_servers == "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_found() {
+        assert!(url_has_password("postgres://u:secret@h/db"));
+        assert!(!url_has_password("postgres://u@h/db"));
+        assert!(!url_has_password("postgres://h:5432/db"));
+        assert!(!url_has_password("sqlite://data/x.db"));
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("events"));
+        assert!(is_identifier("public.events_2"));
+        assert!(!is_identifier("events; drop table x"));
+        assert!(!is_identifier("a.b.c"));
+        assert!(!is_identifier("1abc"));
+    }
+
+    #[test]
+    fn nested_properties_are_joined_with_dots() {
+        let mut inner = BTreeMap::new();
+        inner.insert(
+            "location".to_string(),
+            PropertyValue::Text("/ca.pem".into()),
+        );
+        let mut ssl = BTreeMap::new();
+        ssl.insert("ca".to_string(), PropertyValue::Table(inner));
+        let mut props = BTreeMap::new();
+        props.insert("ssl".to_string(), PropertyValue::Table(ssl));
+        props.insert("fetch.max.bytes".to_string(), PropertyValue::Int(1024));
+        let flat = flatten_properties(&props);
+        assert_eq!(
+            flat,
+            vec![
+                ("fetch.max.bytes".to_string(), "1024".to_string()),
+                ("ssl.ca.location".to_string(), "/ca.pem".to_string())
+            ]
+        );
+    }
+}

@@ -1,0 +1,476 @@
+//! The job's configuration: one TOML file, every key overridable from the environment.
+//!
+//! Precedence, lowest first: built-in defaults (the `serde(default)`s below), then the
+//! file, then environment variables `SLUICE__SECTION__KEY` (see [`load`]). Unknown keys
+//! are rejected by name; [`JobConfig::validate`] rejects impossible values before
+//! anything starts.
+
+mod load;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use load::{flatten_properties, load, KAFKA_VALUES};
+
+/// A whole job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub job: JobSection,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub decode: DecodeConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub restart: RestartConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The file this was read from, for error messages. Not a config key.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Names the job's prepared transactions, checkpoints and metrics; keep it stable
+    /// across restarts of the same job.
+    pub name: String,
+    /// Number of key groups keys are hashed into; fixed for the job's life, it bounds
+    /// the parallelism a restored job can have.
+    #[serde(default = "defaults::max_parallelism")]
+    pub max_parallelism: u32,
+    /// How often the console status line is printed (`"0s"` turns it off).
+    #[serde(default = "defaults::status_interval", with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+/// Where offsets start when no checkpoint holds them.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// Kafka `isolation.level`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationLevel {
+    #[default]
+    ReadCommitted,
+    ReadUncommitted,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Broker list, or `"embedded"` for an in-process mock cluster fed by a generator.
+    pub bootstrap_servers: String,
+    pub topics: Vec<String>,
+    #[serde(default = "defaults::one")]
+    pub parallelism: u32,
+    #[serde(default)]
+    pub start_from: StartFrom,
+    #[serde(default)]
+    pub isolation_level: IsolationLevel,
+    /// Records per batch handed downstream.
+    #[serde(default = "defaults::source_batch")]
+    pub batch_size: usize,
+    /// How often topic metadata is read to pick up new partitions.
+    #[serde(default = "defaults::discovery", with = "humantime_serde")]
+    pub partition_discovery_interval: Duration,
+    /// Any librdkafka consumer property, passed through (security, SASL, TLS, fetch
+    /// sizes). Nested tables are joined with dots: `[source.properties.ssl]
+    /// ca.location = "..."` sets `ssl.ca.location`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+    /// The embedded broker and generator, used when `bootstrap_servers = "embedded"`.
+    #[serde(default)]
+    pub embedded: EmbeddedConfig,
+}
+
+/// A librdkafka property value as TOML or the environment gives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Table(BTreeMap<String, PropertyValue>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    #[serde(default = "defaults::embedded_partitions")]
+    pub partitions: i32,
+    /// The generator's pace; the mock cluster keeps only a few MiB per partition.
+    #[serde(default = "defaults::events_per_second")]
+    pub events_per_second: u32,
+    /// Every n-th generated event is malformed, to show the dead-letter path (0: never).
+    #[serde(default = "defaults::bad_every")]
+    pub bad_record_every: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            partitions: defaults::embedded_partitions(),
+            events_per_second: defaults::events_per_second(),
+            bad_record_every: defaults::bad_every(),
+        }
+    }
+}
+
+/// The type a decoded field must have.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    Int,
+    Float,
+    String,
+    Bool,
+    /// Any JSON value, kept as its text.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    /// Top-level key of the JSON object.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    /// A missing (or null) required field dead-letters the record; a missing optional
+    /// one decodes to null.
+    #[serde(default = "defaults::yes")]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// Records longer than this are dead-lettered unread.
+    #[serde(default = "defaults::max_record_bytes")]
+    pub max_record_bytes: usize,
+    #[serde(default)]
+    pub fields: Vec<FieldSpec>,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: defaults::max_record_bytes(),
+            fields: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// Lost with the process: for demos and tests of in-process restarts.
+    #[default]
+    Memory,
+    /// A directory; survives the process.
+    Filesystem,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    #[serde(default = "defaults::checkpoint_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// A checkpoint not acknowledged by every subtask within this is aborted.
+    #[serde(default = "defaults::checkpoint_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Least time between the end of one checkpoint and the start of the next.
+    #[serde(default, with = "humantime_serde")]
+    pub min_pause: Duration,
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// Directory for `storage = "filesystem"`.
+    pub dir: Option<PathBuf>,
+    /// Completed checkpoints kept; older ones are deleted.
+    #[serde(default = "defaults::retain")]
+    pub retain: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            interval: defaults::checkpoint_interval(),
+            timeout: defaults::checkpoint_timeout(),
+            min_pause: Duration::ZERO,
+            storage: StorageKind::Memory,
+            dir: None,
+            retain: defaults::retain(),
+        }
+    }
+}
+
+/// What happens when the running job fails (a broker or database error, a dead task).
+/// Every restart restores the newest completed checkpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestartConfig {
+    /// Fail the process at the first error.
+    None,
+    /// Restart up to `attempts` times, waiting `delay` before each.
+    FixedDelay {
+        #[serde(default = "defaults::attempts")]
+        attempts: u32,
+        #[serde(default = "defaults::delay", with = "humantime_serde")]
+        delay: Duration,
+    },
+    /// Restart after `delay` unless more than `max_failures` happened within `interval`.
+    FailureRate {
+        #[serde(default = "defaults::attempts")]
+        max_failures: u32,
+        #[serde(default = "defaults::failure_interval", with = "humantime_serde")]
+        interval: Duration,
+        #[serde(default = "defaults::delay", with = "humantime_serde")]
+        delay: Duration,
+    },
+    /// Restart forever, waiting `initial`, then `initial * multiplier`, ... up to `max`;
+    /// the wait falls back to `initial` after `reset_after` without failure.
+    ExponentialBackoff {
+        #[serde(default = "defaults::delay", with = "humantime_serde")]
+        initial: Duration,
+        #[serde(default = "defaults::max_backoff", with = "humantime_serde")]
+        max: Duration,
+        #[serde(default = "defaults::multiplier")]
+        multiplier: f64,
+        #[serde(default = "defaults::reset_after", with = "humantime_serde")]
+        reset_after: Duration,
+    },
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig::ExponentialBackoff {
+            initial: defaults::delay(),
+            max: defaults::max_backoff(),
+            multiplier: defaults::multiplier(),
+            reset_after: defaults::reset_after(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Postgres,
+    Sqlite,
+}
+
+/// How a sink makes its writes exactly once.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Upsert on `key`: a replay rewrites the same rows with the same values.
+    Idempotent,
+    /// One transaction per checkpoint and subtask, prepared on the barrier and
+    /// committed when the checkpoint completes (Postgres `PREPARE TRANSACTION`).
+    TwoPhase,
+}
+
+/// How records are spread over a downstream operator's subtasks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionerKind {
+    /// Hash of the key into a key group; a key group belongs to one subtask.
+    KeyHash,
+    /// Round robin over all subtasks.
+    Rebalance,
+    /// Round robin over a local subset of subtasks.
+    Rescale,
+    /// Random subtask.
+    Shuffle,
+    /// Subtask i to subtask i (equal parallelism).
+    Forward,
+    /// Everything to subtask 0.
+    Global,
+    /// Every record to every subtask (never valid in front of a sink: it duplicates).
+    Broadcast,
+}
+
+/// A sink column and where its value comes from.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    pub name: String,
+    /// A decoded field's name, or one of `kafka.topic`, `kafka.partition`,
+    /// `kafka.offset`, `kafka.timestamp` (epoch ms), `kafka.payload` (the raw JSON).
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub kind: SinkKind,
+    /// `postgres://user@host:port/db` or `sqlite://path`. A Postgres password goes in
+    /// the environment (`SLUICE__SINK__PASSWORD` or `PGPASSWORD`), never in the file.
+    pub url: String,
+    /// The Postgres password; only from the environment.
+    pub password: Option<String>,
+    pub table: String,
+    pub strategy: Strategy,
+    /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every decoded
+    /// field under its own name).
+    #[serde(default)]
+    pub columns: Vec<ColumnSpec>,
+    /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
+    #[serde(default)]
+    pub key: Vec<String>,
+    #[serde(default = "defaults::one")]
+    pub parallelism: u32,
+    /// How records reach sink subtasks (default: `key_hash` on `key`).
+    #[serde(default = "defaults::partitioner")]
+    pub partitioner: PartitionerKind,
+    /// Rows per statement.
+    #[serde(default = "defaults::sink_batch")]
+    pub batch_size: usize,
+    /// A directory of sqlx migrations (`<version>_<name>.sql`).
+    pub migrations: Option<PathBuf>,
+    /// Apply `migrations` at start (otherwise run `sluice migrate`).
+    #[serde(default)]
+    pub run_migrations: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// A table in the sink's database, written in the sink's own transactions, so dead
+    /// letters are exactly once too.
+    #[default]
+    Table,
+    /// A Kafka topic (at least once: a replay after a crash may repeat a dead letter).
+    Kafka,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    #[serde(default)]
+    pub kind: DeadLetterKind,
+    #[serde(default = "defaults::dead_letter_table")]
+    pub table: String,
+    /// Topic for `kind = "kafka"` (on the source's cluster).
+    pub topic: Option<String>,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            kind: DeadLetterKind::Table,
+            table: defaults::dead_letter_table(),
+            topic: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus `/metrics` endpoint; empty turns it off.
+    #[serde(default = "defaults::metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::metrics_listen(),
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn max_parallelism() -> u32 {
+        128
+    }
+    pub fn status_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn one() -> u32 {
+        1
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn source_batch() -> usize {
+        1000
+    }
+    pub fn discovery() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn embedded_partitions() -> i32 {
+        4
+    }
+    pub fn events_per_second() -> u32 {
+        2000
+    }
+    pub fn bad_every() -> u64 {
+        1000
+    }
+    pub fn max_record_bytes() -> usize {
+        1 << 20
+    }
+    pub fn checkpoint_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn checkpoint_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn retain() -> usize {
+        3
+    }
+    pub fn attempts() -> u32 {
+        3
+    }
+    pub fn delay() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn failure_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_backoff() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn multiplier() -> f64 {
+        2.0
+    }
+    pub fn reset_after() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn partitioner() -> super::PartitionerKind {
+        super::PartitionerKind::KeyHash
+    }
+    pub fn sink_batch() -> usize {
+        5000
+    }
+    pub fn dead_letter_table() -> String {
+        "sluice_dead_letter".into()
+    }
+    pub fn metrics_listen() -> String {
+        "127.0.0.1:9464".into()
+    }
+}
+
+/// The source's librdkafka properties, flattened to `key=value`.
+pub fn flatten_properties_of(cfg: &JobConfig) -> Vec<(String, String)> {
+    load::flatten_properties(&cfg.source.properties)
+}

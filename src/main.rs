@@ -1,0 +1,243 @@
+//! The `sluice` command line: thin on purpose. Parse arguments, set up logging, load the
+//! config, and hand over to the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use sluice::config::{self, JobConfig, SinkKind};
+use sluice::sink::postgres;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Kafka to a database, exactly once")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job until Ctrl-C / SIGTERM (then stop after a final checkpoint).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and print the resolved job; exits non-zero if it is invalid.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Apply the sink's migrations (`sink.migrations`).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show or resolve this job's prepared transactions (two-phase sink) by hand.
+    Txn {
+        #[command(subcommand)]
+        action: TxnAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TxnAction {
+    /// List this job's prepared transactions.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// COMMIT PREPARED one transaction (or all of this job's with --all).
+    Commit {
+        #[arg(long, short)]
+        config: PathBuf,
+        gid: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// ROLLBACK PREPARED one transaction (or all of this job's with --all).
+    Abort {
+        #[arg(long, short)]
+        config: PathBuf,
+        gid: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<JobConfig> {
+    Ok(config::load(path)?)
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => run(load(&config)?).await,
+        Command::Check { config } => {
+            let cfg = load(&config)?;
+            println!("{}: ok", config.display());
+            println!("{cfg:#?}");
+            Ok(())
+        }
+        Command::Migrate { config } => migrate(load(&config)?).await,
+        Command::Txn { action } => txn(action).await,
+    }
+}
+
+async fn run(cfg: JobConfig) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("sluice: stopping after a final checkpoint (press Ctrl-C again to quit at once)");
+        stop_tx.send_replace(true);
+        wait_for_signal().await;
+        eprintln!("sluice: quitting without a final checkpoint");
+        std::process::exit(130);
+    });
+    let stats = Arc::new(sluice::telemetry::JobStats::default());
+    let mut look = Vec::new();
+    if !cfg.metrics.listen.is_empty() {
+        look.push(format!("metrics http://{}/metrics", cfg.metrics.listen));
+    }
+    look.push(format!("sink {} table {}", cfg.sink.url, cfg.sink.table));
+    let status = tokio::spawn(sluice::telemetry::print_status(
+        stats.clone(),
+        cfg.job.status_interval,
+        look.join(" | "),
+    ));
+    tracing::info!(job = cfg.job.name, "starting");
+    let result = sluice::runtime::run(cfg, stop_rx, stats).await;
+    status.abort();
+    result.context("job failed")
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
+    let dir = cfg
+        .sink
+        .migrations
+        .clone()
+        .context("sink.migrations is not set: nothing to migrate")?;
+    match cfg.sink.kind {
+        SinkKind::Postgres => {
+            let pool = postgres::connect(&cfg.sink, 1).await?;
+            postgres::migrate(&pool, &dir).await?;
+        }
+        SinkKind::Sqlite => {
+            let pool = sluice::sink::sqlite::connect(&cfg.sink.url).await?;
+            sluice::sink::sqlite::migrate(&pool, &dir).await?;
+        }
+    }
+    println!("migrations in {} applied", dir.display());
+    Ok(())
+}
+
+async fn txn(action: TxnAction) -> anyhow::Result<()> {
+    let (config, gid, all, commit) = match action {
+        TxnAction::List { config } => {
+            let cfg = load(&config)?;
+            anyhow::ensure!(
+                cfg.sink.kind == SinkKind::Postgres,
+                "prepared transactions exist only in a postgres sink"
+            );
+            let pool = postgres::connect(&cfg.sink, 1).await?;
+            let list = postgres::list_prepared(&pool, &cfg.job.name).await?;
+            if list.is_empty() {
+                println!("no prepared transactions of job {}", cfg.job.name);
+            }
+            for t in list {
+                println!("{}\tprepared {}\towner {}", t.gid, t.prepared, t.owner);
+            }
+            return Ok(());
+        }
+        TxnAction::Commit { config, gid, all } => (config, gid, all, true),
+        TxnAction::Abort { config, gid, all } => (config, gid, all, false),
+    };
+    let cfg = load(&config)?;
+    anyhow::ensure!(
+        cfg.sink.kind == SinkKind::Postgres,
+        "prepared transactions exist only in a postgres sink"
+    );
+    anyhow::ensure!(gid.is_some() != all, "give one transaction id, or --all");
+    let pool = postgres::connect(&cfg.sink, 1).await?;
+    let gids: Vec<String> = match gid {
+        Some(g) => {
+            anyhow::ensure!(
+                g.starts_with(&postgres::gid_prefix(&cfg.job.name)),
+                "{g} does not belong to job {}",
+                cfg.job.name
+            );
+            vec![g]
+        }
+        None => postgres::list_prepared(&pool, &cfg.job.name)
+            .await?
+            .into_iter()
+            .map(|t| t.gid)
+            .collect(),
+    };
+    let mut conn = pool.acquire().await.context("connect")?;
+    for g in gids {
+        let found = postgres::finish_prepared(&mut conn, &g, commit).await?;
+        let verb = if commit { "committed" } else { "rolled back" };
+        println!(
+            "{g}: {}",
+            if found {
+                verb
+            } else {
+                "not found (already resolved)"
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! JSON decoding into typed fields, in one pass and without building a JSON tree.
+//!
+//! A record that is not a JSON object, lacks a required field, or has a field of the
+//! wrong type becomes a [`DeadLetter`] carrying the reason; decoding never fails the job.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::config::{FieldSpec, FieldType};
+use crate::record::{DeadLetter, Origin, Record, Value};
+
+pub struct Decoder {
+    fields: Vec<FieldSpec>,
+    max_bytes: usize,
+    keep_payload: bool,
+}
+
+impl Decoder {
+    /// `keep_payload`: keep the raw JSON text on the record (a sink column wants it).
+    pub fn new(fields: Vec<FieldSpec>, max_bytes: usize, keep_payload: bool) -> Self {
+        Self {
+            fields,
+            max_bytes,
+            keep_payload,
+        }
+    }
+
+    pub fn decode(&self, origin: Origin, payload: Option<&[u8]>) -> Result<Record, DeadLetter> {
+        let dead = |origin: Origin, reason: String| DeadLetter {
+            origin,
+            reason,
+            payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        let Some(bytes) = payload else {
+            return Err(dead(origin, "empty payload (tombstone)".into()));
+        };
+        if bytes.len() > self.max_bytes {
+            let reason = format!(
+                "record of {} bytes exceeds decode.max_record_bytes = {}",
+                bytes.len(),
+                self.max_bytes
+            );
+            return Err(dead(origin, reason));
+        }
+        let mut values = vec![Value::Null; self.fields.len()];
+        let mut seen = vec![false; self.fields.len()];
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let seed = ObjectSeed {
+            fields: &self.fields,
+            values: &mut values,
+            seen: &mut seen,
+        };
+        let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
+        if let Err(e) = parsed {
+            return Err(dead(origin, describe(e)));
+        }
+        for (i, f) in self.fields.iter().enumerate() {
+            if f.required && values[i] == Value::Null {
+                let what = if seen[i] { "is null" } else { "is missing" };
+                return Err(dead(origin, format!("required field `{}` {what}", f.name)));
+            }
+        }
+        let payload = if self.keep_payload {
+            match std::str::from_utf8(bytes) {
+                Ok(s) => Some(s.to_string()),
+                Err(_) => return Err(dead(origin, "payload is not UTF-8".into())),
+            }
+        } else {
+            None
+        };
+        Ok(Record {
+            origin,
+            values,
+            payload,
+        })
+    }
+}
+
+/// serde_json's message with the position, or ours for a type mismatch.
+fn describe(e: serde_json::Error) -> String {
+    if e.is_data() || e.is_syntax() || e.is_eof() {
+        let text = e.to_string();
+        if text.starts_with("field `") || text.starts_with("not a JSON object") {
+            return text;
+        }
+        format!("invalid JSON: {text}")
+    } else {
+        format!("unreadable: {e}")
+    }
+}
+
+struct ObjectSeed<'a> {
+    fields: &'a [FieldSpec],
+    values: &'a mut [Value],
+    seen: &'a mut [bool],
+}
+
+impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match self.fields.iter().position(|f| f.name == key.0) {
+                Some(i) => {
+                    let v = map.next_value_seed(FieldSeed(&self.fields[i]))?;
+                    self.values[i] = v;
+                    self.seen[i] = true;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // Any other top-level JSON value.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(E::custom("not a JSON object (a boolean)"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Err(E::custom("not a JSON object (a number)"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Err(E::custom("not a JSON object (a number)"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Err(E::custom("not a JSON object (a number)"))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(E::custom("not a JSON object (a string)"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom("not a JSON object (null)"))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom("not a JSON object (an array)"))
+    }
+}
+
+/// A map key, borrowed from the input unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Reads one field's value, checking its type.
+struct FieldSeed<'a>(&'a FieldSpec);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        if self.0.field_type == FieldType::Json {
+            let raw: &RawValue = de::Deserialize::deserialize(d)?;
+            return Ok(match raw.get() {
+                "null" => Value::Null,
+                text => Value::Json(text.to_string()),
+            });
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl FieldSeed<'_> {
+    fn mismatch<E: de::Error>(&self, found: &str) -> E {
+        let want = match self.0.field_type {
+            FieldType::Int => "an integer",
+            FieldType::Float => "a number",
+            FieldType::String => "a string",
+            FieldType::Bool => "a boolean",
+            FieldType::Json => "JSON",
+        };
+        E::custom(format!(
+            "field `{}`: expected {want}, found {found}",
+            self.0.name
+        ))
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "field `{}`", self.0.name)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        match self.0.field_type {
+            FieldType::Bool => Ok(Value::Bool(v)),
+            _ => Err(self.mismatch("a boolean")),
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        match self.0.field_type {
+            FieldType::Int => Ok(Value::Int(v)),
+            FieldType::Float => Ok(Value::Float(v as f64)),
+            _ => Err(self.mismatch("a number")),
+        }
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        match self.0.field_type {
+            FieldType::Int => i64::try_from(v)
+                .map(Value::Int)
+                .map_err(|_| self.mismatch("an integer beyond 64-bit range")),
+            FieldType::Float => Ok(Value::Float(v as f64)),
+            _ => Err(self.mismatch("a number")),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        match self.0.field_type {
+            FieldType::Float => Ok(Value::Float(v)),
+            FieldType::Int => Err(self.mismatch("a fractional number")),
+            _ => Err(self.mismatch("a number")),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        match self.0.field_type {
+            FieldType::String => Ok(Value::Text(v.to_string())),
+            _ => Err(self.mismatch("a string")),
+        }
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(self.mismatch("an array"))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(self.mismatch("an object"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn field(name: &str, t: FieldType, required: bool) -> FieldSpec {
+        FieldSpec {
+            name: name.into(),
+            field_type: t,
+            required,
+        }
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(
+            vec![
+                field("id", FieldType::Int, true),
+                field("name", FieldType::String, true),
+                field("score", FieldType::Float, false),
+                field("ok", FieldType::Bool, false),
+                field("extra", FieldType::Json, false),
+            ],
+            200,
+            true,
+        )
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            topic: Arc::from("t"),
+            partition: 1,
+            offset: 42,
+            timestamp_ms: 0,
+        }
+    }
+
+    fn reason(input: &[u8]) -> String {
+        decoder().decode(origin(), Some(input)).unwrap_err().reason
+    }
+
+    #[test]
+    fn decodes_typed_fields_and_ignores_others() {
+        let r = decoder()
+            .decode(
+                origin(),
+                Some(
+                    br#"{"skip":{"deep":[1,2]},"name":"a\"b","id":7,"score":3,"extra":{"x":[1]}}"#,
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            r.values,
+            vec![
+                Value::Int(7),
+                Value::Text("a\"b".into()),
+                Value::Float(3.0),
+                Value::Null,
+                Value::Json(r#"{"x":[1]}"#.into())
+            ]
+        );
+        assert!(r.payload.unwrap().contains("skip"));
+    }
+
+    #[test]
+    fn escaped_keys_match() {
+        let r = decoder()
+            .decode(origin(), Some(br#"{"i\u0064":1,"name":"x"}"#))
+            .unwrap();
+        assert_eq!(r.values[0], Value::Int(1));
+    }
+
+    #[test]
+    fn bad_records_get_reasons() {
+        assert!(
+            reason(b"{not json").starts_with("invalid JSON"),
+            "{}",
+            reason(b"{not json")
+        );
+        assert_eq!(reason(br#"{"name":"x"}"#), "required field `id` is missing");
+        assert_eq!(
+            reason(br#"{"id":null,"name":"x"}"#),
+            "required field `id` is null"
+        );
+        assert!(reason(br#"{"id":"7","name":"x"}"#)
+            .contains("field `id`: expected an integer, found a string"));
+        assert!(reason(br#"{"id":1.5,"name":"x"}"#).contains("found a fractional number"));
+        assert!(reason(br#"{"id":1,"name":3}"#).contains("field `name`: expected a string"));
+        assert!(reason(b"[1,2]").contains("not a JSON object"));
+        assert!(reason(br#"{"id":1,"name":"x"} trailing"#).starts_with("invalid JSON"));
+        let big = format!(r#"{{"id":1,"name":"{}"}}"#, "x".repeat(300));
+        assert!(reason(big.as_bytes()).contains("exceeds decode.max_record_bytes"));
+        let dead = decoder().decode(origin(), None).unwrap_err();
+        assert!(dead.reason.contains("tombstone"));
+        let dead = decoder().decode(origin(), Some(b"{")).unwrap_err();
+        assert_eq!(dead.payload, b"{");
+        assert_eq!(dead.origin.offset, 42);
+    }
+}

@@ -1,0 +1,191 @@
+//! The two ends of the bounded channels between subtasks.
+//!
+//! Bounded channels are the backpressure: a slow sink fills its input channels, and the
+//! source blocks on send. The time spent blocked is counted (Flink's "backpressured
+//! time") so it can be seen in the metrics.
+
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::Instant;
+
+use metrics::Counter;
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use crate::error::{Error, Result};
+use crate::record::StreamElement;
+
+/// Batches in flight per channel. With ~1000 records a batch this bounds memory while
+/// keeping both sides busy.
+pub const CHANNEL_CAPACITY: usize = 8;
+
+/// The sending side of one subtask: one channel per downstream subtask.
+pub struct Outputs {
+    senders: Vec<mpsc::Sender<StreamElement>>,
+    backpressure: Counter,
+}
+
+impl Outputs {
+    pub fn new(senders: Vec<mpsc::Sender<StreamElement>>, backpressure: Counter) -> Self {
+        Self {
+            senders,
+            backpressure,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// Send from a plain thread, blocking while the channel is full.
+    pub fn send_blocking(&self, output: usize, element: StreamElement) -> Result<()> {
+        let sender = &self.senders[output];
+        let element = match sender.try_send(element) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(closed()),
+            Err(TrySendError::Full(e)) => e,
+        };
+        let started = Instant::now();
+        let result = sender.blocking_send(element).map_err(|_| closed());
+        self.backpressure
+            .increment(started.elapsed().as_micros() as u64);
+        result
+    }
+
+    /// Send the same control element (barrier, end of stream) to every output.
+    pub fn broadcast_blocking(&self, element: &StreamElement) -> Result<()> {
+        for i in 0..self.senders.len() {
+            self.send_blocking(i, element.clone())?;
+        }
+        Ok(())
+    }
+}
+
+fn closed() -> Error {
+    Error::Internal("a downstream subtask stopped".into())
+}
+
+/// What an input gate yields.
+#[derive(Debug)]
+pub enum GateItem {
+    Element(usize, StreamElement),
+    /// The input's channel closed without an end of stream: its upstream died.
+    Closed(usize),
+}
+
+/// The receiving side of one subtask: one channel per upstream subtask, any of which can
+/// be held back during barrier alignment.
+pub struct InputGate {
+    inputs: Vec<mpsc::Receiver<StreamElement>>,
+    blocked: Vec<bool>,
+    finished: Vec<bool>,
+    next: usize,
+}
+
+impl InputGate {
+    pub fn new(inputs: Vec<mpsc::Receiver<StreamElement>>) -> Self {
+        let n = inputs.len();
+        Self {
+            inputs,
+            blocked: vec![false; n],
+            finished: vec![false; n],
+            next: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    pub fn block(&mut self, input: usize) {
+        self.blocked[input] = true;
+    }
+
+    pub fn unblock_all(&mut self) {
+        self.blocked.iter_mut().for_each(|b| *b = false);
+    }
+
+    /// Stop reading an input (after its end of stream).
+    pub fn finish(&mut self, input: usize) {
+        self.finished[input] = true;
+    }
+
+    /// The next element from any readable input, round robin for fairness; `None` once
+    /// every input has finished. Pends while all live inputs are blocked.
+    pub async fn next(&mut self) -> Option<GateItem> {
+        poll_fn(|cx| {
+            let n = self.inputs.len();
+            if self.finished.iter().all(|f| *f) {
+                return Poll::Ready(None);
+            }
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                if self.finished[i] || self.blocked[i] {
+                    continue;
+                }
+                match self.inputs[i].poll_recv(cx) {
+                    Poll::Ready(Some(e)) => {
+                        self.next = (i + 1) % n;
+                        return Poll::Ready(Some(GateItem::Element(i, e)));
+                    }
+                    Poll::Ready(None) => {
+                        self.finished[i] = true;
+                        return Poll::Ready(Some(GateItem::Closed(i)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Barrier;
+
+    #[tokio::test]
+    async fn blocked_inputs_are_not_read() {
+        let (tx0, rx0) = mpsc::channel(4);
+        let (tx1, rx1) = mpsc::channel(4);
+        let mut gate = InputGate::new(vec![rx0, rx1]);
+        tx0.send(StreamElement::Barrier(Barrier {
+            id: 1,
+            is_final: false,
+        }))
+        .await
+        .unwrap();
+        tx0.send(StreamElement::Watermark(5)).await.unwrap();
+        tx1.send(StreamElement::Watermark(7)).await.unwrap();
+        let first = gate.next().await.unwrap();
+        assert!(matches!(
+            first,
+            GateItem::Element(0, StreamElement::Barrier(_))
+        ));
+        gate.block(0);
+        let second = gate.next().await.unwrap();
+        assert!(matches!(
+            second,
+            GateItem::Element(1, StreamElement::Watermark(7))
+        ));
+        gate.unblock_all();
+        let third = gate.next().await.unwrap();
+        assert!(matches!(
+            third,
+            GateItem::Element(0, StreamElement::Watermark(5))
+        ));
+        drop(tx0);
+        assert!(matches!(gate.next().await.unwrap(), GateItem::Closed(0)));
+        gate.finish(1);
+        assert!(gate.next().await.is_none());
+    }
+}

@@ -1,0 +1,290 @@
+//! The job driver: builds the dataflow of one attempt (sources → partitioner → sinks,
+//! with the checkpoint coordinator beside them), runs it, and restarts it from the newest
+//! completed checkpoint according to the restart strategy.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::channel::{InputGate, Outputs, CHANNEL_CAPACITY};
+use super::partition::Partitioner;
+use super::restart::RestartPolicy;
+use super::sink_task::{run_sink, SinkTaskIo};
+use super::Cancel;
+use crate::checkpoint::coordinator::CheckpointTiming;
+use crate::checkpoint::{
+    task_name, CheckpointStorage, Coordinator, CoordinatorHandle, DirectoryStorage, MemoryStorage,
+};
+use crate::config::{DeadLetterKind, JobConfig, StorageKind, Strategy};
+use crate::error::{Error, Result};
+use crate::operators::Decoder;
+use crate::record::ValueSource;
+use crate::sink::dead_letter::KafkaDeadLetters;
+use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
+use crate::sink::two_phase::TwoPhaseWriter;
+use crate::sink::{SinkTarget, TableSpec};
+use crate::source::embedded::EmbeddedKafka;
+use crate::source::{consumer_config, producer_config, restored_offsets, SourceTask};
+use crate::telemetry::{self, JobStats, SubtaskMetrics};
+
+/// Open the checkpoint storage a config names.
+pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
+    Ok(match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
+        (StorageKind::Filesystem, Some(dir)) => {
+            Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?)
+        }
+        _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
+    })
+}
+
+/// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
+/// it fails past what its restart strategy allows.
+pub async fn run(
+    cfg: JobConfig,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<JobStats>,
+) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    telemetry::install_exporter(&cfg.metrics.listen)?;
+    let embedded = match cfg.is_embedded() {
+        true => Some(EmbeddedKafka::start(
+            &cfg.source.topics[0],
+            &cfg.source.embedded,
+        )?),
+        false => None,
+    };
+    let bootstrap = embedded
+        .as_ref()
+        .map_or(cfg.source.bootstrap_servers.clone(), |e| {
+            e.bootstrap_servers().to_string()
+        });
+    let storage = open_storage(&cfg)?;
+    let mut policy = RestartPolicy::new(cfg.restart.clone());
+    let mut shutdown_wait = shutdown.clone();
+    loop {
+        let err = match attempt(&cfg, &bootstrap, &storage, &stats, shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => e,
+        };
+        if *shutdown.borrow() {
+            return Err(err);
+        }
+        let Some(wait) = policy.on_failure(Instant::now()) else {
+            tracing::error!(error = %err, "job failed; the restart strategy allows no more restarts");
+            return Err(err);
+        };
+        tracing::warn!(error = %err, wait_ms = wait.as_millis() as u64, "job failed; restarting from the last completed checkpoint");
+        telemetry::restarted();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown_wait.changed() => return Err(err),
+        }
+    }
+}
+
+/// One attempt: restore, run, and return when stopped (Ok) or on the first failure.
+async fn attempt(
+    cfg: &Arc<JobConfig>,
+    bootstrap: &str,
+    storage: &Arc<dyn CheckpointStorage>,
+    stats: &Arc<JobStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let target = SinkTarget::open(cfg).await?;
+    let restored = storage.latest()?;
+    if let Some(cp) = &restored {
+        tracing::info!(checkpoint = cp.id, "restoring from checkpoint");
+    }
+    target.recover(cfg, restored.as_ref()).await?;
+    let offsets = restored_offsets(restored.as_ref())?;
+    let last_id = restored.as_ref().map_or(0, |c| c.id);
+
+    let (ps, pk) = (
+        cfg.source.parallelism as usize,
+        cfg.sink.parallelism as usize,
+    );
+    let mut sink_inputs: Vec<Vec<_>> = (0..pk).map(|_| Vec::with_capacity(ps)).collect();
+    let mut source_outputs: Vec<Vec<_>> = (0..ps).map(|_| Vec::with_capacity(pk)).collect();
+    for outputs in source_outputs.iter_mut() {
+        for inputs in sink_inputs.iter_mut() {
+            let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+            outputs.push(tx);
+            inputs.push(rx);
+        }
+    }
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (completed_tx, completed_rx) = watch::channel(last_id);
+    let cancel = Cancel::default();
+    let mut tasks = JoinSet::new();
+
+    for (j, inputs) in sink_inputs.into_iter().enumerate() {
+        let io = SinkTaskIo {
+            index: j,
+            gate: InputGate::new(inputs),
+            events: events_tx.clone(),
+            completed: completed_rx.clone(),
+            cancel: cancel.subscribe(),
+        };
+        let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
+            (DeadLetterKind::Kafka, Some(topic)) => Some(KafkaDeadLetters::new(
+                producer_config(cfg, bootstrap),
+                topic,
+            )?),
+            _ => None,
+        };
+        let batch = cfg.sink.batch_size;
+        match (&target, cfg.sink.strategy) {
+            (SinkTarget::Postgres { pool, table }, Strategy::TwoPhase) => {
+                let w = TwoPhaseWriter::new(
+                    &cfg.job.name,
+                    j,
+                    table.clone(),
+                    pool.clone(),
+                    batch,
+                    dlq,
+                    stats.clone(),
+                )
+                .await?;
+                tasks.spawn(run_sink(w, io));
+            }
+            (SinkTarget::Postgres { pool, table }, Strategy::Idempotent) => {
+                let t = PgUpsert {
+                    pool: pool.clone(),
+                    table: table.clone(),
+                };
+                tasks.spawn(run_sink(
+                    IdempotentWriter::new(t, batch, dlq, j, stats.clone()),
+                    io,
+                ));
+            }
+            (SinkTarget::Sqlite { pool, table }, _) => {
+                let t = SqliteUpsert {
+                    pool: pool.clone(),
+                    table: table.clone(),
+                };
+                tasks.spawn(run_sink(
+                    IdempotentWriter::new(t, batch, dlq, j, stats.clone()),
+                    io,
+                ));
+            }
+        }
+    }
+
+    let spec = TableSpec::from_config(cfg);
+    let key: Vec<ValueSource> = spec.key_sources();
+    let keep_payload = spec
+        .columns
+        .iter()
+        .any(|c| c.source == ValueSource::Payload);
+    let mut triggers = Vec::with_capacity(ps);
+    for (i, outputs) in source_outputs.into_iter().enumerate() {
+        let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+        triggers.push(trigger_tx);
+        let metrics = SubtaskMetrics::new("source", i);
+        let task = SourceTask {
+            index: i,
+            parallelism: cfg.source.parallelism,
+            client: consumer_config(cfg, bootstrap),
+            topics: cfg.source.topics.clone(),
+            restored: offsets.clone(),
+            start_from: cfg.source.start_from,
+            isolation: cfg.source.isolation_level,
+            batch_size: cfg.source.batch_size,
+            discovery_interval: cfg.source.partition_discovery_interval,
+            decoder: Decoder::new(
+                cfg.decode.fields.clone(),
+                cfg.decode.max_record_bytes,
+                keep_payload,
+            ),
+            partitioner: Partitioner::new(
+                cfg.sink.partitioner,
+                pk,
+                i,
+                ps,
+                key.clone(),
+                cfg.job.max_parallelism,
+            ),
+            outputs: Outputs::new(outputs, metrics.backpressure.clone()),
+            triggers: trigger_rx,
+            events: events_tx.clone(),
+            cancel: cancel.flag(),
+            stats: stats.clone(),
+            metrics,
+        };
+        tasks.spawn_blocking(move || task.run());
+    }
+    drop(events_tx);
+
+    let tasks_expected: Vec<String> = (0..ps)
+        .map(|i| task_name("source", i))
+        .chain((0..pk).map(|j| task_name("sink", j)))
+        .collect();
+    let (handle, stop_rx) = CoordinatorHandle::new();
+    let coordinator = Coordinator {
+        job: cfg.job.name.clone(),
+        timing: CheckpointTiming {
+            interval: cfg.checkpoint.interval,
+            timeout: cfg.checkpoint.timeout,
+            min_pause: cfg.checkpoint.min_pause,
+        },
+        storage: storage.clone(),
+        tasks: tasks_expected,
+        triggers,
+        events: events_rx,
+        completed: completed_tx,
+        first_id: last_id + 1,
+        stats: stats.clone(),
+    };
+    let mut coordinator = tokio::spawn(coordinator.run(stop_rx));
+    if *shutdown.borrow() {
+        handle.stop();
+    }
+
+    let mut stopping = *shutdown.borrow();
+    let failure = loop {
+        tokio::select! {
+            done = &mut coordinator => {
+                match done {
+                    Ok(Ok(final_id)) => {
+                        tracing::info!(checkpoint = final_id, "final checkpoint complete; stopping");
+                        while let Some(joined) = tasks.join_next().await {
+                            flatten(joined)?;
+                        }
+                        return Ok(());
+                    }
+                    Ok(Err(e)) => break e,
+                    Err(e) => break Error::Internal(format!("checkpoint coordinator: {e}")),
+                }
+            }
+            Some(joined) = tasks.join_next() => {
+                if let Err(e) = flatten(joined) {
+                    coordinator.abort();
+                    break e;
+                }
+            }
+            changed = shutdown.changed(), if !stopping => {
+                let _ = changed;
+                stopping = true;
+                handle.stop();
+            }
+        }
+    };
+    cancel.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = flatten(joined) {
+            tracing::debug!(error = %e, "subtask error while cancelling");
+        }
+    }
+    Err(failure)
+}
+
+fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match joined {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(Error::Internal(format!("a subtask panicked: {e}"))),
+        Err(e) => Err(Error::Internal(format!("a subtask was cancelled: {e}"))),
+    }
+}

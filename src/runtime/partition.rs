@@ -1,0 +1,292 @@
+//! Partitioners: which downstream subtask(s) a record goes to.
+//!
+//! Keys hash into one of `max_parallelism` key groups, fixed for a job's life; a subtask
+//! owns a contiguous range of key groups, so keyed state can be redistributed when a job
+//! is restored with another parallelism.
+
+use crate::config::PartitionerKind;
+use crate::record::{Batch, DeadLetter, Record, Value, ValueSource};
+
+/// FNV-1a: stable across builds and platforms, unlike `std`'s hasher, which matters
+/// because key groups are part of checkpointed state.
+#[derive(Clone, Copy)]
+pub struct StableHasher(u64);
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl StableHasher {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        // A final avalanche (from MurmurHash3) so that low bits spread well.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h
+    }
+}
+
+/// The key group of a hash.
+pub fn key_group(hash: u64, max_parallelism: u32) -> u32 {
+    (hash % u64::from(max_parallelism)) as u32
+}
+
+/// The subtask that owns a key group (contiguous ranges, as in Flink).
+pub fn subtask_for_key_group(key_group: u32, max_parallelism: u32, parallelism: u32) -> usize {
+    (u64::from(key_group) * u64::from(parallelism) / u64::from(max_parallelism)) as usize
+}
+
+/// A stable partition → subtask assignment for source partitions.
+pub fn source_owner(topic: &str, partition: i32, parallelism: u32) -> u32 {
+    let mut h = StableHasher::default();
+    h.write(topic.as_bytes());
+    ((h.finish() % u64::from(parallelism)) as u32 + partition.unsigned_abs()) % parallelism
+}
+
+fn hash_value(h: &mut StableHasher, v: &Value) {
+    match v {
+        Value::Null => h.write(&[0]),
+        Value::Bool(b) => h.write(&[1, u8::from(*b)]),
+        Value::Int(i) => h.write(&i.to_le_bytes()),
+        Value::Float(f) => h.write(&f.to_bits().to_le_bytes()),
+        Value::Text(s) | Value::Json(s) => h.write(s.as_bytes()),
+    }
+}
+
+/// Hash of a record's key.
+pub fn hash_key(record: &Record, key: &[ValueSource]) -> u64 {
+    let mut h = StableHasher::default();
+    for part in key {
+        match part {
+            ValueSource::Topic => h.write(record.origin.topic.as_bytes()),
+            ValueSource::Partition => h.write(&record.origin.partition.to_le_bytes()),
+            ValueSource::Offset => h.write(&record.origin.offset.to_le_bytes()),
+            ValueSource::Timestamp => h.write(&record.origin.timestamp_ms.to_le_bytes()),
+            ValueSource::Payload => h.write(record.payload.as_deref().unwrap_or("").as_bytes()),
+            ValueSource::Field(i) => {
+                hash_value(&mut h, record.values.get(*i).unwrap_or(&Value::Null))
+            }
+        }
+        h.write(&[0xff]);
+    }
+    h.finish()
+}
+
+fn hash_origin(d: &DeadLetter) -> u64 {
+    let mut h = StableHasher::default();
+    h.write(d.origin.topic.as_bytes());
+    h.write(&d.origin.partition.to_le_bytes());
+    h.write(&d.origin.offset.to_le_bytes());
+    h.finish()
+}
+
+/// Splits a batch over `outputs` downstream subtasks, for one upstream subtask.
+pub struct Partitioner {
+    kind: PartitionerKind,
+    outputs: usize,
+    /// This upstream subtask's index and the upstream parallelism (for forward/rescale).
+    index: usize,
+    upstream: usize,
+    key: Vec<ValueSource>,
+    max_parallelism: u32,
+    next: usize,
+    rng: u64,
+}
+
+impl Partitioner {
+    pub fn new(
+        kind: PartitionerKind,
+        outputs: usize,
+        index: usize,
+        upstream: usize,
+        key: Vec<ValueSource>,
+        max_parallelism: u32,
+    ) -> Self {
+        Self {
+            kind,
+            outputs,
+            index,
+            upstream,
+            key,
+            max_parallelism,
+            next: index,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1),
+        }
+    }
+
+    /// The outputs this subtask sends to under `rescale`: a local subset.
+    fn rescale_targets(&self) -> Vec<usize> {
+        if self.outputs >= self.upstream {
+            (0..self.outputs)
+                .filter(|j| j % self.upstream == self.index)
+                .collect()
+        } else {
+            vec![self.index % self.outputs]
+        }
+    }
+
+    fn random(&mut self) -> usize {
+        // xorshift64: cheap and good enough to spread load.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % self.outputs as u64) as usize
+    }
+
+    fn round_robin(&mut self, targets: &[usize]) -> usize {
+        self.next = self.next.wrapping_add(1);
+        targets[self.next % targets.len()]
+    }
+
+    /// Route one batch. Returns one (possibly empty) batch per output.
+    pub fn route(&mut self, batch: Batch) -> Vec<Batch> {
+        let mut out: Vec<Batch> = (0..self.outputs).map(|_| Batch::default()).collect();
+        if self.outputs == 1 {
+            out[0] = batch;
+            return out;
+        }
+        match self.kind {
+            PartitionerKind::Global => out[0] = batch,
+            PartitionerKind::Forward => out[self.index % self.outputs] = batch,
+            PartitionerKind::Broadcast => {
+                for o in out.iter_mut() {
+                    *o = batch.clone();
+                }
+            }
+            PartitionerKind::KeyHash => {
+                let (mp, p) = (self.max_parallelism, self.outputs as u32);
+                for r in batch.records {
+                    let kg = key_group(hash_key(&r, &self.key), mp);
+                    out[subtask_for_key_group(kg, mp, p)].records.push(r);
+                }
+                for d in batch.dead {
+                    let kg = key_group(hash_origin(&d), mp);
+                    out[subtask_for_key_group(kg, mp, p)].dead.push(d);
+                }
+            }
+            PartitionerKind::Shuffle => {
+                for r in batch.records {
+                    let i = self.random();
+                    out[i].records.push(r);
+                }
+                for d in batch.dead {
+                    let i = self.random();
+                    out[i].dead.push(d);
+                }
+            }
+            PartitionerKind::Rebalance | PartitionerKind::Rescale => {
+                // Whole batches round robin: per-record spreading would only cost copies.
+                let targets = if self.kind == PartitionerKind::Rescale {
+                    self.rescale_targets()
+                } else {
+                    (0..self.outputs).collect()
+                };
+                let i = self.round_robin(&targets);
+                out[i] = batch;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Origin;
+    use std::sync::Arc;
+
+    fn rec(offset: i64) -> Record {
+        Record {
+            origin: Origin {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+            },
+            values: vec![Value::Int(offset % 7)],
+            payload: None,
+        }
+    }
+
+    fn batch(n: i64) -> Batch {
+        Batch {
+            records: (0..n).map(rec).collect(),
+            dead: vec![],
+        }
+    }
+
+    #[test]
+    fn key_groups_cover_subtasks_contiguously() {
+        let owners: Vec<usize> = (0..128)
+            .map(|kg| subtask_for_key_group(kg, 128, 3))
+            .collect();
+        assert_eq!(owners[0], 0);
+        assert_eq!(owners[127], 2);
+        assert!(owners.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn key_hash_sends_equal_keys_to_one_subtask_and_loses_nothing() {
+        let mut p = Partitioner::new(
+            PartitionerKind::KeyHash,
+            3,
+            0,
+            1,
+            vec![ValueSource::Field(0)],
+            128,
+        );
+        let out = p.route(batch(700));
+        assert_eq!(out.iter().map(|b| b.records.len()).sum::<usize>(), 700);
+        for key in 0..7 {
+            let holders = out
+                .iter()
+                .filter(|b| b.records.iter().any(|r| r.values[0] == Value::Int(key)))
+                .count();
+            assert_eq!(holders, 1, "key {key} went to {holders} subtasks");
+        }
+    }
+
+    #[test]
+    fn rebalance_rotates_whole_batches() {
+        let mut p = Partitioner::new(PartitionerKind::Rebalance, 2, 0, 1, vec![], 128);
+        let a = p.route(batch(3));
+        let b = p.route(batch(3));
+        let first = |o: &Vec<Batch>| o.iter().position(|b| !b.is_empty()).unwrap();
+        assert_ne!(first(&a), first(&b));
+    }
+
+    #[test]
+    fn forward_global_broadcast() {
+        let mut p = Partitioner::new(PartitionerKind::Forward, 2, 1, 2, vec![], 128);
+        assert_eq!(p.route(batch(4))[1].len(), 4);
+        let mut p = Partitioner::new(PartitionerKind::Global, 2, 1, 2, vec![], 128);
+        assert_eq!(p.route(batch(4))[0].len(), 4);
+        let mut p = Partitioner::new(PartitionerKind::Broadcast, 3, 0, 1, vec![], 128);
+        assert!(p.route(batch(4)).iter().all(|b| b.len() == 4));
+    }
+
+    #[test]
+    fn rescale_uses_a_local_subset() {
+        let p = Partitioner::new(PartitionerKind::Rescale, 4, 1, 2, vec![], 128);
+        assert_eq!(p.rescale_targets(), vec![1, 3]);
+        let p = Partitioner::new(PartitionerKind::Rescale, 1, 1, 2, vec![], 128);
+        assert_eq!(p.rescale_targets(), vec![0]);
+    }
+
+    #[test]
+    fn shuffle_spreads() {
+        let mut p = Partitioner::new(PartitionerKind::Shuffle, 4, 0, 1, vec![], 128);
+        let out = p.route(batch(400));
+        assert!(out.iter().all(|b| b.records.len() > 50));
+    }
+}

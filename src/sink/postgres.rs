@@ -1,0 +1,415 @@
+//! Postgres as a target: batched writes through `unnest` arrays (one statement per batch,
+//! one array per column), and the prepared-transaction operations two-phase commit needs.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{Executor, PgConnection, Postgres, Row};
+
+use super::{quote_name, Column, TableSpec, ValueType};
+use crate::config::SinkConfig;
+use crate::error::{Error, Result};
+use crate::record::{DeadLetter, Record, Value, ValueSource};
+
+/// Connect to the sink's database; the password comes from the environment only.
+pub async fn connect(cfg: &SinkConfig, max_connections: u32) -> Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(&cfg.url).map_err(Error::db("parse sink.url"))?;
+    if let Some(pw) = &cfg.password {
+        options = options.password(pw);
+    }
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…{}", &url[..s], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Apply the sqlx migrations in `dir`.
+pub async fn migrate(pool: &PgPool, dir: &Path) -> Result<()> {
+    let migrator = sqlx::migrate::Migrator::new(dir).await?;
+    migrator.run(pool).await?;
+    Ok(())
+}
+
+/// Refuse to start two-phase commit on a server that cannot prepare transactions.
+pub async fn check_prepared_transactions(pool: &PgPool, needed: u32) -> Result<()> {
+    let row = sqlx::query("SELECT current_setting('max_prepared_transactions')::int")
+        .fetch_one(pool)
+        .await
+        .map_err(Error::db("read max_prepared_transactions"))?;
+    let max: i32 = row
+        .try_get(0)
+        .map_err(Error::db("read max_prepared_transactions"))?;
+    if max <= 0 {
+        return Err(Error::Unsupported(format!(
+            "sink.strategy = \"two_phase\" needs prepared transactions, but this PostgreSQL has \
+             max_prepared_transactions = {max}. Set max_prepared_transactions = {} (at least twice \
+             sink.parallelism; ≥ max_connections is usual) in postgresql.conf and restart PostgreSQL.",
+            (needed * 2).max(64)
+        )));
+    }
+    if (max as u32) < needed * 2 {
+        tracing::warn!(
+            max,
+            needed = needed * 2,
+            "max_prepared_transactions is low for this sink parallelism"
+        );
+    }
+    Ok(())
+}
+
+/// A Postgres table the sink writes, with its statements built once.
+#[derive(Debug)]
+pub struct PgTable {
+    pub spec: TableSpec,
+    upsert_sql: String,
+    insert_sql: String,
+    dead_sql: Option<String>,
+}
+
+impl PgTable {
+    /// Look the table up and build the statements. A missing table or column is a
+    /// configuration problem, reported as such (and not retried).
+    pub async fn open(pool: &PgPool, spec: TableSpec) -> Result<Self> {
+        let types = column_types(pool, &spec.table).await?;
+        let mut exprs = Vec::new();
+        for (i, c) in spec.columns.iter().enumerate() {
+            let Some((_, target)) = types.iter().find(|(n, _)| n == &c.name) else {
+                return Err(Error::Unsupported(format!(
+                    "sink.columns: table {} has no column `{}` (it has: {})",
+                    spec.table,
+                    c.name,
+                    types
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            exprs.push(cast_expr(&format!("u.c{i}"), c.value_type, target));
+        }
+        let cols = spec
+            .columns
+            .iter()
+            .map(|c| quote_name(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let params = spec
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("${}::{}[]", i + 1, array_type(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let aliases = (0..spec.columns.len())
+            .map(|i| format!("c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let insert_sql = format!(
+            "INSERT INTO {} ({cols}) SELECT {} FROM unnest({params}) AS u({aliases})",
+            quote_name(&spec.table),
+            exprs.join(", ")
+        );
+        let key = spec
+            .key
+            .iter()
+            .map(|i| quote_name(&spec.columns[*i].name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let updates: Vec<String> = spec
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !spec.key.contains(i))
+            .map(|(_, c)| format!("{0} = EXCLUDED.{0}", quote_name(&c.name)))
+            .collect();
+        let upsert_sql = if spec.key.is_empty() {
+            insert_sql.clone()
+        } else if updates.is_empty() {
+            format!("{insert_sql} ON CONFLICT ({key}) DO NOTHING")
+        } else {
+            format!(
+                "{insert_sql} ON CONFLICT ({key}) DO UPDATE SET {}",
+                updates.join(", ")
+            )
+        };
+        let dead_sql = match &spec.dead_letter_table {
+            Some(t) => {
+                column_types(pool, t).await?;
+                Some(format!(
+                    "INSERT INTO {} (topic, \"partition\", \"offset\", kafka_timestamp, reason, payload) \
+                     SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) \
+                     ON CONFLICT DO NOTHING",
+                    quote_name(t)
+                ))
+            }
+            None => None,
+        };
+        Ok(Self {
+            spec,
+            upsert_sql,
+            insert_sql,
+            dead_sql,
+        })
+    }
+
+    /// Write records in one statement: an upsert on the key, or a plain insert.
+    pub async fn write(
+        &self,
+        conn: &mut PgConnection,
+        records: &[&Record],
+        upsert: bool,
+    ) -> Result<u64> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let sql = if upsert {
+            &self.upsert_sql
+        } else {
+            &self.insert_sql
+        };
+        let mut q = sqlx::query(sql);
+        for c in &self.spec.columns {
+            q = bind_column(q, c, records);
+        }
+        let done = conn
+            .execute(q)
+            .await
+            .map_err(Error::db(format!("write to {}", self.spec.table)))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Write dead letters (once per record: a replay finds them already there).
+    pub async fn write_dead(&self, conn: &mut PgConnection, dead: &[DeadLetter]) -> Result<u64> {
+        let Some(sql) = &self.dead_sql else {
+            return Ok(0);
+        };
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let q = sqlx::query(sql)
+            .bind(dead.iter().map(|d| &*d.origin.topic).collect::<Vec<&str>>())
+            .bind(
+                dead.iter()
+                    .map(|d| d.origin.partition)
+                    .collect::<Vec<i32>>(),
+            )
+            .bind(dead.iter().map(|d| d.origin.offset).collect::<Vec<i64>>())
+            .bind(
+                dead.iter()
+                    .map(|d| d.origin.timestamp_ms)
+                    .collect::<Vec<i64>>(),
+            )
+            .bind(
+                dead.iter()
+                    .map(|d| d.reason.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                dead.iter()
+                    .map(|d| d.payload.as_slice())
+                    .collect::<Vec<&[u8]>>(),
+            );
+        let done = conn
+            .execute(q)
+            .await
+            .map_err(Error::db("write dead letters"))?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// (column, SQL type) of a table, or an error naming the table.
+async fn column_types(pool: &PgPool, table: &str) -> Result<Vec<(String, String)>> {
+    let rows = sqlx::query(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+    )
+    .bind(quote_name(table))
+    .fetch_all(pool)
+    .await
+    .map_err(Error::db(format!("describe table {table}")))?;
+    if rows.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "table {table} does not exist in the sink's database (create it, e.g. with migrations and `sluice migrate`)"
+        )));
+    }
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(Error::db(format!("describe table {table}")))
+}
+
+fn array_type(c: &Column) -> &'static str {
+    match c.value_type {
+        ValueType::Text | ValueType::Json => "text",
+        ValueType::Int4 => "int4",
+        ValueType::Int8 => "int8",
+        ValueType::Float8 => "float8",
+        ValueType::Bool => "bool",
+    }
+}
+
+/// The expression that turns an unnested value into the target column's type.
+fn cast_expr(expr: &str, from: ValueType, target: &str) -> String {
+    let is_time = target.starts_with("timestamp");
+    match from {
+        // Epoch milliseconds into a timestamp column.
+        ValueType::Int8 if is_time => format!("to_timestamp({expr} / 1000.0)::{target}"),
+        _ => format!("{expr}::{target}"),
+    }
+}
+
+fn bind_column<'q>(
+    q: Query<'q, Postgres, PgArguments>,
+    c: &Column,
+    records: &[&'q Record],
+) -> Query<'q, Postgres, PgArguments> {
+    match c.source {
+        ValueSource::Topic => q.bind(
+            records
+                .iter()
+                .map(|r| &*r.origin.topic)
+                .collect::<Vec<&str>>(),
+        ),
+        ValueSource::Partition => q.bind(
+            records
+                .iter()
+                .map(|r| r.origin.partition)
+                .collect::<Vec<i32>>(),
+        ),
+        ValueSource::Offset => q.bind(
+            records
+                .iter()
+                .map(|r| r.origin.offset)
+                .collect::<Vec<i64>>(),
+        ),
+        ValueSource::Timestamp => q.bind(
+            records
+                .iter()
+                .map(|r| r.origin.timestamp_ms)
+                .collect::<Vec<i64>>(),
+        ),
+        ValueSource::Payload => q.bind(
+            records
+                .iter()
+                .map(|r| r.payload.as_deref())
+                .collect::<Vec<Option<&str>>>(),
+        ),
+        ValueSource::Field(i) => {
+            let value = |r: &&'q Record| r.values.get(i).unwrap_or(&Value::Null);
+            match c.value_type {
+                ValueType::Int8 | ValueType::Int4 => q.bind(
+                    records
+                        .iter()
+                        .map(|r| match value(r) {
+                            Value::Int(v) => Some(*v),
+                            _ => None,
+                        })
+                        .collect::<Vec<Option<i64>>>(),
+                ),
+                ValueType::Float8 => q.bind(
+                    records
+                        .iter()
+                        .map(|r| match value(r) {
+                            Value::Float(v) => Some(*v),
+                            Value::Int(v) => Some(*v as f64),
+                            _ => None,
+                        })
+                        .collect::<Vec<Option<f64>>>(),
+                ),
+                ValueType::Bool => q.bind(
+                    records
+                        .iter()
+                        .map(|r| match value(r) {
+                            Value::Bool(v) => Some(*v),
+                            _ => None,
+                        })
+                        .collect::<Vec<Option<bool>>>(),
+                ),
+                ValueType::Text | ValueType::Json => q.bind(
+                    records
+                        .iter()
+                        .map(|r| match value(r) {
+                            Value::Text(s) | Value::Json(s) => Some(s.as_str()),
+                            _ => None,
+                        })
+                        .collect::<Vec<Option<&str>>>(),
+                ),
+            }
+        }
+    }
+}
+
+/// Prepared transactions of one job are named `sluice:<job>:<subtask>:<checkpoint>`;
+/// `:` cannot appear in a job name, so one job's prefix never matches another's.
+pub fn gid(job: &str, subtask: usize, checkpoint: u64) -> String {
+    format!("{}{subtask}:{checkpoint}", gid_prefix(job))
+}
+
+pub fn gid_prefix(job: &str) -> String {
+    format!("sluice:{job}:")
+}
+
+/// A prepared transaction found in `pg_prepared_xacts`.
+#[derive(Debug, Clone)]
+pub struct PreparedTxn {
+    pub gid: String,
+    pub prepared: String,
+    pub owner: String,
+}
+
+/// This job's prepared transactions in the sink's database.
+pub async fn list_prepared(pool: &PgPool, job: &str) -> Result<Vec<PreparedTxn>> {
+    let rows = sqlx::query(
+        "SELECT gid, prepared::text, owner::text FROM pg_prepared_xacts \
+         WHERE database = current_database() AND starts_with(gid, $1) ORDER BY prepared",
+    )
+    .bind(gid_prefix(job))
+    .fetch_all(pool)
+    .await
+    .map_err(Error::db("list prepared transactions"))?;
+    rows.iter()
+        .map(|r| {
+            Ok(PreparedTxn {
+                gid: r.try_get(0)?,
+                prepared: r.try_get(1)?,
+                owner: r.try_get(2)?,
+            })
+        })
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(Error::db("list prepared transactions"))
+}
+
+/// `COMMIT PREPARED` or `ROLLBACK PREPARED`; `Ok(false)` if no such transaction exists
+/// (already resolved).
+pub async fn finish_prepared(conn: &mut PgConnection, gid: &str, commit: bool) -> Result<bool> {
+    if !gid
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_'))
+    {
+        return Err(Error::Unsupported(format!(
+            "`{gid}` is not a sluice transaction id"
+        )));
+    }
+    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+    // Transaction ids cannot be bind parameters; the id was checked above.
+    match conn
+        .execute(format!("{verb} PREPARED '{gid}'").as_str())
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => Ok(false),
+        Err(e) => Err(Error::db(format!("{verb} PREPARED {gid}"))(e)),
+    }
+}

@@ -1,0 +1,177 @@
+//! SQLite as a target, for the embedded default: multi-row upserts in a transaction.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{quote_name, TableSpec};
+use crate::error::{Error, Result};
+use crate::record::{DeadLetter, Record, Value, ValueSource};
+
+/// SQLite allows 32766 bound values per statement.
+const MAX_BINDS: usize = 30_000;
+
+pub async fn connect(url: &str) -> Result<SqlitePool> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(Error::db("parse sink.url"))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    if let Some(dir) = Path::new(options.get_filename()).parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .map_err(Error::storage(format!("create {}", dir.display())))?;
+        }
+    }
+    SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .map_err(Error::db(format!("open {url}")))
+}
+
+pub async fn migrate(pool: &SqlitePool, dir: &Path) -> Result<()> {
+    let migrator = sqlx::migrate::Migrator::new(dir).await?;
+    migrator.run(pool).await?;
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct SqliteTable {
+    pub spec: TableSpec,
+    head: String,
+    conflict: String,
+}
+
+impl SqliteTable {
+    pub async fn open(pool: &SqlitePool, spec: TableSpec) -> Result<Self> {
+        let names = columns(pool, &spec.table).await?;
+        if let Some(c) = spec.columns.iter().find(|c| !names.contains(&c.name)) {
+            return Err(Error::Unsupported(format!(
+                "sink.columns: table {} has no column `{}`",
+                spec.table, c.name
+            )));
+        }
+        if let Some(t) = &spec.dead_letter_table {
+            columns(pool, t).await?;
+        }
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote_name(&c.name)).collect();
+        let head = format!(
+            "INSERT INTO {} ({}) ",
+            quote_name(&spec.table),
+            cols.join(", ")
+        );
+        let key: Vec<String> = spec
+            .key
+            .iter()
+            .map(|i| quote_name(&spec.columns[*i].name))
+            .collect();
+        let updates: Vec<String> = spec
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !spec.key.contains(i))
+            .map(|(_, c)| format!("{0} = excluded.{0}", quote_name(&c.name)))
+            .collect();
+        let conflict = if key.is_empty() {
+            String::new()
+        } else if updates.is_empty() {
+            format!(" ON CONFLICT ({}) DO NOTHING", key.join(", "))
+        } else {
+            format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                key.join(", "),
+                updates.join(", ")
+            )
+        };
+        Ok(Self {
+            spec,
+            head,
+            conflict,
+        })
+    }
+
+    /// Upsert records and insert dead letters in one transaction.
+    pub async fn upsert(
+        &self,
+        pool: &SqlitePool,
+        records: &[&Record],
+        dead: &[DeadLetter],
+    ) -> Result<u64> {
+        let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
+        let mut written = 0;
+        let per_stmt = (MAX_BINDS / self.spec.columns.len().max(1)).max(1);
+        for chunk in records.chunks(per_stmt) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(&self.head);
+            qb.push_values(chunk, |mut row, r| {
+                for c in &self.spec.columns {
+                    match c.source {
+                        ValueSource::Topic => row.push_bind(r.origin.topic.to_string()),
+                        ValueSource::Partition => row.push_bind(r.origin.partition),
+                        ValueSource::Offset => row.push_bind(r.origin.offset),
+                        ValueSource::Timestamp => row.push_bind(r.origin.timestamp_ms),
+                        ValueSource::Payload => row.push_bind(r.payload.clone()),
+                        ValueSource::Field(i) => match r.values.get(i).unwrap_or(&Value::Null) {
+                            Value::Null => row.push_bind(None::<i64>),
+                            Value::Bool(b) => row.push_bind(*b),
+                            Value::Int(v) => row.push_bind(*v),
+                            Value::Float(v) => row.push_bind(*v),
+                            Value::Text(s) | Value::Json(s) => row.push_bind(s.clone()),
+                        },
+                    };
+                }
+            });
+            qb.push(&self.conflict);
+            let done = qb
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db(format!("write to {}", self.spec.table)))?;
+            written += done.rows_affected();
+        }
+        if let (Some(t), false) = (&self.spec.dead_letter_table, dead.is_empty()) {
+            for chunk in dead.chunks(MAX_BINDS / 6) {
+                let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+                    "INSERT OR IGNORE INTO {} (topic, \"partition\", \"offset\", kafka_timestamp, reason, payload) ",
+                    quote_name(t)
+                ));
+                qb.push_values(chunk, |mut row, d| {
+                    row.push_bind(d.origin.topic.to_string())
+                        .push_bind(d.origin.partition)
+                        .push_bind(d.origin.offset)
+                        .push_bind(d.origin.timestamp_ms)
+                        .push_bind(d.reason.clone())
+                        .push_bind(d.payload.clone());
+                });
+                qb.build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::db("write dead letters"))?;
+            }
+        }
+        tx.commit().await.map_err(Error::db("commit"))?;
+        Ok(written)
+    }
+}
+
+async fn columns(pool: &SqlitePool, table: &str) -> Result<Vec<String>> {
+    let rows = sqlx::query(&format!("PRAGMA table_info({})", quote_name(table)))
+        .fetch_all(pool)
+        .await
+        .map_err(Error::db(format!("describe table {table}")))?;
+    if rows.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "table {table} does not exist in the sink's database (create it with migrations)"
+        )));
+    }
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("name"))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::db(format!("describe table {table}")))
+}

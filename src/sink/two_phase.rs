@@ -1,0 +1,228 @@
+//! Two-phase commit into Postgres.
+//!
+//! Epoch n (the records between barrier n-1 and barrier n) of subtask s is one
+//! transaction. On barrier n it is prepared (`PREPARE TRANSACTION 'sluice:<job>:<s>:<n>'`)
+//! and its id goes into the checkpoint; when checkpoint n completes it is committed
+//! (`COMMIT PREPARED`). Prepared transactions survive a crash of sluice: on restore,
+//! [`recover`] commits those the restored checkpoint lists (they were part of a completed
+//! checkpoint) and rolls back every other one of this job, so none is left holding locks.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sqlx::pool::PoolConnection;
+use sqlx::{Executor, PgPool, Postgres};
+
+use super::dead_letter::KafkaDeadLetters;
+use super::postgres::{finish_prepared, gid, list_prepared, PgTable};
+use super::SinkWriter;
+use crate::checkpoint::CompletedCheckpoint;
+use crate::error::{Error, Result};
+use crate::record::Batch;
+use crate::telemetry::{self, JobStats, SubtaskMetrics};
+
+/// What a two-phase sink subtask puts into a checkpoint.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct TwoPhaseState {
+    /// Prepared, not yet known to be committed: (checkpoint, transaction id).
+    pub pending: Vec<(u64, String)>,
+}
+
+pub struct TwoPhaseWriter {
+    job: String,
+    subtask: usize,
+    table: Arc<PgTable>,
+    pool: PgPool,
+    /// Holds the open transaction of the current epoch.
+    conn: PoolConnection<Postgres>,
+    in_transaction: bool,
+    buffer: Batch,
+    batch_size: usize,
+    pending: Vec<(u64, String)>,
+    dead_letters: Option<KafkaDeadLetters>,
+    stats: Arc<JobStats>,
+    metrics: SubtaskMetrics,
+    /// Records written in the open transaction (counted as written once committed).
+    uncommitted: u64,
+    prepared_counts: Vec<(u64, u64)>,
+}
+
+impl TwoPhaseWriter {
+    pub async fn new(
+        job: &str,
+        subtask: usize,
+        table: Arc<PgTable>,
+        pool: PgPool,
+        batch_size: usize,
+        dead_letters: Option<KafkaDeadLetters>,
+        stats: Arc<JobStats>,
+    ) -> Result<Self> {
+        let conn = pool
+            .acquire()
+            .await
+            .map_err(Error::db("acquire a connection"))?;
+        Ok(Self {
+            job: job.to_string(),
+            subtask,
+            table,
+            pool,
+            conn,
+            in_transaction: false,
+            buffer: Batch::default(),
+            batch_size,
+            pending: Vec::new(),
+            dead_letters,
+            stats,
+            metrics: SubtaskMetrics::new("sink", subtask),
+            uncommitted: 0,
+            prepared_counts: Vec::new(),
+        })
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        if !self.in_transaction {
+            self.conn
+                .execute("BEGIN")
+                .await
+                .map_err(Error::db("begin"))?;
+            self.in_transaction = true;
+        }
+        let batch = std::mem::take(&mut self.buffer);
+        let rows: Vec<_> = batch.records.iter().collect();
+        self.table.write(&mut self.conn, &rows, false).await?;
+        self.table.write_dead(&mut self.conn, &batch.dead).await?;
+        self.uncommitted += batch.records.len() as u64;
+        self.buffer = batch;
+        self.buffer.records.clear();
+        self.buffer.dead.clear();
+        Ok(())
+    }
+}
+
+impl SinkWriter for TwoPhaseWriter {
+    async fn write(&mut self, mut batch: Batch) -> Result<()> {
+        self.metrics.records_in.increment(batch.len() as u64);
+        if let Some(dlq) = &mut self.dead_letters {
+            dlq.send(std::mem::take(&mut batch.dead)).await?;
+        }
+        self.buffer.records.append(&mut batch.records);
+        self.buffer.dead.append(&mut batch.dead);
+        if self.buffer.len() >= self.batch_size {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn pre_commit(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
+        let started = Instant::now();
+        self.flush().await?;
+        if let Some(dlq) = &mut self.dead_letters {
+            dlq.flush().await?;
+        }
+        if self.in_transaction {
+            let id = gid(&self.job, self.subtask, checkpoint);
+            self.conn
+                .execute(format!("PREPARE TRANSACTION '{id}'").as_str())
+                .await
+                .map_err(Error::db(format!("prepare {id}")))?;
+            self.in_transaction = false;
+            self.pending.push((checkpoint, id));
+            self.prepared_counts
+                .push((checkpoint, std::mem::take(&mut self.uncommitted)));
+        }
+        telemetry::sink_commit(self.subtask, started.elapsed());
+        serde_json::to_value(TwoPhaseState {
+            pending: self.pending.clone(),
+        })
+        .map_err(|e| Error::Internal(format!("serialising sink state: {e}")))
+    }
+
+    async fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        if !self.pending.iter().any(|(n, _)| *n <= checkpoint) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // The epoch connection may be inside the next transaction; commit elsewhere.
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(Error::db("acquire a connection"))?;
+        let mut keep = Vec::new();
+        for (n, id) in std::mem::take(&mut self.pending) {
+            if n <= checkpoint {
+                if !finish_prepared(&mut conn, &id, true).await? {
+                    tracing::warn!(gid = id, "prepared transaction already resolved");
+                }
+            } else {
+                keep.push((n, id));
+            }
+        }
+        self.pending = keep;
+        let mut written = 0;
+        self.prepared_counts.retain(|(n, count)| {
+            if *n <= checkpoint {
+                written += count;
+                false
+            } else {
+                true
+            }
+        });
+        self.metrics.records_out.increment(written);
+        self.stats
+            .rows_written
+            .fetch_add(written, Ordering::Relaxed);
+        telemetry::sink_commit(self.subtask, started.elapsed());
+        Ok(())
+    }
+}
+
+/// Resolve this job's prepared transactions before a (re)start: commit those that the
+/// restored checkpoint holds, roll back all others (epochs after it, which will be
+/// replayed). Returns (committed, rolled back).
+pub async fn recover(
+    pool: &PgPool,
+    job: &str,
+    restored: Option<&CompletedCheckpoint>,
+) -> Result<(usize, usize)> {
+    let mut to_commit = BTreeSet::new();
+    if let Some(cp) = restored {
+        for state in cp.operator_states("sink") {
+            let state: TwoPhaseState =
+                serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
+                    path: format!("checkpoint {}", cp.id).into(),
+                    message: format!("sink state: {e}"),
+                })?;
+            to_commit.extend(state.pending.into_iter().map(|(_, id)| id));
+        }
+    }
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(Error::db("acquire a connection"))?;
+    let (mut committed, mut rolled_back) = (0, 0);
+    for txn in list_prepared(pool, job).await? {
+        let commit = to_commit.contains(&txn.gid);
+        if finish_prepared(&mut conn, &txn.gid, commit).await? {
+            if commit {
+                committed += 1;
+            } else {
+                rolled_back += 1;
+            }
+        }
+    }
+    if committed + rolled_back > 0 {
+        tracing::info!(
+            committed,
+            rolled_back,
+            "resolved prepared transactions left by an earlier run"
+        );
+    }
+    Ok((committed, rolled_back))
+}

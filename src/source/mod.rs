@@ -1,0 +1,91 @@
+//! The Kafka source and its embedded stand-in.
+
+pub mod embedded;
+pub mod kafka;
+
+use std::collections::HashMap;
+
+use rdkafka::config::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::CompletedCheckpoint;
+use crate::config::{flatten_properties_of, IsolationLevel, JobConfig};
+use crate::error::{Error, Result};
+
+pub use kafka::SourceTask;
+
+/// The next offset of one partition, as checkpointed. `next = None`: nothing read yet,
+/// start from the beginning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next: Option<i64>,
+}
+
+/// What a source subtask puts into a checkpoint.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct SourceState {
+    pub offsets: Vec<PartitionOffset>,
+}
+
+/// Offsets of every partition in a checkpoint, whichever subtask owned it then (so a job
+/// can be restored with another source parallelism).
+pub fn restored_offsets(
+    cp: Option<&CompletedCheckpoint>,
+) -> Result<HashMap<(String, i32), Option<i64>>> {
+    let mut out = HashMap::new();
+    let Some(cp) = cp else { return Ok(out) };
+    for state in cp.operator_states("source") {
+        let state: SourceState =
+            serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
+                path: format!("checkpoint {}", cp.id).into(),
+                message: format!("source state: {e}"),
+            })?;
+        for o in state.offsets {
+            out.insert((o.topic, o.partition), o.next);
+        }
+    }
+    Ok(out)
+}
+
+/// librdkafka settings for the source's consumer. Partitions are assigned by sluice, so
+/// group management and offset commits are off; user properties come last and win.
+pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("sluice-{}", cfg.job.name))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000")
+        .set(
+            "isolation.level",
+            match cfg.source.isolation_level {
+                IsolationLevel::ReadCommitted => "read_committed",
+                IsolationLevel::ReadUncommitted => "read_uncommitted",
+            },
+        );
+    for (k, v) in flatten_properties_of(cfg) {
+        c.set(k, v);
+    }
+    c
+}
+
+/// librdkafka settings for producers on the source's cluster (dead letters).
+pub fn producer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    // Security settings are shared with the consumer; consumer-only keys are skipped.
+    for (k, v) in flatten_properties_of(cfg) {
+        if k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.")
+            || k == "client.id"
+        {
+            c.set(k, v);
+        }
+    }
+    c
+}

@@ -1,0 +1,156 @@
+//! Metrics (Prometheus text at `/metrics`) and the console status line.
+//!
+//! Metric names, all prefixed `sluice_`:
+//! - `records_in_total{operator,subtask}` / `records_out_total{operator,subtask}`
+//! - `dead_letters_total{subtask}`: records that could not be decoded
+//! - `consumer_lag{topic,partition}`: high watermark minus next offset
+//! - `checkpoints_completed_total`, `checkpoints_failed_total`,
+//!   `checkpoint_duration_seconds` (histogram), `checkpoint_size_bytes`,
+//!   `last_checkpoint_id`
+//! - `sink_commit_duration_seconds{subtask}` (histogram): pre-commit and commit work
+//! - `backpressure_microseconds_total{operator,subtask}`: time blocked on a full
+//!   output channel (rate of this / 1e6 = share of time backpressured)
+//! - `restarts_total`
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::error::{Error, Result};
+
+/// Start the Prometheus endpoint. A second call in one process (tests running several
+/// jobs) keeps the first exporter.
+pub fn install_exporter(listen: &str) -> Result<()> {
+    if listen.is_empty() {
+        return Ok(());
+    }
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| Error::Internal(format!("metrics.listen `{listen}` is not host:port")))?;
+    match PrometheusBuilder::new().with_http_listener(addr).install() {
+        Ok(()) => Ok(()),
+        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
+        Err(e) => Err(Error::Unsupported(format!(
+            "metrics endpoint on {addr}: {e}"
+        ))),
+    }
+}
+
+/// Counters of one subtask, looked up once so the hot path only adds.
+#[derive(Clone)]
+pub struct SubtaskMetrics {
+    pub records_in: Counter,
+    pub records_out: Counter,
+    pub dead_letters: Counter,
+    pub backpressure: Counter,
+}
+
+impl SubtaskMetrics {
+    pub fn new(operator: &'static str, subtask: usize) -> Self {
+        let s = subtask.to_string();
+        Self {
+            records_in: counter!("sluice_records_in_total", "operator" => operator, "subtask" => s.clone()),
+            records_out: counter!("sluice_records_out_total", "operator" => operator, "subtask" => s.clone()),
+            dead_letters: counter!("sluice_dead_letters_total", "operator" => operator, "subtask" => s.clone()),
+            backpressure: counter!("sluice_backpressure_microseconds_total", "operator" => operator, "subtask" => s),
+        }
+    }
+}
+
+pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {
+    gauge!("sluice_consumer_lag", "topic" => topic.to_string(), "partition" => partition.to_string())
+}
+
+pub fn checkpoint_completed(took: Duration, bytes: u64) {
+    counter!("sluice_checkpoints_completed_total").increment(1);
+    histogram!("sluice_checkpoint_duration_seconds").record(took.as_secs_f64());
+    gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
+}
+
+pub fn checkpoint_failed() {
+    counter!("sluice_checkpoints_failed_total").increment(1);
+}
+
+pub fn sink_commit(subtask: usize, took: Duration) {
+    histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string())
+        .record(took.as_secs_f64());
+}
+
+pub fn restarted() {
+    counter!("sluice_restarts_total").increment(1);
+}
+
+/// Job-wide numbers for the status line and for tests; updated alongside the metrics.
+#[derive(Debug, Default)]
+pub struct JobStats {
+    pub records_in: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub last_checkpoint: AtomicU64,
+    pub last_checkpoint_at_ms: AtomicU64,
+    lag_by_subtask: std::sync::Mutex<std::collections::BTreeMap<usize, i64>>,
+}
+
+impl JobStats {
+    /// Record one source subtask's consumer lag.
+    pub fn set_lag(&self, subtask: usize, lag: i64) {
+        if let Ok(mut m) = self.lag_by_subtask.lock() {
+            m.insert(subtask, lag);
+        }
+    }
+
+    /// Consumer lag over all source subtasks.
+    pub fn lag(&self) -> i64 {
+        self.lag_by_subtask.lock().map_or(0, |m| m.values().sum())
+    }
+
+    pub fn checkpoint_completed(&self, id: u64) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.last_checkpoint.store(id, Ordering::Relaxed);
+        gauge!("sluice_last_checkpoint_id").set(id as f64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_checkpoint_at_ms.store(now, Ordering::Relaxed);
+    }
+}
+
+/// Print a status line every `every` until the task is aborted.
+pub async fn print_status(stats: Arc<JobStats>, every: Duration, where_to_look: String) {
+    if every.is_zero() {
+        return;
+    }
+    let mut last = (Instant::now(), 0u64);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let records = stats.records_in.load(Ordering::Relaxed);
+        let rate = (records - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
+        last = (now, records);
+        let cp = stats.last_checkpoint.load(Ordering::Relaxed);
+        let cp_age = {
+            let at = stats.last_checkpoint_at_ms.load(Ordering::Relaxed);
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if at == 0 {
+                "none yet".to_string()
+            } else {
+                format!("#{cp} {:.1}s ago", wall.saturating_sub(at) as f64 / 1000.0)
+            }
+        };
+        println!(
+            "sluice: {rate:>9.0} records/s | read {records} | rows written {} | dead letters {} | lag {} | last checkpoint {cp_age} | {where_to_look}",
+            stats.rows_written.load(Ordering::Relaxed),
+            stats.dead_letters.load(Ordering::Relaxed),
+            stats.lag(),
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! Shared harness: unique topic and schema names per test (so tests run in parallel),
+//! producers, a Postgres schema per test, and the `sluice` binary run as a child process
+//! that can be SIGKILLed and restarted.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use sqlx::{PgPool, Row};
+use tokio::sync::watch;
+
+pub fn kafka() -> String {
+    std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn pg_url() -> String {
+    std::env::var("SLUICE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `prefix` plus a random suffix: a name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::rng().random();
+    format!("{prefix}_{:012x}", n & 0xffff_ffff_ffff)
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let res = admin
+        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .await
+        .expect("create topic");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+pub async fn add_partitions(name: &str, total: usize) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("admin client");
+    let res = admin
+        .create_partitions(&[NewPartitions::new(name, total)], &AdminOptions::new())
+        .await
+        .expect("create partitions");
+    for r in res {
+        r.expect("partitions created");
+    }
+}
+
+pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "10")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer")
+}
+
+/// Produce `payloads` to `topic` (keyed by index, spread over partitions) and wait for
+/// every delivery.
+pub fn produce<P: AsRef<[u8]>>(topic: &str, payloads: impl IntoIterator<Item = (String, Option<P>)>) {
+    let p = producer();
+    for (key, payload) in payloads {
+        let mut rec = BaseRecord::<String, [u8]>::to(topic).key(&key);
+        if let Some(pl) = &payload {
+            rec = rec.payload(pl.as_ref());
+        }
+        let mut rec = rec;
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// The standard test record: `{"id": n, "body": "..."}`.
+pub fn record(id: u64) -> (String, Option<String>) {
+    (id.to_string(), Some(format!(r#"{{"id": {id}, "body": "record number {id}"}}"#)))
+}
+
+pub async fn pg() -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&pg_url())
+        .await
+        .expect("connect to postgres (scripts/ensure-services starts it)")
+}
+
+/// A fresh schema with `events` (keyed on Kafka coordinates when `keyed`) and the
+/// dead-letter table.
+pub async fn schema(pool: &PgPool, keyed: bool) -> String {
+    let s = unique("t");
+    let pk = if keyed { ", PRIMARY KEY (topic, partition, \"offset\")" } else { "" };
+    for sql in [
+        format!("CREATE SCHEMA {s}"),
+        format!(
+            "CREATE TABLE {s}.events (topic text NOT NULL, partition int NOT NULL, \"offset\" bigint NOT NULL, \
+             id bigint, body text{pk})"
+        ),
+        format!(
+            "CREATE TABLE {s}.dead (topic text NOT NULL, partition int NOT NULL, \"offset\" bigint NOT NULL, \
+             kafka_timestamp bigint, reason text NOT NULL, payload bytea, failed_at timestamptz DEFAULT now(), \
+             PRIMARY KEY (topic, partition, \"offset\"))"
+        ),
+    ] {
+        sqlx::query(&sql).execute(pool).await.expect("create test schema");
+    }
+    s
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query(sql).fetch_one(pool).await.expect(sql).get::<i64, _>(0)
+}
+
+/// (rows, distinct Kafka coordinates, distinct ids, min id, max id) of `schema.events`.
+pub async fn sink_counts(pool: &PgPool, schema: &str) -> (i64, i64, i64, i64, i64) {
+    let row = sqlx::query(&format!(
+        "SELECT count(*), count(DISTINCT (topic, partition, \"offset\")), count(DISTINCT id), \
+         coalesce(min(id), -1), coalesce(max(id), -1) FROM {schema}.events"
+    ))
+    .fetch_one(pool)
+    .await
+    .expect("count sink rows");
+    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
+}
+
+pub async fn prepared_of(pool: &PgPool, job: &str) -> i64 {
+    sqlx::query("SELECT count(*) FROM pg_prepared_xacts WHERE starts_with(gid, $1)")
+        .bind(format!("sluice:{job}:"))
+        .fetch_one(pool)
+        .await
+        .expect("pg_prepared_xacts")
+        .get::<i64, _>(0)
+}
+
+/// A pass-through job config: every record of `topic` into `schema.events`.
+pub fn job_toml(job: &str, topic: &str, schema: &str, strategy: &str, checkpoint_dir: &Path) -> String {
+    format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+parallelism = 2
+partition_discovery_interval = "1s"
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "body"
+type = "string"
+
+[checkpoint]
+interval = "500ms"
+timeout = "20s"
+storage = "filesystem"
+dir = "{dir}"
+
+[restart]
+strategy = "fixed_delay"
+attempts = 100
+delay = "500ms"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.events"
+strategy = "{strategy}"
+parallelism = 2
+batch_size = 2000
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        dir = checkpoint_dir.display(),
+    )
+}
+
+pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// The `sluice` binary as a child process.
+pub struct Sluice {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Sluice {
+    pub fn start(config: &Path, log: &Path) -> Sluice {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdout(Stdio::from(out.try_clone().expect("log")))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("start sluice");
+        Sluice {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then wait for a clean exit (a final checkpoint).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "sluice did not stop; log: {}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// The library's job, run in this process; stopped (with a final checkpoint) on drop of
+/// the returned guard's `stop`.
+pub struct InProcess {
+    stop: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<sluice::Result<()>>,
+    pub stats: Arc<sluice::telemetry::JobStats>,
+}
+
+impl InProcess {
+    pub fn start(config: &Path) -> InProcess {
+        let cfg = sluice::config::load(config).expect("valid test config");
+        let (stop, rx) = watch::channel(false);
+        let stats = Arc::new(sluice::telemetry::JobStats::default());
+        let join = tokio::spawn(sluice::runtime::run(cfg, rx, stats.clone()));
+        InProcess { stop, join, stats }
+    }
+
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(60), self.join)
+            .await
+            .expect("job stops within 60 s")
+            .expect("job task")
+            .expect("job ends cleanly");
+    }
+}
+
+/// Poll `f` until it returns true or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}

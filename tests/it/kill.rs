@@ -1,0 +1,84 @@
+//! Exactly once through crashes: a pass-through job is SIGKILLed at random moments and
+//! restarted, while input keeps arriving; at the end the sink holds every input record
+//! exactly once and no prepared transaction is left behind.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::common::*;
+
+const BEFORE: u64 = 60_000;
+const DURING: u64 = 60_000;
+const KILLS: usize = 6;
+
+async fn kill_and_restart(strategy: &str) {
+    let pool = pg().await;
+    let keyed = strategy == "idempotent";
+    let schema = schema(&pool, keyed).await;
+    let topic = unique("kill");
+    let job = unique("kill");
+    create_topic(&topic, 4).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, strategy, &dir.path().join("checkpoints")),
+    );
+    let log = dir.path().join("sluice.log");
+
+    produce(&topic, (0..BEFORE).map(record));
+    // More input arrives while sluice is being killed and restarted.
+    let t = topic.clone();
+    let during = std::thread::spawn(move || {
+        for chunk in 0..20 {
+            let start = BEFORE + chunk * (DURING / 20);
+            produce(&t, (start..start + DURING / 20).map(record));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+
+    let mut rng = rand::rng();
+    for _ in 0..KILLS {
+        let s = Sluice::start(&config, &log);
+        let ms = rng.random_range(1_200..3_500);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        s.kill9();
+    }
+    during.join().expect("producer thread");
+
+    let total = (BEFORE + DURING) as i64;
+    let s = Sluice::start(&config, &log);
+    let complete = wait_until(Duration::from_secs(180), || async {
+        sink_counts(&pool, &schema).await.0 >= total
+    })
+    .await;
+    let status = s.terminate();
+    let (rows, distinct, ids, min, max) = sink_counts(&pool, &schema).await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(complete, "sink reached only {rows} of {total} rows; log tail:\n{}", tail(&log_text));
+    assert!(status.success(), "sluice exited with {status}; log tail:\n{}", tail(&log_text));
+    assert_eq!(rows, total, "rows");
+    assert_eq!(distinct, total, "distinct (topic, partition, offset)");
+    assert_eq!(ids, total, "distinct ids");
+    assert_eq!((min, max), (0, total - 1));
+    assert_eq!(count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await, 0);
+    assert_eq!(prepared_of(&pool, &job).await, 0, "prepared transactions left behind");
+    // The kills really interrupted work: restores happened from stored checkpoints.
+    let restores = log_text.matches("restoring from checkpoint").count();
+    assert!(restores >= KILLS - 1, "only {restores} restores in {KILLS} restarts");
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_idempotent_exactly_once() {
+    kill_and_restart("idempotent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_two_phase_exactly_once() {
+    kill_and_restart("two_phase").await;
+}

@@ -1,0 +1,11 @@
+//! Integration tests against a real Kafka broker and PostgreSQL (see `scripts/test`,
+//! which starts both). One test binary, modules by concern, to keep link time down.
+
+mod common;
+
+mod bad_input;
+mod config_errors;
+mod discovery;
+mod kill;
+mod txn_cli;
+mod upstream_transactions;
