@@ -22,7 +22,8 @@ pub fn kafka() -> String {
 }
 
 pub fn pg_url() -> String {
-    std::env::var("SLUICE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("SLUICE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// `prefix` plus a random suffix: a name no other test (or earlier run) uses.
@@ -38,7 +39,10 @@ pub async fn create_topic(name: &str, partitions: i32) {
         .expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let res = admin
-        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .create_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
         .await
         .expect("create topic");
     for r in res {
@@ -72,7 +76,10 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
 
 /// Produce `payloads` to `topic` (keyed by index, spread over partitions) and wait for
 /// every delivery.
-pub fn produce<P: AsRef<[u8]>>(topic: &str, payloads: impl IntoIterator<Item = (String, Option<P>)>) {
+pub fn produce<P: AsRef<[u8]>>(
+    topic: &str,
+    payloads: impl IntoIterator<Item = (String, Option<P>)>,
+) {
     let p = producer();
     for (key, payload) in payloads {
         let mut rec = BaseRecord::<String, [u8]>::to(topic).key(&key);
@@ -95,7 +102,10 @@ pub fn produce<P: AsRef<[u8]>>(topic: &str, payloads: impl IntoIterator<Item = (
 
 /// The standard test record: `{"id": n, "body": "..."}`.
 pub fn record(id: u64) -> (String, Option<String>) {
-    (id.to_string(), Some(format!(r#"{{"id": {id}, "body": "record number {id}"}}"#)))
+    (
+        id.to_string(),
+        Some(format!(r#"{{"id": {id}, "body": "record number {id}"}}"#)),
+    )
 }
 
 pub async fn pg() -> PgPool {
@@ -110,7 +120,11 @@ pub async fn pg() -> PgPool {
 /// dead-letter table.
 pub async fn schema(pool: &PgPool, keyed: bool) -> String {
     let s = unique("t");
-    let pk = if keyed { ", PRIMARY KEY (topic, partition, \"offset\")" } else { "" };
+    let pk = if keyed {
+        ", PRIMARY KEY (topic, partition, \"offset\")"
+    } else {
+        ""
+    };
     for sql in [
         format!("CREATE SCHEMA {s}"),
         format!(
@@ -129,7 +143,11 @@ pub async fn schema(pool: &PgPool, keyed: bool) -> String {
 }
 
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query(sql).fetch_one(pool).await.expect(sql).get::<i64, _>(0)
+    sqlx::query(sql)
+        .fetch_one(pool)
+        .await
+        .expect(sql)
+        .get::<i64, _>(0)
 }
 
 /// (rows, distinct Kafka coordinates, distinct ids, min id, max id) of `schema.events`.
@@ -154,7 +172,13 @@ pub async fn prepared_of(pool: &PgPool, job: &str) -> i64 {
 }
 
 /// A pass-through job config: every record of `topic` into `schema.events`.
-pub fn job_toml(job: &str, topic: &str, schema: &str, strategy: &str, checkpoint_dir: &Path) -> String {
+pub fn job_toml(
+    job: &str,
+    topic: &str,
+    schema: &str,
+    strategy: &str,
+    checkpoint_dir: &Path,
+) -> String {
     format!(
         r#"
 [job]
@@ -256,7 +280,11 @@ impl Sluice {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 return s;
             }
-            assert!(Instant::now() < deadline, "sluice did not stop; log: {}", self.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not stop; log: {}",
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

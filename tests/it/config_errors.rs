@@ -6,7 +6,13 @@ use std::process::Command;
 use crate::common::*;
 
 fn base() -> String {
-    job_toml("cfg", "t", "s", "idempotent", std::path::Path::new("/tmp/sluice-cfg-test"))
+    job_toml(
+        "cfg",
+        "t",
+        "s",
+        "idempotent",
+        std::path::Path::new("/tmp/sluice-cfg-test"),
+    )
 }
 
 /// Run `sluice check` on `toml` (with `env`), return (exit ok, stderr).
@@ -19,14 +25,23 @@ fn check(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
         .envs(env.iter().copied())
         .output()
         .expect("run sluice check");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn rejected(toml: &str, env: &[(&str, &str)], key: &str) {
     let (ok, stderr) = check(toml, env);
     assert!(!ok, "accepted a config that should fail on {key}");
-    assert!(stderr.contains(key), "message does not name `{key}`: {stderr}");
-    assert!(stderr.contains("job.toml"), "message does not name the file: {stderr}");
+    assert!(
+        stderr.contains(key),
+        "message does not name `{key}`: {stderr}"
+    );
+    assert!(
+        stderr.contains("job.toml"),
+        "message does not name the file: {stderr}"
+    );
 }
 
 #[test]
@@ -37,41 +52,81 @@ fn the_base_config_is_valid() {
 
 #[test]
 fn unknown_keys_are_named() {
-    rejected(&base().replace("parallelism = 2\npartition", "paralelism = 2\npartition"), &[], "paralelism");
+    rejected(
+        &base().replace("parallelism = 2\npartition", "paralelism = 2\npartition"),
+        &[],
+        "paralelism",
+    );
     rejected(&format!("{}\n[sinc]\nkind = 1\n", base()), &[], "sinc");
 }
 
 #[test]
 fn wrong_types_are_named() {
-    rejected(&base().replace("batch_size = 2000", "batch_size = \"lots\""), &[], "batch_size");
-    rejected(&base().replace("interval = \"500ms\"", "interval = \"soon\""), &[], "interval");
+    rejected(
+        &base().replace("batch_size = 2000", "batch_size = \"lots\""),
+        &[],
+        "batch_size",
+    );
+    rejected(
+        &base().replace("interval = \"500ms\"", "interval = \"soon\""),
+        &[],
+        "interval",
+    );
 }
 
 #[test]
 fn impossible_values_are_named() {
-    rejected(&base().replace("parallelism = 2\npartition", "parallelism = 0\npartition"), &[], "source.parallelism");
-    rejected(&base().replace("interval = \"500ms\"", "interval = \"0s\""), &[], "checkpoint.interval");
+    rejected(
+        &base().replace("parallelism = 2\npartition", "parallelism = 0\npartition"),
+        &[],
+        "source.parallelism",
+    );
+    rejected(
+        &base().replace("interval = \"500ms\"", "interval = \"0s\""),
+        &[],
+        "checkpoint.interval",
+    );
     let sqlite = base()
         .replace("kind = \"postgres\"", "kind = \"sqlite\"")
         .replace(&pg_url(), "sqlite://x.db")
         .replace("strategy = \"idempotent\"", "strategy = \"two_phase\"")
         .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
     rejected(&sqlite, &[], "sink.strategy");
-    rejected(&base().replace("[sink]", "[sink]\npartitioner = \"broadcast\""), &[], "sink.partitioner");
-    rejected(&base().replace("type = \"int\"", "type = \"integer\""), &[], "integer");
+    rejected(
+        &base().replace("[sink]", "[sink]\npartitioner = \"broadcast\""),
+        &[],
+        "sink.partitioner",
+    );
+    rejected(
+        &base().replace("type = \"int\"", "type = \"integer\""),
+        &[],
+        "integer",
+    );
 }
 
 #[test]
 fn environment_overrides_are_checked_too() {
-    rejected(&base(), &[("SLUICE__SINK__PARALLELISM", "0")], "sink.parallelism");
+    rejected(
+        &base(),
+        &[("SLUICE__SINK__PARALLELISM", "0")],
+        "sink.parallelism",
+    );
     let (ok, stderr) = check(&base(), &[("SLUICE__SINK__BATCH_SIZE", "77")]);
     assert!(ok, "{stderr}");
 }
 
 #[test]
 fn secrets_are_refused_in_the_file() {
-    rejected(&base().replace("[sink]", "[sink]\npassword = \"hunter2\""), &[], "sink.password");
-    rejected(&base().replace("postgres://postgres@", "postgres://postgres:hunter2@"), &[], "sink.url");
+    rejected(
+        &base().replace("[sink]", "[sink]\npassword = \"hunter2\""),
+        &[],
+        "sink.password",
+    );
+    rejected(
+        &base().replace("postgres://postgres@", "postgres://postgres:hunter2@"),
+        &[],
+        "sink.url",
+    );
     // The same password from the environment is fine.
     let (ok, stderr) = check(&base(), &[("SLUICE__SINK__PASSWORD", "hunter2")]);
     assert!(ok, "{stderr}");

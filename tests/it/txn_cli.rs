@@ -17,7 +17,11 @@ fn txn(args: &[&str], config: &std::path::Path) -> (bool, String) {
         .expect("run sluice txn");
     (
         out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -27,7 +31,10 @@ async fn lists_commits_and_aborts_prepared_transactions() {
     let schema = schema(&pool, false).await;
     let job = unique("txn");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &job_toml(&job, "t", &schema, "two_phase", dir.path()));
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, "t", &schema, "two_phase", dir.path()),
+    );
     for (n, id) in [(1, 101), (2, 102)] {
         let mut conn = pool.acquire().await.expect("conn");
         conn.execute("BEGIN").await.expect("begin");
@@ -42,15 +49,25 @@ async fn lists_commits_and_aborts_prepared_transactions() {
     }
     let (ok, out) = txn(&["list"], &config);
     assert!(ok, "{out}");
-    assert!(out.contains(&format!("sluice:{job}:0:1")) && out.contains(&format!("sluice:{job}:0:2")), "{out}");
+    assert!(
+        out.contains(&format!("sluice:{job}:0:1")) && out.contains(&format!("sluice:{job}:0:2")),
+        "{out}"
+    );
 
     let (ok, out) = txn(&["commit", &format!("sluice:{job}:0:1")], &config);
     assert!(ok, "{out}");
     let (ok, out) = txn(&["abort", "--all"], &config);
     assert!(ok, "{out}");
     assert_eq!(prepared_of(&pool, &job).await, 0);
-    let ids = count(&pool, &format!("SELECT coalesce(sum(id), 0)::bigint FROM {schema}.events")).await;
-    assert_eq!(ids, 101, "the committed one is visible, the aborted one is not");
+    let ids = count(
+        &pool,
+        &format!("SELECT coalesce(sum(id), 0)::bigint FROM {schema}.events"),
+    )
+    .await;
+    assert_eq!(
+        ids, 101,
+        "the committed one is visible, the aborted one is not"
+    );
 
     // Another job's transactions are refused.
     let (ok, _) = txn(&["commit", "sluice:someone-else:0:1"], &config);

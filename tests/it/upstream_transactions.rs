@@ -22,7 +22,8 @@ async fn only_committed_records_reach_the_sink() {
             .set("transactional.id", unique("upstream"))
             .create()
             .expect("transactional producer");
-        p.init_transactions(Duration::from_secs(30)).expect("init transactions");
+        p.init_transactions(Duration::from_secs(30))
+            .expect("init transactions");
         let mut committed = 0u64;
         for txn in 0..20u64 {
             p.begin_transaction().expect("begin");
@@ -32,10 +33,12 @@ async fn only_committed_records_reach_the_sink() {
                 let body = if commit { "committed" } else { "aborted" };
                 let payload = format!(r#"{{"id": {id}, "body": "{body}"}}"#);
                 let key = id.to_string();
-                p.send(BaseRecord::to(&t).key(&key).payload(&payload)).expect("send");
+                p.send(BaseRecord::to(&t).key(&key).payload(&payload))
+                    .expect("send");
             }
             if commit {
-                p.commit_transaction(Duration::from_secs(30)).expect("commit");
+                p.commit_transaction(Duration::from_secs(30))
+                    .expect("commit");
                 committed += 500;
             } else {
                 p.abort_transaction(Duration::from_secs(30)).expect("abort");
@@ -64,6 +67,13 @@ async fn only_committed_records_reach_the_sink() {
     let (rows, distinct, ..) = sink_counts(&pool, &schema).await;
     assert_eq!(rows, committed as i64);
     assert_eq!(distinct, committed as i64);
-    let aborted = count(&pool, &format!("SELECT count(*) FROM {schema}.events WHERE body = 'aborted'")).await;
-    assert_eq!(aborted, 0, "records of aborted transactions reached the sink");
+    let aborted = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.events WHERE body = 'aborted'"),
+    )
+    .await;
+    assert_eq!(
+        aborted, 0,
+        "records of aborted transactions reached the sink"
+    );
 }
