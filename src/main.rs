@@ -36,6 +36,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Produce sample events (the embedded default's generator) to a Kafka topic until
+    /// Ctrl-C: a feed for trying a job against a real broker.
+    Generate {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        bootstrap_servers: String,
+        #[arg(long, default_value = "events")]
+        topic: String,
+        /// Events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// Every n-th event is malformed (0: never).
+        #[arg(long, default_value_t = 1000)]
+        bad_every: u64,
+    },
     /// Show or resolve this job's prepared transactions (two-phase sink) by hand.
     Txn {
         #[command(subcommand)]
@@ -111,6 +125,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Migrate { config } => migrate(load(&config)?).await,
         Command::Txn { action } => txn(action).await,
+        Command::Generate {
+            bootstrap_servers,
+            topic,
+            rate,
+            bad_every,
+        } => generate(bootstrap_servers, topic, rate, bad_every).await,
     }
 }
 
@@ -139,6 +159,33 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
     let result = sluice::runtime::run(cfg, stop_rx, stats).await;
     status.abort();
     result.context("job failed")
+}
+
+async fn generate(
+    bootstrap: String,
+    topic: String,
+    rate: u32,
+    bad_every: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(rate > 0, "--rate must be at least 1");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let cfg = sluice::config::EmbeddedConfig {
+        partitions: 1,
+        events_per_second: rate,
+        bad_record_every: bad_every,
+    };
+    eprintln!("sluice: producing {rate} events/s to {topic} on {bootstrap} until Ctrl-C");
+    tokio::task::spawn_blocking(move || {
+        sluice::source::embedded::generate_to(&bootstrap, &topic, &cfg, &stop)
+    })
+    .await
+    .context("generator thread")??;
+    Ok(())
 }
 
 async fn wait_for_signal() {

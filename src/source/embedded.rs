@@ -104,6 +104,26 @@ pub fn sample_event(n: u64, now_ms: u64, bad_every: u64) -> String {
     format!("{{\"event_id\": {n}, \"user\": \"user-{user}\", \"kind\": \"{kind}\", \"amount\": {amount}, \"ts\": {now_ms}}}")
 }
 
+/// Produce sample events to a real cluster until `stop` (the `sluice generate` command,
+/// used by docker-compose to feed the job).
+pub fn generate_to(
+    bootstrap: &str,
+    topic: &str,
+    cfg: &EmbeddedConfig,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()
+        .map_err(Error::kafka("create the generator"))?;
+    generate(&producer, topic, cfg, stop);
+    producer
+        .flush(Duration::from_secs(10))
+        .map_err(Error::kafka("flush the generator"))
+}
+
 fn generate(producer: &BaseProducer, topic: &str, cfg: &EmbeddedConfig, stop: &AtomicBool) {
     let started = Instant::now();
     let mut n: u64 = 0;

@@ -6,6 +6,8 @@ mod common;
 mod bad_input;
 mod config_errors;
 mod discovery;
+mod embedded;
 mod kill;
+mod recover;
 mod txn_cli;
 mod upstream_transactions;

@@ -1,0 +1,275 @@
+//! End-to-end benchmark: a pass-through job from the local Kafka broker into Postgres,
+//! checkpoints every second, against two baselines measured in the same run on the same
+//! data: a bare rdkafka consumer reading the topic, and a bare `COPY` of the same rows
+//! into an indexed Postgres table. Needs the services of `scripts/test`; run it with
+//! `scripts/bench` (records: `SLUICE_BENCH_RECORDS`, default 1,000,000).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::{Executor, PgPool, Row};
+use tokio::sync::watch;
+
+const PARTITIONS: i32 = 4;
+
+fn kafka() -> String {
+    std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn pg_url() -> String {
+    std::env::var("SLUICE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn payload(id: u64) -> String {
+    format!(
+        r#"{{"id": {id}, "user": "user-{}", "amount": {}.25, "body": "record number {id}"}}"#,
+        id % 1000,
+        id % 500
+    )
+}
+
+fn produce(topic: &str, n: u64) {
+    let p: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "2000000")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer");
+    for id in 0..n {
+        let (key, value) = (id.to_string(), payload(id));
+        let mut rec = BaseRecord::to(topic).key(&key).payload(&value);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(120)).expect("flush");
+}
+
+fn bare_consumer(topic: &str, n: u64) -> f64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", "sluice-bench-bare")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let (mut seen, mut bytes) = (0u64, 0usize);
+    let started = Instant::now();
+    while seen < n {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            bytes += rdkafka::Message::payload(&m).map_or(0, |p| p.len());
+            seen += 1;
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    std::hint::black_box(bytes);
+    rate
+}
+
+async fn bare_copy(pool: &PgPool, topic: &str, n: u64) -> f64 {
+    pool.execute(
+        "DROP TABLE IF EXISTS bench_copy; CREATE TABLE bench_copy (topic text NOT NULL, partition int NOT NULL, \
+         \"offset\" bigint NOT NULL, id bigint, \"user\" text, amount double precision, body text, \
+         PRIMARY KEY (topic, partition, \"offset\"))",
+    )
+    .await
+    .expect("create bench_copy");
+    let mut data = String::with_capacity(n as usize * 80);
+    for id in 0..n {
+        use std::fmt::Write;
+        let _ = writeln!(
+            data,
+            "{topic}\t{}\t{}\t{id}\tuser-{}\t{}.25\trecord number {id}",
+            id % PARTITIONS as u64,
+            id / PARTITIONS as u64,
+            id % 1000,
+            id % 500
+        );
+    }
+    let started = Instant::now();
+    let mut conn = pool.acquire().await.expect("conn");
+    let mut copy = conn
+        .copy_in_raw("COPY bench_copy FROM STDIN")
+        .await
+        .expect("copy in");
+    for chunk in data.as_bytes().chunks(1 << 20) {
+        copy.send(chunk).await.expect("copy send");
+    }
+    copy.finish().await.expect("copy finish");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn sluice_job(pool: &PgPool, topic: &str, n: u64, strategy: &str) -> f64 {
+    let table = format!("bench_{strategy}");
+    let pk = if strategy == "idempotent" {
+        ", PRIMARY KEY (topic, partition, \"offset\")"
+    } else {
+        ""
+    };
+    pool.execute(
+        format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (topic text NOT NULL, partition int NOT NULL, \
+             \"offset\" bigint NOT NULL, id bigint, \"user\" text, amount double precision, body text{pk}); \
+             CREATE TABLE IF NOT EXISTS bench_dead (topic text NOT NULL, partition int NOT NULL, \
+             \"offset\" bigint NOT NULL, kafka_timestamp bigint, reason text, payload bytea, \
+             PRIMARY KEY (topic, partition, \"offset\"))"
+        )
+        .as_str(),
+    )
+    .await
+    .expect("create sink table");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"
+[job]
+name = "bench-{strategy}-{stamp}"
+status_interval = "0s"
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+parallelism = 2
+batch_size = 2000
+[[decode.fields]]
+name = "id"
+type = "int"
+[[decode.fields]]
+name = "user"
+type = "string"
+[[decode.fields]]
+name = "amount"
+type = "float"
+[[decode.fields]]
+name = "body"
+type = "string"
+[checkpoint]
+interval = "1s"
+storage = "filesystem"
+dir = "{dir}"
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{table}"
+strategy = "{strategy}"
+parallelism = 2
+batch_size = 10000
+[dead_letter]
+table = "bench_dead"
+[metrics]
+listen = ""
+"#,
+        stamp = std::process::id(),
+        kafka = kafka(),
+        pg = pg_url(),
+        dir = dir.path().display()
+    );
+    let path = dir.path().join("bench.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let cfg = sluice::config::load(&path).expect("config");
+    let stats = Arc::new(sluice::telemetry::JobStats::default());
+    let (stop, rx) = watch::channel(false);
+    let started = Instant::now();
+    let job = tokio::spawn(sluice::runtime::run(cfg, rx, stats.clone()));
+    while stats.rows_written.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!job.is_finished(), "the job stopped early");
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    stop.send_replace(true);
+    job.await.expect("join").expect("job");
+    let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows as u64, n, "{strategy}: rows in the sink");
+    rate
+}
+
+fn main() {
+    let n: u64 = std::env::var("SLUICE_BENCH_RECORDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let topic = format!(
+            "bench_{}_{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        );
+        let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+            .set("bootstrap.servers", kafka())
+            .create()
+            .expect("admin");
+        admin
+            .create_topics(
+                &[rdkafka::admin::NewTopic::new(
+                    &topic,
+                    PARTITIONS,
+                    rdkafka::admin::TopicReplication::Fixed(1),
+                )],
+                &rdkafka::admin::AdminOptions::new(),
+            )
+            .await
+            .expect("create topic");
+        let t = Instant::now();
+        let tp = topic.clone();
+        tokio::task::spawn_blocking(move || produce(&tp, n))
+            .await
+            .expect("produce");
+        println!(
+            "produced {n} records to {topic} in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&pg_url())
+            .await
+            .expect("postgres");
+        let tp = topic.clone();
+        let consumer = tokio::task::spawn_blocking(move || bare_consumer(&tp, n))
+            .await
+            .expect("consumer");
+        let copy = bare_copy(&pool, &topic, n).await;
+        let idem = sluice_job(&pool, &topic, n, "idempotent").await;
+        let two = sluice_job(&pool, &topic, n, "two_phase").await;
+        let base = consumer.min(copy);
+        println!();
+        println!("{:<40} {:>12}", "records/s, same data, same run", "");
+        println!("{:<40} {:>12.0}", "bare rdkafka consumer", consumer);
+        println!("{:<40} {:>12.0}", "bare COPY into Postgres (indexed)", copy);
+        println!(
+            "{:<40} {:>12.0}   {:>5.1}% of the slower baseline (target 50%)",
+            "sluice idempotent",
+            idem,
+            100.0 * idem / base
+        );
+        println!(
+            "{:<40} {:>12.0}   {:>5.1}% of the slower baseline (target 40%)",
+            "sluice two_phase",
+            two,
+            100.0 * two / base
+        );
+    });
+}
