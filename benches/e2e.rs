@@ -22,8 +22,7 @@ fn kafka() -> String {
 }
 
 fn pg_url() -> String {
-    std::env::var("SLUICE_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("SLUICE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 fn payload(id: u64) -> String {
@@ -69,8 +68,7 @@ fn bare_consumer(topic: &str, n: u64) -> f64 {
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
     }
     c.assign(&tpl).expect("assign");
     let (mut seen, mut bytes) = (0u64, 0usize);
@@ -108,10 +106,7 @@ async fn bare_copy(pool: &PgPool, topic: &str, n: u64) -> f64 {
     }
     let started = Instant::now();
     let mut conn = pool.acquire().await.expect("conn");
-    let mut copy = conn
-        .copy_in_raw("COPY bench_copy FROM STDIN")
-        .await
-        .expect("copy in");
+    let mut copy = conn.copy_in_raw("COPY bench_copy FROM STDIN").await.expect("copy in");
     for chunk in data.as_bytes().chunks(1 << 20) {
         copy.send(chunk).await.expect("copy send");
     }
@@ -212,11 +207,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let topic = format!(
-            "bench_{}_{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        );
+        let topic = format!("bench_{}_{}", std::process::id(), Instant::now().elapsed().as_nanos());
         let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
             .set("bootstrap.servers", kafka())
             .create()
@@ -237,10 +228,7 @@ fn main() {
         tokio::task::spawn_blocking(move || produce(&tp, n))
             .await
             .expect("produce");
-        println!(
-            "produced {n} records to {topic} in {:.1}s",
-            t.elapsed().as_secs_f64()
-        );
+        println!("produced {n} records to {topic} in {:.1}s", t.elapsed().as_secs_f64());
 
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)

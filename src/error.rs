@@ -53,10 +53,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Kafka { .. }
-                | Error::Database { .. }
-                | Error::Storage { .. }
-                | Error::Internal(_)
+            Error::Kafka { .. } | Error::Database { .. } | Error::Storage { .. } | Error::Internal(_)
         )
     }
 
@@ -65,9 +62,7 @@ impl Error {
         move |source| Error::Database { context, source }
     }
 
-    pub(crate) fn kafka(
-        context: impl Into<String>,
-    ) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+    pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
         let context = context.into();
         move |source| Error::Kafka { context, source }
     }

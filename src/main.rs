@@ -86,15 +86,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -161,12 +157,7 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
     result.context("job failed")
 }
 
-async fn generate(
-    bootstrap: String,
-    topic: String,
-    rate: u32,
-    bad_every: u64,
-) -> anyhow::Result<()> {
+async fn generate(bootstrap: String, topic: String, rate: u32, bad_every: u64) -> anyhow::Result<()> {
     anyhow::ensure!(rate > 0, "--rate must be at least 1");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
@@ -180,11 +171,9 @@ async fn generate(
         bad_record_every: bad_every,
     };
     eprintln!("sluice: producing {rate} events/s to {topic} on {bootstrap} until Ctrl-C");
-    tokio::task::spawn_blocking(move || {
-        sluice::source::embedded::generate_to(&bootstrap, &topic, &cfg, &stop)
-    })
-    .await
-    .context("generator thread")??;
+    tokio::task::spawn_blocking(move || sluice::source::embedded::generate_to(&bootstrap, &topic, &cfg, &stop))
+        .await
+        .context("generator thread")??;
     Ok(())
 }
 
@@ -277,14 +266,7 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
     for g in gids {
         let found = postgres::finish_prepared(&mut conn, &g, commit).await?;
         let verb = if commit { "committed" } else { "rolled back" };
-        println!(
-            "{g}: {}",
-            if found {
-                verb
-            } else {
-                "not found (already resolved)"
-            }
-        );
+        println!("{g}: {}", if found { verb } else { "not found (already resolved)" });
     }
     Ok(())
 }

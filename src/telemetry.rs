@@ -34,9 +34,7 @@ pub fn install_exporter(listen: &str) -> Result<()> {
     match PrometheusBuilder::new().with_http_listener(addr).install() {
         Ok(()) => Ok(()),
         Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
-        Err(e) => Err(Error::Unsupported(format!(
-            "metrics endpoint on {addr}: {e}"
-        ))),
+        Err(e) => Err(Error::Unsupported(format!("metrics endpoint on {addr}: {e}"))),
     }
 }
 
@@ -76,8 +74,7 @@ pub fn checkpoint_failed() {
 }
 
 pub fn sink_commit(subtask: usize, took: Duration) {
-    histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string())
-        .record(took.as_secs_f64());
+    histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string()).record(took.as_secs_f64());
 }
 
 pub fn restarted() {

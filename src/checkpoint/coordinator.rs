@@ -157,13 +157,9 @@ impl Coordinator {
             let next_trigger = match (&pending, stopping) {
                 (Some(_), _) => None,
                 (None, true) => Some(Instant::now()),
-                (None, false) => Some(
-                    (last_trigger + self.timing.interval).max(last_end + self.timing.min_pause),
-                ),
+                (None, false) => Some((last_trigger + self.timing.interval).max(last_end + self.timing.min_pause)),
             };
-            let deadline = pending
-                .as_ref()
-                .map(|p| p.triggered_at + self.timing.timeout);
+            let deadline = pending.as_ref().map(|p| p.triggered_at + self.timing.timeout);
             tokio::select! {
                 _ = async { sleep_until(next_trigger.unwrap_or_else(Instant::now).into()).await }, if next_trigger.is_some() => {
                     let barrier = Barrier { id: next_id, is_final: stopping };
@@ -212,11 +208,7 @@ impl Coordinator {
 
     /// Handle an acknowledgement or decline; returns the barrier of a checkpoint that
     /// just completed.
-    fn on_event(
-        &mut self,
-        event: TaskEvent,
-        pending: &mut Option<PendingCheckpoint>,
-    ) -> Result<Option<Barrier>> {
+    fn on_event(&mut self, event: TaskEvent, pending: &mut Option<PendingCheckpoint>) -> Result<Option<Barrier>> {
         let current = pending.as_ref().map(|p| p.barrier.id);
         match event {
             TaskEvent::Decline {
@@ -242,11 +234,7 @@ impl Coordinator {
                 state,
             } => {
                 if current != Some(checkpoint) {
-                    tracing::debug!(
-                        checkpoint,
-                        task,
-                        "late acknowledgement of an aborted checkpoint"
-                    );
+                    tracing::debug!(checkpoint, task, "late acknowledgement of an aborted checkpoint");
                     return Ok(None);
                 }
                 let Some(p) = pending.as_mut() else {
@@ -286,33 +274,18 @@ mod tests {
     use crate::checkpoint::MemoryStorage;
 
     fn b(id: u64) -> Barrier {
-        Barrier {
-            id,
-            is_final: false,
-        }
+        Barrier { id, is_final: false }
     }
 
     #[test]
     fn completes_when_every_task_acknowledged() {
         let tasks = vec!["source-0".to_string(), "sink-0".to_string()];
         let mut p = PendingCheckpoint::new(b(3), &tasks, Instant::now());
-        assert_eq!(
-            p.acknowledge("sink-0", serde_json::json!(1)),
-            AckOutcome::Pending
-        );
-        assert_eq!(
-            p.acknowledge("sink-0", serde_json::json!(1)),
-            AckOutcome::Unexpected
-        );
-        assert_eq!(
-            p.acknowledge("other-0", serde_json::json!(1)),
-            AckOutcome::Unexpected
-        );
+        assert_eq!(p.acknowledge("sink-0", serde_json::json!(1)), AckOutcome::Pending);
+        assert_eq!(p.acknowledge("sink-0", serde_json::json!(1)), AckOutcome::Unexpected);
+        assert_eq!(p.acknowledge("other-0", serde_json::json!(1)), AckOutcome::Unexpected);
         assert_eq!(p.missing(), vec!["source-0".to_string()]);
-        assert_eq!(
-            p.acknowledge("source-0", serde_json::json!(2)),
-            AckOutcome::Complete
-        );
+        assert_eq!(p.acknowledge("source-0", serde_json::json!(2)), AckOutcome::Complete);
         let c = p.into_completed("job");
         assert_eq!(c.id, 3);
         assert_eq!(c.tasks.len(), 2);
@@ -392,11 +365,7 @@ mod tests {
         h.events.send(ack(2, "source-0")).unwrap();
         let b3 = h.triggers[0].recv().await.unwrap();
         assert_eq!(b3.id, 3);
-        assert_eq!(
-            *h.completed.borrow(),
-            1,
-            "an aborted checkpoint is never announced"
-        );
+        assert_eq!(*h.completed.borrow(), 1, "an aborted checkpoint is never announced");
         // A late ack of 2 does not complete anything.
         h.events.send(ack(2, "sink-0")).unwrap();
         h.events.send(ack(3, "sink-0")).unwrap();

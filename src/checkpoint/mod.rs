@@ -29,10 +29,7 @@ pub struct CompletedCheckpoint {
 impl CompletedCheckpoint {
     /// States of one operator's subtasks (`source`, `sink`), whatever their parallelism
     /// was when the checkpoint was taken.
-    pub fn operator_states<'a>(
-        &'a self,
-        operator: &'a str,
-    ) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
+    pub fn operator_states<'a>(&'a self, operator: &'a str) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
         self.tasks
             .iter()
             .filter(move |(name, _)| task_operator(name) == operator)

@@ -79,8 +79,7 @@ impl DirectoryStorage {
     /// Completed checkpoint files, oldest first.
     fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
         let mut out = Vec::new();
-        let entries = fs::read_dir(&self.dir)
-            .map_err(Error::storage(format!("list {}", self.dir.display())))?;
+        let entries = fs::read_dir(&self.dir).map_err(Error::storage(format!("list {}", self.dir.display())))?;
         for entry in entries {
             let entry = entry.map_err(Error::storage(format!("list {}", self.dir.display())))?;
             let name = entry.file_name();
@@ -99,11 +98,10 @@ impl DirectoryStorage {
 
     fn read(path: &Path) -> Result<CompletedCheckpoint> {
         let bytes = fs::read(path).map_err(Error::storage(format!("read {}", path.display())))?;
-        let cp: CompletedCheckpoint =
-            serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let cp: CompletedCheckpoint = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         if cp.format_version != FORMAT_VERSION {
             return Err(Error::CorruptCheckpoint {
                 path: path.to_path_buf(),
@@ -119,21 +117,17 @@ impl DirectoryStorage {
 
 impl CheckpointStorage for DirectoryStorage {
     fn store(&self, checkpoint: &CompletedCheckpoint) -> Result<u64> {
-        let bytes = serde_json::to_vec_pretty(checkpoint).map_err(|e| {
-            Error::Internal(format!("serialising checkpoint {}: {e}", checkpoint.id))
-        })?;
+        let bytes = serde_json::to_vec_pretty(checkpoint)
+            .map_err(|e| Error::Internal(format!("serialising checkpoint {}: {e}", checkpoint.id)))?;
         let target = self.dir.join(Self::file_name(checkpoint.id));
-        let tmp = self
-            .dir
-            .join(format!(".{}.tmp", Self::file_name(checkpoint.id)));
+        let tmp = self.dir.join(format!(".{}.tmp", Self::file_name(checkpoint.id)));
         let ctx = |what: &str| format!("{what} {}", tmp.display());
         let mut f = fs::File::create(&tmp).map_err(Error::storage(ctx("create")))?;
         f.write_all(&bytes).map_err(Error::storage(ctx("write")))?;
         f.sync_all().map_err(Error::storage(ctx("fsync")))?;
         drop(f);
         fs::rename(&tmp, &target).map_err(Error::storage(ctx("rename")))?;
-        let dir = fs::File::open(&self.dir)
-            .map_err(Error::storage(format!("open {}", self.dir.display())))?;
+        let dir = fs::File::open(&self.dir).map_err(Error::storage(format!("open {}", self.dir.display())))?;
         dir.sync_all()
             .map_err(Error::storage(format!("fsync {}", self.dir.display())))?;
 
@@ -164,10 +158,7 @@ mod tests {
 
     fn cp(id: u64) -> CompletedCheckpoint {
         let mut tasks = BTreeMap::new();
-        tasks.insert(
-            "source-0".to_string(),
-            serde_json::json!({"offsets": [[ "t", 0, id ]]}),
-        );
+        tasks.insert("source-0".to_string(), serde_json::json!({"offsets": [[ "t", 0, id ]]}));
         CompletedCheckpoint {
             format_version: FORMAT_VERSION,
             job: "j".into(),

@@ -45,9 +45,7 @@ pub fn load(path: &Path) -> Result<JobConfig> {
         .add_source(env)
         .build()
         .map_err(|e| fail(&key_of(&e), e.to_string()))?;
-    let mut cfg: JobConfig = merged
-        .try_deserialize()
-        .map_err(|e| fail(&key_of(&e), e.to_string()))?;
+    let mut cfg: JobConfig = merged.try_deserialize().map_err(|e| fail(&key_of(&e), e.to_string()))?;
     cfg.file = path.to_path_buf();
     if cfg.sink.password.is_none() {
         cfg.sink.password = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty());
@@ -73,16 +71,14 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
     if file.get_string("sink.password").is_ok() {
         return Err((
             "sink.password".into(),
-            "secrets may not be written in the file; set SLUICE__SINK__PASSWORD or PGPASSWORD"
-                .into(),
+            "secrets may not be written in the file; set SLUICE__SINK__PASSWORD or PGPASSWORD".into(),
         ));
     }
     if let Ok(url) = file.get_string("sink.url") {
         if url_has_password(&url) {
             return Err((
                 "sink.url".into(),
-                "the URL holds a password; remove it and set SLUICE__SINK__PASSWORD or PGPASSWORD"
-                    .into(),
+                "the URL holds a password; remove it and set SLUICE__SINK__PASSWORD or PGPASSWORD".into(),
             ));
         }
     }
@@ -115,11 +111,7 @@ fn url_has_password(url: &str) -> bool {
 
 /// librdkafka properties as `key=value` pairs, nested tables joined with dots.
 pub fn flatten_properties(props: &BTreeMap<String, PropertyValue>) -> Vec<(String, String)> {
-    fn walk(
-        prefix: &str,
-        props: &BTreeMap<String, PropertyValue>,
-        out: &mut Vec<(String, String)>,
-    ) {
+    fn walk(prefix: &str, props: &BTreeMap<String, PropertyValue>, out: &mut Vec<(String, String)>) {
         for (k, v) in props {
             let key = if prefix.is_empty() {
                 k.clone()
@@ -200,10 +192,7 @@ impl JobConfig {
             return fail("source.batch_size", "must be at least 1");
         }
         if s.partition_discovery_interval.is_zero() {
-            return fail(
-                "source.partition_discovery_interval",
-                "must be greater than 0",
-            );
+            return fail("source.partition_discovery_interval", "must be greater than 0");
         }
         if s.embedded.partitions < 1 {
             return fail("source.embedded.partitions", "must be at least 1");
@@ -220,10 +209,7 @@ impl JobConfig {
                 return fail("decode.fields.name", "must not be empty");
             }
             if !seen.insert(f.name.as_str()) {
-                return fail(
-                    "decode.fields.name",
-                    &format!("`{}` is declared twice", f.name),
-                );
+                return fail("decode.fields.name", &format!("`{}` is declared twice", f.name));
             }
         }
 
@@ -238,10 +224,7 @@ impl JobConfig {
             return fail("checkpoint.retain", "must be at least 1");
         }
         if c.storage == StorageKind::Filesystem && c.dir.is_none() {
-            return fail(
-                "checkpoint.dir",
-                "is required when checkpoint.storage = \"filesystem\"",
-            );
+            return fail("checkpoint.dir", "is required when checkpoint.storage = \"filesystem\"");
         }
         match &self.restart {
             RestartConfig::ExponentialBackoff {
@@ -261,9 +244,7 @@ impl JobConfig {
                 }
             }
             RestartConfig::FailureRate {
-                max_failures,
-                interval,
-                ..
+                max_failures, interval, ..
             } => {
                 if *max_failures == 0 {
                     return fail(
@@ -280,9 +261,7 @@ impl JobConfig {
 
         let k = &self.sink;
         match k.kind {
-            SinkKind::Postgres
-                if !k.url.starts_with("postgres://") && !k.url.starts_with("postgresql://") =>
-            {
+            SinkKind::Postgres if !k.url.starts_with("postgres://") && !k.url.starts_with("postgresql://") => {
                 return fail("sink.url", "a postgres sink needs a postgres:// URL");
             }
             SinkKind::Sqlite if !k.url.starts_with("sqlite:") => {
@@ -339,13 +318,10 @@ impl JobConfig {
                 );
             }
             if !names.insert(col.name.as_str()) {
-                return fail(
-                    "sink.columns.name",
-                    &format!("`{}` appears twice", col.name),
-                );
+                return fail("sink.columns.name", &format!("`{}` appears twice", col.name));
             }
-            let known = KAFKA_VALUES.contains(&col.value.as_str())
-                || self.decode.fields.iter().any(|f| f.name == col.value);
+            let known =
+                KAFKA_VALUES.contains(&col.value.as_str()) || self.decode.fields.iter().any(|f| f.name == col.value);
             if !known {
                 return fail(
                     "sink.columns.value",
@@ -363,10 +339,7 @@ impl JobConfig {
                 return fail("sink.key", "an idempotent sink needs a key to upsert on");
             }
             if let Some(missing) = key.iter().find(|c| !names.contains(c.as_str())) {
-                return fail(
-                    "sink.key",
-                    &format!("`{missing}` is not one of sink.columns"),
-                );
+                return fail("sink.key", &format!("`{missing}` is not one of sink.columns"));
             }
         }
         let d = &self.dead_letter;
@@ -375,10 +348,7 @@ impl JobConfig {
                 return fail("dead_letter.table", "must be a plain SQL name");
             }
             DeadLetterKind::Kafka if d.topic.as_deref().is_none_or(str::is_empty) => {
-                return fail(
-                    "dead_letter.topic",
-                    "is required when dead_letter.kind = \"kafka\"",
-                );
+                return fail("dead_letter.topic", "is required when dead_letter.kind = \"kafka\"");
             }
             _ => {}
         }
@@ -453,10 +423,7 @@ mod tests {
     #[test]
     fn nested_properties_are_joined_with_dots() {
         let mut inner = BTreeMap::new();
-        inner.insert(
-            "location".to_string(),
-            PropertyValue::Text("/ca.pem".into()),
-        );
+        inner.insert("location".to_string(), PropertyValue::Text("/ca.pem".into()));
         let mut ssl = BTreeMap::new();
         ssl.insert("ca".to_string(), PropertyValue::Table(inner));
         let mut props = BTreeMap::new();

@@ -202,10 +202,7 @@ impl FieldSeed<'_> {
             FieldType::Bool => "a boolean",
             FieldType::Json => "JSON",
         };
-        E::custom(format!(
-            "field `{}`: expected {want}, found {found}",
-            self.0.name
-        ))
+        E::custom(format!("field `{}`: expected {want}, found {found}", self.0.name))
     }
 }
 
@@ -314,9 +311,7 @@ mod tests {
         let r = decoder()
             .decode(
                 origin(),
-                Some(
-                    br#"{"skip":{"deep":[1,2]},"name":"a\"b","id":7,"score":3,"extra":{"x":[1]}}"#,
-                ),
+                Some(br#"{"skip":{"deep":[1,2]},"name":"a\"b","id":7,"score":3,"extra":{"x":[1]}}"#),
             )
             .unwrap();
         assert_eq!(
@@ -348,12 +343,8 @@ mod tests {
             reason(b"{not json")
         );
         assert_eq!(reason(br#"{"name":"x"}"#), "required field `id` is missing");
-        assert_eq!(
-            reason(br#"{"id":null,"name":"x"}"#),
-            "required field `id` is null"
-        );
-        assert!(reason(br#"{"id":"7","name":"x"}"#)
-            .contains("field `id`: expected an integer, found a string"));
+        assert_eq!(reason(br#"{"id":null,"name":"x"}"#), "required field `id` is null");
+        assert!(reason(br#"{"id":"7","name":"x"}"#).contains("field `id`: expected an integer, found a string"));
         assert!(reason(br#"{"id":1.5,"name":"x"}"#).contains("found a fractional number"));
         assert!(reason(br#"{"id":1,"name":3}"#).contains("field `name`: expected a string"));
         assert!(reason(b"[1,2]").contains("not a JSON object"));

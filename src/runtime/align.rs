@@ -106,10 +106,7 @@ mod tests {
     use super::*;
 
     fn b(id: u64) -> Barrier {
-        Barrier {
-            id,
-            is_final: false,
-        }
+        Barrier { id, is_final: false }
     }
 
     #[test]
@@ -173,10 +170,7 @@ mod tests {
     #[test]
     fn final_flag_is_carried() {
         let mut a = BarrierAligner::new(2);
-        let fin = Barrier {
-            id: 9,
-            is_final: true,
-        };
+        let fin = Barrier { id: 9, is_final: true };
         assert_eq!(a.on_barrier(0, fin), AlignStep::Block);
         assert_eq!(a.on_barrier(1, fin), AlignStep::Aligned(fin));
     }

@@ -26,10 +26,7 @@ pub struct Outputs {
 
 impl Outputs {
     pub fn new(senders: Vec<mpsc::Sender<StreamElement>>, backpressure: Counter) -> Self {
-        Self {
-            senders,
-            backpressure,
-        }
+        Self { senders, backpressure }
     }
 
     pub fn len(&self) -> usize {
@@ -50,8 +47,7 @@ impl Outputs {
         };
         let started = Instant::now();
         let result = sender.blocking_send(element).map_err(|_| closed());
-        self.backpressure
-            .increment(started.elapsed().as_micros() as u64);
+        self.backpressure.increment(started.elapsed().as_micros() as u64);
         result
     }
 
@@ -158,31 +154,19 @@ mod tests {
         let (tx0, rx0) = mpsc::channel(4);
         let (tx1, rx1) = mpsc::channel(4);
         let mut gate = InputGate::new(vec![rx0, rx1]);
-        tx0.send(StreamElement::Barrier(Barrier {
-            id: 1,
-            is_final: false,
-        }))
-        .await
-        .unwrap();
+        tx0.send(StreamElement::Barrier(Barrier { id: 1, is_final: false }))
+            .await
+            .unwrap();
         tx0.send(StreamElement::Watermark(5)).await.unwrap();
         tx1.send(StreamElement::Watermark(7)).await.unwrap();
         let first = gate.next().await.unwrap();
-        assert!(matches!(
-            first,
-            GateItem::Element(0, StreamElement::Barrier(_))
-        ));
+        assert!(matches!(first, GateItem::Element(0, StreamElement::Barrier(_))));
         gate.block(0);
         let second = gate.next().await.unwrap();
-        assert!(matches!(
-            second,
-            GateItem::Element(1, StreamElement::Watermark(7))
-        ));
+        assert!(matches!(second, GateItem::Element(1, StreamElement::Watermark(7))));
         gate.unblock_all();
         let third = gate.next().await.unwrap();
-        assert!(matches!(
-            third,
-            GateItem::Element(0, StreamElement::Watermark(5))
-        ));
+        assert!(matches!(third, GateItem::Element(0, StreamElement::Watermark(5))));
         drop(tx0);
         assert!(matches!(gate.next().await.unwrap(), GateItem::Closed(0)));
         gate.finish(1);

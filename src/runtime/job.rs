@@ -32,34 +32,23 @@ use crate::telemetry::{self, JobStats, SubtaskMetrics};
 /// Open the checkpoint storage a config names.
 pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
     Ok(match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
-        (StorageKind::Filesystem, Some(dir)) => {
-            Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?)
-        }
+        (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
         _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
     })
 }
 
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
 /// it fails past what its restart strategy allows.
-pub async fn run(
-    cfg: JobConfig,
-    shutdown: watch::Receiver<bool>,
-    stats: Arc<JobStats>,
-) -> Result<()> {
+pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
     let cfg = Arc::new(cfg);
     telemetry::install_exporter(&cfg.metrics.listen)?;
     let embedded = match cfg.is_embedded() {
-        true => Some(EmbeddedKafka::start(
-            &cfg.source.topics[0],
-            &cfg.source.embedded,
-        )?),
+        true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
         false => None,
     };
-    let bootstrap = embedded
-        .as_ref()
-        .map_or(cfg.source.bootstrap_servers.clone(), |e| {
-            e.bootstrap_servers().to_string()
-        });
+    let bootstrap = embedded.as_ref().map_or(cfg.source.bootstrap_servers.clone(), |e| {
+        e.bootstrap_servers().to_string()
+    });
     let storage = open_storage(&cfg)?;
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
@@ -102,10 +91,7 @@ async fn attempt(
     let offsets = restored_offsets(restored.as_ref())?;
     let last_id = restored.as_ref().map_or(0, |c| c.id);
 
-    let (ps, pk) = (
-        cfg.source.parallelism as usize,
-        cfg.sink.parallelism as usize,
-    );
+    let (ps, pk) = (cfg.source.parallelism as usize, cfg.sink.parallelism as usize);
     let mut sink_inputs: Vec<Vec<_>> = (0..pk).map(|_| Vec::with_capacity(ps)).collect();
     let mut source_outputs: Vec<Vec<_>> = (0..ps).map(|_| Vec::with_capacity(pk)).collect();
     for outputs in source_outputs.iter_mut() {
@@ -129,25 +115,16 @@ async fn attempt(
             cancel: cancel.subscribe(),
         };
         let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
-            (DeadLetterKind::Kafka, Some(topic)) => Some(KafkaDeadLetters::new(
-                producer_config(cfg, bootstrap),
-                topic,
-            )?),
+            (DeadLetterKind::Kafka, Some(topic)) => {
+                Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?)
+            }
             _ => None,
         };
         let batch = cfg.sink.batch_size;
         match (&target, cfg.sink.strategy) {
             (SinkTarget::Postgres { pool, table }, Strategy::TwoPhase) => {
-                let w = TwoPhaseWriter::new(
-                    &cfg.job.name,
-                    j,
-                    table.clone(),
-                    pool.clone(),
-                    batch,
-                    dlq,
-                    stats.clone(),
-                )
-                .await?;
+                let w = TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats.clone())
+                    .await?;
                 tasks.spawn(run_sink(w, io));
             }
             (SinkTarget::Postgres { pool, table }, Strategy::Idempotent) => {
@@ -155,30 +132,21 @@ async fn attempt(
                     pool: pool.clone(),
                     table: table.clone(),
                 };
-                tasks.spawn(run_sink(
-                    IdempotentWriter::new(t, batch, dlq, j, stats.clone()),
-                    io,
-                ));
+                tasks.spawn(run_sink(IdempotentWriter::new(t, batch, dlq, j, stats.clone()), io));
             }
             (SinkTarget::Sqlite { pool, table }, _) => {
                 let t = SqliteUpsert {
                     pool: pool.clone(),
                     table: table.clone(),
                 };
-                tasks.spawn(run_sink(
-                    IdempotentWriter::new(t, batch, dlq, j, stats.clone()),
-                    io,
-                ));
+                tasks.spawn(run_sink(IdempotentWriter::new(t, batch, dlq, j, stats.clone()), io));
             }
         }
     }
 
     let spec = TableSpec::from_config(cfg);
     let key: Vec<ValueSource> = spec.key_sources();
-    let keep_payload = spec
-        .columns
-        .iter()
-        .any(|c| c.source == ValueSource::Payload);
+    let keep_payload = spec.columns.iter().any(|c| c.source == ValueSource::Payload);
     let mut triggers = Vec::with_capacity(ps);
     for (i, outputs) in source_outputs.into_iter().enumerate() {
         let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
@@ -194,19 +162,8 @@ async fn attempt(
             isolation: cfg.source.isolation_level,
             batch_size: cfg.source.batch_size,
             discovery_interval: cfg.source.partition_discovery_interval,
-            decoder: Decoder::new(
-                cfg.decode.fields.clone(),
-                cfg.decode.max_record_bytes,
-                keep_payload,
-            ),
-            partitioner: Partitioner::new(
-                cfg.sink.partitioner,
-                pk,
-                i,
-                ps,
-                key.clone(),
-                cfg.job.max_parallelism,
-            ),
+            decoder: Decoder::new(cfg.decode.fields.clone(), cfg.decode.max_record_bytes, keep_payload),
+            partitioner: Partitioner::new(cfg.sink.partitioner, pk, i, ps, key.clone(), cfg.job.max_parallelism),
             outputs: Outputs::new(outputs, metrics.backpressure.clone()),
             triggers: trigger_rx,
             events: events_tx.clone(),

@@ -73,9 +73,7 @@ pub fn hash_key(record: &Record, key: &[ValueSource]) -> u64 {
             ValueSource::Offset => h.write(&record.origin.offset.to_le_bytes()),
             ValueSource::Timestamp => h.write(&record.origin.timestamp_ms.to_le_bytes()),
             ValueSource::Payload => h.write(record.payload.as_deref().unwrap_or("").as_bytes()),
-            ValueSource::Field(i) => {
-                hash_value(&mut h, record.values.get(*i).unwrap_or(&Value::Null))
-            }
+            ValueSource::Field(i) => hash_value(&mut h, record.values.get(*i).unwrap_or(&Value::Null)),
         }
         h.write(&[0xff]);
     }
@@ -127,9 +125,7 @@ impl Partitioner {
     /// The outputs this subtask sends to under `rescale`: a local subset.
     fn rescale_targets(&self) -> Vec<usize> {
         if self.outputs >= self.upstream {
-            (0..self.outputs)
-                .filter(|j| j % self.upstream == self.index)
-                .collect()
+            (0..self.outputs).filter(|j| j % self.upstream == self.index).collect()
         } else {
             vec![self.index % self.outputs]
         }
@@ -227,9 +223,7 @@ mod tests {
 
     #[test]
     fn key_groups_cover_subtasks_contiguously() {
-        let owners: Vec<usize> = (0..128)
-            .map(|kg| subtask_for_key_group(kg, 128, 3))
-            .collect();
+        let owners: Vec<usize> = (0..128).map(|kg| subtask_for_key_group(kg, 128, 3)).collect();
         assert_eq!(owners[0], 0);
         assert_eq!(owners[127], 2);
         assert!(owners.windows(2).all(|w| w[0] <= w[1]));
@@ -237,14 +231,7 @@ mod tests {
 
     #[test]
     fn key_hash_sends_equal_keys_to_one_subtask_and_loses_nothing() {
-        let mut p = Partitioner::new(
-            PartitionerKind::KeyHash,
-            3,
-            0,
-            1,
-            vec![ValueSource::Field(0)],
-            128,
-        );
+        let mut p = Partitioner::new(PartitionerKind::KeyHash, 3, 0, 1, vec![ValueSource::Field(0)], 128);
         let out = p.route(batch(700));
         assert_eq!(out.iter().map(|b| b.records.len()).sum::<usize>(), 700);
         for key in 0..7 {

@@ -86,10 +86,7 @@ mod tests {
 
     #[test]
     fn fixed_delay_counts_attempts() {
-        let mut p = RestartPolicy::new(RestartConfig::FixedDelay {
-            attempts: 2,
-            delay: S,
-        });
+        let mut p = RestartPolicy::new(RestartConfig::FixedDelay { attempts: 2, delay: S });
         let t = Instant::now();
         assert_eq!(p.on_failure(t), Some(S));
         assert_eq!(p.on_failure(t), Some(S));
@@ -132,10 +129,6 @@ mod tests {
         let t = Instant::now();
         let waits: Vec<_> = (0..5).map(|i| p.on_failure(t + i * S).unwrap()).collect();
         assert_eq!(waits, vec![S, 2 * S, 4 * S, 5 * S, 5 * S]);
-        assert_eq!(
-            p.on_failure(t + 200 * S),
-            Some(S),
-            "quiet for longer than reset_after"
-        );
+        assert_eq!(p.on_failure(t + 200 * S), Some(S), "quiet for longer than reset_after");
     }
 }

@@ -96,12 +96,7 @@ pub async fn run_sink<W: SinkWriter>(mut writer: W, mut io: SinkTaskIo) -> Resul
     }
 }
 
-async fn snapshot<W: SinkWriter>(
-    writer: &mut W,
-    io: &SinkTaskIo,
-    name: &str,
-    b: Barrier,
-) -> Result<()> {
+async fn snapshot<W: SinkWriter>(writer: &mut W, io: &SinkTaskIo, name: &str, b: Barrier) -> Result<()> {
     match writer.pre_commit(b.id).await {
         Ok(state) => io
             .events

@@ -24,9 +24,7 @@ impl KafkaDeadLetters {
     pub fn new(mut client: ClientConfig, topic: &str) -> Result<Self> {
         client.set("enable.idempotence", "true");
         client.set("linger.ms", "5");
-        let producer: FutureProducer = client
-            .create()
-            .map_err(Error::kafka("create dead-letter producer"))?;
+        let producer: FutureProducer = client.create().map_err(Error::kafka("create dead-letter producer"))?;
         Ok(Self {
             producer,
             topic: topic.to_string(),
@@ -36,10 +34,7 @@ impl KafkaDeadLetters {
 
     pub async fn send(&mut self, dead: Vec<DeadLetter>) -> Result<()> {
         for d in dead {
-            let key = format!(
-                "{}/{}/{}",
-                d.origin.topic, d.origin.partition, d.origin.offset
-            );
+            let key = format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset);
             let partition = d.origin.partition.to_string();
             let offset = d.origin.offset.to_string();
             let headers = OwnedHeaders::new()

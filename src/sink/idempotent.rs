@@ -19,11 +19,7 @@ use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
 /// A target that can upsert a batch on its key.
 pub trait UpsertTarget: Send + Sync + 'static {
-    fn upsert(
-        &self,
-        records: &[Record],
-        dead: &[DeadLetter],
-    ) -> impl Future<Output = Result<u64>> + Send;
+    fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> impl Future<Output = Result<u64>> + Send;
 }
 
 pub struct PgUpsert {
@@ -33,11 +29,7 @@ pub struct PgUpsert {
 
 impl UpsertTarget for PgUpsert {
     async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<u64> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         let rows = last_per_key(records, &self.table.spec);
         let n = self.table.write(&mut conn, &rows, true).await?;
         self.table.write_dead(&mut conn, dead).await?;

@@ -32,10 +32,7 @@ pub trait SinkWriter: Send + 'static {
 
     /// Barrier `checkpoint` has arrived on every input: flush and pre-commit. The
     /// returned state is stored in the checkpoint and handed back on restore.
-    fn pre_commit(
-        &mut self,
-        checkpoint: u64,
-    ) -> impl Future<Output = crate::Result<serde_json::Value>> + Send;
+    fn pre_commit(&mut self, checkpoint: u64) -> impl Future<Output = crate::Result<serde_json::Value>> + Send;
 
     /// Checkpoint `checkpoint` (and so every one before it) is complete.
     fn commit(&mut self, checkpoint: u64) -> impl Future<Output = crate::Result<()>> + Send {
@@ -113,13 +110,9 @@ impl TableSpec {
             .filter_map(|k| columns.iter().position(|c| &c.name == k))
             .collect();
         let key_sources: Vec<ValueSource> = key.iter().map(|i| columns[*i].source).collect();
-        let key_is_origin = [
-            ValueSource::Topic,
-            ValueSource::Partition,
-            ValueSource::Offset,
-        ]
-        .iter()
-        .all(|s| key_sources.contains(s));
+        let key_is_origin = [ValueSource::Topic, ValueSource::Partition, ValueSource::Offset]
+            .iter()
+            .all(|s| key_sources.contains(s));
         TableSpec {
             table: cfg.sink.table.clone(),
             columns,
@@ -236,12 +229,8 @@ impl SinkTarget {
         restored: Option<&crate::checkpoint::CompletedCheckpoint>,
     ) -> crate::Result<()> {
         match self {
-            SinkTarget::Postgres { pool, .. }
-                if cfg.sink.strategy == crate::config::Strategy::TwoPhase =>
-            {
-                two_phase::recover(pool, &cfg.job.name, restored)
-                    .await
-                    .map(|_| ())
+            SinkTarget::Postgres { pool, .. } if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
+                two_phase::recover(pool, &cfg.job.name, restored).await.map(|_| ())
             }
             _ => Ok(()),
         }

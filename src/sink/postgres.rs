@@ -48,9 +48,7 @@ pub async fn check_prepared_transactions(pool: &PgPool, needed: u32) -> Result<(
         .fetch_one(pool)
         .await
         .map_err(Error::db("read max_prepared_transactions"))?;
-    let max: i32 = row
-        .try_get(0)
-        .map_err(Error::db("read max_prepared_transactions"))?;
+    let max: i32 = row.try_get(0).map_err(Error::db("read max_prepared_transactions"))?;
     if max <= 0 {
         return Err(Error::Unsupported(format!(
             "sink.strategy = \"two_phase\" needs prepared transactions, but this PostgreSQL has \
@@ -90,11 +88,7 @@ impl PgTable {
                     "sink.columns: table {} has no column `{}` (it has: {})",
                     spec.table,
                     c.name,
-                    types
-                        .iter()
-                        .map(|(n, _)| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    types.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
                 )));
             };
             exprs.push(cast_expr(&format!("u.c{i}"), c.value_type, target));
@@ -139,10 +133,7 @@ impl PgTable {
         } else if updates.is_empty() {
             format!("{insert_sql} ON CONFLICT ({key}) DO NOTHING")
         } else {
-            format!(
-                "{insert_sql} ON CONFLICT ({key}) DO UPDATE SET {}",
-                updates.join(", ")
-            )
+            format!("{insert_sql} ON CONFLICT ({key}) DO UPDATE SET {}", updates.join(", "))
         };
         let dead_sql = match &spec.dead_letter_table {
             Some(t) => {
@@ -165,20 +156,11 @@ impl PgTable {
     }
 
     /// Write records in one statement: an upsert on the key, or a plain insert.
-    pub async fn write(
-        &self,
-        conn: &mut PgConnection,
-        records: &[&Record],
-        upsert: bool,
-    ) -> Result<u64> {
+    pub async fn write(&self, conn: &mut PgConnection, records: &[&Record], upsert: bool) -> Result<u64> {
         if records.is_empty() {
             return Ok(0);
         }
-        let sql = if upsert {
-            &self.upsert_sql
-        } else {
-            &self.insert_sql
-        };
+        let sql = if upsert { &self.upsert_sql } else { &self.insert_sql };
         let mut q = sqlx::query(sql);
         for c in &self.spec.columns {
             q = bind_column(q, c, records);
@@ -200,31 +182,12 @@ impl PgTable {
         }
         let q = sqlx::query(sql)
             .bind(dead.iter().map(|d| &*d.origin.topic).collect::<Vec<&str>>())
-            .bind(
-                dead.iter()
-                    .map(|d| d.origin.partition)
-                    .collect::<Vec<i32>>(),
-            )
+            .bind(dead.iter().map(|d| d.origin.partition).collect::<Vec<i32>>())
             .bind(dead.iter().map(|d| d.origin.offset).collect::<Vec<i64>>())
-            .bind(
-                dead.iter()
-                    .map(|d| d.origin.timestamp_ms)
-                    .collect::<Vec<i64>>(),
-            )
-            .bind(
-                dead.iter()
-                    .map(|d| d.reason.as_str())
-                    .collect::<Vec<&str>>(),
-            )
-            .bind(
-                dead.iter()
-                    .map(|d| d.payload.as_slice())
-                    .collect::<Vec<&[u8]>>(),
-            );
-        let done = conn
-            .execute(q)
-            .await
-            .map_err(Error::db("write dead letters"))?;
+            .bind(dead.iter().map(|d| d.origin.timestamp_ms).collect::<Vec<i64>>())
+            .bind(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<&str>>())
+            .bind(dead.iter().map(|d| d.payload.as_slice()).collect::<Vec<&[u8]>>());
+        let done = conn.execute(q).await.map_err(Error::db("write dead letters"))?;
         Ok(done.rows_affected())
     }
 }
@@ -276,30 +239,10 @@ fn bind_column<'q>(
     records: &[&'q Record],
 ) -> Query<'q, Postgres, PgArguments> {
     match c.source {
-        ValueSource::Topic => q.bind(
-            records
-                .iter()
-                .map(|r| &*r.origin.topic)
-                .collect::<Vec<&str>>(),
-        ),
-        ValueSource::Partition => q.bind(
-            records
-                .iter()
-                .map(|r| r.origin.partition)
-                .collect::<Vec<i32>>(),
-        ),
-        ValueSource::Offset => q.bind(
-            records
-                .iter()
-                .map(|r| r.origin.offset)
-                .collect::<Vec<i64>>(),
-        ),
-        ValueSource::Timestamp => q.bind(
-            records
-                .iter()
-                .map(|r| r.origin.timestamp_ms)
-                .collect::<Vec<i64>>(),
-        ),
+        ValueSource::Topic => q.bind(records.iter().map(|r| &*r.origin.topic).collect::<Vec<&str>>()),
+        ValueSource::Partition => q.bind(records.iter().map(|r| r.origin.partition).collect::<Vec<i32>>()),
+        ValueSource::Offset => q.bind(records.iter().map(|r| r.origin.offset).collect::<Vec<i64>>()),
+        ValueSource::Timestamp => q.bind(records.iter().map(|r| r.origin.timestamp_ms).collect::<Vec<i64>>()),
         ValueSource::Payload => q.bind(
             records
                 .iter()
@@ -398,16 +341,11 @@ pub async fn finish_prepared(conn: &mut PgConnection, gid: &str, commit: bool) -
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_'))
     {
-        return Err(Error::Unsupported(format!(
-            "`{gid}` is not a sluice transaction id"
-        )));
+        return Err(Error::Unsupported(format!("`{gid}` is not a sluice transaction id")));
     }
     let verb = if commit { "COMMIT" } else { "ROLLBACK" };
     // Transaction ids cannot be bind parameters; the id was checked above.
-    match conn
-        .execute(format!("{verb} PREPARED '{gid}'").as_str())
-        .await
-    {
+    match conn.execute(format!("{verb} PREPARED '{gid}'").as_str()).await {
         Ok(_) => Ok(true),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => Ok(false),
         Err(e) => Err(Error::db(format!("{verb} PREPARED {gid}"))(e)),

@@ -4,9 +4,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{quote_name, TableSpec};
@@ -25,8 +23,7 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
         .busy_timeout(Duration::from_secs(10));
     if let Some(dir) = Path::new(options.get_filename()).parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
-                .map_err(Error::storage(format!("create {}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
         }
     }
     SqlitePoolOptions::new()
@@ -62,16 +59,8 @@ impl SqliteTable {
             columns(pool, t).await?;
         }
         let cols: Vec<String> = spec.columns.iter().map(|c| quote_name(&c.name)).collect();
-        let head = format!(
-            "INSERT INTO {} ({}) ",
-            quote_name(&spec.table),
-            cols.join(", ")
-        );
-        let key: Vec<String> = spec
-            .key
-            .iter()
-            .map(|i| quote_name(&spec.columns[*i].name))
-            .collect();
+        let head = format!("INSERT INTO {} ({}) ", quote_name(&spec.table), cols.join(", "));
+        let key: Vec<String> = spec.key.iter().map(|i| quote_name(&spec.columns[*i].name)).collect();
         let updates: Vec<String> = spec
             .columns
             .iter()
@@ -84,26 +73,13 @@ impl SqliteTable {
         } else if updates.is_empty() {
             format!(" ON CONFLICT ({}) DO NOTHING", key.join(", "))
         } else {
-            format!(
-                " ON CONFLICT ({}) DO UPDATE SET {}",
-                key.join(", "),
-                updates.join(", ")
-            )
+            format!(" ON CONFLICT ({}) DO UPDATE SET {}", key.join(", "), updates.join(", "))
         };
-        Ok(Self {
-            spec,
-            head,
-            conflict,
-        })
+        Ok(Self { spec, head, conflict })
     }
 
     /// Upsert records and insert dead letters in one transaction.
-    pub async fn upsert(
-        &self,
-        pool: &SqlitePool,
-        records: &[&Record],
-        dead: &[DeadLetter],
-    ) -> Result<u64> {
+    pub async fn upsert(&self, pool: &SqlitePool, records: &[&Record], dead: &[DeadLetter]) -> Result<u64> {
         let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
         let mut written = 0;
         let per_stmt = (MAX_BINDS / self.spec.columns.len().max(1)).max(1);

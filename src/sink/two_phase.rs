@@ -60,10 +60,7 @@ impl TwoPhaseWriter {
         dead_letters: Option<KafkaDeadLetters>,
         stats: Arc<JobStats>,
     ) -> Result<Self> {
-        let conn = pool
-            .acquire()
-            .await
-            .map_err(Error::db("acquire a connection"))?;
+        let conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         Ok(Self {
             job: job.to_string(),
             subtask,
@@ -87,10 +84,7 @@ impl TwoPhaseWriter {
             return Ok(());
         }
         if !self.in_transaction {
-            self.conn
-                .execute("BEGIN")
-                .await
-                .map_err(Error::db("begin"))?;
+            self.conn.execute("BEGIN").await.map_err(Error::db("begin"))?;
             self.in_transaction = true;
         }
         let batch = std::mem::take(&mut self.buffer);
@@ -149,11 +143,7 @@ impl SinkWriter for TwoPhaseWriter {
         }
         let started = Instant::now();
         // The epoch connection may be inside the next transaction; commit elsewhere.
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         let mut keep = Vec::new();
         for (n, id) in std::mem::take(&mut self.pending) {
             if n <= checkpoint {
@@ -175,9 +165,7 @@ impl SinkWriter for TwoPhaseWriter {
             }
         });
         self.metrics.records_out.increment(written);
-        self.stats
-            .rows_written
-            .fetch_add(written, Ordering::Relaxed);
+        self.stats.rows_written.fetch_add(written, Ordering::Relaxed);
         telemetry::sink_commit(self.subtask, started.elapsed());
         Ok(())
     }
@@ -186,26 +174,18 @@ impl SinkWriter for TwoPhaseWriter {
 /// Resolve this job's prepared transactions before a (re)start: commit those that the
 /// restored checkpoint holds, roll back all others (epochs after it, which will be
 /// replayed). Returns (committed, rolled back).
-pub async fn recover(
-    pool: &PgPool,
-    job: &str,
-    restored: Option<&CompletedCheckpoint>,
-) -> Result<(usize, usize)> {
+pub async fn recover(pool: &PgPool, job: &str, restored: Option<&CompletedCheckpoint>) -> Result<(usize, usize)> {
     let mut to_commit = BTreeSet::new();
     if let Some(cp) = restored {
         for state in cp.operator_states("sink") {
-            let state: TwoPhaseState =
-                serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
-                    path: format!("checkpoint {}", cp.id).into(),
-                    message: format!("sink state: {e}"),
-                })?;
+            let state: TwoPhaseState = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
+                path: format!("checkpoint {}", cp.id).into(),
+                message: format!("sink state: {e}"),
+            })?;
             to_commit.extend(state.pending.into_iter().map(|(_, id)| id));
         }
     }
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(Error::db("acquire a connection"))?;
+    let mut conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
     let (mut committed, mut rolled_back) = (0, 0);
     for txn in list_prepared(pool, job).await? {
         let commit = to_commit.contains(&txn.gid);

@@ -106,12 +106,7 @@ pub fn sample_event(n: u64, now_ms: u64, bad_every: u64) -> String {
 
 /// Produce sample events to a real cluster until `stop` (the `sluice generate` command,
 /// used by docker-compose to feed the job).
-pub fn generate_to(
-    bootstrap: &str,
-    topic: &str,
-    cfg: &EmbeddedConfig,
-    stop: &AtomicBool,
-) -> Result<()> {
+pub fn generate_to(bootstrap: &str, topic: &str, cfg: &EmbeddedConfig, stop: &AtomicBool) -> Result<()> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")

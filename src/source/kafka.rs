@@ -47,11 +47,7 @@ impl ClientContext for WatermarkContext {
                 if p.partition < 0 {
                     continue;
                 }
-                let hw = if self.read_committed {
-                    p.ls_offset
-                } else {
-                    p.hi_offset
-                };
+                let hw = if self.read_committed { p.ls_offset } else { p.hi_offset };
                 if hw >= 0 {
                     high.insert((topic.clone(), p.partition), hw);
                 }
@@ -136,8 +132,7 @@ impl SourceTask {
             while let Ok(barrier) = self.triggers.try_recv() {
                 self.checkpoint(&run, &name, barrier)?;
                 if barrier.is_final {
-                    self.outputs
-                        .broadcast_blocking(&StreamElement::EndOfStream)?;
+                    self.outputs.broadcast_blocking(&StreamElement::EndOfStream)?;
                     return Ok(());
                 }
             }
@@ -206,15 +201,10 @@ impl SourceTask {
 
     fn on_error(&self, run: &mut Running, e: KafkaError) -> Result<()> {
         if let Some((code, reason)) = run.consumer.client().fatal_error() {
-            return Err(Error::Unsupported(format!(
-                "kafka fatal error {code:?}: {reason}"
-            )));
+            return Err(Error::Unsupported(format!("kafka fatal error {code:?}: {reason}")));
         }
         // librdkafka retries transient errors by itself; say so once in a while.
-        if run
-            .last_warning
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-        {
+        if run.last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
             tracing::warn!(subtask = self.index, error = %e, "kafka consumer error (retrying)");
             run.last_warning = Some(Instant::now());
         }
@@ -225,9 +215,7 @@ impl SourceTask {
         let (records, dead) = (batch.records.len() as u64, batch.dead.len() as u64);
         self.metrics.records_in.increment(records + dead);
         self.metrics.dead_letters.increment(dead);
-        self.stats
-            .records_in
-            .fetch_add(records + dead, Ordering::Relaxed);
+        self.stats.records_in.fetch_add(records + dead, Ordering::Relaxed);
         self.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
         for (i, part) in self.partitioner.route(batch).into_iter().enumerate() {
             if !part.is_empty() {
@@ -260,10 +248,8 @@ impl SourceTask {
                 })
                 .collect(),
         };
-        self.outputs
-            .broadcast_blocking(&StreamElement::Barrier(barrier))?;
-        let state = serde_json::to_value(state)
-            .map_err(|e| Error::Internal(format!("source state: {e}")))?;
+        self.outputs.broadcast_blocking(&StreamElement::Barrier(barrier))?;
+        let state = serde_json::to_value(state).map_err(|e| Error::Internal(format!("source state: {e}")))?;
         self.events
             .send(TaskEvent::Ack {
                 checkpoint: barrier.id,
@@ -277,16 +263,10 @@ impl SourceTask {
     fn discover(&mut self, run: &mut Running) -> Result<()> {
         let mut added = false;
         for t in run.topics.iter_mut() {
-            let md = match run
-                .consumer
-                .fetch_metadata(Some(&t.name), Duration::from_secs(5))
-            {
+            let md = match run.consumer.fetch_metadata(Some(&t.name), Duration::from_secs(5)) {
                 Ok(md) => md,
                 Err(e) => {
-                    if run
-                        .last_warning
-                        .is_none_or(|w| w.elapsed() > Duration::from_secs(10))
-                    {
+                    if run.last_warning.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!(topic = &*t.name, error = %e, "cannot read topic metadata from Kafka (retrying)");
                         run.last_warning = Some(Instant::now());
                     }
@@ -312,10 +292,7 @@ impl SourceTask {
                             let (_, high) = run
                                 .consumer
                                 .fetch_watermarks(&t.name, id, Duration::from_secs(10))
-                                .map_err(Error::kafka(format!(
-                                    "read watermarks of {}/{id}",
-                                    t.name
-                                )))?;
+                                .map_err(Error::kafka(format!("read watermarks of {}/{id}", t.name)))?;
                             Some(high)
                         }
                         None => None,
@@ -342,9 +319,7 @@ impl SourceTask {
                         .map_err(Error::kafka("build assignment"))?;
                 }
             }
-            run.consumer
-                .assign(&tpl)
-                .map_err(Error::kafka("assign partitions"))?;
+            run.consumer.assign(&tpl).map_err(Error::kafka("assign partitions"))?;
         }
         Ok(())
     }

@@ -31,17 +31,14 @@ pub struct SourceState {
 
 /// Offsets of every partition in a checkpoint, whichever subtask owned it then (so a job
 /// can be restored with another source parallelism).
-pub fn restored_offsets(
-    cp: Option<&CompletedCheckpoint>,
-) -> Result<HashMap<(String, i32), Option<i64>>> {
+pub fn restored_offsets(cp: Option<&CompletedCheckpoint>) -> Result<HashMap<(String, i32), Option<i64>>> {
     let mut out = HashMap::new();
     let Some(cp) = cp else { return Ok(out) };
     for state in cp.operator_states("source") {
-        let state: SourceState =
-            serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
-                path: format!("checkpoint {}", cp.id).into(),
-                message: format!("source state: {e}"),
-            })?;
+        let state: SourceState = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
+            path: format!("checkpoint {}", cp.id).into(),
+            message: format!("source state: {e}"),
+        })?;
         for o in state.offsets {
             out.insert((o.topic, o.partition), o.next);
         }
@@ -79,11 +76,7 @@ pub fn producer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
     c.set("bootstrap.servers", bootstrap);
     // Security settings are shared with the consumer; consumer-only keys are skipped.
     for (k, v) in flatten_properties_of(cfg) {
-        if k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.")
-            || k == "client.id"
-        {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") || k == "client.id" {
             c.set(k, v);
         }
     }

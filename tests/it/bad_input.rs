@@ -36,10 +36,8 @@ async fn invalid_records_are_dead_lettered_with_reasons() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let job = unique("bad");
-    let toml = job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")).replace(
-        "[checkpoint]",
-        "[decode]\nmax_record_bytes = 1024\n\n[checkpoint]",
-    );
+    let toml = job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp"))
+        .replace("[checkpoint]", "[decode]\nmax_record_bytes = 1024\n\n[checkpoint]");
     let config = write_config(dir.path(), &toml);
     let running = InProcess::start(&config);
     let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
@@ -76,9 +74,7 @@ async fn invalid_records_are_dead_lettered_with_reasons() {
     // The payload is kept as it came, for reprocessing.
     let kept = count(
         &pool,
-        &format!(
-            "SELECT count(*) FROM {schema}.dead WHERE payload = convert_to('{{not json', 'UTF8')"
-        ),
+        &format!("SELECT count(*) FROM {schema}.dead WHERE payload = convert_to('{{not json', 'UTF8')"),
     )
     .await;
     assert_eq!(kept, 300);

@@ -22,8 +22,7 @@ pub fn kafka() -> String {
 }
 
 pub fn pg_url() -> String {
-    std::env::var("SLUICE_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("SLUICE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// `prefix` plus a random suffix: a name no other test (or earlier run) uses.
@@ -76,10 +75,7 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
 
 /// Produce `payloads` to `topic` (keyed by index, spread over partitions) and wait for
 /// every delivery.
-pub fn produce<P: AsRef<[u8]>>(
-    topic: &str,
-    payloads: impl IntoIterator<Item = (String, Option<P>)>,
-) {
+pub fn produce<P: AsRef<[u8]>>(topic: &str, payloads: impl IntoIterator<Item = (String, Option<P>)>) {
     let p = producer();
     for (key, payload) in payloads {
         let mut rec = BaseRecord::<String, [u8]>::to(topic).key(&key);
@@ -143,11 +139,7 @@ pub async fn schema(pool: &PgPool, keyed: bool) -> String {
 }
 
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query(sql)
-        .fetch_one(pool)
-        .await
-        .expect(sql)
-        .get::<i64, _>(0)
+    sqlx::query(sql).fetch_one(pool).await.expect(sql).get::<i64, _>(0)
 }
 
 /// (rows, distinct Kafka coordinates, distinct ids, min id, max id) of `schema.events`.
@@ -172,13 +164,7 @@ pub async fn prepared_of(pool: &PgPool, job: &str) -> i64 {
 }
 
 /// A pass-through job config: every record of `topic` into `schema.events`.
-pub fn job_toml(
-    job: &str,
-    topic: &str,
-    schema: &str,
-    strategy: &str,
-    checkpoint_dir: &Path,
-) -> String {
+pub fn job_toml(job: &str, topic: &str, schema: &str, strategy: &str, checkpoint_dir: &Path) -> String {
     format!(
         r#"
 [job]

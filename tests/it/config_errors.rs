@@ -25,23 +25,14 @@ fn check(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
         .envs(env.iter().copied())
         .output()
         .expect("run sluice check");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn rejected(toml: &str, env: &[(&str, &str)], key: &str) {
     let (ok, stderr) = check(toml, env);
     assert!(!ok, "accepted a config that should fail on {key}");
-    assert!(
-        stderr.contains(key),
-        "message does not name `{key}`: {stderr}"
-    );
-    assert!(
-        stderr.contains("job.toml"),
-        "message does not name the file: {stderr}"
-    );
+    assert!(stderr.contains(key), "message does not name `{key}`: {stderr}");
+    assert!(stderr.contains("job.toml"), "message does not name the file: {stderr}");
 }
 
 #[test]
@@ -97,20 +88,12 @@ fn impossible_values_are_named() {
         &[],
         "sink.partitioner",
     );
-    rejected(
-        &base().replace("type = \"int\"", "type = \"integer\""),
-        &[],
-        "integer",
-    );
+    rejected(&base().replace("type = \"int\"", "type = \"integer\""), &[], "integer");
 }
 
 #[test]
 fn environment_overrides_are_checked_too() {
-    rejected(
-        &base(),
-        &[("SLUICE__SINK__PARALLELISM", "0")],
-        "sink.parallelism",
-    );
+    rejected(&base(), &[("SLUICE__SINK__PARALLELISM", "0")], "sink.parallelism");
     let (ok, stderr) = check(&base(), &[("SLUICE__SINK__BATCH_SIZE", "77")]);
     assert!(ok, "{stderr}");
 }

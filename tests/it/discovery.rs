@@ -35,11 +35,7 @@ async fn new_partitions_are_read() {
     .await;
     running.stop().await;
     assert!(all, "records on new partitions were not all read");
-    let partitions = count(
-        &pool,
-        &format!("SELECT count(DISTINCT partition) FROM {schema}.events"),
-    )
-    .await;
+    let partitions = count(&pool, &format!("SELECT count(DISTINCT partition) FROM {schema}.events")).await;
     assert_eq!(partitions, 4);
     assert_eq!(sink_counts(&pool, &schema).await.1, 5_000);
 }

@@ -88,10 +88,7 @@ async fn the_default_config_runs_without_any_service() {
         .await
         .expect("count dead")
         .get(0);
-    assert!(
-        dead > 0,
-        "the generator's malformed events were not dead-lettered"
-    );
+    assert!(dead > 0, "the generator's malformed events were not dead-lettered");
     // After a final checkpoint, everything read was written: read = rows + dead letters.
     let read = stdout
         .lines()

@@ -22,13 +22,7 @@ async fn kill_and_restart(strategy: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(
         dir.path(),
-        &job_toml(
-            &job,
-            &topic,
-            &schema,
-            strategy,
-            &dir.path().join("checkpoints"),
-        ),
+        &job_toml(&job, &topic, &schema, strategy, &dir.path().join("checkpoints")),
     );
     let log = dir.path().join("sluice.log");
 
@@ -83,25 +77,15 @@ async fn kill_and_restart(strategy: &str) {
     assert_eq!(distinct, total, "distinct (topic, partition, offset)");
     assert_eq!(ids, total, "distinct ids");
     assert_eq!((min, max), (0, total - 1));
-    assert_eq!(
-        count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await,
-        0
-    );
-    assert_eq!(
-        prepared_of(&pool, &job).await,
-        0,
-        "prepared transactions left behind"
-    );
+    assert_eq!(count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await, 0);
+    assert_eq!(prepared_of(&pool, &job).await, 0, "prepared transactions left behind");
     assert!(
         after_kills.iter().any(|n| *n > 0 && *n < total),
         "no kill landed mid-stream: {after_kills:?}"
     );
     // The kills really interrupted work: restores happened from stored checkpoints.
     let restores = log_text.matches("restoring from checkpoint").count();
-    assert!(
-        restores >= KILLS - 1,
-        "only {restores} restores in {KILLS} restarts"
-    );
+    assert!(restores >= KILLS - 1, "only {restores} restores in {KILLS} restarts");
 }
 
 fn tail(text: &str) -> String {

@@ -50,31 +50,17 @@ async fn commits_the_restored_epochs_and_rolls_back_the_rest() {
         triggered_at_ms: 0,
         tasks,
     };
-    assert_eq!(
-        recover(&pool, &job, Some(&cp)).await.expect("recover"),
-        (2, 1)
-    );
+    assert_eq!(recover(&pool, &job, Some(&cp)).await.expect("recover"), (2, 1));
     assert_eq!(prepared_of(&pool, &job).await, 0);
     let sum = count(
         &pool,
         &format!("SELECT coalesce(sum(id), 0)::bigint FROM {schema}.events"),
     )
     .await;
-    assert_eq!(
-        sum, 3,
-        "epoch 5 of both subtasks committed, epoch 6 rolled back"
-    );
+    assert_eq!(sum, 3, "epoch 5 of both subtasks committed, epoch 6 rolled back");
     // Nothing left to do the second time (a crash during recovery is safe to repeat).
-    assert_eq!(
-        recover(&pool, &job, Some(&cp))
-            .await
-            .expect("recover again"),
-        (0, 0)
-    );
+    assert_eq!(recover(&pool, &job, Some(&cp)).await.expect("recover again"), (0, 0));
     // Another job's transaction is not ours to touch.
     assert_eq!(prepared_of(&pool, &other).await, 1);
-    assert_eq!(
-        recover(&pool, &other, None).await.expect("recover other"),
-        (0, 1)
-    );
+    assert_eq!(recover(&pool, &other, None).await.expect("recover other"), (0, 1));
 }

@@ -31,15 +31,13 @@ async fn lists_commits_and_aborts_prepared_transactions() {
     let schema = schema(&pool, false).await;
     let job = unique("txn");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        dir.path(),
-        &job_toml(&job, "t", &schema, "two_phase", dir.path()),
-    );
+    let config = write_config(dir.path(), &job_toml(&job, "t", &schema, "two_phase", dir.path()));
     for (n, id) in [(1, 101), (2, 102)] {
         let mut conn = pool.acquire().await.expect("conn");
         conn.execute("BEGIN").await.expect("begin");
         conn.execute(
-            format!("INSERT INTO {schema}.events (topic, partition, \"offset\", id) VALUES ('t', 0, {n}, {id})").as_str(),
+            format!("INSERT INTO {schema}.events (topic, partition, \"offset\", id) VALUES ('t', 0, {n}, {id})")
+                .as_str(),
         )
         .await
         .expect("insert");
@@ -64,10 +62,7 @@ async fn lists_commits_and_aborts_prepared_transactions() {
         &format!("SELECT coalesce(sum(id), 0)::bigint FROM {schema}.events"),
     )
     .await;
-    assert_eq!(
-        ids, 101,
-        "the committed one is visible, the aborted one is not"
-    );
+    assert_eq!(ids, 101, "the committed one is visible, the aborted one is not");
 
     // Another job's transactions are refused.
     let (ok, _) = txn(&["commit", "sluice:someone-else:0:1"], &config);

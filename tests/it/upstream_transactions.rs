@@ -22,8 +22,7 @@ async fn only_committed_records_reach_the_sink() {
             .set("transactional.id", unique("upstream"))
             .create()
             .expect("transactional producer");
-        p.init_transactions(Duration::from_secs(30))
-            .expect("init transactions");
+        p.init_transactions(Duration::from_secs(30)).expect("init transactions");
         let mut committed = 0u64;
         for txn in 0..20u64 {
             p.begin_transaction().expect("begin");
@@ -33,12 +32,10 @@ async fn only_committed_records_reach_the_sink() {
                 let body = if commit { "committed" } else { "aborted" };
                 let payload = format!(r#"{{"id": {id}, "body": "{body}"}}"#);
                 let key = id.to_string();
-                p.send(BaseRecord::to(&t).key(&key).payload(&payload))
-                    .expect("send");
+                p.send(BaseRecord::to(&t).key(&key).payload(&payload)).expect("send");
             }
             if commit {
-                p.commit_transaction(Duration::from_secs(30))
-                    .expect("commit");
+                p.commit_transaction(Duration::from_secs(30)).expect("commit");
                 committed += 500;
             } else {
                 p.abort_transaction(Duration::from_secs(30)).expect("abort");
@@ -72,8 +69,5 @@ async fn only_committed_records_reach_the_sink() {
         &format!("SELECT count(*) FROM {schema}.events WHERE body = 'aborted'"),
     )
     .await;
-    assert_eq!(
-        aborted, 0,
-        "records of aborted transactions reached the sink"
-    );
+    assert_eq!(aborted, 0, "records of aborted transactions reached the sink");
 }
