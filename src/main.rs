@@ -207,7 +207,7 @@ async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
         .context("sink.migrations is not set: nothing to migrate")?;
     match cfg.sink.kind {
         SinkKind::Postgres => {
-            let pool = postgres::connect(&cfg.sink, 1).await?;
+            let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
             postgres::migrate(&pool, &dir).await?;
         }
         SinkKind::Sqlite => {
@@ -227,7 +227,7 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
                 cfg.sink.kind == SinkKind::Postgres,
                 "prepared transactions exist only in a postgres sink"
             );
-            let pool = postgres::connect(&cfg.sink, 1).await?;
+            let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
             let list = postgres::list_prepared(&pool, &cfg.job.name).await?;
             if list.is_empty() {
                 println!("no prepared transactions of job {}", cfg.job.name);
@@ -246,7 +246,7 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
         "prepared transactions exist only in a postgres sink"
     );
     anyhow::ensure!(gid.is_some() != all, "give one transaction id, or --all");
-    let pool = postgres::connect(&cfg.sink, 1).await?;
+    let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
     let gids: Vec<String> = match gid {
         Some(g) => {
             anyhow::ensure!(

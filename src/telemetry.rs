@@ -90,6 +90,8 @@ pub struct JobStats {
     pub checkpoints: AtomicU64,
     pub last_checkpoint: AtomicU64,
     pub last_checkpoint_at_ms: AtomicU64,
+    /// Restarts of the job inside this process (after failures).
+    pub restarts: AtomicU64,
     lag_by_subtask: std::sync::Mutex<std::collections::BTreeMap<usize, i64>>,
 }
 

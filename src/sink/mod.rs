@@ -195,7 +195,7 @@ impl SinkTarget {
         let spec = TableSpec::from_config(cfg);
         match cfg.sink.kind {
             crate::config::SinkKind::Postgres => {
-                let pool = postgres::connect(&cfg.sink, cfg.sink.parallelism * 2 + 2).await?;
+                let pool = postgres::connect(&cfg.sink, &cfg.job.name, cfg.sink.parallelism * 2 + 2).await?;
                 if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
                     postgres::migrate(&pool, dir).await?;
                 }

@@ -7,19 +7,30 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::{Executor, PgConnection, Postgres, Row};
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection, Postgres, Row};
 
 use super::{quote_name, Column, TableSpec, ValueType};
 use crate::config::SinkConfig;
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
 
-/// Connect to the sink's database; the password comes from the environment only.
-pub async fn connect(cfg: &SinkConfig, max_connections: u32) -> Result<PgPool> {
-    let mut options = PgConnectOptions::from_str(&cfg.url).map_err(Error::db("parse sink.url"))?;
+/// Connect to the sink's database; the password comes from the environment only. The
+/// connections are named `sluice:<job>` (`application_name`), to be found in
+/// `pg_stat_activity`.
+pub async fn connect(cfg: &SinkConfig, job: &str, max_connections: u32) -> Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(&cfg.url)
+        .map_err(Error::db("parse sink.url"))?
+        .application_name(&format!("sluice:{job}"));
     if let Some(pw) = &cfg.password {
         options = options.password(pw);
     }
+    // One plain connection first: the pool would only report a timeout, this reports
+    // why (refused, unknown host, authentication, missing database).
+    let probe = options
+        .connect()
+        .await
+        .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))?;
+    let _ = probe.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -28,10 +39,31 @@ pub async fn connect(cfg: &SinkConfig, max_connections: u32) -> Result<PgPool> {
         .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))
 }
 
+/// The URL with any password replaced by `***`, for messages.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…{}", &url[..s], &url[at..]),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            super::redact("postgres://u:pw@h:5/db?x=1"),
+            "postgres://u:***@h:5/db?x=1"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }
 

@@ -292,6 +292,12 @@ pub struct InProcess {
 
 impl InProcess {
     pub fn start(config: &Path) -> InProcess {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,sqlx=error".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let cfg = sluice::config::load(config).expect("valid test config");
         let (stop, rx) = watch::channel(false);
         let stats = Arc::new(sluice::telemetry::JobStats::default());
