@@ -60,9 +60,16 @@ fn key_of(e: &config::ConfigError) -> String {
         config::ConfigError::Type { key: Some(k), .. } => k.clone(),
         config::ConfigError::NotFound(k) => k.clone(),
         other => {
-            // serde's messages name the field as `name`; use it when there is one.
+            // serde names the field as `name`, and `config` the table as "for key `path`".
             let text = other.to_string();
-            text.split('`').nth(1).unwrap_or("-").to_string()
+            let field = text.split('`').nth(1).unwrap_or("-");
+            match text
+                .rsplit_once("for key `")
+                .and_then(|(_, rest)| rest.split('`').next())
+            {
+                Some(table) if text.starts_with("unknown field") => format!("{table}.{field}"),
+                _ => field.to_string(),
+            }
         }
     }
 }

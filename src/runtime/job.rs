@@ -115,34 +115,7 @@ async fn attempt(
             completed: completed_rx.clone(),
             cancel: cancel.subscribe(),
         };
-        let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
-            (DeadLetterKind::Kafka, Some(topic)) => {
-                Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?)
-            }
-            _ => None,
-        };
-        let batch = cfg.sink.batch_size;
-        match (&target, cfg.sink.strategy) {
-            (SinkTarget::Postgres { pool, table }, Strategy::TwoPhase) => {
-                let w = TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats.clone())
-                    .await?;
-                tasks.spawn(run_sink(w, io));
-            }
-            (SinkTarget::Postgres { pool, table }, Strategy::Idempotent) => {
-                let t = PgUpsert {
-                    pool: pool.clone(),
-                    table: table.clone(),
-                };
-                tasks.spawn(run_sink(IdempotentWriter::new(t, batch, dlq, j, stats.clone()), io));
-            }
-            (SinkTarget::Sqlite { pool, table }, _) => {
-                let t = SqliteUpsert {
-                    pool: pool.clone(),
-                    table: table.clone(),
-                };
-                tasks.spawn(run_sink(IdempotentWriter::new(t, batch, dlq, j, stats.clone()), io));
-            }
-        }
+        spawn_sink(&mut tasks, cfg, bootstrap, &target, io, stats).await?;
     }
 
     let spec = TableSpec::from_config(cfg);
@@ -231,12 +204,70 @@ async fn attempt(
         }
     };
     cancel.cancel();
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = flatten(joined) {
-            tracing::debug!(error = %e, "subtask error while cancelling");
+    // Subtasks see the cancel within a poll; one stuck in a call that never returns is
+    // aborted after a grace period so that a restart is never blocked.
+    let mut cause: Option<Error> = None;
+    let drained = tokio::time::timeout(CANCEL_GRACE, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = flatten(joined) {
+                tracing::debug!(error = %e, "subtask error while cancelling");
+                cause.get_or_insert(e);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("subtasks did not stop within {CANCEL_GRACE:?}; aborting them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    // "A source stopped" from the coordinator says less than the source's own error.
+    match (failure, cause) {
+        (Error::Internal(_), Some(cause)) => Err(cause),
+        (failure, _) => Err(failure),
+    }
+}
+
+/// How long cancelled subtasks get to stop before they are aborted.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Start sink subtask `io.index`: the strategy over the target, as configured.
+async fn spawn_sink(
+    tasks: &mut JoinSet<Result<()>>,
+    cfg: &JobConfig,
+    bootstrap: &str,
+    target: &SinkTarget,
+    io: SinkTaskIo,
+    stats: &Arc<JobStats>,
+) -> Result<()> {
+    let j = io.index;
+    let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
+        (DeadLetterKind::Kafka, Some(topic)) => Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?),
+        _ => None,
+    };
+    let batch = cfg.sink.batch_size;
+    match (target, cfg.sink.strategy) {
+        (SinkTarget::Postgres { pool, table }, Strategy::TwoPhase) => {
+            let w =
+                TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats.clone()).await?;
+            tasks.spawn(run_sink(w, io));
+        }
+        (SinkTarget::Postgres { pool, table }, Strategy::Idempotent) => {
+            let t = PgUpsert {
+                pool: pool.clone(),
+                table: table.clone(),
+            };
+            tasks.spawn(run_sink(IdempotentWriter::new(t, batch, dlq, j, stats.clone()), io));
+        }
+        (SinkTarget::Sqlite { pool, table }, _) => {
+            let t = SqliteUpsert {
+                pool: pool.clone(),
+                table: table.clone(),
+            };
+            tasks.spawn(run_sink(IdempotentWriter::new(t, batch, dlq, j, stats.clone()), io));
         }
     }
-    Err(failure)
+    Ok(())
 }
 
 fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

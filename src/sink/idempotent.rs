@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use sqlx::{PgPool, SqlitePool};
 
+use super::buffer::WriteBuffer;
 use super::dead_letter::KafkaDeadLetters;
 use super::postgres::PgTable;
 use super::sqlite::SqliteTable;
@@ -51,9 +52,7 @@ impl UpsertTarget for SqliteUpsert {
 
 pub struct IdempotentWriter<T> {
     target: T,
-    buffer: Batch,
-    batch_size: usize,
-    dead_letters: Option<KafkaDeadLetters>,
+    buffer: WriteBuffer,
     subtask: usize,
     stats: Arc<JobStats>,
     metrics: SubtaskMetrics,
@@ -69,9 +68,7 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
     ) -> Self {
         Self {
             target,
-            buffer: Batch::default(),
-            batch_size,
-            dead_letters,
+            buffer: WriteBuffer::new(batch_size, dead_letters),
             subtask,
             stats,
             metrics: SubtaskMetrics::new("sink", subtask),
@@ -82,28 +79,20 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.buffer);
+        let batch = self.buffer.take();
         self.target.upsert(&batch.records, &batch.dead).await?;
         let n = batch.records.len() as u64;
         self.metrics.records_out.increment(n);
         self.stats.rows_written.fetch_add(n, Ordering::Relaxed);
-        // Reuse the allocation.
-        self.buffer = batch;
-        self.buffer.records.clear();
-        self.buffer.dead.clear();
+        self.buffer.recycle(batch);
         Ok(())
     }
 }
 
 impl<T: UpsertTarget> SinkWriter for IdempotentWriter<T> {
-    async fn write(&mut self, mut batch: Batch) -> Result<()> {
+    async fn write(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
-        if let Some(dlq) = &mut self.dead_letters {
-            dlq.send(std::mem::take(&mut batch.dead)).await?;
-        }
-        self.buffer.records.append(&mut batch.records);
-        self.buffer.dead.append(&mut batch.dead);
-        if self.buffer.len() >= self.batch_size {
+        if self.buffer.add(batch).await? {
             self.flush().await?;
         }
         Ok(())
@@ -112,9 +101,7 @@ impl<T: UpsertTarget> SinkWriter for IdempotentWriter<T> {
     async fn pre_commit(&mut self, _checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
         self.flush().await?;
-        if let Some(dlq) = &mut self.dead_letters {
-            dlq.flush().await?;
-        }
+        self.buffer.flush_dead_letters().await?;
         telemetry::sink_commit(self.subtask, started.elapsed());
         Ok(serde_json::Value::Null)
     }

@@ -12,6 +12,7 @@
 //! table of the same database), so they are exactly once too; or to a Kafka topic
 //! ([`dead_letter`]), at least once.
 
+pub mod buffer;
 pub mod dead_letter;
 pub mod idempotent;
 pub mod postgres;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::pool::PoolConnection;
 use sqlx::{Executor, PgPool, Postgres};
 
+use super::buffer::WriteBuffer;
 use super::dead_letter::KafkaDeadLetters;
 use super::postgres::{finish_prepared, gid, list_prepared, PgTable};
 use super::SinkWriter;
@@ -39,10 +40,8 @@ pub struct TwoPhaseWriter {
     /// Holds the open transaction of the current epoch.
     conn: PoolConnection<Postgres>,
     in_transaction: bool,
-    buffer: Batch,
-    batch_size: usize,
+    buffer: WriteBuffer,
     pending: Vec<(u64, String)>,
-    dead_letters: Option<KafkaDeadLetters>,
     stats: Arc<JobStats>,
     metrics: SubtaskMetrics,
     /// Records written in the open transaction (counted as written once committed).
@@ -68,10 +67,8 @@ impl TwoPhaseWriter {
             pool,
             conn,
             in_transaction: false,
-            buffer: Batch::default(),
-            batch_size,
+            buffer: WriteBuffer::new(batch_size, dead_letters),
             pending: Vec::new(),
-            dead_letters,
             stats,
             metrics: SubtaskMetrics::new("sink", subtask),
             uncommitted: 0,
@@ -87,27 +84,20 @@ impl TwoPhaseWriter {
             self.conn.execute("BEGIN").await.map_err(Error::db("begin"))?;
             self.in_transaction = true;
         }
-        let batch = std::mem::take(&mut self.buffer);
+        let batch = self.buffer.take();
         let rows: Vec<_> = batch.records.iter().collect();
         self.table.write(&mut self.conn, &rows, false).await?;
         self.table.write_dead(&mut self.conn, &batch.dead).await?;
         self.uncommitted += batch.records.len() as u64;
-        self.buffer = batch;
-        self.buffer.records.clear();
-        self.buffer.dead.clear();
+        self.buffer.recycle(batch);
         Ok(())
     }
 }
 
 impl SinkWriter for TwoPhaseWriter {
-    async fn write(&mut self, mut batch: Batch) -> Result<()> {
+    async fn write(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
-        if let Some(dlq) = &mut self.dead_letters {
-            dlq.send(std::mem::take(&mut batch.dead)).await?;
-        }
-        self.buffer.records.append(&mut batch.records);
-        self.buffer.dead.append(&mut batch.dead);
-        if self.buffer.len() >= self.batch_size {
+        if self.buffer.add(batch).await? {
             self.flush().await?;
         }
         Ok(())
@@ -116,9 +106,7 @@ impl SinkWriter for TwoPhaseWriter {
     async fn pre_commit(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
         self.flush().await?;
-        if let Some(dlq) = &mut self.dead_letters {
-            dlq.flush().await?;
-        }
+        self.buffer.flush_dead_letters().await?;
         if self.in_transaction {
             let id = gid(&self.job, self.subtask, checkpoint);
             self.conn

@@ -46,7 +46,7 @@ fn unknown_keys_are_named() {
     rejected(
         &base().replace("parallelism = 2\npartition", "paralelism = 2\npartition"),
         &[],
-        "paralelism",
+        "source.paralelism",
     );
     rejected(&format!("{}\n[sinc]\nkind = 1\n", base()), &[], "sinc");
 }

@@ -9,6 +9,7 @@ mod discovery;
 mod embedded;
 mod kafka_dead_letters;
 mod kill;
+mod migrate;
 mod recover;
 mod restart;
 mod txn_cli;

@@ -1,0 +1,60 @@
+//! What every sink strategy does with incoming batches: gather records into statements
+//! of `sink.batch_size` rows, and send dead letters bound for Kafka on at once.
+
+use std::mem;
+
+use super::dead_letter::KafkaDeadLetters;
+use crate::error::Result;
+use crate::record::Batch;
+
+pub struct WriteBuffer {
+    batch: Batch,
+    batch_size: usize,
+    dead_letters: Option<KafkaDeadLetters>,
+}
+
+impl WriteBuffer {
+    /// `dead_letters`: the Kafka destination, if dead letters do not go to a table.
+    pub fn new(batch_size: usize, dead_letters: Option<KafkaDeadLetters>) -> Self {
+        Self {
+            batch: Batch::default(),
+            batch_size,
+            dead_letters,
+        }
+    }
+
+    /// Take a batch in; true when a statement's worth is waiting.
+    pub async fn add(&mut self, mut batch: Batch) -> Result<bool> {
+        if let Some(dlq) = &mut self.dead_letters {
+            dlq.send(mem::take(&mut batch.dead)).await?;
+        }
+        self.batch.records.append(&mut batch.records);
+        self.batch.dead.append(&mut batch.dead);
+        Ok(self.batch.len() >= self.batch_size)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Everything waiting; hand it back with [`WriteBuffer::recycle`] to reuse its memory.
+    pub fn take(&mut self) -> Batch {
+        mem::take(&mut self.batch)
+    }
+
+    pub fn recycle(&mut self, mut batch: Batch) {
+        if self.batch.is_empty() {
+            batch.records.clear();
+            batch.dead.clear();
+            self.batch = batch;
+        }
+    }
+
+    /// Wait until every dead letter sent to Kafka so far is acknowledged.
+    pub async fn flush_dead_letters(&mut self) -> Result<()> {
+        match &mut self.dead_letters {
+            Some(dlq) => dlq.flush().await,
+            None => Ok(()),
+        }
+    }
+}
