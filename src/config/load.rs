@@ -201,6 +201,15 @@ impl JobConfig {
         if s.partition_discovery_interval.is_zero() {
             return fail("source.partition_discovery_interval", "must be greater than 0");
         }
+        // librdkafka knows its properties: let it reject unknown names and bad values now,
+        // not at the first connection attempt.
+        for (key, value) in flatten_properties(&s.properties) {
+            let mut probe = rdkafka::ClientConfig::new();
+            probe.set(&key, &value);
+            if let Err(e) = probe.create_native_config() {
+                return fail(&format!("source.properties.{key}"), &e.to_string());
+            }
+        }
         if s.embedded.partitions < 1 {
             return fail("source.embedded.partitions", "must be at least 1");
         }

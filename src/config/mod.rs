@@ -88,6 +88,10 @@ pub struct SourceConfig {
     /// How often topic metadata is read to pick up new partitions.
     #[serde(default = "defaults::discovery", with = "humantime_serde")]
     pub partition_discovery_interval: Duration,
+    /// Commit each completed checkpoint's offsets to the consumer group `sluice-<job>`,
+    /// for lag monitoring with Kafka's tools. Never read back: restores use checkpoints.
+    #[serde(default = "defaults::yes")]
+    pub commit_offsets: bool,
     /// Any librdkafka consumer property, passed through (security, SASL, TLS, fetch
     /// sizes). Nested tables are joined with dots: `[source.properties.ssl]
     /// ca.location = "..."` sets `ssl.ca.location`.

@@ -144,6 +144,8 @@ async fn attempt(
             cancel: cancel.flag(),
             stats: stats.clone(),
             metrics,
+            completed: completed_rx.clone(),
+            commit_offsets: cfg.source.commit_offsets,
         };
         tasks.spawn_blocking(move || task.run());
     }

@@ -6,16 +6,16 @@
 //! (a stable hash of topic and partition picks the subtask), never balanced by a
 //! consumer group, and the next offset of each is this subtask's checkpointed state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{PartitionOffset, SourceState};
 use crate::checkpoint::{task_name, TaskEvent};
@@ -87,6 +87,11 @@ pub struct SourceTask {
     pub cancel: Arc<AtomicBool>,
     pub stats: Arc<JobStats>,
     pub metrics: SubtaskMetrics,
+    /// Newest completed checkpoint; its offsets are committed to the consumer group for
+    /// lag monitoring when `commit_offsets` is set (never read back: the checkpoint is
+    /// the truth).
+    pub completed: watch::Receiver<u64>,
+    pub commit_offsets: bool,
 }
 
 struct Running {
@@ -95,6 +100,8 @@ struct Running {
     topics: Vec<TopicState>,
     first_discovery: bool,
     last_warning: Option<Instant>,
+    /// Offsets of checkpoints taken and not yet known complete.
+    snapshots: VecDeque<(u64, Vec<PartitionOffset>)>,
 }
 
 impl SourceTask {
@@ -120,6 +127,7 @@ impl SourceTask {
                 .collect(),
             first_discovery: true,
             last_warning: None,
+            snapshots: VecDeque::new(),
         };
         let name = task_name("source", self.index);
         self.discover(&mut run)?;
@@ -130,11 +138,15 @@ impl SourceTask {
                 return Ok(());
             }
             while let Ok(barrier) = self.triggers.try_recv() {
-                self.checkpoint(&run, &name, barrier)?;
+                self.checkpoint(&mut run, &name, barrier)?;
                 if barrier.is_final {
                     self.outputs.broadcast_blocking(&StreamElement::EndOfStream)?;
                     return Ok(());
                 }
+            }
+            if self.completed.has_changed().unwrap_or(false) {
+                let done = *self.completed.borrow_and_update();
+                self.commit_offsets(&mut run, done);
             }
             let batch = self.poll_batch(&mut run)?;
             if !batch.is_empty() {
@@ -234,7 +246,7 @@ impl SourceTask {
     }
 
     /// Snapshot the offsets, pass the barrier downstream, acknowledge.
-    fn checkpoint(&self, run: &Running, name: &str, barrier: Barrier) -> Result<()> {
+    fn checkpoint(&self, run: &mut Running, name: &str, barrier: Barrier) -> Result<()> {
         let state = SourceState {
             offsets: run
                 .topics
@@ -249,6 +261,12 @@ impl SourceTask {
                 .collect(),
         };
         self.outputs.broadcast_blocking(&StreamElement::Barrier(barrier))?;
+        if self.commit_offsets {
+            if run.snapshots.len() >= 16 {
+                run.snapshots.pop_front();
+            }
+            run.snapshots.push_back((barrier.id, state.offsets.clone()));
+        }
         let state = serde_json::to_value(state).map_err(|e| Error::Internal(format!("source state: {e}")))?;
         self.events
             .send(TaskEvent::Ack {
@@ -257,6 +275,36 @@ impl SourceTask {
                 state,
             })
             .map_err(|_| Error::Internal("checkpoint coordinator stopped".into()))
+    }
+
+    /// Commit the offsets of completed checkpoint `done` to the consumer group, so that
+    /// Kafka's own tools show the lag. Best effort: a failure is only reported.
+    fn commit_offsets(&self, run: &mut Running, done: u64) {
+        let mut latest = None;
+        while run.snapshots.front().is_some_and(|(id, _)| *id <= done) {
+            latest = run.snapshots.pop_front();
+        }
+        let Some((_, offsets)) = latest else { return };
+        let mut tpl = TopicPartitionList::new();
+        for o in offsets {
+            if let Some(next) = o.next {
+                if tpl
+                    .add_partition_offset(&o.topic, o.partition, Offset::Offset(next))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = run.consumer.commit(&tpl, CommitMode::Async) {
+            if run.last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                tracing::warn!(subtask = self.index, error = %e, "committing offsets for lag monitoring failed");
+                run.last_warning = Some(Instant::now());
+            }
+        }
     }
 
     /// Read topic metadata and take on partitions this subtask owns and does not read yet.

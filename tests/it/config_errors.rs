@@ -89,6 +89,18 @@ fn impossible_values_are_named() {
         "sink.partitioner",
     );
     rejected(&base().replace("type = \"int\"", "type = \"integer\""), &[], "integer");
+    let props = "[source.properties]\n\"fetch.max.bytez\" = 1024\n\n[[decode.fields]]";
+    rejected(
+        &base().replacen("[[decode.fields]]", props, 1),
+        &[],
+        "source.properties.fetch.max.bytez",
+    );
+    let props = "[source.properties]\n\"fetch.max.bytes\" = \"lots\"\n\n[[decode.fields]]";
+    rejected(
+        &base().replacen("[[decode.fields]]", props, 1),
+        &[],
+        "source.properties.fetch.max.bytes",
+    );
 }
 
 #[test]

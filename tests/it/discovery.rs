@@ -33,9 +33,46 @@ async fn new_partitions_are_read() {
         sink_counts(&pool, &schema).await.0 >= 5_000
     })
     .await;
+    // Completed checkpoints' offsets reach the consumer group, for Kafka's lag tools.
+    let group = format!("sluice-{job}");
+    let committed = wait_until(Duration::from_secs(20), || {
+        let (group, t) = (group.clone(), topic.clone());
+        async move {
+            tokio::task::spawn_blocking(move || committed_total(&group, &t))
+                .await
+                .unwrap_or(0)
+                == 5_000
+        }
+    })
+    .await;
     running.stop().await;
     assert!(all, "records on new partitions were not all read");
+    assert!(committed, "the group's committed offsets never covered all records");
     let partitions = count(&pool, &format!("SELECT count(DISTINCT partition) FROM {schema}.events")).await;
     assert_eq!(partitions, 4);
     assert_eq!(sink_counts(&pool, &schema).await.1, 5_000);
+}
+
+fn committed_total(group: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition(topic, p);
+    }
+    match c.committed_offsets(tpl, Duration::from_secs(5)) {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .sum(),
+        Err(_) => 0,
+    }
 }
