@@ -4,6 +4,7 @@
 mod common;
 
 mod bad_input;
+mod broker_faults;
 mod config_errors;
 mod discovery;
 mod embedded;
