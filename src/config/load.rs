@@ -182,6 +182,13 @@ impl JobConfig {
         if !(1..=32768).contains(&self.job.max_parallelism) {
             return fail("job.max_parallelism", "must be between 1 and 32768");
         }
+        // Longer waits are surely typos, and would overflow timer arithmetic.
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        for (key, d) in self.durations() {
+            if d > week {
+                return fail(key, "must be at most 7 days");
+            }
+        }
         let s = &self.source;
         if s.bootstrap_servers.trim().is_empty() {
             return fail("source.bootstrap_servers", "must not be empty");
@@ -209,6 +216,9 @@ impl JobConfig {
             if let Err(e) = probe.create_native_config() {
                 return fail(&format!("source.properties.{key}"), &e.to_string());
             }
+        }
+        if self.is_embedded() && s.topics.len() != 1 {
+            return fail("source.topics", "the embedded broker serves exactly one topic");
         }
         if s.embedded.partitions < 1 {
             return fail("source.embedded.partitions", "must be at least 1");
@@ -375,6 +385,38 @@ impl JobConfig {
             );
         }
         Ok(())
+    }
+
+    fn durations(&self) -> Vec<(&'static str, std::time::Duration)> {
+        let mut out = vec![
+            ("job.status_interval", self.job.status_interval),
+            (
+                "source.partition_discovery_interval",
+                self.source.partition_discovery_interval,
+            ),
+            ("checkpoint.interval", self.checkpoint.interval),
+            ("checkpoint.timeout", self.checkpoint.timeout),
+            ("checkpoint.min_pause", self.checkpoint.min_pause),
+        ];
+        match &self.restart {
+            RestartConfig::None => {}
+            RestartConfig::FixedDelay { delay, .. } => out.push(("restart.delay", *delay)),
+            RestartConfig::FailureRate { interval, delay, .. } => {
+                out.push(("restart.interval", *interval));
+                out.push(("restart.delay", *delay));
+            }
+            RestartConfig::ExponentialBackoff {
+                initial,
+                max,
+                reset_after,
+                ..
+            } => {
+                out.push(("restart.initial", *initial));
+                out.push(("restart.max", *max));
+                out.push(("restart.reset_after", *reset_after));
+            }
+        }
+        out
     }
 
     /// The sink's columns, the defaults filled in.

@@ -65,7 +65,9 @@ impl RestartPolicy {
                 self.failures.clear();
                 self.failures.push_back(now);
                 let wait = self.backoff;
-                self.backoff = self.backoff.mul_f64(*multiplier).min(*max);
+                self.backoff = Duration::try_from_secs_f64(self.backoff.as_secs_f64() * multiplier)
+                    .unwrap_or(*max)
+                    .min(*max);
                 Some(wait)
             }
         }
