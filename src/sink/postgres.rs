@@ -111,7 +111,8 @@ pub struct PgTable {
 impl PgTable {
     /// Look the table up and build the statements. A missing table or column is a
     /// configuration problem, reported as such (and not retried).
-    pub async fn open(pool: &PgPool, spec: TableSpec) -> Result<Self> {
+    /// `upsert`: the idempotent strategy will use it (else plain inserts).
+    pub async fn open(pool: &PgPool, spec: TableSpec, upsert: bool) -> Result<Self> {
         let types = column_types(pool, &spec.table).await?;
         let mut exprs = Vec::new();
         for (i, c) in spec.columns.iter().enumerate() {
@@ -173,18 +174,57 @@ impl PgTable {
                 Some(format!(
                     "INSERT INTO {} (topic, \"partition\", \"offset\", kafka_timestamp, reason, payload) \
                      SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) \
-                     ON CONFLICT DO NOTHING",
+                     ON CONFLICT (topic, \"partition\", \"offset\") DO NOTHING",
                     quote_name(t)
                 ))
             }
             None => None,
         };
-        Ok(Self {
+        let table = Self {
             spec,
             upsert_sql,
             insert_sql,
             dead_sql,
-        })
+        };
+        table.check_statements(pool, upsert).await?;
+        Ok(table)
+    }
+
+    /// Let Postgres plan the statements once (`EXPLAIN`, nothing written), so that a
+    /// table that does not fit the config fails at start with the reason (no unique index
+    /// for the upsert key, a value that cannot be cast to its column's type) rather than
+    /// at the first write, over and over.
+    async fn check_statements(&self, pool: &PgPool, upsert: bool) -> Result<()> {
+        let sql = if upsert { &self.upsert_sql } else { &self.insert_sql };
+        let mut conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
+        let explain = format!("EXPLAIN {sql}");
+        let mut q = sqlx::query(&explain);
+        for c in &self.spec.columns {
+            q = bind_column(q, c, &[]);
+        }
+        if let Err(e) = conn.execute(q).await {
+            return Err(Error::Unsupported(format!(
+                "sink table {} does not fit sink.columns / sink.key: {e}",
+                self.spec.table
+            )));
+        }
+        if let Some(dead) = &self.dead_sql {
+            let explain = format!("EXPLAIN {dead}");
+            let q = sqlx::query(&explain)
+                .bind(Vec::<&str>::new())
+                .bind(Vec::<i32>::new())
+                .bind(Vec::<i64>::new())
+                .bind(Vec::<i64>::new())
+                .bind(Vec::<&str>::new())
+                .bind(Vec::<&[u8]>::new());
+            if let Err(e) = conn.execute(q).await {
+                return Err(Error::Unsupported(format!(
+                    "dead-letter table does not fit (topic, partition, offset, kafka_timestamp, reason, payload) \
+                     with a unique key on (topic, partition, offset): {e}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Write records in one statement: an upsert on the key, or a plain insert.

@@ -13,6 +13,7 @@ mod kill;
 mod migrate;
 mod recover;
 mod restart;
+mod table_checks;
 mod txn_cli;
 mod unreachable;
 mod upstream_transactions;
