@@ -5,7 +5,7 @@ use std::mem;
 
 use super::dead_letter::KafkaDeadLetters;
 use crate::error::Result;
-use crate::record::Batch;
+use crate::record::{Batch, DeadLetter};
 
 pub struct WriteBuffer {
     batch: Batch,
@@ -47,6 +47,15 @@ impl WriteBuffer {
             batch.records.clear();
             batch.dead.clear();
             self.batch = batch;
+        }
+    }
+
+    /// Send dead letters met while writing (rows the database rejected) to Kafka if that
+    /// is where dead letters go; otherwise hand them back for the table.
+    pub async fn route_dead(&mut self, dead: Vec<DeadLetter>) -> Result<Vec<DeadLetter>> {
+        match &mut self.dead_letters {
+            Some(dlq) if !dead.is_empty() => dlq.send(dead).await.map(|()| Vec::new()),
+            _ => Ok(dead),
         }
     }
 

@@ -20,7 +20,12 @@ use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
 /// A target that can upsert a batch on its key.
 pub trait UpsertTarget: Send + Sync + 'static {
-    fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> impl Future<Output = Result<u64>> + Send;
+    /// Upsert `records` and write `dead`; returns the rows the target rejected for
+    /// their data, as dead letters not yet written anywhere.
+    fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// Write dead letters met while upserting.
+    fn write_dead(&self, dead: &[DeadLetter]) -> impl Future<Output = Result<()>> + Send;
 }
 
 pub struct PgUpsert {
@@ -29,12 +34,17 @@ pub struct PgUpsert {
 }
 
 impl UpsertTarget for PgUpsert {
-    async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<u64> {
+    async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<Vec<DeadLetter>> {
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         let rows = last_per_key(records, &self.table.spec);
-        let n = self.table.write(&mut conn, &rows, true).await?;
+        let (_, rejected) = self.table.write(&mut conn, &rows, true, false).await?;
         self.table.write_dead(&mut conn, dead).await?;
-        Ok(n)
+        Ok(rejected)
+    }
+
+    async fn write_dead(&self, dead: &[DeadLetter]) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
+        self.table.write_dead(&mut conn, dead).await.map(|_| ())
     }
 }
 
@@ -44,9 +54,14 @@ pub struct SqliteUpsert {
 }
 
 impl UpsertTarget for SqliteUpsert {
-    async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<u64> {
+    async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<Vec<DeadLetter>> {
         let rows = last_per_key(records, &self.table.spec);
-        self.table.upsert(&self.pool, &rows, dead).await
+        self.table.upsert(&self.pool, &rows, dead).await?;
+        Ok(Vec::new())
+    }
+
+    async fn write_dead(&self, dead: &[DeadLetter]) -> Result<()> {
+        self.table.upsert(&self.pool, &[], dead).await.map(|_| ())
     }
 }
 
@@ -80,7 +95,11 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
             return Ok(());
         }
         let batch = self.buffer.take();
-        self.target.upsert(&batch.records, &batch.dead).await?;
+        let rejected = self.target.upsert(&batch.records, &batch.dead).await?;
+        let rejected = self.buffer.route_dead(rejected).await?;
+        if !rejected.is_empty() {
+            self.target.write_dead(&rejected).await?;
+        }
         let n = batch.records.len() as u64;
         self.metrics.records_out.increment(n);
         self.stats.rows_written.fetch_add(n, Ordering::Relaxed);

@@ -227,21 +227,109 @@ impl PgTable {
         Ok(())
     }
 
-    /// Write records in one statement: an upsert on the key, or a plain insert.
-    pub async fn write(&self, conn: &mut PgConnection, records: &[&Record], upsert: bool) -> Result<u64> {
-        if records.is_empty() {
-            return Ok(0);
-        }
+    /// Write records: an upsert on the key, or a plain insert, one statement per call.
+    ///
+    /// Rows the database rejects for their data (SQLSTATE classes 22, data exception, and
+    /// 23, integrity constraint violation: a value that does not fit its column, a CHECK
+    /// or NOT NULL constraint) are found by halving the statement until the rejected rows
+    /// stand alone, and come back as dead letters with the database's reason: one bad row
+    /// never stalls the job. The decision is per row, so a replay makes the same one.
+    /// `in_transaction`: each statement runs under a savepoint so a rejection does not
+    /// abort the surrounding transaction.
+    pub async fn write(
+        &self,
+        conn: &mut PgConnection,
+        records: &[&Record],
+        upsert: bool,
+        in_transaction: bool,
+    ) -> Result<(u64, Vec<DeadLetter>)> {
         let sql = if upsert { &self.upsert_sql } else { &self.insert_sql };
+        let (mut written, mut rejected) = (0, Vec::new());
+        let mut pending = vec![(0, records.len())];
+        while let Some((lo, hi)) = pending.pop() {
+            if lo == hi {
+                continue;
+            }
+            match self.execute(conn, sql, &records[lo..hi], in_transaction).await {
+                Ok(n) => written += n,
+                Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
+                    if hi - lo == 1 {
+                        rejected.push(self.rejected(records[lo], e.message()));
+                    } else {
+                        let mid = lo + (hi - lo) / 2;
+                        pending.push((mid, hi));
+                        pending.push((lo, mid));
+                    }
+                }
+                Err(e) => return Err(Error::db(format!("write to {}", self.spec.table))(e)),
+            }
+        }
+        if !rejected.is_empty() {
+            tracing::warn!(
+                table = self.spec.table,
+                rows = rejected.len(),
+                "rows rejected by the database were dead-lettered"
+            );
+        }
+        Ok((written, rejected))
+    }
+
+    async fn execute(
+        &self,
+        conn: &mut PgConnection,
+        sql: &str,
+        records: &[&Record],
+        savepoint: bool,
+    ) -> Result<u64, sqlx::Error> {
+        if savepoint {
+            conn.execute("SAVEPOINT sluice_write").await?;
+        }
         let mut q = sqlx::query(sql);
         for c in &self.spec.columns {
             q = bind_column(q, c, records);
         }
-        let done = conn
-            .execute(q)
-            .await
-            .map_err(Error::db(format!("write to {}", self.spec.table)))?;
-        Ok(done.rows_affected())
+        match conn.execute(q).await {
+            Ok(done) => {
+                if savepoint {
+                    conn.execute("RELEASE SAVEPOINT sluice_write").await?;
+                }
+                Ok(done.rows_affected())
+            }
+            Err(e) => {
+                if savepoint {
+                    conn.execute("ROLLBACK TO SAVEPOINT sluice_write").await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A row the database refused, as a dead letter: the row as it would have been
+    /// written (column → value, as JSON), and the database's reason.
+    fn rejected(&self, record: &Record, reason: &str) -> DeadLetter {
+        let mut row = serde_json::Map::new();
+        for c in &self.spec.columns {
+            let v = match c.source {
+                ValueSource::Topic => serde_json::Value::from(&*record.origin.topic),
+                ValueSource::Partition => record.origin.partition.into(),
+                ValueSource::Offset => record.origin.offset.into(),
+                ValueSource::Timestamp => record.origin.timestamp_ms.into(),
+                ValueSource::Payload => record.payload.as_deref().map_or(serde_json::Value::Null, Into::into),
+                ValueSource::Field(i) => match record.values.get(i) {
+                    Some(Value::Bool(b)) => (*b).into(),
+                    Some(Value::Int(n)) => (*n).into(),
+                    Some(Value::Float(f)) => (*f).into(),
+                    Some(Value::Text(t)) | Some(Value::Json(t)) => t.as_str().into(),
+                    Some(Value::Null) | None => serde_json::Value::Null,
+                },
+            };
+            row.insert(c.name.clone(), v);
+        }
+        DeadLetter {
+            origin: record.origin.clone(),
+            reason: format!("rejected by {}: {reason}", self.spec.table),
+            payload: serde_json::Value::Object(row).to_string().into_bytes(),
+        }
     }
 
     /// Write dead letters (once per record: a replay finds them already there).
@@ -264,10 +352,17 @@ impl PgTable {
     }
 }
 
-/// (column, SQL type) of a table, or an error naming the table.
+/// Errors about a row's data rather than the database or the connection.
+fn is_data_error(code: Option<&str>) -> bool {
+    code.is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+}
+
+/// (column, SQL type without its modifier) of a table, or an error naming the table.
+/// Casts go to the bare type (`varchar`, not `varchar(30)`): an explicit cast to
+/// `varchar(30)` would silently truncate, while assigning to the column checks the length.
 async fn column_types(pool: &PgPool, table: &str) -> Result<Vec<(String, String)>> {
     let rows = sqlx::query(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+        "SELECT a.attname::text, format_type(a.atttypid, NULL) FROM pg_attribute a \
          WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
     )
     .bind(quote_name(table))

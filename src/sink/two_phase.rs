@@ -86,9 +86,11 @@ impl TwoPhaseWriter {
         }
         let batch = self.buffer.take();
         let rows: Vec<_> = batch.records.iter().collect();
-        self.table.write(&mut self.conn, &rows, false).await?;
+        let (written, rejected) = self.table.write(&mut self.conn, &rows, false, true).await?;
         self.table.write_dead(&mut self.conn, &batch.dead).await?;
-        self.uncommitted += batch.records.len() as u64;
+        let rejected = self.buffer.route_dead(rejected).await?;
+        self.table.write_dead(&mut self.conn, &rejected).await?;
+        self.uncommitted += written;
         self.buffer.recycle(batch);
         Ok(())
     }

@@ -80,3 +80,80 @@ async fn invalid_records_are_dead_lettered_with_reasons() {
     assert_eq!(kept, 300);
     assert_eq!(prepared_of(&pool, &job).await, 0);
 }
+
+/// Rows the database refuses (a CHECK constraint, a value too long for its column) are
+/// dead-lettered with the database's reason; the job neither stalls nor loses the rest.
+async fn database_rejections(strategy: &str) {
+    let pool = pg().await;
+    let schema = schema(&pool, strategy == "idempotent").await;
+    for sql in [
+        format!("ALTER TABLE {schema}.events ADD CONSTRAINT no_poison CHECK (body <> 'poison')"),
+        format!("ALTER TABLE {schema}.events ALTER COLUMN body TYPE varchar(30)"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect("constrain table");
+    }
+    let topic = unique("reject");
+    create_topic(&topic, 2).await;
+    let (mut poison, mut long) = (0i64, 0i64);
+    let input: Vec<(String, Option<String>)> = (0..4_000u64)
+        .map(|i| {
+            let body = if i % 97 == 0 {
+                poison += 1;
+                "poison".to_string()
+            } else if i % 89 == 0 {
+                long += 1;
+                "x".repeat(40)
+            } else {
+                format!("record number {i}")
+            };
+            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
+        })
+        .collect();
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("reject");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, strategy, &dir.path().join("cp")),
+    );
+    let running = InProcess::start(&config);
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let all = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 4_000
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(all, "not every record was accounted for");
+    assert_eq!(restarts, 0, "a rejected row made the job fail");
+    let (rows, distinct, ..) = sink_counts(&pool, &schema).await;
+    assert_eq!((rows, distinct), (4_000 - poison - long, 4_000 - poison - long));
+    let checks = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.dead WHERE reason LIKE '%no_poison%'"),
+    )
+    .await;
+    let too_long = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.dead WHERE reason LIKE '%too long%'"),
+    )
+    .await;
+    assert_eq!((checks, too_long), (poison, long));
+    let kept = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.dead WHERE convert_from(payload, 'UTF8')::jsonb ->> 'body' = 'poison'"),
+    )
+    .await;
+    assert_eq!(kept, poison, "the rejected row is kept in the dead letter");
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_rejected_by_the_database_two_phase() {
+    database_rejections("two_phase").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_rejected_by_the_database_idempotent() {
+    database_rejections("idempotent").await;
+}
