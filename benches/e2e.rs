@@ -116,11 +116,8 @@ async fn bare_copy(pool: &PgPool, topic: &str, n: u64) -> f64 {
 
 async fn sluice_job(pool: &PgPool, topic: &str, n: u64, strategy: &str) -> f64 {
     let table = format!("bench_{strategy}");
-    let pk = if strategy == "idempotent" {
-        ", PRIMARY KEY (topic, partition, \"offset\")"
-    } else {
-        ""
-    };
+    // Indexed like the COPY baseline's table, for both strategies.
+    let pk = ", PRIMARY KEY (topic, partition, \"offset\")";
     pool.execute(
         format!(
             "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (topic text NOT NULL, partition int NOT NULL, \
