@@ -8,8 +8,8 @@
 //!   `checkpoint_duration_seconds` (histogram), `checkpoint_size_bytes`,
 //!   `last_checkpoint_id`
 //! - `sink_commit_duration_seconds{subtask}` (histogram): pre-commit and commit work
-//! - `backpressure_microseconds_total{operator,subtask}`: time blocked on a full
-//!   output channel (rate of this / 1e6 = share of time backpressured)
+//! - `backpressure_ratio{operator,subtask}`: share of the last second a subtask spent
+//!   blocked on a full output channel (Flink's "backpressured time")
 //! - `restarts_total`
 
 use std::net::SocketAddr;
@@ -32,10 +32,54 @@ pub fn install_exporter(listen: &str) -> Result<()> {
         .parse()
         .map_err(|_| Error::Internal(format!("metrics.listen `{listen}` is not host:port")))?;
     match PrometheusBuilder::new().with_http_listener(addr).install() {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            describe();
+            Ok(())
+        }
         Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
         Err(e) => Err(Error::Unsupported(format!("metrics endpoint on {addr}: {e}"))),
     }
+}
+
+/// Help texts, so that `/metrics` explains itself.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "sluice_records_in_total",
+        "Records a subtask received (dead letters included)."
+    );
+    describe_counter!("sluice_records_out_total", "Records a subtask passed on or wrote.");
+    describe_counter!("sluice_dead_letters_total", "Records that could not be decoded.");
+    describe_gauge!(
+        "sluice_consumer_lag",
+        "Records in the partition after the next offset to read."
+    );
+    describe_counter!("sluice_checkpoints_completed_total", "Checkpoints completed.");
+    describe_counter!(
+        "sluice_checkpoints_failed_total",
+        "Checkpoints aborted (timeout or decline)."
+    );
+    describe_histogram!(
+        "sluice_checkpoint_duration_seconds",
+        Unit::Seconds,
+        "Time from trigger to completion of a checkpoint."
+    );
+    describe_gauge!(
+        "sluice_checkpoint_size_bytes",
+        Unit::Bytes,
+        "Size of the last checkpoint's metadata."
+    );
+    describe_gauge!("sluice_last_checkpoint_id", "Id of the newest completed checkpoint.");
+    describe_histogram!(
+        "sluice_sink_commit_duration_seconds",
+        Unit::Seconds,
+        "Time a sink subtask spent pre-committing or committing."
+    );
+    describe_gauge!(
+        "sluice_backpressure_ratio",
+        "Share of the last second a subtask spent blocked on a full output channel."
+    );
+    describe_counter!("sluice_restarts_total", "Restarts of the job after failures.");
 }
 
 /// Counters of one subtask, looked up once so the hot path only adds.
@@ -44,7 +88,7 @@ pub struct SubtaskMetrics {
     pub records_in: Counter,
     pub records_out: Counter,
     pub dead_letters: Counter,
-    pub backpressure: Counter,
+    pub backpressure: Gauge,
 }
 
 impl SubtaskMetrics {
@@ -54,7 +98,7 @@ impl SubtaskMetrics {
             records_in: counter!("sluice_records_in_total", "operator" => operator, "subtask" => s.clone()),
             records_out: counter!("sluice_records_out_total", "operator" => operator, "subtask" => s.clone()),
             dead_letters: counter!("sluice_dead_letters_total", "operator" => operator, "subtask" => s.clone()),
-            backpressure: counter!("sluice_backpressure_microseconds_total", "operator" => operator, "subtask" => s),
+            backpressure: gauge!("sluice_backpressure_ratio", "operator" => operator, "subtask" => s),
         }
     }
 }

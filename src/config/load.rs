@@ -45,7 +45,14 @@ pub fn load(path: &Path) -> Result<JobConfig> {
         .add_source(env)
         .build()
         .map_err(|e| fail(&key_of(&e), e.to_string()))?;
-    let mut cfg: JobConfig = merged.try_deserialize().map_err(|e| fail(&key_of(&e), e.to_string()))?;
+    let mut cfg: JobConfig = merged.try_deserialize().map_err(|e| {
+        let key = key_of(&e);
+        let mut message = e.to_string();
+        if let (Some(allowed), false) = (allowed_values(&key), message.contains("expected one of")) {
+            message.push_str(&format!(" (expected one of: {allowed})"));
+        }
+        fail(&key, message)
+    })?;
     cfg.file = path.to_path_buf();
     if cfg.sink.password.is_none() {
         cfg.sink.password = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty());
@@ -60,18 +67,42 @@ fn key_of(e: &config::ConfigError) -> String {
         config::ConfigError::Type { key: Some(k), .. } => k.clone(),
         config::ConfigError::NotFound(k) => k.clone(),
         other => {
-            // serde names the field as `name`, and `config` the table as "for key `path`".
+            // serde names the field as `name`, and `config` the place as "for key `path`".
             let text = other.to_string();
-            let field = text.split('`').nth(1).unwrap_or("-");
-            match text
+            let first = text.split('`').nth(1);
+            let place = text
                 .rsplit_once("for key `")
-                .and_then(|(_, rest)| rest.split('`').next())
-            {
-                Some(table) if text.starts_with("unknown field") => format!("{table}.{field}"),
-                _ => field.to_string(),
+                .and_then(|(_, rest)| rest.split('`').next());
+            match (place, first) {
+                (Some(table), Some(field)) if text.starts_with("unknown field") => format!("{table}.{field}"),
+                (Some(place), _) => place.to_string(),
+                (None, Some(field)) => field.to_string(),
+                (None, None) => "-".to_string(),
             }
         }
     }
+}
+
+/// The values an enumerated key takes, to say so when a file gets one wrong.
+fn allowed_values(key: &str) -> Option<&'static str> {
+    // `config` writes list items as `decode.fields[0]type`.
+    let last = if key.ends_with("]type") || key.ends_with(".type") {
+        "type"
+    } else {
+        key
+    };
+    Some(match (key, last) {
+        ("sink.kind", _) => "postgres, sqlite",
+        ("sink.strategy", _) => "idempotent, two_phase",
+        ("sink.partitioner", _) => "key_hash, rebalance, rescale, shuffle, forward, global",
+        ("source.start_from", _) => "earliest, latest",
+        ("source.isolation_level", _) => "read_committed, read_uncommitted",
+        ("checkpoint.storage", _) => "memory, filesystem",
+        ("restart", _) | ("restart.strategy", _) => "none, fixed_delay, failure_rate, exponential_backoff",
+        ("dead_letter.kind", _) => "table, kafka",
+        (_, "type") => "int, float, string, bool, json",
+        _ => return None,
+    })
 }
 
 fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, String)> {

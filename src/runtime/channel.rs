@@ -4,11 +4,11 @@
 //! source blocks on send. The time spent blocked is counted (Flink's "backpressured
 //! time") so it can be seen in the metrics.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use metrics::Counter;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::error::{Error, Result};
@@ -21,12 +21,21 @@ pub const CHANNEL_CAPACITY: usize = 8;
 /// The sending side of one subtask: one channel per downstream subtask.
 pub struct Outputs {
     senders: Vec<mpsc::Sender<StreamElement>>,
-    backpressure: Counter,
+    /// Time spent blocked on full channels since the last [`Outputs::take_blocked`].
+    blocked: Cell<Duration>,
 }
 
 impl Outputs {
-    pub fn new(senders: Vec<mpsc::Sender<StreamElement>>, backpressure: Counter) -> Self {
-        Self { senders, backpressure }
+    pub fn new(senders: Vec<mpsc::Sender<StreamElement>>) -> Self {
+        Self {
+            senders,
+            blocked: Cell::new(Duration::ZERO),
+        }
+    }
+
+    /// Time blocked on full output channels since the last call.
+    pub fn take_blocked(&self) -> Duration {
+        self.blocked.replace(Duration::ZERO)
     }
 
     pub fn len(&self) -> usize {
@@ -47,7 +56,7 @@ impl Outputs {
         };
         let started = Instant::now();
         let result = sender.blocking_send(element).map_err(|_| closed());
-        self.backpressure.increment(started.elapsed().as_micros() as u64);
+        self.blocked.set(self.blocked.get() + started.elapsed());
         result
     }
 

@@ -138,7 +138,7 @@ async fn attempt(
             discovery_interval: cfg.source.partition_discovery_interval,
             decoder: Decoder::new(cfg.decode.fields.clone(), cfg.decode.max_record_bytes, keep_payload),
             partitioner: Partitioner::new(cfg.sink.partitioner, pk, i, ps, key.clone(), cfg.job.max_parallelism),
-            outputs: Outputs::new(outputs, metrics.backpressure.clone()),
+            outputs: Outputs::new(outputs),
             triggers: trigger_rx,
             events: events_tx.clone(),
             cancel: cancel.flag(),

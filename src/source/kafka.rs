@@ -162,8 +162,13 @@ impl SourceTask {
                 self.discover(&mut run)?;
                 last_discovery = Instant::now();
             }
-            if last_lag.elapsed() >= Duration::from_secs(1) {
+            let since = last_lag.elapsed();
+            if since >= Duration::from_secs(1) {
                 self.update_lag(&run);
+                let blocked = self.outputs.take_blocked();
+                self.metrics
+                    .backpressure
+                    .set(blocked.as_secs_f64() / since.as_secs_f64());
                 last_lag = Instant::now();
             }
         }

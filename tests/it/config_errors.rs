@@ -88,7 +88,16 @@ fn impossible_values_are_named() {
         &[],
         "sink.partitioner",
     );
-    rejected(&base().replace("type = \"int\"", "type = \"integer\""), &[], "integer");
+    rejected(
+        &base().replace("type = \"int\"", "type = \"integer\""),
+        &[],
+        "int, float, string, bool, json",
+    );
+    rejected(
+        &base().replace("strategy = \"idempotent\"", "strategy = \"exactly\""),
+        &[],
+        "idempotent, two_phase",
+    );
     let props = "[source.properties]\n\"fetch.max.bytez\" = 1024\n\n[[decode.fields]]";
     rejected(
         &base().replacen("[[decode.fields]]", props, 1),

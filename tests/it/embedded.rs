@@ -68,9 +68,35 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_checkpoints_completed_total",
         "sluice_checkpoint_duration_seconds",
         "sluice_sink_commit_duration_seconds",
-        "sluice_backpressure_microseconds_total",
+        "sluice_backpressure_ratio",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+
+    // Lint the exposition when Prometheus's promtool is installed (Debian: prometheus).
+    if let Ok(mut lint) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        let body = metrics.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        assert!(body.contains("# HELP sluice_records_in_total"), "no exposition body: {metrics}");
+        lint.stdin
+            .take()
+            .expect("stdin")
+            .write_all(body.as_bytes())
+            .expect("feed promtool");
+        let out = lint.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        println!("promtool not installed: /metrics not linted");
     }
 
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
