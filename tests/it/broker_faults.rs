@@ -4,34 +4,10 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::common::*;
-
-fn produce_to(bootstrap: &str, topic: &str, ids: std::ops::Range<u64>) {
-    let p: ThreadedProducer<_> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("producer");
-    for id in ids {
-        let (key, payload) = record(id);
-        let payload = payload.unwrap_or_default();
-        let mut rec = BaseRecord::to(topic).key(&key).payload(&payload);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
-    }
-    p.flush(Duration::from_secs(30)).expect("flush");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_and_fetch_errors_lose_and_repeat_nothing() {
@@ -39,7 +15,7 @@ async fn broker_outage_and_fetch_errors_lose_and_repeat_nothing() {
     let topic = unique("faults");
     cluster.create_topic(&topic, 3, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
-    produce_to(&bootstrap, &topic, 0..5_000);
+    produce_to(&bootstrap, &topic, (0..5_000).map(record));
 
     let pool = pg().await;
     let schema = schema(&pool, false).await;
@@ -66,7 +42,7 @@ async fn broker_outage_and_fetch_errors_lose_and_repeat_nothing() {
     );
     let b = bootstrap.clone();
     let t = topic.clone();
-    tokio::task::spawn_blocking(move || produce_to(&b, &t, 5_000..10_000))
+    tokio::task::spawn_blocking(move || produce_to(&b, &t, (5_000..10_000).map(record)))
         .await
         .expect("produce");
 

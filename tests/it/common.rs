@@ -63,9 +63,9 @@ pub async fn add_partitions(name: &str, total: usize) {
     }
 }
 
-pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
+pub fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
     ClientConfig::new()
-        .set("bootstrap.servers", kafka())
+        .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "10")
         .set("queue.buffering.max.messages", "1000000")
@@ -76,13 +76,21 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
 /// Produce `payloads` to `topic` (keyed by index, spread over partitions) and wait for
 /// every delivery.
 pub fn produce<P: AsRef<[u8]>>(topic: &str, payloads: impl IntoIterator<Item = (String, Option<P>)>) {
-    let p = producer();
+    produce_to(&kafka(), topic, payloads)
+}
+
+/// [`produce`] to another cluster (the mock cluster).
+pub fn produce_to<P: AsRef<[u8]>>(
+    bootstrap: &str,
+    topic: &str,
+    payloads: impl IntoIterator<Item = (String, Option<P>)>,
+) {
+    let p = producer(bootstrap);
     for (key, payload) in payloads {
         let mut rec = BaseRecord::<String, [u8]>::to(topic).key(&key);
         if let Some(pl) = &payload {
             rec = rec.payload(pl.as_ref());
         }
-        let mut rec = rec;
         loop {
             match p.send(rec) {
                 Ok(()) => break,

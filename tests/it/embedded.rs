@@ -82,7 +82,10 @@ async fn the_default_config_runs_without_any_service() {
         .spawn()
     {
         let body = metrics.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        assert!(body.contains("# HELP sluice_records_in_total"), "no exposition body: {metrics}");
+        assert!(
+            body.contains("# HELP sluice_records_in_total"),
+            "no exposition body: {metrics}"
+        );
         lint.stdin
             .take()
             .expect("stdin")
