@@ -238,6 +238,11 @@ pub struct Sluice {
 
 impl Sluice {
     pub fn start(config: &Path, log: &Path) -> Sluice {
+        Self::start_with(config, log, &[])
+    }
+
+    /// Start with `SLUICE__…` environment overrides.
+    pub fn start_with(config: &Path, log: &Path, env: &[(&str, &str)]) -> Sluice {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -247,6 +252,7 @@ impl Sluice {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info,sqlx=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out.try_clone().expect("log")))
             .stderr(Stdio::from(out))
             .spawn()

@@ -102,3 +102,51 @@ async fn kill_idempotent_exactly_once() {
 async fn kill_two_phase_exactly_once() {
     kill_and_restart("two_phase").await;
 }
+
+/// A job killed and restarted with other source and sink parallelism each time: source
+/// offsets and prepared transactions are redistributed, still exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_rescale_two_phase() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("rescale");
+    let job = unique("rescale");
+    create_topic(&topic, 6).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("checkpoints")),
+    );
+    let log = dir.path().join("sluice.log");
+    let total: u64 = 60_000;
+    let t = topic.clone();
+    let producer = std::thread::spawn(move || {
+        for chunk in 0..20 {
+            produce(&t, (chunk * total / 20..(chunk + 1) * total / 20).map(record));
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let shapes = [("1", "1"), ("3", "2"), ("2", "3"), ("4", "1")];
+    for (sources, sinks) in shapes {
+        let env = [
+            ("SLUICE__SOURCE__PARALLELISM", sources),
+            ("SLUICE__SINK__PARALLELISM", sinks),
+        ];
+        let s = Sluice::start_with(&config, &log, &env);
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_500..3_000))).await;
+        s.kill9();
+    }
+    producer.join().expect("producer");
+    let env = [("SLUICE__SOURCE__PARALLELISM", "2"), ("SLUICE__SINK__PARALLELISM", "2")];
+    let s = Sluice::start_with(&config, &log, &env);
+    let total = total as i64;
+    let complete = wait_until(Duration::from_secs(120), || async {
+        sink_counts(&pool, &schema).await.0 >= total
+    })
+    .await;
+    let status = s.terminate();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(complete && status.success(), "log tail:\n{}", tail(&log_text));
+    assert_eq!(sink_counts(&pool, &schema).await, (total, total, total, 0, total - 1));
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
