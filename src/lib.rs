@@ -17,8 +17,10 @@
 //!   is an adapter over a target (Postgres, SQLite) that knows how to write.
 //! - [`config`]: the TOML/environment configuration, validated before anything starts.
 //! - [`telemetry`]: Prometheus metrics, the console status line.
+//! - [`api`]: the HTTP endpoint: `/metrics`, `/health`, `/ready`, `/status`.
 //! - [`record`]: what flows between operators.
 
+pub mod api;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

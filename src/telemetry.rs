@@ -12,37 +12,14 @@
 //!   blocked on a full output channel (Flink's "backpressured time")
 //! - `restarts_total`
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram, Counter, Gauge};
-use metrics_exporter_prometheus::PrometheusBuilder;
-
-use crate::error::{Error, Result};
-
-/// Start the Prometheus endpoint. A second call in one process (tests running several
-/// jobs) keeps the first exporter.
-pub fn install_exporter(listen: &str) -> Result<()> {
-    if listen.is_empty() {
-        return Ok(());
-    }
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|_| Error::Internal(format!("metrics.listen `{listen}` is not host:port")))?;
-    match PrometheusBuilder::new().with_http_listener(addr).install() {
-        Ok(()) => {
-            describe();
-            Ok(())
-        }
-        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
-        Err(e) => Err(Error::Unsupported(format!("metrics endpoint on {addr}: {e}"))),
-    }
-}
 
 /// Help texts, so that `/metrics` explains itself.
-fn describe() {
+pub(crate) fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "sluice_records_in_total",
@@ -136,6 +113,8 @@ pub struct JobStats {
     pub last_checkpoint_at_ms: AtomicU64,
     /// Restarts of the job inside this process (after failures).
     pub restarts: AtomicU64,
+    /// The job's subtasks are running (not starting, restarting or stopped).
+    pub running: std::sync::atomic::AtomicBool,
     lag_by_subtask: std::sync::Mutex<std::collections::BTreeMap<usize, i64>>,
 }
 

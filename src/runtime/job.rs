@@ -41,7 +41,7 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
 /// it fails past what its restart strategy allows.
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
     let cfg = Arc::new(cfg);
-    telemetry::install_exporter(&cfg.metrics.listen)?;
+    let _api = crate::api::start(&cfg.metrics.listen, &cfg.job.name, stats.clone()).await?;
     let embedded = match cfg.is_embedded() {
         true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
         false => None,
@@ -176,6 +176,8 @@ async fn attempt(
         handle.stop();
     }
 
+    stats.running.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _not_running = NotRunning(stats.clone());
     let mut stopping = *shutdown.borrow();
     let failure = loop {
         tokio::select! {
@@ -227,6 +229,15 @@ async fn attempt(
     match (failure, cause) {
         (Error::Internal(_), Some(cause)) => Err(cause),
         (failure, _) => Err(failure),
+    }
+}
+
+/// Marks the job not running when an attempt ends, however it ends.
+struct NotRunning(Arc<JobStats>);
+
+impl Drop for NotRunning {
+    fn drop(&mut self) {
+        self.0.running.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

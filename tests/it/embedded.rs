@@ -42,6 +42,10 @@ async fn the_default_config_runs_without_any_service() {
         .expect("start sluice");
     tokio::time::sleep(Duration::from_secs(6)).await;
     let metrics = http_get(&addr, "/metrics");
+    let health = http_get(&addr, "/health");
+    let ready = http_get(&addr, "/ready");
+    let status_page = http_get(&addr, "/status");
+    let missing = http_get(&addr, "/nope");
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -101,6 +105,16 @@ async fn the_default_config_runs_without_any_service() {
     } else {
         println!("promtool not installed: /metrics not linted");
     }
+
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    let body = status_page.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(body).expect("status is JSON");
+    assert_eq!(json["job"], "demo");
+    assert_eq!(json["running"], true);
+    assert!(json["records_in"].as_u64().unwrap_or(0) > 1_000, "{json}");
+    assert!(json["last_checkpoint"]["id"].as_u64().unwrap_or(0) >= 1, "{json}");
 
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
         .await

@@ -1,0 +1,138 @@
+//! The HTTP endpoint beside the job, on `metrics.listen`:
+//!
+//! - `GET /metrics`: Prometheus text
+//! - `GET /health`: 200 while the process is up (liveness)
+//! - `GET /ready`: 200 while the job runs, 503 while it starts, restarts or stops
+//! - `GET /status`: the job's counters and last checkpoint, as JSON
+//!
+//! A few routes, read-only, HTTP/1.1 with one request per connection: small enough to
+//! serve by hand rather than pull in a web framework.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::telemetry::{self, JobStats};
+
+/// The running endpoint; dropping it stops it.
+pub struct ApiServer {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Install the metrics recorder and serve the endpoint on `listen` (nothing if empty).
+/// In a process that already has a recorder (several jobs in tests), `/metrics` says so.
+pub async fn start(listen: &str, job: &str, stats: Arc<JobStats>) -> Result<Option<ApiServer>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Unsupported(format!("metrics.listen: cannot listen on {listen}: {e}")))?;
+    let handle = PrometheusBuilder::new().install_recorder().ok();
+    let mut tasks = Vec::new();
+    if let Some(h) = handle.clone() {
+        telemetry::describe();
+        // Summaries age out old samples only when told to.
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                h.run_upkeep();
+            }
+        }));
+    }
+    let job = job.to_string();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let (handle, stats, job) = (handle.clone(), stats.clone(), job.clone());
+            tokio::spawn(async move {
+                // A client that stalls or hangs up is its own problem.
+                let _ = tokio::time::timeout(Duration::from_secs(10), serve(socket, handle, stats, job)).await;
+            });
+        }
+    }));
+    Ok(Some(ApiServer { tasks }))
+}
+
+async fn serve(
+    mut socket: TcpStream,
+    metrics: Option<PrometheusHandle>,
+    stats: Arc<JobStats>,
+    job: String,
+) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&request);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => match &metrics {
+            Some(h) => ("200 OK", "text/plain; version=0.0.4", h.render()),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "metrics are recorded by another job in this process\n".into(),
+            ),
+        },
+        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".into()),
+        ("GET", "/ready") if stats.running.load(Ordering::Relaxed) => ("200 OK", "text/plain", "ready\n".into()),
+        ("GET", "/ready") => ("503 Service Unavailable", "text/plain", "not running\n".into()),
+        ("GET", "/status") => ("200 OK", "application/json", status_json(&stats, &job)),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /health, /ready or /status\n".into(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(response.as_bytes()).await?;
+    socket.shutdown().await
+}
+
+fn status_json(stats: &JobStats, job: &str) -> String {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let last = load(&stats.last_checkpoint);
+    serde_json::json!({
+        "job": job,
+        "running": stats.running.load(Ordering::Relaxed),
+        "records_in": load(&stats.records_in),
+        "rows_written": load(&stats.rows_written),
+        "dead_letters": load(&stats.dead_letters),
+        "consumer_lag": stats.lag(),
+        "checkpoints_completed": load(&stats.checkpoints),
+        "last_checkpoint": (last > 0).then(|| serde_json::json!({
+            "id": last,
+            "completed_at_ms": load(&stats.last_checkpoint_at_ms),
+        })),
+        "restarts": load(&stats.restarts),
+    })
+    .to_string()
+        + "\n"
+}
