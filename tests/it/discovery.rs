@@ -76,3 +76,43 @@ fn committed_total(group: &str, topic: &str) -> i64 {
         Err(_) => 0,
     }
 }
+
+/// `start_from = "latest"` skips what was there before the first start, and a restart
+/// resumes from the checkpoint, not from "latest" again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_from_latest_then_resume_from_the_checkpoint() {
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("latest");
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..1_000).map(record));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = job_toml(&unique("latest"), &topic, &schema, "idempotent", &dir.path().join("cp")).replace(
+        "partition_discovery_interval",
+        "start_from = \"latest\"\npartition_discovery_interval",
+    );
+    let config = write_config(dir.path(), &toml);
+    let running = InProcess::start(&config);
+    // Let it take its first checkpoint (positions resolved to the end), then add more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produce(&topic, (1_000..1_500).map(record));
+    let first = wait_until(Duration::from_secs(30), || async {
+        sink_counts(&pool, &schema).await.0 >= 500
+    })
+    .await;
+    running.stop().await;
+    assert!(first, "records produced after the start did not arrive");
+
+    // Written while the job is down: a restart must read them (from the checkpoint).
+    produce(&topic, (1_500..2_000).map(record));
+    let running = InProcess::start(&config);
+    let second = wait_until(Duration::from_secs(30), || async {
+        sink_counts(&pool, &schema).await.0 >= 1_000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.stop().await;
+    assert!(second, "records written while the job was down were skipped");
+    assert_eq!(sink_counts(&pool, &schema).await, (1_000, 1_000, 1_000, 1_000, 1_999));
+}
