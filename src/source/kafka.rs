@@ -141,12 +141,13 @@ impl SourceTask {
                 self.checkpoint(&mut run, &name, barrier)?;
                 if barrier.is_final {
                     self.outputs.broadcast_blocking(&StreamElement::EndOfStream)?;
+                    self.commit_final(&mut run, barrier.id);
                     return Ok(());
                 }
             }
             if self.completed.has_changed().unwrap_or(false) {
                 let done = *self.completed.borrow_and_update();
-                self.commit_offsets(&mut run, done);
+                self.commit_offsets(&mut run, done, CommitMode::Async);
             }
             let batch = self.poll_batch(&mut run)?;
             if !batch.is_empty() {
@@ -282,9 +283,26 @@ impl SourceTask {
             .map_err(|_| Error::Internal("checkpoint coordinator stopped".into()))
     }
 
+    /// After the final barrier: wait (briefly) for the final checkpoint to complete and
+    /// commit its offsets, so that the group shows no lag after a clean stop.
+    fn commit_final(&mut self, run: &mut Running, id: u64) {
+        if !self.commit_offsets {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !self.cancel.load(Ordering::Relaxed) {
+            let done = *self.completed.borrow_and_update();
+            if done >= id {
+                self.commit_offsets(run, done, CommitMode::Sync);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Commit the offsets of completed checkpoint `done` to the consumer group, so that
     /// Kafka's own tools show the lag. Best effort: a failure is only reported.
-    fn commit_offsets(&self, run: &mut Running, done: u64) {
+    fn commit_offsets(&self, run: &mut Running, done: u64, mode: CommitMode) {
         let mut latest = None;
         while run.snapshots.front().is_some_and(|(id, _)| *id <= done) {
             latest = run.snapshots.pop_front();
@@ -304,7 +322,7 @@ impl SourceTask {
         if tpl.count() == 0 {
             return;
         }
-        if let Err(e) = run.consumer.commit(&tpl, CommitMode::Async) {
+        if let Err(e) = run.consumer.commit(&tpl, mode) {
             if run.last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                 tracing::warn!(subtask = self.index, error = %e, "committing offsets for lag monitoring failed");
                 run.last_warning = Some(Instant::now());

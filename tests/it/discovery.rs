@@ -88,7 +88,8 @@ async fn start_from_latest_then_resume_from_the_checkpoint() {
     produce(&topic, (0..1_000).map(record));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = job_toml(&unique("latest"), &topic, &schema, "idempotent", &dir.path().join("cp")).replace(
+    let job = unique("latest");
+    let toml = job_toml(&job, &topic, &schema, "idempotent", &dir.path().join("cp")).replace(
         "partition_discovery_interval",
         "start_from = \"latest\"\npartition_discovery_interval",
     );
@@ -114,5 +115,14 @@ async fn start_from_latest_then_resume_from_the_checkpoint() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.stop().await;
     assert!(second, "records written while the job was down were skipped");
+    let group = format!("sluice-{}", job);
+    let t = topic.clone();
+    let committed = tokio::task::spawn_blocking(move || committed_total(&group, &t))
+        .await
+        .expect("read offsets");
+    assert_eq!(
+        committed, 2_000,
+        "after a clean stop the group's offsets are those of the final checkpoint"
+    );
     assert_eq!(sink_counts(&pool, &schema).await, (1_000, 1_000, 1_000, 1_000, 1_999));
 }
