@@ -55,18 +55,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(
-            super::redact("postgres://u:pw@h:5/db?x=1"),
-            "postgres://u:***@h:5/db?x=1"
-        );
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-    }
-}
-
 /// Apply the sqlx migrations in `dir`.
 pub async fn migrate(pool: &PgPool, dir: &Path) -> Result<()> {
     let migrator = sqlx::migrate::Migrator::new(dir).await?;
@@ -75,24 +63,31 @@ pub async fn migrate(pool: &PgPool, dir: &Path) -> Result<()> {
 }
 
 /// Refuse to start two-phase commit on a server that cannot prepare transactions.
-pub async fn check_prepared_transactions(pool: &PgPool, needed: u32) -> Result<()> {
+pub async fn check_prepared_transactions(pool: &PgPool, parallelism: u32) -> Result<()> {
     let row = sqlx::query("SELECT current_setting('max_prepared_transactions')::int")
         .fetch_one(pool)
         .await
         .map_err(Error::db("read max_prepared_transactions"))?;
     let max: i32 = row.try_get(0).map_err(Error::db("read max_prepared_transactions"))?;
+    prepared_transactions_verdict(max, parallelism)
+}
+
+/// Each sink subtask can hold two prepared transactions at once (the epoch waiting for
+/// its checkpoint to complete, and the next one being prepared).
+fn prepared_transactions_verdict(max: i32, parallelism: u32) -> Result<()> {
+    let needed = i64::from(parallelism) * 2;
     if max <= 0 {
         return Err(Error::Unsupported(format!(
             "sink.strategy = \"two_phase\" needs prepared transactions, but this PostgreSQL has \
              max_prepared_transactions = {max}. Set max_prepared_transactions = {} (at least twice \
-             sink.parallelism; ≥ max_connections is usual) in postgresql.conf and restart PostgreSQL.",
-            (needed * 2).max(64)
+             sink.parallelism) in postgresql.conf and restart PostgreSQL.",
+            needed.max(64)
         )));
     }
-    if (max as u32) < needed * 2 {
+    if i64::from(max) < needed {
         tracing::warn!(
             max,
-            needed = needed * 2,
+            needed,
             "max_prepared_transactions is low for this sink parallelism"
         );
     }
@@ -516,5 +511,27 @@ pub async fn finish_prepared(conn: &mut PgConnection, gid: &str, commit: bool) -
         Ok(_) => Ok(true),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => Ok(false),
         Err(e) => Err(Error::db(format!("{verb} PREPARED {gid}"))(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn two_phase_refuses_a_server_without_prepared_transactions() {
+        let e = super::prepared_transactions_verdict(0, 2).unwrap_err().to_string();
+        assert!(e.contains("max_prepared_transactions = 0"), "{e}");
+        assert!(e.contains("postgresql.conf") && e.contains("restart PostgreSQL"), "{e}");
+        assert!(super::prepared_transactions_verdict(64, 2).is_ok());
+        // Low but not zero: allowed, with a warning.
+        assert!(super::prepared_transactions_verdict(1, 4).is_ok());
+    }
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            super::redact("postgres://u:pw@h:5/db?x=1"),
+            "postgres://u:***@h:5/db?x=1"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }
