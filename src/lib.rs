@@ -24,6 +24,7 @@ pub mod api;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod operators;
 pub mod record;
 pub mod runtime;

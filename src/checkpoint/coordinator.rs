@@ -249,6 +249,7 @@ impl Coordinator {
                 let barrier = p.barrier;
                 let started = p.triggered_at;
                 let completed = p.into_completed(&self.job);
+                crate::failpoint::crash_if("before_store", barrier.id);
                 // Written before it is announced: a sink commits only what a restore
                 // would also find.
                 let bytes = self.storage.store(&completed)?;

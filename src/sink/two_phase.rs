@@ -116,6 +116,7 @@ impl SinkWriter for TwoPhaseWriter {
                 .await
                 .map_err(Error::db(format!("prepare {id}")))?;
             self.in_transaction = false;
+            crate::failpoint::crash_if("after_prepare", checkpoint);
             self.pending.push((checkpoint, id));
             self.prepared_counts
                 .push((checkpoint, std::mem::take(&mut self.uncommitted)));
@@ -131,6 +132,7 @@ impl SinkWriter for TwoPhaseWriter {
         if !self.pending.iter().any(|(n, _)| *n <= checkpoint) {
             return Ok(());
         }
+        crate::failpoint::crash_if("before_commit", checkpoint);
         let started = Instant::now();
         // The epoch connection may be inside the next transaction; commit elsewhere.
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;

@@ -150,3 +150,93 @@ async fn kill_and_rescale_two_phase() {
     assert_eq!(sink_counts(&pool, &schema).await, (total, total, total, 0, total - 1));
     assert_eq!(prepared_of(&pool, &job).await, 0);
 }
+
+/// Crashes placed exactly in the narrow windows of two-phase commit (see
+/// `src/failpoint.rs`): after a prepare, before the checkpoint is stored, and after it is
+/// stored but before the commit. Each leaves prepared transactions behind; the restart
+/// must commit exactly those of the stored checkpoint and roll back the rest.
+#[cfg(feature = "failpoints")]
+async fn crash_at(point: &str) {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("crash");
+    let job = unique("crash");
+    create_topic(&topic, 4).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("checkpoints")),
+    );
+    let log = dir.path().join("sluice.log");
+    // Input keeps arriving, evenly (~10k records/s), so every epoch has records to prepare.
+    let t = topic.clone();
+    let producer = std::thread::spawn(move || {
+        use rdkafka::producer::{BaseRecord, Producer};
+        let p = producer(&kafka());
+        for id in 0..40_000u64 {
+            let (key, payload) = record(id);
+            let payload = payload.unwrap_or_default();
+            while p.send(BaseRecord::to(&t).key(&key).payload(&payload)).is_err() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if id % 500 == 499 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        p.flush(Duration::from_secs(60)).expect("flush");
+    });
+    let mut s = Sluice::start_with(&config, &log, &[("SLUICE_FAILPOINT", &format!("{point}:4"))]);
+    let crashed = s.wait_exit(Duration::from_secs(60));
+    let left_prepared = prepared_of(&pool, &job).await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        crashed.is_some_and(|st| !st.success()),
+        "no crash at {point}:\n{}",
+        tail(&log_text)
+    );
+    assert!(log_text.contains(&format!("failpoint {point}")), "{}", tail(&log_text));
+    assert!(
+        left_prepared > 0,
+        "the crash at {point} left no prepared transaction to recover"
+    );
+    producer.join().expect("producer");
+
+    let s = Sluice::start(&config, &log);
+    let total = 40_000i64;
+    let complete = wait_until(Duration::from_secs(120), || async {
+        sink_counts(&pool, &schema).await.0 >= total
+    })
+    .await;
+    let status = s.terminate();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(complete && status.success(), "{point}: log tail:\n{}", tail(&log_text));
+    assert!(
+        log_text.contains("resolved prepared transactions"),
+        "{}",
+        tail(&log_text)
+    );
+    assert_eq!(
+        sink_counts(&pool, &schema).await,
+        (total, total, total, 0, total - 1),
+        "{point}"
+    );
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_prepare() {
+    crash_at("after_prepare").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_store() {
+    crash_at("before_store").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_commit() {
+    crash_at("before_commit").await;
+}

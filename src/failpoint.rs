@@ -1,0 +1,28 @@
+//! Crash points for tests: with the cargo feature `failpoints` and
+//! `SLUICE_FAILPOINT=<name>:<checkpoint>`, the process aborts (as a crash would) at the
+//! named point once the checkpoint id reaches `<checkpoint>`. They put a crash exactly in
+//! the narrow windows of the exactly-once protocol that random SIGKILLs rarely hit:
+//!
+//! - `after_prepare`: a sink prepared its transaction, before acknowledging the barrier
+//! - `before_store`: every subtask acknowledged, before the checkpoint is stored
+//! - `before_commit`: the checkpoint is stored and announced, before a sink commits
+//!
+//! Without the feature, `crash_if` compiles to nothing.
+
+#[cfg(feature = "failpoints")]
+pub fn crash_if(name: &str, checkpoint: u64) {
+    let Ok(spec) = std::env::var("SLUICE_FAILPOINT") else {
+        return;
+    };
+    let Some((point, from)) = spec.split_once(':') else {
+        return;
+    };
+    if point == name && from.parse::<u64>().is_ok_and(|from| checkpoint >= from) {
+        eprintln!("sluice: failpoint {name} at checkpoint {checkpoint}: aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn crash_if(_name: &str, _checkpoint: u64) {}
