@@ -82,6 +82,15 @@ enum TxnAction {
     },
 }
 
+/// `println!` that does not panic when stdout is gone (`sluice check | head`): a closed
+/// pipe is the reader's choice, not an error of ours.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -116,8 +125,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run { config } => run(load(&config)?).await,
         Command::Check { config } => {
             let cfg = load(&config)?;
-            println!("{}: ok", config.display());
-            println!("{cfg:#?}");
+            say!("{}: ok", config.display());
+            say!("{cfg:#?}");
             Ok(())
         }
         Command::Migrate { config } => migrate(load(&config)?).await,
@@ -216,7 +225,7 @@ async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
             sluice::sink::sqlite::migrate(&pool, &dir).await?;
         }
     }
-    println!("migrations in {} applied", dir.display());
+    say!("migrations in {} applied", dir.display());
     Ok(())
 }
 
@@ -231,10 +240,10 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
             let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
             let list = postgres::list_prepared(&pool, &cfg.job.name).await?;
             if list.is_empty() {
-                println!("no prepared transactions of job {}", cfg.job.name);
+                say!("no prepared transactions of job {}", cfg.job.name);
             }
             for t in list {
-                println!("{}\tprepared {}\towner {}", t.gid, t.prepared, t.owner);
+                say!("{}\tprepared {}\towner {}", t.gid, t.prepared, t.owner);
             }
             return Ok(());
         }
@@ -267,7 +276,7 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
     for g in gids {
         let found = postgres::finish_prepared(&mut conn, &g, commit).await?;
         let verb = if commit { "committed" } else { "rolled back" };
-        println!("{g}: {}", if found { verb } else { "not found (already resolved)" });
+        say!("{g}: {}", if found { verb } else { "not found (already resolved)" });
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //!   blocked on a full output channel (Flink's "backpressured time")
 //! - `restarts_total`
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -168,7 +169,9 @@ pub async fn print_status(stats: Arc<JobStats>, every: Duration, where_to_look: 
                 format!("#{cp} {:.1}s ago", wall.saturating_sub(at) as f64 / 1000.0)
             }
         };
-        println!(
+        // A closed stdout must not stop the job: the line is lost, nothing else.
+        let _ = writeln!(
+            std::io::stdout(),
             "sluice: {rate:>9.0} records/s | read {records} | rows written {} | dead letters {} | lag {} | last checkpoint {cp_age} | {where_to_look}",
             stats.rows_written.load(Ordering::Relaxed),
             stats.dead_letters.load(Ordering::Relaxed),
