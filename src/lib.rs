@@ -19,6 +19,8 @@
 //! - [`telemetry`]: Prometheus metrics, the console status line.
 //! - [`api`]: the HTTP endpoint: `/metrics`, `/health`, `/ready`, `/status`.
 //! - [`record`]: what flows between operators.
+//! - [`error`]: errors by domain, and whether a restart can help.
+//! - [`failpoint`]: crash points for the exactly-once tests (compiled out by default).
 
 pub mod api;
 pub mod checkpoint;
