@@ -138,25 +138,28 @@ pub fn quote_name(name: &str) -> String {
         .join(".")
 }
 
-/// A value of a record for a column source, as text for keys.
+/// A record's key as text that tells keys apart: every part is tagged with its kind and
+/// prefixed with its length, so no text inside a part can pass for a boundary.
 pub(crate) fn key_text(record: &Record, key: &[ValueSource]) -> String {
+    use std::borrow::Cow;
+    use std::fmt::Write;
     let mut out = String::new();
     for k in key {
-        match k {
-            ValueSource::Topic => out.push_str(&record.origin.topic),
-            ValueSource::Partition => out.push_str(&record.origin.partition.to_string()),
-            ValueSource::Offset => out.push_str(&record.origin.offset.to_string()),
-            ValueSource::Timestamp => out.push_str(&record.origin.timestamp_ms.to_string()),
-            ValueSource::Payload => out.push_str(record.payload.as_deref().unwrap_or("")),
+        let (tag, text): (char, Cow<str>) = match k {
+            ValueSource::Topic => ('t', Cow::Borrowed(&*record.origin.topic)),
+            ValueSource::Partition => ('p', Cow::Owned(record.origin.partition.to_string())),
+            ValueSource::Offset => ('o', Cow::Owned(record.origin.offset.to_string())),
+            ValueSource::Timestamp => ('m', Cow::Owned(record.origin.timestamp_ms.to_string())),
+            ValueSource::Payload => ('j', Cow::Borrowed(record.payload.as_deref().unwrap_or(""))),
             ValueSource::Field(i) => match record.values.get(*i) {
-                Some(Value::Text(s)) | Some(Value::Json(s)) => out.push_str(s),
-                Some(Value::Int(v)) => out.push_str(&v.to_string()),
-                Some(Value::Float(v)) => out.push_str(&v.to_string()),
-                Some(Value::Bool(v)) => out.push_str(&v.to_string()),
-                Some(Value::Null) | None => out.push('\u{0}'),
+                Some(Value::Text(s)) | Some(Value::Json(s)) => ('s', Cow::Borrowed(s.as_str())),
+                Some(Value::Int(v)) => ('i', Cow::Owned(v.to_string())),
+                Some(Value::Float(v)) => ('f', Cow::Owned(v.to_string())),
+                Some(Value::Bool(v)) => ('b', Cow::Owned(v.to_string())),
+                Some(Value::Null) | None => ('n', Cow::Borrowed("")),
             },
-        }
-        out.push('\u{1f}');
+        };
+        let _ = write!(out, "{tag}{}:{text}", text.len());
     }
     out
 }
@@ -237,5 +240,73 @@ impl SinkTarget {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Origin;
+    use std::sync::Arc;
+
+    fn rec(offset: i64, a: &str, b: &str) -> Record {
+        Record {
+            origin: Origin {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+            },
+            values: vec![Value::Text(a.into()), Value::Text(b.into())],
+            payload: None,
+        }
+    }
+
+    fn spec(key: Vec<usize>, key_is_origin: bool) -> TableSpec {
+        let col = |name: &str, i| Column {
+            name: name.into(),
+            source: ValueSource::Field(i),
+            value_type: ValueType::Text,
+        };
+        TableSpec {
+            table: "x".into(),
+            columns: vec![col("a", 0), col("b", 1)],
+            key,
+            dead_letter_table: None,
+            key_is_origin,
+        }
+    }
+
+    #[test]
+    fn last_record_per_key_wins_in_input_order() {
+        let records = vec![
+            rec(0, "k1", "old"),
+            rec(1, "k2", "x"),
+            rec(2, "k1", "new"),
+            rec(3, "k3", "y"),
+        ];
+        let kept: Vec<i64> = last_per_key(&records, &spec(vec![0], false))
+            .iter()
+            .map(|r| r.origin.offset)
+            .collect();
+        assert_eq!(kept, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn key_parts_cannot_imitate_each_other() {
+        let records = vec![rec(0, "a\u{1f}b", "c"), rec(1, "a", "b\u{1f}c"), rec(2, "", "")];
+        assert_eq!(last_per_key(&records, &spec(vec![0, 1], false)).len(), 3);
+        let null = Record {
+            values: vec![Value::Null, Value::Text(String::new())],
+            ..rec(3, "", "")
+        };
+        let key = [ValueSource::Field(0)];
+        assert_ne!(key_text(&null, &key), key_text(&records[2], &key));
+    }
+
+    #[test]
+    fn kafka_coordinates_are_unique_already() {
+        let records = vec![rec(0, "k", "1"), rec(1, "k", "2")];
+        assert_eq!(last_per_key(&records, &spec(vec![0], true)).len(), 2);
     }
 }

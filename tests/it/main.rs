@@ -16,4 +16,5 @@ mod restart;
 mod table_checks;
 mod txn_cli;
 mod unreachable;
+mod upsert_key;
 mod upstream_transactions;
