@@ -45,6 +45,45 @@ pub struct Record {
     pub payload: Option<String>,
 }
 
+impl Record {
+    /// Feed each part of the key to `part` as (kind tag, bytes), with no allocation for
+    /// numbers. The one place that reads a key out of a record: the key-hash partitioner
+    /// hashes these parts and the sink's de-duplication compares them.
+    pub fn key_parts(&self, key: &[ValueSource], mut part: impl FnMut(u8, &[u8])) {
+        for k in key {
+            match k {
+                ValueSource::Topic => part(b't', self.origin.topic.as_bytes()),
+                ValueSource::Partition => part(b'p', &self.origin.partition.to_le_bytes()),
+                ValueSource::Offset => part(b'o', &self.origin.offset.to_le_bytes()),
+                ValueSource::Timestamp => part(b'm', &self.origin.timestamp_ms.to_le_bytes()),
+                ValueSource::Payload => part(b'j', self.payload.as_deref().unwrap_or("").as_bytes()),
+                ValueSource::Field(i) => match self.values.get(*i).unwrap_or(&Value::Null) {
+                    Value::Null => part(b'n', &[]),
+                    Value::Bool(b) => part(b'b', &[u8::from(*b)]),
+                    Value::Int(v) => part(b'i', &v.to_le_bytes()),
+                    Value::Float(v) => part(b'f', &v.to_bits().to_le_bytes()),
+                    Value::Text(s) | Value::Json(s) => part(b's', s.as_bytes()),
+                },
+            }
+        }
+    }
+
+    /// A record from a test: topic `t`, partition 0, the given offset and values.
+    #[cfg(test)]
+    pub(crate) fn for_test(offset: i64, values: Vec<Value>) -> Record {
+        Record {
+            origin: Origin {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+            },
+            values,
+            payload: None,
+        }
+    }
+}
+
 /// A batch of records and of the dead letters met while decoding them. Records travel in
 /// batches so that the per-message cost of channels and sinks is paid per batch.
 #[derive(Debug, Default, Clone)]

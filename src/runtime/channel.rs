@@ -38,14 +38,6 @@ impl Outputs {
         self.blocked.replace(Duration::ZERO)
     }
 
-    pub fn len(&self) -> usize {
-        self.senders.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.senders.is_empty()
-    }
-
     /// Send from a plain thread, blocking while the channel is full.
     pub fn send_blocking(&self, output: usize, element: StreamElement) -> Result<()> {
         let sender = &self.senders[output];

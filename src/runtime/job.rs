@@ -24,7 +24,7 @@ use crate::record::ValueSource;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
 use crate::sink::two_phase::TwoPhaseWriter;
-use crate::sink::{SinkTarget, TableSpec};
+use crate::sink::SinkTarget;
 use crate::source::embedded::EmbeddedKafka;
 use crate::source::{consumer_config, producer_config, restored_offsets, SourceTask};
 use crate::telemetry::{self, JobStats, SubtaskMetrics};
@@ -118,7 +118,7 @@ async fn attempt(
         spawn_sink(&mut tasks, cfg, bootstrap, &target, io, stats).await?;
     }
 
-    let spec = TableSpec::from_config(cfg);
+    let spec = target.spec();
     let key: Vec<ValueSource> = spec.key_sources();
     let keep_payload = spec.columns.iter().any(|c| c.source == ValueSource::Payload);
     let mut triggers = Vec::with_capacity(ps);

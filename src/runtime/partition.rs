@@ -5,7 +5,7 @@
 //! is restored with another parallelism.
 
 use crate::config::PartitionerKind;
-use crate::record::{Batch, DeadLetter, Record, Value, ValueSource};
+use crate::record::{Batch, DeadLetter, Record, ValueSource};
 
 /// FNV-1a: stable across builds and platforms, unlike `std`'s hasher, which matters
 /// because key groups are part of checkpointed state.
@@ -53,30 +53,15 @@ pub fn source_owner(topic: &str, partition: i32, parallelism: u32) -> u32 {
     ((h.finish() % u64::from(parallelism)) as u32 + partition.unsigned_abs()) % parallelism
 }
 
-fn hash_value(h: &mut StableHasher, v: &Value) {
-    match v {
-        Value::Null => h.write(&[0]),
-        Value::Bool(b) => h.write(&[1, u8::from(*b)]),
-        Value::Int(i) => h.write(&i.to_le_bytes()),
-        Value::Float(f) => h.write(&f.to_bits().to_le_bytes()),
-        Value::Text(s) | Value::Json(s) => h.write(s.as_bytes()),
-    }
-}
-
-/// Hash of a record's key.
+/// Hash of a record's key. Each part is tagged and length-prefixed, so that parts cannot
+/// run into each other.
 pub fn hash_key(record: &Record, key: &[ValueSource]) -> u64 {
     let mut h = StableHasher::default();
-    for part in key {
-        match part {
-            ValueSource::Topic => h.write(record.origin.topic.as_bytes()),
-            ValueSource::Partition => h.write(&record.origin.partition.to_le_bytes()),
-            ValueSource::Offset => h.write(&record.origin.offset.to_le_bytes()),
-            ValueSource::Timestamp => h.write(&record.origin.timestamp_ms.to_le_bytes()),
-            ValueSource::Payload => h.write(record.payload.as_deref().unwrap_or("").as_bytes()),
-            ValueSource::Field(i) => hash_value(&mut h, record.values.get(*i).unwrap_or(&Value::Null)),
-        }
-        h.write(&[0xff]);
-    }
+    record.key_parts(key, |tag, bytes| {
+        h.write(&[tag]);
+        h.write(&(bytes.len() as u64).to_le_bytes());
+        h.write(bytes);
+    });
     h.finish()
 }
 
@@ -198,20 +183,10 @@ impl Partitioner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Origin;
-    use std::sync::Arc;
+    use crate::record::Value;
 
     fn rec(offset: i64) -> Record {
-        Record {
-            origin: Origin {
-                topic: Arc::from("t"),
-                partition: 0,
-                offset,
-                timestamp_ms: 0,
-            },
-            values: vec![Value::Int(offset % 7)],
-            payload: None,
-        }
+        Record::for_test(offset, vec![Value::Int(offset % 7)])
     }
 
     fn batch(n: i64) -> Batch {

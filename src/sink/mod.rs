@@ -22,7 +22,7 @@ pub mod two_phase;
 use std::future::Future;
 
 use crate::config::{FieldType, JobConfig};
-use crate::record::{Batch, Record, Value, ValueSource};
+use crate::record::{Batch, Record, ValueSource};
 
 /// The exactly-once protocol a sink subtask follows. Only `write` and `pre_commit` are
 /// required; `commit` defaults to nothing (idempotent writes are final when written).
@@ -138,29 +138,15 @@ pub fn quote_name(name: &str) -> String {
         .join(".")
 }
 
-/// A record's key as text that tells keys apart: every part is tagged with its kind and
-/// prefixed with its length, so no text inside a part can pass for a boundary.
-pub(crate) fn key_text(record: &Record, key: &[ValueSource]) -> String {
-    use std::borrow::Cow;
-    use std::fmt::Write;
-    let mut out = String::new();
-    for k in key {
-        let (tag, text): (char, Cow<str>) = match k {
-            ValueSource::Topic => ('t', Cow::Borrowed(&*record.origin.topic)),
-            ValueSource::Partition => ('p', Cow::Owned(record.origin.partition.to_string())),
-            ValueSource::Offset => ('o', Cow::Owned(record.origin.offset.to_string())),
-            ValueSource::Timestamp => ('m', Cow::Owned(record.origin.timestamp_ms.to_string())),
-            ValueSource::Payload => ('j', Cow::Borrowed(record.payload.as_deref().unwrap_or(""))),
-            ValueSource::Field(i) => match record.values.get(*i) {
-                Some(Value::Text(s)) | Some(Value::Json(s)) => ('s', Cow::Borrowed(s.as_str())),
-                Some(Value::Int(v)) => ('i', Cow::Owned(v.to_string())),
-                Some(Value::Float(v)) => ('f', Cow::Owned(v.to_string())),
-                Some(Value::Bool(v)) => ('b', Cow::Owned(v.to_string())),
-                Some(Value::Null) | None => ('n', Cow::Borrowed("")),
-            },
-        };
-        let _ = write!(out, "{tag}{}:{text}", text.len());
-    }
+/// A record's key as bytes that tell keys apart: every part tagged with its kind and
+/// prefixed with its length, so no content can pass for a boundary.
+pub(crate) fn key_bytes(record: &Record, key: &[ValueSource]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    record.key_parts(key, |tag, bytes| {
+        out.push(tag);
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    });
     out
 }
 
@@ -173,7 +159,7 @@ pub(crate) fn last_per_key<'a>(records: &'a [Record], spec: &TableSpec) -> Vec<&
     let key = spec.key_sources();
     let mut last = std::collections::HashMap::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        last.insert(key_text(r, &key), i);
+        last.insert(key_bytes(r, &key), i);
     }
     let mut keep: Vec<usize> = last.into_values().collect();
     keep.sort_unstable();
@@ -228,6 +214,14 @@ impl SinkTarget {
         }
     }
 
+    /// The table as configured (columns, key), resolved once at open.
+    pub fn spec(&self) -> &TableSpec {
+        match self {
+            SinkTarget::Postgres { table, .. } => &table.spec,
+            SinkTarget::Sqlite { table, .. } => &table.spec,
+        }
+    }
+
     /// Bring the target in line with the checkpoint being restored.
     pub async fn recover(
         &self,
@@ -246,20 +240,10 @@ impl SinkTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Origin;
-    use std::sync::Arc;
+    use crate::record::Value;
 
     fn rec(offset: i64, a: &str, b: &str) -> Record {
-        Record {
-            origin: Origin {
-                topic: Arc::from("t"),
-                partition: 0,
-                offset,
-                timestamp_ms: 0,
-            },
-            values: vec![Value::Text(a.into()), Value::Text(b.into())],
-            payload: None,
-        }
+        Record::for_test(offset, vec![Value::Text(a.into()), Value::Text(b.into())])
     }
 
     fn spec(key: Vec<usize>, key_is_origin: bool) -> TableSpec {
@@ -301,7 +285,7 @@ mod tests {
             ..rec(3, "", "")
         };
         let key = [ValueSource::Field(0)];
-        assert_ne!(key_text(&null, &key), key_text(&records[2], &key));
+        assert_ne!(key_bytes(&null, &key), key_bytes(&records[2], &key));
     }
 
     #[test]
