@@ -180,7 +180,7 @@ listen = ""
     let stats = Arc::new(sluice::telemetry::JobStats::default());
     let (stop, rx) = watch::channel(false);
     let started = Instant::now();
-    let job = tokio::spawn(sluice::runtime::run(cfg, rx, stats.clone()));
+    let job = tokio::spawn(sluice::app::run(cfg, rx, stats.clone()));
     while stats.rows_written.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!job.is_finished(), "the job stopped early");

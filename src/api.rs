@@ -132,6 +132,9 @@ fn status_json(stats: &JobStats, job: &str) -> String {
             "completed_at_ms": load(&stats.last_checkpoint_at_ms),
         })),
         "restarts": load(&stats.restarts),
+        "windows_fired": load(&stats.windows_fired),
+        "late_records_dropped": load(&stats.late_dropped),
+        "watermarks": stats.watermarks(),
     })
     .to_string()
         + "\n"

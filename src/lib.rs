@@ -1,16 +1,21 @@
 //! sluice: read Kafka, write to a database, exactly once.
 //!
-//! A job is a small dataflow read from TOML: a Kafka source, a decode step, and a sink,
-//! held together by asynchronous barrier snapshots (Chandy-Lamport, as in Apache Flink).
-//! The module tree follows the flow of a record:
+//! A job is a dataflow read from TOML: a Kafka source, a chain of operators (decode,
+//! key-by, windows), and a sink, held together by asynchronous barrier snapshots
+//! (Chandy-Lamport, as in Apache Flink). The module tree follows the flow of a record,
+//! lowest layer last:
 //!
+//! - [`app`]: the composition root: plans the graph from config and runs it.
 //! - [`source`]: Kafka partitions assigned to source subtasks; the next offset of each
-//!   partition is checkpointed operator state. Also the embedded broker and sample-event
-//!   generator used by the zero-install default.
-//! - [`operators`]: record-at-a-time steps chained into the source (JSON decode with a
-//!   dead-letter side output).
-//! - [`runtime`]: subtasks, bounded channels (the backpressure), partitioners, barrier
-//!   alignment, restart strategies and the job driver that wires them up.
+//!   partition is checkpointed state, and each partition has its own watermark. Also the
+//!   embedded broker and sample-event generator used by the zero-install default.
+//! - [`operators`]: decode (chained into the source, with a dead-letter side output),
+//!   `key_by`, and the window operator.
+//! - [`runtime`]: the source and operator contracts and the drivers that run them,
+//!   bounded channels (the backpressure), partitioners, barrier alignment, restart
+//!   strategies.
+//! - [`state`]: keyed state by key group (value, list, map) and its heap backend.
+//! - [`time`]: event-time extraction, watermarks with idleness, timers, the clock.
 //! - [`checkpoint`]: the coordinator that triggers barriers and collects acknowledgements,
 //!   and the storage (memory or directory) of completed checkpoints.
 //! - [`sink`]: exactly-once writers. Each strategy (idempotent upsert, two-phase commit)
@@ -23,6 +28,7 @@
 //! - [`failpoint`]: crash points for the exactly-once tests (compiled out by default).
 
 pub mod api;
+pub mod app;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -32,6 +38,8 @@ pub mod record;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod telemetry;
+pub mod time;
 
 pub use error::{Error, Result};

@@ -125,8 +125,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run { config } => run(load(&config)?).await,
         Command::Check { config } => {
             let cfg = load(&config)?;
+            let plan = sluice::app::plan(&cfg, &Arc::new(sluice::telemetry::JobStats::default()))?;
             say!("{}: ok", config.display());
-            say!("{cfg:#?}");
+            say!("job `{}`:\n{}", cfg.job.name, plan.describe());
+            let columns: Vec<&str> = plan.table.columns.iter().map(|c| c.name.as_str()).collect();
+            let key: Vec<&str> = plan.table.key.iter().map(|i| columns[*i]).collect();
+            say!(
+                "  sink table {}: columns ({}), key ({})",
+                plan.table.table,
+                columns.join(", "),
+                key.join(", ")
+            );
             Ok(())
         }
         Command::Migrate { config } => migrate(load(&config)?).await,
@@ -162,7 +171,7 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
         look.join(" | "),
     ));
     tracing::info!(job = cfg.job.name, "starting");
-    let result = sluice::runtime::run(cfg, stop_rx, stats).await;
+    let result = sluice::app::run(cfg, stop_rx, stats).await;
     status.abort();
     result.context("job failed")
 }

@@ -1,11 +1,14 @@
-//! What flows between operators: typed records in batches, and the control elements
-//! (barriers, watermarks, end of stream) that travel in the same channels.
+//! What flows between operators: typed records in batches, the control elements
+//! (barriers, watermarks, idleness, end of stream) that travel in the same channels, and
+//! the schema every operator declares for the stream it emits.
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 /// A decoded field value. Records are decoded once, at the source, into these; no
 /// operator re-parses JSON.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {
     Null,
     Bool(bool),
@@ -17,7 +20,12 @@ pub enum Value {
 }
 
 /// Where a record came from: enough to name it uniquely and to dead-letter it.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// For a Kafka record these are its coordinates. A record an operator made (a window
+/// result) has no Kafka origin: its `topic` is the operator's id, `partition` is
+/// [`Origin::MADE`] and `offset` a stable hash of what it is (key, window, firing), so
+/// that a replay names it the same way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Origin {
     pub topic: Arc<str>,
     pub partition: i32,
@@ -25,6 +33,14 @@ pub struct Origin {
     /// Kafka message timestamp in epoch milliseconds (0 when the broker gave none).
     pub timestamp_ms: i64,
 }
+
+impl Origin {
+    /// The `partition` of records made by an operator.
+    pub const MADE: i32 = -1;
+}
+
+/// Event time of a record that has none (processing-time jobs before assignment).
+pub const NO_TIMESTAMP: i64 = i64::MIN;
 
 /// A record that could not be decoded, kept with the reason (never dropped).
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +59,9 @@ pub struct Record {
     pub values: Vec<Value>,
     /// The raw JSON text, kept only when a sink column asks for `kafka.payload`.
     pub payload: Option<String>,
+    /// Event time in epoch milliseconds (the configured field, the Kafka timestamp, or
+    /// the time of ingestion), [`NO_TIMESTAMP`] when the job has none.
+    pub timestamp: i64,
 }
 
 impl Record {
@@ -68,9 +87,21 @@ impl Record {
         }
     }
 
+    /// Write the record's key as bytes that tell keys apart: every part tagged with its
+    /// kind and prefixed with its length, so no content can pass for a boundary. The
+    /// key's hash, its key group and the identity of keyed state all come from these.
+    pub fn key_bytes_into(&self, key: &[ValueSource], out: &mut Vec<u8>) {
+        out.clear();
+        self.key_parts(key, |tag, bytes| {
+            out.push(tag);
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        });
+    }
+
     /// A record from a test: topic `t`, partition 0, the given offset and values.
-    #[cfg(test)]
-    pub(crate) fn for_test(offset: i64, values: Vec<Value>) -> Record {
+    #[doc(hidden)]
+    pub fn for_test(offset: i64, values: Vec<Value>) -> Record {
         Record {
             origin: Origin {
                 topic: Arc::from("t"),
@@ -80,6 +111,7 @@ impl Record {
             },
             values,
             payload: None,
+            timestamp: NO_TIMESTAMP,
         }
     }
 }
@@ -117,6 +149,10 @@ pub enum StreamElement {
     Batch(Batch),
     /// Event time has advanced to this value (epoch ms) on this channel.
     Watermark(i64),
+    /// The channel will carry no data for a while (every partition behind it is idle or
+    /// caught up): it must not hold back the watermark until it sends data or a
+    /// watermark again.
+    Idle,
     Barrier(Barrier),
     EndOfStream,
 }
@@ -134,7 +170,12 @@ pub enum ValueSource {
 }
 
 impl ValueSource {
-    /// Resolve a column's `value` (`kafka.…` or a field name) against the decoded fields.
+    /// Whether this reads a record's Kafka coordinates or payload.
+    pub fn is_kafka(self) -> bool {
+        !matches!(self, ValueSource::Field(_))
+    }
+
+    /// Resolve a column's `value` (`kafka.…` or a field name) against the stream's fields.
     pub fn parse(value: &str, field_names: &[&str]) -> Option<ValueSource> {
         Some(match value {
             "kafka.topic" => ValueSource::Topic,
@@ -145,4 +186,109 @@ impl ValueSource {
             name => ValueSource::Field(field_names.iter().position(|f| *f == name)?),
         })
     }
+}
+
+/// The type a field has in flight.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    Int,
+    Float,
+    String,
+    Bool,
+    /// Any JSON value, kept as its text.
+    Json,
+}
+
+impl FieldType {
+    /// How the config and error messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FieldType::Int => "int",
+            FieldType::Float => "float",
+            FieldType::String => "string",
+            FieldType::Bool => "bool",
+            FieldType::Json => "json",
+        }
+    }
+}
+
+/// A named, typed field of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub field_type: FieldType,
+}
+
+impl Field {
+    pub fn new(name: impl Into<String>, field_type: FieldType) -> Field {
+        Field {
+            name: name.into(),
+            field_type,
+        }
+    }
+}
+
+/// What the records of a stream hold: declared by every operator when it is built, so
+/// that the next operator and the sink resolve field names once, at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schema {
+    /// One entry per [`Record::values`] slot.
+    pub fields: Vec<Field>,
+    /// Records still carry their Kafka coordinates and payload (`kafka.*` sink values).
+    pub kafka_origin: bool,
+    /// Fields that identify a row of this stream (a window result: key and window
+    /// start); the sink's default upsert key. Empty: the Kafka coordinates.
+    pub row_key: Vec<String>,
+    /// Fields the stream is keyed by (after `key_by`), empty when not keyed.
+    pub keyed_by: Vec<String>,
+}
+
+impl Schema {
+    /// Index of a field by name.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|f| f.name == name)
+    }
+
+    pub fn field_names(&self) -> Vec<&str> {
+        self.fields.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    /// Names of the fields, for "expected one of" messages.
+    pub fn describe(&self) -> String {
+        self.fields
+            .iter()
+            .map(|f| format!("{} ({})", f.name, f.field_type.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The values of a key written by [`Record::key_bytes_into`] over fields, typed by the
+/// fields it was made from. `None` if the bytes are not such a key.
+pub fn decode_key(bytes: &[u8], types: &[FieldType]) -> Option<Vec<Value>> {
+    let mut out = Vec::with_capacity(types.len());
+    let mut rest = bytes;
+    for t in types {
+        let (&tag, r) = rest.split_first()?;
+        let len = u32::from_le_bytes(r.get(..4)?.try_into().ok()?) as usize;
+        let body = r.get(4..4 + len)?;
+        rest = &r[4 + len..];
+        let v = match tag {
+            b'n' => Value::Null,
+            b'b' => Value::Bool(body.first() == Some(&1)),
+            b'i' => Value::Int(i64::from_le_bytes(body.try_into().ok()?)),
+            b'f' => Value::Float(f64::from_bits(u64::from_le_bytes(body.try_into().ok()?))),
+            b's' => {
+                let text = String::from_utf8(body.to_vec()).ok()?;
+                match t {
+                    FieldType::Json => Value::Json(text),
+                    _ => Value::Text(text),
+                }
+            }
+            _ => return None,
+        };
+        out.push(v);
+    }
+    rest.is_empty().then_some(out)
 }

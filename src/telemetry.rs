@@ -58,6 +58,20 @@ pub(crate) fn describe() {
         "Share of the last second a subtask spent blocked on a full output channel."
     );
     describe_counter!("sluice_restarts_total", "Restarts of the job after failures.");
+    describe_gauge!(
+        "sluice_watermark_ms",
+        "Current event-time watermark of an operator subtask, epoch milliseconds."
+    );
+    describe_counter!(
+        "sluice_late_records_total",
+        "Records behind the watermark but within allowed lateness (their window re-fires)."
+    );
+    describe_counter!(
+        "sluice_late_records_dropped_total",
+        "Records later than allowed lateness, sent to the late-data output."
+    );
+    describe_counter!("sluice_window_firings_total", "Window results emitted.");
+    describe_gauge!("sluice_open_windows", "Windows (per key) held in state.");
 }
 
 /// Counters of one subtask, looked up once so the hot path only adds.
@@ -70,13 +84,44 @@ pub struct SubtaskMetrics {
 }
 
 impl SubtaskMetrics {
-    pub fn new(operator: &'static str, subtask: usize) -> Self {
+    pub fn new(operator: &str, subtask: usize) -> Self {
         let s = subtask.to_string();
+        let operator = operator.to_string();
         Self {
-            records_in: counter!("sluice_records_in_total", "operator" => operator, "subtask" => s.clone()),
-            records_out: counter!("sluice_records_out_total", "operator" => operator, "subtask" => s.clone()),
-            dead_letters: counter!("sluice_dead_letters_total", "operator" => operator, "subtask" => s.clone()),
+            records_in: counter!("sluice_records_in_total", "operator" => operator.clone(), "subtask" => s.clone()),
+            records_out: counter!("sluice_records_out_total", "operator" => operator.clone(), "subtask" => s.clone()),
+            dead_letters: counter!("sluice_dead_letters_total", "operator" => operator.clone(), "subtask" => s.clone()),
             backpressure: gauge!("sluice_backpressure_ratio", "operator" => operator, "subtask" => s),
+        }
+    }
+}
+
+/// The current watermark of an operator subtask (epoch ms).
+pub fn watermark(operator: &str, subtask: usize) -> Gauge {
+    gauge!("sluice_watermark_ms", "operator" => operator.to_string(), "subtask" => subtask.to_string())
+}
+
+/// Counters of a window operator subtask.
+#[derive(Clone)]
+pub struct WindowMetrics {
+    /// Records after the watermark passed their window but within allowed lateness.
+    pub late: Counter,
+    /// Records later than allowed lateness, sent to the late-data output.
+    pub dropped: Counter,
+    /// Window results emitted.
+    pub fired: Counter,
+    /// Windows (per key) held in state.
+    pub open_windows: Gauge,
+}
+
+impl WindowMetrics {
+    pub fn new(operator: &str, subtask: usize) -> Self {
+        let (o, s) = (operator.to_string(), subtask.to_string());
+        Self {
+            late: counter!("sluice_late_records_total", "operator" => o.clone(), "subtask" => s.clone()),
+            dropped: counter!("sluice_late_records_dropped_total", "operator" => o.clone(), "subtask" => s.clone()),
+            fired: counter!("sluice_window_firings_total", "operator" => o.clone(), "subtask" => s.clone()),
+            open_windows: gauge!("sluice_open_windows", "operator" => o, "subtask" => s),
         }
     }
 }
@@ -117,6 +162,21 @@ pub struct JobStats {
     /// The job's subtasks are running (not starting, restarting or stopped).
     pub running: std::sync::atomic::AtomicBool,
     lag_by_subtask: std::sync::Mutex<std::collections::BTreeMap<usize, i64>>,
+    /// Window results emitted.
+    pub windows_fired: AtomicU64,
+    /// Records sent to the late-data output.
+    pub late_dropped: AtomicU64,
+    /// Watermark per operator subtask, and the partition holding a source back.
+    watermarks: std::sync::Mutex<std::collections::BTreeMap<String, WatermarkStatus>>,
+}
+
+/// Event time of one subtask, as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WatermarkStatus {
+    /// Epoch ms; `None` before the first watermark.
+    pub watermark_ms: Option<i64>,
+    /// The input holding the watermark back (a source: `topic/partition`), or `idle`.
+    pub held_back_by: Option<String>,
 }
 
 impl JobStats {
@@ -130,6 +190,24 @@ impl JobStats {
     /// Consumer lag over all source subtasks.
     pub fn lag(&self) -> i64 {
         self.lag_by_subtask.lock().map_or(0, |m| m.values().sum())
+    }
+
+    /// Record a subtask's watermark (`task` as `operator-subtask`).
+    pub fn set_watermark(&self, task: &str, watermark: i64, held_back_by: Option<String>) {
+        if let Ok(mut m) = self.watermarks.lock() {
+            m.insert(
+                task.to_string(),
+                WatermarkStatus {
+                    watermark_ms: (watermark != i64::MIN).then_some(watermark),
+                    held_back_by,
+                },
+            );
+        }
+    }
+
+    /// Every subtask's watermark.
+    pub fn watermarks(&self) -> std::collections::BTreeMap<String, WatermarkStatus> {
+        self.watermarks.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub fn checkpoint_completed(&self, id: u64) {
@@ -172,10 +250,33 @@ pub async fn print_status(stats: Arc<JobStats>, every: Duration, where_to_look: 
         // A closed stdout must not stop the job: the line is lost, nothing else.
         let _ = writeln!(
             std::io::stdout(),
-            "sluice: {rate:>9.0} records/s | read {records} | rows written {} | dead letters {} | lag {} | last checkpoint {cp_age} | {where_to_look}",
+            "sluice: {rate:>9.0} records/s | read {records} | rows written {} | dead letters {} | lag {} | last checkpoint {cp_age}{} | {where_to_look}",
             stats.rows_written.load(Ordering::Relaxed),
             stats.dead_letters.load(Ordering::Relaxed),
             stats.lag(),
+            window_status(&stats),
         );
     }
+}
+
+/// ` | windows fired N | watermark T` when the job has windows.
+fn window_status(stats: &JobStats) -> String {
+    let fired = stats.windows_fired.load(Ordering::Relaxed);
+    let marks = stats.watermarks();
+    let min = marks.values().filter_map(|w| w.watermark_ms).min();
+    match (fired, min) {
+        (0, None) => String::new(),
+        (_, None) => format!(" | windows fired {fired}"),
+        (_, Some(w)) => {
+            let secs = w.div_euclid(1000);
+            let t = time_of_day(secs);
+            format!(" | windows fired {fired} | watermark {t}")
+        }
+    }
+}
+
+/// `HH:MM:SS` (UTC) of an epoch second.
+fn time_of_day(secs: i64) -> String {
+    let s = secs.rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
 }

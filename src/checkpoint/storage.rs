@@ -1,6 +1,6 @@
 //! Where completed checkpoints are kept: in memory (tests, demo) or in a directory.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,12 +16,24 @@ pub trait CheckpointStorage: Send + Sync {
     fn store(&self, checkpoint: &CompletedCheckpoint) -> Result<u64>;
     /// The newest completed checkpoint, if any.
     fn latest(&self) -> Result<Option<CompletedCheckpoint>>;
+    /// Store the state of one subtask for checkpoint `checkpoint` (before it completes)
+    /// and return the handle that the checkpoint's metadata will hold. State of a
+    /// checkpoint that never completes is deleted with the older ones.
+    fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String>;
+    /// Read state back by its handle.
+    fn read_state(&self, handle: &str) -> Result<Vec<u8>>;
+}
+
+/// Checkpoint id a state handle belongs to (`chk-<id>/<name>`).
+fn handle_checkpoint(handle: &str) -> Option<u64> {
+    handle.strip_prefix("chk-")?.split('/').next()?.parse().ok()
 }
 
 /// Kept for the life of the process: a restart inside the process restores from it.
 pub struct MemoryStorage {
     retain: usize,
     checkpoints: Mutex<VecDeque<CompletedCheckpoint>>,
+    states: Mutex<BTreeMap<String, std::sync::Arc<Vec<u8>>>>,
 }
 
 impl MemoryStorage {
@@ -29,6 +41,7 @@ impl MemoryStorage {
         Self {
             retain: retain.max(1),
             checkpoints: Mutex::new(VecDeque::new()),
+            states: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -44,7 +57,37 @@ impl CheckpointStorage for MemoryStorage {
         while all.len() > self.retain {
             all.pop_front();
         }
+        if let Some(oldest) = all.front().map(|c| c.id) {
+            let mut states = self
+                .states
+                .lock()
+                .map_err(|_| Error::Internal("checkpoint storage lock poisoned".into()))?;
+            states.retain(|h, _| handle_checkpoint(h).is_none_or(|id| id >= oldest));
+        }
         Ok(bytes)
+    }
+
+    fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String> {
+        let handle = format!("chk-{checkpoint}/{name}");
+        self.states
+            .lock()
+            .map_err(|_| Error::Internal("checkpoint storage lock poisoned".into()))?
+            .insert(handle.clone(), std::sync::Arc::new(bytes.to_vec()));
+        Ok(handle)
+    }
+
+    fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
+        let states = self
+            .states
+            .lock()
+            .map_err(|_| Error::Internal("checkpoint storage lock poisoned".into()))?;
+        states
+            .get(handle)
+            .map(|b| b.to_vec())
+            .ok_or_else(|| Error::CorruptCheckpoint {
+                path: handle.into(),
+                message: "state missing from memory storage".into(),
+            })
     }
 
     fn latest(&self) -> Result<Option<CompletedCheckpoint>> {
@@ -132,6 +175,9 @@ impl CheckpointStorage for DirectoryStorage {
             .map_err(Error::storage(format!("fsync {}", self.dir.display())))?;
 
         let all = self.list()?;
+        if let Some((oldest, _)) = all.get(all.len().saturating_sub(self.retain)) {
+            self.delete_states_before(*oldest);
+        }
         if all.len() > self.retain {
             for (_, path) in &all[..all.len() - self.retain] {
                 // A leftover old file costs disk, not correctness: warn and go on.
@@ -147,6 +193,57 @@ impl CheckpointStorage for DirectoryStorage {
         match self.list()?.last() {
             Some((_, path)) => Self::read(path).map(Some),
             None => Ok(None),
+        }
+    }
+
+    fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String> {
+        let handle = format!("chk-{checkpoint}/{name}");
+        let dir = self.dir.join("state").join(format!("chk-{checkpoint}"));
+        fs::create_dir_all(&dir).map_err(Error::storage(format!("create {}", dir.display())))?;
+        let target = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let ctx = |what: &str| format!("{what} {}", tmp.display());
+        let mut f = fs::File::create(&tmp).map_err(Error::storage(ctx("create")))?;
+        f.write_all(bytes).map_err(Error::storage(ctx("write")))?;
+        f.sync_all().map_err(Error::storage(ctx("fsync")))?;
+        drop(f);
+        fs::rename(&tmp, &target).map_err(Error::storage(ctx("rename")))?;
+        let d = fs::File::open(&dir).map_err(Error::storage(format!("open {}", dir.display())))?;
+        d.sync_all()
+            .map_err(Error::storage(format!("fsync {}", dir.display())))?;
+        Ok(handle)
+    }
+
+    fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
+        if handle.contains("..") || handle.starts_with('/') {
+            return Err(Error::CorruptCheckpoint {
+                path: handle.into(),
+                message: "state handle leaves the checkpoint directory".into(),
+            });
+        }
+        let path = self.dir.join("state").join(handle);
+        fs::read(&path).map_err(|e| Error::CorruptCheckpoint {
+            path,
+            message: format!("state file unreadable: {e}"),
+        })
+    }
+}
+
+impl DirectoryStorage {
+    /// Delete the state of checkpoints older than `oldest` (dropped by retention, or
+    /// never completed). A leftover costs disk, not correctness: warn and go on.
+    fn delete_states_before(&self, oldest: u64) {
+        let Ok(entries) = fs::read_dir(self.dir.join("state")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let id = name.to_str().and_then(|n| n.strip_prefix("chk-")?.parse::<u64>().ok());
+            if id.is_some_and(|id| id < oldest) {
+                if let Err(e) = fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "could not delete old checkpoint state");
+                }
+            }
         }
     }
 }
@@ -190,6 +287,24 @@ mod tests {
         fs::write(dir.path().join("chk-000000000007.json"), b"not json").unwrap();
         let s = DirectoryStorage::open(dir.path(), 2).unwrap();
         assert!(matches!(s.latest(), Err(Error::CorruptCheckpoint { .. })));
+    }
+
+    #[test]
+    fn state_files_live_as_long_as_their_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirectoryStorage::open(dir.path(), 1).unwrap();
+        let h1 = s.write_state(1, "win-0", b"one").unwrap();
+        s.store(&cp(1)).unwrap();
+        assert_eq!(s.read_state(&h1).unwrap(), b"one");
+        let h2 = s.write_state(2, "win-0", b"two").unwrap();
+        s.store(&cp(2)).unwrap();
+        assert_eq!(s.read_state(&h2).unwrap(), b"two");
+        assert!(s.read_state(&h1).is_err(), "state of a dropped checkpoint is deleted");
+        assert!(s.read_state("../../etc/passwd").is_err());
+        let m = MemoryStorage::new(1);
+        let h = m.write_state(3, "x-0", b"m").unwrap();
+        m.store(&cp(3)).unwrap();
+        assert_eq!(m.read_state(&h).unwrap(), b"m");
     }
 
     #[test]

@@ -94,7 +94,10 @@ fn allowed_values(key: &str) -> Option<&'static str> {
     Some(match (key, last) {
         ("sink.kind", _) => "postgres, sqlite",
         ("sink.strategy", _) => "idempotent, two_phase",
-        ("sink.partitioner", _) => "key_hash, rebalance, rescale, shuffle, forward, global",
+        ("sink.partitioner", _) => "key_hash (or hash), rebalance, rescale, shuffle, forward, global, custom",
+        ("time.characteristic", _) => "event, processing, ingestion",
+        ("time.watermark", _) => "bounded_out_of_orderness, monotonous",
+        ("time.format", _) => "auto, epoch_millis, epoch_seconds, rfc3339",
         ("source.start_from", _) => "earliest, latest",
         ("source.isolation_level", _) => "read_committed, read_uncommitted",
         ("checkpoint.storage", _) => "memory, filesystem",
@@ -179,6 +182,11 @@ pub(crate) fn is_identifier(s: &str) -> bool {
     };
     let parts: Vec<&str> = s.split('.').collect();
     parts.len() <= 2 && parts.iter().all(|p| part(p))
+}
+
+/// A plain column name (no schema part).
+pub fn is_column_name(s: &str) -> bool {
+    is_identifier(s) && !s.contains('.')
 }
 
 /// Kafka metadata a column can take its value from.
@@ -357,17 +365,10 @@ impl JobConfig {
                     "broadcast would write every record once per sink subtask",
                 );
             }
-            PartitionerKind::Forward if k.parallelism != s.parallelism => {
-                return fail(
-                    "sink.partitioner",
-                    "forward needs sink.parallelism = source.parallelism",
-                );
-            }
             _ => {}
         }
-        let columns = self.sink_columns();
         let mut names = HashSet::new();
-        for col in &columns {
+        for col in &k.columns {
             if !is_identifier(&col.name) || col.name.contains('.') {
                 return fail(
                     "sink.columns.name",
@@ -377,26 +378,26 @@ impl JobConfig {
             if !names.insert(col.name.as_str()) {
                 return fail("sink.columns.name", &format!("`{}` appears twice", col.name));
             }
-            let known =
-                KAFKA_VALUES.contains(&col.value.as_str()) || self.decode.fields.iter().any(|f| f.name == col.value);
-            if !known {
-                return fail(
-                    "sink.columns.value",
-                    &format!(
-                        "`{}` is neither a decode.fields name nor one of {}",
-                        col.value,
-                        KAFKA_VALUES.join(", ")
-                    ),
-                );
-            }
         }
-        if k.strategy == Strategy::Idempotent {
-            let key = self.sink_key();
-            if key.is_empty() {
-                return fail("sink.key", "an idempotent sink needs a key to upsert on");
+        if k.partitioner == PartitionerKind::Custom && k.custom_partitioner.is_none() {
+            return fail(
+                "sink.custom_partitioner",
+                "names the partitioner for partitioner = \"custom\"",
+            );
+        }
+        if let Err((key, message)) = self.time.validate() {
+            return fail(&key, &message);
+        }
+        let mut ids = HashSet::new();
+        for (i, op) in self.operators.iter().enumerate() {
+            if let Err((key, message)) = op.validate(i, self.job.max_parallelism) {
+                return fail(&key, &message);
             }
-            if let Some(missing) = key.iter().find(|c| !names.contains(c.as_str())) {
-                return fail("sink.key", &format!("`{missing}` is not one of sink.columns"));
+            if !ids.insert(op.id(i)) {
+                return fail(
+                    &format!("operators[{i}].id"),
+                    &format!("`{}` is used twice; ids name state and must be unique", op.id(i)),
+                );
             }
         }
         let d = &self.dead_letter;
@@ -429,6 +430,7 @@ impl JobConfig {
             ("checkpoint.timeout", self.checkpoint.timeout),
             ("checkpoint.min_pause", self.checkpoint.min_pause),
         ];
+        out.extend(self.time.durations());
         match &self.restart {
             RestartConfig::None => {}
             RestartConfig::FixedDelay { delay, .. } => out.push(("restart.delay", *delay)),
@@ -448,38 +450,6 @@ impl JobConfig {
             }
         }
         out
-    }
-
-    /// The sink's columns, the defaults filled in.
-    pub fn sink_columns(&self) -> Vec<ColumnSpec> {
-        if !self.sink.columns.is_empty() {
-            return self.sink.columns.clone();
-        }
-        let kafka = [
-            ("topic", "kafka.topic"),
-            ("partition", "kafka.partition"),
-            ("offset", "kafka.offset"),
-        ];
-        kafka
-            .iter()
-            .map(|(n, v)| ColumnSpec {
-                name: n.to_string(),
-                value: v.to_string(),
-            })
-            .chain(self.decode.fields.iter().map(|f| ColumnSpec {
-                name: f.name.clone(),
-                value: f.name.clone(),
-            }))
-            .collect()
-    }
-
-    /// The sink's conflict key, the default filled in.
-    pub fn sink_key(&self) -> Vec<String> {
-        if self.sink.key.is_empty() {
-            vec!["topic".into(), "partition".into(), "offset".into()]
-        } else {
-            self.sink.key.clone()
-        }
     }
 
     /// Whether the source runs the in-process broker and generator.

@@ -5,6 +5,7 @@
 //! are rejected by name; [`JobConfig::validate`] rejects impossible values before
 //! anything starts.
 
+mod dataflow;
 mod load;
 
 use std::collections::BTreeMap;
@@ -13,7 +14,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use load::{flatten_properties, load, KAFKA_VALUES};
+pub use crate::record::FieldType;
+
+pub use dataflow::{
+    AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerKind, IntervalClock, OperatorConfig, ProcessSpec,
+    TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
+};
+pub use load::{flatten_properties, is_column_name, load, KAFKA_VALUES};
 
 /// A whole job.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +30,12 @@ pub struct JobConfig {
     pub source: SourceConfig,
     #[serde(default)]
     pub decode: DecodeConfig,
+    /// Event, processing or ingestion time, and how watermarks are made.
+    #[serde(default)]
+    pub time: TimeConfig,
+    /// The steps between source and sink, in order.
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
@@ -134,18 +147,6 @@ impl Default for EmbeddedConfig {
             bad_record_every: defaults::bad_every(),
         }
     }
-}
-
-/// The type a decoded field must have.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum FieldType {
-    Int,
-    Float,
-    String,
-    Bool,
-    /// Any JSON value, kept as its text.
-    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +295,7 @@ pub enum Strategy {
 #[serde(rename_all = "snake_case")]
 pub enum PartitionerKind {
     /// Hash of the key into a key group; a key group belongs to one subtask.
+    #[serde(alias = "hash")]
     KeyHash,
     /// Round robin over all subtasks.
     Rebalance,
@@ -307,6 +309,9 @@ pub enum PartitionerKind {
     Global,
     /// Every record to every subtask (never valid in front of a sink: it duplicates).
     Broadcast,
+    /// A registered [`crate::runtime::partition::CustomPartitioner`], named by
+    /// `custom_partitioner`.
+    Custom,
 }
 
 /// A sink column and where its value comes from.
@@ -342,6 +347,8 @@ pub struct SinkConfig {
     /// How records reach sink subtasks (default: `key_hash` on `key`).
     #[serde(default = "defaults::partitioner")]
     pub partitioner: PartitionerKind,
+    /// The registered partitioner for `partitioner = "custom"`.
+    pub custom_partitioner: Option<String>,
     /// Rows per statement.
     #[serde(default = "defaults::sink_batch")]
     pub batch_size: usize,

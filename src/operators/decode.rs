@@ -75,6 +75,7 @@ impl Decoder {
             origin,
             values,
             payload,
+            timestamp: crate::record::NO_TIMESTAMP,
         })
     }
 }

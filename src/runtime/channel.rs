@@ -4,8 +4,8 @@
 //! source blocks on send. The time spent blocked is counted (Flink's "backpressured
 //! time") so it can be seen in the metrics.
 
-use std::cell::Cell;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -21,21 +21,56 @@ pub const CHANNEL_CAPACITY: usize = 8;
 /// The sending side of one subtask: one channel per downstream subtask.
 pub struct Outputs {
     senders: Vec<mpsc::Sender<StreamElement>>,
-    /// Time spent blocked on full channels since the last [`Outputs::take_blocked`].
-    blocked: Cell<Duration>,
+    /// Nanoseconds spent blocked on full channels since the last [`Outputs::take_blocked`].
+    blocked: AtomicU64,
 }
 
 impl Outputs {
     pub fn new(senders: Vec<mpsc::Sender<StreamElement>>) -> Self {
         Self {
             senders,
-            blocked: Cell::new(Duration::ZERO),
+            blocked: AtomicU64::new(0),
         }
     }
 
     /// Time blocked on full output channels since the last call.
     pub fn take_blocked(&self) -> Duration {
-        self.blocked.replace(Duration::ZERO)
+        Duration::from_nanos(self.blocked.swap(0, Ordering::Relaxed))
+    }
+
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    fn add_blocked(&self, since: Instant) {
+        self.blocked
+            .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Send from an async task, waiting while the channel is full.
+    pub async fn send(&self, output: usize, element: StreamElement) -> Result<()> {
+        let sender = &self.senders[output];
+        let element = match sender.try_send(element) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(closed()),
+            Err(TrySendError::Full(e)) => e,
+        };
+        let started = Instant::now();
+        let result = sender.send(element).await.map_err(|_| closed());
+        self.add_blocked(started);
+        result
+    }
+
+    /// [`Outputs::send`] of the same control element to every output.
+    pub async fn broadcast(&self, element: &StreamElement) -> Result<()> {
+        for i in 0..self.senders.len() {
+            self.send(i, element.clone()).await?;
+        }
+        Ok(())
     }
 
     /// Send from a plain thread, blocking while the channel is full.
@@ -48,7 +83,7 @@ impl Outputs {
         };
         let started = Instant::now();
         let result = sender.blocking_send(element).map_err(|_| closed());
-        self.blocked.set(self.blocked.get() + started.elapsed());
+        self.add_blocked(started);
         result
     }
 

@@ -1,19 +1,20 @@
-//! Running a job: subtasks, the channels between them, partitioners, barrier alignment,
-//! restart strategies, and the driver that wires a job together.
+//! Running a job: the contracts of sources and operators and the drivers that run
+//! them, the channels between subtasks (the backpressure), partitioners, barrier
+//! alignment and restart strategies. Knows no concrete source, operator or sink: the
+//! composition root (`app`) picks those.
 
 pub mod align;
 pub mod channel;
-pub mod job;
+pub mod operator;
 pub mod partition;
 pub mod restart;
-pub mod sink_task;
+pub mod source_task;
+pub mod task;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
-
-pub use job::run;
 
 /// Cancels every subtask of a job attempt: threads look at the flag, async tasks wait on
 /// the watch.

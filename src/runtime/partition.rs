@@ -36,15 +36,7 @@ impl StableHasher {
     }
 }
 
-/// The key group of a hash.
-pub fn key_group(hash: u64, max_parallelism: u32) -> u32 {
-    (hash % u64::from(max_parallelism)) as u32
-}
-
-/// The subtask that owns a key group (contiguous ranges, as in Flink).
-pub fn subtask_for_key_group(key_group: u32, max_parallelism: u32, parallelism: u32) -> usize {
-    (u64::from(key_group) * u64::from(parallelism) / u64::from(max_parallelism)) as usize
-}
+pub use crate::state::{key_group, subtask_for_key_group};
 
 /// A stable partition → subtask assignment for source partitions.
 pub fn source_owner(topic: &str, partition: i32, parallelism: u32) -> u32 {
@@ -53,15 +45,22 @@ pub fn source_owner(topic: &str, partition: i32, parallelism: u32) -> u32 {
     ((h.finish() % u64::from(parallelism)) as u32 + partition.unsigned_abs()) % parallelism
 }
 
-/// Hash of a record's key. Each part is tagged and length-prefixed, so that parts cannot
-/// run into each other.
+/// Hash of a record's key: the same as [`hash_key_bytes`] of its
+/// [`Record::key_bytes_into`], computed without building them.
 pub fn hash_key(record: &Record, key: &[ValueSource]) -> u64 {
     let mut h = StableHasher::default();
     record.key_parts(key, |tag, bytes| {
         h.write(&[tag]);
-        h.write(&(bytes.len() as u64).to_le_bytes());
+        h.write(&(bytes.len() as u32).to_le_bytes());
         h.write(bytes);
     });
+    h.finish()
+}
+
+/// Hash of key bytes made by [`Record::key_bytes_into`].
+pub fn hash_key_bytes(bytes: &[u8]) -> u64 {
+    let mut h = StableHasher::default();
+    h.write(bytes);
     h.finish()
 }
 
@@ -72,6 +71,34 @@ fn hash_origin(d: &DeadLetter) -> u64 {
     h.write(&d.origin.offset.to_le_bytes());
     h.finish()
 }
+
+/// A partitioner a user writes: picks the downstream subtask of each record.
+pub trait CustomPartitioner: Send {
+    /// The subtask (`0..outputs`) for `record`; out-of-range answers are wrapped.
+    fn partition(&mut self, record: &Record, outputs: usize) -> usize;
+}
+
+/// Keeps the records of one Kafka partition together: Kafka partition `p` goes to
+/// subtask `p mod outputs` (the example custom partitioner, `kafka_partition`).
+pub struct ByKafkaPartition;
+
+impl CustomPartitioner for ByKafkaPartition {
+    fn partition(&mut self, record: &Record, outputs: usize) -> usize {
+        record.origin.partition.unsigned_abs() as usize % outputs.max(1)
+    }
+}
+
+/// The registered custom partitioners, by the name `custom_partitioner` takes. Adding
+/// one is a line here.
+pub fn custom_partitioner(name: &str) -> Option<Box<dyn CustomPartitioner>> {
+    match name {
+        "kafka_partition" => Some(Box::new(ByKafkaPartition)),
+        _ => None,
+    }
+}
+
+/// Names of the registered custom partitioners, for error messages.
+pub const CUSTOM_PARTITIONERS: &[&str] = &["kafka_partition"];
 
 /// Splits a batch over `outputs` downstream subtasks, for one upstream subtask.
 pub struct Partitioner {
@@ -84,6 +111,7 @@ pub struct Partitioner {
     max_parallelism: u32,
     next: usize,
     rng: u64,
+    custom: Option<Box<dyn CustomPartitioner>>,
 }
 
 impl Partitioner {
@@ -104,7 +132,15 @@ impl Partitioner {
             max_parallelism,
             next: index,
             rng: 0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1),
+            custom: None,
         }
+    }
+
+    /// A partitioner of kind `custom` that asks `custom`.
+    pub fn with_custom(mut self, custom: Box<dyn CustomPartitioner>) -> Self {
+        self.kind = PartitionerKind::Custom;
+        self.custom = Some(custom);
+        self
     }
 
     /// The outputs this subtask sends to under `rescale`: a local subset.
@@ -148,11 +184,26 @@ impl Partitioner {
                 let (mp, p) = (self.max_parallelism, self.outputs as u32);
                 for r in batch.records {
                     let kg = key_group(hash_key(&r, &self.key), mp);
-                    out[subtask_for_key_group(kg, mp, p)].records.push(r);
+                    out[subtask_for_key_group(kg.into(), mp, p)].records.push(r);
                 }
                 for d in batch.dead {
                     let kg = key_group(hash_origin(&d), mp);
-                    out[subtask_for_key_group(kg, mp, p)].dead.push(d);
+                    out[subtask_for_key_group(kg.into(), mp, p)].dead.push(d);
+                }
+            }
+            PartitionerKind::Custom => {
+                let n = self.outputs;
+                for r in batch.records {
+                    let i = match &mut self.custom {
+                        Some(c) => c.partition(&r, n) % n,
+                        None => 0,
+                    };
+                    out[i].records.push(r);
+                }
+                // Dead letters have no fields to ask about: keep them with their origin.
+                for d in batch.dead {
+                    let i = d.origin.partition.unsigned_abs() as usize % n;
+                    out[i].dead.push(d);
                 }
             }
             PartitionerKind::Shuffle => {
@@ -243,6 +294,34 @@ mod tests {
         assert_eq!(p.rescale_targets(), vec![1, 3]);
         let p = Partitioner::new(PartitionerKind::Rescale, 1, 1, 2, vec![], 128);
         assert_eq!(p.rescale_targets(), vec![0]);
+    }
+
+    #[test]
+    fn custom_partitioners_are_asked() {
+        let mut p = Partitioner::new(PartitionerKind::Custom, 3, 0, 1, vec![], 128)
+            .with_custom(custom_partitioner("kafka_partition").unwrap());
+        let mut b = batch(6);
+        for (i, r) in b.records.iter_mut().enumerate() {
+            r.origin.partition = i as i32;
+        }
+        let out = p.route(b);
+        assert!(out.iter().all(|b| b.records.len() == 2));
+        assert!(out[1].records.iter().all(|r| r.origin.partition % 3 == 1));
+        assert!(custom_partitioner("nope").is_none());
+    }
+
+    #[test]
+    fn key_hash_of_a_record_equals_the_hash_of_its_key_bytes() {
+        let r = Record::for_test(1, vec![Value::Text("user-7".into()), Value::Int(3)]);
+        let key = [ValueSource::Field(0), ValueSource::Field(1)];
+        let mut bytes = Vec::new();
+        r.key_bytes_into(&key, &mut bytes);
+        assert_eq!(hash_key(&r, &key), hash_key_bytes(&bytes));
+        let types = [crate::record::FieldType::String, crate::record::FieldType::Int];
+        assert_eq!(
+            crate::record::decode_key(&bytes, &types),
+            Some(vec![Value::Text("user-7".into()), Value::Int(3)])
+        );
     }
 
     #[test]

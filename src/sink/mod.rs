@@ -21,8 +21,8 @@ pub mod two_phase;
 
 use std::future::Future;
 
-use crate::config::{FieldType, JobConfig};
-use crate::record::{Batch, Record, ValueSource};
+use crate::config::JobConfig;
+use crate::record::{Batch, FieldType, Record, Schema, ValueSource};
 
 /// The exactly-once protocol a sink subtask follows. Only `write` and `pre_commit` are
 /// required; `commit` defaults to nothing (idempotent writes are final when written).
@@ -77,51 +77,113 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
-    pub fn from_config(cfg: &JobConfig) -> TableSpec {
-        let names: Vec<&str> = cfg.decode.fields.iter().map(|f| f.name.as_str()).collect();
-        let columns: Vec<Column> = cfg
-            .sink_columns()
-            .into_iter()
-            .filter_map(|c| {
-                // validate() has checked every value resolves.
-                let source = ValueSource::parse(&c.value, &names)?;
-                let value_type = match source {
-                    ValueSource::Topic => ValueType::Text,
-                    ValueSource::Partition => ValueType::Int4,
-                    ValueSource::Offset | ValueSource::Timestamp => ValueType::Int8,
-                    ValueSource::Payload => ValueType::Json,
-                    ValueSource::Field(i) => match cfg.decode.fields[i].field_type {
-                        FieldType::Int => ValueType::Int8,
-                        FieldType::Float => ValueType::Float8,
-                        FieldType::String => ValueType::Text,
-                        FieldType::Bool => ValueType::Bool,
-                        FieldType::Json => ValueType::Json,
-                    },
+    /// Resolve the sink's columns and key against the schema of the stream that reaches
+    /// it, the defaults filled in: every field (after the Kafka coordinates while the
+    /// stream still has them) and the stream's row key (a window result's key and window
+    /// start; the Kafka coordinates otherwise). Mistakes name the key.
+    pub fn resolve(cfg: &JobConfig, schema: &Schema) -> crate::Result<TableSpec> {
+        let fail = |key: &str, message: String| crate::Error::Config {
+            file: cfg.file.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let configured: Vec<(String, String)> = if cfg.sink.columns.is_empty() {
+            let kafka = [
+                ("topic", "kafka.topic"),
+                ("partition", "kafka.partition"),
+                ("offset", "kafka.offset"),
+            ];
+            let kafka = kafka.iter().filter(|_| schema.kafka_origin);
+            kafka
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .chain(schema.fields.iter().map(|f| (f.name.clone(), f.name.clone())))
+                .collect()
+        } else {
+            cfg.sink
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.value.clone()))
+                .collect()
+        };
+        let names = schema.field_names();
+        let mut columns = Vec::with_capacity(configured.len());
+        for (name, value) in configured {
+            let Some(source) = ValueSource::parse(&value, &names) else {
+                let kafka = if schema.kafka_origin {
+                    format!(" nor one of {}", crate::config::KAFKA_VALUES.join(", "))
+                } else {
+                    String::new()
                 };
-                Some(Column {
-                    name: c.name,
-                    source,
-                    value_type,
-                })
-            })
-            .collect();
-        let key: Vec<usize> = cfg
-            .sink_key()
-            .iter()
-            .filter_map(|k| columns.iter().position(|c| &c.name == k))
-            .collect();
+                return Err(fail(
+                    "sink.columns.value",
+                    format!(
+                        "`{value}` is neither a field of the stream reaching the sink{kafka}; its fields: {}",
+                        schema.describe()
+                    ),
+                ));
+            };
+            if source.is_kafka() && !schema.kafka_origin {
+                return Err(fail(
+                    "sink.columns.value",
+                    format!(
+                        "`{value}`: records made by an operator (window results) have no Kafka origin; fields: {}",
+                        schema.describe()
+                    ),
+                ));
+            }
+            let value_type = match source {
+                ValueSource::Topic => ValueType::Text,
+                ValueSource::Partition => ValueType::Int4,
+                ValueSource::Offset | ValueSource::Timestamp => ValueType::Int8,
+                ValueSource::Payload => ValueType::Json,
+                ValueSource::Field(i) => match schema.fields[i].field_type {
+                    FieldType::Int => ValueType::Int8,
+                    FieldType::Float => ValueType::Float8,
+                    FieldType::String => ValueType::Text,
+                    FieldType::Bool => ValueType::Bool,
+                    FieldType::Json => ValueType::Json,
+                },
+            };
+            columns.push(Column {
+                name,
+                source,
+                value_type,
+            });
+        }
+        let key_names: Vec<String> = match (&cfg.sink.key, schema.row_key.is_empty()) {
+            (k, _) if !k.is_empty() => k.clone(),
+            (_, false) => schema.row_key.clone(),
+            (_, true) => vec!["topic".into(), "partition".into(), "offset".into()],
+        };
+        let mut key = Vec::with_capacity(key_names.len());
+        for k in &key_names {
+            match columns.iter().position(|c| &c.name == k) {
+                Some(i) => key.push(i),
+                None if cfg.sink.strategy == crate::config::Strategy::Idempotent => {
+                    let cols: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                    return Err(fail(
+                        "sink.key",
+                        format!("`{k}` is not one of the sink's columns ({})", cols.join(", ")),
+                    ));
+                }
+                None => {}
+            }
+        }
+        if cfg.sink.strategy == crate::config::Strategy::Idempotent && key.is_empty() {
+            return Err(fail("sink.key", "an idempotent sink needs a key to upsert on".into()));
+        }
         let key_sources: Vec<ValueSource> = key.iter().map(|i| columns[*i].source).collect();
         let key_is_origin = [ValueSource::Topic, ValueSource::Partition, ValueSource::Offset]
             .iter()
             .all(|s| key_sources.contains(s));
-        TableSpec {
+        Ok(TableSpec {
             table: cfg.sink.table.clone(),
             columns,
             key,
             dead_letter_table: (cfg.dead_letter.kind == crate::config::DeadLetterKind::Table)
                 .then(|| cfg.dead_letter.table.clone()),
             key_is_origin,
-        }
+        })
     }
 
     /// The sources of the key columns, for the key-hash partitioner.
@@ -138,15 +200,10 @@ pub fn quote_name(name: &str) -> String {
         .join(".")
 }
 
-/// A record's key as bytes that tell keys apart: every part tagged with its kind and
-/// prefixed with its length, so no content can pass for a boundary.
+/// A record's key as bytes (see [`Record::key_bytes_into`]).
 pub(crate) fn key_bytes(record: &Record, key: &[ValueSource]) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
-    record.key_parts(key, |tag, bytes| {
-        out.push(tag);
-        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        out.extend_from_slice(bytes);
-    });
+    record.key_bytes_into(key, &mut out);
     out
 }
 
@@ -181,8 +238,7 @@ pub enum SinkTarget {
 impl SinkTarget {
     /// Connect, apply migrations if configured, check the table (and, for two-phase
     /// commit, that the server can prepare transactions).
-    pub async fn open(cfg: &JobConfig) -> crate::Result<SinkTarget> {
-        let spec = TableSpec::from_config(cfg);
+    pub async fn open(cfg: &JobConfig, spec: TableSpec) -> crate::Result<SinkTarget> {
         match cfg.sink.kind {
             crate::config::SinkKind::Postgres => {
                 let pool = postgres::connect(&cfg.sink, &cfg.job.name, cfg.sink.parallelism * 2 + 2).await?;

@@ -1,10 +1,11 @@
 //! A Kafka source subtask.
 //!
-//! Runs on its own thread: it polls librdkafka, decodes each message once (the decode
-//! step is chained here), routes batches to the sink subtasks, and between batches
-//! answers the coordinator's checkpoint triggers. The partitions it reads are *assigned*
-//! (a stable hash of topic and partition picks the subtask), never balanced by a
-//! consumer group, and the next offset of each is this subtask's checkpointed state.
+//! Driven by the runtime's source driver on its own thread: it polls librdkafka, decodes
+//! each message once (the decode step is chained here), stamps its event time and keeps
+//! a watermark per partition. The partitions it reads are *assigned* (a stable hash of
+//! topic and partition picks the subtask), never balanced by a consumer group, and the
+//! next offset of each (with its largest event time) is this subtask's checkpointed
+//! state.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,17 +16,17 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::{PartitionOffset, SourceState};
-use crate::checkpoint::{task_name, TaskEvent};
 use crate::config::{IsolationLevel, StartFrom};
 use crate::error::{Error, Result};
 use crate::operators::Decoder;
-use crate::record::{Barrier, Batch, Origin, StreamElement};
-use crate::runtime::channel::Outputs;
-use crate::runtime::partition::{source_owner, Partitioner};
-use crate::telemetry::{self, JobStats, SubtaskMetrics};
+use crate::record::{Batch, DeadLetter, Origin};
+use crate::runtime::partition::source_owner;
+use crate::runtime::source_task::{Source, SourcePoll};
+use crate::telemetry::{self, JobStats};
+use crate::time::{PartitionWatermarks, TimestampAssigner, WatermarkGenerator};
 
 /// Longest a partly filled batch waits for more messages before it is sent.
 const LINGER: Duration = Duration::from_millis(20);
@@ -68,30 +69,41 @@ struct TopicState {
     partitions: BTreeMap<i32, PartitionState>,
 }
 
-/// Everything a source subtask needs; [`SourceTask::run`] consumes it on its thread.
-pub struct SourceTask {
+/// Event time at the source: how records get their timestamp and how each partition
+/// makes its watermarks.
+pub struct SourceTimeConfig {
+    pub assigner: TimestampAssigner,
+    /// Makes the generator of one partition.
+    pub generator: Arc<dyn Fn() -> Box<dyn WatermarkGenerator> + Send + Sync>,
+    /// How often watermarks are emitted.
+    pub interval: Duration,
+    /// A partition without records for this long stops holding the watermark back.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Everything a Kafka source subtask needs; it connects on the first poll.
+pub struct KafkaSource {
     pub index: usize,
     pub parallelism: u32,
     pub client: ClientConfig,
     pub topics: Vec<String>,
-    pub restored: HashMap<(String, i32), Option<i64>>,
     pub start_from: StartFrom,
     pub isolation: IsolationLevel,
     pub batch_size: usize,
     pub discovery_interval: Duration,
     pub decoder: Decoder,
-    pub partitioner: Partitioner,
-    pub outputs: Outputs,
-    pub triggers: mpsc::UnboundedReceiver<Barrier>,
-    pub events: mpsc::UnboundedSender<TaskEvent>,
-    pub cancel: Arc<AtomicBool>,
+    /// `None`: processing time (records are stamped with the time they are read).
+    pub time: Option<SourceTimeConfig>,
     pub stats: Arc<JobStats>,
-    pub metrics: SubtaskMetrics,
-    /// Newest completed checkpoint; its offsets are committed to the consumer group for
-    /// lag monitoring when `commit_offsets` is set (never read back: the checkpoint is
-    /// the truth).
-    pub completed: watch::Receiver<u64>,
+    /// Commit each completed checkpoint's offsets to the consumer group for lag
+    /// monitoring (never read back: the checkpoint is the truth).
     pub commit_offsets: bool,
+    pub completed: watch::Receiver<u64>,
+    pub cancel: Arc<AtomicBool>,
+    restored: HashMap<(String, i32), (Option<i64>, Option<i64>)>,
+    run: Option<Running>,
+    last_discovery: Instant,
+    last_interval: Instant,
 }
 
 struct Running {
@@ -102,10 +114,51 @@ struct Running {
     last_warning: Option<Instant>,
     /// Offsets of checkpoints taken and not yet known complete.
     snapshots: VecDeque<(u64, Vec<PartitionOffset>)>,
+    /// Watermarks per (topic index, partition).
+    watermarks: PartitionWatermarks<(usize, i32)>,
 }
 
-impl SourceTask {
-    pub fn run(mut self) -> Result<()> {
+impl KafkaSource {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: usize,
+        parallelism: u32,
+        client: ClientConfig,
+        topics: Vec<String>,
+        start_from: StartFrom,
+        isolation: IsolationLevel,
+        batch_size: usize,
+        discovery_interval: Duration,
+        decoder: Decoder,
+        time: Option<SourceTimeConfig>,
+        stats: Arc<JobStats>,
+        commit_offsets: bool,
+        completed: watch::Receiver<u64>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            index,
+            parallelism,
+            client,
+            topics,
+            start_from,
+            isolation,
+            batch_size,
+            discovery_interval,
+            decoder,
+            time,
+            stats,
+            commit_offsets,
+            completed,
+            cancel,
+            restored: HashMap::new(),
+            run: None,
+            last_discovery: Instant::now(),
+            last_interval: Instant::now(),
+        }
+    }
+
+    fn connect(&mut self) -> Result<()> {
         let context = WatermarkContext {
             high: Arc::default(),
             read_committed: self.isolation == IsolationLevel::ReadCommitted,
@@ -114,6 +167,7 @@ impl SourceTask {
             .client
             .create_with_context(context.clone())
             .map_err(Error::kafka("create consumer"))?;
+        let idle = self.time.as_ref().and_then(|t| t.idle_timeout);
         let mut run = Running {
             consumer,
             context,
@@ -128,57 +182,149 @@ impl SourceTask {
             first_discovery: true,
             last_warning: None,
             snapshots: VecDeque::new(),
+            watermarks: PartitionWatermarks::new(idle),
         };
-        let name = task_name("source", self.index);
         self.discover(&mut run)?;
-        let mut last_discovery = Instant::now();
-        let mut last_lag = Instant::now();
-        loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            while let Ok(barrier) = self.triggers.try_recv() {
-                self.checkpoint(&mut run, &name, barrier)?;
-                if barrier.is_final {
-                    self.outputs.broadcast_blocking(&StreamElement::EndOfStream)?;
-                    self.commit_final(&mut run, barrier.id);
-                    return Ok(());
+        self.last_discovery = Instant::now();
+        self.run = Some(run);
+        Ok(())
+    }
+}
+
+impl Source for KafkaSource {
+    fn poll_batch(&mut self) -> Result<SourcePoll> {
+        if self.run.is_none() {
+            self.connect()?;
+        }
+        let Some(mut run) = self.run.take() else {
+            return Ok(SourcePoll::default());
+        };
+        let result = self.poll_running(&mut run);
+        self.run = Some(run);
+        result
+    }
+
+    fn snapshot(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
+        let state = match &mut self.run {
+            Some(run) => {
+                let offsets: Vec<PartitionOffset> = run
+                    .topics
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(ti, t)| {
+                        let marks = &run.watermarks;
+                        t.partitions.iter().map(move |(p, s)| PartitionOffset {
+                            topic: t.name.to_string(),
+                            partition: *p,
+                            next: s.next,
+                            max_timestamp: marks.max_timestamp(&(ti, *p)),
+                        })
+                    })
+                    .collect();
+                if self.commit_offsets {
+                    if run.snapshots.len() >= 16 {
+                        run.snapshots.pop_front();
+                    }
+                    run.snapshots.push_back((checkpoint, offsets.clone()));
                 }
+                SourceState { offsets }
             }
-            if self.completed.has_changed().unwrap_or(false) {
-                let done = *self.completed.borrow_and_update();
-                self.commit_offsets(&mut run, done, CommitMode::Async);
+            // Not connected yet: what was restored is still the position.
+            None => SourceState {
+                offsets: self
+                    .restored
+                    .iter()
+                    .filter(|((t, p), _)| source_owner(t, *p, self.parallelism) as usize == self.index)
+                    .map(|((t, p), (next, max))| PartitionOffset {
+                        topic: t.clone(),
+                        partition: *p,
+                        next: *next,
+                        max_timestamp: *max,
+                    })
+                    .collect(),
+            },
+        };
+        serde_json::to_value(state).map_err(|e| Error::Internal(format!("source state: {e}")))
+    }
+
+    fn restore(&mut self, states: Vec<serde_json::Value>) -> Result<()> {
+        for state in states {
+            let state: SourceState = serde_json::from_value(state).map_err(|e| Error::CorruptCheckpoint {
+                path: "checkpoint".into(),
+                message: format!("source state: {e}"),
+            })?;
+            for o in state.offsets {
+                self.restored.insert((o.topic, o.partition), (o.next, o.max_timestamp));
             }
-            let batch = self.poll_batch(&mut run)?;
-            if !batch.is_empty() {
-                self.emit(batch)?;
-            }
-            let assigned = run.topics.iter().any(|t| !t.partitions.is_empty());
-            let every = if assigned {
-                self.discovery_interval
-            } else {
-                self.discovery_interval.min(Duration::from_secs(1))
-            };
-            if last_discovery.elapsed() >= every {
-                self.discover(&mut run)?;
-                last_discovery = Instant::now();
-            }
-            let since = last_lag.elapsed();
-            if since >= Duration::from_secs(1) {
-                self.update_lag(&run);
-                let blocked = self.outputs.take_blocked();
-                self.metrics
-                    .backpressure
-                    .set(blocked.as_secs_f64() / since.as_secs_f64());
-                last_lag = Instant::now();
-            }
+        }
+        Ok(())
+    }
+
+    fn on_checkpoint_complete(&mut self, checkpoint: u64) {
+        if let Some(mut run) = self.run.take() {
+            self.commit_offsets(&mut run, checkpoint, CommitMode::Async);
+            self.run = Some(run);
         }
     }
 
+    /// After the final barrier: wait (briefly) for the final checkpoint to complete and
+    /// commit its offsets, so that the group shows no lag after a clean stop.
+    fn on_stop(&mut self, id: u64) {
+        if !self.commit_offsets {
+            return;
+        }
+        let Some(mut run) = self.run.take() else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !self.cancel.load(Ordering::Relaxed) {
+            let done = *self.completed.borrow_and_update();
+            if done >= id {
+                self.commit_offsets(&mut run, done, CommitMode::Sync);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn report(&mut self) -> Option<String> {
+        let run = self.run.as_ref()?;
+        self.update_lag(run);
+        self.time.as_ref()?;
+        match run.watermarks.holding_back() {
+            Some((ti, p)) => Some(format!("{}/{p}", run.topics[*ti].name)),
+            None => Some("idle".into()),
+        }
+    }
+}
+
+impl KafkaSource {
+    fn poll_running(&mut self, run: &mut Running) -> Result<SourcePoll> {
+        let batch = self.read(run)?;
+        let assigned = run.topics.iter().any(|t| !t.partitions.is_empty());
+        let every = if assigned {
+            self.discovery_interval
+        } else {
+            self.discovery_interval.min(Duration::from_secs(1))
+        };
+        if self.last_discovery.elapsed() >= every {
+            self.discover(run)?;
+            self.last_discovery = Instant::now();
+        }
+        let mut time = None;
+        if let Some(t) = &self.time {
+            if self.last_interval.elapsed() >= t.interval {
+                self.last_interval = Instant::now();
+                time = run.watermarks.on_interval(Instant::now());
+            }
+        }
+        Ok(SourcePoll { batch, time })
+    }
+
     /// Read up to a batch of messages, waiting at most [`LINGER`] for them.
-    fn poll_batch(&mut self, run: &mut Running) -> Result<Batch> {
+    fn read(&mut self, run: &mut Running) -> Result<Batch> {
         let mut batch = Batch::default();
         let deadline = Instant::now() + LINGER;
+        let now_ms = crate::time::wall_clock_ms();
+        let now = Instant::now();
         while batch.len() < self.batch_size {
             let wait = deadline.saturating_duration_since(Instant::now());
             let Some(polled) = run.consumer.poll(wait) else {
@@ -187,9 +333,10 @@ impl SourceTask {
             match polled {
                 Ok(msg) => {
                     let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
-                    let Some(t) = run.topics.iter_mut().find(|t| &*t.name == topic) else {
+                    let Some(ti) = run.topics.iter().position(|t| &*t.name == topic) else {
                         continue;
                     };
+                    let t = &mut run.topics[ti];
                     let Some(p) = t.partitions.get_mut(&partition) else {
                         continue;
                     };
@@ -203,11 +350,33 @@ impl SourceTask {
                         offset,
                         timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
                     };
-                    match self.decoder.decode(origin, msg.payload()) {
-                        Ok(r) => batch.records.push(r),
-                        Err(d) => batch.dead.push(d),
+                    let mut record = match self.decoder.decode(origin, msg.payload()) {
+                        Ok(r) => r,
+                        Err(d) => {
+                            batch.dead.push(d);
+                            continue;
+                        }
+                    };
+                    match &self.time {
+                        None => record.timestamp = now_ms,
+                        Some(time) => match time.assigner.assign(&record, now_ms) {
+                            Ok(ts) => {
+                                record.timestamp = ts;
+                                run.watermarks.on_record(&(ti, partition), ts, now);
+                            }
+                            Err(reason) => {
+                                batch.dead.push(DeadLetter {
+                                    payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                                    origin: record.origin,
+                                    reason,
+                                });
+                                continue;
+                            }
+                        },
                     }
+                    batch.records.push(record);
                 }
+                Err(KafkaError::PartitionEOF(partition)) => self.caught_up(run, partition),
                 Err(e) => self.on_error(run, e)?,
             }
             if Instant::now() >= deadline {
@@ -215,6 +384,29 @@ impl SourceTask {
             }
         }
         Ok(batch)
+    }
+
+    /// librdkafka reached the end of partition number `partition` (of some topic): it
+    /// stops holding the watermark back until its next record.
+    fn caught_up(&self, run: &mut Running, partition: i32) {
+        let holders: Vec<usize> = run
+            .topics
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.partitions.contains_key(&partition))
+            .map(|(i, _)| i)
+            .collect();
+        let Ok(high) = run.context.high.lock() else { return };
+        for ti in &holders {
+            let t = &run.topics[*ti];
+            let next = t.partitions.get(&partition).and_then(|p| p.next).unwrap_or(0);
+            // The event names no topic: with several topics, trust it only where the
+            // broker's reported end agrees.
+            let at_end = holders.len() == 1 || high.get(&(t.name.to_string(), partition)).is_some_and(|h| next >= *h);
+            if at_end {
+                run.watermarks.set_caught_up(&(*ti, partition), true);
+            }
+        }
     }
 
     fn on_error(&self, run: &mut Running, e: KafkaError) -> Result<()> {
@@ -227,77 +419,6 @@ impl SourceTask {
             run.last_warning = Some(Instant::now());
         }
         Ok(())
-    }
-
-    fn emit(&mut self, batch: Batch) -> Result<()> {
-        let (records, dead) = (batch.records.len() as u64, batch.dead.len() as u64);
-        self.metrics.records_in.increment(records + dead);
-        self.metrics.dead_letters.increment(dead);
-        self.stats.records_in.fetch_add(records + dead, Ordering::Relaxed);
-        self.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
-        for (i, part) in self.partitioner.route(batch).into_iter().enumerate() {
-            if !part.is_empty() {
-                self.metrics.records_out.increment(part.len() as u64);
-                self.send(i, StreamElement::Batch(part))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn send(&self, output: usize, element: StreamElement) -> Result<()> {
-        match self.outputs.send_blocking(output, element) {
-            Err(_) if self.cancel.load(Ordering::Relaxed) => Ok(()),
-            other => other,
-        }
-    }
-
-    /// Snapshot the offsets, pass the barrier downstream, acknowledge.
-    fn checkpoint(&self, run: &mut Running, name: &str, barrier: Barrier) -> Result<()> {
-        let state = SourceState {
-            offsets: run
-                .topics
-                .iter()
-                .flat_map(|t| {
-                    t.partitions.iter().map(|(p, s)| PartitionOffset {
-                        topic: t.name.to_string(),
-                        partition: *p,
-                        next: s.next,
-                    })
-                })
-                .collect(),
-        };
-        self.outputs.broadcast_blocking(&StreamElement::Barrier(barrier))?;
-        if self.commit_offsets {
-            if run.snapshots.len() >= 16 {
-                run.snapshots.pop_front();
-            }
-            run.snapshots.push_back((barrier.id, state.offsets.clone()));
-        }
-        let state = serde_json::to_value(state).map_err(|e| Error::Internal(format!("source state: {e}")))?;
-        self.events
-            .send(TaskEvent::Ack {
-                checkpoint: barrier.id,
-                task: name.to_string(),
-                state,
-            })
-            .map_err(|_| Error::Internal("checkpoint coordinator stopped".into()))
-    }
-
-    /// After the final barrier: wait (briefly) for the final checkpoint to complete and
-    /// commit its offsets, so that the group shows no lag after a clean stop.
-    fn commit_final(&mut self, run: &mut Running, id: u64) {
-        if !self.commit_offsets {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && !self.cancel.load(Ordering::Relaxed) {
-            let done = *self.completed.borrow_and_update();
-            if done >= id {
-                self.commit_offsets(run, done, CommitMode::Sync);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     /// Commit the offsets of completed checkpoint `done` to the consumer group, so that
@@ -333,7 +454,7 @@ impl SourceTask {
     /// Read topic metadata and take on partitions this subtask owns and does not read yet.
     fn discover(&mut self, run: &mut Running) -> Result<()> {
         let mut added = false;
-        for t in run.topics.iter_mut() {
+        for (ti, t) in run.topics.iter_mut().enumerate() {
             let md = match run.consumer.fetch_metadata(Some(&t.name), Duration::from_secs(5)) {
                 Ok(md) => md,
                 Err(e) => {
@@ -355,8 +476,14 @@ impl SourceTask {
                     {
                         continue;
                     }
-                    let next = match self.restored.get(&(t.name.to_string(), id)) {
-                        Some(next) => *next,
+                    let restored = self.restored.get(&(t.name.to_string(), id)).copied();
+                    if let Some(time) = &self.time {
+                        let mut generator = (time.generator)();
+                        generator.restore(restored.and_then(|(_, max)| max));
+                        run.watermarks.add((ti, id), generator, Instant::now());
+                    }
+                    let next = match restored {
+                        Some((next, _)) => next,
                         // Partitions that appear after the first look start at the beginning, so
                         // nothing written to them is missed.
                         None if run.first_discovery && self.start_from == StartFrom::Latest => {

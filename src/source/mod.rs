@@ -3,16 +3,12 @@
 pub mod embedded;
 pub mod kafka;
 
-use std::collections::HashMap;
-
 use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::CompletedCheckpoint;
 use crate::config::{flatten_properties_of, IsolationLevel, JobConfig};
-use crate::error::{Error, Result};
 
-pub use kafka::SourceTask;
+pub use kafka::{KafkaSource, SourceTimeConfig};
 
 /// The next offset of one partition, as checkpointed. `next = None`: nothing read yet,
 /// start from the beginning.
@@ -21,29 +17,15 @@ pub struct PartitionOffset {
     pub topic: String,
     pub partition: i32,
     pub next: Option<i64>,
+    /// The largest event time read from the partition (its watermark resumes from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timestamp: Option<i64>,
 }
 
 /// What a source subtask puts into a checkpoint.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct SourceState {
     pub offsets: Vec<PartitionOffset>,
-}
-
-/// Offsets of every partition in a checkpoint, whichever subtask owned it then (so a job
-/// can be restored with another source parallelism).
-pub fn restored_offsets(cp: Option<&CompletedCheckpoint>) -> Result<HashMap<(String, i32), Option<i64>>> {
-    let mut out = HashMap::new();
-    let Some(cp) = cp else { return Ok(out) };
-    for state in cp.operator_states("source") {
-        let state: SourceState = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
-            path: format!("checkpoint {}", cp.id).into(),
-            message: format!("source state: {e}"),
-        })?;
-        for o in state.offsets {
-            out.insert((o.topic, o.partition), o.next);
-        }
-    }
-    Ok(out)
 }
 
 /// librdkafka settings for the source's consumer. Partitions are assigned by sluice, so
@@ -54,7 +36,9 @@ pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
         .set("group.id", format!("sluice-{}", cfg.job.name))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        // End-of-partition events mark a partition caught up: it stops holding back
+        // the watermark until it has data again.
+        .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "1000")
         .set(

@@ -327,7 +327,7 @@ impl InProcess {
         let cfg = sluice::config::load(config).expect("valid test config");
         let (stop, rx) = watch::channel(false);
         let stats = Arc::new(sluice::telemetry::JobStats::default());
-        let join = tokio::spawn(sluice::runtime::run(cfg, rx, stats.clone()));
+        let join = tokio::spawn(sluice::app::run(cfg, rx, stats.clone()));
         InProcess { stop, join, stats }
     }
 

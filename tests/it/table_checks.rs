@@ -15,7 +15,7 @@ async fn start_error(schema: &str, strategy: &str) -> String {
     let (_stop, rx) = watch::channel(false);
     let result = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        sluice::runtime::run(cfg, rx, Arc::new(Default::default())),
+        sluice::app::run(cfg, rx, Arc::new(Default::default())),
     )
     .await
     .expect("fails fast");

@@ -1,0 +1,675 @@
+//! The composition root: reads the config, plans the job's graph (which operators run
+//! chained in which task, what every edge's partitioner is, what schema reaches the
+//! sink), and runs it: one attempt at a time, each restored from the newest completed
+//! checkpoint, restarted as the restart strategy allows.
+//!
+//! Layers below know nothing of this file: the runtime drives sources, operators and
+//! sinks through their traits; this is where concrete ones are chosen.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::coordinator::CheckpointTiming;
+use crate::checkpoint::{
+    task_name, CheckpointStorage, CompletedCheckpoint, Coordinator, CoordinatorHandle, DirectoryStorage, MemoryStorage,
+    TaskEvent,
+};
+use crate::config::{
+    DeadLetterKind, JobConfig, PartitionerKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
+};
+use crate::error::{Error, Result};
+use crate::operators::{self, BuiltOperator, Decoder};
+use crate::record::{Field, Schema, StreamElement, ValueSource};
+use crate::runtime::channel::{InputGate, Outputs, CHANNEL_CAPACITY};
+use crate::runtime::operator::{decode_parts, Chain, OperatorAck, SubtaskInfo};
+use crate::runtime::partition::{custom_partitioner, Partitioner, CUSTOM_PARTITIONERS};
+use crate::runtime::restart::RestartPolicy;
+use crate::runtime::source_task::{run_source, Source, SourceIo};
+use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
+use crate::runtime::Cancel;
+use crate::sink::dead_letter::KafkaDeadLetters;
+use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
+use crate::sink::two_phase::TwoPhaseWriter;
+use crate::sink::{SinkTarget, TableSpec};
+use crate::source::embedded::EmbeddedKafka;
+use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeConfig};
+use crate::telemetry::{self, JobStats, SubtaskMetrics};
+use crate::time::extract::TimestampAssigner;
+use crate::time::watermark::{BoundedOutOfOrderness, WatermarkGenerator};
+use crate::time::Clock;
+
+/// How records cross from one stage to the next.
+#[derive(Clone)]
+pub struct Edge {
+    pub kind: PartitionerKind,
+    /// The key of `key_hash`, as fields of the upstream schema.
+    pub key: Vec<ValueSource>,
+    /// The registered partitioner of `custom`.
+    pub custom: Option<String>,
+}
+
+/// Operators that run chained in one task per subtask.
+pub struct Stage {
+    pub parallelism: u32,
+    /// The edge into the stage (`None` for the source stage).
+    pub input: Option<Edge>,
+    pub ops: Vec<BuiltOperator>,
+    /// The stage ends in the sink.
+    pub sink: bool,
+}
+
+/// A job's graph, checked against the schemas that flow through it.
+pub struct Plan {
+    /// Stage 0 is the source (with the operators chained into it); the last one ends in
+    /// the sink.
+    pub stages: Vec<Stage>,
+    /// What the source emits.
+    pub source_schema: Schema,
+    /// The sink's table, resolved against the schema reaching it.
+    pub table: TableSpec,
+    /// Whether an operator needs event time (then the source stamps records and emits
+    /// watermarks per partition).
+    pub needs_event_time: bool,
+}
+
+impl Plan {
+    /// Tasks that acknowledge every checkpoint.
+    pub fn tasks(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (s, stage) in self.stages.iter().enumerate() {
+            for i in 0..stage.parallelism as usize {
+                if s == 0 {
+                    out.push(task_name("source", i));
+                }
+                out.extend(stage.ops.iter().map(|op| task_name(&op.id, i)));
+                if stage.sink {
+                    out.push(task_name("sink", i));
+                }
+            }
+        }
+        out
+    }
+
+    /// One line per stage, for `sluice check` and the log.
+    pub fn describe(&self) -> String {
+        let mut lines = Vec::new();
+        for (s, stage) in self.stages.iter().enumerate() {
+            let mut names: Vec<String> = Vec::new();
+            if s == 0 {
+                names.push("source → decode".into());
+            }
+            names.extend(stage.ops.iter().map(|o| o.id.clone()));
+            if stage.sink {
+                names.push("sink".into());
+            }
+            let edge = match &stage.input {
+                None => String::new(),
+                Some(e) => format!("{:?} → ", e.kind).to_lowercase(),
+            };
+            lines.push(format!(
+                "  task {s}: {edge}{} ×{}",
+                names.join(" → "),
+                stage.parallelism
+            ));
+        }
+        lines.join("\n")
+    }
+}
+
+/// Plan `cfg`'s graph: build every operator against the schema reaching it, chain what
+/// is forward-connected with equal parallelism, and resolve the sink's columns. Graph
+/// and schema mistakes fail here, naming the key.
+pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
+    let fail = |key: &str, message: String| Error::Config {
+        file: cfg.file.clone(),
+        key: key.to_string(),
+        message,
+    };
+    let source_schema = Schema {
+        fields: cfg
+            .decode
+            .fields
+            .iter()
+            .map(|f| Field::new(&f.name, f.field_type))
+            .collect(),
+        kafka_origin: true,
+        row_key: Vec::new(),
+        keyed_by: Vec::new(),
+    };
+    let mut stages = vec![Stage {
+        parallelism: cfg.source.parallelism,
+        input: None,
+        ops: Vec::new(),
+        sink: false,
+    }];
+    let mut schema = source_schema.clone();
+    let mut needs_event_time = false;
+    for (i, op_cfg) in cfg.operators.iter().enumerate() {
+        let built = operators::build(i, op_cfg, &schema, cfg, stats)?;
+        let upstream = stages.last().map_or(1, |s| s.parallelism);
+        let parallelism = built.parallelism.unwrap_or(upstream);
+        needs_event_time |= built.needs_event_time;
+        let next_schema = built.output.clone();
+        let edge = edge_into(built.partitioner, built.partition_key.clone(), None)
+            .map_err(|m| fail(&format!("operators[{i}].partitioner"), m))?;
+        match (edge.kind, parallelism == upstream) {
+            (PartitionerKind::Forward, false) => {
+                return Err(fail(
+                    &format!("operators[{i}].partitioner"),
+                    format!(
+                        "forward needs equal parallelism: {upstream} before `{}`, {parallelism} in it",
+                        built.id
+                    ),
+                ));
+            }
+            (PartitionerKind::Forward, true) => {
+                if let Some(s) = stages.last_mut() {
+                    s.ops.push(built);
+                }
+            }
+            _ => stages.push(Stage {
+                parallelism,
+                input: Some(edge),
+                ops: vec![built],
+                sink: false,
+            }),
+        }
+        schema = next_schema;
+    }
+    let table = TableSpec::resolve(cfg, &schema)?;
+    let key = table.key_sources();
+    let edge = edge_into(cfg.sink.partitioner, key, cfg.sink.custom_partitioner.clone())
+        .map_err(|m| fail("sink.custom_partitioner", m))?;
+    let upstream = stages.last().map_or(1, |s| s.parallelism);
+    let chain_into_last = edge.kind == PartitionerKind::Forward && stages.len() > 1;
+    if edge.kind == PartitionerKind::Forward && cfg.sink.parallelism != upstream {
+        return Err(fail(
+            "sink.partitioner",
+            format!(
+                "forward needs sink.parallelism = the parallelism before the sink ({upstream}); it is {}",
+                cfg.sink.parallelism
+            ),
+        ));
+    }
+    if chain_into_last {
+        if let Some(s) = stages.last_mut() {
+            s.sink = true;
+        }
+    } else {
+        stages.push(Stage {
+            parallelism: cfg.sink.parallelism,
+            input: Some(edge),
+            ops: Vec::new(),
+            sink: true,
+        });
+    }
+    if needs_event_time {
+        if let Some(f) = cfg.time.field.as_deref().filter(|f| *f != "kafka.timestamp") {
+            let Some(i) = source_schema.index(f) else {
+                return Err(fail(
+                    "time.field",
+                    format!("`{f}` is neither a decode.fields name nor kafka.timestamp"),
+                ));
+            };
+            if source_schema.fields[i].field_type == crate::record::FieldType::Bool {
+                return Err(fail("time.field", format!("`{f}` is a bool, not a time")));
+            }
+        }
+    }
+    Ok(Plan {
+        stages,
+        source_schema,
+        table,
+        needs_event_time,
+    })
+}
+
+fn edge_into(
+    kind: PartitionerKind,
+    key: Vec<ValueSource>,
+    custom: Option<String>,
+) -> std::result::Result<Edge, String> {
+    if kind == PartitionerKind::Custom {
+        let name = custom.clone().unwrap_or_default();
+        if custom_partitioner(&name).is_none() {
+            return Err(format!(
+                "`{name}` is not a registered custom partitioner; known: {}",
+                CUSTOM_PARTITIONERS.join(", ")
+            ));
+        }
+    }
+    Ok(Edge { kind, key, custom })
+}
+
+/// Open the checkpoint storage a config names.
+pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
+    Ok(match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
+        (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
+        _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
+    })
+}
+
+/// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
+/// it fails past what its restart strategy allows.
+pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    let plan = plan(&cfg, &stats)?;
+    tracing::info!("job graph:\n{}", plan.describe());
+    let _api = crate::api::start(&cfg.metrics.listen, &cfg.job.name, stats.clone()).await?;
+    let embedded = match cfg.is_embedded() {
+        true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
+        false => None,
+    };
+    let bootstrap = embedded.as_ref().map_or(cfg.source.bootstrap_servers.clone(), |e| {
+        e.bootstrap_servers().to_string()
+    });
+    let storage = open_storage(&cfg)?;
+    let mut policy = RestartPolicy::new(cfg.restart.clone());
+    let mut shutdown_wait = shutdown.clone();
+    loop {
+        let err = match attempt(&cfg, &plan, &bootstrap, &storage, &stats, shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => e,
+        };
+        if *shutdown.borrow() {
+            return Err(err);
+        }
+        let Some(wait) = policy.on_failure(Instant::now()) else {
+            tracing::error!(error = %err, "job failed; the restart strategy allows no more restarts");
+            return Err(err);
+        };
+        tracing::warn!(error = %err, wait_ms = wait.as_millis() as u64, "job failed; restarting from the last completed checkpoint");
+        telemetry::restarted();
+        stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown_wait.changed() => return Err(err),
+        }
+    }
+}
+
+/// What every subtask of one attempt shares.
+struct Shared {
+    events: mpsc::UnboundedSender<TaskEvent>,
+    completed: watch::Receiver<u64>,
+    cancel: Cancel,
+    clock: Clock,
+}
+
+/// One attempt: restore, run, and return when stopped (Ok) or on the first failure.
+async fn attempt(
+    cfg: &Arc<JobConfig>,
+    plan: &Plan,
+    bootstrap: &str,
+    storage: &Arc<dyn CheckpointStorage>,
+    stats: &Arc<JobStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let target = SinkTarget::open(cfg, plan.table.clone()).await?;
+    let restored = storage.latest()?;
+    if let Some(cp) = &restored {
+        tracing::info!(checkpoint = cp.id, "restoring from checkpoint");
+        warn_unknown_state(cp, plan);
+    }
+    target.recover(cfg, restored.as_ref()).await?;
+    let last_id = restored.as_ref().map_or(0, |c| c.id);
+
+    // Channels between consecutive stages: every upstream subtask to every downstream one.
+    let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
+    let mut outputs: Vec<Vec<Vec<mpsc::Sender<StreamElement>>>> = Vec::new();
+    for (s, stage) in plan.stages.iter().enumerate() {
+        let p = stage.parallelism as usize;
+        inputs.push((0..p).map(|_| Vec::new()).collect());
+        outputs.push((0..p).map(|_| Vec::new()).collect());
+        if s == 0 {
+            continue;
+        }
+        for up in 0..plan.stages[s - 1].parallelism as usize {
+            for down in 0..p {
+                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                outputs[s - 1][up].push(tx);
+                inputs[s][down].push(rx);
+            }
+        }
+    }
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (completed_tx, completed_rx) = watch::channel(last_id);
+    let shared = Shared {
+        events: events_tx,
+        completed: completed_rx,
+        cancel: Cancel::default(),
+        clock: Clock::default(),
+    };
+    let mut tasks = JoinSet::new();
+    let mp = cfg.job.max_parallelism;
+
+    // Downstream first, so that every channel has a reader before anything is sent.
+    for s in (1..plan.stages.len()).rev() {
+        let stage = &plan.stages[s];
+        let mut stage_inputs = std::mem::take(&mut inputs[s]);
+        let mut stage_outputs = std::mem::take(&mut outputs[s]);
+        for j in (0..stage.parallelism as usize).rev() {
+            let chain = build_chain(stage, j, mp, restored.as_ref(), storage)?;
+            let first = chain.infos().next().map(|i| i.operator.clone());
+            let io = TaskIo {
+                name: first
+                    .as_deref()
+                    .map_or_else(|| task_name("sink", j), |op| task_name(op, j)),
+                gate: InputGate::new(stage_inputs.pop().unwrap_or_default()),
+                events: shared.events.clone(),
+                completed: shared.completed.clone(),
+                cancel: shared.cancel.subscribe(),
+                storage: storage.clone(),
+                clock: shared.clock,
+                stats: stats.clone(),
+                metrics: first.as_deref().map(|op| SubtaskMetrics::new(op, j)),
+            };
+            if stage.sink {
+                spawn_sink(&mut tasks, cfg, bootstrap, &target, chain, j, io).await?;
+            } else {
+                let next = &plan.stages[s + 1];
+                let tail = NetworkTail {
+                    partitioner: partitioner(next, j, stage.parallelism, mp),
+                    outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
+                    metrics: SubtaskMetrics::new(first.as_deref().unwrap_or("operator"), j),
+                };
+                tasks.spawn(run_task(chain, tail, io));
+            }
+        }
+    }
+
+    let source_stage = &plan.stages[0];
+    let ps = source_stage.parallelism;
+    let keep_payload = plan.table.columns.iter().any(|c| c.source == ValueSource::Payload);
+    let source_states: Vec<serde_json::Value> = restored
+        .as_ref()
+        .map(|cp| cp.operator_states("source").cloned().collect())
+        .unwrap_or_default();
+    let mut triggers = Vec::with_capacity(ps as usize);
+    let mut source_outputs = std::mem::take(&mut outputs[0]);
+    for i in (0..ps as usize).rev() {
+        let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+        triggers.push(trigger_tx);
+        let mut source = KafkaSource::new(
+            i,
+            ps,
+            consumer_config(cfg, bootstrap),
+            cfg.source.topics.clone(),
+            cfg.source.start_from,
+            cfg.source.isolation_level,
+            cfg.source.batch_size,
+            cfg.source.partition_discovery_interval,
+            Decoder::new(cfg.decode.fields.clone(), cfg.decode.max_record_bytes, keep_payload),
+            source_time(cfg, plan),
+            stats.clone(),
+            cfg.source.commit_offsets,
+            shared.completed.clone(),
+            shared.cancel.flag(),
+        );
+        source.restore(source_states.clone())?;
+        let chain = build_chain(source_stage, i, mp, restored.as_ref(), storage)?;
+        let io = SourceIo {
+            name: task_name("source", i),
+            outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
+            partitioner: partitioner(&plan.stages[1], i, ps, mp),
+            triggers: trigger_rx,
+            events: shared.events.clone(),
+            cancel: shared.cancel.flag(),
+            completed: shared.completed.clone(),
+            storage: storage.clone(),
+            clock: shared.clock,
+            stats: stats.clone(),
+            metrics: SubtaskMetrics::new("source", i),
+        };
+        tasks.spawn_blocking(move || run_source(source, chain, io));
+    }
+    triggers.reverse();
+    let Shared { events, cancel, .. } = shared;
+    drop(events);
+
+    let (handle, stop_rx) = CoordinatorHandle::new();
+    let coordinator = Coordinator {
+        job: cfg.job.name.clone(),
+        timing: CheckpointTiming {
+            interval: cfg.checkpoint.interval,
+            timeout: cfg.checkpoint.timeout,
+            min_pause: cfg.checkpoint.min_pause,
+        },
+        storage: storage.clone(),
+        tasks: plan.tasks(),
+        triggers,
+        events: events_rx,
+        completed: completed_tx,
+        first_id: last_id + 1,
+        stats: stats.clone(),
+    };
+    let mut coordinator = tokio::spawn(coordinator.run(stop_rx));
+    if *shutdown.borrow() {
+        handle.stop();
+    }
+
+    stats.running.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _not_running = NotRunning(stats.clone());
+    let mut stopping = *shutdown.borrow();
+    let failure = loop {
+        tokio::select! {
+            done = &mut coordinator => {
+                match done {
+                    Ok(Ok(final_id)) => {
+                        tracing::info!(checkpoint = final_id, "final checkpoint complete; stopping");
+                        while let Some(joined) = tasks.join_next().await {
+                            flatten(joined)?;
+                        }
+                        return Ok(());
+                    }
+                    Ok(Err(e)) => break e,
+                    Err(e) => break Error::Internal(format!("checkpoint coordinator: {e}")),
+                }
+            }
+            Some(joined) = tasks.join_next() => {
+                if let Err(e) = flatten(joined) {
+                    coordinator.abort();
+                    break e;
+                }
+            }
+            changed = shutdown.changed(), if !stopping => {
+                let _ = changed;
+                stopping = true;
+                handle.stop();
+            }
+        }
+    };
+    cancel.cancel();
+    // Subtasks see the cancel within a poll; one stuck in a call that never returns is
+    // aborted after a grace period so that a restart is never blocked.
+    let mut cause: Option<Error> = None;
+    let drained = tokio::time::timeout(CANCEL_GRACE, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = flatten(joined) {
+                tracing::debug!(error = %e, "subtask error while cancelling");
+                cause.get_or_insert(e);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("subtasks did not stop within {CANCEL_GRACE:?}; aborting them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    // "A source stopped" from the coordinator says less than the source's own error.
+    match (failure, cause) {
+        (Error::Internal(_), Some(cause)) => Err(cause),
+        (failure, _) => Err(failure),
+    }
+}
+
+/// The partitioner of upstream subtask `index` (of `upstream`) into `next`.
+fn partitioner(next: &Stage, index: usize, upstream: u32, mp: u32) -> Partitioner {
+    let edge = next.input.clone().unwrap_or(Edge {
+        kind: PartitionerKind::Forward,
+        key: Vec::new(),
+        custom: None,
+    });
+    let p = Partitioner::new(
+        edge.kind,
+        next.parallelism as usize,
+        index,
+        upstream as usize,
+        edge.key,
+        mp,
+    );
+    match edge.custom.as_deref().and_then(custom_partitioner) {
+        Some(c) if edge.kind == PartitionerKind::Custom => p.with_custom(c),
+        _ => p,
+    }
+}
+
+/// Subtask `index` of a stage's chained operators, restored from `restored`.
+fn build_chain(
+    stage: &Stage,
+    index: usize,
+    mp: u32,
+    restored: Option<&CompletedCheckpoint>,
+    storage: &Arc<dyn CheckpointStorage>,
+) -> Result<Chain> {
+    let mut chain = Chain::default();
+    for (k, op) in stage.ops.iter().enumerate() {
+        let info = SubtaskInfo::new(&op.id, index, stage.parallelism, mp);
+        let range = info.key_groups;
+        chain.push(info, (op.make)(index));
+        let Some(cp) = restored else { continue };
+        let mut files = Vec::new();
+        for state in cp.operator_states(&op.id) {
+            let ack: OperatorAck = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
+                path: format!("checkpoint {}", cp.id).into(),
+                message: format!("state of operator `{}`: {e}", op.id),
+            })?;
+            let Some(handle) = ack.handle.filter(|_| ack.key_groups.intersects(&range)) else {
+                continue;
+            };
+            let bytes = storage.read_state(&handle)?;
+            files.push(decode_parts(&bytes, &handle)?);
+        }
+        chain.restore(k, &files)?;
+    }
+    Ok(chain)
+}
+
+/// Say so when a checkpoint holds state of operators this job no longer has.
+fn warn_unknown_state(cp: &CompletedCheckpoint, plan: &Plan) {
+    let known: std::collections::HashSet<String> = plan
+        .stages
+        .iter()
+        .flat_map(|s| s.ops.iter().map(|o| o.id.clone()))
+        .chain(["source".to_string(), "sink".to_string()])
+        .collect();
+    let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in cp.tasks.keys() {
+        let op = name.rsplit_once('-').map_or(name.as_str(), |(op, _)| op);
+        if !known.contains(op) {
+            *unknown.entry(op).or_default() += 1;
+        }
+    }
+    for op in unknown.keys() {
+        tracing::warn!(
+            operator = op,
+            checkpoint = cp.id,
+            "the checkpoint holds state of an operator this job does not have; it is not restored"
+        );
+    }
+}
+
+/// How the source stamps event time and makes watermarks, if any operator needs them.
+fn source_time(cfg: &JobConfig, plan: &Plan) -> Option<SourceTimeConfig> {
+    if !plan.needs_event_time {
+        return None;
+    }
+    let t = &cfg.time;
+    let assigner = match (t.characteristic, t.field.as_deref()) {
+        (TimeCharacteristic::Ingestion, _) => TimestampAssigner::Ingestion,
+        (_, None | Some("kafka.timestamp")) => TimestampAssigner::Kafka,
+        (_, Some(f)) => TimestampAssigner::Field {
+            index: plan.source_schema.index(f).unwrap_or(0),
+            name: f.to_string(),
+            format: t.format,
+        },
+    };
+    let bound = match (t.characteristic, t.watermark) {
+        (TimeCharacteristic::Ingestion, _) | (_, WatermarkStrategy::Monotonous) => std::time::Duration::ZERO,
+        (_, WatermarkStrategy::BoundedOutOfOrderness) => t.max_out_of_orderness,
+    };
+    Some(SourceTimeConfig {
+        assigner,
+        generator: Arc::new(move || Box::new(BoundedOutOfOrderness::new(bound)) as Box<dyn WatermarkGenerator>),
+        interval: t.watermark_interval,
+        idle_timeout: Some(t.idle_timeout),
+    })
+}
+
+/// Marks the job not running when an attempt ends, however it ends.
+struct NotRunning(Arc<JobStats>);
+
+impl Drop for NotRunning {
+    fn drop(&mut self) {
+        self.0.running.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How long cancelled subtasks get to stop before they are aborted.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Start sink subtask `j` (with the operators chained before it): the strategy over the
+/// target, as configured. The one place that picks a sink's implementation.
+async fn spawn_sink(
+    tasks: &mut JoinSet<Result<()>>,
+    cfg: &JobConfig,
+    bootstrap: &str,
+    target: &SinkTarget,
+    chain: Chain,
+    j: usize,
+    io: TaskIo,
+) -> Result<()> {
+    let stats = io.stats.clone();
+    let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
+        (DeadLetterKind::Kafka, Some(topic)) => Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?),
+        _ => None,
+    };
+    let batch = cfg.sink.batch_size;
+    match (target, cfg.sink.strategy) {
+        (SinkTarget::Postgres { pool, table }, Strategy::TwoPhase) => {
+            let w = TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats).await?;
+            tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
+        }
+        (SinkTarget::Postgres { pool, table }, Strategy::Idempotent) => {
+            let t = PgUpsert {
+                pool: pool.clone(),
+                table: table.clone(),
+            };
+            let w = IdempotentWriter::new(t, batch, dlq, j, stats);
+            tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
+        }
+        (SinkTarget::Sqlite { pool, table }, _) => {
+            let t = SqliteUpsert {
+                pool: pool.clone(),
+                table: table.clone(),
+            };
+            let w = IdempotentWriter::new(t, batch, dlq, j, stats);
+            tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
+        }
+    }
+    Ok(())
+}
+
+fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match joined {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(Error::Internal(format!("a subtask panicked: {e}"))),
+        Err(e) => Err(Error::Internal(format!("a subtask was cancelled: {e}"))),
+    }
+}

@@ -1,0 +1,400 @@
+//! The middle of a job: time semantics and the `[[operators]]` between source and sink.
+//!
+//! Each section checks what it can check alone here; what needs the stream's schema
+//! (does a field exist upstream, is it a number) is checked when the job's graph is
+//! planned (`app::plan`), still before anything connects, and named by key the same way.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::PartitionerKind;
+use crate::time::extract::TimeFormat;
+
+/// Which clock windows follow.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeCharacteristic {
+    /// Time written in the record (a field, or the Kafka timestamp).
+    #[default]
+    Event,
+    /// The clock of the machine when an operator sees the record.
+    Processing,
+    /// The clock when the source read the record, then treated as event time.
+    Ingestion,
+}
+
+/// How watermarks follow event time in each partition.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WatermarkStrategy {
+    /// Records arrive at most `max_out_of_orderness` late within a partition.
+    #[default]
+    BoundedOutOfOrderness,
+    /// Event time never decreases within a partition.
+    Monotonous,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    #[serde(default)]
+    pub characteristic: TimeCharacteristic,
+    /// The decoded field holding event time, or `kafka.timestamp` (the default).
+    pub field: Option<String>,
+    #[serde(default)]
+    pub format: TimeFormat,
+    #[serde(default)]
+    pub watermark: WatermarkStrategy,
+    #[serde(default = "defaults::out_of_orderness", with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    /// How often sources emit watermarks.
+    #[serde(default = "defaults::watermark_interval", with = "humantime_serde")]
+    pub watermark_interval: Duration,
+    /// A partition without records for this long stops holding the watermark back
+    /// (`"0s"`: never). Partitions read to their end stop holding it back at once.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        Self {
+            characteristic: TimeCharacteristic::Event,
+            field: None,
+            format: TimeFormat::Auto,
+            watermark: WatermarkStrategy::BoundedOutOfOrderness,
+            max_out_of_orderness: defaults::out_of_orderness(),
+            watermark_interval: defaults::watermark_interval(),
+            idle_timeout: defaults::idle_timeout(),
+        }
+    }
+}
+
+impl TimeConfig {
+    /// Checks that need no schema.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.watermark_interval.is_zero() {
+            return Err(("time.watermark_interval".into(), "must be greater than 0".into()));
+        }
+        if self.characteristic != TimeCharacteristic::Event && self.field.is_some() {
+            return Err((
+                "time.field".into(),
+                "only event time reads a field; remove it or set time.characteristic = \"event\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn durations(&self) -> Vec<(&'static str, Duration)> {
+        vec![
+            ("time.max_out_of_orderness", self.max_out_of_orderness),
+            ("time.watermark_interval", self.watermark_interval),
+            ("time.idle_timeout", self.idle_timeout),
+        ]
+    }
+}
+
+/// One step of the `[[operators]]` chain, chosen by `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OperatorConfig {
+    /// Key the stream by fields: the next operator receives records by key group.
+    KeyBy { id: Option<String>, fields: Vec<String> },
+    /// Windows over a keyed stream.
+    Window(WindowConfig),
+}
+
+impl OperatorConfig {
+    /// The operator's id (`key_by` defaults to `key_by_<n>`).
+    pub fn id(&self, position: usize) -> String {
+        match self {
+            OperatorConfig::KeyBy { id, .. } => id.clone().unwrap_or_else(|| format!("key_by_{position}")),
+            OperatorConfig::Window(w) => w.id.clone(),
+        }
+    }
+
+    /// Checks that need no schema, with `operators[n]` as the key prefix.
+    pub fn validate(&self, position: usize, max_parallelism: u32) -> Result<(), (String, String)> {
+        let at = |k: &str| format!("operators[{position}].{k}");
+        let id = self.id(position);
+        let id_ok = !id.is_empty()
+            && id.len() <= 48
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !matches!(id.as_str(), "source" | "sink");
+        if !id_ok {
+            return Err((
+                at("id"),
+                format!("`{id}` must be 1 to 48 letters, digits or '_', and not `source` or `sink`"),
+            ));
+        }
+        match self {
+            OperatorConfig::KeyBy { fields, .. } => {
+                if fields.is_empty() {
+                    return Err((at("fields"), "must name at least one field".into()));
+                }
+                Ok(())
+            }
+            OperatorConfig::Window(w) => w.validate(&at, max_parallelism),
+        }
+    }
+}
+
+/// How windows are cut.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignerKind {
+    /// Fixed `size`, back to back.
+    Tumbling,
+    /// Fixed `size`, a new one every `slide`.
+    Sliding,
+    /// Per key, records closer than `gap` share a window.
+    Session,
+    /// One window per key for all time (needs a count or continuous trigger).
+    Global,
+}
+
+/// When a window emits its result.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerKind {
+    /// When the watermark passes the window's end (and again for each late record
+    /// within allowed lateness).
+    EventTime,
+    /// When the clock passes the window's end.
+    ProcessingTime,
+    /// Every `trigger_count` records, and at the window's end.
+    Count,
+    /// Every `trigger_interval` (early results), and at the window's end.
+    Continuous,
+}
+
+/// Which clock a continuous trigger's interval follows.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalClock {
+    /// The window's own time (event time for event-time windows).
+    #[default]
+    Window,
+    Processing,
+}
+
+/// A built-in aggregate function.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregateFunction {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+    CountDistinct,
+    /// The value of the record with the earliest event time.
+    First,
+    /// The value of the record with the latest event time.
+    Last,
+}
+
+impl AggregateFunction {
+    pub fn name(self) -> &'static str {
+        match self {
+            AggregateFunction::Count => "count",
+            AggregateFunction::Sum => "sum",
+            AggregateFunction::Min => "min",
+            AggregateFunction::Max => "max",
+            AggregateFunction::Avg => "avg",
+            AggregateFunction::CountDistinct => "count_distinct",
+            AggregateFunction::First => "first",
+            AggregateFunction::Last => "last",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSpec {
+    /// A built-in function, or `user` with `name` naming a registered one.
+    #[serde(rename = "fn")]
+    pub function: AggregateFunctionName,
+    /// The input field (not for `count`).
+    pub field: Option<String>,
+    /// The output column (default `<fn>_<field>`, or `count`).
+    #[serde(rename = "as")]
+    pub output: Option<String>,
+}
+
+/// A built-in aggregate or a user aggregate by registered name.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AggregateFunctionName {
+    Builtin(AggregateFunction),
+    User(String),
+}
+
+/// A full-window function: it sees every record of the window when it fires.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// A registered process function (`median`, `percentiles`, `distinct_values`).
+    pub function: String,
+    /// Its input field.
+    pub field: Option<String>,
+    /// Prefix of its output columns (default: the function's name).
+    #[serde(rename = "as")]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    pub id: String,
+    #[serde(default = "defaults::one")]
+    pub parallelism: u32,
+    /// The edge into the window: `hash` (key groups of the `key_by` fields; the only
+    /// choice that keeps a key's records together).
+    #[serde(default = "defaults::hash")]
+    pub partitioner: PartitionerKind,
+    pub assigner: AssignerKind,
+    #[serde(default, with = "humantime_serde")]
+    pub size: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub slide: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gap: Option<Duration>,
+    /// Shifts window boundaries (e.g. daily windows that start at local midnight).
+    #[serde(default, with = "humantime_serde")]
+    pub offset: Option<Duration>,
+    /// Default: `event_time`, or `processing_time` for a processing-time job.
+    pub trigger: Option<TriggerKind>,
+    pub trigger_count: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub trigger_interval: Option<Duration>,
+    #[serde(default)]
+    pub trigger_clock: IntervalClock,
+    /// Records this late (behind the watermark past their window's end) still update
+    /// the window and re-fire it; later ones go to the late-data output.
+    #[serde(default, with = "humantime_serde")]
+    pub allowed_lateness: Option<Duration>,
+    /// Incremental aggregates, one accumulator per key and window.
+    #[serde(default)]
+    pub aggregates: Vec<AggregateSpec>,
+    /// Or a full-window function.
+    pub process: Option<ProcessSpec>,
+}
+
+impl WindowConfig {
+    fn validate(&self, at: &dyn Fn(&str) -> String, max_parallelism: u32) -> Result<(), (String, String)> {
+        let fail = |k: &str, m: &str| Err((at(k), m.to_string()));
+        let year = Duration::from_secs(366 * 24 * 3600);
+        if let Some((k, _)) = self.durations().into_iter().find(|(_, d)| *d > year) {
+            return fail(k, "must be at most 366 days");
+        }
+        if self.partitioner == PartitionerKind::Custom {
+            return fail(
+                "partitioner",
+                "a window must receive each key's records in one subtask: use hash",
+            );
+        }
+        if self.parallelism == 0 {
+            return fail("parallelism", "must be at least 1");
+        }
+        if self.parallelism > max_parallelism {
+            return fail("parallelism", "must not exceed job.max_parallelism");
+        }
+        let positive = |d: Option<Duration>| d.is_some_and(|d| d >= Duration::from_millis(1));
+        match self.assigner {
+            AssignerKind::Tumbling | AssignerKind::Sliding if !positive(self.size) => {
+                return fail("size", "is required (at least 1ms) for tumbling and sliding windows");
+            }
+            AssignerKind::Sliding if !positive(self.slide) => {
+                return fail("slide", "is required (at least 1ms) for sliding windows");
+            }
+            AssignerKind::Sliding if self.slide > self.size => {
+                return fail("slide", "must not exceed size (records would fall between windows)");
+            }
+            AssignerKind::Session if !positive(self.gap) => {
+                return fail("gap", "is required (at least 1ms) for session windows");
+            }
+            _ => {}
+        }
+        if self.assigner != AssignerKind::Sliding && self.slide.is_some() {
+            return fail("slide", "only sliding windows have a slide");
+        }
+        if self.assigner != AssignerKind::Session && self.gap.is_some() {
+            return fail("gap", "only session windows have a gap");
+        }
+        if matches!(self.assigner, AssignerKind::Session | AssignerKind::Global) && self.size.is_some() {
+            return fail("size", "session and global windows have no size");
+        }
+        if let (Some(offset), Some(size)) = (self.offset, self.size) {
+            if offset >= size {
+                return fail("offset", "must be less than size");
+            }
+        }
+        match self.trigger {
+            Some(TriggerKind::Count) if self.trigger_count.unwrap_or(0) == 0 => {
+                return fail("trigger_count", "is required (at least 1) for the count trigger");
+            }
+            Some(TriggerKind::Continuous) if !positive(self.trigger_interval) => {
+                return fail(
+                    "trigger_interval",
+                    "is required (at least 1ms) for the continuous trigger",
+                );
+            }
+            Some(TriggerKind::EventTime | TriggerKind::ProcessingTime) | None
+                if self.assigner == AssignerKind::Global =>
+            {
+                return fail(
+                    "trigger",
+                    "a global window never ends: use a count or continuous trigger",
+                );
+            }
+            _ => {}
+        }
+        if self.trigger != Some(TriggerKind::Count) && self.trigger_count.is_some() {
+            return fail("trigger_count", "only the count trigger counts");
+        }
+        if self.trigger != Some(TriggerKind::Continuous) && self.trigger_interval.is_some() {
+            return fail("trigger_interval", "only the continuous trigger has an interval");
+        }
+        match (&self.process, self.aggregates.is_empty()) {
+            (Some(_), false) => fail("process", "a window has either aggregates or a process function"),
+            (None, true) => fail("aggregates", "a window needs aggregates or a process function"),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn durations(&self) -> Vec<(&'static str, Duration)> {
+        [
+            ("size", self.size),
+            ("slide", self.slide),
+            ("gap", self.gap),
+            ("offset", self.offset),
+            ("trigger_interval", self.trigger_interval),
+            ("allowed_lateness", self.allowed_lateness),
+        ]
+        .into_iter()
+        .filter_map(|(k, d)| Some((k, d?)))
+        .collect()
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn one() -> u32 {
+        1
+    }
+    pub fn hash() -> super::PartitionerKind {
+        super::PartitionerKind::KeyHash
+    }
+    pub fn out_of_orderness() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn watermark_interval() -> Duration {
+        Duration::from_millis(200)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}

@@ -1,0 +1,540 @@
+//! The window operator: keyed windows with triggers, allowed lateness and a late-data
+//! output, computing incremental aggregates or a full-window function.
+//!
+//! State is one entry per key (in keyed state, by key group): the key's open windows,
+//! each with its accumulators (or its records) and its trigger's state. Keys have few
+//! windows open at once (one or two tumbling, size/slide sliding, a few sessions), so a
+//! record costs one state lookup and a scan of a short list. Timers (a window's end, its
+//! cleanup after allowed lateness, early firings) are registered once per window, not
+//! once per record.
+//!
+//! A result is one record per firing: the key's fields, `window_start`, `window_end`
+//! (epoch ms, end exclusive), the aggregates, and `firing` (`early`, `on_time`, `late`).
+//! Records later than allowed lateness are sent on as dead letters with the reason (how
+//! late, which window), so they reach the dead-letter table or topic exactly as bad
+//! records do: never dropped silently.
+
+pub mod aggregate;
+pub mod assigner;
+pub mod process;
+pub mod trigger;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::record::{decode_key, Batch, DeadLetter, Field, FieldType, Origin, Record, Schema, Value, ValueSource};
+use crate::runtime::operator::{Context, Operator, RestoredState, SnapshotParts};
+use crate::runtime::partition::{hash_key_bytes, StableHasher};
+use crate::state::{key_group, KeyGroup, KeyedTable, Namespace, StateBackend, StateConfig};
+use crate::telemetry::{JobStats, WindowMetrics};
+use crate::time::timers::TimeDomain;
+use crate::time::{max_timestamp, Timer, TimerService, Window};
+
+use aggregate::{Acc, Aggregate};
+use assigner::WindowAssigner;
+use process::{Element, ProcessWindowFunction, WindowContext};
+use trigger::{Trigger, TriggerContext, TriggerResult, TriggerState};
+
+/// What a window computes.
+#[derive(Clone)]
+pub enum WindowFunction {
+    /// Incremental: one accumulator per aggregate.
+    Aggregate(Vec<Aggregate>),
+    /// Full window: the records are kept and handed to the function when it fires.
+    Process {
+        function: Arc<dyn ProcessWindowFunction>,
+        input: Option<usize>,
+    },
+}
+
+/// A window operator as configured, resolved against its input schema.
+pub struct WindowSpec {
+    pub id: String,
+    /// The key fields in the input.
+    pub key: Vec<ValueSource>,
+    pub key_types: Vec<FieldType>,
+    /// The input's fields (late records are dead-lettered as JSON of these).
+    pub input_fields: Vec<Field>,
+    pub assigner: WindowAssigner,
+    pub trigger: Box<dyn Trigger>,
+    /// The time windows follow.
+    pub domain: TimeDomain,
+    pub allowed_lateness: i64,
+    pub function: WindowFunction,
+    pub output: Schema,
+}
+
+/// How a firing came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FiringKind {
+    /// Before the window's end (count or continuous trigger).
+    Early,
+    /// When the window ended.
+    OnTime,
+    /// After it ended, for a late record within allowed lateness.
+    Late,
+}
+
+impl FiringKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FiringKind::Early => "early",
+            FiringKind::OnTime => "on_time",
+            FiringKind::Late => "late",
+        }
+    }
+}
+
+/// A key's open windows: the keyed state of the operator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KeyWindows {
+    windows: Vec<WindowState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WindowState {
+    window: Window,
+    contents: Contents,
+    trigger: TriggerState,
+    /// Records since the last purge: nothing to emit when zero.
+    pending: u64,
+    fired_on_time: bool,
+    /// Firings so far (names each result uniquely).
+    firings: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Contents {
+    Aggregates(Vec<Acc>),
+    Elements(Vec<Element>),
+}
+
+const WINDOWS: &str = "windows";
+
+/// The window operator over state backend `B`.
+pub struct WindowOperator<B: StateBackend> {
+    spec: Arc<WindowSpec>,
+    table: B::Table<KeyWindows>,
+    topic: Arc<str>,
+    key_buf: Vec<u8>,
+    assigned: Vec<Window>,
+    metrics: WindowMetrics,
+    stats: Arc<JobStats>,
+}
+
+impl<B: StateBackend> WindowOperator<B> {
+    pub fn new(spec: Arc<WindowSpec>, backend: &B, subtask: usize, stats: Arc<JobStats>) -> Self {
+        Self {
+            table: backend.table(WINDOWS, StateConfig::default()),
+            topic: Arc::from(spec.id.as_str()),
+            metrics: WindowMetrics::new(&spec.id, subtask),
+            spec,
+            key_buf: Vec::with_capacity(64),
+            assigned: Vec::with_capacity(4),
+            stats,
+        }
+    }
+}
+
+/// Everything a firing needs, borrowed apart from the state table.
+struct Fire<'a> {
+    spec: &'a WindowSpec,
+    topic: &'a Arc<str>,
+    key: &'a [u8],
+    key_group: KeyGroup,
+    out: &'a mut crate::runtime::operator::Output,
+    timers: &'a mut TimerService,
+    watermark: i64,
+    processing_time: i64,
+    fired: u64,
+}
+
+impl Fire<'_> {
+    fn trigger_ctx(&mut self) -> TriggerContext<'_> {
+        TriggerContext {
+            timers: self.timers,
+            key_group: self.key_group,
+            key: self.key,
+            watermark: self.watermark,
+            processing_time: self.processing_time,
+        }
+    }
+
+    fn new_window(&mut self, window: Window) -> WindowState {
+        let contents = match &self.spec.function {
+            WindowFunction::Aggregate(aggs) => Contents::Aggregates(aggs.iter().map(Aggregate::create).collect()),
+            WindowFunction::Process { .. } => Contents::Elements(Vec::new()),
+        };
+        self.register_cleanup(window);
+        WindowState {
+            window,
+            contents,
+            trigger: TriggerState::default(),
+            pending: 0,
+            fired_on_time: false,
+            firings: 0,
+        }
+    }
+
+    /// When a window's state is dropped: after allowed lateness (event time), or at its
+    /// end (processing time). Global windows live as long as their key.
+    fn cleanup_time(&self, w: &Window) -> Option<i64> {
+        if w.end == i64::MAX {
+            return None;
+        }
+        Some(match self.spec.domain {
+            TimeDomain::EventTime => max_timestamp(w).saturating_add(self.spec.allowed_lateness),
+            TimeDomain::ProcessingTime => max_timestamp(w),
+        })
+    }
+
+    fn register_cleanup(&mut self, w: Window) {
+        if let Some(t) = self.cleanup_time(&w) {
+            let domain = self.spec.domain;
+            self.timers.register(domain, t, self.key_group, self.key, w);
+        }
+    }
+
+    fn add(&self, ws: &mut WindowState, record: &Record, ts: i64) {
+        match (&mut ws.contents, &self.spec.function) {
+            (Contents::Aggregates(accs), WindowFunction::Aggregate(aggs)) => {
+                for (acc, agg) in accs.iter_mut().zip(aggs) {
+                    agg.add(acc, record, ts);
+                }
+            }
+            (Contents::Elements(els), _) => els.push(Element {
+                timestamp: ts,
+                partition: record.origin.partition,
+                offset: record.origin.offset,
+                values: record.values.clone(),
+            }),
+            _ => {}
+        }
+        ws.trigger.count += 1;
+        ws.pending += 1;
+    }
+
+    fn merge_into(&self, into: &mut WindowState, from: WindowState) {
+        into.window = Window {
+            start: into.window.start.min(from.window.start),
+            end: into.window.end.max(from.window.end),
+        };
+        match (&mut into.contents, from.contents, &self.spec.function) {
+            (Contents::Aggregates(a), Contents::Aggregates(b), WindowFunction::Aggregate(aggs)) => {
+                for ((acc, other), agg) in a.iter_mut().zip(b).zip(aggs) {
+                    agg.merge(acc, other);
+                }
+            }
+            (Contents::Elements(a), Contents::Elements(mut b), _) => a.append(&mut b),
+            _ => {}
+        }
+        into.trigger.count += from.trigger.count;
+        into.trigger.mark = match (into.trigger.mark, from.trigger.mark) {
+            (0, m) | (m, 0) => m,
+            (a, b) => a.min(b),
+        };
+        into.pending += from.pending;
+        into.fired_on_time |= from.fired_on_time;
+        into.firings += from.firings;
+    }
+
+    /// Act on a trigger's decision for `ws`.
+    fn apply(&mut self, ws: &mut WindowState, result: TriggerResult, kind: FiringKind) {
+        if result.fires() && ws.pending > 0 {
+            self.emit(ws, kind);
+        }
+        if kind == FiringKind::OnTime {
+            ws.fired_on_time = true;
+        }
+        if result.purges() {
+            ws.contents = match &self.spec.function {
+                WindowFunction::Aggregate(aggs) => Contents::Aggregates(aggs.iter().map(Aggregate::create).collect()),
+                WindowFunction::Process { .. } => Contents::Elements(Vec::new()),
+            };
+            ws.pending = 0;
+        }
+    }
+
+    fn emit(&mut self, ws: &mut WindowState, kind: FiringKind) {
+        let spec = self.spec;
+        let key = decode_key(self.key, &spec.key_types).unwrap_or_default();
+        let mut values = Vec::with_capacity(spec.output.fields.len());
+        values.extend(key.iter().cloned());
+        values.push(Value::Int(ws.window.start));
+        values.push(Value::Int(ws.window.end));
+        match (&mut ws.contents, &spec.function) {
+            (Contents::Aggregates(accs), WindowFunction::Aggregate(aggs)) => {
+                values.extend(accs.iter().zip(aggs).map(|(acc, agg)| agg.result(acc)));
+            }
+            (Contents::Elements(els), WindowFunction::Process { function, input }) => {
+                els.sort_by_key(|e| (e.timestamp, e.partition, e.offset));
+                let ctx = WindowContext {
+                    key: &key,
+                    window: ws.window,
+                    watermark: self.watermark,
+                    processing_time: self.processing_time,
+                };
+                function.process(&ctx, els, *input, &mut values);
+            }
+            _ => {}
+        }
+        values.push(Value::Text(kind.as_str().to_string()));
+        values.resize(spec.output.fields.len(), Value::Null);
+        ws.firings += 1;
+        let mut h = StableHasher::default();
+        h.write(self.key);
+        h.write(&ws.window.start.to_le_bytes());
+        h.write(&ws.window.end.to_le_bytes());
+        h.write(&ws.firings.to_le_bytes());
+        self.out.record(Record {
+            origin: Origin {
+                topic: self.topic.clone(),
+                partition: Origin::MADE,
+                offset: (h.finish() & i64::MAX as u64) as i64,
+                timestamp_ms: max_timestamp(&ws.window),
+            },
+            values,
+            payload: None,
+            timestamp: max_timestamp(&ws.window),
+        });
+        self.fired += 1;
+    }
+
+    fn kind_on_element(&self, ws: &WindowState) -> FiringKind {
+        let ended = self.spec.domain == TimeDomain::EventTime && max_timestamp(&ws.window) <= self.watermark;
+        if ws.fired_on_time || ended {
+            FiringKind::Late
+        } else {
+            FiringKind::Early
+        }
+    }
+}
+
+impl<B: StateBackend> WindowOperator<B> {
+    fn late_record(&self, r: Record, ts: i64, watermark: i64) -> DeadLetter {
+        let spec = &*self.spec;
+        let mut last = Vec::new();
+        spec.assigner.assign(ts, &mut last);
+        let window = last.last().copied().unwrap_or(Window { start: ts, end: ts });
+        let behind = watermark.saturating_sub(ts);
+        let reason = format!(
+            "late record at window operator `{}`: event time {ts} is {behind} ms behind the watermark {watermark}; \
+             its window [{}, {}) closed (allowed lateness {} ms)",
+            spec.id, window.start, window.end, spec.allowed_lateness
+        );
+        let mut row = serde_json::Map::new();
+        for (f, v) in spec.input_fields.iter().zip(&r.values) {
+            let json = match v {
+                Value::Null => serde_json::Value::Null,
+                Value::Bool(b) => (*b).into(),
+                Value::Int(i) => (*i).into(),
+                Value::Float(x) => (*x).into(),
+                Value::Text(s) => s.as_str().into(),
+                Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.as_str().into()),
+            };
+            row.insert(f.name.clone(), json);
+        }
+        DeadLetter {
+            origin: r.origin,
+            reason,
+            payload: serde_json::Value::Object(row).to_string().into_bytes(),
+        }
+    }
+}
+
+fn is_late(w: &Window, lateness: i64, watermark: i64) -> bool {
+    max_timestamp(w).saturating_add(lateness) <= watermark
+}
+
+fn intersects(a: &Window, b: &Window) -> bool {
+    a.start <= b.end && a.end >= b.start
+}
+
+impl<B: StateBackend> Operator for WindowOperator<B> {
+    fn process_batch(&mut self, batch: Batch, ctx: &mut Context<'_>) -> Result<()> {
+        self.table.set_time(ctx.processing_time);
+        for d in batch.dead {
+            ctx.out.dead_letter(d);
+        }
+        let spec = self.spec.clone();
+        let max_parallelism = ctx.info.max_parallelism;
+        let mut fired = 0;
+        for r in batch.records {
+            let ts = match spec.domain {
+                TimeDomain::EventTime => r.timestamp,
+                TimeDomain::ProcessingTime => ctx.processing_time,
+            };
+            spec.assigner.assign(ts, &mut self.assigned);
+            if spec.domain == TimeDomain::EventTime {
+                let wm = ctx.watermark;
+                self.assigned.retain(|w| !is_late(w, spec.allowed_lateness, wm));
+                if self.assigned.is_empty() {
+                    self.metrics.dropped.increment(1);
+                    self.stats.late_dropped.fetch_add(1, Ordering::Relaxed);
+                    let dead = self.late_record(r, ts, wm);
+                    ctx.out.dead_letter(dead);
+                    continue;
+                }
+                if self.assigned.iter().any(|w| max_timestamp(w) <= wm) {
+                    self.metrics.late.increment(1);
+                }
+            }
+            r.key_bytes_into(&spec.key, &mut self.key_buf);
+            let kg = key_group(hash_key_bytes(&self.key_buf), max_parallelism);
+            let mut fire = Fire {
+                spec: &spec,
+                topic: &self.topic,
+                key: &self.key_buf,
+                key_group: kg,
+                out: &mut *ctx.out,
+                timers: &mut *ctx.timers,
+                watermark: ctx.watermark,
+                processing_time: ctx.processing_time,
+                fired: 0,
+            };
+            let assigned = &self.assigned;
+            self.table.update(kg, &self.key_buf, Namespace::GLOBAL, |slot| {
+                let kw = slot.get_or_insert_with(KeyWindows::default);
+                for w in assigned {
+                    let i = if spec.assigner.is_merging() {
+                        merge_session(&mut fire, kw, *w)
+                    } else {
+                        match kw.windows.iter().position(|s| s.window == *w) {
+                            Some(i) => i,
+                            None => {
+                                let ws = fire.new_window(*w);
+                                kw.windows.push(ws);
+                                kw.windows.len() - 1
+                            }
+                        }
+                    };
+                    let ws = &mut kw.windows[i];
+                    fire.add(ws, &r, ts);
+                    let window = ws.window;
+                    let result = spec
+                        .trigger
+                        .on_element(ts, window, &mut ws.trigger, &mut fire.trigger_ctx());
+                    let kind = fire.kind_on_element(ws);
+                    fire.apply(ws, result, kind);
+                }
+            });
+            fired += fire.fired;
+        }
+        self.metrics.fired.increment(fired);
+        self.stats.windows_fired.fetch_add(fired, Ordering::Relaxed);
+        self.metrics.open_windows.set(self.table.len() as f64);
+        Ok(())
+    }
+
+    fn on_timer(&mut self, timer: Timer, domain: TimeDomain, ctx: &mut Context<'_>) -> Result<()> {
+        let spec = self.spec.clone();
+        let mut fire = Fire {
+            spec: &spec,
+            topic: &self.topic,
+            key: &timer.key,
+            key_group: timer.key_group,
+            out: ctx.out,
+            timers: ctx.timers,
+            watermark: ctx.watermark,
+            processing_time: ctx.processing_time,
+            fired: 0,
+        };
+        self.table
+            .update(timer.key_group, &timer.key, Namespace::GLOBAL, |slot| {
+                let Some(kw) = slot.as_mut() else { return };
+                // A timer of a window that was merged away or already removed: nothing to do.
+                let Some(i) = kw.windows.iter().position(|w| w.window == timer.namespace) else {
+                    return;
+                };
+                let ws = &mut kw.windows[i];
+                let window = ws.window;
+                let result = match domain {
+                    TimeDomain::EventTime => {
+                        spec.trigger
+                            .on_event_time(timer.time, window, &mut ws.trigger, &mut fire.trigger_ctx())
+                    }
+                    TimeDomain::ProcessingTime => {
+                        spec.trigger
+                            .on_processing_time(timer.time, window, &mut ws.trigger, &mut fire.trigger_ctx())
+                    }
+                };
+                let at_end = domain == spec.domain && timer.time == max_timestamp(&window);
+                let kind = match (at_end, ws.fired_on_time) {
+                    (true, false) => FiringKind::OnTime,
+                    (_, true) => FiringKind::Late,
+                    (false, false) => FiringKind::Early,
+                };
+                fire.apply(ws, result, kind);
+                if domain == spec.domain && fire.cleanup_time(&window) == Some(timer.time) {
+                    let mut state = kw.windows.remove(i).trigger;
+                    spec.trigger.clear(window, &mut state, &mut fire.trigger_ctx());
+                }
+                if kw.windows.is_empty() {
+                    *slot = None;
+                }
+            });
+        let fired = fire.fired;
+        self.metrics.fired.increment(fired);
+        self.stats.windows_fired.fetch_add(fired, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _checkpoint: u64) -> Result<SnapshotParts> {
+        Ok(vec![(WINDOWS.to_string(), self.table.snapshot())])
+    }
+
+    fn restore(&mut self, state: &RestoredState<'_>) -> Result<()> {
+        for bytes in state.parts(WINDOWS) {
+            self.table.restore(bytes, state.key_groups)?;
+        }
+        self.metrics.open_windows.set(self.table.len() as f64);
+        Ok(())
+    }
+}
+
+/// Put session window `w` into the key's sessions, merging every session it touches;
+/// returns the index of the session the record belongs to.
+fn merge_session(fire: &mut Fire<'_>, kw: &mut KeyWindows, w: Window) -> usize {
+    let touching: Vec<usize> = (0..kw.windows.len())
+        .filter(|i| intersects(&kw.windows[*i].window, &w))
+        .collect();
+    match touching.as_slice() {
+        [] => {
+            let ws = fire.new_window(w);
+            kw.windows.push(ws);
+            kw.windows.len() - 1
+        }
+        [i] if kw.windows[*i].window.start <= w.start && kw.windows[*i].window.end >= w.end => *i,
+        _ => {
+            // Take the touched sessions out (highest index first keeps the others
+            // valid) and fold them into one covering the new record too.
+            let mut parts: Vec<WindowState> = touching.iter().rev().map(|i| kw.windows.remove(*i)).collect();
+            let mut merged = parts.pop().unwrap_or_else(|| fire.new_window(w));
+            for p in parts {
+                fire.merge_into(&mut merged, p);
+            }
+            merged.window = Window {
+                start: merged.window.start.min(w.start),
+                end: merged.window.end.max(w.end),
+            };
+            fire.register_cleanup(merged.window);
+            let window = merged.window;
+            fire.spec
+                .trigger
+                .on_merge(window, &mut merged.trigger, &mut fire.trigger_ctx());
+            kw.windows.push(merged);
+            kw.windows.len() - 1
+        }
+    }
+}
+
+/// The window operator over the heap backend, as built from config.
+pub fn heap_operator(spec: Arc<WindowSpec>, subtask: usize, stats: Arc<JobStats>) -> Box<dyn Operator> {
+    Box::new(WindowOperator::new(spec, &crate::state::HeapBackend, subtask, stats))
+}
+
+#[cfg(test)]
+mod tests;

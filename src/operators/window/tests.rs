@@ -1,0 +1,432 @@
+//! Deterministic tests of the window operator with hand-built streams.
+
+use std::sync::Arc;
+
+use super::aggregate::{builtin_output, Aggregate, AggregateKind};
+use super::assigner::WindowAssigner;
+use super::process::process_function;
+use super::trigger::{ContinuousTrigger, CountTrigger, EventTimeTrigger, ProcessingTimeTrigger, Trigger};
+use super::*;
+use crate::config::AggregateFunction;
+use crate::record::{Batch, Field, FieldType, Record, Schema, Value, ValueSource};
+use crate::runtime::operator::{decode_parts, Chain, Emit, SubtaskInfo};
+
+/// Input: (user: string, amount: int); key: user.
+fn input_fields() -> Vec<Field> {
+    vec![
+        Field::new("user", FieldType::String),
+        Field::new("amount", FieldType::Int),
+    ]
+}
+
+fn agg(f: AggregateFunction, input: Option<usize>, name: &str) -> Aggregate {
+    Aggregate {
+        kind: AggregateKind::Builtin(f),
+        input,
+        output: name.into(),
+        output_type: builtin_output(f, input.map(|_| FieldType::Int)).unwrap(),
+    }
+}
+
+fn spec(assigner: WindowAssigner, trigger: Box<dyn Trigger>, domain: TimeDomain, lateness: i64) -> Arc<WindowSpec> {
+    let aggs = vec![
+        agg(AggregateFunction::Count, None, "n"),
+        agg(AggregateFunction::Sum, Some(1), "total"),
+        agg(AggregateFunction::Max, Some(1), "max"),
+    ];
+    let mut fields = vec![
+        Field::new("user", FieldType::String),
+        Field::new("window_start", FieldType::Int),
+        Field::new("window_end", FieldType::Int),
+    ];
+    fields.extend(aggs.iter().map(|a| Field::new(&a.output, a.output_type)));
+    fields.push(Field::new("firing", FieldType::String));
+    Arc::new(WindowSpec {
+        id: "w".into(),
+        key: vec![ValueSource::Field(0)],
+        key_types: vec![FieldType::String],
+        input_fields: input_fields(),
+        assigner,
+        trigger,
+        domain,
+        allowed_lateness: lateness,
+        function: WindowFunction::Aggregate(aggs),
+        output: Schema {
+            fields,
+            kafka_origin: false,
+            row_key: vec!["user".into(), "window_start".into()],
+            keyed_by: vec![],
+        },
+    })
+}
+
+fn tumbling(size: i64) -> WindowAssigner {
+    WindowAssigner::Tumbling { size, offset: 0 }
+}
+
+fn chain_of(spec: &Arc<WindowSpec>, index: usize, parallelism: u32) -> Chain {
+    let mut chain = Chain::default();
+    let op = heap_operator(spec.clone(), index, Arc::new(JobStats::default()));
+    chain.push(SubtaskInfo::new("w", index, parallelism, 16), op);
+    chain
+}
+
+fn rec(offset: i64, user: &str, amount: i64, ts: i64) -> Record {
+    let mut r = Record::for_test(offset, vec![Value::Text(user.into()), Value::Int(amount)]);
+    r.timestamp = ts;
+    r
+}
+
+/// A result row as (user, start, end, n, total, max, firing).
+type Row = (String, i64, i64, i64, i64, i64, String);
+
+fn rows(out: &[Emit]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for e in out {
+        if let Emit::Batch(b) = e {
+            for r in &b.records {
+                let v = &r.values;
+                let s = |i: usize| match &v[i] {
+                    Value::Text(t) => t.clone(),
+                    other => panic!("not text: {other:?}"),
+                };
+                let n = |i: usize| match &v[i] {
+                    Value::Int(x) => *x,
+                    other => panic!("not int: {other:?}"),
+                };
+                rows.push((s(0), n(1), n(2), n(3), n(4), n(5), s(6)));
+            }
+        }
+    }
+    rows
+}
+
+fn dead(out: &[Emit]) -> Vec<DeadLetter> {
+    out.iter()
+        .filter_map(|e| match e {
+            Emit::Batch(b) => Some(b.dead.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+struct Harness {
+    chain: Chain,
+    out: Vec<Emit>,
+    offset: i64,
+    now: i64,
+}
+
+impl Harness {
+    fn new(spec: &Arc<WindowSpec>) -> Self {
+        Self {
+            chain: chain_of(spec, 0, 1),
+            out: Vec::new(),
+            offset: 0,
+            now: 0,
+        }
+    }
+    fn send(&mut self, user: &str, amount: i64, ts: i64) {
+        self.offset += 1;
+        let b = Batch {
+            records: vec![rec(self.offset, user, amount, ts)],
+            dead: vec![],
+        };
+        self.chain.process(Emit::Batch(b), self.now, &mut self.out).unwrap();
+    }
+    fn watermark(&mut self, w: i64) {
+        self.chain.process(Emit::Watermark(w), self.now, &mut self.out).unwrap();
+    }
+    fn clock(&mut self, now: i64) {
+        self.now = now;
+        self.chain.on_processing_time(now, &mut self.out).unwrap();
+    }
+    fn take(&mut self) -> Vec<Emit> {
+        std::mem::take(&mut self.out)
+    }
+}
+
+fn row(user: &str, start: i64, end: i64, n: i64, total: i64, max: i64, firing: &str) -> Row {
+    (user.into(), start, end, n, total, max, firing.into())
+}
+
+#[test]
+fn out_of_order_records_within_the_bound_land_in_their_window() {
+    let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 0);
+    let mut h = Harness::new(&s);
+    h.send("a", 1, 5);
+    h.send("a", 2, 12);
+    h.send("a", 4, 3);
+    h.send("b", 8, 9);
+    h.send("a", 16, 8);
+    h.watermark(8);
+    assert!(rows(&h.take()).is_empty(), "nothing ends before the watermark passes 9");
+    h.watermark(9);
+    let mut fired = rows(&h.take());
+    fired.sort();
+    assert_eq!(
+        fired,
+        vec![
+            row("a", 0, 10, 3, 21, 16, "on_time"),
+            row("b", 0, 10, 1, 8, 8, "on_time")
+        ]
+    );
+    h.watermark(100);
+    assert_eq!(rows(&h.take()), vec![row("a", 10, 20, 1, 2, 2, "on_time")]);
+    h.watermark(200);
+    assert!(
+        h.take().iter().all(|e| matches!(e, Emit::Watermark(_))),
+        "fired once only"
+    );
+}
+
+#[test]
+fn late_records_refire_within_allowed_lateness_and_go_to_the_late_output_beyond() {
+    let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 5);
+    let mut h = Harness::new(&s);
+    h.send("a", 1, 2);
+    h.watermark(9);
+    assert_eq!(rows(&h.take()), vec![row("a", 0, 10, 1, 1, 1, "on_time")]);
+    // Within lateness (window end 9 + 5 > watermark 12): the window updates and re-fires.
+    h.watermark(12);
+    h.take();
+    h.send("a", 10, 4);
+    assert_eq!(rows(&h.take()), vec![row("a", 0, 10, 2, 11, 10, "late")]);
+    // Past lateness: the window is gone, the record goes out as a dead letter.
+    h.watermark(14);
+    h.take();
+    h.send("a", 100, 7);
+    let out = h.take();
+    assert!(rows(&out).is_empty());
+    let d = dead(&out);
+    assert_eq!(d.len(), 1);
+    assert!(d[0].reason.contains("late record"), "{}", d[0].reason);
+    assert!(d[0].reason.contains("[0, 10)"), "{}", d[0].reason);
+    assert!(d[0].reason.contains("7 ms behind"), "{}", d[0].reason);
+    let payload: serde_json::Value = serde_json::from_slice(&d[0].payload).unwrap();
+    assert_eq!(payload, serde_json::json!({"user": "a", "amount": 100}));
+}
+
+#[test]
+fn session_windows_merge_when_a_record_bridges_them() {
+    let s = spec(
+        WindowAssigner::Session { gap: 3 },
+        Box::new(EventTimeTrigger),
+        TimeDomain::EventTime,
+        0,
+    );
+    let mut h = Harness::new(&s);
+    h.send("a", 1, 1);
+    h.send("a", 2, 6);
+    h.send("b", 7, 2);
+    h.send("a", 4, 4);
+    h.send("a", 8, 20);
+    h.watermark(15);
+    let mut fired = rows(&h.take());
+    fired.sort();
+    assert_eq!(
+        fired,
+        vec![row("a", 1, 9, 3, 7, 4, "on_time"), row("b", 2, 5, 1, 7, 7, "on_time")]
+    );
+    h.watermark(30);
+    assert_eq!(rows(&h.take()), vec![row("a", 20, 23, 1, 8, 8, "on_time")]);
+}
+
+#[test]
+fn the_continuous_trigger_emits_early_results_then_the_final_one() {
+    let trigger = ContinuousTrigger {
+        interval: 2,
+        clock: TimeDomain::EventTime,
+        end: Box::new(EventTimeTrigger),
+    };
+    let s = spec(tumbling(10), Box::new(trigger), TimeDomain::EventTime, 0);
+    let mut h = Harness::new(&s);
+    h.send("a", 1, 0);
+    h.send("a", 1, 1);
+    h.watermark(2);
+    assert_eq!(rows(&h.take()), vec![row("a", 0, 10, 2, 2, 1, "early")]);
+    h.send("a", 5, 3);
+    h.watermark(5);
+    assert_eq!(rows(&h.take()), vec![row("a", 0, 10, 3, 7, 5, "early")]);
+    h.watermark(9);
+    let fired = rows(&h.take());
+    assert_eq!(
+        fired,
+        vec![
+            row("a", 0, 10, 3, 7, 5, "early"),
+            row("a", 0, 10, 3, 7, 5, "early"),
+            row("a", 0, 10, 3, 7, 5, "on_time")
+        ],
+        "early firings at 6 and 8, then the final one"
+    );
+}
+
+#[test]
+fn the_count_trigger_fires_every_n_records_and_at_the_end() {
+    let trigger = CountTrigger {
+        every: 2,
+        end: Box::new(EventTimeTrigger),
+    };
+    let s = spec(tumbling(10), Box::new(trigger), TimeDomain::EventTime, 0);
+    let mut h = Harness::new(&s);
+    for (amount, ts) in [(1, 1), (2, 2), (3, 3)] {
+        h.send("a", amount, ts);
+    }
+    assert_eq!(rows(&h.take()), vec![row("a", 0, 10, 2, 3, 2, "early")]);
+    h.watermark(9);
+    assert_eq!(rows(&h.take()), vec![row("a", 0, 10, 3, 6, 3, "on_time")]);
+}
+
+#[test]
+fn processing_time_windows_fire_on_the_clock() {
+    let s = spec(
+        tumbling(1000),
+        Box::new(ProcessingTimeTrigger),
+        TimeDomain::ProcessingTime,
+        0,
+    );
+    let mut h = Harness::new(&s);
+    h.clock(10_100);
+    h.send("a", 1, 0);
+    h.send("a", 2, 0);
+    h.clock(10_998);
+    assert!(rows(&h.take()).is_empty());
+    h.clock(10_999);
+    assert_eq!(rows(&h.take()), vec![row("a", 10_000, 11_000, 2, 3, 2, "on_time")]);
+    h.clock(11_500);
+    h.send("a", 4, 0);
+    h.clock(11_998);
+    assert!(rows(&h.take()).is_empty());
+    h.clock(12_500);
+    assert_eq!(rows(&h.take()), vec![row("a", 11_000, 12_000, 1, 4, 4, "on_time")]);
+}
+
+#[test]
+fn sliding_windows_count_each_record_once_per_window() {
+    let s = spec(
+        WindowAssigner::Sliding {
+            size: 10,
+            slide: 5,
+            offset: 0,
+        },
+        Box::new(EventTimeTrigger),
+        TimeDomain::EventTime,
+        0,
+    );
+    let mut h = Harness::new(&s);
+    h.send("a", 1, 3);
+    h.send("a", 2, 7);
+    h.watermark(20);
+    let mut fired = rows(&h.take());
+    fired.sort();
+    assert_eq!(
+        fired,
+        vec![
+            row("a", -5, 5, 1, 1, 1, "on_time"),
+            row("a", 0, 10, 2, 3, 2, "on_time"),
+            row("a", 5, 15, 1, 2, 2, "on_time"),
+        ]
+    );
+}
+
+#[test]
+fn state_restores_by_key_group_range_into_another_parallelism() {
+    let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 0);
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let mut single = Harness::new(&s);
+    for (i, u) in users.iter().enumerate() {
+        single.send(u, i as i64, i as i64 % 10);
+    }
+    let snaps = single.chain.snapshot(1).unwrap();
+    let blob = snaps.into_iter().next().unwrap().encode().unwrap().unwrap();
+    let files = vec![decode_parts(&blob, "w").unwrap()];
+    single.watermark(9);
+    let mut expected = rows(&single.take());
+    expected.sort();
+
+    // Restored into two subtasks: each keeps its key groups; together they fire the same.
+    let mut got = Vec::new();
+    let mut per_subtask = Vec::new();
+    for i in 0..2 {
+        let mut chain = chain_of(&s, i, 2);
+        chain.restore(0, &files).unwrap();
+        let mut out = Vec::new();
+        chain.process(Emit::Watermark(9), 0, &mut out).unwrap();
+        let r = rows(&out);
+        per_subtask.push(r.len());
+        got.extend(r);
+    }
+    got.sort();
+    assert_eq!(got, expected);
+    assert!(
+        per_subtask.iter().all(|n| *n > 0),
+        "both subtasks own keys: {per_subtask:?}"
+    );
+}
+
+#[test]
+fn process_functions_see_the_whole_window() {
+    let mut fields = vec![
+        Field::new("user", FieldType::String),
+        Field::new("window_start", FieldType::Int),
+        Field::new("window_end", FieldType::Int),
+        Field::new("median", FieldType::Float),
+        Field::new("firing", FieldType::String),
+    ];
+    fields.shrink_to_fit();
+    let s = Arc::new(WindowSpec {
+        id: "w".into(),
+        key: vec![ValueSource::Field(0)],
+        key_types: vec![FieldType::String],
+        input_fields: input_fields(),
+        assigner: tumbling(10),
+        trigger: Box::new(EventTimeTrigger),
+        domain: TimeDomain::EventTime,
+        allowed_lateness: 0,
+        function: WindowFunction::Process {
+            function: process_function("median").unwrap(),
+            input: Some(1),
+        },
+        output: Schema {
+            fields,
+            kafka_origin: false,
+            row_key: vec![],
+            keyed_by: vec![],
+        },
+    });
+    let mut h = Harness::new(&s);
+    for (amount, ts) in [(9, 1), (1, 2), (5, 3), (7, 4)] {
+        h.send("a", amount, ts);
+    }
+    h.watermark(9);
+    let out = h.take();
+    let Emit::Batch(b) = &out[0] else { panic!("no result") };
+    assert_eq!(b.records[0].values[3], Value::Float(6.0));
+    assert_eq!(b.records[0].values[4], Value::Text("on_time".into()));
+}
+
+#[test]
+fn results_are_named_the_same_on_every_replay() {
+    let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 0);
+    let run = || {
+        let mut h = Harness::new(&s);
+        h.send("a", 1, 1);
+        h.send("b", 2, 2);
+        h.watermark(9);
+        h.take()
+            .into_iter()
+            .filter_map(|e| match e {
+                Emit::Batch(b) => Some(b.records),
+                _ => None,
+            })
+            .flatten()
+            .map(|r| (r.origin.topic.to_string(), r.origin.partition, r.origin.offset))
+            .collect::<Vec<_>>()
+    };
+    let first = run();
+    assert_eq!(first.len(), 2);
+    assert_eq!(first, run());
+    assert_ne!(first[0].2, first[1].2);
+    assert_eq!(first[0].1, Origin::MADE);
+}

@@ -1,0 +1,469 @@
+//! The operator contract, and chains of operators that run in one task.
+//!
+//! An operator implements [`Operator::process_batch`]; every other hook has a default.
+//! The runtime owns each operator's timers and watermark: it fires event-time timers
+//! when the watermark passes them and processing-time timers when the clock does, calls
+//! [`Operator::on_watermark`], and forwards the watermark after the operator's output,
+//! so no operator can forget to.
+//!
+//! Operators joined by `forward` with equal parallelism form a [`Chain`]: a batch goes
+//! through all of them by plain function calls, with no channel in between.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::record::{Batch, DeadLetter, Record};
+use crate::state::{decode, encode, KeyGroupRange, SnapshotFn};
+use crate::time::timers::TimeDomain;
+use crate::time::{Timer, TimerService, MIN_WATERMARK};
+
+/// What moves inside a chain: data, and event time advancing.
+#[derive(Debug)]
+pub enum Emit {
+    Batch(Batch),
+    Watermark(i64),
+}
+
+/// Where an operator puts its output.
+#[derive(Debug, Default)]
+pub struct Output {
+    items: Vec<Emit>,
+}
+
+impl Output {
+    fn current(&mut self) -> &mut Batch {
+        if !matches!(self.items.last(), Some(Emit::Batch(_))) {
+            self.items.push(Emit::Batch(Batch::default()));
+        }
+        match self.items.last_mut() {
+            Some(Emit::Batch(b)) => b,
+            _ => unreachable!("a batch was just pushed"),
+        }
+    }
+
+    pub fn record(&mut self, record: Record) {
+        self.current().records.push(record);
+    }
+
+    pub fn dead_letter(&mut self, dead: DeadLetter) {
+        self.current().dead.push(dead);
+    }
+
+    /// Pass a whole batch on (it follows whatever was emitted before).
+    pub fn batch(&mut self, mut batch: Batch) {
+        if batch.is_empty() {
+            return;
+        }
+        match self.items.last_mut() {
+            Some(Emit::Batch(b)) if b.is_empty() => *b = batch,
+            Some(Emit::Batch(b)) => {
+                b.records.append(&mut batch.records);
+                b.dead.append(&mut batch.dead);
+            }
+            _ => self.items.push(Emit::Batch(batch)),
+        }
+    }
+
+    fn watermark(&mut self, w: i64) {
+        self.items.push(Emit::Watermark(w));
+    }
+
+    fn take(&mut self) -> Vec<Emit> {
+        std::mem::take(&mut self.items)
+    }
+}
+
+/// Who an operator subtask is.
+#[derive(Debug, Clone)]
+pub struct SubtaskInfo {
+    /// The operator's stable id (its state is found by it on restore).
+    pub operator: String,
+    pub index: usize,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    /// The key groups this subtask owns.
+    pub key_groups: KeyGroupRange,
+}
+
+impl SubtaskInfo {
+    pub fn new(operator: &str, index: usize, parallelism: u32, max_parallelism: u32) -> Self {
+        Self {
+            operator: operator.to_string(),
+            index,
+            parallelism,
+            max_parallelism,
+            key_groups: KeyGroupRange::for_subtask(index, parallelism, max_parallelism),
+        }
+    }
+
+    /// `operator-index`, as in checkpoints and logs.
+    pub fn task_name(&self) -> String {
+        crate::checkpoint::task_name(&self.operator, self.index)
+    }
+}
+
+/// What an operator sees besides its input.
+pub struct Context<'a> {
+    pub out: &'a mut Output,
+    pub timers: &'a mut TimerService,
+    /// The operator's current watermark (event time up to which input is complete).
+    pub watermark: i64,
+    /// Processing time now, epoch ms.
+    pub processing_time: i64,
+    pub info: &'a SubtaskInfo,
+}
+
+/// The named parts of one operator subtask's snapshot (its state tables), each encoded
+/// later, off the processing path.
+pub type SnapshotParts = Vec<(String, SnapshotFn)>;
+
+/// The parts of a restored snapshot, by name, and the key groups to keep from them.
+pub struct RestoredState<'a> {
+    /// One map per snapshot file that holds key groups of this subtask.
+    pub files: &'a [BTreeMap<String, Vec<u8>>],
+    pub key_groups: KeyGroupRange,
+}
+
+impl RestoredState<'_> {
+    /// Every file's part `name`.
+    pub fn parts<'b>(&'b self, name: &'b str) -> impl Iterator<Item = &'b [u8]> + 'b {
+        self.files.iter().filter_map(move |f| f.get(name).map(Vec::as_slice))
+    }
+}
+
+/// A step between source and sink. Only `process_batch` is required.
+pub trait Operator: Send + 'static {
+    /// Take a batch of records (and dead letters, which an operator passes on unless it
+    /// has a reason not to).
+    fn process_batch(&mut self, batch: Batch, ctx: &mut Context<'_>) -> Result<()>;
+
+    /// Event time advanced to `watermark`; timers up to it have fired already. The
+    /// runtime forwards the watermark after this returns.
+    fn on_watermark(&mut self, watermark: i64, ctx: &mut Context<'_>) -> Result<()> {
+        let _ = (watermark, ctx);
+        Ok(())
+    }
+
+    /// A timer registered through `ctx.timers` is due.
+    fn on_timer(&mut self, timer: Timer, domain: TimeDomain, ctx: &mut Context<'_>) -> Result<()> {
+        let _ = (timer, domain, ctx);
+        Ok(())
+    }
+
+    /// Barrier `checkpoint` reached this operator: copy the state now, return the
+    /// functions that encode the copy.
+    fn snapshot(&mut self, checkpoint: u64) -> Result<SnapshotParts> {
+        let _ = checkpoint;
+        Ok(Vec::new())
+    }
+
+    /// Load state from a checkpoint, before the first record.
+    fn restore(&mut self, state: &RestoredState<'_>) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+
+    /// Checkpoint `checkpoint` (and every one before it) is complete.
+    fn on_checkpoint_complete(&mut self, checkpoint: u64) -> Result<()> {
+        let _ = checkpoint;
+        Ok(())
+    }
+
+    /// The job stops (after its final checkpoint); nothing may be emitted that the
+    /// checkpoint did not cover, so this is for releasing resources.
+    fn on_close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One operator of a chain with what the runtime keeps for it.
+pub struct Chained {
+    pub info: SubtaskInfo,
+    op: Box<dyn Operator>,
+    timers: TimerService,
+    watermark: i64,
+    out: Output,
+}
+
+/// What one operator subtask acknowledges for a checkpoint: where its snapshot is and
+/// which key groups it holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperatorAck {
+    pub key_groups: KeyGroupRange,
+    /// Storage handle of the encoded parts; `None` when the operator holds no state.
+    pub handle: Option<String>,
+    pub bytes: u64,
+}
+
+/// Operators run one after another in one task.
+#[derive(Default)]
+pub struct Chain {
+    ops: Vec<Chained>,
+}
+
+/// A snapshot of one chained operator, still to be encoded.
+pub struct PendingSnapshot {
+    pub info: SubtaskInfo,
+    pub parts: SnapshotParts,
+}
+
+impl PendingSnapshot {
+    /// Encode every part into one blob (`None`: nothing to store).
+    pub fn encode(self) -> Result<Option<Vec<u8>>> {
+        if self.parts.is_empty() {
+            return Ok(None);
+        }
+        let mut files = BTreeMap::new();
+        for (name, f) in self.parts {
+            files.insert(name, f()?);
+        }
+        encode(&files).map(Some)
+    }
+}
+
+/// Decode a blob written by [`PendingSnapshot::encode`].
+pub fn decode_parts(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+    decode(bytes, what)
+}
+
+const TIMERS: &str = "timers";
+
+impl Chain {
+    pub fn push(&mut self, info: SubtaskInfo, op: Box<dyn Operator>) {
+        self.ops.push(Chained {
+            info,
+            op,
+            timers: TimerService::default(),
+            watermark: MIN_WATERMARK,
+            out: Output::default(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Who the chained operators are.
+    pub fn infos(&self) -> impl Iterator<Item = &SubtaskInfo> {
+        self.ops.iter().map(|c| &c.info)
+    }
+
+    /// Run an element through the chain; what comes out of the last operator is
+    /// appended to `out`.
+    pub fn process(&mut self, input: Emit, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        self.run_from(0, vec![input], now_ms, out)
+    }
+
+    fn run_from(&mut self, first: usize, mut items: Vec<Emit>, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        for c in self.ops[first..].iter_mut() {
+            for item in items {
+                c.handle(item, now_ms)?;
+            }
+            items = c.out.take();
+        }
+        out.extend(items);
+        Ok(())
+    }
+
+    /// The earliest processing-time timer of any operator.
+    pub fn next_processing_timer(&self) -> Option<i64> {
+        self.ops.iter().filter_map(|c| c.timers.next_processing()).min()
+    }
+
+    /// Fire processing-time timers due at `now_ms`.
+    pub fn on_processing_time(&mut self, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        for i in 0..self.ops.len() {
+            let c = &mut self.ops[i];
+            let mut fired = false;
+            while let Some(t) = c.timers.pop_processing(now_ms) {
+                fired = true;
+                let mut ctx = Context {
+                    out: &mut c.out,
+                    timers: &mut c.timers,
+                    watermark: c.watermark,
+                    processing_time: now_ms,
+                    info: &c.info,
+                };
+                c.op.on_timer(t, TimeDomain::ProcessingTime, &mut ctx)?;
+            }
+            if fired {
+                let items = self.ops[i].out.take();
+                self.run_from(i + 1, items, now_ms, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy every operator's state and timers for checkpoint `id`.
+    pub fn snapshot(&mut self, id: u64) -> Result<Vec<PendingSnapshot>> {
+        let mut all = Vec::with_capacity(self.ops.len());
+        for c in self.ops.iter_mut() {
+            let mut parts =
+                c.op.snapshot(id)
+                    .map_err(|e| Error::Internal(format!("{}: snapshot: {e}", c.info.task_name())))?;
+            if !c.timers.is_empty() {
+                parts.push((TIMERS.to_string(), c.timers.snapshot()));
+            }
+            all.push(PendingSnapshot {
+                info: c.info.clone(),
+                parts,
+            });
+        }
+        Ok(all)
+    }
+
+    /// Restore operator `i` from the decoded snapshot files that hold its key groups.
+    pub fn restore(&mut self, i: usize, files: &[BTreeMap<String, Vec<u8>>]) -> Result<()> {
+        let c = &mut self.ops[i];
+        let state = RestoredState {
+            files,
+            key_groups: c.info.key_groups,
+        };
+        for bytes in state.parts(TIMERS) {
+            c.timers.restore(bytes, c.info.key_groups)?;
+        }
+        c.op.restore(&state)
+    }
+
+    pub fn on_checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        for c in self.ops.iter_mut() {
+            c.op.on_checkpoint_complete(id)?;
+        }
+        Ok(())
+    }
+
+    pub fn close(&mut self) -> Result<()> {
+        for c in self.ops.iter_mut() {
+            c.op.on_close()?;
+        }
+        Ok(())
+    }
+}
+
+impl Chained {
+    fn handle(&mut self, item: Emit, now_ms: i64) -> Result<()> {
+        match item {
+            Emit::Batch(batch) => {
+                let mut ctx = Context {
+                    out: &mut self.out,
+                    timers: &mut self.timers,
+                    watermark: self.watermark,
+                    processing_time: now_ms,
+                    info: &self.info,
+                };
+                self.op.process_batch(batch, &mut ctx)
+            }
+            Emit::Watermark(w) if w <= self.watermark => {
+                // Not an advance: an input saying it is active again. Pass it on.
+                self.out.watermark(self.watermark);
+                Ok(())
+            }
+            Emit::Watermark(w) => {
+                self.watermark = w;
+                while let Some(t) = self.timers.pop_event(w) {
+                    let mut ctx = Context {
+                        out: &mut self.out,
+                        timers: &mut self.timers,
+                        watermark: w,
+                        processing_time: now_ms,
+                        info: &self.info,
+                    };
+                    self.op.on_timer(t, TimeDomain::EventTime, &mut ctx)?;
+                }
+                let mut ctx = Context {
+                    out: &mut self.out,
+                    timers: &mut self.timers,
+                    watermark: w,
+                    processing_time: now_ms,
+                    info: &self.info,
+                };
+                self.op.on_watermark(w, &mut ctx)?;
+                self.out.watermark(w);
+                Ok(())
+            }
+        }
+    }
+
+    /// The operator's current watermark.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Value;
+
+    /// Counts records and, on a timer at 100, emits the count.
+    struct Counter(i64);
+
+    impl Operator for Counter {
+        fn process_batch(&mut self, batch: Batch, ctx: &mut Context<'_>) -> Result<()> {
+            self.0 += batch.records.len() as i64;
+            ctx.timers
+                .register(TimeDomain::EventTime, 100, 0, b"k", crate::state::Namespace::GLOBAL);
+            Ok(())
+        }
+        fn on_timer(&mut self, t: Timer, _: TimeDomain, ctx: &mut Context<'_>) -> Result<()> {
+            ctx.out.record(Record::for_test(t.time, vec![Value::Int(self.0)]));
+            Ok(())
+        }
+    }
+
+    /// Passes everything on, doubling each record.
+    struct Double;
+
+    impl Operator for Double {
+        fn process_batch(&mut self, batch: Batch, ctx: &mut Context<'_>) -> Result<()> {
+            for r in batch.records {
+                ctx.out.record(r.clone());
+                ctx.out.record(r);
+            }
+            Ok(())
+        }
+    }
+
+    fn batch(n: i64) -> Emit {
+        Emit::Batch(Batch {
+            records: (0..n).map(|i| Record::for_test(i, vec![])).collect(),
+            dead: vec![],
+        })
+    }
+
+    #[test]
+    fn a_chain_runs_operators_in_order_and_timers_fire_before_the_watermark_passes() {
+        let mut chain = Chain::default();
+        chain.push(SubtaskInfo::new("double", 0, 1, 8), Box::new(Double));
+        chain.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(0)));
+        let mut out = Vec::new();
+        chain.process(batch(3), 0, &mut out).unwrap();
+        assert!(out.is_empty());
+        chain.process(Emit::Watermark(99), 0, &mut out).unwrap();
+        assert!(matches!(out.as_slice(), [Emit::Watermark(99)]));
+        out.clear();
+        chain.process(Emit::Watermark(150), 0, &mut out).unwrap();
+        match out.as_slice() {
+            [Emit::Batch(b), Emit::Watermark(150)] => assert_eq!(b.records[0].values, vec![Value::Int(6)]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timers_survive_a_snapshot() {
+        let mut chain = Chain::default();
+        chain.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(0)));
+        chain.process(batch(1), 0, &mut Vec::new()).unwrap();
+        let snaps = chain.snapshot(1).unwrap();
+        let blob = snaps.into_iter().next().unwrap().encode().unwrap().unwrap();
+        let files = vec![decode_parts(&blob, "t").unwrap()];
+        let mut restored = Chain::default();
+        restored.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(5)));
+        restored.restore(0, &files).unwrap();
+        let mut out = Vec::new();
+        restored.process(Emit::Watermark(100), 0, &mut out).unwrap();
+        assert!(matches!(&out[0], Emit::Batch(b) if b.records[0].values == vec![Value::Int(5)]));
+    }
+}

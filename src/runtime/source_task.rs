@@ -1,0 +1,199 @@
+//! The source contract and the driver that runs every source subtask.
+//!
+//! A [`Source`] only polls, reports its positions and seeks; the driver does the rest:
+//! it answers the coordinator's checkpoint triggers between batches (the source's
+//! snapshot, the chained operators' snapshots, the barrier on every output, the
+//! acknowledgement), forwards the event time the source computes, runs the operators
+//! chained into the source and routes their output.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::channel::Outputs;
+use super::operator::{Chain, Emit};
+use super::partition::Partitioner;
+use super::task::store_snapshots;
+use crate::checkpoint::{CheckpointStorage, TaskEvent};
+use crate::error::{Error, Result};
+use crate::record::{Barrier, Batch, StreamElement};
+use crate::telemetry::{JobStats, SubtaskMetrics};
+use crate::time::watermark::SourceTime;
+use crate::time::Clock;
+
+/// What one poll of a source gave.
+#[derive(Debug, Default)]
+pub struct SourcePoll {
+    pub batch: Batch,
+    /// Event time to forward after the batch (the minimum over the source's live
+    /// partitions), or that every partition is idle.
+    pub time: Option<SourceTime>,
+}
+
+/// A source subtask. Only `poll_batch` is required.
+pub trait Source: Send + 'static {
+    /// Read what is there, waiting briefly when nothing is.
+    fn poll_batch(&mut self) -> Result<SourcePoll>;
+
+    /// Positions to store in checkpoint `checkpoint` (taken between batches).
+    fn snapshot(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
+        let _ = checkpoint;
+        Ok(serde_json::Value::Null)
+    }
+
+    /// Positions of every source subtask of the restored checkpoint (whatever the
+    /// parallelism was then); called once, before the first poll.
+    fn restore(&mut self, states: Vec<serde_json::Value>) -> Result<()> {
+        let _ = states;
+        Ok(())
+    }
+
+    /// Checkpoint `checkpoint` is complete (e.g. commit offsets for monitoring).
+    fn on_checkpoint_complete(&mut self, checkpoint: u64) {
+        let _ = checkpoint;
+    }
+
+    /// The job stops after `final_checkpoint`; the source may wait briefly for it.
+    fn on_stop(&mut self, final_checkpoint: u64) {
+        let _ = final_checkpoint;
+    }
+
+    /// About once a second: update metrics. Returns what holds the watermark back.
+    fn report(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// What a source subtask is connected to.
+pub struct SourceIo {
+    pub name: String,
+    pub outputs: Outputs,
+    pub partitioner: Partitioner,
+    pub triggers: mpsc::UnboundedReceiver<Barrier>,
+    pub events: mpsc::UnboundedSender<TaskEvent>,
+    pub cancel: Arc<AtomicBool>,
+    pub completed: watch::Receiver<u64>,
+    pub storage: Arc<dyn CheckpointStorage>,
+    pub clock: Clock,
+    pub stats: Arc<JobStats>,
+    pub metrics: SubtaskMetrics,
+}
+
+/// Run a source subtask on the calling (blocking) thread until its final checkpoint or
+/// until cancelled.
+pub fn run_source<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result<()> {
+    let mut last_report = Instant::now();
+    let mut out = Vec::new();
+    let mut watermark = i64::MIN;
+    let gauge = crate::telemetry::watermark("source", index_of(&io.name));
+    loop {
+        if io.cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        while let Ok(barrier) = io.triggers.try_recv() {
+            checkpoint(&mut source, &mut chain, &io, barrier)?;
+            if barrier.is_final {
+                send_all(&io, &StreamElement::EndOfStream)?;
+                source.on_stop(barrier.id);
+                chain.close()?;
+                return Ok(());
+            }
+        }
+        if io.completed.has_changed().unwrap_or(false) {
+            let done = *io.completed.borrow_and_update();
+            source.on_checkpoint_complete(done);
+            chain.on_checkpoint_complete(done)?;
+        }
+        let poll = source.poll_batch()?;
+        let now = io.clock.now_ms();
+        if !poll.batch.is_empty() {
+            let (records, dead) = (poll.batch.records.len() as u64, poll.batch.dead.len() as u64);
+            io.metrics.records_in.increment(records + dead);
+            io.metrics.dead_letters.increment(dead);
+            io.stats.records_in.fetch_add(records + dead, Ordering::Relaxed);
+            io.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
+            chain.process(Emit::Batch(poll.batch), now, &mut out)?;
+        }
+        match poll.time {
+            Some(SourceTime::Watermark(w)) => {
+                watermark = w;
+                chain.process(Emit::Watermark(w), now, &mut out)?;
+            }
+            Some(SourceTime::Idle) => {
+                emit(&mut io, &mut out)?;
+                send_all(&io, &StreamElement::Idle)?;
+            }
+            None => {}
+        }
+        if chain.next_processing_timer().is_some_and(|t| t <= now) {
+            chain.on_processing_time(now, &mut out)?;
+        }
+        emit(&mut io, &mut out)?;
+        let since = last_report.elapsed();
+        if since >= Duration::from_secs(1) {
+            let holding = source.report();
+            let blocked = io.outputs.take_blocked();
+            io.metrics.backpressure.set(blocked.as_secs_f64() / since.as_secs_f64());
+            if watermark != i64::MIN {
+                gauge.set(watermark as f64);
+            }
+            io.stats.set_watermark(&io.name, watermark, holding);
+            last_report = Instant::now();
+        }
+    }
+}
+
+fn index_of(name: &str) -> usize {
+    name.rsplit_once('-').and_then(|(_, i)| i.parse().ok()).unwrap_or(0)
+}
+
+/// Route the chain's output downstream.
+fn emit(io: &mut SourceIo, out: &mut Vec<Emit>) -> Result<()> {
+    for item in out.drain(..) {
+        match item {
+            Emit::Batch(b) if b.is_empty() => {}
+            Emit::Batch(b) => {
+                for (i, part) in io.partitioner.route(b).into_iter().enumerate() {
+                    if !part.is_empty() {
+                        io.metrics.records_out.increment(part.len() as u64);
+                        send(io, i, StreamElement::Batch(part))?;
+                    }
+                }
+            }
+            Emit::Watermark(w) => send_all(io, &StreamElement::Watermark(w))?,
+        }
+    }
+    Ok(())
+}
+
+fn send(io: &SourceIo, output: usize, element: StreamElement) -> Result<()> {
+    match io.outputs.send_blocking(output, element) {
+        Err(_) if io.cancel.load(Ordering::Relaxed) => Ok(()),
+        other => other,
+    }
+}
+
+fn send_all(io: &SourceIo, element: &StreamElement) -> Result<()> {
+    match io.outputs.broadcast_blocking(element) {
+        Err(_) if io.cancel.load(Ordering::Relaxed) => Ok(()),
+        other => other,
+    }
+}
+
+/// Snapshot the positions and the chained operators, pass the barrier on, acknowledge.
+fn checkpoint<S: Source>(source: &mut S, chain: &mut Chain, io: &SourceIo, barrier: Barrier) -> Result<()> {
+    let state = source.snapshot(barrier.id)?;
+    let snapshots = chain.snapshot(barrier.id)?;
+    send_all(io, &StreamElement::Barrier(barrier))?;
+    io.events
+        .send(TaskEvent::Ack {
+            checkpoint: barrier.id,
+            task: io.name.clone(),
+            state,
+        })
+        .map_err(|_| Error::Internal("checkpoint coordinator stopped".into()))?;
+    store_snapshots(snapshots, barrier.id, io.storage.clone(), io.events.clone());
+    Ok(())
+}

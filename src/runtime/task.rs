@@ -1,0 +1,400 @@
+//! The one driver of every operator and sink subtask: input gate, barrier alignment,
+//! watermark tracking (minimum over live inputs; idle and ended inputs do not hold it
+//! back), processing-time timers, snapshots and acknowledgements. What differs is the
+//! [`Tail`] the chain's output goes to: channels to the next operator, or a sink.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::align::{AlignStep, BarrierAligner};
+use super::channel::{GateItem, InputGate, Outputs};
+use super::operator::{Chain, Emit, OperatorAck, PendingSnapshot};
+use super::partition::Partitioner;
+use crate::checkpoint::{task_name, CheckpointStorage, TaskEvent};
+use crate::error::{Error, Result};
+use crate::record::{Barrier, StreamElement};
+use crate::sink::SinkWriter;
+use crate::telemetry::{JobStats, SubtaskMetrics};
+use crate::time::watermark::InputTime;
+use crate::time::{Clock, InputWatermarks};
+
+/// Where a subtask's output goes.
+pub trait Tail: Send {
+    /// Records and watermarks out of the chain, in order.
+    fn emit(&mut self, items: Vec<Emit>) -> impl Future<Output = Result<()>> + Send;
+    /// Every input is idle: say so downstream.
+    fn idle(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Barrier `b` is aligned and the chain snapshotted: pass it on, or pre-commit.
+    /// Returns this tail's own acknowledgement (a sink's state), if it has one.
+    fn barrier(&mut self, b: Barrier) -> impl Future<Output = Result<Option<(String, serde_json::Value)>>> + Send;
+    /// Every input ended.
+    fn end_of_stream(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Checkpoint `id` is complete.
+    fn commit(&mut self, id: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Whether the subtask must see its final checkpoint complete before it ends.
+    fn waits_for_final_commit(&self) -> bool;
+    /// Called about once a second (metrics).
+    fn report(&mut self, interval: Duration) {
+        let _ = interval;
+    }
+}
+
+/// Output to the next operator's subtasks through a partitioner.
+pub struct NetworkTail {
+    pub partitioner: Partitioner,
+    pub outputs: Outputs,
+    pub metrics: SubtaskMetrics,
+}
+
+impl Tail for NetworkTail {
+    async fn emit(&mut self, items: Vec<Emit>) -> Result<()> {
+        for item in items {
+            match item {
+                Emit::Batch(b) if b.is_empty() => {}
+                Emit::Batch(b) => {
+                    for (i, part) in self.partitioner.route(b).into_iter().enumerate() {
+                        if !part.is_empty() {
+                            self.metrics.records_out.increment(part.len() as u64);
+                            self.outputs.send(i, StreamElement::Batch(part)).await?;
+                        }
+                    }
+                }
+                Emit::Watermark(w) => self.outputs.broadcast(&StreamElement::Watermark(w)).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn idle(&mut self) -> Result<()> {
+        self.outputs.broadcast(&StreamElement::Idle).await
+    }
+
+    async fn barrier(&mut self, b: Barrier) -> Result<Option<(String, serde_json::Value)>> {
+        self.outputs.broadcast(&StreamElement::Barrier(b)).await?;
+        Ok(None)
+    }
+
+    async fn end_of_stream(&mut self) -> Result<()> {
+        self.outputs.broadcast(&StreamElement::EndOfStream).await
+    }
+
+    async fn commit(&mut self, _id: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn waits_for_final_commit(&self) -> bool {
+        false
+    }
+
+    fn report(&mut self, interval: Duration) {
+        let blocked = self.outputs.take_blocked();
+        self.metrics
+            .backpressure
+            .set(blocked.as_secs_f64() / interval.as_secs_f64().max(1e-3));
+    }
+}
+
+/// Output into a sink writer.
+pub struct SinkTail<W> {
+    pub writer: W,
+    pub index: usize,
+}
+
+impl<W: SinkWriter> Tail for SinkTail<W> {
+    async fn emit(&mut self, items: Vec<Emit>) -> Result<()> {
+        for item in items {
+            if let Emit::Batch(b) = item {
+                if !b.is_empty() {
+                    self.writer.write(b).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn idle(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn barrier(&mut self, b: Barrier) -> Result<Option<(String, serde_json::Value)>> {
+        let state = self.writer.pre_commit(b.id).await?;
+        Ok(Some((task_name("sink", self.index), state)))
+    }
+
+    async fn end_of_stream(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn commit(&mut self, id: u64) -> Result<()> {
+        self.writer.commit(id).await
+    }
+
+    fn waits_for_final_commit(&self) -> bool {
+        true
+    }
+}
+
+/// What a subtask is connected to.
+pub struct TaskIo {
+    /// `operator-subtask` of the task, for messages.
+    pub name: String,
+    pub gate: InputGate,
+    pub events: mpsc::UnboundedSender<TaskEvent>,
+    /// Newest completed checkpoint.
+    pub completed: watch::Receiver<u64>,
+    pub cancel: watch::Receiver<bool>,
+    pub storage: Arc<dyn CheckpointStorage>,
+    pub clock: Clock,
+    pub stats: Arc<JobStats>,
+    /// Counters of the first chained operator (a sink counts for itself).
+    pub metrics: Option<SubtaskMetrics>,
+}
+
+/// Run a subtask until every input has ended (and, for a sink, its final checkpoint is
+/// committed), or until cancelled (then nothing more is committed; a restart recovers).
+pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result<()> {
+    let name = io.name.clone();
+    let mut aligner = BarrierAligner::new(io.gate.len());
+    let mut time = InputWatermarks::new(io.gate.len());
+    let mut final_id: Option<u64> = None;
+    let mut inputs_done = false;
+    let mut out = Vec::new();
+    let watermark_gauges: Vec<_> = chain
+        .infos()
+        .map(|i| (i.task_name(), crate::telemetry::watermark(&i.operator, i.index)))
+        .collect();
+    let report_every = Duration::from_secs(1);
+    let mut report = tokio::time::interval(report_every);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    io.completed.borrow_and_update();
+    loop {
+        if inputs_done {
+            match final_id {
+                None => {
+                    return Err(Error::Internal(format!(
+                        "{name}: inputs ended without a final checkpoint"
+                    )))
+                }
+                Some(_) if !tail.waits_for_final_commit() => {
+                    chain.close()?;
+                    return Ok(());
+                }
+                Some(f) if *io.completed.borrow() >= f => {
+                    tail.commit(f).await?;
+                    chain.close()?;
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
+        }
+        let next_timer = chain.next_processing_timer();
+        let timer_due = async {
+            match next_timer {
+                Some(t) => {
+                    let wait = (t - io.clock.now_ms()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = io.cancel.changed() => return Ok(()),
+            changed = io.completed.changed() => {
+                if changed.is_err() {
+                    // The coordinator is gone: this attempt is over, commit nothing more.
+                    return Ok(());
+                }
+                let id = *io.completed.borrow_and_update();
+                chain.on_checkpoint_complete(id)?;
+                tail.commit(id).await?;
+            }
+            _ = report.tick() => {
+                tail.report(report_every);
+                let w = time.current();
+                for (task, gauge) in &watermark_gauges {
+                    if w != i64::MIN {
+                        gauge.set(w as f64);
+                    }
+                    io.stats.set_watermark(task, w, None);
+                }
+            }
+            _ = timer_due => {
+                chain.on_processing_time(io.clock.now_ms(), &mut out)?;
+                tail.emit(std::mem::take(&mut out)).await?;
+            }
+            item = io.gate.next(), if !inputs_done => {
+                let Some(item) = item else {
+                    inputs_done = true;
+                    continue;
+                };
+                let (input, element) = match item {
+                    GateItem::Closed(i) => {
+                        return Err(Error::Internal(format!("{name}: input {i} stopped without end of stream")));
+                    }
+                    GateItem::Element(i, e) => (i, e),
+                };
+                let aligned = match element {
+                    StreamElement::Batch(b) => {
+                        if let Some(m) = &io.metrics {
+                            m.records_in.increment(b.len() as u64);
+                        }
+                        let now = io.clock.now_ms();
+                        if let InputTime::Advanced(w) = time.on_data(input) {
+                            chain.process(Emit::Watermark(w), now, &mut out)?;
+                        }
+                        chain.process(Emit::Batch(b), now, &mut out)?;
+                        tail.emit(std::mem::take(&mut out)).await?;
+                        None
+                    }
+                    StreamElement::Watermark(w) => {
+                        let change = time.on_watermark(input, w);
+                        advance(&mut chain, &mut tail, &io, change, &mut out).await?;
+                        None
+                    }
+                    StreamElement::Idle => {
+                        let change = time.on_idle(input);
+                        advance(&mut chain, &mut tail, &io, change, &mut out).await?;
+                        None
+                    }
+                    StreamElement::Barrier(b) => match aligner.on_barrier(input, b) {
+                        AlignStep::Block => {
+                            io.gate.block(input);
+                            None
+                        }
+                        AlignStep::Aligned(b) => Some(b),
+                        AlignStep::Ignore => None,
+                    },
+                    StreamElement::EndOfStream => {
+                        io.gate.finish(input);
+                        let change = time.on_end(input);
+                        advance(&mut chain, &mut tail, &io, change, &mut out).await?;
+                        aligner.on_end_of_stream(input)
+                    }
+                };
+                if let Some(b) = aligned {
+                    checkpoint(&mut chain, &mut tail, &io, b).await?;
+                    io.gate.unblock_all();
+                    if b.is_final {
+                        final_id = Some(b.id);
+                    }
+                }
+                if aligner.all_ended() && !inputs_done {
+                    inputs_done = true;
+                    tail.end_of_stream().await?;
+                }
+            }
+        }
+    }
+}
+
+async fn advance<T: Tail>(
+    chain: &mut Chain,
+    tail: &mut T,
+    io: &TaskIo,
+    change: InputTime,
+    out: &mut Vec<Emit>,
+) -> Result<()> {
+    match change {
+        InputTime::Unchanged => Ok(()),
+        InputTime::Advanced(w) => {
+            chain.process(Emit::Watermark(w), io.clock.now_ms(), out)?;
+            tail.emit(std::mem::take(out)).await
+        }
+        InputTime::Idle => tail.idle().await,
+    }
+}
+
+/// Snapshot the chain, pass the barrier on (or pre-commit), then store the operator
+/// states in the background and acknowledge.
+async fn checkpoint<T: Tail>(chain: &mut Chain, tail: &mut T, io: &TaskIo, b: Barrier) -> Result<()> {
+    let snapshots = match chain.snapshot(b.id) {
+        Ok(s) => s,
+        Err(e) => {
+            decline(io, b.id, &io.name, &e);
+            return Err(e);
+        }
+    };
+    let own = match tail.barrier(b).await {
+        Ok(own) => own,
+        Err(e) => {
+            decline(io, b.id, &io.name, &e);
+            return Err(e);
+        }
+    };
+    if let Some((task, state)) = own {
+        io.events
+            .send(TaskEvent::Ack {
+                checkpoint: b.id,
+                task,
+                state,
+            })
+            .map_err(|_| Error::Internal("checkpoint coordinator stopped".into()))?;
+    }
+    store_snapshots(snapshots, b.id, io.storage.clone(), io.events.clone());
+    Ok(())
+}
+
+fn decline(io: &TaskIo, checkpoint: u64, task: &str, e: &Error) {
+    let _ = io.events.send(TaskEvent::Decline {
+        checkpoint,
+        task: task.to_string(),
+        reason: e.to_string(),
+    });
+}
+
+/// Encode and write each operator's snapshot off the async workers, then acknowledge
+/// it; a failure declines the checkpoint (the job goes on, the next one may succeed).
+pub fn store_snapshots(
+    snapshots: Vec<PendingSnapshot>,
+    checkpoint: u64,
+    storage: Arc<dyn CheckpointStorage>,
+    events: mpsc::UnboundedSender<TaskEvent>,
+) {
+    if snapshots.is_empty() {
+        return;
+    }
+    let work = move || {
+        for s in snapshots {
+            let task = s.info.task_name();
+            let key_groups = s.info.key_groups;
+            let stored = s.encode().and_then(|blob| match blob {
+                Some(bytes) => storage
+                    .write_state(checkpoint, &task, &bytes)
+                    .map(|h| (Some(h), bytes.len() as u64)),
+                None => Ok((None, 0)),
+            });
+            let event = match stored.and_then(|(handle, bytes)| {
+                serde_json::to_value(OperatorAck {
+                    key_groups,
+                    handle,
+                    bytes,
+                })
+                .map_err(|e| Error::Internal(format!("operator ack: {e}")))
+            }) {
+                Ok(state) => TaskEvent::Ack {
+                    checkpoint,
+                    task,
+                    state,
+                },
+                Err(e) => TaskEvent::Decline {
+                    checkpoint,
+                    task,
+                    reason: e.to_string(),
+                },
+            };
+            if events.send(event).is_err() {
+                return;
+            }
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn_blocking(work);
+        }
+        Err(_) => work(),
+    }
+}

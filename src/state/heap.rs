@@ -1,0 +1,266 @@
+//! The heap backend: hash maps of typed values; a snapshot is a copy encoded off the
+//! processing path.
+//!
+//! Entries are laid out by namespace, then key, so that state of one window is found
+//! without scanning others, and keys are looked up by their bytes without allocating.
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    decode, encode, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SnapshotFn, StateBackend, StateConfig, StateValue,
+};
+use crate::error::Result;
+
+/// Tables held in memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeapBackend;
+
+impl StateBackend for HeapBackend {
+    type Table<V: StateValue> = HeapTable<V>;
+
+    fn table<V: StateValue>(&self, name: &str, config: StateConfig) -> HeapTable<V> {
+        HeapTable {
+            name: name.to_string(),
+            ttl_ms: config.ttl.map(|d| d.as_millis() as i64),
+            now_ms: 0,
+            map: FxHashMap::default(),
+            len: 0,
+        }
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Entry<V> {
+    kg: KeyGroup,
+    /// Always `Some` between calls; `update` takes it out to hand it to its closure.
+    value: Option<V>,
+    /// Processing time of the last write (for TTL).
+    written_ms: i64,
+}
+
+/// One keyed state in memory.
+pub struct HeapTable<V> {
+    name: String,
+    ttl_ms: Option<i64>,
+    now_ms: i64,
+    map: FxHashMap<Namespace, FxHashMap<Box<[u8]>, Entry<V>>>,
+    len: usize,
+}
+
+/// The encoded form: one row per entry.
+#[derive(Serialize, Deserialize)]
+struct Row<V> {
+    kg: KeyGroup,
+    key: Vec<u8>,
+    ns: Namespace,
+    value: V,
+    written_ms: i64,
+}
+
+impl<V> HeapTable<V> {
+    fn expired(&self, e: &Entry<V>) -> bool {
+        self.ttl_ms
+            .is_some_and(|ttl| self.now_ms.saturating_sub(e.written_ms) > ttl)
+    }
+}
+
+impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
+    fn get(&self, _kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V> {
+        let e = self.map.get(&ns)?.get(key)?;
+        if self.expired(e) {
+            return None;
+        }
+        e.value.clone()
+    }
+
+    fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R {
+        let now = self.now_ms;
+        let ttl = self.ttl_ms;
+        let keys = self.map.entry(ns).or_default();
+        if let Some(e) = keys.get_mut(key) {
+            let live = ttl.is_none_or(|ttl| now.saturating_sub(e.written_ms) <= ttl);
+            // Take the value out so `f` can own it, then put back what it leaves.
+            let mut slot = if live { e.value.take() } else { None };
+            let r = f(&mut slot);
+            match slot {
+                Some(v) => {
+                    e.value = Some(v);
+                    e.written_ms = now;
+                }
+                None => {
+                    keys.remove(key);
+                    self.len -= 1;
+                    if keys.is_empty() {
+                        self.map.remove(&ns);
+                    }
+                }
+            }
+            return r;
+        }
+        let mut slot = None;
+        let r = f(&mut slot);
+        match slot {
+            Some(value) => {
+                keys.insert(
+                    key.into(),
+                    Entry {
+                        kg,
+                        value: Some(value),
+                        written_ms: now,
+                    },
+                );
+                self.len += 1;
+            }
+            None if keys.is_empty() => {
+                self.map.remove(&ns);
+            }
+            None => {}
+        }
+        r
+    }
+
+    fn remove(&mut self, _kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V> {
+        let keys = self.map.get_mut(&ns)?;
+        let e = keys.remove(key)?;
+        self.len -= 1;
+        if keys.is_empty() {
+            self.map.remove(&ns);
+        }
+        e.value
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn set_time(&mut self, now_ms: i64) {
+        self.now_ms = now_ms;
+    }
+
+    fn snapshot(&mut self) -> SnapshotFn {
+        if let Some(ttl) = self.ttl_ms {
+            let now = self.now_ms;
+            let mut dropped = 0;
+            self.map.retain(|_, keys| {
+                keys.retain(|_, e| {
+                    let keep = now.saturating_sub(e.written_ms) <= ttl;
+                    dropped += usize::from(!keep);
+                    keep
+                });
+                !keys.is_empty()
+            });
+            self.len -= dropped;
+        }
+        // The copy is the only work on the processing path; encoding happens later.
+        let copy = self.map.clone();
+        Box::new(move || {
+            let rows: Vec<Row<&V>> = copy
+                .iter()
+                .flat_map(|(ns, keys)| {
+                    keys.iter().filter_map(move |(key, e)| {
+                        Some(Row {
+                            kg: e.kg,
+                            key: key.to_vec(),
+                            ns: *ns,
+                            value: e.value.as_ref()?,
+                            written_ms: e.written_ms,
+                        })
+                    })
+                })
+                .collect();
+            encode(&rows)
+        })
+    }
+
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<usize> {
+        let rows: Vec<Row<V>> = decode(bytes, &self.name)?;
+        let mut n = 0;
+        for row in rows {
+            if !range.contains(row.kg) {
+                continue;
+            }
+            let keys = self.map.entry(row.ns).or_default();
+            let entry = Entry {
+                kg: row.kg,
+                value: Some(row.value),
+                written_ms: row.written_ms,
+            };
+            if keys.insert(row.key.into_boxed_slice(), entry).is_none() {
+                self.len += 1;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ns(start: i64) -> Namespace {
+        Namespace { start, end: start + 10 }
+    }
+
+    #[test]
+    fn update_inserts_changes_and_deletes() {
+        let mut t: HeapTable<u64> = HeapBackend.table("t", StateConfig::default());
+        t.update(1, b"a", ns(0), |v| *v = Some(v.unwrap_or(0) + 1));
+        t.update(1, b"a", ns(0), |v| *v = Some(v.unwrap_or(0) + 1));
+        t.update(2, b"b", ns(0), |v| *v = Some(7));
+        assert_eq!(t.get(1, b"a", ns(0)), Some(2));
+        assert_eq!(t.get(1, b"a", ns(10)), None);
+        assert_eq!(t.len(), 2);
+        t.update(1, b"a", ns(0), |v| *v = None);
+        assert_eq!(t.get(1, b"a", ns(0)), None);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.remove(2, b"b", ns(0)), Some(7));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn snapshot_restores_by_key_group_range() {
+        let mut t: HeapTable<String> = HeapBackend.table("t", StateConfig::default());
+        for kg in 0..8u16 {
+            t.update(kg, &[kg as u8], Namespace::GLOBAL, |v| *v = Some(format!("v{kg}")));
+        }
+        let bytes = t.snapshot()().unwrap();
+        // Written after the snapshot: not in it.
+        t.update(0, b"late", Namespace::GLOBAL, |v| *v = Some("x".into()));
+        let mut low: HeapTable<String> = HeapBackend.table("t", StateConfig::default());
+        let mut high: HeapTable<String> = HeapBackend.table("t", StateConfig::default());
+        assert_eq!(low.restore(&bytes, KeyGroupRange { start: 0, end: 3 }).unwrap(), 3);
+        assert_eq!(high.restore(&bytes, KeyGroupRange { start: 3, end: 8 }).unwrap(), 5);
+        assert_eq!(low.get(2, &[2], Namespace::GLOBAL).as_deref(), Some("v2"));
+        assert_eq!(low.get(5, &[5], Namespace::GLOBAL), None);
+        assert_eq!(high.get(5, &[5], Namespace::GLOBAL).as_deref(), Some("v5"));
+        assert_eq!(low.get(0, b"late", Namespace::GLOBAL), None);
+    }
+
+    #[test]
+    fn ttl_expires_entries_not_written_for_a_while() {
+        let cfg = StateConfig {
+            ttl: Some(Duration::from_millis(100)),
+        };
+        let mut t: HeapTable<u32> = HeapBackend.table("t", cfg);
+        t.set_time(1_000);
+        t.update(0, b"old", Namespace::GLOBAL, |v| *v = Some(1));
+        t.set_time(1_050);
+        t.update(0, b"new", Namespace::GLOBAL, |v| *v = Some(2));
+        t.set_time(1_120);
+        assert_eq!(t.get(0, b"old", Namespace::GLOBAL), None, "expired on read");
+        assert_eq!(t.get(0, b"new", Namespace::GLOBAL), Some(2));
+        // An expired entry updates as if absent.
+        t.update(0, b"old", Namespace::GLOBAL, |v| {
+            assert!(v.is_none());
+            *v = Some(3)
+        });
+        t.set_time(1_300);
+        let bytes = t.snapshot()().unwrap();
+        assert!(t.is_empty(), "snapshot drops expired entries");
+        let mut r: HeapTable<u32> = HeapBackend.table("t", StateConfig::default());
+        assert_eq!(r.restore(&bytes, KeyGroupRange::all(8)).unwrap(), 0);
+    }
+}

@@ -1,0 +1,272 @@
+//! Keyed state: values addressed by (key group, key, namespace) inside one operator.
+//!
+//! An operator asks a [`StateBackend`] for named tables when it is built and reads and
+//! writes them only through the [`KeyedTable`] trait (or the typed handles
+//! [`ValueState`], [`ListState`], [`MapState`] over it), never through the maps behind
+//! it, so a backend that keeps state on disk can take the heap's place.
+//!
+//! State is grouped by key group (a key's stable hash modulo `job.max_parallelism`): a
+//! subtask owns a contiguous [`KeyGroupRange`], snapshots say which range they hold, and
+//! a restore with another parallelism reads every snapshot whose range meets its own and
+//! keeps the entries inside it.
+
+pub mod heap;
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use heap::{HeapBackend, HeapTable};
+
+use crate::error::{Error, Result};
+
+/// A key group: keys hash into `0..max_parallelism`, fixed for a job's life.
+pub type KeyGroup = u16;
+
+/// The key groups `start..end` one subtask owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGroupRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl KeyGroupRange {
+    /// Every key group (one subtask owns them all).
+    pub fn all(max_parallelism: u32) -> Self {
+        Self {
+            start: 0,
+            end: max_parallelism,
+        }
+    }
+
+    /// The range of subtask `index` of `parallelism`: the key groups that
+    /// [`subtask_for_key_group`] sends to it (Flink's contiguous assignment).
+    pub fn for_subtask(index: usize, parallelism: u32, max_parallelism: u32) -> Self {
+        let (i, p, mp) = (index as u64, u64::from(parallelism), u64::from(max_parallelism));
+        Self {
+            start: (i * mp).div_ceil(p) as u32,
+            end: ((i + 1) * mp).div_ceil(p) as u32,
+        }
+    }
+
+    pub fn contains(&self, kg: KeyGroup) -> bool {
+        (self.start..self.end).contains(&u32::from(kg))
+    }
+
+    pub fn intersects(&self, other: &KeyGroupRange) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+/// The key group of a key's hash.
+pub fn key_group(hash: u64, max_parallelism: u32) -> KeyGroup {
+    (hash % u64::from(max_parallelism)) as KeyGroup
+}
+
+/// The subtask that owns a key group (contiguous ranges, as in Flink).
+pub fn subtask_for_key_group(key_group: u32, max_parallelism: u32, parallelism: u32) -> usize {
+    (u64::from(key_group) * u64::from(parallelism) / u64::from(max_parallelism)) as usize
+}
+
+/// What state is addressed by besides its key: the window it belongs to, or
+/// [`Namespace::GLOBAL`] for state that belongs to the key alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Namespace {
+    pub start: i64,
+    pub end: i64,
+}
+
+impl Namespace {
+    /// State of the key itself.
+    pub const GLOBAL: Namespace = Namespace {
+        start: i64::MIN,
+        end: i64::MAX,
+    };
+}
+
+/// A value kept in keyed state: cloned for snapshots, encoded compactly.
+pub trait StateValue: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<T: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> StateValue for T {}
+
+/// Per-state options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateConfig {
+    /// Entries not written for this long read as absent and are dropped at the next
+    /// snapshot, so keys nobody sees again do not grow state forever.
+    pub ttl: Option<Duration>,
+}
+
+/// Encodes a copy of a table taken at the barrier; runs off the processing path.
+pub type SnapshotFn = Box<dyn FnOnce() -> Result<Vec<u8>> + Send>;
+
+/// One named keyed state of one operator subtask.
+pub trait KeyedTable<V: StateValue>: Send + 'static {
+    /// The value of (key group, key, namespace), if any.
+    fn get(&self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V>;
+
+    /// Read, change and write back one entry in one step: `f` sees `None` when absent,
+    /// and leaving `None` deletes the entry.
+    fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R;
+
+    /// Delete an entry, returning it.
+    fn remove(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V>;
+
+    /// Live entries.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Processing time now (epoch ms), for TTL. Backends without TTL ignore it.
+    fn set_time(&mut self, now_ms: i64) {
+        let _ = now_ms;
+    }
+
+    /// Take a consistent copy now and return the function that encodes it.
+    fn snapshot(&mut self) -> SnapshotFn;
+
+    /// Add the entries of an encoded snapshot whose key group lies in `range`.
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<usize>;
+}
+
+/// Makes the tables of one operator subtask.
+pub trait StateBackend: Clone + Send + Sync + 'static {
+    type Table<V: StateValue>: KeyedTable<V>;
+
+    /// A new, empty table.
+    fn table<V: StateValue>(&self, name: &str, config: StateConfig) -> Self::Table<V>;
+}
+
+/// The key a state access is for: its key group and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub key_group: KeyGroup,
+    pub key: &'a [u8],
+}
+
+/// One value per (key, namespace).
+pub struct ValueState<V: StateValue, T: KeyedTable<V>> {
+    table: T,
+    _v: PhantomData<V>,
+}
+
+impl<V: StateValue, T: KeyedTable<V>> ValueState<V, T> {
+    pub fn new(table: T) -> Self {
+        Self { table, _v: PhantomData }
+    }
+    pub fn get(&self, k: KeyRef, ns: Namespace) -> Option<V> {
+        self.table.get(k.key_group, k.key, ns)
+    }
+    pub fn set(&mut self, k: KeyRef, ns: Namespace, value: V) {
+        self.table.update(k.key_group, k.key, ns, |slot| *slot = Some(value));
+    }
+    pub fn clear(&mut self, k: KeyRef, ns: Namespace) {
+        self.table.remove(k.key_group, k.key, ns);
+    }
+    pub fn table(&mut self) -> &mut T {
+        &mut self.table
+    }
+}
+
+/// A list per (key, namespace), appended to.
+pub struct ListState<E: StateValue, T: KeyedTable<Vec<E>>> {
+    table: T,
+    _e: PhantomData<E>,
+}
+
+impl<E: StateValue, T: KeyedTable<Vec<E>>> ListState<E, T> {
+    pub fn new(table: T) -> Self {
+        Self { table, _e: PhantomData }
+    }
+    pub fn add(&mut self, k: KeyRef, ns: Namespace, element: E) {
+        self.table.update(k.key_group, k.key, ns, |slot| {
+            slot.get_or_insert_with(Vec::new).push(element)
+        });
+    }
+    pub fn get(&self, k: KeyRef, ns: Namespace) -> Vec<E> {
+        self.table.get(k.key_group, k.key, ns).unwrap_or_default()
+    }
+    pub fn clear(&mut self, k: KeyRef, ns: Namespace) {
+        self.table.remove(k.key_group, k.key, ns);
+    }
+    pub fn table(&mut self) -> &mut T {
+        &mut self.table
+    }
+}
+
+/// A map per (key, namespace).
+pub struct MapState<K, V, T>
+where
+    K: StateValue + Ord,
+    V: StateValue,
+    T: KeyedTable<BTreeMap<K, V>>,
+{
+    table: T,
+    _kv: PhantomData<(K, V)>,
+}
+
+impl<K: StateValue + Ord, V: StateValue, T: KeyedTable<BTreeMap<K, V>>> MapState<K, V, T> {
+    pub fn new(table: T) -> Self {
+        Self {
+            table,
+            _kv: PhantomData,
+        }
+    }
+    pub fn put(&mut self, k: KeyRef, ns: Namespace, key: K, value: V) {
+        self.table.update(k.key_group, k.key, ns, |slot| {
+            slot.get_or_insert_with(BTreeMap::new).insert(key, value);
+        });
+    }
+    pub fn get(&self, k: KeyRef, ns: Namespace, key: &K) -> Option<V> {
+        self.table.get(k.key_group, k.key, ns)?.get(key).cloned()
+    }
+    pub fn remove(&mut self, k: KeyRef, ns: Namespace, key: &K) -> Option<V> {
+        self.table.update(k.key_group, k.key, ns, |slot| {
+            let map = slot.as_mut()?;
+            let old = map.remove(key);
+            if map.is_empty() {
+                *slot = None;
+            }
+            old
+        })
+    }
+    pub fn table(&mut self) -> &mut T {
+        &mut self.table
+    }
+}
+
+/// Encode a state value compactly (postcard).
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(|e| Error::Internal(format!("encoding state: {e}")))
+}
+
+/// Decode what [`encode`] wrote.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| Error::CorruptCheckpoint {
+        path: what.into(),
+        message: format!("state does not decode: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_group_ranges_match_the_routing() {
+        for (p, mp) in [(1u32, 128u32), (3, 128), (4, 128), (7, 10), (5, 5)] {
+            let ranges: Vec<_> = (0..p as usize).map(|i| KeyGroupRange::for_subtask(i, p, mp)).collect();
+            assert_eq!(ranges[0].start, 0);
+            assert_eq!(ranges[p as usize - 1].end, mp);
+            for kg in 0..mp {
+                let owner = subtask_for_key_group(kg, mp, p);
+                assert!(ranges[owner].contains(kg as KeyGroup), "p={p} mp={mp} kg={kg}");
+            }
+        }
+    }
+}

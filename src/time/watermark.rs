@@ -1,0 +1,365 @@
+//! Watermark generation per Kafka partition, and the minimum over an operator's inputs.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::MIN_WATERMARK;
+
+/// Generates the watermarks of one partition. Periodic generators answer
+/// [`WatermarkGenerator::on_periodic`]; punctuated ones answer from
+/// [`WatermarkGenerator::on_event`] (a record that says "all before me has arrived").
+pub trait WatermarkGenerator: Send {
+    /// A record with event time `timestamp` was read; a punctuated generator may return
+    /// a watermark now.
+    fn on_event(&mut self, timestamp: i64) -> Option<i64>;
+
+    /// Called on every watermark interval; a periodic generator returns its watermark.
+    fn on_periodic(&mut self) -> Option<i64> {
+        None
+    }
+
+    /// The largest event time seen, checkpointed so that a restored partition goes on
+    /// where it was instead of starting over from no watermark.
+    fn max_timestamp(&self) -> Option<i64>;
+
+    /// Resume from a checkpointed [`WatermarkGenerator::max_timestamp`].
+    fn restore(&mut self, max_timestamp: Option<i64>);
+}
+
+/// Records arrive at most `bound` out of order: the watermark trails the largest event
+/// time seen by `bound` (and 1 ms, so that records at exactly the bound are not late).
+/// With a bound of zero this is the monotonous strategy.
+#[derive(Debug, Clone)]
+pub struct BoundedOutOfOrderness {
+    bound_ms: i64,
+    max: Option<i64>,
+}
+
+impl BoundedOutOfOrderness {
+    pub fn new(bound: Duration) -> Self {
+        Self {
+            bound_ms: bound.as_millis() as i64,
+            max: None,
+        }
+    }
+
+    /// Timestamps never decrease within a partition.
+    pub fn monotonous() -> Self {
+        Self::new(Duration::ZERO)
+    }
+}
+
+impl WatermarkGenerator for BoundedOutOfOrderness {
+    fn on_event(&mut self, timestamp: i64) -> Option<i64> {
+        self.max = Some(self.max.map_or(timestamp, |m| m.max(timestamp)));
+        None
+    }
+
+    fn on_periodic(&mut self) -> Option<i64> {
+        self.max.map(|m| m.saturating_sub(self.bound_ms).saturating_sub(1))
+    }
+
+    fn max_timestamp(&self) -> Option<i64> {
+        self.max
+    }
+
+    fn restore(&mut self, max_timestamp: Option<i64>) {
+        self.max = max_timestamp;
+    }
+}
+
+/// What a source subtask should tell its downstream after a watermark interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceTime {
+    /// Event time has advanced to this (or: the source is active again at it).
+    Watermark(i64),
+    /// No partition is live: do not hold back downstream watermarks.
+    Idle,
+}
+
+struct PartitionClock {
+    generator: Box<dyn WatermarkGenerator>,
+    watermark: i64,
+    last_data: Instant,
+    caught_up: bool,
+}
+
+/// The watermarks of the partitions one source subtask reads, and the one it emits: the
+/// minimum over partitions that are live. A partition is not live while it has had no
+/// record for `idle_timeout`, or while its position has reached the broker's high-water
+/// mark (caught up: nothing to wait for); it rejoins with its next record. The emitted
+/// watermark never goes back.
+pub struct PartitionWatermarks<K: Ord> {
+    parts: BTreeMap<K, PartitionClock>,
+    idle_timeout: Option<Duration>,
+    emitted: i64,
+    idle: bool,
+    /// The live partition holding the watermark back, for metrics.
+    holding: Option<K>,
+}
+
+impl<K: Ord + Clone> PartitionWatermarks<K> {
+    /// `idle_timeout` of `None` or zero: partitions never count as idle for silence.
+    pub fn new(idle_timeout: Option<Duration>) -> Self {
+        Self {
+            parts: BTreeMap::new(),
+            idle_timeout: idle_timeout.filter(|d| !d.is_zero()),
+            emitted: MIN_WATERMARK,
+            idle: false,
+            holding: None,
+        }
+    }
+
+    pub fn add(&mut self, key: K, generator: Box<dyn WatermarkGenerator>, now: Instant) {
+        self.parts.insert(
+            key,
+            PartitionClock {
+                generator,
+                watermark: MIN_WATERMARK,
+                last_data: now,
+                caught_up: false,
+            },
+        );
+    }
+
+    /// A record of partition `key` with event time `timestamp` was read.
+    pub fn on_record(&mut self, key: &K, timestamp: i64, now: Instant) {
+        if let Some(p) = self.parts.get_mut(key) {
+            if let Some(w) = p.generator.on_event(timestamp) {
+                p.watermark = p.watermark.max(w);
+            }
+            p.last_data = now;
+            p.caught_up = false;
+        }
+    }
+
+    /// Whether the partition's position has reached the end of what the broker holds.
+    pub fn set_caught_up(&mut self, key: &K, caught_up: bool) {
+        if let Some(p) = self.parts.get_mut(key) {
+            p.caught_up = caught_up;
+        }
+    }
+
+    /// The largest event time seen per partition, for the checkpoint.
+    pub fn max_timestamp(&self, key: &K) -> Option<i64> {
+        self.parts.get(key).and_then(|p| p.generator.max_timestamp())
+    }
+
+    /// The watermark emitted last.
+    pub fn current(&self) -> i64 {
+        self.emitted
+    }
+
+    /// The live partition with the lowest watermark, if any.
+    pub fn holding_back(&self) -> Option<&K> {
+        self.holding.as_ref()
+    }
+
+    /// Run the periodic generators and say what to emit, if anything changed.
+    pub fn on_interval(&mut self, now: Instant) -> Option<SourceTime> {
+        let mut min: Option<(i64, &K)> = None;
+        for (k, p) in self.parts.iter_mut() {
+            if let Some(w) = p.generator.on_periodic() {
+                p.watermark = p.watermark.max(w);
+            }
+            let silent = self
+                .idle_timeout
+                .is_some_and(|t| now.saturating_duration_since(p.last_data) >= t);
+            if p.caught_up || silent {
+                continue;
+            }
+            if min.is_none_or(|(m, _)| p.watermark < m) {
+                min = Some((p.watermark, k));
+            }
+        }
+        self.holding = min.map(|(_, k)| k.clone());
+        match min {
+            None if self.idle => None,
+            None => {
+                self.idle = true;
+                Some(SourceTime::Idle)
+            }
+            Some((w, _)) => {
+                let was_idle = std::mem::replace(&mut self.idle, false);
+                if w > self.emitted {
+                    self.emitted = w;
+                    Some(SourceTime::Watermark(w))
+                } else if was_idle {
+                    Some(SourceTime::Watermark(self.emitted))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// The watermark of an operator subtask: the minimum over its inputs that are neither
+/// idle nor ended. It never goes back.
+#[derive(Debug)]
+pub struct InputWatermarks {
+    inputs: Vec<InputClock>,
+    emitted: i64,
+    idle: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InputClock {
+    watermark: i64,
+    idle: bool,
+    ended: bool,
+}
+
+/// What the subtask should do after an input's watermark status changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputTime {
+    /// Nothing changed downstream.
+    Unchanged,
+    /// The combined watermark advanced (or the subtask became active again at it):
+    /// fire timers up to it and forward it.
+    Advanced(i64),
+    /// Every input is idle or ended: forward idleness.
+    Idle,
+}
+
+impl InputWatermarks {
+    pub fn new(inputs: usize) -> Self {
+        Self {
+            inputs: vec![
+                InputClock {
+                    watermark: MIN_WATERMARK,
+                    idle: false,
+                    ended: false,
+                };
+                inputs
+            ],
+            emitted: MIN_WATERMARK,
+            idle: false,
+        }
+    }
+
+    pub fn current(&self) -> i64 {
+        self.emitted
+    }
+
+    pub fn on_watermark(&mut self, input: usize, watermark: i64) -> InputTime {
+        let i = &mut self.inputs[input];
+        i.watermark = i.watermark.max(watermark);
+        i.idle = false;
+        self.recompute()
+    }
+
+    /// Data arrived on `input`: an idle input is live again (at its old watermark).
+    pub fn on_data(&mut self, input: usize) -> InputTime {
+        if !self.inputs[input].idle {
+            return InputTime::Unchanged;
+        }
+        self.inputs[input].idle = false;
+        self.recompute()
+    }
+
+    pub fn on_idle(&mut self, input: usize) -> InputTime {
+        self.inputs[input].idle = true;
+        self.recompute()
+    }
+
+    pub fn on_end(&mut self, input: usize) -> InputTime {
+        self.inputs[input].ended = true;
+        self.recompute()
+    }
+
+    fn recompute(&mut self) -> InputTime {
+        let min = self
+            .inputs
+            .iter()
+            .filter(|i| !i.idle && !i.ended)
+            .map(|i| i.watermark)
+            .min();
+        match min {
+            None if self.idle => InputTime::Unchanged,
+            None => {
+                self.idle = true;
+                InputTime::Idle
+            }
+            Some(w) => {
+                let was_idle = std::mem::replace(&mut self.idle, false);
+                if w > self.emitted {
+                    self.emitted = w;
+                    InputTime::Advanced(w)
+                } else if was_idle {
+                    InputTime::Advanced(self.emitted)
+                } else {
+                    InputTime::Unchanged
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_out_of_orderness_trails_the_maximum() {
+        let mut g = BoundedOutOfOrderness::new(Duration::from_millis(100));
+        assert_eq!(g.on_periodic(), None);
+        g.on_event(1_000);
+        g.on_event(900);
+        assert_eq!(g.on_periodic(), Some(899));
+    }
+
+    #[test]
+    fn source_emits_the_minimum_over_live_partitions() {
+        let t0 = Instant::now();
+        let mut w = PartitionWatermarks::new(Some(Duration::from_secs(10)));
+        for p in 0..2 {
+            w.add(p, Box::new(BoundedOutOfOrderness::monotonous()), t0);
+        }
+        w.on_record(&0, 100, t0);
+        // Partition 1 has no data yet: it holds the watermark at the minimum.
+        assert_eq!(w.on_interval(t0), None);
+        assert_eq!(w.holding_back(), Some(&1));
+        w.on_record(&1, 50, t0);
+        assert_eq!(w.on_interval(t0), Some(SourceTime::Watermark(49)));
+        // Partition 1 goes silent past the idle timeout: partition 0 alone counts.
+        w.on_record(&0, 300, t0 + Duration::from_secs(11));
+        assert_eq!(
+            w.on_interval(t0 + Duration::from_secs(11)),
+            Some(SourceTime::Watermark(299))
+        );
+        // It comes back with older data: the watermark does not go back.
+        w.on_record(&1, 60, t0 + Duration::from_secs(12));
+        assert_eq!(w.on_interval(t0 + Duration::from_secs(12)), None);
+        assert_eq!(w.current(), 299);
+    }
+
+    #[test]
+    fn a_caught_up_partition_does_not_hold_back_and_all_idle_is_idle() {
+        let t0 = Instant::now();
+        let mut w = PartitionWatermarks::new(None);
+        w.add("a", Box::new(BoundedOutOfOrderness::monotonous()), t0);
+        w.add("b", Box::new(BoundedOutOfOrderness::monotonous()), t0);
+        w.on_record(&"a", 500, t0);
+        w.set_caught_up(&"b", true);
+        assert_eq!(w.on_interval(t0), Some(SourceTime::Watermark(499)));
+        w.set_caught_up(&"a", true);
+        assert_eq!(w.on_interval(t0), Some(SourceTime::Idle));
+        assert_eq!(w.on_interval(t0), None, "idleness is said once");
+        w.on_record(&"a", 400, t0);
+        assert_eq!(w.on_interval(t0), Some(SourceTime::Watermark(499)), "active again");
+    }
+
+    #[test]
+    fn inputs_combine_to_the_minimum_and_ended_or_idle_inputs_do_not_hold_back() {
+        let mut w = InputWatermarks::new(3);
+        assert_eq!(w.on_watermark(0, 10), InputTime::Unchanged);
+        assert_eq!(w.on_watermark(1, 20), InputTime::Unchanged);
+        assert_eq!(w.on_watermark(2, 5), InputTime::Advanced(5));
+        assert_eq!(w.on_end(2), InputTime::Advanced(10));
+        assert_eq!(w.on_idle(0), InputTime::Advanced(20));
+        assert_eq!(w.on_idle(1), InputTime::Idle);
+        assert_eq!(w.on_data(0), InputTime::Advanced(20));
+        assert_eq!(w.on_watermark(0, 30), InputTime::Advanced(30));
+    }
+}
