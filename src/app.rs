@@ -329,11 +329,11 @@ async fn attempt(
         if s == 0 {
             continue;
         }
-        for up in 0..plan.stages[s - 1].parallelism as usize {
-            for down in 0..p {
+        for up in outputs[s - 1].iter_mut() {
+            for down in inputs[s].iter_mut() {
                 let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                outputs[s - 1][up].push(tx);
-                inputs[s][down].push(rx);
+                up.push(tx);
+                down.push(rx);
             }
         }
     }

@@ -358,14 +358,11 @@ impl JobConfig {
                 "must be a plain SQL name (letters, digits, _; optionally schema.table)",
             );
         }
-        match k.partitioner {
-            PartitionerKind::Broadcast => {
-                return fail(
-                    "sink.partitioner",
-                    "broadcast would write every record once per sink subtask",
-                );
-            }
-            _ => {}
+        if k.partitioner == PartitionerKind::Broadcast {
+            return fail(
+                "sink.partitioner",
+                "broadcast would write every record once per sink subtask",
+            );
         }
         let mut names = HashSet::new();
         for col in &k.columns {

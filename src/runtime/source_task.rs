@@ -28,8 +28,8 @@ use crate::time::Clock;
 pub struct SourcePoll {
     pub batch: Batch,
     /// Event time to forward after the batch (the minimum over the source's live
-    /// partitions), or that every partition is idle.
-    pub time: Option<SourceTime>,
+    /// partitions), and/or that every partition is idle, in this order.
+    pub time: Vec<SourceTime>,
 }
 
 /// A source subtask. Only `poll_batch` is required.
@@ -116,16 +116,17 @@ pub fn run_source<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) 
             io.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
             chain.process(Emit::Batch(poll.batch), now, &mut out)?;
         }
-        match poll.time {
-            Some(SourceTime::Watermark(w)) => {
-                watermark = w;
-                chain.process(Emit::Watermark(w), now, &mut out)?;
+        for time in poll.time {
+            match time {
+                SourceTime::Watermark(w) => {
+                    watermark = w;
+                    chain.process(Emit::Watermark(w), now, &mut out)?;
+                }
+                SourceTime::Idle => {
+                    emit(&mut io, &mut out)?;
+                    send_all(&io, &StreamElement::Idle)?;
+                }
             }
-            Some(SourceTime::Idle) => {
-                emit(&mut io, &mut out)?;
-                send_all(&io, &StreamElement::Idle)?;
-            }
-            None => {}
         }
         if chain.next_processing_timer().is_some_and(|t| t <= now) {
             chain.on_processing_time(now, &mut out)?;

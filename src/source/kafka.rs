@@ -309,7 +309,7 @@ impl KafkaSource {
             self.discover(run)?;
             self.last_discovery = Instant::now();
         }
-        let mut time = None;
+        let mut time = Vec::new();
         if let Some(t) = &self.time {
             if self.last_interval.elapsed() >= t.interval {
                 self.last_interval = Instant::now();

@@ -155,42 +155,54 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
         self.holding.as_ref()
     }
 
-    /// Run the periodic generators and say what to emit, if anything changed.
-    pub fn on_interval(&mut self, now: Instant) -> Option<SourceTime> {
-        let mut min: Option<(i64, &K)> = None;
+    /// Run the periodic generators and say what to emit, if anything changed: a
+    /// watermark, idleness, or (when the last live partition just went quiet) both, the
+    /// watermark that its final records allow first.
+    pub fn on_interval(&mut self, now: Instant) -> Vec<SourceTime> {
+        let mut live: Option<(i64, &K)> = None;
+        let mut all: Option<i64> = None;
         for (k, p) in self.parts.iter_mut() {
             if let Some(w) = p.generator.on_periodic() {
                 p.watermark = p.watermark.max(w);
             }
+            all = Some(all.map_or(p.watermark, |m: i64| m.min(p.watermark)));
             let silent = self
                 .idle_timeout
                 .is_some_and(|t| now.saturating_duration_since(p.last_data) >= t);
             if p.caught_up || silent {
                 continue;
             }
-            if min.is_none_or(|(m, _)| p.watermark < m) {
-                min = Some((p.watermark, k));
+            if live.is_none_or(|(m, _)| p.watermark < m) {
+                live = Some((p.watermark, k));
             }
         }
-        self.holding = min.map(|(_, k)| k.clone());
-        match min {
-            None if self.idle => None,
+        self.holding = live.map(|(_, k)| k.clone());
+        let mut out = Vec::new();
+        match live {
             None => {
-                self.idle = true;
-                Some(SourceTime::Idle)
+                // Nothing live: what every partition has delivered is complete up to
+                // the minimum of their watermarks, so that much still goes out (the last
+                // records before a pause must be able to close their windows).
+                if let Some(w) = all.filter(|w| *w > self.emitted) {
+                    self.emitted = w;
+                    out.push(SourceTime::Watermark(w));
+                }
+                if !self.idle {
+                    self.idle = true;
+                    out.push(SourceTime::Idle);
+                }
             }
             Some((w, _)) => {
                 let was_idle = std::mem::replace(&mut self.idle, false);
                 if w > self.emitted {
                     self.emitted = w;
-                    Some(SourceTime::Watermark(w))
+                    out.push(SourceTime::Watermark(w));
                 } else if was_idle {
-                    Some(SourceTime::Watermark(self.emitted))
-                } else {
-                    None
+                    out.push(SourceTime::Watermark(self.emitted));
                 }
             }
         }
+        out
     }
 }
 
@@ -318,19 +330,19 @@ mod tests {
         }
         w.on_record(&0, 100, t0);
         // Partition 1 has no data yet: it holds the watermark at the minimum.
-        assert_eq!(w.on_interval(t0), None);
+        assert_eq!(w.on_interval(t0), vec![]);
         assert_eq!(w.holding_back(), Some(&1));
         w.on_record(&1, 50, t0);
-        assert_eq!(w.on_interval(t0), Some(SourceTime::Watermark(49)));
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(49)]);
         // Partition 1 goes silent past the idle timeout: partition 0 alone counts.
         w.on_record(&0, 300, t0 + Duration::from_secs(11));
         assert_eq!(
             w.on_interval(t0 + Duration::from_secs(11)),
-            Some(SourceTime::Watermark(299))
+            vec![SourceTime::Watermark(299)]
         );
         // It comes back with older data: the watermark does not go back.
         w.on_record(&1, 60, t0 + Duration::from_secs(12));
-        assert_eq!(w.on_interval(t0 + Duration::from_secs(12)), None);
+        assert_eq!(w.on_interval(t0 + Duration::from_secs(12)), vec![]);
         assert_eq!(w.current(), 299);
     }
 
@@ -342,12 +354,29 @@ mod tests {
         w.add("b", Box::new(BoundedOutOfOrderness::monotonous()), t0);
         w.on_record(&"a", 500, t0);
         w.set_caught_up(&"b", true);
-        assert_eq!(w.on_interval(t0), Some(SourceTime::Watermark(499)));
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(499)]);
         w.set_caught_up(&"a", true);
-        assert_eq!(w.on_interval(t0), Some(SourceTime::Idle));
-        assert_eq!(w.on_interval(t0), None, "idleness is said once");
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Idle]);
+        assert_eq!(w.on_interval(t0), vec![], "idleness is said once");
         w.on_record(&"a", 400, t0);
-        assert_eq!(w.on_interval(t0), Some(SourceTime::Watermark(499)), "active again");
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(499)], "active again");
+    }
+
+    #[test]
+    fn the_last_records_before_every_partition_is_caught_up_still_advance_the_watermark() {
+        let t0 = Instant::now();
+        let mut w = PartitionWatermarks::new(None);
+        w.add(0, Box::new(BoundedOutOfOrderness::monotonous()), t0);
+        w.add(1, Box::new(BoundedOutOfOrderness::monotonous()), t0);
+        w.on_record(&0, 100, t0);
+        w.on_record(&1, 100, t0);
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(99)]);
+        // Both read their last records and reach the end within one interval.
+        w.on_record(&0, 9_000, t0);
+        w.on_record(&1, 7_000, t0);
+        w.set_caught_up(&0, true);
+        w.set_caught_up(&1, true);
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(6_999), SourceTime::Idle]);
     }
 
     #[test]

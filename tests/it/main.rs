@@ -18,3 +18,4 @@ mod txn_cli;
 mod unreachable;
 mod upsert_key;
 mod upstream_transactions;
+mod windows;

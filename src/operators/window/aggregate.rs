@@ -225,30 +225,18 @@ impl Aggregate {
             (Acc::Count(a), Acc::Count(b)) => *a += b,
             (Acc::SumInt(a), Acc::SumInt(b)) => *a = a.saturating_add(b),
             (Acc::SumFloat(a), Acc::SumFloat(b)) => *a += b,
-            (Acc::Min(a), Acc::Min(Some(b))) => {
-                if a.as_ref().is_none_or(|cur| less(&b, cur)) {
-                    *a = Some(b);
-                }
-            }
-            (Acc::Max(a), Acc::Max(Some(b))) => {
-                if a.as_ref().is_none_or(|cur| less(cur, &b)) {
-                    *a = Some(b);
-                }
-            }
+            (Acc::Min(a), Acc::Min(Some(b))) if a.as_ref().is_none_or(|cur| less(&b, cur)) => *a = Some(b),
+            (Acc::Max(a), Acc::Max(Some(b))) if a.as_ref().is_none_or(|cur| less(cur, &b)) => *a = Some(b),
             (Acc::Avg { sum, n }, Acc::Avg { sum: s2, n: n2 }) => {
                 *sum += s2;
                 *n += n2;
             }
             (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b),
-            (Acc::First(a), Acc::First(Some(b))) => {
-                if a.as_ref().is_none_or(|x| (b.0, b.1, b.2) < (x.0, x.1, x.2)) {
-                    *a = Some(b);
-                }
+            (Acc::First(a), Acc::First(Some(b))) if a.as_ref().is_none_or(|x| (b.0, b.1, b.2) < (x.0, x.1, x.2)) => {
+                *a = Some(b)
             }
-            (Acc::Last(a), Acc::Last(Some(b))) => {
-                if a.as_ref().is_none_or(|x| (b.0, b.1, b.2) > (x.0, x.1, x.2)) {
-                    *a = Some(b);
-                }
+            (Acc::Last(a), Acc::Last(Some(b))) if a.as_ref().is_none_or(|x| (b.0, b.1, b.2) > (x.0, x.1, x.2)) => {
+                *a = Some(b)
             }
             (Acc::User(a), Acc::User(b)) => {
                 if let AggregateKind::User(u) = &self.kind {

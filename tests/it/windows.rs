@@ -1,0 +1,451 @@
+//! Windows end to end against the real broker and Postgres: every window's aggregates
+//! equal a plain batch computation over the same input (out of order within the bound,
+//! skewed keys), and stay equal through SIGKILLs and restarts with other parallelism.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::{BaseRecord, Producer};
+use sqlx::{PgPool, Row};
+
+use crate::common::*;
+
+/// Event time of the first event; one event per millisecond of event time after it.
+const BASE: i64 = 1_800_000_000_000;
+/// Tumbling window size in the tests' jobs.
+const WINDOW_MS: i64 = 10_000;
+
+struct Event {
+    id: u64,
+    account: String,
+    amount: i64,
+    ts: i64,
+}
+
+/// `n` events: a few hot accounts get 30 % of them, event time runs 1 ms per event and
+/// each event is delayed by up to `max_delay_ms` (so they arrive out of order).
+fn events(n: u64, max_delay_ms: i64, seed: u64) -> Vec<Event> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|id| {
+            let account = if rng.random_bool(0.3) {
+                format!("hot-{}", rng.random_range(0..3))
+            } else {
+                format!("acct-{}", rng.random_range(0..2000))
+            };
+            Event {
+                id,
+                account,
+                amount: rng.random_range(-1000..1000),
+                ts: BASE + id as i64 - rng.random_range(0..=max_delay_ms),
+            }
+        })
+        .collect()
+}
+
+fn payload(e: &Event) -> String {
+    format!(
+        r#"{{"id": {}, "account": "{}", "amount": {}, "ts": {}}}"#,
+        e.id, e.account, e.amount, e.ts
+    )
+}
+
+/// (account, window start) → (count, sum, min, max), computed the plain way.
+type Table = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
+
+fn reference(events: &[Event]) -> Table {
+    let mut t = Table::new();
+    for e in events {
+        let start = e.ts - e.ts.rem_euclid(WINDOW_MS);
+        let w = t
+            .entry((e.account.clone(), start))
+            .or_insert((0, 0, i64::MAX, i64::MIN));
+        w.0 += 1;
+        w.1 += e.amount;
+        w.2 = w.2.min(e.amount);
+        w.3 = w.3.max(e.amount);
+    }
+    t
+}
+
+/// The job's results, without the flush records' account; also checks that each
+/// window has one row and that its bounds are right.
+async fn results(pool: &PgPool, schema: &str) -> Table {
+    let rows = sqlx::query(&format!(
+        "SELECT account, window_start, window_end, n, total, lo, hi, firing FROM {schema}.win \
+         WHERE account <> '~flush'"
+    ))
+    .fetch_all(pool)
+    .await
+    .expect("read window results");
+    let mut t = Table::new();
+    for r in rows {
+        let (account, start, end): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        assert_eq!(end - start, WINDOW_MS, "window bounds of {account}@{start}");
+        assert_eq!(r.get::<String, _>(7), "on_time");
+        let old = t.insert((account.clone(), start), (r.get(3), r.get(4), r.get(5), r.get(6)));
+        assert!(old.is_none(), "window {account}@{start} written twice");
+    }
+    t
+}
+
+async fn result_rows(pool: &PgPool, schema: &str) -> i64 {
+    count(
+        pool,
+        &format!("SELECT count(*) FROM {schema}.win WHERE account <> '~flush'"),
+    )
+    .await
+}
+
+/// Produce events (keyed by id, so spread over partitions), waiting for delivery.
+fn produce_events(topic: &str, events: &[Event], pause_every: Option<(usize, Duration)>) {
+    let p = producer(&kafka());
+    for (i, e) in events.iter().enumerate() {
+        let (key, body) = (e.id.to_string(), payload(e));
+        while p.send(BaseRecord::to(topic).key(&key).payload(&body)).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some((every, pause)) = pause_every {
+            if i % every == every - 1 {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+    p.flush(Duration::from_secs(120)).expect("flush");
+}
+
+/// One record per partition an hour of event time after the input: every partition's
+/// watermark passes every window of the input, so all of them fire.
+fn produce_flush(topic: &str, partitions: i32, after: i64) {
+    let p = producer(&kafka());
+    for part in 0..partitions {
+        let body = format!(
+            r#"{{"id": {}, "account": "~flush", "amount": 0, "ts": {}}}"#,
+            1_000_000_000 + part,
+            after + 3_600_000
+        );
+        while p
+            .send(BaseRecord::<str, str>::to(topic).partition(part).payload(&body))
+            .is_err()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+}
+
+struct WindowJob {
+    pool: PgPool,
+    schema: String,
+    topic: String,
+    job: String,
+    partitions: i32,
+    config: PathBuf,
+    log: PathBuf,
+    strategy: &'static str,
+    dir: tempfile::TempDir,
+}
+
+impl WindowJob {
+    async fn new(prefix: &str, strategy: &'static str, partitions: i32) -> WindowJob {
+        let pool = pg().await;
+        let schema = unique("w");
+        let pk = if strategy == "idempotent" {
+            ", PRIMARY KEY (account, window_start)"
+        } else {
+            ""
+        };
+        for sql in [
+            format!("CREATE SCHEMA {schema}"),
+            format!(
+                "CREATE TABLE {schema}.win (account text NOT NULL, window_start bigint NOT NULL, \
+                 window_end bigint NOT NULL, n bigint, total bigint, lo bigint, hi bigint, firing text{pk})"
+            ),
+            format!(
+                "CREATE TABLE {schema}.dead (topic text NOT NULL, partition int NOT NULL, \"offset\" bigint NOT NULL, \
+                 kafka_timestamp bigint, reason text NOT NULL, payload bytea, failed_at timestamptz DEFAULT now(), \
+                 PRIMARY KEY (topic, partition, \"offset\"))"
+            ),
+        ] {
+            sqlx::query(&sql).execute(&pool).await.expect("create test schema");
+        }
+        let (topic, job) = (unique(prefix), unique(prefix));
+        create_topic(&topic, partitions).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("sluice.log");
+        let config = dir.path().join("job.toml");
+        let j = WindowJob {
+            pool,
+            schema,
+            topic,
+            job,
+            partitions,
+            config,
+            log,
+            strategy,
+            dir,
+        };
+        j.configure(2, 2);
+        j
+    }
+
+    /// (Re)write the config with these parallelisms.
+    fn configure(&self, sources: u32, windows: u32) {
+        std::fs::write(
+            &self.config,
+            window_toml(
+                &self.job,
+                &self.topic,
+                &self.schema,
+                self.strategy,
+                &self.dir.path().join("checkpoints"),
+                sources,
+                windows,
+            ),
+        )
+        .expect("write config");
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Run until every window of `expected` is in the table, stop cleanly, and compare.
+    async fn finish(&self, expected: &Table) {
+        let s = Sluice::start(&self.config, &self.log);
+        let want = expected.len() as i64;
+        let limit = std::env::var("SLUICE_TEST_WINDOW_WAIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        let done = wait_until(Duration::from_secs(limit), || async {
+            result_rows(&self.pool, &self.schema).await >= want
+        })
+        .await;
+        let status = s.terminate();
+        let log = self.log_text();
+        let _ = std::fs::write(format!("{}/{}.log", env!("CARGO_TARGET_TMPDIR"), self.job), &log);
+        assert!(
+            done,
+            "only {} of {want} windows written; log tail:\n{}",
+            result_rows(&self.pool, &self.schema).await,
+            tail(&log)
+        );
+        assert!(
+            status.success(),
+            "sluice exited with {status}; log tail:\n{}",
+            tail(&log)
+        );
+        let late = count(&self.pool, &format!("SELECT count(*) FROM {}.dead", self.schema)).await;
+        assert_eq!(
+            late, 0,
+            "records went to the late output; the input was within the bound"
+        );
+        let got = results(&self.pool, &self.schema).await;
+        let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+            .take(5)
+            .collect();
+        assert!(
+            missing.is_empty() && wrong.is_empty() && got.len() == expected.len(),
+            "{} windows expected, {} written; missing {missing:?}; wrong {wrong:?}",
+            expected.len(),
+            got.len()
+        );
+        assert_eq!(
+            prepared_of(&self.pool, &self.job).await,
+            0,
+            "prepared transactions left"
+        );
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn window_toml(job: &str, topic: &str, schema: &str, strategy: &str, dir: &Path, sources: u32, windows: u32) -> String {
+    format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+max_parallelism = 64
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+parallelism = {sources}
+partition_discovery_interval = "1s"
+batch_size = 2000
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "account"
+type = "string"
+
+[[decode.fields]]
+name = "amount"
+type = "int"
+
+[[decode.fields]]
+name = "ts"
+type = "int"
+
+[time]
+field = "ts"
+max_out_of_orderness = "3s"
+idle_timeout = "0s"
+watermark_interval = "100ms"
+
+[[operators]]
+kind = "key_by"
+fields = ["account"]
+
+[[operators]]
+kind = "window"
+id = "per_account"
+parallelism = {windows}
+assigner = "tumbling"
+size = "10s"
+aggregates = [
+  {{ fn = "count", as = "n" }},
+  {{ fn = "sum", field = "amount", as = "total" }},
+  {{ fn = "min", field = "amount", as = "lo" }},
+  {{ fn = "max", field = "amount", as = "hi" }},
+]
+
+[checkpoint]
+interval = "500ms"
+timeout = "30s"
+storage = "filesystem"
+dir = "{dir}"
+
+[restart]
+strategy = "fixed_delay"
+attempts = 100
+delay = "500ms"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.win"
+strategy = "{strategy}"
+parallelism = 2
+batch_size = 2000
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        dir = dir.display(),
+    )
+}
+
+/// A million events, out of order within the bound, skewed keys: every window's count,
+/// sum, min and max equals the batch computation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_equal_a_batch_computation_over_a_million_events() {
+    let n: u64 = std::env::var("SLUICE_TEST_WINDOW_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let j = WindowJob::new("winref", "idempotent", 4).await;
+    let input = events(n, 3_000, 7);
+    let expected = reference(&input);
+    let topic = j.topic.clone();
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    tokio::task::spawn_blocking(move || {
+        produce_events(&topic, &input, None);
+        produce_flush(&topic, 4, last);
+    })
+    .await
+    .expect("producer");
+    j.finish(&expected).await;
+}
+
+/// The windowed job SIGKILLed at random moments while input arrives, restarted with
+/// other source and window parallelism, ends with exactly the table of the batch
+/// computation (that of an uninterrupted run, as the test above shows).
+async fn kill_windowed(strategy: &'static str) {
+    let j = WindowJob::new("winkill", strategy, 4).await;
+    // Delays up to 1 s against a 3 s bound: the rest is slack for the producer's
+    // batching, so that no record is late however the partitions interleave.
+    let input = events(120_000, 1_000, 11);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let (before, during) = input.split_at(60_000);
+    let topic = j.topic.clone();
+    let before: Vec<Event> = before.iter().map(clone_event).collect();
+    let during: Vec<Event> = during.iter().map(clone_event).collect();
+    tokio::task::spawn_blocking(move || produce_events(&topic, &before, None))
+        .await
+        .expect("producer");
+    let topic = j.topic.clone();
+    let feeder = std::thread::spawn(move || produce_events(&topic, &during, Some((3_000, Duration::from_millis(700)))));
+
+    let mut rng = rand::rng();
+    let mut rows_after_kills = Vec::new();
+    for (sources, windows) in [(2, 2), (1, 3), (3, 1), (2, 4), (4, 2), (2, 3)] {
+        j.configure(sources, windows);
+        let s = Sluice::start(&j.config, &j.log);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_500))).await;
+        s.kill9();
+        rows_after_kills.push(result_rows(&j.pool, &j.schema).await);
+    }
+    feeder.join().expect("producer thread");
+    let topic = j.topic.clone();
+    let partitions = j.partitions;
+    tokio::task::spawn_blocking(move || produce_flush(&topic, partitions, last))
+        .await
+        .expect("flush");
+    j.configure(2, 2);
+    j.finish(&expected).await;
+    let log = j.log_text();
+    println!(
+        "{strategy}: window rows after each SIGKILL: {rows_after_kills:?} of {}",
+        expected.len()
+    );
+    assert!(
+        rows_after_kills.iter().any(|n| *n > 0 && *n < expected.len() as i64),
+        "no kill landed while windows were being written: {rows_after_kills:?}"
+    );
+    let restores = log.matches("restoring from checkpoint").count();
+    assert!(
+        restores >= 5,
+        "only {restores} restores from checkpoints:\n{}",
+        tail(&log)
+    );
+}
+
+fn clone_event(e: &Event) -> Event {
+    Event {
+        id: e.id,
+        account: e.account.clone(),
+        amount: e.amount,
+        ts: e.ts,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_windowed_idempotent() {
+    kill_windowed("idempotent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_windowed_two_phase() {
+    kill_windowed("two_phase").await;
+}
