@@ -271,6 +271,10 @@ pub struct WindowConfig {
     pub trigger_interval: Option<Duration>,
     #[serde(default)]
     pub trigger_clock: IntervalClock,
+    /// Purge the window's contents at every firing, so each result covers only the
+    /// records since the previous one (deltas rather than running totals).
+    #[serde(default)]
+    pub trigger_purge: bool,
     /// Records this late (behind the watermark past their window's end) still update
     /// the window and re-fire it; later ones go to the late-data output.
     #[serde(default, with = "humantime_serde")]

@@ -29,7 +29,7 @@ use window::aggregate::{builtin_output, user_aggregate, Aggregate, AggregateKind
 use window::assigner::WindowAssigner;
 use window::process::{process_function, PROCESS_FUNCTIONS};
 use window::trigger::{
-    ContinuousTrigger, CountTrigger, EventTimeTrigger, NeverTrigger, ProcessingTimeTrigger, Trigger,
+    ContinuousTrigger, CountTrigger, EventTimeTrigger, NeverTrigger, ProcessingTimeTrigger, PurgingTrigger, Trigger,
 };
 use window::{WindowFunction, WindowSpec};
 
@@ -177,7 +177,7 @@ fn window_spec(
         (_, TimeDomain::EventTime) => Box::new(EventTimeTrigger),
         (_, TimeDomain::ProcessingTime) => Box::new(ProcessingTimeTrigger),
     };
-    let trigger: Box<dyn Trigger> = match w.trigger {
+    let base: Box<dyn Trigger> = match w.trigger {
         None => end,
         Some(TriggerKind::EventTime) if processing => {
             return Err(fail(
@@ -206,6 +206,10 @@ fn window_spec(
             },
             end,
         }),
+    };
+    let trigger: Box<dyn Trigger> = match w.trigger_purge {
+        true => Box::new(PurgingTrigger(base)),
+        false => base,
     };
 
     let function = match &w.process {

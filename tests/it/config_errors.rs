@@ -145,3 +145,110 @@ fn a_missing_file_is_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sluice.toml"));
 }
+
+/// A windowed job over the base config's fields (`id` int, `body` string).
+fn windowed() -> String {
+    base().replace("[checkpoint]", WINDOW_OPS).replace(
+        "[sink]",
+        "[sink]\ncolumns = [ { name = \"body\", value = \"body\" }, { name = \"n\", value = \"n\" } ]\nkey = [\"body\"]",
+    )
+}
+
+const WINDOW_OPS: &str = r#"[time]
+field = "id"
+
+[[operators]]
+kind = "key_by"
+fields = ["body"]
+
+[[operators]]
+kind = "window"
+id = "counts"
+parallelism = 2
+assigner = "tumbling"
+size = "10s"
+aggregates = [ { fn = "count", as = "n" }, { fn = "sum", field = "id", as = "total" } ]
+
+[checkpoint]"#;
+
+#[test]
+fn the_windowed_config_is_valid() {
+    let (ok, stderr) = check(&windowed(), &[]);
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn graph_and_schema_mistakes_are_named() {
+    let w = windowed();
+    rejected(
+        &w.replace(
+            "kind = \"key_by\"\nfields = [\"body\"]",
+            "kind = \"key_by\"\nfields = [\"bodie\"]",
+        ),
+        &[],
+        "operators[0].fields",
+    );
+    rejected(
+        &w.replace("[[operators]]\nkind = \"key_by\"\nfields = [\"body\"]\n", ""),
+        &[],
+        "operators[0].kind",
+    );
+    rejected(
+        &w.replace(
+            "parallelism = 2\nassigner",
+            "parallelism = 3\npartitioner = \"forward\"\nassigner",
+        ),
+        &[],
+        "operators[1].partitioner",
+    );
+    rejected(
+        &w.replace("field = \"id\", as = \"total\"", "field = \"idd\", as = \"total\""),
+        &[],
+        "operators[1].aggregates[1].field",
+    );
+    rejected(
+        &w.replace("field = \"id\", as = \"total\"", "field = \"body\", as = \"total\""),
+        &[],
+        "operators[1].aggregates[1].field",
+    );
+    rejected(
+        &w.replace("assigner = \"tumbling\"\nsize = \"10s\"", "assigner = \"global\""),
+        &[],
+        "operators[1].trigger",
+    );
+    rejected(
+        &w.replace(
+            "assigner = \"tumbling\"\nsize = \"10s\"",
+            "assigner = \"sliding\"\nsize = \"10s\"",
+        ),
+        &[],
+        "operators[1].slide",
+    );
+    rejected(
+        &w.replace("value = \"n\" }", "value = \"kafka.offset\" }"),
+        &[],
+        "sink.columns.value",
+    );
+    rejected(
+        &w.replace("value = \"n\" }", "value = \"m\" }"),
+        &[],
+        "sink.columns.value",
+    );
+    rejected(&w.replace("key = [\"body\"]", "key = [\"nope\"]"), &[], "sink.key");
+    rejected(&w.replace("field = \"id\"\n", "field = \"when\"\n"), &[], "time.field");
+    rejected(
+        &w.replace("id = \"counts\"", "id = \"key_by_0\""),
+        &[],
+        "operators[1].id",
+    );
+    rejected(&w.replace("id = \"counts\"", "id = \"sink\""), &[], "operators[1].id");
+    rejected(
+        &w.replace("[sink]", "[sink]\npartitioner = \"forward\"")
+            .replace("parallelism = 2\nassigner", "parallelism = 3\nassigner"),
+        &[],
+        "sink.partitioner",
+    );
+    // Forward with equal parallelism is fine: the sink runs chained to the window.
+    let (ok, stderr) = check(&w.replace("[sink]", "[sink]\npartitioner = \"forward\""), &[]);
+    assert!(ok, "{stderr}");
+}

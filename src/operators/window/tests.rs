@@ -1,6 +1,7 @@
 //! Deterministic tests of the window operator with hand-built streams.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::aggregate::{builtin_output, Aggregate, AggregateKind};
 use super::assigner::WindowAssigner;
@@ -429,4 +430,85 @@ fn results_are_named_the_same_on_every_replay() {
     assert_eq!(first, run());
     assert_ne!(first[0].2, first[1].2);
     assert_eq!(first[0].1, Origin::MADE);
+}
+
+#[test]
+fn a_purging_trigger_emits_deltas() {
+    let trigger = trigger::PurgingTrigger(Box::new(CountTrigger {
+        every: 2,
+        end: Box::new(EventTimeTrigger),
+    }));
+    let s = spec(tumbling(10), Box::new(trigger), TimeDomain::EventTime, 0);
+    let mut h = Harness::new(&s);
+    for (amount, ts) in [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)] {
+        h.send("a", amount, ts);
+    }
+    h.watermark(9);
+    assert_eq!(
+        rows(&h.take()),
+        vec![
+            row("a", 0, 10, 2, 3, 2, "early"),
+            row("a", 0, 10, 2, 7, 4, "early"),
+            row("a", 0, 10, 1, 5, 5, "on_time"),
+        ]
+    );
+}
+
+/// The runtime's driver fires processing-time timers on its clock: with tokio's time
+/// paused, a window fires exactly when the clock passes its end.
+#[tokio::test(start_paused = true)]
+async fn processing_time_windows_fire_when_the_runtime_clock_passes_their_end() {
+    use crate::checkpoint::MemoryStorage;
+    use crate::config::PartitionerKind;
+    use crate::record::StreamElement;
+    use crate::runtime::channel::{InputGate, Outputs};
+    use crate::runtime::partition::Partitioner;
+    use crate::runtime::task::{run_task, NetworkTail, TaskIo};
+    use crate::telemetry::SubtaskMetrics;
+    use crate::time::Clock;
+    use tokio::sync::{mpsc, watch};
+
+    let s = spec(
+        tumbling(1000),
+        Box::new(ProcessingTimeTrigger),
+        TimeDomain::ProcessingTime,
+        0,
+    );
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    let (events, _events_rx) = mpsc::unbounded_channel();
+    let (_completed_tx, completed) = watch::channel(0);
+    let (cancel_tx, cancel) = watch::channel(false);
+    let io = TaskIo {
+        name: "w-0".into(),
+        gate: InputGate::new(vec![in_rx]),
+        events,
+        completed,
+        cancel,
+        storage: Arc::new(MemoryStorage::new(1)),
+        clock: Clock::starting_at(10_000),
+        stats: Arc::new(JobStats::default()),
+        metrics: None,
+    };
+    let tail = NetworkTail {
+        partitioner: Partitioner::new(PartitionerKind::Forward, 1, 0, 1, vec![], 16),
+        outputs: Outputs::new(vec![out_tx]),
+        metrics: SubtaskMetrics::new("w", 0),
+    };
+    let task = tokio::spawn(run_task(chain_of(&s, 0, 1), tail, io));
+    let batch = Batch {
+        records: vec![rec(1, "a", 1, 0), rec(2, "a", 2, 0)],
+        dead: vec![],
+    };
+    in_tx.send(StreamElement::Batch(batch)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(990)).await;
+    assert!(out_rx.try_recv().is_err(), "nothing before the window's end");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let got = match out_rx.recv().await {
+        Some(StreamElement::Batch(b)) => rows(&[Emit::Batch(b)]),
+        other => panic!("expected a result, got {other:?}"),
+    };
+    assert_eq!(got, vec![row("a", 10_000, 11_000, 2, 3, 2, "on_time")]);
+    cancel_tx.send_replace(true);
+    task.await.unwrap().unwrap();
 }

@@ -228,3 +228,32 @@ impl Trigger for NeverTrigger {
         TriggerResult::Continue
     }
 }
+
+/// Turns every firing of the trigger it wraps into fire-and-purge: each result then
+/// holds only the records since the previous one (deltas instead of running totals).
+pub struct PurgingTrigger(pub Box<dyn Trigger>);
+
+fn purging(r: TriggerResult) -> TriggerResult {
+    match r {
+        TriggerResult::Fire => TriggerResult::FireAndPurge,
+        other => other,
+    }
+}
+
+impl Trigger for PurgingTrigger {
+    fn on_element(&self, ts: i64, w: Window, s: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
+        purging(self.0.on_element(ts, w, s, ctx))
+    }
+    fn on_event_time(&self, t: i64, w: Window, s: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
+        purging(self.0.on_event_time(t, w, s, ctx))
+    }
+    fn on_processing_time(&self, t: i64, w: Window, s: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
+        purging(self.0.on_processing_time(t, w, s, ctx))
+    }
+    fn on_merge(&self, w: Window, s: &mut TriggerState, ctx: &mut TriggerContext) {
+        self.0.on_merge(w, s, ctx)
+    }
+    fn clear(&self, w: Window, s: &mut TriggerState, ctx: &mut TriggerContext) {
+        self.0.clear(w, s, ctx)
+    }
+}
