@@ -199,28 +199,19 @@ pub const KAFKA_VALUES: [&str; 5] = [
 ];
 
 impl JobConfig {
-    /// Reject impossible values, naming the key. Cross-field checks live here too.
+    /// Reject impossible values, naming the key: each section checks itself, then what
+    /// spans sections. (What needs the stream's schema is checked by `app::plan`.)
     pub fn validate(&self) -> Result<()> {
-        let fail = |key: &str, message: &str| {
-            Err(Error::Config {
-                file: self.file.clone(),
-                key: key.to_string(),
-                message: message.to_string(),
-            })
-        };
-        let name_ok = !self.job.name.is_empty()
-            && self.job.name.len() <= 64
-            && self
-                .job
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !name_ok {
-            return fail("job.name", "must be 1 to 64 letters, digits, '-' or '_'");
-        }
-        if !(1..=32768).contains(&self.job.max_parallelism) {
-            return fail("job.max_parallelism", "must be between 1 and 32768");
-        }
+        self.check().map_err(|(key, message)| Error::Config {
+            file: self.file.clone(),
+            key,
+            message,
+        })
+    }
+
+    fn check(&self) -> Check {
+        let mp = self.job.max_parallelism;
+        self.job.validate()?;
         // Longer waits are surely typos, and would overflow timer arithmetic.
         let week = std::time::Duration::from_secs(7 * 24 * 3600);
         for (key, d) in self.durations() {
@@ -228,168 +219,15 @@ impl JobConfig {
                 return fail(key, "must be at most 7 days");
             }
         }
-        let s = &self.source;
-        if s.bootstrap_servers.trim().is_empty() {
-            return fail("source.bootstrap_servers", "must not be empty");
-        }
-        if s.topics.is_empty() || s.topics.iter().any(|t| t.trim().is_empty()) {
-            return fail("source.topics", "must name at least one topic");
-        }
-        if s.parallelism == 0 {
-            return fail("source.parallelism", "must be at least 1");
-        }
-        if s.parallelism > self.job.max_parallelism {
-            return fail("source.parallelism", "must not exceed job.max_parallelism");
-        }
-        if s.batch_size == 0 {
-            return fail("source.batch_size", "must be at least 1");
-        }
-        if s.partition_discovery_interval.is_zero() {
-            return fail("source.partition_discovery_interval", "must be greater than 0");
-        }
-        // librdkafka knows its properties: let it reject unknown names and bad values now,
-        // not at the first connection attempt.
-        for (key, value) in flatten_properties(&s.properties) {
-            let mut probe = rdkafka::ClientConfig::new();
-            probe.set(&key, &value);
-            if let Err(e) = probe.create_native_config() {
-                return fail(&format!("source.properties.{key}"), &e.to_string());
-            }
-        }
-        if self.is_embedded() && s.topics.len() != 1 {
-            return fail("source.topics", "the embedded broker serves exactly one topic");
-        }
-        if s.embedded.partitions < 1 {
-            return fail("source.embedded.partitions", "must be at least 1");
-        }
-        if s.embedded.events_per_second == 0 {
-            return fail("source.embedded.events_per_second", "must be at least 1");
-        }
-        if self.decode.max_record_bytes == 0 {
-            return fail("decode.max_record_bytes", "must be at least 1");
-        }
-        let mut seen = HashSet::new();
-        for f in &self.decode.fields {
-            if f.name.is_empty() {
-                return fail("decode.fields.name", "must not be empty");
-            }
-            if !seen.insert(f.name.as_str()) {
-                return fail("decode.fields.name", &format!("`{}` is declared twice", f.name));
-            }
-        }
-
-        let c = &self.checkpoint;
-        if c.interval.is_zero() {
-            return fail("checkpoint.interval", "must be greater than 0");
-        }
-        if c.timeout.is_zero() {
-            return fail("checkpoint.timeout", "must be greater than 0");
-        }
-        if c.retain == 0 {
-            return fail("checkpoint.retain", "must be at least 1");
-        }
-        if c.storage == StorageKind::Filesystem && c.dir.is_none() {
-            return fail("checkpoint.dir", "is required when checkpoint.storage = \"filesystem\"");
-        }
-        match &self.restart {
-            RestartConfig::ExponentialBackoff {
-                initial,
-                multiplier,
-                max,
-                ..
-            } => {
-                if initial.is_zero() {
-                    return fail("restart.initial", "must be greater than 0");
-                }
-                if *multiplier < 1.0 || !multiplier.is_finite() {
-                    return fail("restart.multiplier", "must be at least 1");
-                }
-                if max < initial {
-                    return fail("restart.max", "must be at least restart.initial");
-                }
-            }
-            RestartConfig::FailureRate {
-                max_failures, interval, ..
-            } => {
-                if *max_failures == 0 {
-                    return fail(
-                        "restart.max_failures",
-                        "must be at least 1 (or use strategy = \"none\")",
-                    );
-                }
-                if interval.is_zero() {
-                    return fail("restart.interval", "must be greater than 0");
-                }
-            }
-            RestartConfig::FixedDelay { .. } | RestartConfig::None => {}
-        }
-
-        let k = &self.sink;
-        match k.kind {
-            SinkKind::Postgres if !k.url.starts_with("postgres://") && !k.url.starts_with("postgresql://") => {
-                return fail("sink.url", "a postgres sink needs a postgres:// URL");
-            }
-            SinkKind::Sqlite if !k.url.starts_with("sqlite:") => {
-                return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
-            }
-            _ => {}
-        }
-        if k.kind == SinkKind::Sqlite && k.strategy == Strategy::TwoPhase {
-            return fail(
-                "sink.strategy",
-                "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent",
-            );
-        }
-        if k.kind == SinkKind::Sqlite && k.parallelism != 1 {
-            return fail("sink.parallelism", "a sqlite sink takes one writer; set 1");
-        }
-        if k.parallelism == 0 {
-            return fail("sink.parallelism", "must be at least 1");
-        }
-        if k.parallelism > self.job.max_parallelism {
-            return fail("sink.parallelism", "must not exceed job.max_parallelism");
-        }
-        if k.batch_size == 0 {
-            return fail("sink.batch_size", "must be at least 1");
-        }
-        if !is_identifier(&k.table) {
-            return fail(
-                "sink.table",
-                "must be a plain SQL name (letters, digits, _; optionally schema.table)",
-            );
-        }
-        if k.partitioner == PartitionerKind::Broadcast {
-            return fail(
-                "sink.partitioner",
-                "broadcast would write every record once per sink subtask",
-            );
-        }
-        let mut names = HashSet::new();
-        for col in &k.columns {
-            if !is_identifier(&col.name) || col.name.contains('.') {
-                return fail(
-                    "sink.columns.name",
-                    &format!("`{}` is not a plain column name", col.name),
-                );
-            }
-            if !names.insert(col.name.as_str()) {
-                return fail("sink.columns.name", &format!("`{}` appears twice", col.name));
-            }
-        }
-        if k.partitioner == PartitionerKind::Custom && k.custom_partitioner.is_none() {
-            return fail(
-                "sink.custom_partitioner",
-                "names the partitioner for partitioner = \"custom\"",
-            );
-        }
-        if let Err((key, message)) = self.time.validate() {
-            return fail(&key, &message);
-        }
+        self.source.validate(mp)?;
+        self.decode.validate()?;
+        self.checkpoint.validate()?;
+        self.restart.validate()?;
+        self.sink.validate(mp)?;
+        self.time.validate()?;
         let mut ids = HashSet::new();
         for (i, op) in self.operators.iter().enumerate() {
-            if let Err((key, message)) = op.validate(i, self.job.max_parallelism) {
-                return fail(&key, &message);
-            }
+            op.validate(i, mp)?;
             if !ids.insert(op.id(i)) {
                 return fail(
                     &format!("operators[{i}].id"),
@@ -397,23 +235,8 @@ impl JobConfig {
                 );
             }
         }
-        let d = &self.dead_letter;
-        match d.kind {
-            DeadLetterKind::Table if !is_identifier(&d.table) => {
-                return fail("dead_letter.table", "must be a plain SQL name");
-            }
-            DeadLetterKind::Kafka if d.topic.as_deref().is_none_or(str::is_empty) => {
-                return fail("dead_letter.topic", "is required when dead_letter.kind = \"kafka\"");
-            }
-            _ => {}
-        }
-        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return fail(
-                "metrics.listen",
-                "must be host:port, e.g. 127.0.0.1:9464 (or empty to turn off)",
-            );
-        }
-        Ok(())
+        self.dead_letter.validate()?;
+        self.metrics.validate()
     }
 
     fn durations(&self) -> Vec<(&'static str, std::time::Duration)> {
@@ -452,6 +275,247 @@ impl JobConfig {
     /// Whether the source runs the in-process broker and generator.
     pub fn is_embedded(&self) -> bool {
         self.source.bootstrap_servers == "embedded"
+    }
+}
+
+/// A failed check: (key, message).
+pub type Check = std::result::Result<(), (String, String)>;
+
+fn fail(key: &str, message: &str) -> Check {
+    Err((key.to_string(), message.to_string()))
+}
+
+impl JobSection {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self) -> Check {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return fail("job.name", "must be 1 to 64 letters, digits, '-' or '_'");
+        }
+        if !(1..=32768).contains(&self.max_parallelism) {
+            return fail("job.max_parallelism", "must be between 1 and 32768");
+        }
+        Ok(())
+    }
+}
+
+impl SourceConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self, max_parallelism: u32) -> Check {
+        if self.bootstrap_servers.trim().is_empty() {
+            return fail("source.bootstrap_servers", "must not be empty");
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+            return fail("source.topics", "must name at least one topic");
+        }
+        if self.parallelism == 0 {
+            return fail("source.parallelism", "must be at least 1");
+        }
+        if self.parallelism > max_parallelism {
+            return fail("source.parallelism", "must not exceed job.max_parallelism");
+        }
+        if self.batch_size == 0 {
+            return fail("source.batch_size", "must be at least 1");
+        }
+        if self.partition_discovery_interval.is_zero() {
+            return fail("source.partition_discovery_interval", "must be greater than 0");
+        }
+        // librdkafka knows its properties: let it reject unknown names and bad values now,
+        // not at the first connection attempt.
+        for (key, value) in flatten_properties(&self.properties) {
+            let mut probe = rdkafka::ClientConfig::new();
+            probe.set(&key, &value);
+            if let Err(e) = probe.create_native_config() {
+                return fail(&format!("source.properties.{key}"), &e.to_string());
+            }
+        }
+        if self.bootstrap_servers == "embedded" && self.topics.len() != 1 {
+            return fail("source.topics", "the embedded broker serves exactly one topic");
+        }
+        if self.embedded.partitions < 1 {
+            return fail("source.embedded.partitions", "must be at least 1");
+        }
+        if self.embedded.events_per_second == 0 {
+            return fail("source.embedded.events_per_second", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl DecodeConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self) -> Check {
+        if self.max_record_bytes == 0 {
+            return fail("decode.max_record_bytes", "must be at least 1");
+        }
+        let mut seen = HashSet::new();
+        for f in &self.fields {
+            if f.name.is_empty() {
+                return fail("decode.fields.name", "must not be empty");
+            }
+            if !seen.insert(f.name.as_str()) {
+                return fail("decode.fields.name", &format!("`{}` is declared twice", f.name));
+            }
+        }
+
+        Ok(())
+    }
+}
+
+impl CheckpointConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self) -> Check {
+        if self.interval.is_zero() {
+            return fail("checkpoint.interval", "must be greater than 0");
+        }
+        if self.timeout.is_zero() {
+            return fail("checkpoint.timeout", "must be greater than 0");
+        }
+        if self.retain == 0 {
+            return fail("checkpoint.retain", "must be at least 1");
+        }
+        if self.storage == StorageKind::Filesystem && self.dir.is_none() {
+            return fail("checkpoint.dir", "is required when checkpoint.storage = \"filesystem\"");
+        }
+        Ok(())
+    }
+}
+
+impl RestartConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self) -> Check {
+        match self {
+            RestartConfig::ExponentialBackoff {
+                initial,
+                multiplier,
+                max,
+                ..
+            } => {
+                if initial.is_zero() {
+                    return fail("restart.initial", "must be greater than 0");
+                }
+                if *multiplier < 1.0 || !multiplier.is_finite() {
+                    return fail("restart.multiplier", "must be at least 1");
+                }
+                if max < initial {
+                    return fail("restart.max", "must be at least restart.initial");
+                }
+            }
+            RestartConfig::FailureRate {
+                max_failures, interval, ..
+            } => {
+                if *max_failures == 0 {
+                    return fail(
+                        "restart.max_failures",
+                        "must be at least 1 (or use strategy = \"none\")",
+                    );
+                }
+                if interval.is_zero() {
+                    return fail("restart.interval", "must be greater than 0");
+                }
+            }
+            RestartConfig::FixedDelay { .. } | RestartConfig::None => {}
+        }
+
+        Ok(())
+    }
+}
+
+impl SinkConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self, max_parallelism: u32) -> Check {
+        match self.kind {
+            SinkKind::Postgres if !self.url.starts_with("postgres://") && !self.url.starts_with("postgresql://") => {
+                return fail("sink.url", "a postgres sink needs a postgres:// URL");
+            }
+            SinkKind::Sqlite if !self.url.starts_with("sqlite:") => {
+                return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
+            }
+            _ => {}
+        }
+        if self.kind == SinkKind::Sqlite && self.strategy == Strategy::TwoPhase {
+            return fail(
+                "sink.strategy",
+                "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent",
+            );
+        }
+        if self.kind == SinkKind::Sqlite && self.parallelism != 1 {
+            return fail("sink.parallelism", "a sqlite sink takes one writer; set 1");
+        }
+        if self.parallelism == 0 {
+            return fail("sink.parallelism", "must be at least 1");
+        }
+        if self.parallelism > max_parallelism {
+            return fail("sink.parallelism", "must not exceed job.max_parallelism");
+        }
+        if self.batch_size == 0 {
+            return fail("sink.batch_size", "must be at least 1");
+        }
+        if !is_identifier(&self.table) {
+            return fail(
+                "sink.table",
+                "must be a plain SQL name (letters, digits, _; optionally schema.table)",
+            );
+        }
+        if self.partitioner == PartitionerKind::Broadcast {
+            return fail(
+                "sink.partitioner",
+                "broadcast would write every record once per sink subtask",
+            );
+        }
+        let mut names = HashSet::new();
+        for col in &self.columns {
+            if !is_identifier(&col.name) || col.name.contains('.') {
+                return fail(
+                    "sink.columns.name",
+                    &format!("`{}` is not a plain column name", col.name),
+                );
+            }
+            if !names.insert(col.name.as_str()) {
+                return fail("sink.columns.name", &format!("`{}` appears twice", col.name));
+            }
+        }
+        if self.partitioner == PartitionerKind::Custom && self.custom_partitioner.is_none() {
+            return fail(
+                "sink.custom_partitioner",
+                "names the partitioner for partitioner = \"custom\"",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl DeadLetterConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self) -> Check {
+        match self.kind {
+            DeadLetterKind::Table if !is_identifier(&self.table) => {
+                return fail("dead_letter.table", "must be a plain SQL name");
+            }
+            DeadLetterKind::Kafka if self.topic.as_deref().is_none_or(str::is_empty) => {
+                return fail("dead_letter.topic", "is required when dead_letter.kind = \"kafka\"");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl MetricsConfig {
+    /// Checks of this section alone, naming the key.
+    pub fn validate(&self) -> Check {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return fail(
+                "metrics.listen",
+                "must be host:port, e.g. 127.0.0.1:9464 (or empty to turn off)",
+            );
+        }
+        Ok(())
     }
 }
 
