@@ -258,6 +258,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn value_list_and_map_state_are_addressed_by_key_and_namespace() {
+        let b = HeapBackend;
+        let a = KeyRef {
+            key_group: 1,
+            key: b"a",
+        };
+        let c = KeyRef {
+            key_group: 2,
+            key: b"c",
+        };
+        let w = Namespace { start: 0, end: 10 };
+        let mut v: ValueState<i64, _> = ValueState::new(b.table("v", StateConfig::default()));
+        v.set(a, w, 5);
+        v.set(c, w, 6);
+        assert_eq!(
+            (v.get(a, w), v.get(c, w), v.get(a, Namespace::GLOBAL)),
+            (Some(5), Some(6), None)
+        );
+        v.clear(a, w);
+        assert_eq!(v.get(a, w), None);
+        let mut l: ListState<String, _> = ListState::new(b.table("l", StateConfig::default()));
+        l.add(a, w, "x".into());
+        l.add(a, w, "y".into());
+        assert_eq!(l.get(a, w), vec!["x".to_string(), "y".to_string()]);
+        assert!(l.get(c, w).is_empty());
+        let mut m: MapState<String, u32, _> = MapState::new(b.table("m", StateConfig::default()));
+        m.put(a, w, "k".into(), 1);
+        m.put(a, w, "j".into(), 2);
+        assert_eq!(m.get(a, w, &"k".into()), Some(1));
+        assert_eq!(m.remove(a, w, &"k".into()), Some(1));
+        assert_eq!(m.remove(a, w, &"j".into()), Some(2));
+        assert!(m.table().is_empty(), "an emptied map leaves no entry");
+    }
+
+    #[test]
     fn key_group_ranges_match_the_routing() {
         for (p, mp) in [(1u32, 128u32), (3, 128), (4, 128), (7, 10), (5, 5)] {
             let ranges: Vec<_> = (0..p as usize).map(|i| KeyGroupRange::for_subtask(i, p, mp)).collect();
