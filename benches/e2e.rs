@@ -5,6 +5,10 @@
 //! → key by user → 1 s tumbling windows on the Kafka timestamp, count + sum → Postgres). Needs the services of `scripts/test`; run it with
 //! `scripts/bench` (records: `SLUICE_BENCH_RECORDS`, default 1,000,000).
 
+// The allocator of the `sluice` binary, so the bench measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,6 +10,10 @@
 //!
 //! `cargo bench --bench window` (10 M events); `SLUICE_BENCH_EVENTS=50000000` for more.
 
+// The allocator of the `sluice` binary, so the bench measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -316,6 +316,14 @@ impl WindowConfig {
             AssignerKind::Sliding if self.slide > self.size => {
                 return fail("slide", "must not exceed size (records would fall between windows)");
             }
+            AssignerKind::Sliding
+                if self.size.unwrap_or_default().as_millis() > 1000 * self.slide.unwrap_or_default().as_millis() =>
+            {
+                return fail(
+                    "slide",
+                    "must be at least size / 1000 (each record is in size / slide windows)",
+                );
+            }
             AssignerKind::Session if !positive(self.gap) => {
                 return fail("gap", "is required (at least 1ms) for session windows");
             }

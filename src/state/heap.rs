@@ -138,6 +138,19 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         self.now_ms = now_ms;
     }
 
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        let mut dropped = 0;
+        self.map.retain(|_, keys| {
+            keys.retain(|_, e| {
+                let k = e.value.as_ref().is_some_and(&mut keep);
+                dropped += usize::from(!k);
+                k
+            });
+            !keys.is_empty()
+        });
+        self.len -= dropped;
+    }
+
     fn snapshot(&mut self) -> SnapshotFn {
         if let Some(ttl) = self.ttl_ms {
             let now = self.now_ms;

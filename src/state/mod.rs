@@ -127,6 +127,9 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
         let _ = now_ms;
     }
 
+    /// Drop every entry `keep` says no to (housekeeping, e.g. keys left with nothing).
+    fn retain(&mut self, keep: impl FnMut(&V) -> bool);
+
     /// Take a consistent copy now and return the function that encodes it.
     fn snapshot(&mut self) -> SnapshotFn;
 

@@ -34,9 +34,23 @@ pub enum TimestampAssigner {
     Ingestion,
 }
 
+/// Event times beyond ±2^50 ms (about 35,000 years) are refused: they are no real
+/// time, and window arithmetic on them could overflow.
+pub const MAX_EVENT_TIME: i64 = 1 << 50;
+
 impl TimestampAssigner {
     /// The record's event time in epoch ms, or why it has none (it is then dead-lettered).
     pub fn assign(&self, record: &Record, now_ms: i64) -> Result<i64, String> {
+        let ts = self.read(record, now_ms)?;
+        if !(-MAX_EVENT_TIME..=MAX_EVENT_TIME).contains(&ts) {
+            return Err(format!(
+                "event time {ts} ms is out of range (more than 35,000 years from 1970)"
+            ));
+        }
+        Ok(ts)
+    }
+
+    fn read(&self, record: &Record, now_ms: i64) -> Result<i64, String> {
         match self {
             TimestampAssigner::Kafka if record.origin.timestamp_ms > 0 => Ok(record.origin.timestamp_ms),
             TimestampAssigner::Kafka => Err("the Kafka record has no timestamp (event time)".into()),
@@ -127,5 +141,7 @@ mod tests {
         assert!(field(Value::Float(f64::NAN), TimeFormat::Auto).is_err());
         assert!(field(Value::Int(i64::MAX), TimeFormat::EpochSeconds).is_err());
         assert!(field(Value::Bool(true), TimeFormat::Auto).is_err());
+        let e = field(Value::Int(i64::MIN), TimeFormat::Auto).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
     }
 }

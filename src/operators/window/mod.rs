@@ -168,7 +168,7 @@ impl Fire<'_> {
             WindowFunction::Aggregate(aggs) => Contents::Aggregates(aggs.iter().map(Aggregate::create).collect()),
             WindowFunction::Process { .. } => Contents::Elements(Vec::new()),
         };
-        self.register_cleanup(window);
+        self.register_window_timers(window);
         WindowState {
             window,
             contents,
@@ -191,9 +191,16 @@ impl Fire<'_> {
         })
     }
 
-    fn register_cleanup(&mut self, w: Window) {
-        if let Some(t) = self.cleanup_time(&w) {
-            let domain = self.spec.domain;
+    /// Every window gets a timer at its end (triggers decide what it does) and one at
+    /// its cleanup, registered here once rather than by triggers on every record.
+    fn register_window_timers(&mut self, w: Window) {
+        if w.end == i64::MAX {
+            return;
+        }
+        let domain = self.spec.domain;
+        self.timers
+            .register(domain, max_timestamp(&w), self.key_group, self.key, w);
+        if let Some(t) = self.cleanup_time(&w).filter(|t| *t != max_timestamp(&w)) {
             self.timers.register(domain, t, self.key_group, self.key, w);
         }
     }
@@ -472,9 +479,8 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
                     let mut state = kw.windows.remove(i).trigger;
                     spec.trigger.clear(window, &mut state, &mut fire.trigger_ctx());
                 }
-                if kw.windows.is_empty() {
-                    *slot = None;
-                }
+                // A key left without windows keeps its (empty) entry until the next
+                // snapshot: its next window, usually moments away, then costs no allocation.
             });
         let fired = fire.fired;
         self.metrics.fired.increment(fired);
@@ -483,6 +489,7 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
     }
 
     fn snapshot(&mut self, _checkpoint: u64) -> Result<SnapshotParts> {
+        self.table.retain(|kw| !kw.windows.is_empty());
         Ok(vec![(WINDOWS.to_string(), self.table.snapshot())])
     }
 
@@ -520,7 +527,7 @@ fn merge_session(fire: &mut Fire<'_>, kw: &mut KeyWindows, w: Window) -> usize {
                 start: merged.window.start.min(w.start),
                 end: merged.window.end.max(w.end),
             };
-            fire.register_cleanup(merged.window);
+            fire.register_window_timers(merged.window);
             let window = merged.window;
             fire.spec
                 .trigger

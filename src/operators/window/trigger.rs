@@ -50,7 +50,9 @@ impl TriggerContext<'_> {
 }
 
 /// Decides when a window fires. The four hooks of Flink's triggers; `on_merge` and
-/// `clear` have defaults.
+/// `clear` have defaults. The window operator registers a timer at every window's end
+/// (and at its cleanup, after allowed lateness) itself, so a trigger sees those without
+/// registering them; it registers only its own (early) timers.
 pub trait Trigger: Send + Sync {
     /// A record was added to `window` (`state.count` already counts it).
     fn on_element(&self, ts: i64, window: Window, state: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult;
@@ -85,14 +87,12 @@ pub trait Trigger: Send + Sync {
 pub struct EventTimeTrigger;
 
 impl Trigger for EventTimeTrigger {
-    fn on_element(&self, _ts: i64, w: Window, state: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
+    fn on_element(&self, _ts: i64, w: Window, _: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
         if max_timestamp(&w) <= ctx.watermark {
-            return TriggerResult::Fire;
+            TriggerResult::Fire
+        } else {
+            TriggerResult::Continue
         }
-        if state.count == 1 {
-            ctx.register(TimeDomain::EventTime, max_timestamp(&w), w);
-        }
-        TriggerResult::Continue
     }
     fn on_event_time(&self, time: i64, w: Window, _: &mut TriggerState, _: &mut TriggerContext) -> TriggerResult {
         if time == max_timestamp(&w) {
@@ -104,21 +104,13 @@ impl Trigger for EventTimeTrigger {
     fn on_processing_time(&self, _: i64, _: Window, _: &mut TriggerState, _: &mut TriggerContext) -> TriggerResult {
         TriggerResult::Continue
     }
-    fn on_merge(&self, w: Window, _: &mut TriggerState, ctx: &mut TriggerContext) {
-        if max_timestamp(&w) > ctx.watermark {
-            ctx.register(TimeDomain::EventTime, max_timestamp(&w), w);
-        }
-    }
 }
 
 /// Fires when the processing-time clock passes the window's end.
 pub struct ProcessingTimeTrigger;
 
 impl Trigger for ProcessingTimeTrigger {
-    fn on_element(&self, _: i64, w: Window, state: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
-        if state.count == 1 {
-            ctx.register(TimeDomain::ProcessingTime, max_timestamp(&w), w);
-        }
+    fn on_element(&self, _: i64, _: Window, _: &mut TriggerState, _: &mut TriggerContext) -> TriggerResult {
         TriggerResult::Continue
     }
     fn on_event_time(&self, _: i64, _: Window, _: &mut TriggerState, _: &mut TriggerContext) -> TriggerResult {
@@ -130,9 +122,6 @@ impl Trigger for ProcessingTimeTrigger {
         } else {
             TriggerResult::Continue
         }
-    }
-    fn on_merge(&self, w: Window, _: &mut TriggerState, ctx: &mut TriggerContext) {
-        ctx.register(TimeDomain::ProcessingTime, max_timestamp(&w), w);
     }
 }
 
