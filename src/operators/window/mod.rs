@@ -113,6 +113,33 @@ enum Contents {
 }
 
 const WINDOWS: &str = "windows";
+/// What the state's bytes mean (key fields, function): checked on restore.
+const LAYOUT: &str = "layout";
+
+fn layout(spec: &WindowSpec) -> String {
+    let keys: Vec<String> = spec
+        .output
+        .fields
+        .iter()
+        .zip(&spec.key_types)
+        .map(|(f, t)| format!("{} {}", f.name, t.name()))
+        .collect();
+    let function = match &spec.function {
+        WindowFunction::Aggregate(aggs) => aggs
+            .iter()
+            .map(|a| {
+                let f = match &a.kind {
+                    aggregate::AggregateKind::Builtin(f) => f.name().to_string(),
+                    aggregate::AggregateKind::User(_) => format!("user {}", a.output),
+                };
+                format!("{f}:{}", a.output_type.name())
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        WindowFunction::Process { .. } => "a process function".into(),
+    };
+    format!("key ({}) and aggregates ({function})", keys.join(", "))
+}
 
 /// The window operator over state backend `B`.
 pub struct WindowOperator<B: StateBackend> {
@@ -490,10 +517,25 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
 
     fn snapshot(&mut self, _checkpoint: u64) -> Result<SnapshotParts> {
         self.table.retain(|kw| !kw.windows.is_empty());
-        Ok(vec![(WINDOWS.to_string(), self.table.snapshot())])
+        let layout = layout(&self.spec);
+        Ok(vec![
+            (WINDOWS.to_string(), self.table.snapshot()),
+            (LAYOUT.to_string(), Box::new(move || crate::state::encode(&layout))),
+        ])
     }
 
     fn restore(&mut self, state: &RestoredState<'_>) -> Result<()> {
+        let ours = layout(&self.spec);
+        for bytes in state.parts(LAYOUT) {
+            let theirs: String = crate::state::decode(bytes, "window layout")?;
+            if theirs != ours {
+                return Err(crate::Error::Unsupported(format!(
+                    "window operator `{}`: its checkpointed state holds {theirs}, but the job now has {ours}; \
+                     state cannot be carried over: give the window a new id (its old state is then ignored)",
+                    self.spec.id
+                )));
+            }
+        }
         for bytes in state.parts(WINDOWS) {
             self.table.restore(bytes, state.key_groups)?;
         }

@@ -61,6 +61,22 @@ fn spec(assigner: WindowAssigner, trigger: Box<dyn Trigger>, domain: TimeDomain,
     })
 }
 
+/// A copy of a spec (fields that tests change), with the same trigger kind.
+fn spec_parts(s: &WindowSpec) -> WindowSpec {
+    WindowSpec {
+        id: s.id.clone(),
+        key: s.key.clone(),
+        key_types: s.key_types.clone(),
+        input_fields: s.input_fields.clone(),
+        assigner: s.assigner,
+        trigger: Box::new(EventTimeTrigger),
+        domain: s.domain,
+        allowed_lateness: s.allowed_lateness,
+        function: s.function.clone(),
+        output: s.output.clone(),
+    }
+}
+
 fn tumbling(size: i64) -> WindowAssigner {
     WindowAssigner::Tumbling { size, offset: 0 }
 }
@@ -511,4 +527,31 @@ async fn processing_time_windows_fire_when_the_runtime_clock_passes_their_end() 
     assert_eq!(got, vec![row("a", 10_000, 11_000, 2, 3, 2, "on_time")]);
     cancel_tx.send_replace(true);
     task.await.unwrap().unwrap();
+}
+
+#[test]
+fn state_of_another_key_or_aggregate_layout_is_refused_by_name() {
+    let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 0);
+    let mut h = Harness::new(&s);
+    h.send("a", 1, 1);
+    let blob = h
+        .chain
+        .snapshot(1)
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap()
+        .encode()
+        .unwrap()
+        .unwrap();
+    let files = vec![decode_parts(&blob, "w").unwrap()];
+    let mut same = chain_of(&s, 0, 1);
+    same.restore(0, &files).unwrap();
+    let mut other = spec_parts(&s);
+    other.key_types = vec![FieldType::Int];
+    let other = Arc::new(other);
+    let mut changed = chain_of(&other, 0, 1);
+    let err = changed.restore(0, &files).unwrap_err().to_string();
+    assert!(err.contains("give the window a new id"), "{err}");
+    assert!(err.contains("user string") && err.contains("user int"), "{err}");
 }
