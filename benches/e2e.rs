@@ -179,6 +179,24 @@ listen = ""
         pg = pg_url(),
         dir = dir.path().display()
     );
+    let rate = run_until(&dir, &toml, |s| s.rows_written.load(Ordering::Relaxed) >= n, n).await;
+    let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows as u64, n, "{strategy}: rows in the sink");
+    rate
+}
+
+/// Run the job of `toml` until `done`, stop it (final checkpoint); returns `n` per
+/// second of the time until `done`.
+async fn run_until(
+    dir: &tempfile::TempDir,
+    toml: &str,
+    done: impl Fn(&sluice::telemetry::JobStats) -> bool,
+    n: u64,
+) -> f64 {
     let path = dir.path().join("bench.toml");
     std::fs::write(&path, toml).expect("write config");
     let cfg = sluice::config::load(&path).expect("config");
@@ -186,19 +204,13 @@ listen = ""
     let (stop, rx) = watch::channel(false);
     let started = Instant::now();
     let job = tokio::spawn(sluice::app::run(cfg, rx, stats.clone()));
-    while stats.rows_written.load(Ordering::Relaxed) < n {
+    while !done(&stats) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!job.is_finished(), "the job stopped early");
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     stop.send_replace(true);
     job.await.expect("join").expect("job");
-    let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
-        .fetch_one(pool)
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(rows as u64, n, "{strategy}: rows in the sink");
     rate
 }
 
@@ -267,20 +279,7 @@ listen = ""
         pg = pg_url(),
         dir = dir.path().display()
     );
-    let path = dir.path().join("bench.toml");
-    std::fs::write(&path, toml).expect("write config");
-    let cfg = sluice::config::load(&path).expect("config");
-    let stats = Arc::new(sluice::telemetry::JobStats::default());
-    let (stop, rx) = watch::channel(false);
-    let started = Instant::now();
-    let job = tokio::spawn(sluice::app::run(cfg, rx, stats.clone()));
-    while stats.records_in.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!job.is_finished(), "the windowed job stopped early");
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    stop.send_replace(true);
-    job.await.expect("join").expect("job");
+    let rate = run_until(&dir, &toml, |s| s.records_in.load(Ordering::Relaxed) >= n, n).await;
     let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
         .fetch_one(pool)
         .await

@@ -59,8 +59,8 @@ pub(crate) fn describe() {
     );
     describe_counter!("sluice_restarts_total", "Restarts of the job after failures.");
     describe_gauge!(
-        "sluice_watermark_ms",
-        "Current event-time watermark of an operator subtask, epoch milliseconds."
+        "sluice_watermark_seconds",
+        "Current event-time watermark of an operator subtask, in epoch seconds."
     );
     describe_counter!(
         "sluice_late_records_total",
@@ -96,9 +96,10 @@ impl SubtaskMetrics {
     }
 }
 
-/// The current watermark of an operator subtask (epoch ms).
+/// The current watermark of an operator subtask, in epoch seconds (Prometheus's base
+/// unit; the millisecond is kept as a fraction).
 pub fn watermark(operator: &str, subtask: usize) -> Gauge {
-    gauge!("sluice_watermark_ms", "operator" => operator.to_string(), "subtask" => subtask.to_string())
+    gauge!("sluice_watermark_seconds", "operator" => operator.to_string(), "subtask" => subtask.to_string())
 }
 
 /// Counters of a window operator subtask.

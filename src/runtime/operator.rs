@@ -279,14 +279,8 @@ impl Chain {
             let mut fired = false;
             while let Some(t) = c.timers.pop_processing(now_ms) {
                 fired = true;
-                let mut ctx = Context {
-                    out: &mut c.out,
-                    timers: &mut c.timers,
-                    watermark: c.watermark,
-                    processing_time: now_ms,
-                    info: &c.info,
-                };
-                c.op.on_timer(t, TimeDomain::ProcessingTime, &mut ctx)?;
+                let wm = c.watermark;
+                c.call(wm, now_ms, |op, ctx| op.on_timer(t, TimeDomain::ProcessingTime, ctx))?;
             }
             if fired {
                 let items = self.ops[i].out.take();
@@ -343,17 +337,23 @@ impl Chain {
 }
 
 impl Chained {
+    /// Call the operator with its context at `watermark` and `now_ms`.
+    fn call<R>(&mut self, watermark: i64, now_ms: i64, f: impl FnOnce(&mut dyn Operator, &mut Context<'_>) -> R) -> R {
+        let mut ctx = Context {
+            out: &mut self.out,
+            timers: &mut self.timers,
+            watermark,
+            processing_time: now_ms,
+            info: &self.info,
+        };
+        f(self.op.as_mut(), &mut ctx)
+    }
+
     fn handle(&mut self, item: Emit, now_ms: i64) -> Result<()> {
         match item {
             Emit::Batch(batch) => {
-                let mut ctx = Context {
-                    out: &mut self.out,
-                    timers: &mut self.timers,
-                    watermark: self.watermark,
-                    processing_time: now_ms,
-                    info: &self.info,
-                };
-                self.op.process_batch(batch, &mut ctx)
+                let wm = self.watermark;
+                self.call(wm, now_ms, |op, ctx| op.process_batch(batch, ctx))
             }
             Emit::Watermark(w) if w <= self.watermark => {
                 // Not an advance: an input saying it is active again. Pass it on.
@@ -363,23 +363,9 @@ impl Chained {
             Emit::Watermark(w) => {
                 self.watermark = w;
                 while let Some(t) = self.timers.pop_event(w) {
-                    let mut ctx = Context {
-                        out: &mut self.out,
-                        timers: &mut self.timers,
-                        watermark: w,
-                        processing_time: now_ms,
-                        info: &self.info,
-                    };
-                    self.op.on_timer(t, TimeDomain::EventTime, &mut ctx)?;
+                    self.call(w, now_ms, |op, ctx| op.on_timer(t, TimeDomain::EventTime, ctx))?;
                 }
-                let mut ctx = Context {
-                    out: &mut self.out,
-                    timers: &mut self.timers,
-                    watermark: w,
-                    processing_time: now_ms,
-                    info: &self.info,
-                };
-                self.op.on_watermark(w, &mut ctx)?;
+                self.call(w, now_ms, |op, ctx| op.on_watermark(w, ctx))?;
                 self.out.watermark(w);
                 Ok(())
             }

@@ -138,7 +138,7 @@ pub fn run_source<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) 
             let blocked = io.outputs.take_blocked();
             io.metrics.backpressure.set(blocked.as_secs_f64() / since.as_secs_f64());
             if watermark != i64::MIN {
-                gauge.set(watermark as f64);
+                gauge.set(watermark as f64 / 1000.0);
             }
             io.stats.set_watermark(&io.name, watermark, holding);
             last_report = Instant::now();

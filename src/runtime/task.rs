@@ -217,7 +217,7 @@ pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) ->
                 let w = time.current();
                 for (task, gauge) in &watermark_gauges {
                     if w != i64::MIN {
-                        gauge.set(w as f64);
+                        gauge.set(w as f64 / 1000.0);
                     }
                     io.stats.set_watermark(task, w, None);
                 }

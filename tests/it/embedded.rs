@@ -74,7 +74,7 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_checkpoint_duration_seconds",
         "sluice_sink_commit_duration_seconds",
         "sluice_backpressure_ratio",
-        "sluice_watermark_ms",
+        "sluice_watermark_seconds",
         "sluice_window_firings_total",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
