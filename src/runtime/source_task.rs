@@ -117,6 +117,7 @@ pub fn run_source<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) 
             chain.process(Emit::Batch(poll.batch), now, &mut out)?;
         }
         for time in poll.time {
+            tracing::trace!(task = %io.name, ?time, "event time");
             match time {
                 SourceTime::Watermark(w) => {
                     watermark = w;

@@ -243,7 +243,8 @@ pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) ->
                             m.records_in.increment(b.len() as u64);
                         }
                         let now = io.clock.now_ms();
-                        if let InputTime::Advanced(w) = time.on_data(input) {
+                        let change = time.on_data(input);
+                        if let InputTime::Advanced(w) | InputTime::AdvancedThenIdle(w) = change {
                             chain.process(Emit::Watermark(w), now, &mut out)?;
                         }
                         chain.process(Emit::Batch(b), now, &mut out)?;
@@ -252,11 +253,13 @@ pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) ->
                     }
                     StreamElement::Watermark(w) => {
                         let change = time.on_watermark(input, w);
+                        tracing::trace!(task = %name, input, watermark = w, ?change, "watermark");
                         advance(&mut chain, &mut tail, &io, change, &mut out).await?;
                         None
                     }
                     StreamElement::Idle => {
                         let change = time.on_idle(input);
+                        tracing::trace!(task = %name, input, ?change, "input idle");
                         advance(&mut chain, &mut tail, &io, change, &mut out).await?;
                         None
                     }
@@ -305,6 +308,11 @@ async fn advance<T: Tail>(
             tail.emit(std::mem::take(out)).await
         }
         InputTime::Idle => tail.idle().await,
+        InputTime::AdvancedThenIdle(w) => {
+            chain.process(Emit::Watermark(w), io.clock.now_ms(), out)?;
+            tail.emit(std::mem::take(out)).await?;
+            tail.idle().await
+        }
     }
 }
 

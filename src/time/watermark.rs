@@ -165,7 +165,10 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
             if let Some(w) = p.generator.on_periodic() {
                 p.watermark = p.watermark.max(w);
             }
-            all = Some(all.map_or(p.watermark, |m: i64| m.min(p.watermark)));
+            // A partition that never had a record has no watermark to offer.
+            if p.watermark != MIN_WATERMARK {
+                all = Some(all.map_or(p.watermark, |m: i64| m.min(p.watermark)));
+            }
             let silent = self
                 .idle_timeout
                 .is_some_and(|t| now.saturating_duration_since(p.last_data) >= t);
@@ -180,8 +183,8 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
         let mut out = Vec::new();
         match live {
             None => {
-                // Nothing live: what every partition has delivered is complete up to
-                // the minimum of their watermarks, so that much still goes out (the last
+                // Nothing live: what the partitions have delivered is complete up to the
+                // minimum of their watermarks, so that much still goes out (the last
                 // records before a pause must be able to close their windows).
                 if let Some(w) = all.filter(|w| *w > self.emitted) {
                     self.emitted = w;
@@ -232,6 +235,9 @@ pub enum InputTime {
     Advanced(i64),
     /// Every input is idle or ended: forward idleness.
     Idle,
+    /// The last live input went idle, and what the inputs delivered before still
+    /// advances the watermark: fire timers up to it, forward it, then idleness.
+    AdvancedThenIdle(i64),
 }
 
 impl InputWatermarks {
@@ -291,7 +297,21 @@ impl InputWatermarks {
             None if self.idle => InputTime::Unchanged,
             None => {
                 self.idle = true;
-                InputTime::Idle
+                // As at the source: the idle inputs' own watermarks (where they have
+                // one) still bound what they delivered before going quiet.
+                let delivered = self
+                    .inputs
+                    .iter()
+                    .filter(|i| !i.ended && i.watermark != MIN_WATERMARK)
+                    .map(|i| i.watermark)
+                    .min();
+                match delivered.filter(|w| *w > self.emitted) {
+                    Some(w) => {
+                        self.emitted = w;
+                        InputTime::AdvancedThenIdle(w)
+                    }
+                    None => InputTime::Idle,
+                }
             }
             Some(w) => {
                 let was_idle = std::mem::replace(&mut self.idle, false);
@@ -390,5 +410,19 @@ mod tests {
         assert_eq!(w.on_idle(1), InputTime::Idle);
         assert_eq!(w.on_data(0), InputTime::Advanced(20));
         assert_eq!(w.on_watermark(0, 30), InputTime::Advanced(30));
+    }
+
+    #[test]
+    fn an_input_that_went_idle_ahead_still_counts_when_the_last_live_one_goes_idle() {
+        let mut w = InputWatermarks::new(2);
+        // Input 0 read everything (far ahead) and went idle; input 1 had no data.
+        assert_eq!(w.on_watermark(0, 1_000), InputTime::Unchanged);
+        assert_eq!(w.on_idle(0), InputTime::Unchanged);
+        assert_eq!(w.on_idle(1), InputTime::AdvancedThenIdle(1_000));
+        assert_eq!(
+            w.on_watermark(1, 500),
+            InputTime::Advanced(1_000),
+            "active again, no step back"
+        );
     }
 }

@@ -100,12 +100,20 @@ async fn result_rows(pool: &PgPool, schema: &str) -> i64 {
     .await
 }
 
-/// Produce events (keyed by id, so spread over partitions), waiting for delivery.
-fn produce_events(topic: &str, events: &[Event], pause_every: Option<(usize, Duration)>) {
+/// Produce events (keyed by id, so spread over partitions, unless `partition` says
+/// where), waiting for delivery.
+fn produce_events(topic: &str, events: &[Event], pause_every: Option<(usize, Duration)>, partition: Option<i32>) {
     let p = producer(&kafka());
     for (i, e) in events.iter().enumerate() {
         let (key, body) = (e.id.to_string(), payload(e));
-        while p.send(BaseRecord::to(topic).key(&key).payload(&body)).is_err() {
+        loop {
+            let mut rec = BaseRecord::to(topic).key(&key).payload(&body);
+            if let Some(part) = partition {
+                rec = rec.partition(part);
+            }
+            if p.send(rec).is_ok() {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         if let Some((every, pause)) = pause_every {
@@ -119,9 +127,9 @@ fn produce_events(topic: &str, events: &[Event], pause_every: Option<(usize, Dur
 
 /// One record per partition an hour of event time after the input: every partition's
 /// watermark passes every window of the input, so all of them fire.
-fn produce_flush(topic: &str, partitions: i32, after: i64) {
+fn produce_flush(topic: &str, partitions: std::ops::Range<i32>, after: i64) {
     let p = producer(&kafka());
-    for part in 0..partitions {
+    for part in partitions {
         let body = format!(
             r#"{{"id": {}, "account": "~flush", "amount": 0, "ts": {}}}"#,
             1_000_000_000 + part,
@@ -369,8 +377,27 @@ async fn windows_equal_a_batch_computation_over_a_million_events() {
     let topic = j.topic.clone();
     let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
     tokio::task::spawn_blocking(move || {
-        produce_events(&topic, &input, None);
-        produce_flush(&topic, 4, last);
+        produce_events(&topic, &input, None, None);
+        produce_flush(&topic, 0..4, last);
+    })
+    .await
+    .expect("producer");
+    j.finish(&expected).await;
+}
+
+/// Data in one partition of four, the other three empty and so read to their end at
+/// once: they must not hold the watermark back (no idle timeout helps here, it is off),
+/// and every window fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_partitions_do_not_stall_windows() {
+    let j = WindowJob::new("winidle", "idempotent", 4).await;
+    let input = events(20_000, 2_000, 5);
+    let expected = reference(&input);
+    let topic = j.topic.clone();
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    tokio::task::spawn_blocking(move || {
+        produce_events(&topic, &input, None, Some(2));
+        produce_flush(&topic, 2..3, last);
     })
     .await
     .expect("producer");
@@ -391,11 +418,12 @@ async fn kill_windowed(strategy: &'static str) {
     let topic = j.topic.clone();
     let before: Vec<Event> = before.iter().map(clone_event).collect();
     let during: Vec<Event> = during.iter().map(clone_event).collect();
-    tokio::task::spawn_blocking(move || produce_events(&topic, &before, None))
+    tokio::task::spawn_blocking(move || produce_events(&topic, &before, None, None))
         .await
         .expect("producer");
     let topic = j.topic.clone();
-    let feeder = std::thread::spawn(move || produce_events(&topic, &during, Some((3_000, Duration::from_millis(700)))));
+    let feeder =
+        std::thread::spawn(move || produce_events(&topic, &during, Some((3_000, Duration::from_millis(700))), None));
 
     let mut rng = rand::rng();
     let mut rows_after_kills = Vec::new();
@@ -409,7 +437,7 @@ async fn kill_windowed(strategy: &'static str) {
     feeder.join().expect("producer thread");
     let topic = j.topic.clone();
     let partitions = j.partitions;
-    tokio::task::spawn_blocking(move || produce_flush(&topic, partitions, last))
+    tokio::task::spawn_blocking(move || produce_flush(&topic, 0..partitions, last))
         .await
         .expect("flush");
     j.configure(2, 2);
