@@ -71,7 +71,11 @@ pub(crate) fn describe() {
         "Records later than allowed lateness, sent to the late-data output."
     );
     describe_counter!("sluice_window_firings_total", "Window results emitted.");
-    describe_gauge!("sluice_open_windows", "Windows (per key) held in state.");
+    describe_gauge!(
+        "sluice_partition_watermark_seconds",
+        "Watermark of one Kafka partition, in epoch seconds (the lowest live one holds its source back)."
+    );
+    describe_gauge!("sluice_open_windows", "Keys holding window state.");
 }
 
 /// Counters of one subtask, looked up once so the hot path only adds.
@@ -125,6 +129,12 @@ impl WindowMetrics {
             open_windows: gauge!("sluice_open_windows", "operator" => o, "subtask" => s),
         }
     }
+}
+
+/// The watermark of one Kafka partition, in epoch seconds: the lowest of a source's live
+/// partitions is the one holding its watermark back.
+pub fn partition_watermark(topic: &str, partition: i32) -> Gauge {
+    gauge!("sluice_partition_watermark_seconds", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
 pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {

@@ -62,6 +62,7 @@ impl ConsumerContext for WatermarkContext {}
 struct PartitionState {
     next: Option<i64>,
     lag: metrics::Gauge,
+    watermark: metrics::Gauge,
 }
 
 struct TopicState {
@@ -289,6 +290,13 @@ impl Source for KafkaSource {
         let run = self.run.as_ref()?;
         self.update_lag(run);
         self.time.as_ref()?;
+        for (ti, t) in run.topics.iter().enumerate() {
+            for (p, s) in &t.partitions {
+                if let Some(w) = run.watermarks.watermark(&(ti, *p)) {
+                    s.watermark.set(w as f64 / 1000.0);
+                }
+            }
+        }
         match run.watermarks.holding_back() {
             Some((ti, p)) => Some(format!("{}/{p}", run.topics[*ti].name)),
             None => Some("idle".into()),
@@ -501,6 +509,7 @@ impl KafkaSource {
                         PartitionState {
                             next,
                             lag: telemetry::consumer_lag(&t.name, id),
+                            watermark: telemetry::partition_watermark(&t.name, id),
                         },
                     );
                     added = true;

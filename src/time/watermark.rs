@@ -145,6 +145,11 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
         self.parts.get(key).and_then(|p| p.generator.max_timestamp())
     }
 
+    /// A partition's own watermark (`None` before its first record).
+    pub fn watermark(&self, key: &K) -> Option<i64> {
+        self.parts.get(key).map(|p| p.watermark).filter(|w| *w != MIN_WATERMARK)
+    }
+
     /// The watermark emitted last.
     pub fn current(&self) -> i64 {
         self.emitted

@@ -76,6 +76,7 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_backpressure_ratio",
         "sluice_watermark_seconds",
         "sluice_window_firings_total",
+        "sluice_partition_watermark_seconds",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
