@@ -48,13 +48,50 @@ pub enum Error {
     Internal(String),
 }
 
+/// Whose fault a database error is, by its SQLSTATE class: the one place that decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFault {
+    /// The row's data: isolate the row and dead-letter it (22 data exception, 23
+    /// integrity constraint violation, 54 program limit exceeded: a value too large
+    /// for an index row, JSON nested deeper than the server's stack).
+    Row,
+    /// The connection or the server's state: retry, restart from the checkpoint (08
+    /// connection, 40 rollback/serialization, 53 insufficient resources, 57 operator
+    /// intervention, 55 object not in prerequisite state, and errors without a code).
+    Transient,
+    /// The configuration: a restart cannot help, stop with the reason (42 syntax or
+    /// access rule: a missing table or column, no privilege; 28 authorization; 3D no
+    /// such database; 0A not supported).
+    Permanent,
+}
+
+impl DbFault {
+    /// Classify a SQLSTATE (`None`: not a server error, e.g. a broken connection).
+    pub fn of(sqlstate: Option<&str>) -> DbFault {
+        match sqlstate.map(|c| c.get(..2).unwrap_or(c)) {
+            Some("22" | "23" | "54") => DbFault::Row,
+            Some("42" | "28" | "3D" | "0A") => DbFault::Permanent,
+            _ => DbFault::Transient,
+        }
+    }
+
+    /// Classify a sqlx error.
+    pub fn of_sqlx(e: &sqlx::Error) -> DbFault {
+        match e {
+            sqlx::Error::Database(d) => DbFault::of(d.code().as_deref()),
+            _ => DbFault::Transient,
+        }
+    }
+}
+
 impl Error {
     /// Whether restarting the job (per its restart strategy) can help.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::Kafka { .. } | Error::Database { .. } | Error::Storage { .. } | Error::Internal(_)
-        )
+        match self {
+            Error::Database { source, .. } => DbFault::of_sqlx(source) != DbFault::Permanent,
+            Error::Kafka { .. } | Error::Storage { .. } | Error::Internal(_) => true,
+            _ => false,
+        }
     }
 
     pub(crate) fn db(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Error {
@@ -74,3 +111,27 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified_in_one_place() {
+        for code in ["22001", "23505", "23514", "54000", "54001"] {
+            assert_eq!(DbFault::of(Some(code)), DbFault::Row, "{code}");
+        }
+        for code in ["08006", "40001", "53300", "57P01", "55P03"] {
+            assert_eq!(DbFault::of(Some(code)), DbFault::Transient, "{code}");
+        }
+        for code in ["42P01", "42703", "42501", "28P01", "3D000", "0A000"] {
+            assert_eq!(DbFault::of(Some(code)), DbFault::Permanent, "{code}");
+        }
+        assert_eq!(DbFault::of(None), DbFault::Transient);
+        let no_code = Error::Database {
+            context: "x".into(),
+            source: sqlx::Error::Protocol("y".into()),
+        };
+        assert!(no_code.is_retryable(), "errors without a SQLSTATE are retried");
+    }
+}

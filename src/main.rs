@@ -169,7 +169,11 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
     if !cfg.metrics.listen.is_empty() {
         look.push(format!("http://{}/metrics, /status", cfg.metrics.listen));
     }
-    look.push(format!("sink {} table {}", cfg.sink.url, cfg.sink.table));
+    look.push(format!(
+        "sink {} table {}",
+        config::redact_url(&cfg.sink.url),
+        cfg.sink.table
+    ));
     let status = tokio::spawn(sluice::telemetry::print_status(
         stats.clone(),
         cfg.job.status_interval,

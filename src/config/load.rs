@@ -36,7 +36,9 @@ pub fn load(path: &Path) -> Result<JobConfig> {
     let env = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true)
+        // Values stay strings until a field's type asks for a number: a password or a
+        // job name of digits ("007") must not be re-read as a number.
+        .try_parsing(false)
         .list_separator(",")
         .with_list_parse_key("source.topics")
         .with_list_parse_key("sink.key");
@@ -125,7 +127,7 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
     }
     if let Ok(props) = file.get::<BTreeMap<String, PropertyValue>>("source.properties") {
         for (key, _) in flatten_properties(&props) {
-            if key.contains("password") || key.contains("secret") {
+            if is_secret_name(&key) {
                 return Err((
                     format!("source.properties.{key}"),
                     format!(
@@ -140,14 +142,44 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
 }
 
 fn url_has_password(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else {
-        return false;
+    redact_url(url) != url
+}
+
+/// Whether a URL query parameter or property name holds a secret.
+fn is_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n.contains("secret") || n.contains("token")
+}
+
+/// `url` with its secrets (a password in the userinfo, query parameters such as
+/// `password=`) replaced by `***`: the only form in which a URL is ever printed.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
     };
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    match authority.rsplit_once('@') {
-        Some((userinfo, _)) => userinfo.contains(':'),
-        None => false,
-    }
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{user}:***@{host}")
+        }
+        _ => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if is_secret_name(k) => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// librdkafka properties as `key=value` pairs, nested tables joined with dots.
@@ -331,7 +363,13 @@ impl SourceConfig {
             let mut probe = rdkafka::ClientConfig::new();
             probe.set(&key, &value);
             if let Err(e) = probe.create_native_config() {
-                return fail(&format!("source.properties.{key}"), &e.to_string());
+                // librdkafka's own message repeats the value, which may be a secret.
+                let why = match &e {
+                    rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description.clone(),
+                    other => other.to_string(),
+                };
+                let why = why.replace(&value, "***");
+                return fail(&format!("source.properties.{key}"), &why);
             }
         }
         if self.bootstrap_servers == "embedded" && self.topics.len() != 1 {
@@ -526,6 +564,8 @@ mod tests {
     #[test]
     fn passwords_in_urls_are_found() {
         assert!(url_has_password("postgres://u:secret@h/db"));
+        assert!(url_has_password("postgres://u@h/db?password=secret"));
+        assert!(url_has_password("postgres://u@h/db?sslmode=require&PassWord=x"));
         assert!(!url_has_password("postgres://u@h/db"));
         assert!(!url_has_password("postgres://h:5432/db"));
         assert!(!url_has_password("sqlite://data/x.db"));

@@ -20,7 +20,7 @@ pub use dataflow::{
     AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerKind, IntervalClock, OperatorConfig, ProcessSpec,
     TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
 };
-pub use load::{flatten_properties, is_column_name, load, KAFKA_VALUES};
+pub use load::{flatten_properties, is_column_name, load, redact_url, KAFKA_VALUES};
 
 /// A whole job.
 #[derive(Debug, Clone, Deserialize)]

@@ -11,7 +11,7 @@ use sqlx::{ConnectOptions, Connection, Executor, PgConnection, Postgres, Row};
 
 use super::{quote_name, Column, TableSpec, ValueType};
 use crate::config::SinkConfig;
-use crate::error::{Error, Result};
+use crate::error::{DbFault, Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
 
 /// Connect to the sink's database; the password comes from the environment only. The
@@ -39,20 +39,9 @@ pub async fn connect(cfg: &SinkConfig, job: &str, max_connections: u32) -> Resul
         .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))
 }
 
-/// The URL with any password replaced by `***`, for messages.
+/// The URL with its secrets replaced by `***`, for messages.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        _ => url.to_string(),
-    }
+    crate::config::redact_url(url)
 }
 
 /// Apply the sqlx migrations in `dir`.
@@ -224,9 +213,9 @@ impl PgTable {
 
     /// Write records: an upsert on the key, or a plain insert, one statement per call.
     ///
-    /// Rows the database rejects for their data (SQLSTATE classes 22, data exception, and
-    /// 23, integrity constraint violation: a value that does not fit its column, a CHECK
-    /// or NOT NULL constraint) are found by halving the statement until the rejected rows
+    /// Rows the database rejects for their data ([`DbFault::Row`]: a value that does not
+    /// fit its column, a CHECK or NOT NULL constraint, a value too large for an index, JSON
+    /// nested too deep) are found by halving the statement until the rejected rows
     /// stand alone, and come back as dead letters with the database's reason: one bad row
     /// never stalls the job. The decision is per row, so a replay makes the same one.
     /// `in_transaction`: each statement runs under a savepoint so a rejection does not
@@ -349,7 +338,7 @@ impl PgTable {
 
 /// Errors about a row's data rather than the database or the connection.
 fn is_data_error(code: Option<&str>) -> bool {
-    code.is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+    DbFault::of(code) == DbFault::Row
 }
 
 /// (column, SQL type without its modifier) of a table, or an error naming the table.
@@ -527,11 +516,15 @@ mod tests {
     }
 
     #[test]
-    fn redact_hides_only_the_password() {
+    fn redact_hides_only_the_secrets() {
         assert_eq!(
             super::redact("postgres://u:pw@h:5/db?x=1"),
             "postgres://u:***@h:5/db?x=1"
         );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            super::redact("postgres://u@h/db?sslmode=require&password=hunter2&x=y"),
+            "postgres://u@h/db?sslmode=require&password=***&x=y"
+        );
     }
 }

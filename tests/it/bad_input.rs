@@ -157,3 +157,90 @@ async fn rows_rejected_by_the_database_two_phase() {
 async fn rows_rejected_by_the_database_idempotent() {
     database_rejections("idempotent").await;
 }
+
+/// Rows the database cannot hold at all (SQLSTATE class 54, program limit exceeded): a
+/// payload nested deeper than the server's stack into a `jsonb` column, a 10 KB value
+/// in an indexed column. Each is dead-lettered while the records around it land; the
+/// job neither restarts nor stalls (it used to replay them forever).
+async fn rows_beyond_the_database_limits(strategy: &str) {
+    let pool = pg().await;
+    let schema = schema(&pool, strategy == "idempotent").await;
+    for sql in [
+        format!("ALTER TABLE {schema}.events ADD COLUMN doc jsonb"),
+        format!("CREATE INDEX ON {schema}.events (body)"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect("shape table");
+    }
+    let topic = unique("limits");
+    create_topic(&topic, 2).await;
+    let deep = format!("{}1{}", "[".repeat(15_000), "]".repeat(15_000));
+    // Incompressible, so that it cannot shrink under the index row limit.
+    let mut x: u64 = 88172645463325252;
+    let long: String = (0..10_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let (mut deep_n, mut long_n) = (0i64, 0i64);
+    let input: Vec<(String, Option<String>)> = (0..2_000u64)
+        .map(|i| {
+            let payload = if i % 101 == 0 {
+                deep_n += 1;
+                format!(r#"{{"id": {i}, "body": "deep {i}", "nest": {deep}}}"#)
+            } else if i % 103 == 0 {
+                long_n += 1;
+                format!(r#"{{"id": {i}, "body": "{long}{i}"}}"#)
+            } else {
+                format!(r#"{{"id": {i}, "body": "record number {i}"}}"#)
+            };
+            (i.to_string(), Some(payload))
+        })
+        .collect();
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("limits");
+    let columns = "columns = [ { name = \"topic\", value = \"kafka.topic\" }, { name = \"partition\", value = \"kafka.partition\" }, \
+                   { name = \"offset\", value = \"kafka.offset\" }, { name = \"id\", value = \"id\" }, \
+                   { name = \"body\", value = \"body\" }, { name = \"doc\", value = \"kafka.payload\" } ]";
+    let toml = job_toml(&job, &topic, &schema, strategy, &dir.path().join("cp"))
+        .replace("[sink]", &format!("[sink]\n{columns}"));
+    let config = write_config(dir.path(), &toml);
+    let running = InProcess::start(&config);
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let all = wait_until(Duration::from_secs(90), || async {
+        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 2_000
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(all, "not every record was accounted for");
+    assert_eq!(restarts, 0, "a row beyond the database's limits made the job fail");
+    let (rows, distinct, ..) = sink_counts(&pool, &schema).await;
+    let bad = deep_n + long_n;
+    assert_eq!((rows, distinct), (2_000 - bad, 2_000 - bad));
+    let stack = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.dead WHERE reason LIKE '%stack depth%'"),
+    )
+    .await;
+    let index = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.dead WHERE reason LIKE '%index row%'"),
+    )
+    .await;
+    assert_eq!((stack, index), (deep_n, long_n));
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_beyond_the_database_limits_two_phase() {
+    rows_beyond_the_database_limits("two_phase").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_beyond_the_database_limits_idempotent() {
+    rows_beyond_the_database_limits("idempotent").await;
+}

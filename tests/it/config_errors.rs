@@ -131,9 +131,52 @@ fn secrets_are_refused_in_the_file() {
         &[],
         "sink.url",
     );
+    let url = pg_url();
+    rejected(
+        &base().replace(&url, &format!("{url}?sslmode=prefer&password=hunter2")),
+        &[],
+        "sink.url",
+    );
     // The same password from the environment is fine.
     let (ok, stderr) = check(&base(), &[("SLUICE__SINK__PASSWORD", "hunter2")]);
     assert!(ok, "{stderr}");
+}
+
+/// What `sluice check` prints, and whether it succeeded.
+fn check_output(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), toml);
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run sluice check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn secrets_are_never_printed_and_env_values_are_not_re_read_as_numbers() {
+    let env = [
+        ("SLUICE__SINK__PASSWORD", "0012345"),
+        ("SLUICE__JOB__NAME", "007"),
+        ("SLUICE__SOURCE__PROPERTIES__SASL__PASSWORD", "hunter2"),
+    ];
+    let (ok, out) = check_output(&base(), &env);
+    assert!(ok, "{out}");
+    assert!(out.contains("job `007`"), "the job name lost its zeros: {out}");
+    assert!(!out.contains("0012345") && !out.contains("12345"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    // A misspelt secret property is refused without echoing its value.
+    let (ok, out) = check_output(&base(), &[("SLUICE__SOURCE__PROPERTIES__SASL__PASWORD", "hunter2")]);
+    assert!(!ok);
+    assert!(out.contains("sasl.pasword"), "{out}");
+    assert!(!out.contains("hunter2"), "the secret was echoed: {out}");
 }
 
 #[test]
