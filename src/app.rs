@@ -19,7 +19,7 @@ use crate::checkpoint::{
     TaskEvent,
 };
 use crate::config::{
-    DeadLetterKind, JobConfig, PartitionerKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
+    DeadLetterKind, JobConfig, PartitionerKind, SinkKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
 };
 use crate::error::{Error, Result};
 use crate::operators::{self, BuiltOperator, Decoder};
@@ -33,6 +33,7 @@ use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
 use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
+use crate::sink::postgres::JobLock;
 use crate::sink::two_phase::TwoPhaseWriter;
 use crate::sink::{SinkTarget, TableSpec};
 use crate::source::embedded::EmbeddedKafka;
@@ -268,10 +269,19 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         e.bootstrap_servers().to_string()
     });
     let storage = open_storage(&cfg)?;
+    let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
     loop {
-        let err = match attempt(&cfg, &plan, &bootstrap, &storage, &stats, shutdown.clone()).await {
+        let owned = match &mut owner {
+            Some(lock) => lock.ensure(&cfg.sink).await,
+            None => Ok(()),
+        };
+        let result = match owned {
+            Ok(()) => attempt(&cfg, &plan, &bootstrap, &storage, &stats, shutdown.clone()).await,
+            Err(e) => Err(e),
+        };
+        let err = match result {
             Ok(()) => return Ok(()),
             Err(e) if !e.is_retryable() => return Err(e),
             Err(e) => e,
@@ -313,6 +323,13 @@ async fn attempt(
     let target = SinkTarget::open(cfg, plan.table.clone()).await?;
     let restored = storage.latest()?;
     if let Some(cp) = &restored {
+        if cp.job != cfg.job.name {
+            return Err(Error::Unsupported(format!(
+                "checkpoint {} in checkpoint.dir belongs to job `{}`, not to this job `{}`: give each job a \
+                 checkpoint directory of its own",
+                cp.id, cp.job, cfg.job.name
+            )));
+        }
         tracing::info!(checkpoint = cp.id, "restoring from checkpoint");
         warn_unknown_state(cp, plan);
     }

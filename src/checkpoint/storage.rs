@@ -104,14 +104,42 @@ impl CheckpointStorage for MemoryStorage {
 pub struct DirectoryStorage {
     dir: PathBuf,
     retain: usize,
+    /// `LOCK`, exclusively locked for as long as this storage is open: one process
+    /// per checkpoint directory (the kernel releases it when the process dies).
+    _lock: fs::File,
 }
 
 impl DirectoryStorage {
     pub fn open(dir: &Path, retain: usize) -> Result<Self> {
         fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
+        let path = dir.join("LOCK");
+        let mut lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Error::storage(format!("open {}", path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                return Err(Error::Unsupported(format!(
+                    "checkpoint.dir {} is in use by another sluice process ({}); one process per job",
+                    dir.display(),
+                    holder.trim()
+                )));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::storage(format!("lock {}", path.display()))(e)),
+        }
+        let me = format!("pid {} since {}", std::process::id(), crate::time::wall_clock_ms());
+        lock.set_len(0)
+            .and_then(|()| lock.write_all(me.as_bytes()))
+            .map_err(Error::storage(format!("write {}", path.display())))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             retain: retain.max(1),
+            _lock: lock,
         })
     }
 
@@ -277,8 +305,21 @@ mod tests {
         assert_eq!(s.list().unwrap().len(), 2);
         // A half-written temporary file (a crash during store) is not a checkpoint.
         fs::write(dir.path().join(".chk-000000000005.json.tmp"), b"{").unwrap();
+        drop(s);
         let reopened = DirectoryStorage::open(dir.path(), 2).unwrap();
         assert_eq!(reopened.latest().unwrap(), Some(cp(4)));
+    }
+
+    #[test]
+    fn a_directory_has_one_owner_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirectoryStorage::open(dir.path(), 2).unwrap();
+        let second = DirectoryStorage::open(dir.path(), 2);
+        let msg = second.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("in use by another sluice process"), "{msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        drop(first);
+        assert!(DirectoryStorage::open(dir.path(), 2).is_ok(), "free again once closed");
     }
 
     #[test]

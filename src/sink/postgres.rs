@@ -39,6 +39,85 @@ pub async fn connect(cfg: &SinkConfig, job: &str, max_connections: u32) -> Resul
         .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))
 }
 
+/// The job's ownership in the sink's database: a session-level advisory lock keyed by
+/// the job's name, held on a connection of its own for as long as the job runs. A second
+/// process of the same job (on any machine) cannot take it and refuses to start, so two
+/// owners never write or recover each other's prepared transactions.
+pub struct JobLock {
+    conn: Option<PgConnection>,
+    key: i64,
+    job: String,
+}
+
+impl JobLock {
+    pub fn new(job: &str) -> Self {
+        let mut h = crate::runtime::partition::StableHasher::default();
+        h.write(b"sluice-job:");
+        h.write(job.as_bytes());
+        Self {
+            conn: None,
+            key: h.finish() as i64,
+            job: job.to_string(),
+        }
+    }
+
+    /// Hold the lock (again, if its connection was lost). A lock held by another
+    /// session is a non-retryable error naming the holder.
+    pub async fn ensure(&mut self, cfg: &SinkConfig) -> Result<()> {
+        if let Some(conn) = &mut self.conn {
+            if conn.execute("SELECT 1").await.is_ok() {
+                return Ok(());
+            }
+            tracing::warn!(
+                job = self.job,
+                "the connection holding the job's lock was lost; taking it again"
+            );
+        }
+        self.conn = None;
+        let mut options = PgConnectOptions::from_str(&cfg.url)
+            .map_err(Error::db("parse sink.url"))?
+            .application_name(&format!("sluice:{}:owner", self.job));
+        if let Some(pw) = &cfg.password {
+            options = options.password(pw);
+        }
+        let mut conn = options
+            .connect()
+            .await
+            .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(self.key)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Error::db("take the job's advisory lock"))?;
+        if !got {
+            let holder: Option<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT a.pid, a.client_addr::text, a.backend_start::text FROM pg_locks l \
+                 JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted \
+                 AND l.classid = (($1 >> 32) & 4294967295)::oid AND l.objid = ($1 & 4294967295)::oid LIMIT 1",
+            )
+            .bind(self.key)
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap_or(None);
+            let who = match holder {
+                Some((pid, addr, since)) => format!(
+                    " (held by Postgres backend {pid}, client {}, since {})",
+                    addr.as_deref().unwrap_or("local"),
+                    since.as_deref().unwrap_or("?")
+                ),
+                None => String::new(),
+            };
+            return Err(Error::Unsupported(format!(
+                "job `{}` is already running: another sluice process owns it in the sink's database{who}; \
+                 one process per job (stop the other, or give this one another job.name)",
+                self.job
+            )));
+        }
+        self.conn = Some(conn);
+        Ok(())
+    }
+}
+
 /// The URL with its secrets replaced by `***`, for messages.
 fn redact(url: &str) -> String {
     crate::config::redact_url(url)

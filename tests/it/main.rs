@@ -11,6 +11,7 @@ mod embedded;
 mod kafka_dead_letters;
 mod kill;
 mod migrate;
+mod owners;
 mod recover;
 mod restart;
 mod table_checks;

@@ -134,7 +134,7 @@ pub struct CountTrigger {
 impl Trigger for CountTrigger {
     fn on_element(&self, ts: i64, w: Window, state: &mut TriggerState, ctx: &mut TriggerContext) -> TriggerResult {
         let end = self.end.on_element(ts, w, state, ctx);
-        if state.count % self.every == 0 {
+        if state.count.is_multiple_of(self.every) {
             TriggerResult::Fire
         } else {
             end

@@ -1,0 +1,97 @@
+//! One owner per job: a second process of the same job refuses to start and says why,
+//! and the first one's output stays exactly once; a checkpoint directory of another
+//! job is refused.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+/// Start the job twice at once. The second must stop by itself, non-zero, naming the
+/// reason; the first writes every record exactly once into a table with no key (where
+/// a second writer would show as duplicates).
+async fn second_process_refused(shared_checkpoint_dir: bool, expect: &str) {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("owner");
+    create_topic(&topic, 2).await;
+    let total = 20_000u64;
+    produce(&topic, (0..total).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("owner");
+    let first_cfg = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")),
+    );
+    let other = tempfile::tempdir().expect("tempdir");
+    let cp = if shared_checkpoint_dir {
+        dir.path().join("cp")
+    } else {
+        other.path().join("cp")
+    };
+    let second_cfg = write_config(other.path(), &job_toml(&job, &topic, &schema, "two_phase", &cp));
+    let (log1, log2) = (dir.path().join("first.log"), other.path().join("second.log"));
+    let first = Sluice::start(&first_cfg, &log1);
+    // Let the first one take ownership before the second starts.
+    let ready = wait_until(Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log1)
+            .unwrap_or_default()
+            .contains("reading partition")
+    })
+    .await;
+    assert!(ready, "the first process did not start: {}", first.log_tail());
+    let mut second = Sluice::start(&second_cfg, &log2);
+    let exit = second.wait_exit(Duration::from_secs(30));
+    let said = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "the second process kept running: {said}"
+    );
+    assert!(said.contains(expect), "the second process did not say why: {said}");
+    let done = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= total as i64
+    })
+    .await;
+    let status = first.terminate();
+    assert!(done && status.success(), "first process: {status}");
+    let t = total as i64;
+    assert_eq!(sink_counts(&pool, &schema).await, (t, t, t, 0, t - 1));
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_of_a_job_is_refused_by_the_checkpoint_directory() {
+    second_process_refused(true, "in use by another sluice process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_of_a_job_is_refused_by_the_sink_database() {
+    second_process_refused(false, "is already running").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_directory_of_another_job_is_refused() {
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("otherjob");
+    create_topic(&topic, 1).await;
+    produce(&topic, (0..100).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = dir.path().join("cp");
+    let (job_a, job_b) = (unique("job_a"), unique("job_b"));
+    let first = write_config(dir.path(), &job_toml(&job_a, &topic, &schema, "idempotent", &cp));
+    let log = dir.path().join("a.log");
+    let a = Sluice::start(&first, &log);
+    let done = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 100
+    })
+    .await;
+    assert!(done && a.terminate().success());
+    let other = tempfile::tempdir().expect("tempdir");
+    let second = write_config(other.path(), &job_toml(&job_b, &topic, &schema, "idempotent", &cp));
+    let log_b = other.path().join("b.log");
+    let mut b = Sluice::start(&second, &log_b);
+    let exit = b.wait_exit(Duration::from_secs(30));
+    let said = std::fs::read_to_string(&log_b).unwrap_or_default();
+    assert!(exit.is_some_and(|s| !s.success()), "{said}");
+    assert!(said.contains(&format!("belongs to job `{job_a}`")), "{said}");
+}
