@@ -281,17 +281,18 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             Ok(()) => attempt(&cfg, &plan, &bootstrap, &storage, &stats, shutdown.clone()).await,
             Err(e) => Err(e),
         };
+        let owns = owner.as_ref().is_some_and(JobLock::is_held);
         let err = match result {
             Ok(()) => return Ok(()),
-            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) if !e.is_retryable() => return Err(leave_nothing_prepared(&cfg, &storage, owns, e).await),
             Err(e) => e,
         };
         if *shutdown.borrow() {
-            return Err(err);
+            return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         }
         let Some(wait) = policy.on_failure(Instant::now()) else {
             tracing::error!(error = %err, "job failed; the restart strategy allows no more restarts");
-            return Err(err);
+            return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         };
         tracing::warn!(error = %err, wait_ms = wait.as_millis() as u64, "job failed; restarting from the last completed checkpoint");
         telemetry::restarted();
@@ -300,6 +301,50 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown_wait.changed() => return Err(err),
         }
+    }
+}
+
+/// The process is about to exit on `err`: resolve this job's prepared transactions as a
+/// restart would (commit what the newest completed checkpoint holds, roll back the
+/// rest), so none is left holding locks; if that fails, say how to do it by hand. Only
+/// an owner of the job may: another process's transactions are not ours to touch.
+async fn leave_nothing_prepared(
+    cfg: &JobConfig,
+    storage: &Arc<dyn CheckpointStorage>,
+    owns: bool,
+    err: Error,
+) -> Error {
+    if !owns || cfg.sink.kind != SinkKind::Postgres || cfg.sink.strategy != Strategy::TwoPhase {
+        return err;
+    }
+    let resolved = async {
+        let pool = crate::sink::postgres::connect(&cfg.sink, &cfg.job.name, 2).await?;
+        let latest = storage.latest()?;
+        crate::sink::two_phase::recover(&pool, &cfg.job.name, latest.as_ref()).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(15), resolved).await {
+        Ok(Ok((committed, rolled_back))) => {
+            if committed + rolled_back > 0 {
+                tracing::info!(
+                    committed,
+                    rolled_back,
+                    "resolved this job's prepared transactions before exiting"
+                );
+            }
+            err
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not resolve this job's prepared transactions before exiting");
+            Error::Unsupported(format!(
+                "{err}; prepared transactions of this job may remain: the next start resolves them, or \
+                 `sluice txn list --config {}` shows them and `sluice txn commit|abort` resolves them by hand",
+                cfg.file.display()
+            ))
+        }
+        Err(_) => Error::Unsupported(format!(
+            "{err}; resolving this job's prepared transactions timed out: `sluice txn list --config {}` shows them",
+            cfg.file.display()
+        )),
     }
 }
 

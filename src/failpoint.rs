@@ -7,7 +7,12 @@
 //! - `before_store`: every subtask acknowledged, before the checkpoint is stored
 //! - `before_commit`: the checkpoint is stored and announced, before a sink commits
 //!
-//! Without the feature, `crash_if` compiles to nothing.
+//! And one that fails instead of crashing, for the paths a process takes when it gives
+//! up on its own:
+//!
+//! - `fail_before_commit`: a sink's commit returns an error instead of committing
+//!
+//! Without the feature, `crash_if` and `fail_if` compile to nothing.
 
 #[cfg(feature = "failpoints")]
 pub fn crash_if(name: &str, checkpoint: u64) {
@@ -26,3 +31,24 @@ pub fn crash_if(name: &str, checkpoint: u64) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn crash_if(_name: &str, _checkpoint: u64) {}
+
+/// With `SLUICE_FAILPOINT=<name>:<checkpoint>`, an error once the checkpoint id reaches
+/// `<checkpoint>`.
+#[cfg(feature = "failpoints")]
+pub fn fail_if(name: &str, checkpoint: u64) -> crate::Result<()> {
+    let Ok(spec) = std::env::var("SLUICE_FAILPOINT") else {
+        return Ok(());
+    };
+    match spec.split_once(':') {
+        Some((point, from)) if point == name && from.parse::<u64>().is_ok_and(|from| checkpoint >= from) => Err(
+            crate::Error::Internal(format!("failpoint {name} at checkpoint {checkpoint}")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn fail_if(_name: &str, _checkpoint: u64) -> crate::Result<()> {
+    Ok(())
+}

@@ -248,7 +248,7 @@ pub struct ProcessSpec {
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     pub id: String,
-    #[serde(default = "defaults::one")]
+    #[serde(default = "defaults::one", deserialize_with = "super::whole::number")]
     pub parallelism: u32,
     /// The edge into the window: `hash` (key groups of the `key_by` fields; the only
     /// choice that keeps a key's records together).

@@ -27,6 +27,17 @@ pub fn load(path: &Path) -> Result<JobConfig> {
     if !path.exists() {
         return Err(fail("-", "file not found".into()));
     }
+    // The loader recurses once per `__` level: a key nested thousands deep would
+    // exhaust memory and the stack before any message.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("SLUICE__") && name.matches("__").count() > 8 {
+            return Err(fail(
+                &name,
+                "nested deeper than any config key (at most 8 `__` levels)".into(),
+            ));
+        }
+    }
     let file_only = Config::builder()
         .add_source(file())
         .build()
@@ -332,6 +343,10 @@ impl JobSection {
         if !(1..=32768).contains(&self.max_parallelism) {
             return fail("job.max_parallelism", "must be between 1 and 32768");
         }
+        // A status line every nanosecond floods stdout (hundreds of MB a second).
+        if !self.status_interval.is_zero() && self.status_interval < std::time::Duration::from_millis(100) {
+            return fail("job.status_interval", "must be at least 100ms (or \"0s\" for off)");
+        }
         Ok(())
     }
 }
@@ -339,11 +354,15 @@ impl JobSection {
 impl SourceConfig {
     /// Checks of this section alone, naming the key.
     pub fn validate(&self, max_parallelism: u32) -> Check {
-        if self.bootstrap_servers.trim().is_empty() {
+        if self.bootstrap_servers.split(',').all(|b| b.trim().is_empty()) {
             return fail("source.bootstrap_servers", "must not be empty");
         }
         if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
             return fail("source.topics", "must name at least one topic");
+        }
+        let mut topics = HashSet::new();
+        if let Some(t) = self.topics.iter().find(|t| !topics.insert(t.trim())) {
+            return fail("source.topics", &format!("`{t}` is listed twice"));
         }
         if self.parallelism == 0 {
             return fail("source.parallelism", "must be at least 1");
@@ -408,11 +427,21 @@ impl DecodeConfig {
 impl CheckpointConfig {
     /// Checks of this section alone, naming the key.
     pub fn validate(&self) -> Check {
-        if self.interval.is_zero() {
-            return fail("checkpoint.interval", "must be greater than 0");
+        if self.interval < std::time::Duration::from_millis(10) {
+            return fail("checkpoint.interval", "must be at least 10ms");
         }
-        if self.timeout.is_zero() {
-            return fail("checkpoint.timeout", "must be greater than 0");
+        // No checkpoint completes in less: a shorter timeout aborts every one of them.
+        if self.timeout < std::time::Duration::from_millis(100) {
+            return fail("checkpoint.timeout", "must be at least 100ms");
+        }
+        if let Some(dir) = &self.dir {
+            let text = dir.to_string_lossy();
+            if text.trim().is_empty() || dir.parent().is_none() {
+                return fail(
+                    "checkpoint.dir",
+                    "must name a directory of its own (not empty, not the root)",
+                );
+            }
         }
         if self.retain == 0 {
             return fail("checkpoint.retain", "must be at least 1");
@@ -498,6 +527,13 @@ impl SinkConfig {
             return fail(
                 "sink.table",
                 "must be a plain SQL name (letters, digits, _; optionally schema.table)",
+            );
+        }
+        // Postgres truncates longer names silently: two long names could collide.
+        if self.table.split('.').any(|p| p.len() > 63) {
+            return fail(
+                "sink.table",
+                "names are at most 63 bytes (Postgres truncates longer ones)",
             );
         }
         if self.partitioner == PartitionerKind::Broadcast {

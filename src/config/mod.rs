@@ -58,7 +58,7 @@ pub struct JobSection {
     pub name: String,
     /// Number of key groups keys are hashed into; fixed for the job's life, it bounds
     /// the parallelism a restored job can have.
-    #[serde(default = "defaults::max_parallelism")]
+    #[serde(default = "defaults::max_parallelism", deserialize_with = "whole::number")]
     pub max_parallelism: u32,
     /// How often the console status line is printed (`"0s"` turns it off).
     #[serde(default = "defaults::status_interval", with = "humantime_serde")]
@@ -89,14 +89,14 @@ pub struct SourceConfig {
     /// Broker list, or `"embedded"` for an in-process mock cluster fed by a generator.
     pub bootstrap_servers: String,
     pub topics: Vec<String>,
-    #[serde(default = "defaults::one")]
+    #[serde(default = "defaults::one", deserialize_with = "whole::number")]
     pub parallelism: u32,
     #[serde(default)]
     pub start_from: StartFrom,
     #[serde(default)]
     pub isolation_level: IsolationLevel,
     /// Records per batch handed downstream.
-    #[serde(default = "defaults::source_batch")]
+    #[serde(default = "defaults::source_batch", deserialize_with = "whole::number")]
     pub batch_size: usize,
     /// How often topic metadata is read to pick up new partitions.
     #[serde(default = "defaults::discovery", with = "humantime_serde")]
@@ -207,7 +207,7 @@ pub struct CheckpointConfig {
     /// Directory for `storage = "filesystem"`.
     pub dir: Option<PathBuf>,
     /// Completed checkpoints kept; older ones are deleted.
-    #[serde(default = "defaults::retain")]
+    #[serde(default = "defaults::retain", deserialize_with = "whole::number")]
     pub retain: usize,
 }
 
@@ -342,7 +342,7 @@ pub struct SinkConfig {
     /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
     #[serde(default)]
     pub key: Vec<String>,
-    #[serde(default = "defaults::one")]
+    #[serde(default = "defaults::one", deserialize_with = "whole::number")]
     pub parallelism: u32,
     /// How records reach sink subtasks (default: `key_hash` on `key`).
     #[serde(default = "defaults::partitioner")]
@@ -350,7 +350,7 @@ pub struct SinkConfig {
     /// The registered partitioner for `partitioner = "custom"`.
     pub custom_partitioner: Option<String>,
     /// Rows per statement.
-    #[serde(default = "defaults::sink_batch")]
+    #[serde(default = "defaults::sink_batch", deserialize_with = "whole::number")]
     pub batch_size: usize,
     /// A directory of sqlx migrations (`<version>_<name>.sql`).
     pub migrations: Option<PathBuf>,
@@ -404,6 +404,44 @@ impl Default for MetricsConfig {
         Self {
             listen: defaults::metrics_listen(),
         }
+    }
+}
+
+/// Counts that must be whole numbers: `parallelism = 2.5` is refused instead of being
+/// rounded to 3; digits from the environment (`"4"`) are read as the number.
+pub(crate) mod whole {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    pub fn number<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        struct Whole;
+        impl Visitor<'_> for Whole {
+            type Value = u64;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+                Ok(v)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+                u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative; expected a whole number")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+                Err(E::custom(format!("{v} is not a whole number")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+                v.trim()
+                    .parse()
+                    .map_err(|_| E::custom(format!("`{v}` is not a whole number")))
+            }
+        }
+        let n = d.deserialize_any(Whole)?;
+        T::try_from(n).map_err(|_| de::Error::custom(format!("{n} is too large")))
     }
 }
 

@@ -61,6 +61,11 @@ impl JobLock {
         }
     }
 
+    /// Whether this process holds the lock (as of its last check).
+    pub fn is_held(&self) -> bool {
+        self.conn.is_some()
+    }
+
     /// Hold the lock (again, if its connection was lost). A lock held by another
     /// session is a non-retryable error naming the holder.
     pub async fn ensure(&mut self, cfg: &SinkConfig) -> Result<()> {

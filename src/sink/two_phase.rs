@@ -133,6 +133,7 @@ impl SinkWriter for TwoPhaseWriter {
             return Ok(());
         }
         crate::failpoint::crash_if("before_commit", checkpoint);
+        crate::failpoint::fail_if("fail_before_commit", checkpoint)?;
         let started = Instant::now();
         // The epoch connection may be inside the next transaction; commit elsewhere.
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;

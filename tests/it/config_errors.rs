@@ -295,3 +295,52 @@ fn graph_and_schema_mistakes_are_named() {
     let (ok, stderr) = check(&w.replace("[sink]", "[sink]\npartitioner = \"forward\""), &[]);
     assert!(ok, "{stderr}");
 }
+
+/// Values a careless operator writes: each named, none accepted.
+#[test]
+fn footguns_are_refused() {
+    let b = base();
+    rejected(
+        &b.replace("status_interval = \"0s\"", "status_interval = \"1ns\""),
+        &[],
+        "job.status_interval",
+    );
+    rejected(
+        &b.replace("timeout = \"20s\"", "timeout = \"1ns\""),
+        &[],
+        "checkpoint.timeout",
+    );
+    rejected(
+        &b.replace("parallelism = 2\npartition", "parallelism = 2.5\npartition"),
+        &[],
+        "source.parallelism",
+    );
+    rejected(
+        &b.replace("topics = [\"t\"]", "topics = [\"t\", \"t\"]"),
+        &[],
+        "source.topics",
+    );
+    let servers = format!("bootstrap_servers = \"{}\"", kafka());
+    rejected(
+        &b.replace(&servers, "bootstrap_servers = \" , \""),
+        &[],
+        "source.bootstrap_servers",
+    );
+    rejected(
+        &b.replace("dir = \"/tmp/sluice-cfg-test\"", "dir = \"/\""),
+        &[],
+        "checkpoint.dir",
+    );
+    rejected(
+        &b.replace("dir = \"/tmp/sluice-cfg-test\"", "dir = \"\""),
+        &[],
+        "checkpoint.dir",
+    );
+    rejected(
+        &b.replace("table = \"s.events\"", &format!("table = \"s.{}\"", "e".repeat(64))),
+        &[],
+        "sink.table",
+    );
+    let deep = format!("SLUICE{}", "__X".repeat(2_000));
+    rejected(&b, &[(deep.as_str(), "1")], "nested deeper than any config key");
+}

@@ -72,3 +72,48 @@ async fn restart_two_phase_after_database_failures() {
 async fn restart_idempotent_after_database_failures() {
     survives_database_failures("idempotent").await;
 }
+
+/// A job that fails for good (restart strategy `none`; its sink's commit fails after
+/// the checkpoint was stored, so prepared transactions are certain to exist) resolves
+/// them before the process exits, instead of leaving them to hold locks until someone
+/// notices: the stored checkpoint's are committed, the rest rolled back.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_gives_up_leaves_no_prepared_transaction() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("giveup");
+    let job = unique("giveup");
+    create_topic(&topic, 4).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")).replace(
+        "strategy = \"fixed_delay\"\nattempts = 100\ndelay = \"500ms\"",
+        "strategy = \"none\"",
+    );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let t = topic.clone();
+    let producer = std::thread::spawn(move || {
+        for chunk in 0..20u64 {
+            produce(&t, (chunk * 1_000..(chunk + 1) * 1_000).map(record));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut s = Sluice::start_with(&config, &log, &[("SLUICE_FAILPOINT", "fail_before_commit:3")]);
+    let exit = s.wait_exit(Duration::from_secs(60));
+    producer.join().expect("producer");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(exit.is_some_and(|e| !e.success()), "the job did not give up: {text}");
+    assert!(
+        text.contains("resolved this job's prepared transactions before exiting"),
+        "nothing was resolved at exit:\n{text}"
+    );
+    assert_eq!(
+        prepared_of(&pool, &job).await,
+        0,
+        "prepared transactions left at exit:\n{text}"
+    );
+    // What was committed is exactly what the stored checkpoint covered: no row twice.
+    let (rows, distinct, ..) = sink_counts(&pool, &schema).await;
+    assert!(rows > 0 && rows == distinct, "rows {rows}, distinct {distinct}");
+}
