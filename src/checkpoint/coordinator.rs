@@ -189,7 +189,7 @@ impl Coordinator {
                     let Some(event) = event else {
                         return Err(Error::Internal("all subtasks stopped".into()));
                     };
-                    if let Some(done) = self.on_event(event, &mut pending)? {
+                    if let Some(done) = self.on_event(event, &mut pending).await? {
                         last_end = Instant::now();
                         if done.is_final {
                             return Ok(done.id);
@@ -208,7 +208,7 @@ impl Coordinator {
 
     /// Handle an acknowledgement or decline; returns the barrier of a checkpoint that
     /// just completed.
-    fn on_event(&mut self, event: TaskEvent, pending: &mut Option<PendingCheckpoint>) -> Result<Option<Barrier>> {
+    async fn on_event(&mut self, event: TaskEvent, pending: &mut Option<PendingCheckpoint>) -> Result<Option<Barrier>> {
         let current = pending.as_ref().map(|p| p.barrier.id);
         match event {
             TaskEvent::Decline {
@@ -251,8 +251,11 @@ impl Coordinator {
                 let completed = p.into_completed(&self.job);
                 crate::failpoint::crash_if("before_store", barrier.id);
                 // Written before it is announced: a sink commits only what a restore
-                // would also find.
-                let bytes = self.storage.store(&completed)?;
+                // would also find. The fsyncs run off the async workers.
+                let storage = self.storage.clone();
+                let bytes = tokio::task::spawn_blocking(move || storage.store(&completed))
+                    .await
+                    .map_err(|e| Error::Internal(format!("storing checkpoint {}: {e}", barrier.id)))??;
                 self.completed.send_replace(barrier.id);
                 let took = started.elapsed();
                 telemetry::checkpoint_completed(took, bytes);
