@@ -6,7 +6,12 @@
 //! - `GET /status`: the job's counters and last checkpoint, as JSON
 //!
 //! A few routes, read-only, HTTP/1.1 with one request per connection: small enough to
-//! serve by hand rather than pull in a web framework.
+//! serve by hand rather than pull in a web framework. What a framework would give is
+//! here explicitly, because a monitoring port must never hurt the job: at most
+//! [`MAX_CONNECTIONS`] at once (further clients wait in the kernel's backlog, so idle or
+//! hostile connections cannot exhaust the process's file descriptors), a request head
+//! of at most 16 KiB read within [`HEAD_TIMEOUT`], a whole exchange within 10 s, and a
+//! pause after a failed `accept` instead of a busy loop.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,6 +24,12 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::telemetry::{self, JobStats};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Time a client has to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The running endpoint; dropping it stops it.
 pub struct ApiServer {
@@ -54,15 +65,31 @@ pub async fn start(listen: &str, job: &str, stats: Arc<JobStats>) -> Result<Opti
         }));
     }
     let job = job.to_string();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tasks.push(tokio::spawn(async move {
+        let mut last_warning: Option<std::time::Instant> = None;
         loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                continue;
+            // Accept only with a free slot: the rest wait in the listen backlog.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let socket = match listener.accept().await {
+                Ok((socket, _)) => socket,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off rather than spin.
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        tracing::warn!(error = %e, "the metrics endpoint cannot accept connections (pausing)");
+                        last_warning = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
             };
             let (handle, stats, job) = (handle.clone(), stats.clone(), job.clone());
             tokio::spawn(async move {
                 // A client that stalls or hangs up is its own problem.
                 let _ = tokio::time::timeout(Duration::from_secs(10), serve(socket, handle, stats, job)).await;
+                drop(slot);
             });
         }
     }));
@@ -77,12 +104,18 @@ async fn serve(
 ) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-        let n = socket.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+            let n = socket.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
         }
-        request.extend_from_slice(&buf[..n]);
+        Ok::<_, std::io::Error>(())
+    };
+    if tokio::time::timeout(HEAD_TIMEOUT, head).await.is_err() {
+        return Ok(());
     }
     let head = String::from_utf8_lossy(&request);
     let mut parts = head.split_whitespace();
