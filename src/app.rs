@@ -269,6 +269,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         e.bootstrap_servers().to_string()
     });
     let storage = open_storage(&cfg)?;
+    refuse_silent_fresh_start(&cfg, &bootstrap, &storage).await?;
     let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
@@ -346,6 +347,54 @@ async fn leave_nothing_prepared(
             cfg.file.display()
         )),
     }
+}
+
+/// A job whose checkpoints are gone but whose consumer group shows it ran before would
+/// start over from `start_from` and write again what it wrote: refuse, unless the user
+/// says `--fresh-start`. Only for checkpoints in a directory (memory checkpoints are
+/// lost with every process by design).
+async fn refuse_silent_fresh_start(
+    cfg: &Arc<JobConfig>,
+    bootstrap: &str,
+    storage: &Arc<dyn CheckpointStorage>,
+) -> Result<()> {
+    if cfg.source.fresh_start
+        || !cfg.source.commit_offsets
+        || cfg.checkpoint.storage != StorageKind::Filesystem
+        || storage.latest()?.is_some()
+    {
+        return Ok(());
+    }
+    let (c, b) = (cfg.clone(), bootstrap.to_string());
+    let found = tokio::task::spawn_blocking(move || crate::source::committed_group_offsets(&c, &b))
+        .await
+        .map_err(|e| Error::Internal(format!("reading group offsets: {e}")))?;
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => {
+            // Kafka unreachable: the job will say so itself; do not block on this check.
+            tracing::debug!(error = %e, "could not read the consumer group's offsets");
+            return Ok(());
+        }
+    };
+    if let Some((topic, partition, offset)) = found.first() {
+        let dir = cfg
+            .checkpoint
+            .dir
+            .as_deref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        return Err(Error::Unsupported(format!(
+            "no checkpoint in {dir}, but Kafka's consumer group sluice-{} holds offsets of this job for {} \
+             partition(s) (e.g. {topic}/{partition} at {offset}): it ran before and its checkpoints are gone. \
+             Starting over would read from `{:?}` and write again what was written. Restore the checkpoint \
+             directory, or start anew on purpose with `sluice run --fresh-start` (or source.fresh_start = true)",
+            cfg.job.name,
+            found.len(),
+            cfg.source.start_from
+        )));
+    }
+    Ok(())
 }
 
 /// What every subtask of one attempt shares.

@@ -30,6 +30,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Start without a checkpoint even though the job's consumer group shows it ran
+        /// before (refused otherwise: it would write again what was written).
+        #[arg(long)]
+        fresh_start: bool,
     },
     /// Check a config file and print the resolved job; exits non-zero if it is invalid.
     Check {
@@ -127,7 +131,11 @@ fn load(path: &Path) -> anyhow::Result<JobConfig> {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => run(load(&config)?).await,
+        Command::Run { config, fresh_start } => {
+            let mut cfg = load(&config)?;
+            cfg.source.fresh_start |= fresh_start;
+            run(cfg).await
+        }
         Command::Check { config } => {
             let cfg = load(&config)?;
             let plan = sluice::app::plan(&cfg, &Arc::new(sluice::telemetry::JobStats::default()))?;

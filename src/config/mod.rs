@@ -105,6 +105,12 @@ pub struct SourceConfig {
     /// for lag monitoring with Kafka's tools. Never read back: restores use checkpoints.
     #[serde(default = "defaults::yes")]
     pub commit_offsets: bool,
+    /// Start without a checkpoint even though the consumer group shows this job ran
+    /// before (its checkpoints are gone). Off: such a start is refused, because it
+    /// would read and write again what was already written. `sluice run --fresh-start`
+    /// sets it for one run.
+    #[serde(default)]
+    pub fresh_start: bool,
     /// Any librdkafka consumer property, passed through (security, SASL, TLS, fetch
     /// sizes). Nested tables are joined with dots: `[source.properties.ssl]
     /// ca.location = "..."` sets `ssl.ca.location`.

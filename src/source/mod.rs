@@ -66,3 +66,38 @@ pub fn producer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
     }
     c
 }
+
+/// Offsets the job's consumer group (`sluice-<job>`) holds for the configured topics:
+/// the trace of an earlier run. Blocking (metadata and an offset fetch).
+pub fn committed_group_offsets(cfg: &JobConfig, bootstrap: &str) -> crate::Result<Vec<(String, i32, i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::time::Duration;
+    let consumer: BaseConsumer = consumer_config(cfg, bootstrap)
+        .create()
+        .map_err(crate::Error::kafka("create consumer"))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for topic in &cfg.source.topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(crate::Error::kafka(format!("read metadata of {topic}")))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition(topic, p.id());
+            }
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(crate::Error::kafka("read the consumer group's offsets"))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) if o >= 0 => Some((e.topic().to_string(), e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}

@@ -95,3 +95,50 @@ async fn a_checkpoint_directory_of_another_job_is_refused() {
     assert!(exit.is_some_and(|s| !s.success()), "{said}");
     assert!(said.contains(&format!("belongs to job `{job_a}`")), "{said}");
 }
+
+/// The checkpoint directory is gone but the job's consumer group shows it ran: a
+/// restart would read everything again and write it twice. It is refused with the way
+/// out in the message; `--fresh-start` (here: `source.fresh_start`) starts anew on
+/// purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_checkpoint_directory_is_not_a_silent_fresh_start() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("lostcp");
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..1_000).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("lostcp");
+    let cp = dir.path().join("cp");
+    let config = write_config(dir.path(), &job_toml(&job, &topic, &schema, "two_phase", &cp));
+    let log = dir.path().join("sluice.log");
+    let s = Sluice::start(&config, &log);
+    let done = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 1_000
+    })
+    .await;
+    assert!(done && s.terminate().success());
+    std::fs::remove_dir_all(&cp).expect("lose the checkpoints");
+
+    let log2 = dir.path().join("again.log");
+    let mut again = Sluice::start(&config, &log2);
+    let exit = again.wait_exit(Duration::from_secs(30));
+    let said = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(exit.is_some_and(|e| !e.success()), "it started over silently: {said}");
+    assert!(
+        said.contains("--fresh-start") && said.contains("checkpoints are gone"),
+        "{said}"
+    );
+    assert_eq!(sink_counts(&pool, &schema).await.0, 1_000, "nothing written twice");
+
+    let log3 = dir.path().join("fresh.log");
+    let fresh = Sluice::start_with(&config, &log3, &[("SLUICE__SOURCE__FRESH_START", "true")]);
+    let started = wait_until(Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log3)
+            .unwrap_or_default()
+            .contains("reading partition")
+    })
+    .await;
+    assert!(started, "{}", fresh.log_tail());
+    assert!(fresh.terminate().success());
+}
