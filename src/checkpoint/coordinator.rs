@@ -98,6 +98,7 @@ impl PendingCheckpoint {
             id: self.barrier.id,
             triggered_at_ms: self.triggered_at_ms,
             tasks: self.states,
+            checksum: None,
         }
     }
 }

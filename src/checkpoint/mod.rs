@@ -24,9 +24,28 @@ pub struct CompletedCheckpoint {
     /// When it was triggered, epoch ms.
     pub triggered_at_ms: u64,
     pub tasks: BTreeMap<String, serde_json::Value>,
+    /// SHA-256 (hex) of the checkpoint without this field, set when stored: an edited
+    /// or partly written file is refused instead of restored. Absent in checkpoints
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 impl CompletedCheckpoint {
+    /// The checksum of everything but the checksum.
+    pub fn compute_checksum(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut plain = self.clone();
+        plain.checksum = None;
+        let bytes = serde_json::to_vec(&plain).unwrap_or_default();
+        Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether the stored checksum (if any) matches the content.
+    pub fn checksum_matches(&self) -> bool {
+        self.checksum.as_deref().is_none_or(|c| c == self.compute_checksum())
+    }
+
     /// States of one operator's subtasks (`source`, `sink`), whatever their parallelism
     /// was when the checkpoint was taken.
     pub fn operator_states<'a>(&'a self, operator: &'a str) -> impl Iterator<Item = &'a serde_json::Value> + 'a {

@@ -173,6 +173,17 @@ impl DirectoryStorage {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        if !cp.checksum_matches() {
+            return Err(Error::CorruptCheckpoint {
+                path: path.to_path_buf(),
+                message: "checksum mismatch: the file was edited or partly written; restore it from a backup, \
+                          or remove it to fall back to the previous checkpoint"
+                    .into(),
+            });
+        }
+        // Verified: the checksum is the file's business, not the restore's.
+        let mut cp = cp;
+        cp.checksum = None;
         if cp.format_version != FORMAT_VERSION {
             return Err(Error::CorruptCheckpoint {
                 path: path.to_path_buf(),
@@ -188,6 +199,9 @@ impl DirectoryStorage {
 
 impl CheckpointStorage for DirectoryStorage {
     fn store(&self, checkpoint: &CompletedCheckpoint) -> Result<u64> {
+        let mut checkpoint = checkpoint.clone();
+        checkpoint.checksum = Some(checkpoint.compute_checksum());
+        let checkpoint = &checkpoint;
         let bytes = serde_json::to_vec_pretty(checkpoint)
             .map_err(|e| Error::Internal(format!("serialising checkpoint {}: {e}", checkpoint.id)))?;
         let target = self.dir.join(Self::file_name(checkpoint.id));
@@ -290,6 +304,7 @@ mod tests {
             id,
             triggered_at_ms: 0,
             tasks,
+            checksum: None,
         }
     }
 
@@ -308,6 +323,19 @@ mod tests {
         drop(s);
         let reopened = DirectoryStorage::open(dir.path(), 2).unwrap();
         assert_eq!(reopened.latest().unwrap(), Some(cp(4)));
+    }
+
+    #[test]
+    fn an_edited_checkpoint_is_refused_by_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirectoryStorage::open(dir.path(), 2).unwrap();
+        s.store(&cp(3)).unwrap();
+        assert_eq!(s.latest().unwrap().map(|c| c.id), Some(3));
+        let path = dir.path().join("chk-000000000003.json");
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("\"t\"", "\"u\"")).unwrap();
+        let msg = s.latest().unwrap_err().to_string();
+        assert!(msg.contains("checksum mismatch"), "{msg}");
     }
 
     #[test]
