@@ -15,8 +15,8 @@ fn base() -> String {
     )
 }
 
-/// Run `sluice check` on `toml` (with `env`), return (exit ok, stderr).
-fn check(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
+/// Run `sluice check` on `toml` (with `env`), return (exit ok, stdout, stderr).
+fn run_check(toml: &str, env: &[(&str, &str)]) -> (bool, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config(dir.path(), toml);
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -25,7 +25,17 @@ fn check(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
         .envs(env.iter().copied())
         .output()
         .expect("run sluice check");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Run `sluice check`, return (exit ok, stderr).
+fn check(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let (ok, _, stderr) = run_check(toml, env);
+    (ok, stderr)
 }
 
 fn rejected(toml: &str, env: &[(&str, &str)], key: &str) {
@@ -142,22 +152,10 @@ fn secrets_are_refused_in_the_file() {
     assert!(ok, "{stderr}");
 }
 
-/// What `sluice check` prints, and whether it succeeded.
+/// What `sluice check` prints (both streams), and whether it succeeded.
 fn check_output(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write_config(dir.path(), toml);
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run sluice check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let (ok, stdout, stderr) = run_check(toml, env);
+    (ok, stdout + &stderr)
 }
 
 #[test]
