@@ -635,3 +635,89 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::load;
+    use crate::error::Error;
+    use proptest::prelude::*;
+
+    const BASE: &str = r#"[job]
+name = "fuzz"
+[source]
+bootstrap_servers = "127.0.0.1:9092"
+topics = ["t"]
+parallelism = 2
+[[decode.fields]]
+name = "id"
+type = "int"
+[[operators]]
+kind = "key_by"
+fields = ["id"]
+[[operators]]
+kind = "window"
+id = "w"
+assigner = "tumbling"
+size = "10s"
+aggregates = [ { fn = "count" } ]
+[checkpoint]
+interval = "1s"
+[sink]
+kind = "postgres"
+url = "postgres://u@h/db"
+table = "s.t"
+strategy = "idempotent"
+"#;
+
+    /// A TOML value of any kind, or something that is not one.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            "[a-z0-9 ._:/-]{0,16}".prop_map(|s| format!("\"{s}\"")),
+            Just("\"1ns\"".to_string()),
+            Just("\"9999999999999999999s\"".to_string()),
+            Just("99999999999999999999999".to_string()),
+            Just("[]".to_string()),
+            Just("{ }".to_string()),
+            Just("true".to_string()),
+            Just("\"".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any value in place of any value of a valid config: loaded, or refused with a
+        /// message that names a key; never a panic.
+        #[test]
+        fn any_value_anywhere_is_loaded_or_named(line in 0usize..32, v in value()) {
+            let mut lines: Vec<String> = BASE.lines().map(str::to_string).collect();
+            let i = line % lines.len();
+            if let Some((key, _)) = lines[i].clone().split_once(" = ") {
+                lines[i] = format!("{key} = {v}");
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, lines.join("\n")).expect("write");
+            match load(&path) {
+                Ok(cfg) => prop_assert!(cfg.validate().is_ok()),
+                Err(Error::Config { key, message, .. }) => {
+                    prop_assert!(!key.is_empty() && !message.is_empty(), "{key}: {message}");
+                }
+                Err(other) => prop_assert!(false, "not a config error: {other}"),
+            }
+        }
+
+        /// Arbitrary bytes as the file: refused with a reason, never a panic.
+        #[test]
+        fn arbitrary_files_are_refused_with_a_reason(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, &bytes).expect("write");
+            if let Err(e) = load(&path) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+}

@@ -246,6 +246,8 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
         match self.0.field_type {
             FieldType::Float => Ok(Value::Float(v)),
+            // serde_json reads integers beyond 64 bits as floats: say what they are.
+            FieldType::Int if v.fract() == 0.0 => Err(self.mismatch("an integer beyond 64-bit range")),
             FieldType::Int => Err(self.mismatch("a fractional number")),
             _ => Err(self.mismatch("a number")),
         }
@@ -347,6 +349,8 @@ mod tests {
         assert_eq!(reason(br#"{"id":null,"name":"x"}"#), "required field `id` is null");
         assert!(reason(br#"{"id":"7","name":"x"}"#).contains("field `id`: expected an integer, found a string"));
         assert!(reason(br#"{"id":1.5,"name":"x"}"#).contains("found a fractional number"));
+        assert!(reason(br#"{"id":18446744073709551616,"name":"x"}"#).contains("beyond 64-bit range"));
+        assert!(reason(br#"{"id":-9223372036854775809,"name":"x"}"#).contains("beyond 64-bit range"));
         assert!(reason(br#"{"id":1,"name":3}"#).contains("field `name`: expected a string"));
         assert!(reason(b"[1,2]").contains("not a JSON object"));
         assert!(reason(br#"{"id":1,"name":"x"} trailing"#).starts_with("invalid JSON"));
@@ -357,5 +361,105 @@ mod tests {
         let dead = decoder().decode(origin(), Some(b"{")).unwrap_err();
         assert_eq!(dead.payload, b"{");
         assert_eq!(dead.origin.offset, 42);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn decoder() -> Decoder {
+        let field = |name: &str, field_type, required| FieldSpec {
+            name: name.into(),
+            field_type,
+            required,
+        };
+        Decoder::new(
+            vec![
+                field("id", FieldType::Int, true),
+                field("name", FieldType::String, false),
+                field("x", FieldType::Float, false),
+                field("doc", FieldType::Json, false),
+            ],
+            4096,
+            true,
+        )
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 1,
+            timestamp_ms: 0,
+        }
+    }
+
+    /// JSON-ish text: objects, arrays, numbers of every size, strings with escapes,
+    /// deep nesting, truncation.
+    fn jsonish() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| f.to_string()),
+            "[a-z\\\\\"\\u{0}-\\u{7f}]{0,12}".prop_map(|s| format!("{s:?}")),
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("1e999".to_string()),
+            Just("18446744073709551616".to_string()),
+        ];
+        leaf.prop_recursive(8, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec(
+                    (prop::sample::select(vec!["id", "name", "x", "doc", "other"]), inner),
+                    0..6
+                )
+                .prop_map(|kv| {
+                    let body: Vec<String> = kv.into_iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                    format!("{{{}}}", body.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any bytes: a record or a dead letter with a reason and the payload kept;
+        /// never a panic.
+        #[test]
+        fn arbitrary_bytes_decode_or_dead_letter(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            match decoder().decode(origin(), Some(&bytes)) {
+                Ok(r) => prop_assert_eq!(r.values.len(), 4),
+                Err(d) => {
+                    prop_assert!(!d.reason.is_empty());
+                    prop_assert_eq!(d.payload, bytes);
+                }
+            }
+        }
+
+        /// Structured JSON, valid or cut short, with every type in every field.
+        #[test]
+        fn json_shaped_input_decodes_or_dead_letters(text in jsonish(), cut in 0usize..4) {
+            let end = text.len().saturating_sub(cut);
+            let text = text.get(..end).unwrap_or(&text);
+            match decoder().decode(origin(), Some(text.as_bytes())) {
+                Ok(r) => prop_assert!(matches!(r.values[0], Value::Int(_))),
+                Err(d) => prop_assert!(!d.reason.is_empty()),
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_read_without_recursion_limits_hurting() {
+        let deep = format!(r#"{{"id": 1, "doc": {}1{}}}"#, "[".repeat(20_000), "]".repeat(20_000));
+        let d = Decoder::new(decoder().fields, 1 << 20, false);
+        // Either kept as JSON text or refused with a reason; never a stack overflow.
+        match d.decode(origin(), Some(deep.as_bytes())) {
+            Ok(r) => assert!(matches!(r.values[3], Value::Json(_))),
+            Err(e) => assert!(!e.reason.is_empty()),
+        }
     }
 }
