@@ -491,7 +491,8 @@ impl KafkaSource {
                         run.watermarks.add((ti, id), generator, Instant::now());
                     }
                     let next = match restored {
-                        Some((next, _)) => next,
+                        Some((Some(next), _)) => check_restored_offset(&run.consumer, &t.name, id, next)?,
+                        Some((None, _)) => None,
                         // Partitions that appear after the first look start at the beginning, so
                         // nothing written to them is missed.
                         None if run.first_discovery && self.start_from == StartFrom::Latest => {
@@ -548,4 +549,43 @@ impl KafkaSource {
         // Each subtask adds its share; the job total is kept per subtask slot.
         self.stats.set_lag(self.index, total);
     }
+}
+
+/// A restored offset checked against what the partition holds now. Beyond its end the
+/// topic was re-created (or truncated): its records would be skipped without a word, so
+/// say so and read it from its start, as `auto.offset.reset = earliest` would. Below its
+/// start retention deleted records before they were read: say how many are gone and go
+/// on from the start. Returns the offset to read from (`None`: the beginning).
+fn check_restored_offset(
+    consumer: &BaseConsumer<WatermarkContext>,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) -> Result<Option<i64>> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(Error::kafka(format!("read watermarks of {topic}/{partition}")))?;
+    if next > high {
+        tracing::error!(
+            topic,
+            partition,
+            restored = next,
+            end = high,
+            "the restored offset lies beyond the partition's end: the topic was re-created or truncated; \
+             reading the partition from its start"
+        );
+        return Ok(None);
+    }
+    if next < low {
+        tracing::warn!(
+            topic,
+            partition,
+            restored = next,
+            start = low,
+            lost = low - next,
+            "retention deleted records before they were read; going on from the partition's start"
+        );
+        return Ok(Some(low));
+    }
+    Ok(Some(next))
 }

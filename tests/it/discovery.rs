@@ -126,3 +126,51 @@ async fn start_from_latest_then_resume_from_the_checkpoint() {
     );
     assert_eq!(sink_counts(&pool, &schema).await, (1_000, 1_000, 1_000, 1_000, 1_999));
 }
+
+/// A topic re-created since the checkpoint: the restored offset lies beyond the new
+/// partition's end. Its records used to be skipped without a word (0 of 300 read, lag
+/// 0); now the job says so and reads the partition from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_offset_beyond_a_re_created_topic_s_end_is_reported_and_read_from_the_start() {
+    use sluice::checkpoint::{CheckpointStorage, CompletedCheckpoint, DirectoryStorage, FORMAT_VERSION};
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("recreated");
+    create_topic(&topic, 1).await;
+    produce(&topic, (0..300).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("recreated");
+    let cp = dir.path().join("cp");
+    // The old topic's checkpoint: partition 0 read up to offset 5,000.
+    {
+        let storage = DirectoryStorage::open(&cp, 3).expect("storage");
+        let mut tasks = std::collections::BTreeMap::new();
+        tasks.insert(
+            "source-0".to_string(),
+            serde_json::json!({ "offsets": [ { "topic": topic, "partition": 0, "next": 5000 } ] }),
+        );
+        storage
+            .store(&CompletedCheckpoint {
+                format_version: FORMAT_VERSION,
+                job: job.clone(),
+                id: 1,
+                triggered_at_ms: 0,
+                tasks,
+                checksum: None,
+            })
+            .expect("store the old checkpoint");
+    }
+    let config = write_config(dir.path(), &job_toml(&job, &topic, &schema, "idempotent", &cp));
+    let log = dir.path().join("sluice.log");
+    let s = Sluice::start(&config, &log);
+    let all = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 300
+    })
+    .await;
+    let status = s.terminate();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(all, "the re-created topic's records were not read: {text}");
+    assert!(status.success());
+    assert_eq!(sink_counts(&pool, &schema).await, (300, 300, 300, 0, 299));
+    assert!(text.contains("beyond the partition's end"), "no word of it: {text}");
+}
