@@ -371,11 +371,6 @@ impl Chained {
             }
         }
     }
-
-    /// The operator's current watermark.
-    pub fn watermark(&self) -> i64 {
-        self.watermark
-    }
 }
 
 #[cfg(test)]

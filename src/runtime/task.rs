@@ -23,8 +23,9 @@ use crate::time::{Clock, InputWatermarks};
 
 /// Where a subtask's output goes.
 pub trait Tail: Send {
-    /// Records and watermarks out of the chain, in order.
-    fn emit(&mut self, items: Vec<Emit>) -> impl Future<Output = Result<()>> + Send;
+    /// Records and watermarks out of the chain, in order; drains `items` (its memory is
+    /// reused for the next batch).
+    fn emit(&mut self, items: &mut Vec<Emit>) -> impl Future<Output = Result<()>> + Send;
     /// Every input is idle: say so downstream.
     fn idle(&mut self) -> impl Future<Output = Result<()>> + Send;
     /// Barrier `b` is aligned and the chain snapshotted: pass it on, or pre-commit.
@@ -50,8 +51,8 @@ pub struct NetworkTail {
 }
 
 impl Tail for NetworkTail {
-    async fn emit(&mut self, items: Vec<Emit>) -> Result<()> {
-        for item in items {
+    async fn emit(&mut self, items: &mut Vec<Emit>) -> Result<()> {
+        for item in items.drain(..) {
             match item {
                 Emit::Batch(b) if b.is_empty() => {}
                 Emit::Batch(b) => {
@@ -104,8 +105,8 @@ pub struct SinkTail<W> {
 }
 
 impl<W: SinkWriter> Tail for SinkTail<W> {
-    async fn emit(&mut self, items: Vec<Emit>) -> Result<()> {
-        for item in items {
+    async fn emit(&mut self, items: &mut Vec<Emit>) -> Result<()> {
+        for item in items.drain(..) {
             if let Emit::Batch(b) = item {
                 if !b.is_empty() {
                     self.writer.write(b).await?;
@@ -224,7 +225,7 @@ pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) ->
             }
             _ = timer_due => {
                 chain.on_processing_time(io.clock.now_ms(), &mut out)?;
-                tail.emit(std::mem::take(&mut out)).await?;
+                tail.emit(&mut out).await?;
             }
             item = io.gate.next(), if !inputs_done => {
                 let Some(item) = item else {
@@ -248,7 +249,7 @@ pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) ->
                             chain.process(Emit::Watermark(w), now, &mut out)?;
                         }
                         chain.process(Emit::Batch(b), now, &mut out)?;
-                        tail.emit(std::mem::take(&mut out)).await?;
+                        tail.emit(&mut out).await?;
                         None
                     }
                     StreamElement::Watermark(w) => {
@@ -305,12 +306,12 @@ async fn advance<T: Tail>(
         InputTime::Unchanged => Ok(()),
         InputTime::Advanced(w) => {
             chain.process(Emit::Watermark(w), io.clock.now_ms(), out)?;
-            tail.emit(std::mem::take(out)).await
+            tail.emit(out).await
         }
         InputTime::Idle => tail.idle().await,
         InputTime::AdvancedThenIdle(w) => {
             chain.process(Emit::Watermark(w), io.clock.now_ms(), out)?;
-            tail.emit(std::mem::take(out)).await?;
+            tail.emit(out).await?;
             tail.idle().await
         }
     }

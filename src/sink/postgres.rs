@@ -10,6 +10,7 @@ use sqlx::query::Query;
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, Postgres, Row};
 
 use super::{quote_name, Column, TableSpec, ValueType};
+use crate::config::redact_url;
 use crate::config::SinkConfig;
 use crate::error::{DbFault, Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
@@ -29,14 +30,14 @@ pub async fn connect(cfg: &SinkConfig, job: &str, max_connections: u32) -> Resul
     let probe = options
         .connect()
         .await
-        .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))?;
+        .map_err(Error::db(format!("connect to {}", redact_url(&cfg.url))))?;
     let _ = probe.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
-        .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))
+        .map_err(Error::db(format!("connect to {}", redact_url(&cfg.url))))
 }
 
 /// The job's ownership in the sink's database: a session-level advisory lock keyed by
@@ -88,7 +89,7 @@ impl JobLock {
         let mut conn = options
             .connect()
             .await
-            .map_err(Error::db(format!("connect to {}", redact(&cfg.url))))?;
+            .map_err(Error::db(format!("connect to {}", redact_url(&cfg.url))))?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(self.key)
             .fetch_one(&mut conn)
@@ -121,11 +122,6 @@ impl JobLock {
         self.conn = Some(conn);
         Ok(())
     }
-}
-
-/// The URL with its secrets replaced by `***`, for messages.
-fn redact(url: &str) -> String {
-    crate::config::redact_url(url)
 }
 
 /// Apply the sqlx migrations in `dir`.
@@ -602,12 +598,12 @@ mod tests {
     #[test]
     fn redact_hides_only_the_secrets() {
         assert_eq!(
-            super::redact("postgres://u:pw@h:5/db?x=1"),
+            crate::config::redact_url("postgres://u:pw@h:5/db?x=1"),
             "postgres://u:***@h:5/db?x=1"
         );
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(crate::config::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(
-            super::redact("postgres://u@h/db?sslmode=require&password=hunter2&x=y"),
+            crate::config::redact_url("postgres://u@h/db?sslmode=require&password=hunter2&x=y"),
             "postgres://u@h/db?sslmode=require&password=***&x=y"
         );
     }

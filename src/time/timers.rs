@@ -53,20 +53,6 @@ impl TimerService {
         set.insert(t);
     }
 
-    /// Remove a timer if registered.
-    pub fn delete(&mut self, domain: TimeDomain, time: i64, key_group: KeyGroup, key: &[u8], namespace: Namespace) {
-        let set = match domain {
-            TimeDomain::EventTime => &mut self.event,
-            TimeDomain::ProcessingTime => &mut self.processing,
-        };
-        set.remove(&Timer {
-            time,
-            key_group,
-            key: key.into(),
-            namespace,
-        });
-    }
-
     /// The earliest event-time timer at or before `watermark`, removed.
     pub fn pop_event(&mut self, watermark: i64) -> Option<Timer> {
         match self.event.first() {

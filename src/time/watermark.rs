@@ -68,6 +68,55 @@ impl WatermarkGenerator for BoundedOutOfOrderness {
     }
 }
 
+/// The one rule by which a source combines its partitions and an operator its inputs:
+/// the watermark is the minimum over the live ones and never goes back; when none is
+/// live, what the quiet ones delivered (the minimum of their own watermarks, where they
+/// have one) still goes out before idleness, so the last records before a pause can
+/// close their windows; a live one after idleness says so at the current watermark.
+#[derive(Debug)]
+struct Combiner {
+    emitted: i64,
+    idle: bool,
+}
+
+impl Combiner {
+    fn new() -> Self {
+        Self {
+            emitted: MIN_WATERMARK,
+            idle: false,
+        }
+    }
+
+    /// `live`: minimum over live members; `delivered`: minimum over quiet members'
+    /// watermarks (ignoring those without one).
+    fn update(&mut self, live: Option<i64>, delivered: Option<i64>) -> InputTime {
+        match live {
+            None if self.idle => InputTime::Unchanged,
+            None => {
+                self.idle = true;
+                match delivered.filter(|w| *w > self.emitted) {
+                    Some(w) => {
+                        self.emitted = w;
+                        InputTime::AdvancedThenIdle(w)
+                    }
+                    None => InputTime::Idle,
+                }
+            }
+            Some(w) => {
+                let was_idle = std::mem::replace(&mut self.idle, false);
+                if w > self.emitted {
+                    self.emitted = w;
+                    InputTime::Advanced(w)
+                } else if was_idle {
+                    InputTime::Advanced(self.emitted)
+                } else {
+                    InputTime::Unchanged
+                }
+            }
+        }
+    }
+}
+
 /// What a source subtask should tell its downstream after a watermark interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceTime {
@@ -92,8 +141,7 @@ struct PartitionClock {
 pub struct PartitionWatermarks<K: Ord> {
     parts: BTreeMap<K, PartitionClock>,
     idle_timeout: Option<Duration>,
-    emitted: i64,
-    idle: bool,
+    combined: Combiner,
     /// The live partition holding the watermark back, for metrics.
     holding: Option<K>,
 }
@@ -104,8 +152,7 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
         Self {
             parts: BTreeMap::new(),
             idle_timeout: idle_timeout.filter(|d| !d.is_zero()),
-            emitted: MIN_WATERMARK,
-            idle: false,
+            combined: Combiner::new(),
             holding: None,
         }
     }
@@ -152,7 +199,7 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
 
     /// The watermark emitted last.
     pub fn current(&self) -> i64 {
-        self.emitted
+        self.combined.emitted
     }
 
     /// The live partition with the lowest watermark, if any.
@@ -185,32 +232,12 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
             }
         }
         self.holding = live.map(|(_, k)| k.clone());
-        let mut out = Vec::new();
-        match live {
-            None => {
-                // Nothing live: what the partitions have delivered is complete up to the
-                // minimum of their watermarks, so that much still goes out (the last
-                // records before a pause must be able to close their windows).
-                if let Some(w) = all.filter(|w| *w > self.emitted) {
-                    self.emitted = w;
-                    out.push(SourceTime::Watermark(w));
-                }
-                if !self.idle {
-                    self.idle = true;
-                    out.push(SourceTime::Idle);
-                }
-            }
-            Some((w, _)) => {
-                let was_idle = std::mem::replace(&mut self.idle, false);
-                if w > self.emitted {
-                    self.emitted = w;
-                    out.push(SourceTime::Watermark(w));
-                } else if was_idle {
-                    out.push(SourceTime::Watermark(self.emitted));
-                }
-            }
+        match self.combined.update(live.map(|(w, _)| w), all) {
+            InputTime::Unchanged => vec![],
+            InputTime::Advanced(w) => vec![SourceTime::Watermark(w)],
+            InputTime::Idle => vec![SourceTime::Idle],
+            InputTime::AdvancedThenIdle(w) => vec![SourceTime::Watermark(w), SourceTime::Idle],
         }
-        out
     }
 }
 
@@ -219,8 +246,7 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
 #[derive(Debug)]
 pub struct InputWatermarks {
     inputs: Vec<InputClock>,
-    emitted: i64,
-    idle: bool,
+    combined: Combiner,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -256,13 +282,12 @@ impl InputWatermarks {
                 };
                 inputs
             ],
-            emitted: MIN_WATERMARK,
-            idle: false,
+            combined: Combiner::new(),
         }
     }
 
     pub fn current(&self) -> i64 {
-        self.emitted
+        self.combined.emitted
     }
 
     pub fn on_watermark(&mut self, input: usize, watermark: i64) -> InputTime {
@@ -292,44 +317,10 @@ impl InputWatermarks {
     }
 
     fn recompute(&mut self) -> InputTime {
-        let min = self
-            .inputs
-            .iter()
-            .filter(|i| !i.idle && !i.ended)
-            .map(|i| i.watermark)
-            .min();
-        match min {
-            None if self.idle => InputTime::Unchanged,
-            None => {
-                self.idle = true;
-                // As at the source: the idle inputs' own watermarks (where they have
-                // one) still bound what they delivered before going quiet.
-                let delivered = self
-                    .inputs
-                    .iter()
-                    .filter(|i| !i.ended && i.watermark != MIN_WATERMARK)
-                    .map(|i| i.watermark)
-                    .min();
-                match delivered.filter(|w| *w > self.emitted) {
-                    Some(w) => {
-                        self.emitted = w;
-                        InputTime::AdvancedThenIdle(w)
-                    }
-                    None => InputTime::Idle,
-                }
-            }
-            Some(w) => {
-                let was_idle = std::mem::replace(&mut self.idle, false);
-                if w > self.emitted {
-                    self.emitted = w;
-                    InputTime::Advanced(w)
-                } else if was_idle {
-                    InputTime::Advanced(self.emitted)
-                } else {
-                    InputTime::Unchanged
-                }
-            }
-        }
+        let open = self.inputs.iter().filter(|i| !i.ended);
+        let live = open.clone().filter(|i| !i.idle).map(|i| i.watermark).min();
+        let delivered = open.map(|i| i.watermark).filter(|w| *w != MIN_WATERMARK).min();
+        self.combined.update(live, delivered)
     }
 }
 

@@ -190,11 +190,15 @@ impl Fire<'_> {
         }
     }
 
-    fn new_window(&mut self, window: Window) -> WindowState {
-        let contents = match &self.spec.function {
+    fn empty_contents(&self) -> Contents {
+        match &self.spec.function {
             WindowFunction::Aggregate(aggs) => Contents::Aggregates(aggs.iter().map(Aggregate::create).collect()),
             WindowFunction::Process { .. } => Contents::Elements(Vec::new()),
-        };
+        }
+    }
+
+    fn new_window(&mut self, window: Window) -> WindowState {
+        let contents = self.empty_contents();
         self.register_window_timers(window);
         WindowState {
             window,
@@ -284,10 +288,7 @@ impl Fire<'_> {
             ws.fired_on_time = true;
         }
         if result.purges() {
-            ws.contents = match &self.spec.function {
-                WindowFunction::Aggregate(aggs) => Contents::Aggregates(aggs.iter().map(Aggregate::create).collect()),
-                WindowFunction::Process { .. } => Contents::Elements(Vec::new()),
-            };
+            ws.contents = self.empty_contents();
             ws.pending = 0;
         }
     }
