@@ -33,7 +33,7 @@ use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
 use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
-use crate::sink::postgres::JobLock;
+use crate::sink::postgres::{Fence, JobLock};
 use crate::sink::two_phase::TwoPhaseWriter;
 use crate::sink::{SinkTarget, TableSpec};
 use crate::source::embedded::EmbeddedKafka;
@@ -270,7 +270,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     });
     let storage = open_storage(&cfg)?;
     refuse_silent_fresh_start(&cfg, &bootstrap, &storage).await?;
-    let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name));
+    let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
     loop {
@@ -279,10 +279,16 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             None => Ok(()),
         };
         let result = match owned {
-            Ok(()) => attempt(&cfg, &plan, &bootstrap, &storage, &stats, shutdown.clone()).await,
+            Ok(()) => {
+                let fence = owner.as_ref().and_then(JobLock::fence);
+                attempt(&cfg, &plan, &bootstrap, &storage, &stats, fence, shutdown.clone()).await
+            }
             Err(e) => Err(e),
         };
-        let owns = owner.as_ref().is_some_and(JobLock::is_held);
+        // A fenced process no longer owns the job, lock or not: what it prepared is the
+        // new owner's to resolve.
+        let fenced = matches!(result, Err(Error::Fenced { .. }));
+        let owns = owner.as_ref().is_some_and(JobLock::is_held) && !fenced;
         let err = match result {
             Ok(()) => return Ok(()),
             Err(e) if !e.is_retryable() => return Err(leave_nothing_prepared(&cfg, &storage, owns, e).await),
@@ -412,9 +418,10 @@ async fn attempt(
     bootstrap: &str,
     storage: &Arc<dyn CheckpointStorage>,
     stats: &Arc<JobStats>,
+    fence: Option<Fence>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let target = SinkTarget::open(cfg, plan.table.clone()).await?;
+    let target = SinkTarget::open(cfg, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
     if let Some(cp) = &restored {
         if cp.job != cfg.job.name {
@@ -753,11 +760,13 @@ async fn spawn_sink(
     };
     let batch = cfg.sink.batch_size;
     match (target, cfg.sink.strategy) {
-        (SinkTarget::Postgres { pool, table }, Strategy::TwoPhase) => {
-            let w = TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats).await?;
+        (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => {
+            let w = TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats)
+                .await?
+                .with_fence(fence.clone());
             tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
         }
-        (SinkTarget::Postgres { pool, table }, Strategy::Idempotent) => {
+        (SinkTarget::Postgres { pool, table, .. }, Strategy::Idempotent) => {
             let t = PgUpsert {
                 pool: pool.clone(),
                 table: table.clone(),

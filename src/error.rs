@@ -43,6 +43,18 @@ pub enum Error {
     /// transactions disabled).
     #[error("{0}")]
     Unsupported(String),
+    /// Another process took this job over (its owner generation is newer than this
+    /// process's): this process must stop without committing. Never retryable.
+    #[error(
+        "job `{job}` was taken over by another sluice process (owner generation {} > ours {ours}); \
+         this process stops without committing: the new owner resolves what it prepared",
+        .current.map_or_else(|| "gone".to_string(), |c| c.to_string())
+    )]
+    Fenced {
+        job: String,
+        ours: i64,
+        current: Option<i64>,
+    },
     /// A bug or a broken invariant inside the job (a channel closed early, a task died).
     #[error("internal: {0}")]
     Internal(String),

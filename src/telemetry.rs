@@ -58,6 +58,10 @@ pub(crate) fn describe() {
         "Share of the last second a subtask spent blocked on a full output channel."
     );
     describe_counter!("sluice_restarts_total", "Restarts of the job after failures.");
+    describe_counter!(
+        "sluice_possible_replays_total",
+        "Rows refused because their Kafka coordinates were already in the sink table: records written twice by something outside the checkpoints."
+    );
     describe_gauge!(
         "sluice_watermark_seconds",
         "Current event-time watermark of an operator subtask, in epoch seconds."
@@ -153,6 +157,11 @@ pub fn checkpoint_failed() {
 
 pub fn sink_commit(subtask: usize, took: Duration) {
     histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string()).record(took.as_secs_f64());
+}
+
+/// A row refused as a duplicate of its Kafka coordinates (see the two-phase sink).
+pub fn possible_replay() {
+    counter!("sluice_possible_replays_total").increment(1);
 }
 
 pub fn restarted() {

@@ -228,6 +228,8 @@ pub enum SinkTarget {
     Postgres {
         pool: sqlx::PgPool,
         table: std::sync::Arc<postgres::PgTable>,
+        /// The owner's fencing token, checked by two-phase commits.
+        fence: Option<postgres::Fence>,
     },
     Sqlite {
         pool: sqlx::SqlitePool,
@@ -238,7 +240,7 @@ pub enum SinkTarget {
 impl SinkTarget {
     /// Connect, apply migrations if configured, check the table (and, for two-phase
     /// commit, that the server can prepare transactions).
-    pub async fn open(cfg: &JobConfig, spec: TableSpec) -> crate::Result<SinkTarget> {
+    pub async fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<postgres::Fence>) -> crate::Result<SinkTarget> {
         match cfg.sink.kind {
             crate::config::SinkKind::Postgres => {
                 let pool = postgres::connect(&cfg.sink, &cfg.job.name, cfg.sink.parallelism * 2 + 2).await?;
@@ -254,6 +256,7 @@ impl SinkTarget {
                 Ok(SinkTarget::Postgres {
                     pool,
                     table: std::sync::Arc::new(table),
+                    fence,
                 })
             }
             crate::config::SinkKind::Sqlite => {

@@ -48,18 +48,102 @@ pub struct JobLock {
     conn: Option<PgConnection>,
     key: i64,
     job: String,
+    owners_table: String,
+    generation: i64,
+}
+
+/// The fencing token of an owner: the generation it took in the owners table when it
+/// took the job's lock. Every new owner raises it, so an owner that lost its lock
+/// without noticing (its lock connection dropped) finds a newer generation there
+/// before its next commit and stops instead of committing over the new owner.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    job: String,
+    owners_table: String,
+    generation: i64,
+}
+
+impl Fence {
+    /// This owner's generation.
+    pub fn generation(&self) -> i64 {
+        self.generation
+    }
+
+    /// Fail with [`Error::Fenced`] when another process has taken the job over since
+    /// this owner took it. A committer calls it after its checkpoint completed and
+    /// before `COMMIT PREPARED`: a new owner raises the generation before it reads
+    /// the checkpoint to restore, so either this check sees the new generation, or
+    /// the new owner sees this checkpoint (and commits or keeps the same epoch).
+    pub async fn check(&self, conn: &mut PgConnection) -> Result<()> {
+        let current: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT generation FROM {} WHERE job = $1", self.owners_table))
+                .bind(&self.job)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(Error::db("read the job's owner generation"))?;
+        match current {
+            Some(g) if g == self.generation => Ok(()),
+            other => Err(Error::Fenced {
+                job: self.job.clone(),
+                ours: self.generation,
+                current: other,
+            }),
+        }
+    }
 }
 
 impl JobLock {
-    pub fn new(job: &str) -> Self {
+    /// A lock for `job`, not yet taken. The owners table (`sluice_owners`) lives in the
+    /// schema of the sink's `table`, where the job may create tables.
+    pub fn new(job: &str, table: &str) -> Self {
         let mut h = crate::runtime::partition::StableHasher::default();
         h.write(b"sluice-job:");
         h.write(job.as_bytes());
+        let owners_table = match table.rsplit_once('.') {
+            Some((schema, _)) => quote_name(&format!("{schema}.sluice_owners")),
+            None => quote_name("sluice_owners"),
+        };
         Self {
             conn: None,
             key: h.finish() as i64,
             job: job.to_string(),
+            owners_table,
+            generation: 0,
         }
+    }
+
+    /// The fencing token of the current ownership (`None` until the lock is held).
+    pub fn fence(&self) -> Option<Fence> {
+        self.conn.as_ref().map(|_| Fence {
+            job: self.job.clone(),
+            owners_table: self.owners_table.clone(),
+            generation: self.generation,
+        })
+    }
+
+    /// Raise the job's generation in the owners table (created on first use).
+    async fn take_generation(&self, conn: &mut PgConnection) -> Result<i64> {
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {} (job text PRIMARY KEY, generation bigint NOT NULL, \
+             since timestamptz NOT NULL DEFAULT now())",
+            self.owners_table
+        );
+        // Two jobs creating the table at once: one of them sees a duplicate type; the
+        // table exists then, so once more is enough.
+        if conn.execute(create.as_str()).await.is_err() {
+            conn.execute(create.as_str())
+                .await
+                .map_err(Error::db(format!("create the owners table {}", self.owners_table)))?;
+        }
+        sqlx::query_scalar(&format!(
+            "INSERT INTO {t} (job, generation) VALUES ($1, 1) ON CONFLICT (job) DO UPDATE \
+             SET generation = {t}.generation + 1, since = now() RETURNING generation",
+            t = self.owners_table
+        ))
+        .bind(&self.job)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db("raise the job's owner generation"))
     }
 
     /// Whether this process holds the lock (as of its last check).
@@ -119,6 +203,12 @@ impl JobLock {
                 self.job
             )));
         }
+        self.generation = self.take_generation(&mut conn).await?;
+        tracing::info!(
+            job = self.job,
+            generation = self.generation,
+            "this process owns the job"
+        );
         self.conn = Some(conn);
         Ok(())
     }
@@ -170,6 +260,9 @@ pub struct PgTable {
     upsert_sql: String,
     insert_sql: String,
     dead_sql: Option<String>,
+    /// Unique indexes of the table over Kafka coordinates only: a violation of one of
+    /// them on a plain insert means the record was written before (a replay).
+    coordinate_indexes: Vec<String>,
 }
 
 impl PgTable {
@@ -244,11 +337,13 @@ impl PgTable {
             }
             None => None,
         };
+        let coordinate_indexes = coordinate_indexes(pool, &spec).await?;
         let table = Self {
             spec,
             upsert_sql,
             insert_sql,
             dead_sql,
+            coordinate_indexes,
         };
         table.check_statements(pool, upsert).await?;
         Ok(table)
@@ -318,7 +413,7 @@ impl PgTable {
                 Ok(n) => written += n,
                 Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
                     if hi - lo == 1 {
-                        rejected.push(self.rejected(records[lo], e.message()));
+                        rejected.push(self.rejected(records[lo], &self.rejection(e.as_ref())));
                     } else {
                         let mid = lo + (hi - lo) / 2;
                         pending.push((mid, hi));
@@ -336,6 +431,31 @@ impl PgTable {
             );
         }
         Ok((written, rejected))
+    }
+
+    /// The dead-letter reason for a rejected row. A duplicate on the Kafka coordinates
+    /// is not bad data: the record was written once already, by an earlier run or by
+    /// something outside sluice's checkpoints, so it is named and counted as a
+    /// possible replay.
+    fn rejection(&self, e: &dyn sqlx::error::DatabaseError) -> String {
+        let replay = e.code().as_deref() == Some("23505")
+            && e.constraint()
+                .is_some_and(|c| self.coordinate_indexes.iter().any(|i| i == c));
+        if !replay {
+            return e.message().to_string();
+        }
+        crate::telemetry::possible_replay();
+        tracing::error!(
+            table = self.spec.table,
+            constraint = e.constraint().unwrap_or_default(),
+            "possible replay: a record's Kafka coordinates are already in the table; a transaction of \
+             this job may have been committed outside its checkpoints (by hand, or by a second process)"
+        );
+        format!(
+            "possible replay: a row with these Kafka coordinates is already in the table \
+             (exactly once may have been broken; see `sluice txn list`): {}",
+            e.message()
+        )
     }
 
     async fn execute(
@@ -419,6 +539,40 @@ impl PgTable {
 /// Errors about a row's data rather than the database or the connection.
 fn is_data_error(code: Option<&str>) -> bool {
     DbFault::of(code) == DbFault::Row
+}
+
+/// The unique indexes of the sink table whose every column holds a Kafka coordinate
+/// (topic, partition, offset, as `sink.columns` maps them).
+async fn coordinate_indexes(pool: &PgPool, spec: &TableSpec) -> Result<Vec<String>> {
+    let coordinates: Vec<&str> = spec
+        .columns
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.source,
+                ValueSource::Topic | ValueSource::Partition | ValueSource::Offset
+            )
+        })
+        .map(|c| c.name.as_str())
+        .collect();
+    if coordinates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, array_agg(a.attname::text) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+         WHERE i.indrelid = to_regclass($1) AND i.indisunique GROUP BY c.relname",
+    )
+    .bind(quote_name(&spec.table))
+    .fetch_all(pool)
+    .await
+    .map_err(Error::db(format!("list the unique indexes of {}", spec.table)))?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, cols)| cols.iter().all(|c| coordinates.contains(&c.as_str())))
+        .map(|(name, _)| name)
+        .collect())
 }
 
 /// (column, SQL type without its modifier) of a table, or an error naming the table.

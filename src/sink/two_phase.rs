@@ -18,7 +18,7 @@ use sqlx::{Executor, PgPool, Postgres};
 
 use super::buffer::WriteBuffer;
 use super::dead_letter::KafkaDeadLetters;
-use super::postgres::{finish_prepared, gid, list_prepared, PgTable};
+use super::postgres::{finish_prepared, gid, list_prepared, Fence, PgTable};
 use super::SinkWriter;
 use crate::checkpoint::CompletedCheckpoint;
 use crate::error::{Error, Result};
@@ -47,6 +47,8 @@ pub struct TwoPhaseWriter {
     /// Records written in the open transaction (counted as written once committed).
     uncommitted: u64,
     prepared_counts: Vec<(u64, u64)>,
+    /// Checked before each commit (`None` only where no lock is taken, in unit tests).
+    fence: Option<Fence>,
 }
 
 impl TwoPhaseWriter {
@@ -73,7 +75,14 @@ impl TwoPhaseWriter {
             metrics: SubtaskMetrics::new("sink", subtask),
             uncommitted: 0,
             prepared_counts: Vec::new(),
+            fence: None,
         })
+    }
+
+    /// Check `fence` before every prepare and commit (see [`Fence::check`]).
+    pub fn with_fence(mut self, fence: Option<Fence>) -> Self {
+        self.fence = fence;
+        self
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -110,6 +119,12 @@ impl SinkWriter for TwoPhaseWriter {
         self.flush().await?;
         self.buffer.flush_dead_letters().await?;
         if self.in_transaction {
+            // Not needed for correctness (the check before commit is), but a process
+            // taken over should not prepare what would then hold row locks until the
+            // new owner's next restart.
+            if let Some(fence) = &self.fence {
+                fence.check(&mut self.conn).await?;
+            }
             let id = gid(&self.job, self.subtask, checkpoint);
             self.conn
                 .execute(format!("PREPARE TRANSACTION '{id}'").as_str())
@@ -137,6 +152,9 @@ impl SinkWriter for TwoPhaseWriter {
         let started = Instant::now();
         // The epoch connection may be inside the next transaction; commit elsewhere.
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
+        if let Some(fence) = &self.fence {
+            fence.check(&mut conn).await?;
+        }
         let mut keep = Vec::new();
         for (n, id) in std::mem::take(&mut self.pending) {
             if n <= checkpoint {

@@ -244,3 +244,48 @@ async fn rows_beyond_the_database_limits_two_phase() {
 async fn rows_beyond_the_database_limits_idempotent() {
     rows_beyond_the_database_limits("idempotent").await;
 }
+
+/// A row already in the table under a record's Kafka coordinates is not bad data: in
+/// `two_phase` it means the record was written before, outside the checkpoints. It is
+/// dead-lettered as a *possible replay*, the rest lands, the job does not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_kafka_coordinates_is_named_a_possible_replay() {
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("replay");
+    create_topic(&topic, 1).await;
+    produce(&topic, (0..1_000).map(record));
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.events (topic, partition, \"offset\", id, body) VALUES ($1, 0, 500, -1, 'written outside')"
+    ))
+    .bind(&topic)
+    .execute(&pool)
+    .await
+    .expect("plant a row");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("replay");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")),
+    );
+    let running = InProcess::start(&config);
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let all = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 1_001
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(all, "not every record was accounted for");
+    assert_eq!(restarts, 0);
+    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
+        .fetch_all(&pool)
+        .await
+        .expect("read dead letters");
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("rejected by") && reasons[0].contains("possible replay"),
+        "{reasons:?}"
+    );
+    assert_eq!(sink_counts(&pool, &schema).await.0, 1_000);
+}

@@ -142,3 +142,56 @@ async fn a_lost_checkpoint_directory_is_not_a_silent_fresh_start() {
     assert!(started, "{}", fresh.log_tail());
     assert!(fresh.terminate().success());
 }
+
+/// A process that lost its ownership without noticing (here: another owner raised the
+/// job's generation, as a new owner does when it takes the job) must not commit: it
+/// stops, naming the takeover, with nothing of the new records committed; the next
+/// owner writes every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_was_taken_over_is_fenced_and_commits_nothing() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("fence");
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..5_000).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("fence");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")),
+    );
+    let log = dir.path().join("stale.log");
+    let mut stale = Sluice::start(&config, &log);
+    let done = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 5_000
+    })
+    .await;
+    assert!(done, "{}", stale.log_tail());
+    let bumped = sqlx::query(&format!(
+        "UPDATE {schema}.sluice_owners SET generation = generation + 1 WHERE job = $1"
+    ))
+    .bind(&job)
+    .execute(&pool)
+    .await
+    .expect("raise the generation");
+    assert_eq!(bumped.rows_affected(), 1, "the owner registered its generation");
+    produce(&topic, (5_000..10_000).map(record));
+    let exit = stale.wait_exit(Duration::from_secs(60));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "the stale owner kept running: {said}"
+    );
+    assert!(said.contains("was taken over by another sluice process"), "{said}");
+    assert_eq!(sink_counts(&pool, &schema).await.0, 5_000, "a fenced owner committed");
+
+    let next = Sluice::start(&config, &dir.path().join("next.log"));
+    let done = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 10_000
+    })
+    .await;
+    assert!(done, "{}", next.log_tail());
+    assert!(next.terminate().success());
+    assert_eq!(sink_counts(&pool, &schema).await, (10_000, 10_000, 10_000, 0, 9_999));
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
