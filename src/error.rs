@@ -67,6 +67,12 @@ pub enum DbFault {
     /// integrity constraint violation, 54 program limit exceeded: a value too large
     /// for an index row, JSON nested deeper than the server's stack).
     Row,
+    /// Possibly the row, possibly not: a trigger's `RAISE` (P0), a routine's exception
+    /// (2F, 38, 39), an internal error (XX000), a statement timeout (57014). The rows
+    /// are isolated like [`DbFault::Row`]; a row that fails alone the same way
+    /// `sink.max_record_attempts` times is dead-lettered, so it cannot be replayed
+    /// forever. Elsewhere (a commit, a prepare) it is retried like a transient error.
+    Suspect,
     /// The connection or the server's state: retry, restart from the checkpoint (08
     /// connection, 40 rollback/serialization, 53 insufficient resources, 57 operator
     /// intervention, 55 object not in prerequisite state, and errors without a code).
@@ -82,6 +88,8 @@ impl DbFault {
     pub fn of(sqlstate: Option<&str>) -> DbFault {
         match sqlstate.map(|c| c.get(..2).unwrap_or(c)) {
             Some("22" | "23" | "54") => DbFault::Row,
+            _ if matches!(sqlstate, Some("57014" | "XX000")) => DbFault::Suspect,
+            Some("P0" | "2F" | "38" | "39") => DbFault::Suspect,
             Some("42" | "28" | "3D" | "0A") => DbFault::Permanent,
             _ => DbFault::Transient,
         }
@@ -133,7 +141,10 @@ mod tests {
         for code in ["22001", "23505", "23514", "54000", "54001"] {
             assert_eq!(DbFault::of(Some(code)), DbFault::Row, "{code}");
         }
-        for code in ["08006", "40001", "53300", "57P01", "55P03"] {
+        for code in ["P0001", "38000", "39P01", "2F005", "XX000", "57014"] {
+            assert_eq!(DbFault::of(Some(code)), DbFault::Suspect, "{code}");
+        }
+        for code in ["08006", "40001", "53300", "57P01", "55P03", "XX001"] {
             assert_eq!(DbFault::of(Some(code)), DbFault::Transient, "{code}");
         }
         for code in ["42P01", "42703", "42501", "28P01", "3D000", "0A000"] {

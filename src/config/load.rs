@@ -520,6 +520,9 @@ impl SinkConfig {
         if self.parallelism > max_parallelism {
             return fail("sink.parallelism", "must not exceed job.max_parallelism");
         }
+        if !(1..=100).contains(&self.max_record_attempts) {
+            return fail("sink.max_record_attempts", "must be between 1 and 100");
+        }
         if self.batch_size == 0 {
             return fail("sink.batch_size", "must be at least 1");
         }

@@ -358,6 +358,11 @@ pub struct SinkConfig {
     /// Rows per statement.
     #[serde(default = "defaults::sink_batch", deserialize_with = "whole::number")]
     pub batch_size: usize,
+    /// How often one record may fail the same way with an error that a row can cause
+    /// but that does not name the row's data (a trigger's `RAISE`, an internal error, a
+    /// statement timeout) before it is dead-lettered. Default 3.
+    #[serde(default = "defaults::record_attempts", deserialize_with = "whole::number")]
+    pub max_record_attempts: u32,
     /// A directory of sqlx migrations (`<version>_<name>.sql`).
     pub migrations: Option<PathBuf>,
     /// Apply `migrations` at start (otherwise run `sluice migrate`).
@@ -514,6 +519,10 @@ mod defaults {
     pub fn partitioner() -> super::PartitionerKind {
         super::PartitionerKind::KeyHash
     }
+    pub fn record_attempts() -> u32 {
+        3
+    }
+
     pub fn sink_batch() -> usize {
         5000
     }

@@ -250,9 +250,13 @@ impl SinkTarget {
                 if cfg.sink.strategy == crate::config::Strategy::TwoPhase {
                     postgres::check_prepared_transactions(&pool, cfg.sink.parallelism).await?;
                 }
-                let table =
-                    postgres::PgTable::open(&pool, spec, cfg.sink.strategy == crate::config::Strategy::Idempotent)
-                        .await?;
+                let table = postgres::PgTable::open(
+                    &pool,
+                    spec,
+                    cfg.sink.strategy == crate::config::Strategy::Idempotent,
+                    cfg.sink.max_record_attempts,
+                )
+                .await?;
                 Ok(SinkTarget::Postgres {
                     pool,
                     table: std::sync::Arc::new(table),

@@ -263,13 +263,15 @@ pub struct PgTable {
     /// Unique indexes of the table over Kafka coordinates only: a violation of one of
     /// them on a plain insert means the record was written before (a replay).
     coordinate_indexes: Vec<String>,
+    /// See `sink.max_record_attempts`.
+    max_record_attempts: u32,
 }
 
 impl PgTable {
     /// Look the table up and build the statements. A missing table or column is a
     /// configuration problem, reported as such (and not retried).
     /// `upsert`: the idempotent strategy will use it (else plain inserts).
-    pub async fn open(pool: &PgPool, spec: TableSpec, upsert: bool) -> Result<Self> {
+    pub async fn open(pool: &PgPool, spec: TableSpec, upsert: bool, max_record_attempts: u32) -> Result<Self> {
         let types = column_types(pool, &spec.table).await?;
         let mut exprs = Vec::new();
         for (i, c) in spec.columns.iter().enumerate() {
@@ -344,6 +346,7 @@ impl PgTable {
             insert_sql,
             dead_sql,
             coordinate_indexes,
+            max_record_attempts,
         };
         table.check_statements(pool, upsert).await?;
         Ok(table)
@@ -411,13 +414,18 @@ impl PgTable {
             }
             match self.execute(conn, sql, &records[lo..hi], in_transaction).await {
                 Ok(n) => written += n,
+                Err(sqlx::Error::Database(e)) if hi - lo > 1 && is_isolated(e.code().as_deref()) => {
+                    let mid = lo + (hi - lo) / 2;
+                    pending.push((mid, hi));
+                    pending.push((lo, mid));
+                }
                 Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
-                    if hi - lo == 1 {
-                        rejected.push(self.rejected(records[lo], &self.rejection(e.as_ref())));
-                    } else {
-                        let mid = lo + (hi - lo) / 2;
-                        pending.push((mid, hi));
-                        pending.push((lo, mid));
+                    rejected.push(self.rejected(records[lo], &self.rejection(e.as_ref())));
+                }
+                Err(sqlx::Error::Database(e)) if is_isolated(e.code().as_deref()) => {
+                    match self.retry_alone(conn, sql, records[lo], in_transaction, e).await? {
+                        Ok(n) => written += n,
+                        Err(dead) => rejected.push(dead),
                     }
                 }
                 Err(e) => return Err(Error::db(format!("write to {}", self.spec.table))(e)),
@@ -456,6 +464,41 @@ impl PgTable {
              (exactly once may have been broken; see `sluice txn list`): {}",
             e.message()
         )
+    }
+
+    /// One record that failed alone with a [`DbFault::Suspect`] error: try it again
+    /// (with a growing pause) until it has failed `max_record_attempts` times the same
+    /// way, then give it up as a dead letter. Inner `Err`: the dead letter; outer `Err`:
+    /// a failure that is not this record's (the job restarts).
+    async fn retry_alone(
+        &self,
+        conn: &mut PgConnection,
+        sql: &str,
+        record: &Record,
+        savepoint: bool,
+        first: Box<dyn sqlx::error::DatabaseError>,
+    ) -> Result<std::result::Result<u64, DeadLetter>> {
+        let (code, message) = (first.code().map(|c| c.into_owned()), first.message().to_string());
+        let mut failures = 1;
+        while failures < self.max_record_attempts {
+            tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
+            match self.execute(conn, sql, &[record], savepoint).await {
+                Ok(n) => return Ok(Ok(n)),
+                Err(sqlx::Error::Database(e)) if e.code().map(|c| c.into_owned()) == code => failures += 1,
+                Err(e) => return Err(Error::db(format!("write to {}", self.spec.table))(e)),
+            }
+        }
+        tracing::warn!(
+            table = self.spec.table,
+            sqlstate = code.as_deref().unwrap_or_default(),
+            attempts = failures,
+            "a record failed alone the same way every time; dead-lettered"
+        );
+        let reason = format!(
+            "failed {failures} times alone with the same error (SQLSTATE {}): {message}",
+            code.as_deref().unwrap_or("?")
+        );
+        Ok(Err(self.rejected(record, &reason)))
     }
 
     async fn execute(
@@ -539,6 +582,11 @@ impl PgTable {
 /// Errors about a row's data rather than the database or the connection.
 fn is_data_error(code: Option<&str>) -> bool {
     DbFault::of(code) == DbFault::Row
+}
+
+/// Errors for which the rows of a statement are split until the failing ones stand alone.
+fn is_isolated(code: Option<&str>) -> bool {
+    matches!(DbFault::of(code), DbFault::Row | DbFault::Suspect)
 }
 
 /// The unique indexes of the sink table whose every column holds a Kafka coordinate

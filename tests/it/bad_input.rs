@@ -289,3 +289,75 @@ async fn a_duplicate_of_kafka_coordinates_is_named_a_possible_replay() {
     );
     assert_eq!(sink_counts(&pool, &schema).await.0, 1_000);
 }
+
+/// A trigger that refuses some records (`RAISE`, SQLSTATE P0001: not a data-exception
+/// class, so it used to restart the job forever) and one that fails a record only at
+/// its first attempt. The refused records are dead-lettered after
+/// `sink.max_record_attempts` failures alone, the flaky one lands, the job never
+/// restarts.
+async fn records_a_trigger_refuses(strategy: &str) {
+    let pool = pg().await;
+    let schema = schema(&pool, strategy == "idempotent").await;
+    for sql in [
+        format!("CREATE SEQUENCE {schema}.flaky"),
+        format!(
+            "CREATE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.body LIKE '%poison%' THEN RAISE EXCEPTION 'refused by trigger: %', NEW.body; END IF; \
+             IF NEW.id = 77 AND nextval('{schema}.flaky') = 1 THEN RAISE EXCEPTION 'first attempt fails'; END IF; \
+             RETURN NEW; END $$"
+        ),
+        format!("CREATE TRIGGER guard BEFORE INSERT OR UPDATE ON {schema}.events FOR EACH ROW EXECUTE FUNCTION {schema}.guard()"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect("shape table");
+    }
+    let topic = unique("trigger");
+    create_topic(&topic, 2).await;
+    let input: Vec<(String, Option<String>)> = (0..2_000u64)
+        .map(|i| {
+            let body = if i % 250 == 3 { format!("poison {i}") } else { format!("record {i}") };
+            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
+        })
+        .collect();
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("trigger");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, strategy, &dir.path().join("cp")),
+    );
+    let running = InProcess::start(&config);
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let all = wait_until(Duration::from_secs(90), || async {
+        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 2_000
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(all, "not every record was accounted for");
+    assert_eq!(restarts, 0, "a refused record made the job fail");
+    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
+        .fetch_all(&pool)
+        .await
+        .expect("read dead letters");
+    assert_eq!(reasons.len(), 8, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("failed 3 times alone") && r.contains("P0001") && r.contains("refused by trigger: poison")),
+        "{reasons:?}"
+    );
+    let (rows, distinct, ids, ..) = sink_counts(&pool, &schema).await;
+    assert_eq!((rows, distinct, ids), (1_992, 1_992, 1_992));
+    let flaky = count(&pool, &format!("SELECT count(*) FROM {schema}.events WHERE id = 77")).await;
+    assert_eq!(flaky, 1, "the record that failed once landed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_trigger_refuses_two_phase() {
+    records_a_trigger_refuses("two_phase").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_trigger_refuses_idempotent() {
+    records_a_trigger_refuses("idempotent").await;
+}
