@@ -68,7 +68,10 @@ pub fn load(path: &Path) -> Result<JobConfig> {
     })?;
     cfg.file = path.to_path_buf();
     if cfg.sink.password.is_none() {
-        cfg.sink.password = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty());
+        cfg.sink.password = std::env::var("PGPASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(secrecy::SecretString::from);
     }
     cfg.validate()?;
     Ok(cfg)
@@ -157,7 +160,7 @@ fn url_has_password(url: &str) -> bool {
 }
 
 /// Whether a URL query parameter or property name holds a secret.
-fn is_secret_name(name: &str) -> bool {
+pub(crate) fn is_secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     n.contains("password") || n.contains("secret") || n.contains("token")
 }
@@ -635,6 +638,50 @@ mod tests {
                 ("fetch.max.bytes".to_string(), "1024".to_string()),
                 ("ssl.ca.location".to_string(), "/ca.pem".to_string())
             ]
+        );
+    }
+
+    /// Secrets as the environment supplies them (a password, a SASL password, a URL
+    /// with a password and a `?password=` query) never show in the config's `Debug`.
+    #[test]
+    fn secrets_redact_themselves() {
+        let toml = r#"[job]
+name = "j"
+[source]
+bootstrap_servers = "127.0.0.1:9092"
+topics = ["t"]
+[source.properties]
+"security.protocol" = "SASL_SSL"
+[checkpoint]
+interval = "1s"
+[sink]
+kind = "postgres"
+url = "postgres://u@h/db"
+table = "s.t"
+strategy = "idempotent"
+"#;
+        let cfg: JobConfig = Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .set_override("sink.password", "hunter2-pw")
+            .and_then(|b| b.set_override("sink.url", "postgres://u:hunter2-url@h/db?password=hunter2-query"))
+            .and_then(|b| b.set_override("source.properties.sasl.password", "hunter2-sasl"))
+            .and_then(|b| b.build())
+            .and_then(|c| c.try_deserialize())
+            .expect("a config");
+        let shown = format!("{cfg:?} {}", cfg.sink.url);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("security.protocol") && shown.contains("SASL_SSL"),
+            "{shown}"
+        );
+        assert!(shown.contains("sasl.password"), "{shown}");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(cfg.sink.password.as_ref().expect("password")),
+            "hunter2-pw"
+        );
+        assert!(
+            cfg.sink.url.contains("hunter2-url"),
+            "the clear text stays reachable to connect"
         );
     }
 }

@@ -115,10 +115,68 @@ pub struct SourceConfig {
     /// sizes). Nested tables are joined with dots: `[source.properties.ssl]
     /// ca.location = "..."` sets `ssl.ca.location`.
     #[serde(default)]
-    pub properties: BTreeMap<String, PropertyValue>,
+    pub properties: Properties,
     /// The embedded broker and generator, used when `bootstrap_servers = "embedded"`.
     #[serde(default)]
     pub embedded: EmbeddedConfig,
+}
+
+/// librdkafka properties as given. `Debug` shows the value of a property whose name
+/// holds a secret (`sasl.password`, `ssl.key.password`, `*secret*`, `*token*`) as `***`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(pub BTreeMap<String, PropertyValue>);
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, PropertyValue>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut map = f.debug_map();
+        for (key, value) in load::flatten_properties(&self.0) {
+            match load::is_secret_name(&key) {
+                true => map.entry(&key, &"***"),
+                false => map.entry(&key, &value),
+            };
+        }
+        map.finish()
+    }
+}
+
+/// A connection URL. `Debug` and `Display` show it redacted ([`redact_url`]); the
+/// clear text is reached only through `Deref`, where a connection is made.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Url(String);
+
+impl Url {
+    /// A URL from its text.
+    pub fn new(url: impl Into<String>) -> Self {
+        Url(url.into())
+    }
+}
+
+impl std::ops::Deref for Url {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
 }
 
 /// A librdkafka property value as TOML or the environment gives it.
@@ -336,9 +394,9 @@ pub struct SinkConfig {
     pub kind: SinkKind,
     /// `postgres://user@host:port/db` or `sqlite://path`. A Postgres password goes in
     /// the environment (`SLUICE__SINK__PASSWORD` or `PGPASSWORD`), never in the file.
-    pub url: String,
-    /// The Postgres password; only from the environment.
-    pub password: Option<String>,
+    pub url: Url,
+    /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
+    pub password: Option<secrecy::SecretString>,
     pub table: String,
     pub strategy: Strategy,
     /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every decoded

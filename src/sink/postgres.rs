@@ -23,7 +23,7 @@ pub async fn connect(cfg: &SinkConfig, job: &str, max_connections: u32) -> Resul
         .map_err(Error::db("parse sink.url"))?
         .application_name(&format!("sluice:{job}"));
     if let Some(pw) = &cfg.password {
-        options = options.password(pw);
+        options = options.password(secrecy::ExposeSecret::expose_secret(pw));
     }
     // One plain connection first: the pool would only report a timeout, this reports
     // why (refused, unknown host, authentication, missing database).
@@ -168,7 +168,7 @@ impl JobLock {
             .map_err(Error::db("parse sink.url"))?
             .application_name(&format!("sluice:{}:owner", self.job));
         if let Some(pw) = &cfg.password {
-            options = options.password(pw);
+            options = options.password(secrecy::ExposeSecret::expose_secret(pw));
         }
         let mut conn = options
             .connect()

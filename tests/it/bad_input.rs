@@ -314,7 +314,11 @@ async fn records_a_trigger_refuses(strategy: &str) {
     create_topic(&topic, 2).await;
     let input: Vec<(String, Option<String>)> = (0..2_000u64)
         .map(|i| {
-            let body = if i % 250 == 3 { format!("poison {i}") } else { format!("record {i}") };
+            let body = if i % 250 == 3 {
+                format!("poison {i}")
+            } else {
+                format!("record {i}")
+            };
             (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
         })
         .collect();
@@ -341,9 +345,9 @@ async fn records_a_trigger_refuses(strategy: &str) {
         .expect("read dead letters");
     assert_eq!(reasons.len(), 8, "{reasons:?}");
     assert!(
-        reasons
-            .iter()
-            .all(|r| r.contains("failed 3 times alone") && r.contains("P0001") && r.contains("refused by trigger: poison")),
+        reasons.iter().all(|r| r.contains("failed 3 times alone")
+            && r.contains("P0001")
+            && r.contains("refused by trigger: poison")),
         "{reasons:?}"
     );
     let (rows, distinct, ids, ..) = sink_counts(&pool, &schema).await;
