@@ -46,6 +46,7 @@ use crate::time::Clock;
 /// How records cross from one stage to the next.
 #[derive(Clone)]
 pub struct Edge {
+    /// How records are routed from this stage's input.
     pub kind: PartitionerKind,
     /// The key of `key_hash`, as fields of the upstream schema.
     pub key: Vec<ValueSource>,
@@ -55,9 +56,11 @@ pub struct Edge {
 
 /// Operators that run chained in one task per subtask.
 pub struct Stage {
+    /// Subtasks of this stage.
     pub parallelism: u32,
     /// The edge into the stage (`None` for the source stage).
     pub input: Option<Edge>,
+    /// The operators chained in each subtask, in order.
     pub ops: Vec<BuiltOperator>,
     /// The stage ends in the sink.
     pub sink: bool,

@@ -8,21 +8,28 @@ pub enum Error {
     /// The configuration is wrong; nothing was started. Never retryable.
     #[error("{file}: {key}: {message}")]
     Config {
+        /// The config file.
         file: PathBuf,
+        /// The key at fault (`sink.url`), or `-` for the whole file.
         key: String,
+        /// What is wrong and, where it helps, what is allowed.
         message: String,
     },
     /// Kafka refused or could not be reached.
     #[error("kafka ({context}): {source}")]
     Kafka {
+        /// What sluice was doing.
         context: String,
+        /// librdkafka's error.
         #[source]
         source: rdkafka::error::KafkaError,
     },
     /// The sink's database refused or could not be reached.
     #[error("database ({context}): {source}")]
     Database {
+        /// What sluice was doing.
         context: String,
+        /// The database driver's error.
         #[source]
         source: sqlx::Error,
     },
@@ -32,13 +39,21 @@ pub enum Error {
     /// Reading or writing checkpoint storage failed.
     #[error("checkpoint storage ({context}): {source}")]
     Storage {
+        /// What sluice was doing.
         context: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A stored checkpoint could not be read back.
+    /// A checkpoint that cannot be read back: its path and why.
     #[error("checkpoint {path}: {message}")]
-    CorruptCheckpoint { path: PathBuf, message: String },
+    CorruptCheckpoint {
+        /// The checkpoint's file or directory.
+        path: PathBuf,
+        /// Why it cannot be read.
+        message: String,
+    },
     /// The external system is in a state sluice will not work with (e.g. prepared
     /// transactions disabled).
     #[error("{0}")]
@@ -51,8 +66,11 @@ pub enum Error {
         .current.map_or_else(|| "gone".to_string(), |c| c.to_string())
     )]
     Fenced {
+        /// The job.
         job: String,
+        /// This process's owner generation.
         ours: i64,
+        /// The generation in the owners table now (`None`: its row is gone).
         current: Option<i64>,
     },
     /// A bug or a broken invariant inside the job (a channel closed early, a task died).
@@ -130,6 +148,7 @@ impl Error {
     }
 }
 
+/// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //!
 //! Without the feature, `crash_if` and `fail_if` compile to nothing.
 
+/// With `SLUICE_FAILPOINT=<name>:<checkpoint>`, abort the process once the checkpoint
+/// id reaches `<checkpoint>`.
 #[cfg(feature = "failpoints")]
 pub fn crash_if(name: &str, checkpoint: u64) {
     let Ok(spec) = std::env::var("SLUICE_FAILPOINT") else {
@@ -28,6 +30,7 @@ pub fn crash_if(name: &str, checkpoint: u64) {
     }
 }
 
+/// Compiled out: failpoints exist only with the `failpoints` feature.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn crash_if(_name: &str, _checkpoint: u64) {}
@@ -47,6 +50,7 @@ pub fn fail_if(name: &str, checkpoint: u64) -> crate::Result<()> {
     }
 }
 
+/// Compiled out: failpoints exist only with the `failpoints` feature.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn fail_if(_name: &str, _checkpoint: u64) -> crate::Result<()> {

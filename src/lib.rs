@@ -27,6 +27,8 @@
 //! - [`error`]: errors by domain, and whether a restart can help.
 //! - [`failpoint`]: crash points for the exactly-once tests (compiled out by default).
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod app;
 pub mod checkpoint;

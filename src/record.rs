@@ -10,10 +10,15 @@ use serde::{Deserialize, Serialize};
 /// operator re-parses JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {
+    /// No value.
     Null,
+    /// A boolean.
     Bool(bool),
+    /// A 64-bit integer.
     Int(i64),
+    /// A 64-bit float.
     Float(f64),
+    /// Text.
     Text(String),
     /// A JSON sub-document kept as its source text (for `json` fields).
     Json(String),
@@ -27,8 +32,11 @@ pub enum Value {
 /// that a replay names it the same way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Origin {
+    /// Kafka topic.
     pub topic: Arc<str>,
+    /// Kafka partition.
     pub partition: i32,
+    /// Offset within the partition.
     pub offset: i64,
     /// Kafka message timestamp in epoch milliseconds (0 when the broker gave none).
     pub timestamp_ms: i64,
@@ -45,7 +53,9 @@ pub const NO_TIMESTAMP: i64 = i64::MIN;
 /// A record that could not be decoded, kept with the reason (never dropped).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// Where the record came from.
     pub origin: Origin,
+    /// Why it could not be processed.
     pub reason: String,
     /// The payload as received (empty for a tombstone).
     pub payload: Vec<u8>,
@@ -54,6 +64,7 @@ pub struct DeadLetter {
 /// One input record after decoding: its origin and one value per configured field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
+    /// Where the record came from.
     pub origin: Origin,
     /// Values in the order of `decode.fields`.
     pub values: Vec<Value>,
@@ -120,15 +131,19 @@ impl Record {
 /// batches so that the per-message cost of channels and sinks is paid per batch.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
+    /// Records in order.
     pub records: Vec<Record>,
+    /// Dead letters met on the way.
     pub dead: Vec<DeadLetter>,
 }
 
 impl Batch {
+    /// Whether there is neither a record nor a dead letter.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty() && self.dead.is_empty()
     }
 
+    /// Records and dead letters.
     pub fn len(&self) -> usize {
         self.records.len() + self.dead.len()
     }
@@ -137,6 +152,7 @@ impl Batch {
 /// A checkpoint barrier: everything before it in a channel belongs to checkpoint `id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Barrier {
+    /// The checkpoint this barrier starts.
     pub id: u64,
     /// The job stops after this checkpoint (graceful shutdown): sources emit end of
     /// stream right after the barrier.
@@ -146,6 +162,7 @@ pub struct Barrier {
 /// What a channel between subtasks carries.
 #[derive(Debug, Clone)]
 pub enum StreamElement {
+    /// Records.
     Batch(Batch),
     /// Event time has advanced to this value (epoch ms) on this channel.
     Watermark(i64),
@@ -153,17 +170,24 @@ pub enum StreamElement {
     /// caught up): it must not hold back the watermark until it sends data or a
     /// watermark again.
     Idle,
+    /// Checkpoint barrier n: what came before belongs to checkpoint n.
     Barrier(Barrier),
+    /// The input ended (bounded input, or stop).
     EndOfStream,
 }
 
 /// Where a sink column or key takes its value from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueSource {
+    /// The record's Kafka topic.
     Topic,
+    /// The record's Kafka partition.
     Partition,
+    /// The record's Kafka offset.
     Offset,
+    /// The record's Kafka timestamp (epoch ms).
     Timestamp,
+    /// The raw payload.
     Payload,
     /// Index into [`Record::values`].
     Field(usize),
@@ -192,9 +216,13 @@ impl ValueSource {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum FieldType {
+    /// A 64-bit integer.
     Int,
+    /// A 64-bit float.
     Float,
+    /// Text.
     String,
+    /// A boolean.
     Bool,
     /// Any JSON value, kept as its text.
     Json,
@@ -216,11 +244,14 @@ impl FieldType {
 /// A named, typed field of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {
+    /// The field's name.
     pub name: String,
+    /// The field's type.
     pub field_type: FieldType,
 }
 
 impl Field {
+    /// A field.
     pub fn new(name: impl Into<String>, field_type: FieldType) -> Field {
         Field {
             name: name.into(),
@@ -250,6 +281,7 @@ impl Schema {
         self.fields.iter().position(|f| f.name == name)
     }
 
+    /// The names of the fields, in order.
     pub fn field_names(&self) -> Vec<&str> {
         self.fields.iter().map(|f| f.name.as_str()).collect()
     }

@@ -85,13 +85,18 @@ pub(crate) fn describe() {
 /// Counters of one subtask, looked up once so the hot path only adds.
 #[derive(Clone)]
 pub struct SubtaskMetrics {
+    /// `sluice_records_in_total` of this subtask.
     pub records_in: Counter,
+    /// `sluice_records_out_total` of this subtask.
     pub records_out: Counter,
+    /// `sluice_dead_letters_total` of this subtask.
     pub dead_letters: Counter,
+    /// `sluice_backpressure_ratio` of this subtask.
     pub backpressure: Gauge,
 }
 
 impl SubtaskMetrics {
+    /// The metrics of subtask `subtask` of `operator`.
     pub fn new(operator: &str, subtask: usize) -> Self {
         let s = subtask.to_string();
         let operator = operator.to_string();
@@ -124,6 +129,7 @@ pub struct WindowMetrics {
 }
 
 impl WindowMetrics {
+    /// The window metrics of subtask `subtask` of `operator`.
     pub fn new(operator: &str, subtask: usize) -> Self {
         let (o, s) = (operator.to_string(), subtask.to_string());
         Self {
@@ -141,20 +147,24 @@ pub fn partition_watermark(topic: &str, partition: i32) -> Gauge {
     gauge!("sluice_partition_watermark_seconds", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
+/// `sluice_consumer_lag` of a partition.
 pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {
     gauge!("sluice_consumer_lag", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
+/// Count a completed checkpoint, its duration and size.
 pub fn checkpoint_completed(took: Duration, bytes: u64) {
     counter!("sluice_checkpoints_completed_total").increment(1);
     histogram!("sluice_checkpoint_duration_seconds").record(took.as_secs_f64());
     gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
 }
 
+/// Count an aborted checkpoint.
 pub fn checkpoint_failed() {
     counter!("sluice_checkpoints_failed_total").increment(1);
 }
 
+/// Record a sink subtask's pre-commit or commit duration.
 pub fn sink_commit(subtask: usize, took: Duration) {
     histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string()).record(took.as_secs_f64());
 }
@@ -164,6 +174,7 @@ pub fn possible_replay() {
     counter!("sluice_possible_replays_total").increment(1);
 }
 
+/// Count a restart of the job.
 pub fn restarted() {
     counter!("sluice_restarts_total").increment(1);
 }
@@ -171,11 +182,17 @@ pub fn restarted() {
 /// Job-wide numbers for the status line and for tests; updated alongside the metrics.
 #[derive(Debug, Default)]
 pub struct JobStats {
+    /// Records read.
     pub records_in: AtomicU64,
+    /// Rows written (committed) to the sink.
     pub rows_written: AtomicU64,
+    /// Dead letters.
     pub dead_letters: AtomicU64,
+    /// Checkpoints completed.
     pub checkpoints: AtomicU64,
+    /// Id of the newest completed checkpoint.
     pub last_checkpoint: AtomicU64,
+    /// When it completed (epoch ms).
     pub last_checkpoint_at_ms: AtomicU64,
     /// Restarts of the job inside this process (after failures).
     pub restarts: AtomicU64,
@@ -230,6 +247,7 @@ impl JobStats {
         self.watermarks.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// Note that checkpoint `id` completed now.
     pub fn checkpoint_completed(&self, id: u64) {
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.last_checkpoint.store(id, Ordering::Relaxed);

@@ -23,14 +23,20 @@ use crate::telemetry::{self, JobStats};
 pub enum TaskEvent {
     /// The subtask has snapshotted its state for `checkpoint`.
     Ack {
+        /// The checkpoint acknowledged.
         checkpoint: u64,
+        /// The acknowledging task (`operator/subtask`).
         task: String,
+        /// The task's snapshot (small metadata; large state is behind handles).
         state: serde_json::Value,
     },
     /// The subtask could not take part in `checkpoint`.
     Decline {
+        /// The checkpoint declined.
         checkpoint: u64,
+        /// The declining task.
         task: String,
+        /// Why it could not take its snapshot.
         reason: String,
     },
 }
@@ -49,7 +55,9 @@ pub enum AckOutcome {
 /// A checkpoint in flight: plain state, no I/O.
 #[derive(Debug)]
 pub struct PendingCheckpoint {
+    /// The barrier injected for this checkpoint.
     pub barrier: Barrier,
+    /// When the barrier was injected (for the timeout and the duration metric).
     pub triggered_at: Instant,
     triggered_at_ms: u64,
     waiting: BTreeSet<String>,
@@ -57,6 +65,7 @@ pub struct PendingCheckpoint {
 }
 
 impl PendingCheckpoint {
+    /// A checkpoint that waits for an acknowledgement from each of `tasks`.
     pub fn new(barrier: Barrier, tasks: &[String], now: Instant) -> Self {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -70,6 +79,7 @@ impl PendingCheckpoint {
         }
     }
 
+    /// Record `task`'s snapshot; says whether the checkpoint is now complete.
     pub fn acknowledge(&mut self, task: &str, state: serde_json::Value) -> AckOutcome {
         if !self.waiting.remove(task) {
             return AckOutcome::Unexpected;
@@ -82,6 +92,7 @@ impl PendingCheckpoint {
         }
     }
 
+    /// Whether the checkpoint has waited longer than `timeout`.
     pub fn is_expired(&self, now: Instant, timeout: Duration) -> bool {
         now.duration_since(self.triggered_at) >= timeout
     }
@@ -91,6 +102,7 @@ impl PendingCheckpoint {
         self.waiting.iter().cloned().collect()
     }
 
+    /// The completed checkpoint of `job`, with every task's snapshot.
     pub fn into_completed(self, job: &str) -> CompletedCheckpoint {
         CompletedCheckpoint {
             format_version: FORMAT_VERSION,
@@ -106,25 +118,33 @@ impl PendingCheckpoint {
 /// Timing of checkpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointTiming {
+    /// Time between the end of one checkpoint and the trigger of the next.
     pub interval: Duration,
+    /// A checkpoint not complete after this is aborted.
     pub timeout: Duration,
+    /// Least pause between two checkpoints, however long the last one took.
     pub min_pause: Duration,
 }
 
 /// The coordinator of one job attempt.
 pub struct Coordinator {
+    /// The job's name, written into every checkpoint.
     pub job: String,
+    /// Interval, timeout and pause.
     pub timing: CheckpointTiming,
+    /// Where completed checkpoints are stored.
     pub storage: Arc<dyn CheckpointStorage>,
     /// Every subtask that must acknowledge.
     pub tasks: Vec<String>,
     /// One trigger channel per source subtask.
     pub triggers: Vec<mpsc::UnboundedSender<Barrier>>,
+    /// Acknowledgements, declines and failures from every task.
     pub events: mpsc::UnboundedReceiver<TaskEvent>,
     /// The id of the newest completed checkpoint, for sinks to commit on.
     pub completed: watch::Sender<u64>,
     /// Id of the first checkpoint this attempt triggers.
     pub first_id: u64,
+    /// Job-wide counters for the status line.
     pub stats: Arc<JobStats>,
 }
 
@@ -135,11 +155,13 @@ pub struct CoordinatorHandle {
 }
 
 impl CoordinatorHandle {
+    /// A stop signal and the receiver the coordinator watches.
     pub fn new() -> (Self, watch::Receiver<bool>) {
         let (tx, rx) = watch::channel(false);
         (Self { stop: tx }, rx)
     }
 
+    /// Ask for a final checkpoint and a stop.
     pub fn stop(&self) {
         self.stop.send_replace(true);
     }

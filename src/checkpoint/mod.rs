@@ -18,11 +18,15 @@ pub const FORMAT_VERSION: u32 = 1;
 /// (`source-0`, `sink-1`, ...). Self-describing JSON, so it can be read by hand.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletedCheckpoint {
+    /// The metadata format; a checkpoint of another format is refused.
     pub format_version: u32,
+    /// The job that wrote it; another job's checkpoint is refused.
     pub job: String,
+    /// Checkpoint id, increasing within the job.
     pub id: u64,
     /// When it was triggered, epoch ms.
     pub triggered_at_ms: u64,
+    /// Every task's snapshot by task name (`operator/subtask`).
     pub tasks: BTreeMap<String, serde_json::Value>,
     /// SHA-256 (hex) of the checkpoint without this field, set when stored: an edited
     /// or partly written file is refused instead of restored. Absent in checkpoints

@@ -37,6 +37,7 @@ pub struct MemoryStorage {
 }
 
 impl MemoryStorage {
+    /// A store that keeps the newest `retain` checkpoints.
     pub fn new(retain: usize) -> Self {
         Self {
             retain: retain.max(1),
@@ -110,6 +111,7 @@ pub struct DirectoryStorage {
 }
 
 impl DirectoryStorage {
+    /// Open (and lock) `dir`, keeping the newest `retain` checkpoints; another process holding the lock is an error naming it.
     pub fn open(dir: &Path, retain: usize) -> Result<Self> {
         fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
         let path = dir.join("LOCK");

@@ -35,17 +35,22 @@ pub enum WatermarkStrategy {
     Monotonous,
 }
 
+/// Which time the job's windows and timers use, and how event time is read.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeConfig {
+    /// Event, processing or ingestion time.
     #[serde(default)]
     pub characteristic: TimeCharacteristic,
     /// The decoded field holding event time, or `kafka.timestamp` (the default).
     pub field: Option<String>,
+    /// How the event-time field is written (epoch ms, epoch s, RFC 3339).
     #[serde(default)]
     pub format: TimeFormat,
+    /// How watermarks are generated from event times.
     #[serde(default)]
     pub watermark: WatermarkStrategy,
+    /// How far out of order events may arrive before they count as late.
     #[serde(default = "defaults::out_of_orderness", with = "humantime_serde")]
     pub max_out_of_orderness: Duration,
     /// How often sources emit watermarks.
@@ -100,7 +105,13 @@ impl TimeConfig {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OperatorConfig {
     /// Key the stream by fields: the next operator receives records by key group.
-    KeyBy { id: Option<String>, fields: Vec<String> },
+    /// Partition by the values of `fields` (key-group hash downstream).
+    KeyBy {
+        /// The operator's id (default `key_by`).
+        id: Option<String>,
+        /// The fields whose values form the key.
+        fields: Vec<String>,
+    },
     /// Windows over a keyed stream.
     Window(WindowConfig),
 }
@@ -176,6 +187,7 @@ pub enum IntervalClock {
     /// The window's own time (event time for event-time windows).
     #[default]
     Window,
+    /// The wall clock of the subtask.
     Processing,
 }
 
@@ -183,11 +195,17 @@ pub enum IntervalClock {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregateFunction {
+    /// Number of records.
     Count,
+    /// Sum of a numeric field.
     Sum,
+    /// Least value of a field.
     Min,
+    /// Greatest value of a field.
     Max,
+    /// Mean of a numeric field.
     Avg,
+    /// Number of distinct values of a field.
     CountDistinct,
     /// The value of the record with the earliest event time.
     First,
@@ -196,6 +214,7 @@ pub enum AggregateFunction {
 }
 
 impl AggregateFunction {
+    /// The function's name in config and in default output names.
     pub fn name(self) -> &'static str {
         match self {
             AggregateFunction::Count => "count",
@@ -210,6 +229,7 @@ impl AggregateFunction {
     }
 }
 
+/// One aggregate of a window: its function, input field and output name.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateSpec {
@@ -227,7 +247,9 @@ pub struct AggregateSpec {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum AggregateFunctionName {
+    /// A function sluice ships.
     Builtin(AggregateFunction),
+    /// A function registered by name in code ([`crate::operators::window::aggregate::UserAggregate`]).
     User(String),
 }
 
@@ -244,21 +266,28 @@ pub struct ProcessSpec {
     pub output: Option<String>,
 }
 
+/// A window operator: assigner, trigger, lateness and the function over each window.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
+    /// The operator's id: names its state in checkpoints and its metrics.
     pub id: String,
+    /// Subtasks of the operator (default: the job's parallelism).
     #[serde(default = "defaults::one", deserialize_with = "super::whole::number")]
     pub parallelism: u32,
     /// The edge into the window: `hash` (key groups of the `key_by` fields; the only
     /// choice that keeps a key's records together).
     #[serde(default = "defaults::hash")]
     pub partitioner: PartitionerKind,
+    /// Tumbling, sliding or session windows.
     pub assigner: AssignerKind,
+    /// Window length (tumbling, sliding).
     #[serde(default, with = "humantime_serde")]
     pub size: Option<Duration>,
+    /// Distance between window starts (sliding).
     #[serde(default, with = "humantime_serde")]
     pub slide: Option<Duration>,
+    /// Inactivity that closes a session (session).
     #[serde(default, with = "humantime_serde")]
     pub gap: Option<Duration>,
     /// Shifts window boundaries (e.g. daily windows that start at local midnight).
@@ -266,9 +295,12 @@ pub struct WindowConfig {
     pub offset: Option<Duration>,
     /// Default: `event_time`, or `processing_time` for a processing-time job.
     pub trigger: Option<TriggerKind>,
+    /// Fire early every this many records (`trigger = "count"`).
     pub trigger_count: Option<u64>,
+    /// Fire early at this interval (`trigger = "continuous"`).
     #[serde(default, with = "humantime_serde")]
     pub trigger_interval: Option<Duration>,
+    /// The clock of `trigger_interval`.
     #[serde(default)]
     pub trigger_clock: IntervalClock,
     /// Purge the window's contents at every firing, so each result covers only the

@@ -26,8 +26,11 @@ pub use load::{flatten_properties, is_column_name, load, redact_url, KAFKA_VALUE
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
+    /// `[job]`: name, parallelism, status line.
     pub job: JobSection,
+    /// `[source]`: the Kafka topics and how they are read.
     pub source: SourceConfig,
+    /// `[decode]`: the JSON fields records are decoded into.
     #[serde(default)]
     pub decode: DecodeConfig,
     /// Event, processing or ingestion time, and how watermarks are made.
@@ -36,13 +39,18 @@ pub struct JobConfig {
     /// The steps between source and sink, in order.
     #[serde(default)]
     pub operators: Vec<OperatorConfig>,
+    /// `[checkpoint]`: interval, timeout, storage.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// `[restart]`: what happens after a failure.
     #[serde(default)]
     pub restart: RestartConfig,
+    /// `[sink]`: where results are written and with which guarantee.
     pub sink: SinkConfig,
+    /// `[dead_letter]`: where records that cannot be processed go.
     #[serde(default)]
     pub dead_letter: DeadLetterConfig,
+    /// `[metrics]`: the HTTP endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// The file this was read from, for error messages. Not a config key.
@@ -50,6 +58,7 @@ pub struct JobConfig {
     pub file: PathBuf,
 }
 
+/// `[job]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
@@ -69,8 +78,10 @@ pub struct JobSection {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum StartFrom {
+    /// The oldest offset the broker still holds.
     #[default]
     Earliest,
+    /// The end of each partition at first start.
     Latest,
 }
 
@@ -78,21 +89,28 @@ pub enum StartFrom {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum IsolationLevel {
+    /// Only committed records of transactional producers (the default).
     #[default]
     ReadCommitted,
+    /// Every record, aborted transactions included.
     ReadUncommitted,
 }
 
+/// `[source]`: a Kafka consumer per source subtask.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Broker list, or `"embedded"` for an in-process mock cluster fed by a generator.
     pub bootstrap_servers: String,
+    /// Topics to read; partitions are spread over the source subtasks.
     pub topics: Vec<String>,
+    /// Source subtasks.
     #[serde(default = "defaults::one", deserialize_with = "whole::number")]
     pub parallelism: u32,
+    /// Where a job without a checkpoint starts reading.
     #[serde(default)]
     pub start_from: StartFrom,
+    /// Whether aborted transactional records are read.
     #[serde(default)]
     pub isolation_level: IsolationLevel,
     /// Records per batch handed downstream.
@@ -183,16 +201,23 @@ impl std::fmt::Display for Url {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PropertyValue {
+    /// `true` or `false`.
     Bool(bool),
+    /// An integer.
     Int(i64),
+    /// A number with a fraction.
     Float(f64),
+    /// Text.
     Text(String),
+    /// A nested table, joined into the key with dots.
     Table(BTreeMap<String, PropertyValue>),
 }
 
+/// `[source.embedded]`: the in-process broker and sample-event generator.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
+    /// Partitions of the embedded topic.
     #[serde(default = "defaults::embedded_partitions")]
     pub partitions: i32,
     /// The generator's pace; the mock cluster keeps only a few MiB per partition.
@@ -213,11 +238,13 @@ impl Default for EmbeddedConfig {
     }
 }
 
+/// One decoded field: its JSON name and type.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldSpec {
     /// Top-level key of the JSON object.
     pub name: String,
+    /// The field's type; a value of another type is a dead letter.
     #[serde(rename = "type")]
     pub field_type: FieldType,
     /// A missing (or null) required field dead-letters the record; a missing optional
@@ -226,12 +253,14 @@ pub struct FieldSpec {
     pub required: bool,
 }
 
+/// `[decode]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeConfig {
     /// Records longer than this are dead-lettered unread.
     #[serde(default = "defaults::max_record_bytes")]
     pub max_record_bytes: usize,
+    /// The fields taken from each JSON record.
     #[serde(default)]
     pub fields: Vec<FieldSpec>,
 }
@@ -245,6 +274,7 @@ impl Default for DecodeConfig {
     }
 }
 
+/// Where completed checkpoints are kept.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum StorageKind {
@@ -255,9 +285,11 @@ pub enum StorageKind {
     Filesystem,
 }
 
+/// `[checkpoint]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
+    /// Time between checkpoints (and so between commits to the sink).
     #[serde(default = "defaults::checkpoint_interval", with = "humantime_serde")]
     pub interval: Duration,
     /// A checkpoint not acknowledged by every subtask within this is aborted.
@@ -266,6 +298,7 @@ pub struct CheckpointConfig {
     /// Least time between the end of one checkpoint and the start of the next.
     #[serde(default, with = "humantime_serde")]
     pub min_pause: Duration,
+    /// `memory` (lost with the process) or `filesystem`.
     #[serde(default)]
     pub storage: StorageKind,
     /// Directory for `storage = "filesystem"`.
@@ -297,29 +330,38 @@ pub enum RestartConfig {
     None,
     /// Restart up to `attempts` times, waiting `delay` before each.
     FixedDelay {
+        /// Restarts allowed in the job's life.
         #[serde(default = "defaults::attempts")]
         attempts: u32,
+        /// Pause before each restart.
         #[serde(default = "defaults::delay", with = "humantime_serde")]
         delay: Duration,
     },
     /// Restart after `delay` unless more than `max_failures` happened within `interval`.
     FailureRate {
+        /// Failures allowed within `interval`.
         #[serde(default = "defaults::attempts")]
         max_failures: u32,
+        /// The window over which failures are counted.
         #[serde(default = "defaults::failure_interval", with = "humantime_serde")]
         interval: Duration,
+        /// Pause before each restart.
         #[serde(default = "defaults::delay", with = "humantime_serde")]
         delay: Duration,
     },
     /// Restart forever, waiting `initial`, then `initial * multiplier`, ... up to `max`;
     /// the wait falls back to `initial` after `reset_after` without failure.
     ExponentialBackoff {
+        /// First pause.
         #[serde(default = "defaults::delay", with = "humantime_serde")]
         initial: Duration,
+        /// Longest pause.
         #[serde(default = "defaults::max_backoff", with = "humantime_serde")]
         max: Duration,
+        /// Factor from one pause to the next.
         #[serde(default = "defaults::multiplier")]
         multiplier: f64,
+        /// A run this long without a failure starts the pauses over.
         #[serde(default = "defaults::reset_after", with = "humantime_serde")]
         reset_after: Duration,
     },
@@ -336,10 +378,13 @@ impl Default for RestartConfig {
     }
 }
 
+/// The kind of database the sink writes.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
+    /// PostgreSQL (both strategies).
     Postgres,
+    /// SQLite (idempotent only; the embedded default).
     Sqlite,
 }
 
@@ -382,22 +427,27 @@ pub enum PartitionerKind {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnSpec {
+    /// The column's name in the sink table.
     pub name: String,
     /// A decoded field's name, or one of `kafka.topic`, `kafka.partition`,
     /// `kafka.offset`, `kafka.timestamp` (epoch ms), `kafka.payload` (the raw JSON).
     pub value: String,
 }
 
+/// `[sink]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
+    /// The target database.
     pub kind: SinkKind,
     /// `postgres://user@host:port/db` or `sqlite://path`. A Postgres password goes in
     /// the environment (`SLUICE__SINK__PASSWORD` or `PGPASSWORD`), never in the file.
     pub url: Url,
     /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
     pub password: Option<secrecy::SecretString>,
+    /// The table written (`schema.table` or `table`).
     pub table: String,
+    /// How exactly once is reached: `idempotent` upserts or `two_phase` commit.
     pub strategy: Strategy,
     /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every decoded
     /// field under its own name).
@@ -406,6 +456,7 @@ pub struct SinkConfig {
     /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
     #[serde(default)]
     pub key: Vec<String>,
+    /// Sink subtasks (connections writing at once).
     #[serde(default = "defaults::one", deserialize_with = "whole::number")]
     pub parallelism: u32,
     /// How records reach sink subtasks (default: `key_hash` on `key`).
@@ -428,6 +479,7 @@ pub struct SinkConfig {
     pub run_migrations: bool,
 }
 
+/// Where dead letters go.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DeadLetterKind {
@@ -439,11 +491,14 @@ pub enum DeadLetterKind {
     Kafka,
 }
 
+/// `[dead_letter]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
+    /// A table in the sink's database, or a Kafka topic.
     #[serde(default)]
     pub kind: DeadLetterKind,
+    /// The dead-letter table (`kind = "table"`).
     #[serde(default = "defaults::dead_letter_table")]
     pub table: String,
     /// Topic for `kind = "kafka"` (on the source's cluster).
@@ -460,6 +515,7 @@ impl Default for DeadLetterConfig {
     }
 }
 
+/// `[metrics]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {

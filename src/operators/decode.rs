@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use crate::config::{FieldSpec, FieldType};
 use crate::record::{DeadLetter, Origin, Record, Value};
 
+/// Turns JSON payloads into records of the configured fields, or dead letters with the reason.
 pub struct Decoder {
     fields: Vec<FieldSpec>,
     max_bytes: usize,
@@ -28,6 +29,7 @@ impl Decoder {
         }
     }
 
+    /// Decode one payload; a record that does not fit the fields comes back as a dead letter.
     pub fn decode(&self, origin: Origin, payload: Option<&[u8]>) -> Result<Record, DeadLetter> {
         let dead = |origin: Origin, reason: String| DeadLetter {
             origin,

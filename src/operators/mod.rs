@@ -38,6 +38,7 @@ pub type OperatorFactory = Arc<dyn Fn(usize) -> Box<dyn Operator> + Send + Sync>
 
 /// An operator built from config and checked against the schema reaching it.
 pub struct BuiltOperator {
+    /// The operator's id (state in checkpoints, metrics).
     pub id: String,
     /// `None`: as many subtasks as the operator before it (it runs chained to it).
     pub parallelism: Option<u32>,
@@ -45,9 +46,11 @@ pub struct BuiltOperator {
     pub partitioner: PartitionerKind,
     /// The fields `hash` partitions by.
     pub partition_key: Vec<ValueSource>,
+    /// The schema of what the operator emits.
     pub output: Schema,
     /// It needs event time and watermarks from the source.
     pub needs_event_time: bool,
+    /// Makes the operator instance of one subtask.
     pub make: OperatorFactory,
 }
 

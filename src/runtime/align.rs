@@ -17,6 +17,7 @@ pub enum AlignStep {
     Ignore,
 }
 
+/// Aligns checkpoint barriers over a task's inputs: an input whose barrier arrived waits until every live input delivered it.
 #[derive(Debug)]
 pub struct BarrierAligner {
     arrived: Vec<bool>,
@@ -27,6 +28,7 @@ pub struct BarrierAligner {
 }
 
 impl BarrierAligner {
+    /// An aligner over `inputs` inputs.
     pub fn new(inputs: usize) -> Self {
         Self {
             arrived: vec![false; inputs],
@@ -46,6 +48,7 @@ impl BarrierAligner {
         self.current.is_some() && self.arrived[input]
     }
 
+    /// Barrier `barrier` arrived on `input`; says whether to block that input or the checkpoint is aligned.
     pub fn on_barrier(&mut self, input: usize, barrier: Barrier) -> AlignStep {
         if barrier.id <= self.last_id && self.current.map(|c| c.id) != Some(barrier.id) {
             return AlignStep::Ignore;
@@ -75,6 +78,7 @@ impl BarrierAligner {
         }
     }
 
+    /// Whether every input ended.
     pub fn all_ended(&self) -> bool {
         self.ended.iter().all(|e| *e)
     }

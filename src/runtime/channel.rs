@@ -26,6 +26,7 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// Outputs over `senders`, one per downstream subtask.
     pub fn new(senders: Vec<mpsc::Sender<StreamElement>>) -> Self {
         Self {
             senders,
@@ -38,10 +39,12 @@ impl Outputs {
         Duration::from_nanos(self.blocked.swap(0, Ordering::Relaxed))
     }
 
+    /// Downstream subtasks.
     pub fn len(&self) -> usize {
         self.senders.len()
     }
 
+    /// Whether there is no downstream subtask.
     pub fn is_empty(&self) -> bool {
         self.senders.is_empty()
     }
@@ -103,6 +106,7 @@ fn closed() -> Error {
 /// What an input gate yields.
 #[derive(Debug)]
 pub enum GateItem {
+    /// An element and the input it came from.
     Element(usize, StreamElement),
     /// The input's channel closed without an end of stream: its upstream died.
     Closed(usize),
@@ -118,6 +122,7 @@ pub struct InputGate {
 }
 
 impl InputGate {
+    /// A gate over `inputs`, one per upstream subtask.
     pub fn new(inputs: Vec<mpsc::Receiver<StreamElement>>) -> Self {
         let n = inputs.len();
         Self {
@@ -128,18 +133,22 @@ impl InputGate {
         }
     }
 
+    /// Inputs, blocked or not.
     pub fn len(&self) -> usize {
         self.inputs.len()
     }
 
+    /// Whether the gate has no input.
     pub fn is_empty(&self) -> bool {
         self.inputs.is_empty()
     }
 
+    /// Stop reading `input` (its barrier arrived first).
     pub fn block(&mut self, input: usize) {
         self.blocked[input] = true;
     }
 
+    /// Read every input again (the barrier is aligned).
     pub fn unblock_all(&mut self) {
         self.blocked.iter_mut().for_each(|b| *b = false);
     }

@@ -35,15 +35,18 @@ impl Default for Cancel {
 }
 
 impl Cancel {
+    /// Ask every task to stop.
     pub fn cancel(&self) {
         self.flag.store(true, Ordering::Relaxed);
         self.tx.send_replace(true);
     }
 
+    /// The flag, for blocking code that polls it.
     pub fn flag(&self) -> Arc<AtomicBool> {
         self.flag.clone()
     }
 
+    /// A receiver that changes when the job is cancelled.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.tx.subscribe()
     }

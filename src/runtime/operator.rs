@@ -22,7 +22,9 @@ use crate::time::{Timer, TimerService, MIN_WATERMARK};
 /// What moves inside a chain: data, and event time advancing.
 #[derive(Debug)]
 pub enum Emit {
+    /// Records to process.
     Batch(Batch),
+    /// The watermark advanced to this time (ms).
     Watermark(i64),
 }
 
@@ -43,10 +45,12 @@ impl Output {
         }
     }
 
+    /// Emit a record downstream.
     pub fn record(&mut self, record: Record) {
         self.current().records.push(record);
     }
 
+    /// Emit a dead letter.
     pub fn dead_letter(&mut self, dead: DeadLetter) {
         self.current().dead.push(dead);
     }
@@ -80,14 +84,18 @@ impl Output {
 pub struct SubtaskInfo {
     /// The operator's stable id (its state is found by it on restore).
     pub operator: String,
+    /// This subtask's index.
     pub index: usize,
+    /// Subtasks of the operator.
     pub parallelism: u32,
+    /// Key groups of the job (the most subtasks keyed state can be spread over).
     pub max_parallelism: u32,
     /// The key groups this subtask owns.
     pub key_groups: KeyGroupRange,
 }
 
 impl SubtaskInfo {
+    /// The info of subtask `index` of `operator`.
     pub fn new(operator: &str, index: usize, parallelism: u32, max_parallelism: u32) -> Self {
         Self {
             operator: operator.to_string(),
@@ -106,12 +114,15 @@ impl SubtaskInfo {
 
 /// What an operator sees besides its input.
 pub struct Context<'a> {
+    /// Where results go.
     pub out: &'a mut Output,
+    /// Event- and processing-time timers.
     pub timers: &'a mut TimerService,
     /// The operator's current watermark (event time up to which input is complete).
     pub watermark: i64,
     /// Processing time now, epoch ms.
     pub processing_time: i64,
+    /// Which subtask this is.
     pub info: &'a SubtaskInfo,
 }
 
@@ -123,6 +134,7 @@ pub type SnapshotParts = Vec<(String, SnapshotFn)>;
 pub struct RestoredState<'a> {
     /// One map per snapshot file that holds key groups of this subtask.
     pub files: &'a [BTreeMap<String, Vec<u8>>],
+    /// The key groups this subtask owns.
     pub key_groups: KeyGroupRange,
 }
 
@@ -180,6 +192,7 @@ pub trait Operator: Send + 'static {
 
 /// One operator of a chain with what the runtime keeps for it.
 pub struct Chained {
+    /// Which subtask took it.
     pub info: SubtaskInfo,
     op: Box<dyn Operator>,
     timers: TimerService,
@@ -191,9 +204,11 @@ pub struct Chained {
 /// which key groups it holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OperatorAck {
+    /// The key groups the snapshot covers.
     pub key_groups: KeyGroupRange,
     /// Storage handle of the encoded parts; `None` when the operator holds no state.
     pub handle: Option<String>,
+    /// Encoded size.
     pub bytes: u64,
 }
 
@@ -205,7 +220,9 @@ pub struct Chain {
 
 /// A snapshot of one chained operator, still to be encoded.
 pub struct PendingSnapshot {
+    /// Which subtask it belongs to.
     pub info: SubtaskInfo,
+    /// What it consists of.
     pub parts: SnapshotParts,
 }
 
@@ -231,6 +248,7 @@ pub fn decode_parts(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Vec<u8>
 const TIMERS: &str = "timers";
 
 impl Chain {
+    /// Append an operator to the chain.
     pub fn push(&mut self, info: SubtaskInfo, op: Box<dyn Operator>) {
         self.ops.push(Chained {
             info,
@@ -241,6 +259,7 @@ impl Chain {
         });
     }
 
+    /// Whether the chain has no operator.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -321,6 +340,7 @@ impl Chain {
         c.op.restore(&state)
     }
 
+    /// Tell every operator that checkpoint `id` completed.
     pub fn on_checkpoint_complete(&mut self, id: u64) -> Result<()> {
         for c in self.ops.iter_mut() {
             c.op.on_checkpoint_complete(id)?;
@@ -328,6 +348,7 @@ impl Chain {
         Ok(())
     }
 
+    /// Close every operator (end of input), in order.
     pub fn close(&mut self) -> Result<()> {
         for c in self.ops.iter_mut() {
             c.op.on_close()?;

@@ -19,6 +19,7 @@ impl Default for StableHasher {
 }
 
 impl StableHasher {
+    /// Add bytes to the hash.
     pub fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
@@ -26,6 +27,7 @@ impl StableHasher {
         }
     }
 
+    /// The hash.
     pub fn finish(self) -> u64 {
         // A final avalanche (from MurmurHash3) so that low bits spread well.
         let mut h = self.0;
@@ -115,6 +117,7 @@ pub struct Partitioner {
 }
 
 impl Partitioner {
+    /// A partitioner of `kind` over `targets` downstream subtasks.
     pub fn new(
         kind: PartitionerKind,
         outputs: usize,

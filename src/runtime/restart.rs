@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::RestartConfig;
 
+/// Decides, after each failure, whether and when the job restarts.
 #[derive(Debug)]
 pub struct RestartPolicy {
     config: RestartConfig,
@@ -15,6 +16,7 @@ pub struct RestartPolicy {
 }
 
 impl RestartPolicy {
+    /// A policy as configured.
     pub fn new(config: RestartConfig) -> Self {
         let backoff = match &config {
             RestartConfig::ExponentialBackoff { initial, .. } => *initial,

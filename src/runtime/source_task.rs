@@ -26,6 +26,7 @@ use crate::time::Clock;
 /// What one poll of a source gave.
 #[derive(Debug, Default)]
 pub struct SourcePoll {
+    /// Records read (and dead letters met).
     pub batch: Batch,
     /// Event time to forward after the batch (the minimum over the source's live
     /// partitions), and/or that every partition is idle, in this order.
@@ -68,16 +69,27 @@ pub trait Source: Send + 'static {
 
 /// What a source subtask is connected to.
 pub struct SourceIo {
+    /// Task name (`source/subtask`).
     pub name: String,
+    /// Downstream subtasks.
     pub outputs: Outputs,
+    /// How batches are routed to them.
     pub partitioner: Partitioner,
+    /// Barriers to inject, from the coordinator.
     pub triggers: mpsc::UnboundedReceiver<Barrier>,
+    /// Acknowledgements and failures, to the coordinator.
     pub events: mpsc::UnboundedSender<TaskEvent>,
+    /// Set when the job is cancelled.
     pub cancel: Arc<AtomicBool>,
+    /// The newest completed checkpoint.
     pub completed: watch::Receiver<u64>,
+    /// Where state snapshots are written.
     pub storage: Arc<dyn CheckpointStorage>,
+    /// The processing-time clock.
     pub clock: Clock,
+    /// Job-wide counters.
     pub stats: Arc<JobStats>,
+    /// This subtask's metrics.
     pub metrics: SubtaskMetrics,
 }
 

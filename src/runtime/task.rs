@@ -45,8 +45,11 @@ pub trait Tail: Send {
 
 /// Output to the next operator's subtasks through a partitioner.
 pub struct NetworkTail {
+    /// How output is routed.
     pub partitioner: Partitioner,
+    /// Downstream subtasks.
     pub outputs: Outputs,
+    /// This subtask's metrics.
     pub metrics: SubtaskMetrics,
 }
 
@@ -100,7 +103,9 @@ impl Tail for NetworkTail {
 
 /// Output into a sink writer.
 pub struct SinkTail<W> {
+    /// The sink writer.
     pub writer: W,
+    /// The sink subtask's index.
     pub index: usize,
 }
 
@@ -142,13 +147,19 @@ impl<W: SinkWriter> Tail for SinkTail<W> {
 pub struct TaskIo {
     /// `operator-subtask` of the task, for messages.
     pub name: String,
+    /// The task's inputs.
     pub gate: InputGate,
+    /// Acknowledgements and failures, to the coordinator.
     pub events: mpsc::UnboundedSender<TaskEvent>,
     /// Newest completed checkpoint.
     pub completed: watch::Receiver<u64>,
+    /// Changes when the job is cancelled.
     pub cancel: watch::Receiver<bool>,
+    /// Where state snapshots are written.
     pub storage: Arc<dyn CheckpointStorage>,
+    /// The processing-time clock.
     pub clock: Clock,
+    /// Job-wide counters.
     pub stats: Arc<JobStats>,
     /// Counters of the first chained operator (a sink counts for itself).
     pub metrics: Option<SubtaskMetrics>,

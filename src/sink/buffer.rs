@@ -7,6 +7,7 @@ use super::dead_letter::KafkaDeadLetters;
 use crate::error::Result;
 use crate::record::{Batch, DeadLetter};
 
+/// Records gathered into statements of `batch_size` rows, and the dead letters met with them.
 pub struct WriteBuffer {
     batch: Batch,
     batch_size: usize,
@@ -33,6 +34,7 @@ impl WriteBuffer {
         Ok(self.batch.len() >= self.batch_size)
     }
 
+    /// Whether nothing is buffered.
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
@@ -42,6 +44,7 @@ impl WriteBuffer {
         mem::take(&mut self.batch)
     }
 
+    /// Give a written batch back, so its allocation is reused.
     pub fn recycle(&mut self, mut batch: Batch) {
         if self.batch.is_empty() {
             batch.records.clear();

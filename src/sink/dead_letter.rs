@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use crate::error::{Error, Result};
 use crate::record::DeadLetter;
 
+/// Dead letters to a Kafka topic (at least once).
 pub struct KafkaDeadLetters {
     producer: FutureProducer,
     topic: String,
@@ -21,6 +22,7 @@ pub struct KafkaDeadLetters {
 }
 
 impl KafkaDeadLetters {
+    /// A producer to `topic`.
     pub fn new(mut client: ClientConfig, topic: &str) -> Result<Self> {
         client.set("enable.idempotence", "true");
         client.set("linger.ms", "5");
@@ -32,6 +34,7 @@ impl KafkaDeadLetters {
         })
     }
 
+    /// Send dead letters and wait until the broker has them.
     pub async fn send(&mut self, dead: Vec<DeadLetter>) -> Result<()> {
         for d in dead {
             let key = format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset);

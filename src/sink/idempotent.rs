@@ -28,8 +28,11 @@ pub trait UpsertTarget: Send + Sync + 'static {
     fn write_dead(&self, dead: &[DeadLetter]) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Upserts into a Postgres table.
 pub struct PgUpsert {
+    /// Connections.
     pub pool: PgPool,
+    /// The table and its statements.
     pub table: Arc<PgTable>,
 }
 
@@ -48,8 +51,11 @@ impl UpsertTarget for PgUpsert {
     }
 }
 
+/// Upserts into a SQLite table.
 pub struct SqliteUpsert {
+    /// Connections.
     pub pool: SqlitePool,
+    /// The table and its statements.
     pub table: Arc<SqliteTable>,
 }
 
@@ -65,6 +71,7 @@ impl UpsertTarget for SqliteUpsert {
     }
 }
 
+/// The idempotent strategy: upserts on the key, written at any time, so a replay overwrites with the same rows.
 pub struct IdempotentWriter<T> {
     target: T,
     buffer: WriteBuffer,
@@ -74,6 +81,7 @@ pub struct IdempotentWriter<T> {
 }
 
 impl<T: UpsertTarget> IdempotentWriter<T> {
+    /// A writer of subtask `subtask` over `target`.
     pub fn new(
         target: T,
         batch_size: usize,

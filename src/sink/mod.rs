@@ -45,18 +45,26 @@ pub trait SinkWriter: Send + 'static {
 /// A sink column with where its value comes from and what type that value has.
 #[derive(Debug, Clone)]
 pub struct Column {
+    /// Column name.
     pub name: String,
+    /// Where its value comes from.
     pub source: ValueSource,
+    /// How the value is bound.
     pub value_type: ValueType,
 }
 
 /// The type a column's values have in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueType {
+    /// Text (also JSON).
     Text,
+    /// 32-bit integer.
     Int4,
+    /// 64-bit integer.
     Int8,
+    /// 64-bit float.
     Float8,
+    /// Boolean.
     Bool,
     /// JSON text.
     Json,
@@ -65,7 +73,9 @@ pub enum ValueType {
 /// The sink's table as configured: columns, key, and the dead-letter table.
 #[derive(Debug, Clone)]
 pub struct TableSpec {
+    /// The table.
     pub table: String,
+    /// Columns written, in order.
     pub columns: Vec<Column>,
     /// Indices into `columns` of the conflict key.
     pub key: Vec<usize>,
@@ -225,14 +235,20 @@ pub(crate) fn last_per_key<'a>(records: &'a [Record], spec: &TableSpec) -> Vec<&
 
 /// The sink's database connections and table, opened once per job attempt.
 pub enum SinkTarget {
+    /// A Postgres database.
     Postgres {
+        /// Connections.
         pool: sqlx::PgPool,
+        /// The table and its statements.
         table: std::sync::Arc<postgres::PgTable>,
         /// The owner's fencing token, checked by two-phase commits.
         fence: Option<postgres::Fence>,
     },
+    /// A SQLite database.
     Sqlite {
+        /// Connections.
         pool: sqlx::SqlitePool,
+        /// The table and its statements.
         table: std::sync::Arc<sqlite::SqliteTable>,
     },
 }

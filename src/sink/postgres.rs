@@ -256,6 +256,7 @@ fn prepared_transactions_verdict(max: i32, parallelism: u32) -> Result<()> {
 /// A Postgres table the sink writes, with its statements built once.
 #[derive(Debug)]
 pub struct PgTable {
+    /// The table, its columns and key.
     pub spec: TableSpec,
     upsert_sql: String,
     insert_sql: String,
@@ -733,6 +734,7 @@ pub fn gid(job: &str, subtask: usize, checkpoint: u64) -> String {
     format!("{}{subtask}:{checkpoint}", gid_prefix(job))
 }
 
+/// The prefix of this job's transaction ids (`sluice:<job>:`).
 pub fn gid_prefix(job: &str) -> String {
     format!("sluice:{job}:")
 }
@@ -740,8 +742,11 @@ pub fn gid_prefix(job: &str) -> String {
 /// A prepared transaction found in `pg_prepared_xacts`.
 #[derive(Debug, Clone)]
 pub struct PreparedTxn {
+    /// The transaction id.
     pub gid: String,
+    /// When it was prepared.
     pub prepared: String,
+    /// The role that prepared it.
     pub owner: String,
 }
 

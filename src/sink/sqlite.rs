@@ -14,6 +14,7 @@ use crate::record::{DeadLetter, Record, Value, ValueSource};
 /// SQLite allows 32766 bound values per statement.
 const MAX_BINDS: usize = 30_000;
 
+/// Open the SQLite database at `url` (created if missing).
 pub async fn connect(url: &str) -> Result<SqlitePool> {
     let options = SqliteConnectOptions::from_str(url)
         .map_err(Error::db("parse sink.url"))?
@@ -33,20 +34,24 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
         .map_err(Error::db(format!("open {url}")))
 }
 
+/// Apply the sqlx migrations in `dir`.
 pub async fn migrate(pool: &SqlitePool, dir: &Path) -> Result<()> {
     let migrator = sqlx::migrate::Migrator::new(dir).await?;
     migrator.run(pool).await?;
     Ok(())
 }
 
+/// A SQLite table the sink writes, with its statements built once.
 #[derive(Debug)]
 pub struct SqliteTable {
+    /// The table, its columns and key.
     pub spec: TableSpec,
     head: String,
     conflict: String,
 }
 
 impl SqliteTable {
+    /// Look the table up and build the statements; a missing table or column is an error naming it.
     pub async fn open(pool: &SqlitePool, spec: TableSpec) -> Result<Self> {
         let names = columns(pool, &spec.table).await?;
         if let Some(c) = spec.columns.iter().find(|c| !names.contains(&c.name)) {

@@ -32,6 +32,7 @@ pub struct TwoPhaseState {
     pub pending: Vec<(u64, String)>,
 }
 
+/// The two-phase strategy over Postgres: one transaction per epoch, prepared on the barrier, committed when the checkpoint completes.
 pub struct TwoPhaseWriter {
     job: String,
     subtask: usize,
@@ -52,6 +53,7 @@ pub struct TwoPhaseWriter {
 }
 
 impl TwoPhaseWriter {
+    /// A writer of sink subtask `subtask`, with a connection of its own for the open transaction.
     pub async fn new(
         job: &str,
         subtask: usize,

@@ -74,6 +74,7 @@ impl EmbeddedKafka {
         })
     }
 
+    /// The mock cluster's bootstrap address.
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
     }

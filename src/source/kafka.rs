@@ -73,6 +73,7 @@ struct TopicState {
 /// Event time at the source: how records get their timestamp and how each partition
 /// makes its watermarks.
 pub struct SourceTimeConfig {
+    /// Reads event time from records and generates the partition's watermarks.
     pub assigner: TimestampAssigner,
     /// Makes the generator of one partition.
     pub generator: Arc<dyn Fn() -> Box<dyn WatermarkGenerator> + Send + Sync>,
@@ -84,22 +85,34 @@ pub struct SourceTimeConfig {
 
 /// Everything a Kafka source subtask needs; it connects on the first poll.
 pub struct KafkaSource {
+    /// This subtask's index.
     pub index: usize,
+    /// Source subtasks.
     pub parallelism: u32,
+    /// The consumer's librdkafka properties.
     pub client: ClientConfig,
+    /// Topics to read.
     pub topics: Vec<String>,
+    /// Where a partition without a restored offset starts.
     pub start_from: StartFrom,
+    /// Read committed or uncommitted records.
     pub isolation: IsolationLevel,
+    /// Records per batch.
     pub batch_size: usize,
+    /// How often new partitions are looked for.
     pub discovery_interval: Duration,
+    /// The decoder chained into the source.
     pub decoder: Decoder,
     /// `None`: processing time (records are stamped with the time they are read).
     pub time: Option<SourceTimeConfig>,
+    /// Job-wide counters.
     pub stats: Arc<JobStats>,
     /// Commit each completed checkpoint's offsets to the consumer group for lag
     /// monitoring (never read back: the checkpoint is the truth).
     pub commit_offsets: bool,
+    /// The newest completed checkpoint (offsets are committed to the group after it).
     pub completed: watch::Receiver<u64>,
+    /// Set when the job is cancelled.
     pub cancel: Arc<AtomicBool>,
     restored: HashMap<(String, i32), (Option<i64>, Option<i64>)>,
     run: Option<Running>,
@@ -120,6 +133,7 @@ struct Running {
 }
 
 impl KafkaSource {
+    /// A source subtask; assigns itself its share of the partitions.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: usize,

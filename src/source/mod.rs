@@ -14,8 +14,11 @@ pub use kafka::{KafkaSource, SourceTimeConfig};
 /// start from the beginning.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionOffset {
+    /// Kafka topic.
     pub topic: String,
+    /// Partition.
     pub partition: i32,
+    /// The next offset to read (`None`: nothing read yet).
     pub next: Option<i64>,
     /// The largest event time read from the partition (its watermark resumes from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -25,6 +28,7 @@ pub struct PartitionOffset {
 /// What a source subtask puts into a checkpoint.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct SourceState {
+    /// Every partition of the subtask.
     pub offsets: Vec<PartitionOffset>,
 }
 

@@ -29,7 +29,9 @@ pub type KeyGroup = u16;
 /// The key groups `start..end` one subtask owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyGroupRange {
+    /// First key group in the range.
     pub start: u32,
+    /// Last key group in the range (inclusive).
     pub end: u32,
 }
 
@@ -52,10 +54,12 @@ impl KeyGroupRange {
         }
     }
 
+    /// Whether `kg` is in the range.
     pub fn contains(&self, kg: KeyGroup) -> bool {
         (self.start..self.end).contains(&u32::from(kg))
     }
 
+    /// Whether the ranges share a key group.
     pub fn intersects(&self, other: &KeyGroupRange) -> bool {
         self.start < other.end && other.start < self.end
     }
@@ -75,7 +79,9 @@ pub fn subtask_for_key_group(key_group: u32, max_parallelism: u32, parallelism: 
 /// [`Namespace::GLOBAL`] for state that belongs to the key alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Namespace {
+    /// Start (inclusive, ms).
     pub start: i64,
+    /// End (exclusive, ms).
     pub end: i64,
 }
 
@@ -118,6 +124,7 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
     /// Live entries.
     fn len(&self) -> usize;
 
+    /// Whether the table holds nothing.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -139,6 +146,7 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
 
 /// Makes the tables of one operator subtask.
 pub trait StateBackend: Clone + Send + Sync + 'static {
+    /// The table type for values of type `V`.
     type Table<V: StateValue>: KeyedTable<V>;
 
     /// A new, empty table.
@@ -148,7 +156,9 @@ pub trait StateBackend: Clone + Send + Sync + 'static {
 /// The key a state access is for: its key group and its bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyRef<'a> {
+    /// The key's group.
     pub key_group: KeyGroup,
+    /// The key's encoded bytes.
     pub key: &'a [u8],
 }
 
@@ -159,18 +169,23 @@ pub struct ValueState<V: StateValue, T: KeyedTable<V>> {
 }
 
 impl<V: StateValue, T: KeyedTable<V>> ValueState<V, T> {
+    /// A handle over `table`.
     pub fn new(table: T) -> Self {
         Self { table, _v: PhantomData }
     }
+    /// The value of key `k` in namespace `ns`.
     pub fn get(&self, k: KeyRef, ns: Namespace) -> Option<V> {
         self.table.get(k.key_group, k.key, ns)
     }
+    /// Set the value of key `k` in namespace `ns`.
     pub fn set(&mut self, k: KeyRef, ns: Namespace, value: V) {
         self.table.update(k.key_group, k.key, ns, |slot| *slot = Some(value));
     }
+    /// Remove the value of key `k` in namespace `ns`.
     pub fn clear(&mut self, k: KeyRef, ns: Namespace) {
         self.table.remove(k.key_group, k.key, ns);
     }
+    /// The table underneath (for snapshots and iteration).
     pub fn table(&mut self) -> &mut T {
         &mut self.table
     }
@@ -183,20 +198,25 @@ pub struct ListState<E: StateValue, T: KeyedTable<Vec<E>>> {
 }
 
 impl<E: StateValue, T: KeyedTable<Vec<E>>> ListState<E, T> {
+    /// A handle over `table`.
     pub fn new(table: T) -> Self {
         Self { table, _e: PhantomData }
     }
+    /// Append `element` to the list of key `k` in namespace `ns`.
     pub fn add(&mut self, k: KeyRef, ns: Namespace, element: E) {
         self.table.update(k.key_group, k.key, ns, |slot| {
             slot.get_or_insert_with(Vec::new).push(element)
         });
     }
+    /// The list of key `k` in namespace `ns`.
     pub fn get(&self, k: KeyRef, ns: Namespace) -> Vec<E> {
         self.table.get(k.key_group, k.key, ns).unwrap_or_default()
     }
+    /// Remove the list of key `k` in namespace `ns`.
     pub fn clear(&mut self, k: KeyRef, ns: Namespace) {
         self.table.remove(k.key_group, k.key, ns);
     }
+    /// The table underneath (for snapshots and iteration).
     pub fn table(&mut self) -> &mut T {
         &mut self.table
     }
@@ -214,20 +234,24 @@ where
 }
 
 impl<K: StateValue + Ord, V: StateValue, T: KeyedTable<BTreeMap<K, V>>> MapState<K, V, T> {
+    /// A handle over `table`.
     pub fn new(table: T) -> Self {
         Self {
             table,
             _kv: PhantomData,
         }
     }
+    /// Put `key` → `value` into the map of key `k` in namespace `ns`.
     pub fn put(&mut self, k: KeyRef, ns: Namespace, key: K, value: V) {
         self.table.update(k.key_group, k.key, ns, |slot| {
             slot.get_or_insert_with(BTreeMap::new).insert(key, value);
         });
     }
+    /// The value under `key` in the map of key `k` in namespace `ns`.
     pub fn get(&self, k: KeyRef, ns: Namespace, key: &K) -> Option<V> {
         self.table.get(k.key_group, k.key, ns)?.get(key).cloned()
     }
+    /// Remove `key` from the map of key `k` in namespace `ns`.
     pub fn remove(&mut self, k: KeyRef, ns: Namespace, key: &K) -> Option<V> {
         self.table.update(k.key_group, k.key, ns, |slot| {
             let map = slot.as_mut()?;
@@ -238,6 +262,7 @@ impl<K: StateValue + Ord, V: StateValue, T: KeyedTable<BTreeMap<K, V>>> MapState
             old
         })
     }
+    /// The table underneath (for snapshots and iteration).
     pub fn table(&mut self) -> &mut T {
         &mut self.table
     }

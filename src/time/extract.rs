@@ -13,7 +13,9 @@ pub enum TimeFormat {
     /// Numbers are epoch milliseconds, strings RFC 3339.
     #[default]
     Auto,
+    /// Milliseconds since the epoch.
     EpochMillis,
+    /// Seconds since the epoch.
     EpochSeconds,
     /// `2026-11-28T19:21:24.5+01:00`
     Rfc3339,
@@ -24,8 +26,11 @@ pub enum TimeFormat {
 pub enum TimestampAssigner {
     /// A decoded field (its index in the source's schema).
     Field {
+        /// The field's position in the record.
         index: usize,
+        /// The field's name (for dead-letter reasons).
         name: String,
+        /// How the field is written.
         format: TimeFormat,
     },
     /// The Kafka record's timestamp.

@@ -57,6 +57,7 @@ impl Clock {
         }
     }
 
+    /// Processing time: milliseconds since the epoch.
     pub fn now_ms(&self) -> i64 {
         self.base_ms + self.base.elapsed().as_millis() as i64
     }

@@ -11,16 +11,22 @@ use crate::state::{decode, encode, KeyGroup, KeyGroupRange, Namespace, SnapshotF
 /// A timer: at `time`, call the operator back for this key and namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Timer {
+    /// When it fires (ms).
     pub time: i64,
+    /// The key's group.
     pub key_group: KeyGroup,
+    /// The key's encoded bytes.
     pub key: Box<[u8]>,
+    /// The namespace (e.g. the window).
     pub namespace: Namespace,
 }
 
 /// Which clock a timer follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeDomain {
+    /// Fires when the watermark passes its time.
     EventTime,
+    /// Fires when the wall clock passes its time.
     ProcessingTime,
 }
 
@@ -74,10 +80,12 @@ impl TimerService {
         self.processing.first().map(|t| t.time)
     }
 
+    /// Timers registered.
     pub fn len(&self) -> usize {
         self.event.len() + self.processing.len()
     }
 
+    /// Whether no timer is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -36,6 +36,7 @@ pub struct BoundedOutOfOrderness {
 }
 
 impl BoundedOutOfOrderness {
+    /// Watermarks `bound` behind the greatest event time seen.
     pub fn new(bound: Duration) -> Self {
         Self {
             bound_ms: bound.as_millis() as i64,
@@ -157,6 +158,7 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
         }
     }
 
+    /// Track a new partition with its generator.
     pub fn add(&mut self, key: K, generator: Box<dyn WatermarkGenerator>, now: Instant) {
         self.parts.insert(
             key,
@@ -272,6 +274,7 @@ pub enum InputTime {
 }
 
 impl InputWatermarks {
+    /// Watermarks over `inputs` inputs, none seen yet.
     pub fn new(inputs: usize) -> Self {
         Self {
             inputs: vec![
@@ -286,10 +289,12 @@ impl InputWatermarks {
         }
     }
 
+    /// The combined watermark.
     pub fn current(&self) -> i64 {
         self.combined.emitted
     }
 
+    /// Input `input` delivered `watermark`; returns the combined time if it advanced.
     pub fn on_watermark(&mut self, input: usize, watermark: i64) -> InputTime {
         let i = &mut self.inputs[input];
         i.watermark = i.watermark.max(watermark);
@@ -306,11 +311,13 @@ impl InputWatermarks {
         self.recompute()
     }
 
+    /// Input `input` went idle (it no longer holds the watermark back).
     pub fn on_idle(&mut self, input: usize) -> InputTime {
         self.inputs[input].idle = true;
         self.recompute()
     }
 
+    /// Input `input` ended.
     pub fn on_end(&mut self, input: usize) -> InputTime {
         self.inputs[input].ended = true;
         self.recompute()

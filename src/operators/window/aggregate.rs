@@ -62,36 +62,53 @@ pub fn user_aggregate(name: &str) -> Option<Arc<dyn UserAggregate>> {
 /// One aggregate of a window operator, resolved against the input schema.
 #[derive(Clone)]
 pub struct Aggregate {
+    /// The function.
     pub kind: AggregateKind,
     /// Index of the input field (`None`: count of records).
     pub input: Option<usize>,
+    /// The output field's name.
     pub output: String,
+    /// The output field's type.
     pub output_type: FieldType,
 }
 
+/// A shipped function or a user's.
 #[derive(Clone)]
 pub enum AggregateKind {
+    /// A function sluice ships.
     Builtin(AggregateFunction),
+    /// A function registered in code.
     User(Arc<dyn UserAggregate>),
 }
 
 /// An accumulator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Acc {
+    /// Records counted.
     Count(u64),
+    /// Integer sum (saturating).
     SumInt(i64),
+    /// Float sum.
     SumFloat(f64),
+    /// Least value seen.
     Min(Option<Value>),
+    /// Greatest value seen.
     Max(Option<Value>),
+    /// Running mean.
     Avg {
+        /// Sum of the values.
         sum: f64,
+        /// Values summed.
         n: u64,
     },
+    /// The distinct values, by their encoding.
     Distinct(BTreeSet<Vec<u8>>),
     /// By (event time, partition, offset): ties between equal times break the same way
     /// on every replay.
     First(Option<(i64, i32, i64, Value)>),
+    /// The latest value by (timestamp, partition, offset), so replays agree.
     Last(Option<(i64, i32, i64, Value)>),
+    /// A user function's accumulator.
     User(Value),
 }
 
@@ -139,6 +156,7 @@ fn less(a: &Value, b: &Value) -> bool {
 }
 
 impl Aggregate {
+    /// A fresh accumulator.
     pub fn create(&self) -> Acc {
         match &self.kind {
             AggregateKind::User(u) => Acc::User(u.create()),
@@ -247,6 +265,7 @@ impl Aggregate {
         }
     }
 
+    /// The output value of an accumulator.
     pub fn result(&self, acc: &Acc) -> Value {
         match acc {
             Acc::Count(n) => Value::Int(*n as i64),

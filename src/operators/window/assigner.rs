@@ -6,11 +6,29 @@ use crate::time::Window;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowAssigner {
     /// `[start, start + size)` back to back, boundaries at `offset` modulo `size`.
-    Tumbling { size: i64, offset: i64 },
+    /// Fixed, non-overlapping windows of `size` ms, shifted by `offset`.
+    Tumbling {
+        /// Window length (ms).
+        size: i64,
+        /// Shift of window starts from the epoch (ms).
+        offset: i64,
+    },
     /// Windows of `size` starting every `slide`.
-    Sliding { size: i64, slide: i64, offset: i64 },
+    /// Windows of `size` ms starting every `slide` ms.
+    Sliding {
+        /// Window length (ms).
+        size: i64,
+        /// Distance between window starts (ms).
+        slide: i64,
+        /// Shift of window starts from the epoch (ms).
+        offset: i64,
+    },
     /// `[t, t + gap)` per record, merged with every window of its key it touches.
-    Session { gap: i64 },
+    /// Per-key windows that close after `gap` ms without a record.
+    Session {
+        /// Inactivity that closes a session (ms).
+        gap: i64,
+    },
     /// One window for all time.
     Global,
 }
@@ -48,6 +66,7 @@ impl WindowAssigner {
         }
     }
 
+    /// Whether windows merge (sessions).
     pub fn is_merging(&self) -> bool {
         matches!(self, WindowAssigner::Session { .. })
     }

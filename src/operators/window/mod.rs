@@ -45,25 +45,34 @@ pub enum WindowFunction {
     Aggregate(Vec<Aggregate>),
     /// Full window: the records are kept and handed to the function when it fires.
     Process {
+        /// The function.
         function: Arc<dyn ProcessWindowFunction>,
+        /// The field it reads (`None`: it reads whole records).
         input: Option<usize>,
     },
 }
 
 /// A window operator as configured, resolved against its input schema.
 pub struct WindowSpec {
+    /// The operator's id.
     pub id: String,
     /// The key fields in the input.
     pub key: Vec<ValueSource>,
+    /// The types of the key fields.
     pub key_types: Vec<FieldType>,
     /// The input's fields (late records are dead-lettered as JSON of these).
     pub input_fields: Vec<Field>,
+    /// Which windows a record belongs to.
     pub assigner: WindowAssigner,
+    /// When a window fires and purges.
     pub trigger: Box<dyn Trigger>,
     /// The time windows follow.
     pub domain: TimeDomain,
+    /// How long (ms) after a window's end records are still added to it.
     pub allowed_lateness: i64,
+    /// Incremental aggregates or a full-window process function.
     pub function: WindowFunction,
+    /// The schema of the results.
     pub output: Schema,
 }
 
@@ -79,6 +88,7 @@ pub enum FiringKind {
 }
 
 impl FiringKind {
+    /// The firing's name as written into results (`early`, `on_time`, `late`).
     pub fn as_str(self) -> &'static str {
         match self {
             FiringKind::Early => "early",
@@ -153,6 +163,7 @@ pub struct WindowOperator<B: StateBackend> {
 }
 
 impl<B: StateBackend> WindowOperator<B> {
+    /// The operator of one subtask, its state in `backend`.
     pub fn new(spec: Arc<WindowSpec>, backend: &B, subtask: usize, stats: Arc<JobStats>) -> Self {
         Self {
             table: backend.table(WINDOWS, StateConfig::default()),

@@ -10,17 +10,25 @@ use crate::time::Window;
 /// A record kept in a window for a process function.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Element {
+    /// Event time (ms).
     pub timestamp: i64,
+    /// Kafka partition it came from.
     pub partition: i32,
+    /// Kafka offset it came from.
     pub offset: i64,
+    /// The record's fields.
     pub values: Vec<Value>,
 }
 
 /// What a process function knows besides the records.
 pub struct WindowContext<'a> {
+    /// The key's values.
     pub key: &'a [Value],
+    /// The window that fires.
     pub window: Window,
+    /// The current watermark.
     pub watermark: i64,
+    /// The current processing time (ms).
     pub processing_time: i64,
 }
 

@@ -10,16 +10,22 @@ use crate::time::{max_timestamp, TimerService, Window};
 /// contents (the window itself stays until its cleanup time, so lateness still works).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TriggerResult {
+    /// Nothing happens.
     Continue,
+    /// Emit the window's result, keep its contents.
     Fire,
+    /// Drop the window's contents without a result.
     Purge,
+    /// Emit the result, then drop the contents.
     FireAndPurge,
 }
 
 impl TriggerResult {
+    /// Whether a result is emitted.
     pub fn fires(self) -> bool {
         matches!(self, TriggerResult::Fire | TriggerResult::FireAndPurge)
     }
+    /// Whether the contents are dropped.
     pub fn purges(self) -> bool {
         matches!(self, TriggerResult::Purge | TriggerResult::FireAndPurge)
     }
@@ -36,14 +42,20 @@ pub struct TriggerState {
 
 /// What a trigger can see and do: the timers of the current key and window.
 pub struct TriggerContext<'a> {
+    /// Timers of the operator.
     pub timers: &'a mut TimerService,
+    /// The key group of the current key.
     pub key_group: KeyGroup,
+    /// The current key.
     pub key: &'a [u8],
+    /// The current watermark.
     pub watermark: i64,
+    /// The current processing time (ms).
     pub processing_time: i64,
 }
 
 impl TriggerContext<'_> {
+    /// Ask for `on_timer` at `time` in `domain` for `window` of the current key.
     pub fn register(&mut self, domain: TimeDomain, time: i64, window: Window) {
         self.timers.register(domain, time, self.key_group, self.key, window);
     }
@@ -127,7 +139,9 @@ impl Trigger for ProcessingTimeTrigger {
 
 /// Fires every `every` records, and when the window ends (`end` says in which time).
 pub struct CountTrigger {
+    /// Fire after this many records.
     pub every: u64,
+    /// The trigger that decides the final firing.
     pub end: Box<dyn Trigger>,
 }
 
@@ -154,8 +168,11 @@ impl Trigger for CountTrigger {
 /// Fires every `interval` of `clock` time while the window is open (early results of a
 /// long window), and when it ends.
 pub struct ContinuousTrigger {
+    /// Fire every this many ms.
     pub interval: i64,
+    /// Event or processing time.
     pub clock: TimeDomain,
+    /// The trigger that decides the final firing.
     pub end: Box<dyn Trigger>,
 }
 
