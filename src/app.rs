@@ -290,7 +290,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         };
         // A fenced process no longer owns the job, lock or not: what it prepared is the
         // new owner's to resolve.
-        let fenced = matches!(result, Err(Error::Fenced { .. }));
+        let fenced = matches!(result.as_ref().map_err(Error::root), Err(Error::Fenced { .. }));
         let owns = owner.as_ref().is_some_and(JobLock::is_held) && !fenced;
         let err = match result {
             Ok(()) => return Ok(()),

@@ -73,6 +73,15 @@ pub enum Error {
         /// The generation in the owners table now (`None`: its row is gone).
         current: Option<i64>,
     },
+    /// An error raised by one subtask, named (`window-1`, `sink-0`, `source-2`).
+    #[error("{task}: {source}")]
+    Task {
+        /// The subtask that raised it.
+        task: String,
+        /// What went wrong there.
+        #[source]
+        source: Box<Error>,
+    },
     /// A bug or a broken invariant inside the job (a channel closed early, a task died).
     #[error("internal: {0}")]
     Internal(String),
@@ -97,7 +106,7 @@ pub enum DbFault {
     Transient,
     /// The configuration: a restart cannot help, stop with the reason (42 syntax or
     /// access rule: a missing table or column, no privilege; 28 authorization; 3D no
-    /// such database; 0A not supported).
+    /// such database; 3F no such schema; 0A not supported).
     Permanent,
 }
 
@@ -108,7 +117,7 @@ impl DbFault {
             Some("22" | "23" | "54") => DbFault::Row,
             _ if matches!(sqlstate, Some("57014" | "XX000")) => DbFault::Suspect,
             Some("P0" | "2F" | "38" | "39") => DbFault::Suspect,
-            Some("42" | "28" | "3D" | "0A") => DbFault::Permanent,
+            Some("42" | "28" | "3D" | "3F" | "0A") => DbFault::Permanent,
             _ => DbFault::Transient,
         }
     }
@@ -126,9 +135,29 @@ impl Error {
     /// Whether restarting the job (per its restart strategy) can help.
     pub fn is_retryable(&self) -> bool {
         match self {
+            Error::Task { source, .. } => source.is_retryable(),
             Error::Database { source, .. } => DbFault::of_sqlx(source) != DbFault::Permanent,
             Error::Kafka { .. } | Error::Storage { .. } | Error::Internal(_) => true,
             _ => false,
+        }
+    }
+
+    /// The error as raised, without the subtask that names it.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Task { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
+    /// Name the subtask that raised the error (once: an error passed on is not renamed).
+    pub fn in_task(self, task: &str) -> Error {
+        match self {
+            e @ Error::Task { .. } => e,
+            e => Error::Task {
+                task: task.to_string(),
+                source: Box::new(e),
+            },
         }
     }
 
@@ -166,7 +195,7 @@ mod tests {
         for code in ["08006", "40001", "53300", "57P01", "55P03", "XX001"] {
             assert_eq!(DbFault::of(Some(code)), DbFault::Transient, "{code}");
         }
-        for code in ["42P01", "42703", "42501", "28P01", "3D000", "0A000"] {
+        for code in ["42P01", "42703", "42501", "28P01", "3D000", "3F000", "0A000"] {
             assert_eq!(DbFault::of(Some(code)), DbFault::Permanent, "{code}");
         }
         assert_eq!(DbFault::of(None), DbFault::Transient);
@@ -175,5 +204,15 @@ mod tests {
             source: sqlx::Error::Protocol("y".into()),
         };
         assert!(no_code.is_retryable(), "errors without a SQLSTATE are retried");
+    }
+
+    #[test]
+    fn errors_name_their_subtask_once_and_keep_their_class() {
+        let e = Error::Unsupported("boom".into()).in_task("window-1").in_task("sink-0");
+        assert_eq!(e.to_string(), "window-1: boom");
+        assert!(!e.is_retryable());
+        assert!(matches!(e.root(), Error::Unsupported(_)));
+        let transient = Error::Internal("x".into()).in_task("source-0");
+        assert!(transient.is_retryable());
     }
 }

@@ -95,7 +95,12 @@ pub struct SourceIo {
 
 /// Run a source subtask on the calling (blocking) thread until its final checkpoint or
 /// until cancelled.
-pub fn run_source<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result<()> {
+pub fn run_source<S: Source>(source: S, chain: Chain, io: SourceIo) -> Result<()> {
+    let name = io.name.clone();
+    drive(source, chain, io).map_err(|e| e.in_task(&name))
+}
+
+fn drive<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result<()> {
     let mut last_report = Instant::now();
     let mut out = Vec::new();
     let mut watermark = i64::MIN;

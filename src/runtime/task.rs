@@ -167,7 +167,12 @@ pub struct TaskIo {
 
 /// Run a subtask until every input has ended (and, for a sink, its final checkpoint is
 /// committed), or until cancelled (then nothing more is committed; a restart recovers).
-pub async fn run_task<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result<()> {
+pub async fn run_task<T: Tail>(chain: Chain, tail: T, io: TaskIo) -> Result<()> {
+    let name = io.name.clone();
+    drive(chain, tail, io).await.map_err(|e| e.in_task(&name))
+}
+
+async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result<()> {
     let name = io.name.clone();
     let mut aligner = BarrierAligner::new(io.gate.len());
     let mut time = InputWatermarks::new(io.gate.len());

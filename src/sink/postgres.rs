@@ -49,6 +49,7 @@ pub struct JobLock {
     key: i64,
     job: String,
     owners_table: String,
+    sink_table: String,
     generation: i64,
 }
 
@@ -108,6 +109,7 @@ impl JobLock {
             key: h.finish() as i64,
             job: job.to_string(),
             owners_table,
+            sink_table: table.to_string(),
             generation: 0,
         }
     }
@@ -131,9 +133,19 @@ impl JobLock {
         // Two jobs creating the table at once: one of them sees a duplicate type; the
         // table exists then, so once more is enough.
         if conn.execute(create.as_str()).await.is_err() {
-            conn.execute(create.as_str())
-                .await
-                .map_err(Error::db(format!("create the owners table {}", self.owners_table)))?;
+            if let Err(e) = conn.execute(create.as_str()).await {
+                if let sqlx::Error::Database(d) = &e {
+                    if d.code().as_deref() == Some("3F000") {
+                        return Err(Error::Unsupported(format!(
+                            "table {} does not exist in the sink's database ({}; create it, e.g. with \
+                             migrations and `sluice migrate`)",
+                            self.sink_table,
+                            d.message()
+                        )));
+                    }
+                }
+                return Err(Error::db(format!("create the owners table {}", self.owners_table))(e));
+            }
         }
         sqlx::query_scalar(&format!(
             "INSERT INTO {t} (job, generation) VALUES ($1, 1) ON CONFLICT (job) DO UPDATE \
