@@ -14,6 +14,7 @@ mod migrate;
 mod owners;
 mod recover;
 mod restart;
+mod secrets;
 mod table_checks;
 mod txn_cli;
 mod unreachable;
