@@ -82,6 +82,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A lookup tier or store failed past its retries.
+    #[error("lookup: {0}")]
+    Lookup(String),
     /// A bug or a broken invariant inside the job (a channel closed early, a task died).
     #[error("internal: {0}")]
     Internal(String),
@@ -137,7 +140,7 @@ impl Error {
         match self {
             Error::Task { source, .. } => source.is_retryable(),
             Error::Database { source, .. } => DbFault::of_sqlx(source) != DbFault::Permanent,
-            Error::Kafka { .. } | Error::Storage { .. } | Error::Internal(_) => true,
+            Error::Kafka { .. } | Error::Storage { .. } | Error::Internal(_) | Error::Lookup(_) => true,
             _ => false,
         }
     }

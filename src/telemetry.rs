@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 /// Help texts, so that `/metrics` explains itself.
 pub(crate) fn describe() {
@@ -80,6 +80,37 @@ pub(crate) fn describe() {
         "Watermark of one Kafka partition, in epoch seconds (the lowest live one holds its source back)."
     );
     describe_gauge!("sluice_open_windows", "Keys holding window state.");
+    describe_counter!(
+        "sluice_lookup_hits_total",
+        "Enrichment lookups answered by a cache tier (local or redis), absent rows included."
+    );
+    describe_counter!(
+        "sluice_lookup_misses_total",
+        "Enrichment lookups a tier could not answer (tier store: the row exists nowhere)."
+    );
+    describe_counter!(
+        "sluice_lookup_negative_hits_total",
+        "Lookups answered by a cached \"absent\" entry (negative caching)."
+    );
+    describe_counter!(
+        "sluice_lookup_coalesced_total",
+        "Lookups that waited for the same key's lookup already in flight instead of querying again."
+    );
+    describe_counter!(
+        "sluice_lookup_store_queries_total",
+        "Queries sent to the row-key store."
+    );
+    describe_counter!("sluice_lookup_errors_total", "Failed lookups per tier.");
+    describe_histogram!(
+        "sluice_lookup_duration_seconds",
+        Unit::Seconds,
+        "Time of one batched lookup per tier."
+    );
+    describe_gauge!("sluice_lookup_in_flight", "Records waiting for their lookups.");
+    describe_gauge!(
+        "sluice_lookup_tier_up",
+        "Whether a cache tier is in use (0: its circuit breaker is open and lookups skip it)."
+    );
 }
 
 /// Counters of one subtask, looked up once so the hot path only adds.
@@ -137,6 +168,63 @@ impl WindowMetrics {
             dropped: counter!("sluice_late_records_dropped_total", "operator" => o.clone(), "subtask" => s.clone()),
             fired: counter!("sluice_window_firings_total", "operator" => o.clone(), "subtask" => s.clone()),
             open_windows: gauge!("sluice_open_windows", "operator" => o, "subtask" => s),
+        }
+    }
+}
+
+/// Metrics of one enrichment operator (all its subtasks share one lookup service).
+#[derive(Clone)]
+pub struct LookupMetrics {
+    /// Hits in the in-process cache.
+    pub local_hits: Counter,
+    /// Misses in the in-process cache.
+    pub local_misses: Counter,
+    /// Hits in Redis.
+    pub redis_hits: Counter,
+    /// Misses in Redis.
+    pub redis_misses: Counter,
+    /// Rows the store does not hold.
+    pub store_misses: Counter,
+    /// Cached "absent" answers, any tier.
+    pub negative_hits: Counter,
+    /// Lookups that joined one in flight.
+    pub coalesced: Counter,
+    /// Queries sent to the store.
+    pub store_queries: Counter,
+    /// Redis errors.
+    pub redis_errors: Counter,
+    /// Store errors (each failed attempt).
+    pub store_errors: Counter,
+    /// Redis round trips.
+    pub redis_latency: Histogram,
+    /// Store queries.
+    pub store_latency: Histogram,
+    /// Records waiting for lookups.
+    pub in_flight: Gauge,
+    /// 1 while Redis is used, 0 while its breaker is open.
+    pub redis_up: Gauge,
+}
+
+impl LookupMetrics {
+    /// The metrics of enrichment operator `operator`.
+    pub fn new(operator: &str) -> Self {
+        let o = operator.to_string();
+        let c = |name: &'static str, tier: &'static str| counter!(name, "operator" => o.clone(), "tier" => tier);
+        Self {
+            local_hits: c("sluice_lookup_hits_total", "local"),
+            local_misses: c("sluice_lookup_misses_total", "local"),
+            redis_hits: c("sluice_lookup_hits_total", "redis"),
+            redis_misses: c("sluice_lookup_misses_total", "redis"),
+            store_misses: c("sluice_lookup_misses_total", "store"),
+            negative_hits: counter!("sluice_lookup_negative_hits_total", "operator" => o.clone()),
+            coalesced: counter!("sluice_lookup_coalesced_total", "operator" => o.clone()),
+            store_queries: counter!("sluice_lookup_store_queries_total", "operator" => o.clone()),
+            redis_errors: c("sluice_lookup_errors_total", "redis"),
+            store_errors: c("sluice_lookup_errors_total", "store"),
+            redis_latency: histogram!("sluice_lookup_duration_seconds", "operator" => o.clone(), "tier" => "redis"),
+            store_latency: histogram!("sluice_lookup_duration_seconds", "operator" => o.clone(), "tier" => "store"),
+            in_flight: gauge!("sluice_lookup_in_flight", "operator" => o.clone()),
+            redis_up: gauge!("sluice_lookup_tier_up", "operator" => o, "tier" => "redis"),
         }
     }
 }

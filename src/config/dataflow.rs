@@ -114,6 +114,8 @@ pub enum OperatorConfig {
     },
     /// Windows over a keyed stream.
     Window(WindowConfig),
+    /// Cache-aside lookups that add a row's columns to each record.
+    Enrich(super::EnrichConfig),
 }
 
 impl OperatorConfig {
@@ -122,6 +124,7 @@ impl OperatorConfig {
         match self {
             OperatorConfig::KeyBy { id, .. } => id.clone().unwrap_or_else(|| format!("key_by_{position}")),
             OperatorConfig::Window(w) => w.id.clone(),
+            OperatorConfig::Enrich(e) => e.id.clone(),
         }
     }
 
@@ -147,6 +150,12 @@ impl OperatorConfig {
                 Ok(())
             }
             OperatorConfig::Window(w) => w.validate(&at, max_parallelism),
+            OperatorConfig::Enrich(e) => {
+                if e.parallelism.is_some_and(|p| p == 0 || p > max_parallelism) {
+                    return Err((at("parallelism"), format!("must be between 1 and {max_parallelism}")));
+                }
+                e.validate(&at)
+            }
         }
     }
 }

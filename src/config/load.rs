@@ -155,7 +155,7 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
     Ok(())
 }
 
-fn url_has_password(url: &str) -> bool {
+pub(crate) fn url_has_password(url: &str) -> bool {
     redact_url(url) != url
 }
 

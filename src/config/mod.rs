@@ -6,6 +6,7 @@
 //! anything starts.
 
 mod dataflow;
+mod enrich;
 mod load;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,9 @@ pub use crate::record::FieldType;
 pub use dataflow::{
     AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerKind, IntervalClock, OperatorConfig, ProcessSpec,
     TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
+};
+pub use enrich::{
+    AsyncMode, EnrichColumn, EnrichConfig, LocalCacheConfig, OnMissing, RedisConfig, StoreConfig, StoreKind,
 };
 pub use load::{flatten_properties, is_column_name, load, redact_url, KAFKA_VALUES};
 
@@ -175,6 +179,13 @@ impl Url {
     /// A URL from its text.
     pub fn new(url: impl Into<String>) -> Self {
         Url(url.into())
+    }
+}
+
+impl Url {
+    /// The clear text, to connect with; never to print.
+    pub fn to_string_unredacted(&self) -> String {
+        self.0.clone()
     }
 }
 
@@ -567,6 +578,15 @@ pub(crate) mod whole {
         }
         let n = d.deserialize_any(Whole)?;
         T::try_from(n).map_err(|_| de::Error::custom(format!("{n} is too large")))
+    }
+
+    /// [`number`] for an optional key (with `#[serde(default)]`).
+    pub fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        number(d).map(Some)
     }
 }
 

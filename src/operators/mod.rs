@@ -9,6 +9,7 @@
 //! Adding an operator is one file and one arm in [`build`].
 
 pub mod decode;
+pub mod enrich;
 pub mod key_by;
 pub mod window;
 
@@ -95,6 +96,7 @@ pub fn build(
                 make: Arc::new(|_| Box::new(key_by::KeyBy)),
             })
         }
+        OperatorConfig::Enrich(e) => enrich_operator(id, e, input, &fail),
         OperatorConfig::Window(w) => {
             let spec = Arc::new(window_spec(&id, w, input, job, &fail)?);
             let output = spec.output.clone();
@@ -112,6 +114,89 @@ pub fn build(
             })
         }
     }
+}
+
+fn enrich_operator(
+    id: String,
+    e: &crate::config::EnrichConfig,
+    input: &Schema,
+    fail: &dyn Fn(&str, String) -> Error,
+) -> Result<BuiltOperator> {
+    let key = input.index(&e.key).ok_or_else(|| {
+        fail(
+            "key",
+            format!(
+                "`{}` is not a field of the stream here; its fields: {}",
+                e.key,
+                input.describe()
+            ),
+        )
+    })?;
+    let mut output = input.clone();
+    for (i, c) in e.columns.iter().enumerate() {
+        if input.index(&c.name).is_some() {
+            return Err(fail(
+                &format!("columns[{i}].name"),
+                format!("`{}` is already a field of the stream", c.name),
+            ));
+        }
+        output.fields.push(Field::new(c.name.clone(), c.field_type));
+    }
+    let lookup = Arc::new(crate::lookup::open(&id, e)?);
+    let store = format!("{} {}", store_kind(e.store.kind), e.store.table);
+    let spec = Arc::new(enrich::EnrichSpec {
+        id: id.clone(),
+        key,
+        input_fields: input.fields.clone(),
+        columns: e.columns.len(),
+        on_missing: e.on_missing,
+        mode: e.mode,
+        capacity: e.capacity,
+        lookup,
+        store,
+    });
+    let hashed = e.partitioner == PartitionerKind::KeyHash;
+    Ok(BuiltOperator {
+        id,
+        parallelism: e.parallelism,
+        partitioner: e.partitioner,
+        partition_key: if hashed {
+            vec![ValueSource::Field(key)]
+        } else {
+            Vec::new()
+        },
+        output,
+        needs_event_time: false,
+        make: Arc::new(move |_| {
+            Box::new(enrich::Enrich::new(spec.clone(), tokio::runtime::Handle::current())) as Box<dyn Operator>
+        }),
+    })
+}
+
+fn store_kind(kind: crate::config::StoreKind) -> &'static str {
+    match kind {
+        crate::config::StoreKind::Postgres => "postgres table",
+        crate::config::StoreKind::Sqlite => "sqlite table",
+        crate::config::StoreKind::Hbase => "hbase table",
+    }
+}
+
+/// A record's values as a JSON object of its fields (a dead letter's payload).
+pub(crate) fn record_json(fields: &[Field], values: &[crate::record::Value]) -> Vec<u8> {
+    use crate::record::Value;
+    let mut row = serde_json::Map::new();
+    for (f, v) in fields.iter().zip(values) {
+        let json = match v {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Int(i) => (*i).into(),
+            Value::Float(x) => (*x).into(),
+            Value::Text(s) => s.as_str().into(),
+            Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.as_str().into()),
+        };
+        row.insert(f.name.clone(), json);
+    }
+    serde_json::Value::Object(row).to_string().into_bytes()
 }
 
 fn window_spec(

@@ -164,6 +164,14 @@ pub trait Operator: Send + 'static {
         Ok(())
     }
 
+    /// Barrier `checkpoint` is about to pass this operator: emit what must come before
+    /// it (an asynchronous operator's results still in flight), so that the snapshot
+    /// holds nothing in flight. Called before [`Operator::snapshot`].
+    fn on_barrier(&mut self, checkpoint: u64, ctx: &mut Context<'_>) -> Result<()> {
+        let _ = (checkpoint, ctx);
+        Ok(())
+    }
+
     /// Barrier `checkpoint` reached this operator: copy the state now, return the
     /// functions that encode the copy.
     fn snapshot(&mut self, checkpoint: u64) -> Result<SnapshotParts> {
@@ -305,6 +313,19 @@ impl Chain {
                 let items = self.ops[i].out.take();
                 self.run_from(i + 1, items, now_ms, out)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Let every operator emit what must precede barrier `id` (see
+    /// [`Operator::on_barrier`]); what comes out of the chain is appended to `out`.
+    pub fn before_barrier(&mut self, id: u64, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        for i in 0..self.ops.len() {
+            let c = &mut self.ops[i];
+            let wm = c.watermark;
+            c.call(wm, now_ms, |op, ctx| op.on_barrier(id, ctx))?;
+            let items = self.ops[i].out.take();
+            self.run_from(i + 1, items, now_ms, out)?;
         }
         Ok(())
     }

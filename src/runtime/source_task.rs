@@ -110,6 +110,8 @@ fn drive<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result
             return Ok(());
         }
         while let Ok(barrier) = io.triggers.try_recv() {
+            chain.before_barrier(barrier.id, io.clock.now_ms(), &mut out)?;
+            emit(&mut io, &mut out)?;
             checkpoint(&mut source, &mut chain, &io, barrier)?;
             if barrier.is_final {
                 send_all(&io, &StreamElement::EndOfStream)?;

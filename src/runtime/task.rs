@@ -336,6 +336,15 @@ async fn advance<T: Tail>(
 /// Snapshot the chain, pass the barrier on (or pre-commit), then store the operator
 /// states in the background and acknowledge.
 async fn checkpoint<T: Tail>(chain: &mut Chain, tail: &mut T, io: &TaskIo, b: Barrier) -> Result<()> {
+    let mut out = Vec::new();
+    let flushed = match chain.before_barrier(b.id, io.clock.now_ms(), &mut out) {
+        Ok(()) => tail.emit(&mut out).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = flushed {
+        decline(io, b.id, &io.name, &e);
+        return Err(e);
+    }
     let snapshots = match chain.snapshot(b.id) {
         Ok(s) => s,
         Err(e) => {

@@ -371,22 +371,10 @@ impl<B: StateBackend> WindowOperator<B> {
              its window [{}, {}) closed (allowed lateness {} ms)",
             spec.id, window.start, window.end, spec.allowed_lateness
         );
-        let mut row = serde_json::Map::new();
-        for (f, v) in spec.input_fields.iter().zip(&r.values) {
-            let json = match v {
-                Value::Null => serde_json::Value::Null,
-                Value::Bool(b) => (*b).into(),
-                Value::Int(i) => (*i).into(),
-                Value::Float(x) => (*x).into(),
-                Value::Text(s) => s.as_str().into(),
-                Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.as_str().into()),
-            };
-            row.insert(f.name.clone(), json);
-        }
         DeadLetter {
+            payload: super::record_json(&spec.input_fields, &r.values),
             origin: r.origin,
             reason,
-            payload: serde_json::Value::Object(row).to_string().into_bytes(),
         }
     }
 }
