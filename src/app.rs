@@ -261,9 +261,10 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
 /// it fails past what its restart strategy allows.
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
     let cfg = Arc::new(cfg);
+    // The metrics recorder first: operators built by the plan register their metrics.
+    let _api = crate::api::start(&cfg.metrics.listen, &cfg.job.name, stats.clone()).await?;
     let plan = plan(&cfg, &stats)?;
     tracing::info!("job graph:\n{}", plan.describe());
-    let _api = crate::api::start(&cfg.metrics.listen, &cfg.job.name, stats.clone()).await?;
     let embedded = match cfg.is_embedded() {
         true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
         false => None,

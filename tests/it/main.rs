@@ -8,6 +8,7 @@ mod broker_faults;
 mod config_errors;
 mod discovery;
 mod embedded;
+mod enrich;
 mod kafka_dead_letters;
 mod kill;
 mod migrate;
