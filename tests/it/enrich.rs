@@ -183,8 +183,11 @@ fn pg_store(schema: &str) -> String {
     )
 }
 
-/// Every row of `{schema}.enriched` as (id, uid, country, plan, score), by id.
-async fn enriched(pool: &PgPool, schema: &str) -> Vec<(i64, String, Option<String>, Option<String>, Option<i64>)> {
+/// A row of `enriched`: (id, uid, country, plan, score).
+type Enriched = (i64, String, Option<String>, Option<String>, Option<i64>);
+
+/// Every row of `{schema}.enriched`, by id.
+async fn enriched(pool: &PgPool, schema: &str) -> Vec<Enriched> {
     sqlx::query(&format!(
         "SELECT id, uid, country, plan, score FROM {schema}.enriched ORDER BY id"
     ))
@@ -197,7 +200,7 @@ async fn enriched(pool: &PgPool, schema: &str) -> Vec<(i64, String, Option<Strin
 }
 
 /// Each of `total` records exactly once, with its user's row (or nulls).
-fn assert_enriched(rows: &[(i64, String, Option<String>, Option<String>, Option<i64>)], total: u64) {
+fn assert_enriched(rows: &[Enriched], total: u64) {
     assert_eq!(rows.len() as u64, total, "records lost or doubled");
     for (i, (id, uid, country, plan, score)) in rows.iter().enumerate() {
         assert_eq!(*id, i as i64, "records lost or doubled");
