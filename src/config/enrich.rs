@@ -102,8 +102,9 @@ pub struct StoreConfig {
     /// `postgres`, `sqlite` or `hbase`.
     pub kind: StoreKind,
     /// `postgres://…` (password from `PGPASSWORD`), `sqlite://path`, or the HBase REST
-    /// gateway's `http://host:8080`.
-    pub url: Url,
+    /// gateway's `http://host:8080`. Default for `postgres` and `sqlite`: the sink's
+    /// database (with the sink's password), when the sink is of the same kind.
+    pub url: Option<Url>,
     /// The table (`schema.table` in Postgres; the HBase table's name).
     pub table: String,
     /// The row-key column of a SQL table.
@@ -255,8 +256,12 @@ impl EnrichConfig {
         if self.partitioner == PartitionerKind::KeyHash && self.parallelism.is_none() {
             return fail("parallelism", "give a parallelism with `partitioner = \"hash\"`".into());
         }
-        let urls =
-            std::iter::once(("store.url", &self.store.url)).chain(self.redis.as_ref().map(|r| ("redis.url", &r.url)));
+        let urls = self
+            .store
+            .url
+            .iter()
+            .map(|u| ("store.url", u))
+            .chain(self.redis.as_ref().map(|r| ("redis.url", &r.url)));
         for (k, url) in urls {
             if super::load::url_has_password(url) {
                 return fail(
@@ -267,17 +272,19 @@ impl EnrichConfig {
                 );
             }
         }
-        let url_ok = match self.store.kind {
-            StoreKind::Postgres => {
-                self.store.url.starts_with("postgres://") || self.store.url.starts_with("postgresql://")
+        if let Some(url) = &self.store.url {
+            let url_ok = match self.store.kind {
+                StoreKind::Postgres => url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                StoreKind::Sqlite => url.starts_with("sqlite:"),
+                StoreKind::Hbase => url.starts_with("http://") || url.starts_with("https://"),
+            };
+            if !url_ok {
+                return fail("store.url", format!("`{url}` is not a URL for this store kind"));
             }
-            StoreKind::Sqlite => self.store.url.starts_with("sqlite:"),
-            StoreKind::Hbase => self.store.url.starts_with("http://") || self.store.url.starts_with("https://"),
-        };
-        if !url_ok {
+        } else if self.store.kind == StoreKind::Hbase {
             return fail(
                 "store.url",
-                format!("`{}` is not a URL for this store kind", self.store.url),
+                "give the HBase REST gateway's address (http://host:8080)".into(),
             );
         }
         Ok(())

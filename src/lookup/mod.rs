@@ -369,7 +369,14 @@ pub fn parse_text(text: Option<&str>, t: FieldType) -> std::result::Result<Value
 
 /// Build the lookup service an `enrich` operator configures: the one place that picks
 /// a store's implementation.
-pub fn open(operator: &str, cfg: &crate::config::EnrichConfig) -> Result<Lookup> {
+/// `url` and `password`: the store's, resolved by the caller (the store's own URL, or
+/// the sink's database).
+pub fn open(
+    operator: &str,
+    cfg: &crate::config::EnrichConfig,
+    url: &str,
+    password: Option<&secrecy::SecretString>,
+) -> Result<Lookup> {
     use crate::config::StoreKind;
     let columns: Vec<StoreColumn> = cfg
         .columns
@@ -381,15 +388,11 @@ pub fn open(operator: &str, cfg: &crate::config::EnrichConfig) -> Result<Lookup>
         .collect();
     let s = &cfg.store;
     let store: Arc<dyn RowStore> = match s.kind {
-        StoreKind::Postgres => Arc::new(postgres::PgStore::new(
-            &s.url,
-            &s.table,
-            &s.key_column,
-            columns,
-            s.connections,
-        )?),
-        StoreKind::Sqlite => Arc::new(sqlite::SqliteStore::new(&s.url, &s.table, &s.key_column, columns)?),
-        StoreKind::Hbase => Arc::new(hbase::HbaseStore::new(&s.url, &s.table, columns, cfg.timeout)?),
+        StoreKind::Postgres => Arc::new(
+            postgres::PgStore::new(url, &s.table, &s.key_column, columns, s.connections)?.with_password(password),
+        ),
+        StoreKind::Sqlite => Arc::new(sqlite::SqliteStore::new(url, &s.table, &s.key_column, columns)?),
+        StoreKind::Hbase => Arc::new(hbase::HbaseStore::new(url, &s.table, columns, cfg.timeout)?),
     };
     let redis = match &cfg.redis {
         Some(r) => Some(redis::RedisTier::new(redis::RedisOptions {

@@ -15,6 +15,8 @@ use crate::record::{FieldType, Value};
 /// A Postgres table of rows by key.
 pub struct PgStore {
     pool: PgPool,
+    options: PgConnectOptions,
+    connections: u32,
     table: String,
     key_column: String,
     columns: Vec<StoreColumn>,
@@ -29,17 +31,32 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::Unsupported(format!("store url {}: {e}", redact_url(url))))?
             .application_name("sluice:lookup");
-        let pool = PgPoolOptions::new()
-            .max_connections(connections.max(1))
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_lazy_with(options);
+        let pool = Self::pool(options.clone(), connections);
         Ok(Self {
             pool,
+            options,
+            connections,
             table: table.to_string(),
             key_column: key_column.to_string(),
             columns,
             sql: tokio::sync::OnceCell::new(),
         })
+    }
+
+    fn pool(options: PgConnectOptions, connections: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(connections.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(options)
+    }
+
+    /// Connect with `password` (the sink's, when the store is the sink's database).
+    pub fn with_password(mut self, password: Option<&secrecy::SecretString>) -> Self {
+        if let Some(pw) = password {
+            self.options = self.options.password(secrecy::ExposeSecret::expose_secret(pw));
+            self.pool = Self::pool(self.options.clone(), self.connections);
+        }
+        self
     }
 
     async fn sql(&self) -> Result<&str> {

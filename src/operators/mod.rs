@@ -96,7 +96,7 @@ pub fn build(
                 make: Arc::new(|_| Box::new(key_by::KeyBy)),
             })
         }
-        OperatorConfig::Enrich(e) => enrich_operator(id, e, input, &fail),
+        OperatorConfig::Enrich(e) => enrich_operator(id, e, input, job, &fail),
         OperatorConfig::Window(w) => {
             let spec = Arc::new(window_spec(&id, w, input, job, &fail)?);
             let output = spec.output.clone();
@@ -120,8 +120,25 @@ fn enrich_operator(
     id: String,
     e: &crate::config::EnrichConfig,
     input: &Schema,
+    job: &JobConfig,
     fail: &dyn Fn(&str, String) -> Error,
 ) -> Result<BuiltOperator> {
+    use crate::config::{SinkKind, StoreKind};
+    let same_kind = matches!(
+        (e.store.kind, job.sink.kind),
+        (StoreKind::Postgres, SinkKind::Postgres) | (StoreKind::Sqlite, SinkKind::Sqlite)
+    );
+    let (url, password) = match &e.store.url {
+        Some(url) => (url.to_string_unredacted(), None),
+        None if same_kind => (job.sink.url.to_string_unredacted(), job.sink.password.as_ref()),
+        None => {
+            return Err(fail(
+                "store.url",
+                "give the store's URL (it defaults to the sink's database only when the sink is of the same kind)"
+                    .into(),
+            ))
+        }
+    };
     let key = input.index(&e.key).ok_or_else(|| {
         fail(
             "key",
@@ -142,7 +159,7 @@ fn enrich_operator(
         }
         output.fields.push(Field::new(c.name.clone(), c.field_type));
     }
-    let lookup = Arc::new(crate::lookup::open(&id, e)?);
+    let lookup = Arc::new(crate::lookup::open(&id, e, &url, password)?);
     let store = format!("{} {}", store_kind(e.store.kind), e.store.table);
     let spec = Arc::new(enrich::EnrichSpec {
         id: id.clone(),

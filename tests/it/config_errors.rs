@@ -342,3 +342,60 @@ fn footguns_are_refused() {
     let deep = format!("SLUICE{}", "__X".repeat(2_000));
     rejected(&b, &[(deep.as_str(), "1")], "nested deeper than any config key");
 }
+
+/// The base job with an `enrich` operator over `store` (fields `id` int, `body` string).
+fn enriched(extra: &str, store: &str) -> String {
+    base().replace(
+        "[checkpoint]",
+        &format!(
+            "[[operators]]\nkind = \"enrich\"\nid = \"dim\"\nkey = \"body\"\n\
+             columns = [ {{ name = \"country\", type = \"string\" }} ]\n{extra}\n\n[operators.store]\n{store}\n\n[checkpoint]"
+        ),
+    )
+}
+
+#[test]
+fn enrichment_mistakes_are_named() {
+    let pg = "kind = \"postgres\"\ntable = \"dims.users\"";
+    let (ok, stderr) = check(&enriched("", pg), &[]);
+    assert!(ok, "the sink's database is the default store: {stderr}");
+    rejected(
+        &enriched("", pg).replace("key = \"body\"", "key = \"bodie\""),
+        &[],
+        "operators[0].key",
+    );
+    rejected(
+        &enriched("", pg).replace("name = \"country\"", "name = \"id\""),
+        &[],
+        "operators[0].columns[0].name",
+    );
+    rejected(
+        &enriched("", "kind = \"hbase\"\ntable = \"users\""),
+        &[],
+        "operators[0].store.url",
+    );
+    rejected(
+        &enriched("", "kind = \"hbase\"\nurl = \"http://h:8080\"\ntable = \"users\"")
+            .replace("type = \"string\" }", "type = \"string\", from = \"country\" }"),
+        &[],
+        "operators[0].columns[0].from",
+    );
+    rejected(
+        &enriched("[operators.redis]\nurl = \"redis://:hunter2@h:6379\"", pg),
+        &[],
+        "operators[0].redis.url",
+    );
+    rejected(&enriched("capacity = 0", pg), &[], "operators[0].capacity");
+    rejected(&enriched("partitioner = \"hash\"", pg), &[], "operators[0].parallelism");
+    // Inside an operator, serde names the operator and the allowed values, not the key.
+    let (ok, stderr) = check(&enriched("on_missing = \"drop\"", pg), &[]);
+    assert!(
+        !ok && stderr.contains("operators[0]") && stderr.contains("`dead_letter`"),
+        "{stderr}"
+    );
+    let (_, stderr) = check(
+        &enriched("[operators.redis]\nurl = \"redis://:hunter2@h:6379\"", pg),
+        &[],
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}

@@ -77,6 +77,9 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_watermark_seconds",
         "sluice_window_firings_total",
         "sluice_partition_watermark_seconds",
+        "sluice_lookup_hits_total",
+        "sluice_lookup_store_queries_total",
+        "sluice_lookup_in_flight",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
@@ -125,7 +128,7 @@ async fn the_default_config_runs_without_any_service() {
         .expect("open demo db");
     let row = sqlx::query(
         "SELECT count(*), count(DISTINCT user || '/' || window_start), coalesce(sum(events), 0), \
-         count(*) FILTER (WHERE window_end - window_start <> 10000) FROM user_activity",
+         count(*) FILTER (WHERE window_end - window_start <> 10000) FROM activity",
     )
     .fetch_one(&pool)
     .await
@@ -136,6 +139,14 @@ async fn the_default_config_runs_without_any_service() {
     assert!(events > 1_000, "windows counted only {events} events");
     assert_eq!(misshapen, 0, "every window is 10 s long");
     assert!(stdout.contains("windows fired"), "{stdout}");
+    let enriched: i64 = sqlx::query(
+        "SELECT count(*) FROM activity a JOIN users u ON u.row_key = a.user AND u.country = a.country AND u.plan = a.plan",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("join users")
+    .get(0);
+    assert_eq!(enriched, rows, "every window row carries its user's country and plan");
     assert!(json["watermarks"].as_object().is_some_and(|w| !w.is_empty()), "{json}");
     let dead: i64 = sqlx::query("SELECT count(*) FROM sluice_dead_letter")
         .fetch_one(&pool)
