@@ -110,33 +110,38 @@ fn run_operator(rt: &tokio::runtime::Runtime, lookup: Arc<Lookup>, keys: &[Strin
         lookup,
         store: "bench".into(),
     });
-    rt.block_on(async move {
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let mut chain = Chain::default();
-            chain.push(SubtaskInfo::new("bench", 0, 1, 128), Box::new(Enrich::new(spec, handle)));
-            let mut out = Vec::new();
-            let mut emitted = 0usize;
-            let started = Instant::now();
-            for (b, chunk) in keys.chunks(BATCH).enumerate() {
-                let batch = Batch {
-                    records: chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(i, k)| Record::for_test((b * BATCH + i) as i64, vec![Value::Text(k.clone())]))
-                        .collect(),
-                    dead: Vec::new(),
-                };
-                chain.process(Emit::Batch(batch), 0, &mut out).expect("process");
+    let handle = rt.handle().clone();
+    // A thread of its own, as a chained source thread is: lookups run on the runtime.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let mut chain = Chain::default();
+                chain.push(
+                    SubtaskInfo::new("bench", 0, 1, 128),
+                    Box::new(Enrich::new(spec, handle)),
+                );
+                let mut out = Vec::new();
+                let mut emitted = 0usize;
+                let started = Instant::now();
+                for (b, chunk) in keys.chunks(BATCH).enumerate() {
+                    let batch = Batch {
+                        records: chunk
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| Record::for_test((b * BATCH + i) as i64, vec![Value::Text(k.clone())]))
+                            .collect(),
+                        dead: Vec::new(),
+                    };
+                    chain.process(Emit::Batch(batch), 0, &mut out).expect("process");
+                    emitted += count(&mut out);
+                }
+                chain.before_barrier(1, 0, &mut out).expect("flush");
                 emitted += count(&mut out);
-            }
-            chain.before_barrier(1, 0, &mut out).expect("flush");
-            emitted += count(&mut out);
-            assert_eq!(emitted, keys.len(), "every record enriched");
-            keys.len() as f64 / started.elapsed().as_secs_f64()
-        })
-        .await
-        .expect("bench thread")
+                assert_eq!(emitted, keys.len(), "every record enriched");
+                keys.len() as f64 / started.elapsed().as_secs_f64()
+            })
+            .join()
+            .expect("bench thread")
     })
 }
 
@@ -182,7 +187,13 @@ fn main() {
 
     // Warm Redis: fill it through a lookup, then measure with the in-process cache off.
     let prefix = format!("bench:{}:", std::process::id());
-    let warm = Arc::new(Lookup::new("warmup", Arc::new(pg()), 2, Some(tier(&prefix)), lookup_options(0)));
+    let warm = Arc::new(Lookup::new(
+        "warmup",
+        Arc::new(pg()),
+        2,
+        Some(tier(&prefix)),
+        lookup_options(0),
+    ));
     let all: Vec<String> = (0..distinct).map(|i| format!("u{i}")).collect();
     rt.block_on(async {
         for chunk in all.chunks(5_000) {
@@ -193,7 +204,10 @@ fn main() {
     // Baseline: the same GETs, pipelined 1,000 at a time, with the redis crate.
     let baseline = rt.block_on(async {
         let client = redis::Client::open(REDIS).expect("redis");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("redis (scripts/ensure-services)");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis (scripts/ensure-services)");
         let started = Instant::now();
         let mut found = 0usize;
         for chunk in keys.chunks(BATCH) {
@@ -212,7 +226,13 @@ fn main() {
         keys: AtomicU64::new(0),
         queries: AtomicU64::new(0),
     });
-    let redis_only = Arc::new(Lookup::new("redis", store.clone(), 2, Some(tier(&prefix)), lookup_options(0)));
+    let redis_only = Arc::new(Lookup::new(
+        "redis",
+        store.clone(),
+        2,
+        Some(tier(&prefix)),
+        lookup_options(0),
+    ));
     let warm_redis = run_operator(&rt, redis_only, &keys);
     println!(
         "  pipelined GETs (redis crate)      {:>10.0} records/s   (baseline)",
@@ -224,7 +244,13 @@ fn main() {
         100.0 * warm_redis / baseline,
         store.keys.load(Ordering::Relaxed)
     );
-    let local = Arc::new(Lookup::new("local", Arc::new(pg()), 2, Some(tier(&prefix)), lookup_options(200_000)));
+    let local = Arc::new(Lookup::new(
+        "local",
+        Arc::new(pg()),
+        2,
+        Some(tier(&prefix)),
+        lookup_options(200_000),
+    ));
     run_operator(&rt, local.clone(), &keys[..keys.len().min(200_000)]);
     let warm_local = run_operator(&rt, local, &keys);
     println!(
@@ -239,7 +265,13 @@ fn main() {
         keys: AtomicU64::new(0),
         queries: AtomicU64::new(0),
     });
-    let lookup = Arc::new(Lookup::new("cold_pg", cold_pg.clone(), 2, None, lookup_options(200_000)));
+    let lookup = Arc::new(Lookup::new(
+        "cold_pg",
+        cold_pg.clone(),
+        2,
+        None,
+        lookup_options(200_000),
+    ));
     let rate = run_operator(&rt, lookup, &keys);
     println!(
         "  enrich, cold, Postgres store       {:>9.0} records/s   store asked for {} keys in {} queries ({} distinct)",
@@ -260,7 +292,13 @@ fn main() {
                 keys: AtomicU64::new(0),
                 queries: AtomicU64::new(0),
             });
-            let lookup = Arc::new(Lookup::new("cold_hbase", cold_hbase.clone(), 2, None, lookup_options(200_000)));
+            let lookup = Arc::new(Lookup::new(
+                "cold_hbase",
+                cold_hbase.clone(),
+                2,
+                None,
+                lookup_options(200_000),
+            ));
             let rate = run_operator(&rt, lookup, &keys);
             println!(
                 "  enrich, cold, HBase store          {:>9.0} records/s   store asked for {} keys in {} queries",
@@ -272,7 +310,9 @@ fn main() {
         Err(e) => println!("  HBase store: skipped ({e}); start it with scripts/ensure-hbase"),
     }
     rt.block_on(async {
-        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&pool).await;
+        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await;
     });
 }
 
