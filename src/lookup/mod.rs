@@ -100,6 +100,23 @@ pub struct Lookup {
     metrics: LookupMetrics,
 }
 
+/// Keys a lookup claimed, released when it ends however it ends.
+struct Claim<'a> {
+    in_flight: &'a Mutex<HashMap<String, watch::Receiver<Option<Shared>>>>,
+    keys: Vec<(String, watch::Receiver<Option<Shared>>)>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, rx) in &self.keys {
+            if in_flight.get(key).is_some_and(|r| r.same_channel(rx)) {
+                in_flight.remove(key);
+            }
+        }
+    }
+}
+
 /// Found rows live `ttl` in the in-process cache; absent ones `negative_ttl`.
 struct Expiry {
     ttl: Duration,
@@ -196,6 +213,15 @@ impl Lookup {
         }
         if !claimed.is_empty() {
             let mine: Vec<String> = claimed.iter().map(|(i, _)| keys[*i].clone()).collect();
+            // If this lookup is dropped mid-fetch (its task aborted with its attempt),
+            // its keys must not stay "in flight" for ever.
+            let _claim = Claim {
+                in_flight: &self.in_flight,
+                keys: claimed
+                    .iter()
+                    .map(|(i, tx)| (keys[*i].clone(), tx.subscribe()))
+                    .collect(),
+            };
             let fetched = self.fetch(&mine).await;
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             for (n, (i, tx)) in claimed.into_iter().enumerate() {

@@ -14,7 +14,8 @@ use crate::record::{FieldType, Value};
 
 /// A Postgres table of rows by key.
 pub struct PgStore {
-    pool: PgPool,
+    /// Made at the first lookup (a pool needs the runtime; building a job may not).
+    pool: std::sync::OnceLock<PgPool>,
     options: PgConnectOptions,
     connections: u32,
     table: String,
@@ -31,9 +32,8 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::Unsupported(format!("store url {}: {e}", redact_url(url))))?
             .application_name("sluice:lookup");
-        let pool = Self::pool(options.clone(), connections);
         Ok(Self {
-            pool,
+            pool: std::sync::OnceLock::new(),
             options,
             connections,
             table: table.to_string(),
@@ -43,18 +43,19 @@ impl PgStore {
         })
     }
 
-    fn pool(options: PgConnectOptions, connections: u32) -> PgPool {
-        PgPoolOptions::new()
-            .max_connections(connections.max(1))
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_lazy_with(options)
+    fn pool(&self) -> &PgPool {
+        self.pool.get_or_init(|| {
+            PgPoolOptions::new()
+                .max_connections(self.connections.max(1))
+                .acquire_timeout(std::time::Duration::from_secs(10))
+                .connect_lazy_with(self.options.clone())
+        })
     }
 
     /// Connect with `password` (the sink's, when the store is the sink's database).
     pub fn with_password(mut self, password: Option<&secrecy::SecretString>) -> Self {
         if let Some(pw) = password {
             self.options = self.options.password(secrecy::ExposeSecret::expose_secret(pw));
-            self.pool = Self::pool(self.options.clone(), self.connections);
         }
         self
     }
@@ -68,7 +69,7 @@ impl PgStore {
                 )
                 .bind(quote(&self.table))
                 .bind(&self.key_column)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool())
                 .await
                 .map_err(Error::db(format!("describe lookup table {}", self.table)))?;
                 let Some(key_type) = key_type else {
@@ -120,7 +121,7 @@ impl RowStore for PgStore {
             let sql = self.sql().await?;
             let rows = sqlx::query(sql)
                 .bind(keys)
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await
                 .map_err(Error::db(format!("look up rows in {}", self.table)))?;
             let mut out = HashMap::with_capacity(rows.len());

@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 
 /// A SQLite table of rows by key.
 pub struct SqliteStore {
-    pool: SqlitePool,
+    /// Made at the first lookup (a pool needs the runtime; building a job may not).
+    pool: std::sync::OnceLock<SqlitePool>,
+    options: SqliteConnectOptions,
     table: String,
     key_column: String,
     columns: Vec<StoreColumn>,
@@ -24,9 +26,9 @@ impl SqliteStore {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::Unsupported(format!("store url {url}: {e}")))?
             .read_only(true);
-        let pool = SqlitePoolOptions::new().max_connections(2).connect_lazy_with(options);
         Ok(Self {
-            pool,
+            pool: std::sync::OnceLock::new(),
+            options,
             table: table.to_string(),
             key_column: key_column.to_string(),
             columns,
@@ -61,12 +63,19 @@ impl RowStore for SqliteStore {
             for k in keys {
                 q = q.bind(k);
             }
-            let rows = q.fetch_all(&self.pool).await.map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.message().contains("no such") => {
-                    Error::Unsupported(format!("lookup table {}: {}", self.table, d.message()))
-                }
-                _ => Error::db(format!("look up rows in {}", self.table))(e),
-            })?;
+            let rows = q
+                .fetch_all(self.pool.get_or_init(|| {
+                    SqlitePoolOptions::new()
+                        .max_connections(2)
+                        .connect_lazy_with(self.options.clone())
+                }))
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(d) if d.message().contains("no such") => {
+                        Error::Unsupported(format!("lookup table {}: {}", self.table, d.message()))
+                    }
+                    _ => Error::db(format!("look up rows in {}", self.table))(e),
+                })?;
             let mut out = HashMap::with_capacity(rows.len());
             for r in rows {
                 let key: String = r.try_get(0).map_err(Error::db("read a lookup row"))?;

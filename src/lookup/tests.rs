@@ -159,3 +159,20 @@ fn store_text_is_parsed_by_type() {
     assert_eq!(parse_text(Some("t"), FieldType::Bool), Ok(Value::Bool(true)));
     assert!(parse_text(Some("x"), FieldType::Float).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_dropped_mid_fetch_leaves_nothing_in_flight() {
+    let store = Arc::new(MemStore::new(10, Duration::from_millis(200)));
+    let lookup = Arc::new(Lookup::new("t", store.clone(), 2, None, options()));
+    let l = lookup.clone();
+    let task = tokio::spawn(async move { l.get_many(&keys(&["k1"])).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    task.abort();
+    let _ = task.await;
+    assert!(
+        lookup.in_flight.lock().expect("lock").is_empty(),
+        "an aborted lookup's key stayed claimed"
+    );
+    let found = lookup.get_many(&keys(&["k1"])).await.expect("lookup");
+    assert!(found[0].is_some());
+}
