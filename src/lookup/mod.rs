@@ -91,7 +91,7 @@ type Shared = std::result::Result<Found, String>;
 
 /// The cache-aside lookup service of one enrichment operator.
 pub struct Lookup {
-    local: Option<moka::sync::Cache<String, Found>>,
+    local: Option<moka::sync::Cache<String, Local>>,
     redis: Option<redis::RedisTier>,
     store: Arc<dyn RowStore>,
     columns: usize,
@@ -117,16 +117,11 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Found rows live `ttl` in the in-process cache; absent ones `negative_ttl`.
-struct Expiry {
-    ttl: Duration,
-    negative_ttl: Duration,
-}
-
-impl moka::Expiry<String, Found> for Expiry {
-    fn expire_after_create(&self, _: &String, value: &Found, _: Instant) -> Option<Duration> {
-        Some(if value.is_some() { self.ttl } else { self.negative_ttl })
-    }
+/// An in-process cache entry: what was found and until when it may be used.
+#[derive(Clone)]
+struct Local {
+    found: Found,
+    until: Instant,
 }
 
 impl Lookup {
@@ -139,13 +134,12 @@ impl Lookup {
         redis: Option<redis::RedisTier>,
         options: LookupOptions,
     ) -> Self {
+        // One TTL for the cache (no per-entry timer wheel: measured 20% slower on the hot
+        // path); an absent row carries its own, shorter deadline, checked on read.
         let local = (options.local_capacity > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(options.local_capacity)
-                .expire_after(Expiry {
-                    ttl: options.local_ttl,
-                    negative_ttl: options.negative_ttl,
-                })
+                .time_to_live(options.local_ttl.max(options.negative_ttl))
                 .build()
         });
         let metrics = LookupMetrics::new(operator);
@@ -163,7 +157,7 @@ impl Lookup {
 
     /// What the in-process cache holds for `key` (no I/O): `Some(found)` if cached.
     pub fn cached(&self, key: &str) -> Option<Found> {
-        let found = self.local.as_ref()?.get(key);
+        let found = self.local_get(key);
         match &found {
             Some(None) => {
                 self.metrics.local_hits.increment(1);
@@ -173,6 +167,11 @@ impl Lookup {
             None => self.metrics.local_misses.increment(1),
         }
         found
+    }
+
+    fn local_get(&self, key: &str) -> Option<Found> {
+        let entry = self.local.as_ref()?.get(key)?;
+        (entry.until > Instant::now()).then_some(entry.found)
     }
 
     /// The metrics, for the operator's in-flight gauge.
@@ -185,10 +184,7 @@ impl Lookup {
     /// for; the rest go to Redis, then to the store, and are written back.
     pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Found>> {
         // Not counted as hits or misses: the operator asked the cache (`cached`) first.
-        let mut answers: Vec<Option<Found>> = keys
-            .iter()
-            .map(|k| self.local.as_ref().and_then(|l| l.get(k)))
-            .collect();
+        let mut answers: Vec<Option<Found>> = keys.iter().map(|k| self.local_get(k)).collect();
         // Claim the keys nobody is fetching; wait for the others.
         let mut claimed: Vec<(usize, watch::Sender<Option<Shared>>)> = Vec::new();
         let mut waiting: Vec<(usize, watch::Receiver<Option<Shared>>)> = Vec::new();
@@ -198,17 +194,20 @@ impl Lookup {
                 if answers[i].is_some() {
                     continue;
                 }
-                match in_flight.get(key) {
-                    Some(rx) => {
-                        self.metrics.coalesced.increment(1);
-                        waiting.push((i, rx.clone()));
-                    }
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        in_flight.insert(key.clone(), rx);
-                        claimed.push((i, tx));
-                    }
+                if let Some(rx) = in_flight.get(key) {
+                    self.metrics.coalesced.increment(1);
+                    waiting.push((i, rx.clone()));
+                    continue;
                 }
+                // A lookup that just finished filled the cache before it released its
+                // keys: look again under the lock, or the key would be fetched twice.
+                if let Some(found) = self.local_get(key) {
+                    answers[i] = Some(found);
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                in_flight.insert(key.clone(), rx);
+                claimed.push((i, tx));
             }
         }
         if !claimed.is_empty() {
@@ -308,7 +307,15 @@ impl Lookup {
         if let Some(local) = &self.local {
             for (i, key) in keys.iter().enumerate() {
                 if let Some(found) = &answers[i] {
-                    local.insert(key.clone(), found.clone());
+                    let ttl = match found {
+                        Some(_) => self.options.local_ttl,
+                        None => self.options.negative_ttl,
+                    };
+                    let entry = Local {
+                        found: found.clone(),
+                        until: Instant::now() + ttl,
+                    };
+                    local.insert(key.clone(), entry);
                 }
             }
         }
