@@ -28,11 +28,13 @@ use crate::runtime::channel::{InputGate, Outputs, CHANNEL_CAPACITY};
 use crate::runtime::operator::{decode_parts, Chain, OperatorAck, SubtaskInfo};
 use crate::runtime::partition::{custom_partitioner, Partitioner, CUSTOM_PARTITIONERS};
 use crate::runtime::restart::RestartPolicy;
+use crate::runtime::sink::Sink;
 use crate::runtime::source_task::{run_source, Source, SourceIo};
 use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
 use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
+use crate::sink::kafka::KafkaTwoPhase;
 use crate::sink::postgres::{Fence, JobLock};
 use crate::sink::two_phase::TwoPhaseWriter;
 use crate::sink::{SinkTarget, TableSpec};
@@ -440,6 +442,7 @@ async fn attempt(
     }
     target.recover(cfg, restored.as_ref()).await?;
     let last_id = restored.as_ref().map_or(0, |c| c.id);
+    let sink_states = restored.as_ref().map(|c| c.subtask_states("sink")).unwrap_or_default();
 
     // Channels between consecutive stages: every upstream subtask to every downstream one.
     let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
@@ -492,7 +495,10 @@ async fn attempt(
                 metrics: first.as_deref().map(|op| SubtaskMetrics::new(op, j)),
             };
             if stage.sink {
-                spawn_sink(&mut tasks, cfg, bootstrap, &target, chain, j, io).await?;
+                let mut sink = build_sink(cfg, bootstrap, &target, storage, j, stats.clone()).await?;
+                let mine = crate::runtime::sink::states_for(&sink_states, j, stage.parallelism as usize);
+                sink.recover(last_id, mine).await?;
+                tasks.spawn(run_task(chain, SinkTail { sink, index: j }, io));
             } else {
                 let next = &plan.stages[s + 1];
                 let tail = NetworkTail {
@@ -746,48 +752,51 @@ impl Drop for NotRunning {
 /// How long cancelled subtasks get to stop before they are aborted.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Start sink subtask `j` (with the operators chained before it): the strategy over the
-/// target, as configured. The one place that picks a sink's implementation.
-async fn spawn_sink(
-    tasks: &mut JoinSet<Result<()>>,
+/// Sink subtask `j`: the strategy over the target, as configured. The one place that
+/// picks a sink's implementation.
+async fn build_sink(
     cfg: &JobConfig,
     bootstrap: &str,
     target: &SinkTarget,
-    chain: Chain,
+    storage: &Arc<dyn CheckpointStorage>,
     j: usize,
-    io: TaskIo,
-) -> Result<()> {
-    let stats = io.stats.clone();
-    let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
-        (DeadLetterKind::Kafka, Some(topic)) => Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?),
+    stats: Arc<JobStats>,
+) -> Result<Box<dyn Sink>> {
+    // A Kafka sink writes dead letters in its own transactions.
+    let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic, target) {
+        (_, _, SinkTarget::Kafka(_)) => None,
+        (DeadLetterKind::Kafka, Some(topic), _) => Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?),
         _ => None,
     };
     let batch = cfg.sink.batch_size;
-    match (target, cfg.sink.strategy) {
-        (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => {
-            let w = TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats)
+    Ok(match (target, cfg.sink.strategy) {
+        (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => Box::new(
+            TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats)
                 .await?
-                .with_fence(fence.clone());
-            tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
-        }
+                .with_fence(fence.clone()),
+        ),
         (SinkTarget::Postgres { pool, table, .. }, Strategy::Idempotent) => {
             let t = PgUpsert {
                 pool: pool.clone(),
                 table: table.clone(),
             };
-            let w = IdempotentWriter::new(t, batch, dlq, j, stats);
-            tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
+            Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
         }
+        (SinkTarget::Kafka(target), _) => Box::new(KafkaTwoPhase::new(
+            &cfg.job.name,
+            j,
+            target.clone(),
+            storage.clone(),
+            stats,
+        )?),
         (SinkTarget::Sqlite { pool, table }, _) => {
             let t = SqliteUpsert {
                 pool: pool.clone(),
                 table: table.clone(),
             };
-            let w = IdempotentWriter::new(t, batch, dlq, j, stats);
-            tasks.spawn(run_task(chain, SinkTail { writer: w, index: j }, io));
+            Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
         }
-    }
-    Ok(())
+    })
 }
 
 fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

@@ -60,6 +60,20 @@ impl CompletedCheckpoint {
     }
 }
 
+impl CompletedCheckpoint {
+    /// The states of every subtask of `operator`, with the subtask's index.
+    pub fn subtask_states(&self, operator: &str) -> Vec<(usize, serde_json::Value)> {
+        self.tasks
+            .iter()
+            .filter(|(name, _)| task_operator(name) == operator)
+            .filter_map(|(name, state)| {
+                let index = name.rsplit_once('-')?.1.parse().ok()?;
+                Some((index, state.clone()))
+            })
+            .collect()
+    }
+}
+
 /// Name of a subtask as it appears in checkpoints and logs.
 pub fn task_name(operator: &str, subtask: usize) -> String {
     format!("{operator}-{subtask}")

@@ -282,6 +282,12 @@ impl JobConfig {
             }
         }
         self.dead_letter.validate()?;
+        if self.sink.kind == SinkKind::Kafka && self.dead_letter.kind != DeadLetterKind::Kafka {
+            return fail(
+                "dead_letter.kind",
+                "a kafka sink writes dead letters to a topic in its own transactions: set kind = \"kafka\" and topic",
+            );
+        }
         self.metrics.validate()
     }
 
@@ -506,7 +512,19 @@ impl SinkConfig {
             SinkKind::Sqlite if !self.url.starts_with("sqlite:") => {
                 return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
             }
+            SinkKind::Kafka if self.url.trim().is_empty() || self.url.contains("://") => {
+                return fail(
+                    "sink.url",
+                    "a kafka sink's url is its bootstrap servers (host:port,host:port)",
+                );
+            }
             _ => {}
+        }
+        if self.kind == SinkKind::Kafka && self.strategy != Strategy::TwoPhase {
+            return fail(
+                "sink.strategy",
+                "a kafka sink does two_phase (Kafka transactions); idempotent and at_least_once are not built yet",
+            );
         }
         if self.kind == SinkKind::Sqlite && self.strategy == Strategy::TwoPhase {
             return fail(
@@ -529,7 +547,15 @@ impl SinkConfig {
         if self.batch_size == 0 {
             return fail("sink.batch_size", "must be at least 1");
         }
-        if !is_identifier(&self.table) {
+        if self.kind == SinkKind::Kafka {
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if self.table.is_empty() || self.table.len() > 249 || !self.table.chars().all(legal) {
+                return fail(
+                    "sink.topic",
+                    "must be a Kafka topic name (letters, digits, . _ -; at most 249)",
+                );
+            }
+        } else if !is_identifier(&self.table) {
             return fail(
                 "sink.table",
                 "must be a plain SQL name (letters, digits, _; optionally schema.table)",

@@ -397,6 +397,8 @@ pub enum SinkKind {
     Postgres,
     /// SQLite (idempotent only; the embedded default).
     Sqlite,
+    /// A Kafka topic (`two_phase`: Kafka transactions), on the cluster `url` names.
+    Kafka,
 }
 
 /// How a sink makes its writes exactly once.
@@ -456,7 +458,8 @@ pub struct SinkConfig {
     pub url: Url,
     /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
     pub password: Option<secrecy::SecretString>,
-    /// The table written (`schema.table` or `table`).
+    /// The table written (`schema.table` or `table`); for a Kafka sink, the topic.
+    #[serde(alias = "topic")]
     pub table: String,
     /// How exactly once is reached: `idempotent` upserts or `two_phase` commit.
     pub strategy: Strategy,
@@ -483,6 +486,10 @@ pub struct SinkConfig {
     /// statement timeout) before it is dead-lettered. Default 3.
     #[serde(default = "defaults::record_attempts", deserialize_with = "whole::number")]
     pub max_record_attempts: u32,
+    /// Strategies that may write before the checkpoint (`idempotent`) write a partly
+    /// filled buffer once its oldest record waited this long.
+    #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
+    pub flush_interval: Duration,
     /// A directory of sqlx migrations (`<version>_<name>.sql`).
     pub migrations: Option<PathBuf>,
     /// Apply `migrations` at start (otherwise run `sluice migrate`).
@@ -653,6 +660,10 @@ mod defaults {
     pub fn partitioner() -> super::PartitionerKind {
         super::PartitionerKind::KeyHash
     }
+    pub fn flush_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+
     pub fn record_attempts() -> u32 {
         3
     }

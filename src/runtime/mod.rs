@@ -8,6 +8,7 @@ pub mod channel;
 pub mod operator;
 pub mod partition;
 pub mod restart;
+pub mod sink;
 pub mod source_task;
 pub mod task;
 

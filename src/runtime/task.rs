@@ -13,10 +13,10 @@ use super::align::{AlignStep, BarrierAligner};
 use super::channel::{GateItem, InputGate, Outputs};
 use super::operator::{Chain, Emit, OperatorAck, PendingSnapshot};
 use super::partition::Partitioner;
+use super::sink::Sink;
 use crate::checkpoint::{task_name, CheckpointStorage, TaskEvent};
 use crate::error::{Error, Result};
 use crate::record::{Barrier, StreamElement};
-use crate::sink::SinkWriter;
 use crate::telemetry::{JobStats, SubtaskMetrics};
 use crate::time::watermark::InputTime;
 use crate::time::{Clock, InputWatermarks};
@@ -40,6 +40,10 @@ pub trait Tail: Send {
     /// Called about once a second (metrics).
     fn report(&mut self, interval: Duration) {
         let _ = interval;
+    }
+    /// Called about once a second, after `report`: a sink may flush what waits.
+    fn tick(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
     }
 }
 
@@ -101,24 +105,28 @@ impl Tail for NetworkTail {
     }
 }
 
-/// Output into a sink writer.
-pub struct SinkTail<W> {
-    /// The sink writer.
-    pub writer: W,
+/// Output into a sink.
+pub struct SinkTail {
+    /// The sink.
+    pub sink: Box<dyn Sink>,
     /// The sink subtask's index.
     pub index: usize,
 }
 
-impl<W: SinkWriter> Tail for SinkTail<W> {
+impl Tail for SinkTail {
     async fn emit(&mut self, items: &mut Vec<Emit>) -> Result<()> {
         for item in items.drain(..) {
             if let Emit::Batch(b) = item {
                 if !b.is_empty() {
-                    self.writer.write(b).await?;
+                    self.sink.write(b).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        self.sink.on_quiet().await
     }
 
     async fn idle(&mut self) -> Result<()> {
@@ -126,7 +134,7 @@ impl<W: SinkWriter> Tail for SinkTail<W> {
     }
 
     async fn barrier(&mut self, b: Barrier) -> Result<Option<(String, serde_json::Value)>> {
-        let state = self.writer.pre_commit(b.id).await?;
+        let state = self.sink.pre_commit(b.id).await?;
         Ok(Some((task_name("sink", self.index), state)))
     }
 
@@ -135,7 +143,7 @@ impl<W: SinkWriter> Tail for SinkTail<W> {
     }
 
     async fn commit(&mut self, id: u64) -> Result<()> {
-        self.writer.commit(id).await
+        self.sink.commit(id).await
     }
 
     fn waits_for_final_commit(&self) -> bool {
@@ -231,6 +239,7 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
             }
             _ = report.tick() => {
                 tail.report(report_every);
+                tail.tick().await?;
                 let w = time.current();
                 for (task, gauge) in &watermark_gauges {
                     if w != i64::MIN {

@@ -11,11 +11,12 @@ use sqlx::{PgPool, SqlitePool};
 
 use super::buffer::WriteBuffer;
 use super::dead_letter::KafkaDeadLetters;
+use super::last_per_key;
 use super::postgres::PgTable;
 use super::sqlite::SqliteTable;
-use super::{last_per_key, SinkWriter};
 use crate::error::{Error, Result};
 use crate::record::{Batch, DeadLetter, Record};
+use crate::runtime::sink::{Sink, SinkFuture};
 use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
 /// A target that can upsert a batch on its key.
@@ -78,6 +79,9 @@ pub struct IdempotentWriter<T> {
     subtask: usize,
     stats: Arc<JobStats>,
     metrics: SubtaskMetrics,
+    /// When the oldest buffered record came in.
+    waiting_since: Option<Instant>,
+    flush_interval: std::time::Duration,
 }
 
 impl<T: UpsertTarget> IdempotentWriter<T> {
@@ -95,13 +99,22 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
             subtask,
             stats,
             metrics: SubtaskMetrics::new("sink", subtask),
+            waiting_since: None,
+            flush_interval: std::time::Duration::from_secs(1),
         }
+    }
+
+    /// Flush a partly filled buffer once its oldest record waited this long.
+    pub fn with_flush_interval(mut self, interval: std::time::Duration) -> Self {
+        self.flush_interval = interval;
+        self
     }
 
     async fn flush(&mut self) -> Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
         }
+        self.waiting_since = None;
         let batch = self.buffer.take();
         let rejected = self.target.upsert(&batch.records, &batch.dead).await?;
         let rejected = self.buffer.route_dead(rejected).await?;
@@ -116,20 +129,46 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
     }
 }
 
-impl<T: UpsertTarget> SinkWriter for IdempotentWriter<T> {
-    async fn write(&mut self, batch: Batch) -> Result<()> {
+impl<T: UpsertTarget> IdempotentWriter<T> {
+    async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
+        if self.buffer.is_empty() {
+            self.waiting_since = Some(Instant::now());
+        }
         if self.buffer.add(batch).await? {
             self.flush().await?;
         }
         Ok(())
     }
 
-    async fn pre_commit(&mut self, _checkpoint: u64) -> Result<serde_json::Value> {
+    async fn flush_all(&mut self) -> Result<serde_json::Value> {
         let started = Instant::now();
         self.flush().await?;
         self.buffer.flush_dead_letters().await?;
         telemetry::sink_commit(self.subtask, started.elapsed());
         Ok(serde_json::Value::Null)
+    }
+
+    /// Upserts are final when written: a partly filled buffer need not wait for the
+    /// checkpoint, only for `flush_interval`.
+    async fn flush_stale(&mut self) -> Result<()> {
+        match self.waiting_since {
+            Some(t) if t.elapsed() >= self.flush_interval && !self.buffer.is_empty() => self.flush().await,
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<T: UpsertTarget> Sink for IdempotentWriter<T> {
+    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
+        Box::pin(self.take(batch))
+    }
+
+    fn pre_commit(&mut self, _checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+        Box::pin(self.flush_all())
+    }
+
+    fn on_quiet(&mut self) -> SinkFuture<'_, ()> {
+        Box::pin(self.flush_stale())
     }
 }

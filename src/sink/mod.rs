@@ -15,32 +15,13 @@
 pub mod buffer;
 pub mod dead_letter;
 pub mod idempotent;
+pub mod kafka;
 pub mod postgres;
 pub mod sqlite;
 pub mod two_phase;
 
-use std::future::Future;
-
 use crate::config::JobConfig;
-use crate::record::{Batch, FieldType, Record, Schema, ValueSource};
-
-/// The exactly-once protocol a sink subtask follows. Only `write` and `pre_commit` are
-/// required; `commit` defaults to nothing (idempotent writes are final when written).
-pub trait SinkWriter: Send + 'static {
-    /// Take a batch. May buffer; everything taken must be durable (or prepared) once
-    /// `pre_commit` returns.
-    fn write(&mut self, batch: Batch) -> impl Future<Output = crate::Result<()>> + Send;
-
-    /// Barrier `checkpoint` has arrived on every input: flush and pre-commit. The
-    /// returned state is stored in the checkpoint and handed back on restore.
-    fn pre_commit(&mut self, checkpoint: u64) -> impl Future<Output = crate::Result<serde_json::Value>> + Send;
-
-    /// Checkpoint `checkpoint` (and so every one before it) is complete.
-    fn commit(&mut self, checkpoint: u64) -> impl Future<Output = crate::Result<()>> + Send {
-        let _ = checkpoint;
-        async { Ok(()) }
-    }
-}
+use crate::record::{FieldType, Record, Schema, ValueSource};
 
 /// A sink column with where its value comes from and what type that value has.
 #[derive(Debug, Clone)]
@@ -244,6 +225,8 @@ pub enum SinkTarget {
         /// The owner's fencing token, checked by two-phase commits.
         fence: Option<postgres::Fence>,
     },
+    /// A Kafka topic, written in transactions.
+    Kafka(kafka::KafkaTarget),
     /// A SQLite database.
     Sqlite {
         /// Connections.
@@ -279,6 +262,26 @@ impl SinkTarget {
                     fence,
                 })
             }
+            crate::config::SinkKind::Kafka => {
+                let mut client = rdkafka::config::ClientConfig::new();
+                client.set("bootstrap.servers", cfg.sink.url.trim());
+                // Security settings of the source apply to the sink's cluster too.
+                for (k, v) in crate::config::flatten_properties_of(cfg) {
+                    if ["security.", "sasl.", "ssl."].iter().any(|p| k.starts_with(p)) {
+                        client.set(k, v);
+                    }
+                }
+                let target = kafka::KafkaTarget::open(
+                    client,
+                    &cfg.job.name,
+                    spec,
+                    cfg.dead_letter.topic.clone(),
+                    cfg.checkpoint.interval,
+                    cfg.checkpoint.timeout,
+                )
+                .await?;
+                Ok(SinkTarget::Kafka(target))
+            }
             crate::config::SinkKind::Sqlite => {
                 let pool = sqlite::connect(&cfg.sink.url).await?;
                 if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
@@ -298,6 +301,7 @@ impl SinkTarget {
         match self {
             SinkTarget::Postgres { table, .. } => &table.spec,
             SinkTarget::Sqlite { table, .. } => &table.spec,
+            SinkTarget::Kafka(k) => &k.spec,
         }
     }
 

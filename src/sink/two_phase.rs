@@ -19,10 +19,10 @@ use sqlx::{Executor, PgPool, Postgres};
 use super::buffer::WriteBuffer;
 use super::dead_letter::KafkaDeadLetters;
 use super::postgres::{finish_prepared, gid, list_prepared, Fence, PgTable};
-use super::SinkWriter;
 use crate::checkpoint::CompletedCheckpoint;
 use crate::error::{Error, Result};
 use crate::record::Batch;
+use crate::runtime::sink::{Sink, SinkFuture};
 use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
 /// What a two-phase sink subtask puts into a checkpoint.
@@ -107,8 +107,22 @@ impl TwoPhaseWriter {
     }
 }
 
-impl SinkWriter for TwoPhaseWriter {
-    async fn write(&mut self, batch: Batch) -> Result<()> {
+impl Sink for TwoPhaseWriter {
+    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
+        Box::pin(self.take(batch))
+    }
+
+    fn pre_commit(&mut self, checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+        Box::pin(self.prepare(checkpoint))
+    }
+
+    fn commit(&mut self, checkpoint: u64) -> SinkFuture<'_, ()> {
+        Box::pin(self.commit_prepared(checkpoint))
+    }
+}
+
+impl TwoPhaseWriter {
+    async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
         if self.buffer.add(batch).await? {
             self.flush().await?;
@@ -116,7 +130,7 @@ impl SinkWriter for TwoPhaseWriter {
         Ok(())
     }
 
-    async fn pre_commit(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
+    async fn prepare(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
         self.flush().await?;
         self.buffer.flush_dead_letters().await?;
@@ -145,7 +159,7 @@ impl SinkWriter for TwoPhaseWriter {
         .map_err(|e| Error::Internal(format!("serialising sink state: {e}")))
     }
 
-    async fn commit(&mut self, checkpoint: u64) -> Result<()> {
+    async fn commit_prepared(&mut self, checkpoint: u64) -> Result<()> {
         if !self.pending.iter().any(|(n, _)| *n <= checkpoint) {
             return Ok(());
         }

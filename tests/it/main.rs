@@ -10,6 +10,7 @@ mod discovery;
 mod embedded;
 mod enrich;
 mod kafka_dead_letters;
+mod kafka_sink;
 mod kill;
 mod migrate;
 mod owners;

@@ -57,3 +57,28 @@ async fn the_latest_record_per_key_wins() {
     .expect("count");
     assert_eq!((rows.get::<i64, _>(0), rows.get::<i64, _>(1)), (500, 500));
 }
+
+/// With a checkpoint only every 60 s, records that do not fill a statement still reach an
+/// `idempotent` table within a few seconds (`sink.flush_interval`), not at the next
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_filled_buffer_is_written_without_waiting_for_the_checkpoint() {
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("fresh");
+    create_topic(&topic, 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = job_toml(&unique("fresh"), &topic, &schema, "idempotent", &dir.path().join("cp"))
+        .replace("interval = \"500ms\"", "interval = \"60s\"")
+        .replace("timeout = \"20s\"", "timeout = \"60s\"");
+    let running = InProcess::start(&write_config(dir.path(), &toml));
+    produce(&topic, (0..100).map(record));
+    let fresh = wait_until(std::time::Duration::from_secs(10), || async {
+        sink_counts(&pool, &schema).await.0 >= 100
+    })
+    .await;
+    let checkpoints = running.stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(fresh, "100 records waited for the checkpoint");
+    assert_eq!(checkpoints, 0, "no checkpoint happened before they were written");
+}

@@ -1,0 +1,591 @@
+//! Kafka as a target, two-phase: one Kafka transaction per sink subtask and epoch.
+//!
+//! Epoch n (the records between barrier n-1 and barrier n) of subtask s is written in a
+//! transaction of one of a few transactional producers of the subtask (a bounded pool of
+//! `SLOTS` ids `sluice-<job>-<s>-<slot>`, the same across restarts, so a restarted subtask
+//! fences its zombie by initialising the same ids). On barrier n the subtask sends a
+//! *commit marker* (`<job>/<s>` → n) into the same transaction, on the job's compacted
+//! commit topic `sluice.<job>.commits`, flushes, and writes the epoch's records to
+//! checkpoint storage (their handle goes into its checkpoint state). When checkpoint n
+//! completes, the transaction is committed.
+//!
+//! librdkafka cannot resume another producer's open transaction, so recovery does not
+//! try: it initialises every id of the old subtasks it takes over (which aborts what
+//! they left open), reads the commit topic (read committed) for the newest committed
+//! epoch of each, and writes again, in a transaction of its own with the marker, every
+//! epoch the restored checkpoint holds that is not committed. A crash between
+//! "checkpoint n complete" and the commit thus rewrites epoch n exactly once; a crash
+//! before checkpoint n completes aborts it (it is replayed from the source).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::TableSpec;
+use crate::checkpoint::CheckpointStorage;
+use crate::error::{Error, Result};
+use crate::record::{Batch, Record, Value, ValueSource};
+use crate::runtime::sink::{Sink, SinkFuture};
+use crate::telemetry::{self, JobStats, SubtaskMetrics};
+
+/// Transactional producers per sink subtask: the epoch being written, the one waiting
+/// for its checkpoint to complete, and one more for a checkpoint that was aborted.
+pub const SLOTS: usize = 3;
+
+/// How long a blocking producer call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The job's commit topic.
+pub fn commit_topic(job: &str) -> String {
+    format!("sluice.{job}.commits")
+}
+
+fn transactional_id(job: &str, subtask: usize, slot: usize) -> String {
+    format!("sluice-{job}-{subtask}-{slot}")
+}
+
+fn marker_key(job: &str, subtask: usize) -> String {
+    format!("{job}/{subtask}")
+}
+
+/// One message of an epoch, kept until the epoch's commit is known.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Msg {
+    topic: String,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+/// What a Kafka sink subtask puts into a checkpoint.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KafkaSinkState {
+    /// The subtask whose producers wrote these epochs.
+    pub subtask: usize,
+    /// Flushed epochs not yet known to be committed: (checkpoint, storage handle of
+    /// their messages).
+    pub pending: Vec<(u64, String)>,
+}
+
+/// Where and how a Kafka sink writes: opened once per attempt.
+#[derive(Clone)]
+pub struct KafkaTarget {
+    /// Producer settings (bootstrap servers, security), without a transactional id.
+    pub client: ClientConfig,
+    /// The output topic and what goes into each message.
+    pub spec: TableSpec,
+    /// Dead letters are written into the same transactions, to this topic.
+    pub dead_letter_topic: Option<String>,
+    /// `transaction.timeout.ms`.
+    pub transaction_timeout: Duration,
+}
+
+impl KafkaTarget {
+    /// Check the cluster before the first record: the output topic exists, the commit
+    /// topic exists (created compacted if not), and the transaction timeout this job
+    /// needs (checkpoint interval + timeout + a margin) fits the brokers'
+    /// `transaction.max.timeout.ms`.
+    pub async fn open(
+        client: ClientConfig,
+        job: &str,
+        spec: TableSpec,
+        dead_letter_topic: Option<String>,
+        checkpoint_interval: Duration,
+        checkpoint_timeout: Duration,
+    ) -> Result<Self> {
+        let transaction_timeout = checkpoint_interval + checkpoint_timeout + Duration::from_secs(60);
+        let admin: AdminClient<DefaultClientContext> =
+            client.create().map_err(Error::kafka("create an admin client"))?;
+        let topic = spec.table.clone();
+        let commits = commit_topic(job);
+        let admin = Arc::new(admin);
+        let (topics_found, broker) = {
+            let admin = admin.clone();
+            let wanted = [topic.clone(), commits.clone()];
+            tokio::task::spawn_blocking(move || -> Result<(Vec<bool>, Option<i32>)> {
+                let md = admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_secs(10))
+                    .map_err(Error::kafka("read cluster metadata"))?;
+                let found = wanted
+                    .iter()
+                    .map(|t| md.topics().iter().any(|m| m.name() == t && m.error().is_none()))
+                    .collect();
+                Ok((found, md.brokers().first().map(|b| b.id())))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("metadata task: {e}")))??
+        };
+        if !topics_found[0] {
+            return Err(Error::Unsupported(format!(
+                "sink topic `{topic}` does not exist on the sink's cluster; create it (sluice does not create output topics)"
+            )));
+        }
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        if !topics_found[1] {
+            let new = NewTopic::new(&commits, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+            for r in admin
+                .create_topics(&[new], &opts)
+                .await
+                .map_err(Error::kafka("create the commit topic"))?
+            {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((t, code)) => {
+                        return Err(Error::Unsupported(format!(
+                            "cannot create the commit topic {t}: {code}"
+                        )));
+                    }
+                }
+            }
+        }
+        if let Some(id) = broker {
+            let described = admin
+                .describe_configs(&[ResourceSpecifier::Broker(id)], &opts)
+                .await
+                .map_err(Error::kafka("read the brokers' transaction.max.timeout.ms"))?;
+            let max_ms = described
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r.entries)
+                .find(|e| e.name == "transaction.max.timeout.ms")
+                .and_then(|e| e.value?.parse::<u64>().ok());
+            let needed = transaction_timeout.as_millis() as u64;
+            if let Some(max_ms) = max_ms {
+                if needed > max_ms {
+                    return Err(Error::Unsupported(format!(
+                        "a kafka two_phase sink holds each transaction open for up to checkpoint.interval + \
+                         checkpoint.timeout + 60 s = {needed} ms, more than the brokers' transaction.max.timeout.ms = \
+                         {max_ms} ms: shorten the checkpoint interval or timeout, or raise the broker setting"
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            client,
+            spec,
+            dead_letter_topic,
+            transaction_timeout,
+        })
+    }
+
+    fn producer(&self, id: &str) -> Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
+        let mut c = self.client.clone();
+        c.set("transactional.id", id)
+            .set("enable.idempotence", "true")
+            .set(
+                "transaction.timeout.ms",
+                self.transaction_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", "5");
+        c.create()
+            .map(Arc::new)
+            .map_err(Error::kafka(format!("create producer {id}")))
+    }
+}
+
+/// A producer call that blocks, off the async workers.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, KafkaError> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("{what}: {e}")))?
+        .map_err(Error::kafka(what.to_string()))
+}
+
+/// A flushed epoch waiting for its checkpoint to complete.
+struct Pending {
+    checkpoint: u64,
+    slot: usize,
+    handle: String,
+    records: u64,
+}
+
+/// The Kafka two-phase sink of one subtask.
+pub struct KafkaTwoPhase {
+    job: String,
+    subtask: usize,
+    target: KafkaTarget,
+    producers: Vec<Arc<ThreadedProducer<DefaultProducerContext>>>,
+    storage: Arc<dyn CheckpointStorage>,
+    /// The open epoch: its slot (once a record came) and its messages.
+    open: Option<usize>,
+    messages: Vec<Msg>,
+    records: u64,
+    pending: Vec<Pending>,
+    stats: Arc<JobStats>,
+    metrics: SubtaskMetrics,
+}
+
+impl KafkaTwoPhase {
+    /// The sink of subtask `subtask`; its producers are initialised in [`Sink::recover`].
+    pub fn new(
+        job: &str,
+        subtask: usize,
+        target: KafkaTarget,
+        storage: Arc<dyn CheckpointStorage>,
+        stats: Arc<JobStats>,
+    ) -> Result<Self> {
+        let producers = (0..SLOTS)
+            .map(|slot| target.producer(&transactional_id(job, subtask, slot)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            job: job.to_string(),
+            subtask,
+            target,
+            producers,
+            storage,
+            open: None,
+            messages: Vec::new(),
+            records: 0,
+            pending: Vec::new(),
+            stats,
+            metrics: SubtaskMetrics::new("sink", subtask),
+        })
+    }
+
+    fn free_slot(&self) -> Result<usize> {
+        (0..SLOTS)
+            .find(|s| !self.pending.iter().any(|p| p.slot == *s))
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "sink-{}: {} epochs wait for their checkpoints to complete; no transactional producer is free",
+                    self.subtask,
+                    self.pending.len()
+                ))
+            })
+    }
+
+    async fn send(producer: &ThreadedProducer<DefaultProducerContext>, msg: &Msg) -> Result<()> {
+        loop {
+            let mut record = BaseRecord::to(&msg.topic).payload(&msg.value);
+            if let Some(k) = &msg.key {
+                record = record.key(k);
+            }
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(Error::kafka(format!("send to {}", msg.topic))(e)),
+            }
+        }
+    }
+
+    async fn take(&mut self, batch: Batch) -> Result<()> {
+        self.metrics.records_in.increment(batch.len() as u64);
+        let slot = match self.open {
+            Some(slot) => slot,
+            None => {
+                let slot = self.free_slot()?;
+                let p = self.producers[slot].clone();
+                blocking("begin a transaction", move || p.begin_transaction()).await?;
+                self.open = Some(slot);
+                slot
+            }
+        };
+        let producer = self.producers[slot].clone();
+        for r in &batch.records {
+            let msg = Msg {
+                topic: self.target.spec.table.clone(),
+                key: message_key(&self.target.spec, r),
+                value: message_value(&self.target.spec, r),
+            };
+            Self::send(&producer, &msg).await?;
+            self.messages.push(msg);
+        }
+        self.records += batch.records.len() as u64;
+        if let Some(topic) = &self.target.dead_letter_topic {
+            for d in &batch.dead {
+                let msg = Msg {
+                    topic: topic.clone(),
+                    key: Some(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset).into_bytes()),
+                    value: serde_json::json!({
+                        "topic": &*d.origin.topic,
+                        "partition": d.origin.partition,
+                        "offset": d.origin.offset,
+                        "reason": d.reason,
+                        "payload": String::from_utf8_lossy(&d.payload),
+                    })
+                    .to_string()
+                    .into_bytes(),
+                };
+                Self::send(&producer, &msg).await?;
+                self.messages.push(msg);
+            }
+        }
+        Ok(())
+    }
+
+    async fn store(&self, checkpoint: u64, name: &str, messages: &[Msg]) -> Result<String> {
+        let bytes = postcard::to_allocvec(messages).map_err(|e| Error::Internal(format!("encode an epoch: {e}")))?;
+        let storage = self.storage.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || storage.write_state(checkpoint, &name, &bytes))
+            .await
+            .map_err(|e| Error::Internal(format!("store an epoch: {e}")))?
+    }
+
+    async fn prepare(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
+        let started = Instant::now();
+        if let Some(slot) = self.open.take() {
+            let producer = self.producers[slot].clone();
+            let marker = Msg {
+                topic: commit_topic(&self.job),
+                key: Some(marker_key(&self.job, self.subtask).into_bytes()),
+                value: checkpoint.to_string().into_bytes(),
+            };
+            Self::send(&producer, &marker).await?;
+            let p = producer.clone();
+            blocking("flush the epoch", move || p.flush(CALL_TIMEOUT)).await?;
+            crate::failpoint::crash_if("after_prepare", checkpoint);
+            let messages = std::mem::take(&mut self.messages);
+            let handle = self
+                .store(checkpoint, &format!("sink-{}-epoch", self.subtask), &messages)
+                .await?;
+            self.pending.push(Pending {
+                checkpoint,
+                slot,
+                handle,
+                records: std::mem::take(&mut self.records),
+            });
+        }
+        // An epoch carried over from a checkpoint whose state may be deleted with it
+        // (retention) is stored again under this one.
+        for i in 0..self.pending.len() {
+            let p = &self.pending[i];
+            if p.checkpoint < checkpoint && !p.handle.starts_with(&format!("chk-{checkpoint}/")) {
+                let storage = self.storage.clone();
+                let handle = p.handle.clone();
+                let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
+                    .await
+                    .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
+                let messages: Vec<Msg> =
+                    postcard::from_bytes(&bytes).map_err(|e| Error::Internal(format!("decode an epoch: {e}")))?;
+                let name = format!("sink-{}-epoch-{}", self.subtask, p.checkpoint);
+                self.pending[i].handle = self.store(checkpoint, &name, &messages).await?;
+            }
+        }
+        telemetry::sink_commit(self.subtask, started.elapsed());
+        serde_json::to_value(KafkaSinkState {
+            subtask: self.subtask,
+            pending: self.pending.iter().map(|p| (p.checkpoint, p.handle.clone())).collect(),
+        })
+        .map_err(|e| Error::Internal(format!("serialising sink state: {e}")))
+    }
+
+    async fn commit_epochs(&mut self, checkpoint: u64) -> Result<()> {
+        if !self.pending.iter().any(|p| p.checkpoint <= checkpoint) {
+            return Ok(());
+        }
+        crate::failpoint::crash_if("before_commit", checkpoint);
+        crate::failpoint::fail_if("fail_before_commit", checkpoint)?;
+        let started = Instant::now();
+        self.pending.sort_by_key(|p| p.checkpoint);
+        while self.pending.first().is_some_and(|p| p.checkpoint <= checkpoint) {
+            let p = self.pending.remove(0);
+            let producer = self.producers[p.slot].clone();
+            blocking("commit a transaction", move || {
+                producer.commit_transaction(CALL_TIMEOUT)
+            })
+            .await?;
+            self.metrics.records_out.increment(p.records);
+            self.stats.rows_written.fetch_add(p.records, Ordering::Relaxed);
+        }
+        telemetry::sink_commit(self.subtask, started.elapsed());
+        Ok(())
+    }
+
+    /// Initialise (fence) every producer id of the old subtasks this one takes over,
+    /// then write again every restored epoch the commit topic does not show committed.
+    async fn recover_epochs(&mut self, states: Vec<serde_json::Value>) -> Result<()> {
+        let mut restored = Vec::new();
+        for s in states {
+            let state: KafkaSinkState = serde_json::from_value(s)
+                .map_err(|e| Error::Internal(format!("sink-{}: restored sink state: {e}", self.subtask)))?;
+            restored.push(state);
+        }
+        // Own ids first (they are this subtask's producers), then those of old subtasks
+        // beyond the new parallelism.
+        for p in &self.producers {
+            let p = p.clone();
+            blocking("initialise transactions", move || p.init_transactions(CALL_TIMEOUT)).await?;
+        }
+        for old in restored.iter().map(|s| s.subtask).filter(|s| *s != self.subtask) {
+            for slot in 0..SLOTS {
+                let zombie = self.target.producer(&transactional_id(&self.job, old, slot))?;
+                blocking("fence an old producer", move || zombie.init_transactions(CALL_TIMEOUT)).await?;
+            }
+        }
+        if restored.iter().all(|s| s.pending.is_empty()) {
+            return Ok(());
+        }
+        let committed = self.committed_epochs().await?;
+        for state in restored {
+            let done = committed
+                .get(&marker_key(&self.job, state.subtask))
+                .copied()
+                .unwrap_or(0);
+            let mut pending = state.pending;
+            pending.sort_by_key(|(n, _)| *n);
+            for (n, handle) in pending.into_iter().filter(|(n, _)| *n > done) {
+                let storage = self.storage.clone();
+                let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
+                    .await
+                    .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
+                let messages: Vec<Msg> =
+                    postcard::from_bytes(&bytes).map_err(|e| Error::Internal(format!("decode an epoch: {e}")))?;
+                let producer = self.producers[0].clone();
+                let p = producer.clone();
+                blocking("begin a transaction", move || p.begin_transaction()).await?;
+                for m in &messages {
+                    Self::send(&producer, m).await?;
+                }
+                let marker = Msg {
+                    topic: commit_topic(&self.job),
+                    key: Some(marker_key(&self.job, state.subtask).into_bytes()),
+                    value: n.to_string().into_bytes(),
+                };
+                Self::send(&producer, &marker).await?;
+                let p = producer.clone();
+                blocking("commit a rewritten epoch", move || p.commit_transaction(CALL_TIMEOUT)).await?;
+                let records = messages.iter().filter(|m| m.topic == self.target.spec.table).count() as u64;
+                self.stats.rows_written.fetch_add(records, Ordering::Relaxed);
+                tracing::info!(
+                    subtask = self.subtask,
+                    of = state.subtask,
+                    checkpoint = n,
+                    messages = messages.len(),
+                    "rewrote an epoch whose commit was lost"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest committed epoch per marker key, read committed from the commit topic.
+    async fn committed_epochs(&self) -> Result<HashMap<String, u64>> {
+        let mut c = self.target.client.clone();
+        c.set("group.id", format!("sluice-{}-recovery", self.job))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true");
+        let topic = commit_topic(&self.job);
+        let job = self.job.clone();
+        tokio::task::spawn_blocking(move || -> Result<HashMap<String, u64>> {
+            let consumer: BaseConsumer = c.create().map_err(Error::kafka("create the commit-topic reader"))?;
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+                .map_err(Error::kafka("read the commit topic's end"))?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+                .map_err(Error::kafka("assign the commit topic"))?;
+            consumer.assign(&tpl).map_err(Error::kafka("assign the commit topic"))?;
+            let mut newest = HashMap::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(500)) {
+                    Some(Ok(m)) => {
+                        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                        let n = m
+                            .payload()
+                            .and_then(|p| std::str::from_utf8(p).ok()?.parse::<u64>().ok());
+                        if let (Some(key), Some(n)) = (key, n) {
+                            if key.starts_with(&format!("{job}/")) {
+                                let e = newest.entry(key).or_insert(0);
+                                *e = (*e).max(n);
+                            }
+                        }
+                        if m.offset() + 1 >= high {
+                            return Ok(newest);
+                        }
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => return Ok(newest),
+                    Some(Err(e)) => return Err(Error::kafka("read the commit topic")(e)),
+                    None if high == 0 => return Ok(newest),
+                    None => {}
+                }
+            }
+            Err(Error::Unsupported(
+                "the commit topic could not be read to its end within 60 s".into(),
+            ))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("commit-topic reader: {e}")))?
+    }
+}
+
+impl Sink for KafkaTwoPhase {
+    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
+        Box::pin(self.take(batch))
+    }
+
+    fn pre_commit(&mut self, checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+        Box::pin(self.prepare(checkpoint))
+    }
+
+    fn commit(&mut self, checkpoint: u64) -> SinkFuture<'_, ()> {
+        Box::pin(self.commit_epochs(checkpoint))
+    }
+
+    fn recover(&mut self, _checkpoint: u64, states: Vec<serde_json::Value>) -> SinkFuture<'_, ()> {
+        Box::pin(self.recover_epochs(states))
+    }
+}
+
+/// The message key: the key columns' values, as text for one column and a JSON array
+/// for several; none when the key is the Kafka coordinates (a pass-through job).
+fn message_key(spec: &TableSpec, r: &Record) -> Option<Vec<u8>> {
+    if spec.key.is_empty() || spec.key_is_origin {
+        return None;
+    }
+    let values: Vec<serde_json::Value> = spec.key.iter().map(|i| json_of(spec, *i, r)).collect();
+    Some(match values.as_slice() {
+        [serde_json::Value::String(s)] => s.clone().into_bytes(),
+        [v] => v.to_string().into_bytes(),
+        vs => serde_json::Value::Array(vs.to_vec()).to_string().into_bytes(),
+    })
+}
+
+/// The message value: a JSON object of the columns.
+fn message_value(spec: &TableSpec, r: &Record) -> Vec<u8> {
+    let mut row = serde_json::Map::with_capacity(spec.columns.len());
+    for (i, c) in spec.columns.iter().enumerate() {
+        row.insert(c.name.clone(), json_of(spec, i, r));
+    }
+    serde_json::Value::Object(row).to_string().into_bytes()
+}
+
+fn json_of(spec: &TableSpec, column: usize, r: &Record) -> serde_json::Value {
+    match spec.columns[column].source {
+        ValueSource::Topic => serde_json::Value::from(&*r.origin.topic),
+        ValueSource::Partition => r.origin.partition.into(),
+        ValueSource::Offset => r.origin.offset.into(),
+        ValueSource::Timestamp => r.origin.timestamp_ms.into(),
+        ValueSource::Payload => r
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or(serde_json::Value::Null),
+        ValueSource::Field(i) => match r.values.get(i) {
+            Some(Value::Bool(b)) => (*b).into(),
+            Some(Value::Int(n)) => (*n).into(),
+            Some(Value::Float(f)) => (*f).into(),
+            Some(Value::Text(t)) => t.as_str().into(),
+            Some(Value::Json(t)) => serde_json::from_str(t).unwrap_or_else(|_| t.as_str().into()),
+            Some(Value::Null) | None => serde_json::Value::Null,
+        },
+    }
+}

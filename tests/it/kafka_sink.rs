@@ -1,0 +1,263 @@
+//! Kafka → sluice → Kafka with `two_phase` (Kafka transactions): SIGKILLs at random
+//! moments and a crash between "checkpoint complete" and the commit leave every input
+//! record exactly once in what a `read_committed` consumer sees; a `read_uncommitted`
+//! consumer shows that aborted data existed (so transactions were really used).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::common::*;
+
+/// Every message of `topic` (all partitions, from the start) as seen with `isolation`.
+fn consume_all(topic: &str, partitions: i32, isolation: &str) -> Vec<serde_json::Value> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("reader"))
+        .set("isolation.level", isolation)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut ended = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ended.len() < partitions as usize && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                if let Some(v) = m.payload().and_then(|p| serde_json::from_slice(p).ok()) {
+                    out.push(v);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The ids in what `read_committed` sees of `topic`.
+fn committed_ids(topic: &str, partitions: i32) -> Vec<i64> {
+    consume_all(topic, partitions, "read_committed")
+        .iter()
+        .filter_map(|v| v["id"].as_i64())
+        .collect()
+}
+
+struct KafkaJob {
+    input: String,
+    output: String,
+    dlq: String,
+    job: String,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn kafka_job(prefix: &str, interval: &str) -> KafkaJob {
+    let (input, output, dlq, job) = (unique(prefix), unique("out"), unique("dlq"), unique(prefix));
+    create_topic(&input, 3).await;
+    create_topic(&output, 2).await;
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{input}"]
+parallelism = 2
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "body"
+type = "string"
+
+[checkpoint]
+interval = "{interval}"
+timeout = "20s"
+storage = "filesystem"
+dir = "{cp}"
+
+[restart]
+strategy = "fixed_delay"
+attempts = 100
+delay = "500ms"
+
+[sink]
+kind = "kafka"
+url = "{kafka}"
+topic = "{output}"
+strategy = "two_phase"
+parallelism = 2
+
+[dead_letter]
+kind = "kafka"
+topic = "{dlq}"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        cp = dir.path().join("cp").display(),
+    );
+    let config = write_config(dir.path(), &toml);
+    KafkaJob {
+        input,
+        output,
+        dlq,
+        job,
+        log: dir.path().join("sluice.log"),
+        config,
+        _dir: dir,
+    }
+}
+
+/// Start once more, wait until `total` distinct ids are committed, stop, and check:
+/// every id exactly once, read committed.
+async fn finish(j: &KafkaJob, total: i64) {
+    let s = Sluice::start(&j.config, &j.log);
+    let (out, n) = (j.output.clone(), total);
+    let done = wait_until(Duration::from_secs(120), || {
+        let out = out.clone();
+        async move {
+            tokio::task::spawn_blocking(move || committed_ids(&out, 2).len() as i64 >= n)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(done, "not every record arrived: {}", s.log_tail());
+    assert!(s.terminate().success());
+    let out = j.output.clone();
+    let mut ids = tokio::task::spawn_blocking(move || committed_ids(&out, 2))
+        .await
+        .expect("read");
+    ids.sort_unstable();
+    let len = ids.len();
+    ids.dedup();
+    assert_eq!(len, ids.len(), "records doubled in the committed output");
+    assert_eq!(ids, (0..total).collect::<Vec<_>>(), "records lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_to_kafka_two_phase_killed_repeatedly_is_exactly_once() {
+    let j = kafka_job("k2k_kill", "500ms").await;
+    const TOTAL: u64 = 30_000;
+    let input = j.input.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..15 {
+            produce(&input, (part * 2_000..(part + 1) * 2_000).map(record));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for _ in 0..5 {
+        let s = Sluice::start(&j.config, &j.log);
+        let wait = rand::rng().random_range(1_500..3_500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        s.kill9();
+    }
+    feeder.join().expect("feeder");
+    finish(&j, TOTAL as i64).await;
+    let out = j.output.clone();
+    let all = tokio::task::spawn_blocking(move || consume_all(&out, 2, "read_uncommitted"))
+        .await
+        .expect("read");
+    assert!(
+        all.len() as u64 > TOTAL,
+        "read_uncommitted saw {} messages for {TOTAL} records: no aborted data, were transactions used?",
+        all.len()
+    );
+}
+
+/// A crash after checkpoint n completed and before its transaction committed: the
+/// restart finds epoch n uncommitted in the commit topic and writes it again, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_checkpoint_complete_and_commit_rewrites_the_epoch_once() {
+    let j = kafka_job("k2k_fp", "500ms").await;
+    produce(&j.input, (0..5_000).map(record));
+    let mut s = Sluice::start_with(&j.config, &j.log, &[("SLUICE_FAILPOINT", "before_commit:1")]);
+    let exit = s.wait_exit(Duration::from_secs(60));
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the failpoint was not hit: {}",
+        s.log_tail()
+    );
+    produce(&j.input, (5_000..8_000).map(record));
+    finish(&j, 8_000).await;
+    let log = std::fs::read_to_string(&j.log).unwrap_or_default();
+    assert!(log.contains("failpoint before_commit"), "{log}");
+    assert!(log.contains("rewrote an epoch whose commit was lost"), "{log}");
+}
+
+/// Bad records go to the dead-letter topic inside the same transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_to_their_topic_exactly_once() {
+    let j = kafka_job("k2k_dead", "500ms").await;
+    let input: Vec<(String, Option<String>)> = (0..1_000u64)
+        .map(|i| match i % 100 {
+            7 => (i.to_string(), Some("not json".to_string())),
+            _ => record(i),
+        })
+        .collect();
+    produce(&j.input, input);
+    let s = Sluice::start(&j.config, &j.log);
+    let dlq = j.dlq.clone();
+    let done = wait_until(Duration::from_secs(60), || {
+        let dlq = dlq.clone();
+        async move {
+            tokio::task::spawn_blocking(move || consume_all(&dlq, 1, "read_committed").len() >= 10)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(done, "{}", s.log_tail());
+    assert!(s.terminate().success());
+    let dlq = j.dlq.clone();
+    let dead = tokio::task::spawn_blocking(move || consume_all(&dlq, 1, "read_committed"))
+        .await
+        .expect("read");
+    assert_eq!(dead.len(), 10, "{dead:?}");
+    assert!(dead.iter().all(|d| d["reason"].as_str().is_some_and(|r| !r.is_empty())));
+    let out = j.output.clone();
+    let ids = tokio::task::spawn_blocking(move || committed_ids(&out, 2))
+        .await
+        .expect("read");
+    assert_eq!(ids.len(), 990);
+}
+
+/// A checkpoint interval the brokers' transaction.max.timeout.ms cannot cover is refused
+/// at start, with the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_timeout_beyond_the_brokers_maximum_is_refused() {
+    let j = kafka_job("k2k_timeout", "20m").await;
+    let mut s = Sluice::start(&j.config, &j.log);
+    let exit = s.wait_exit(Duration::from_secs(60));
+    let log = std::fs::read_to_string(&j.log).unwrap_or_default();
+    assert!(exit.is_some_and(|e| !e.success()), "{log}");
+    assert!(log.contains("transaction.max.timeout.ms = 900000 ms"), "{log}");
+    assert!(log.contains("1280000 ms"), "{log}");
+    let _ = &j.job;
+}
