@@ -73,6 +73,19 @@ pub enum Error {
         /// The generation in the owners table now (`None`: its row is gone).
         current: Option<i64>,
     },
+    /// A newer process of the same job initialised this job's Kafka transactional ids:
+    /// this process must stop (restarting would fence the newer one in turn). Never
+    /// retryable.
+    #[error(
+        "job `{job}`: Kafka producer {producer} was fenced by a newer sluice process of the same job; \
+         this process stops without committing (one process per job)"
+    )]
+    ProducerFenced {
+        /// The job.
+        job: String,
+        /// The fenced transactional id.
+        producer: String,
+    },
     /// An error raised by one subtask, named (`window-1`, `sink-0`, `source-2`).
     #[error("{task}: {source}")]
     Task {

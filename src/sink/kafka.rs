@@ -205,6 +205,17 @@ async fn blocking<T: Send + 'static>(
         .map_err(Error::kafka(what.to_string()))
 }
 
+/// Whether librdkafka says another producer with the same transactional id took over.
+fn is_fenced(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Kafka { source, .. } if matches!(
+            source.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced)
+        )
+    )
+}
+
 /// A flushed epoch waiting for its checkpoint to complete.
 struct Pending {
     checkpoint: u64,
@@ -254,6 +265,27 @@ impl KafkaTwoPhase {
             stats,
             metrics: SubtaskMetrics::new("sink", subtask),
         })
+    }
+
+    /// A fenced producer means a newer process owns the job: say so, and do not restart
+    /// (a restart would fence the newer one in turn).
+    fn fenced<T>(&self, result: Result<T>) -> Result<T> {
+        // A fenced producer reports "fatal" on its next call; the cause is kept aside.
+        let fatal_fence = || {
+            self.producers.iter().any(|p| {
+                matches!(
+                    p.client().fatal_error(),
+                    Some((RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced, _))
+                )
+            })
+        };
+        match result {
+            Err(e) if is_fenced(&e) || fatal_fence() => Err(Error::ProducerFenced {
+                job: self.job.clone(),
+                producer: format!("sluice-{}-{}-*", self.job, self.subtask),
+            }),
+            other => other,
+        }
     }
 
     fn free_slot(&self) -> Result<usize> {
@@ -529,15 +561,24 @@ impl KafkaTwoPhase {
 
 impl Sink for KafkaTwoPhase {
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
-        Box::pin(self.take(batch))
+        Box::pin(async move {
+            let result = self.take(batch).await;
+            self.fenced(result)
+        })
     }
 
     fn pre_commit(&mut self, checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
-        Box::pin(self.prepare(checkpoint))
+        Box::pin(async move {
+            let result = self.prepare(checkpoint).await;
+            self.fenced(result)
+        })
     }
 
     fn commit(&mut self, checkpoint: u64) -> SinkFuture<'_, ()> {
-        Box::pin(self.commit_epochs(checkpoint))
+        Box::pin(async move {
+            let result = self.commit_epochs(checkpoint).await;
+            self.fenced(result)
+        })
     }
 
     fn recover(&mut self, _checkpoint: u64, states: Vec<serde_json::Value>) -> SinkFuture<'_, ()> {

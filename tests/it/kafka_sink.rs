@@ -261,3 +261,61 @@ async fn a_transaction_timeout_beyond_the_brokers_maximum_is_refused() {
     assert!(log.contains("1280000 ms"), "{log}");
     let _ = &j.job;
 }
+
+/// Two processes of one Kafka-sink job (separate checkpoint directories: the lock in a
+/// shared one would stop the second): the newer initialises the transactional ids and
+/// so fences the older, which stops naming the reason instead of restarting and fencing
+/// back (a ping-pong in which both would keep committing now and then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_process_of_the_job_fences_the_older_which_stops() {
+    let j = kafka_job("k2k_fence", "500ms").await;
+    let input = j.input.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..20 {
+            produce(&input, (part * 500..(part + 1) * 500).map(record));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    let mut older = Sluice::start(&j.config, &j.log);
+    let out = j.output.clone();
+    let started = wait_until(Duration::from_secs(60), || {
+        let out = out.clone();
+        async move {
+            tokio::task::spawn_blocking(move || !committed_ids(&out, 2).is_empty())
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(started, "{}", older.log_tail());
+    let other = tempfile::tempdir().expect("tempdir");
+    let toml = std::fs::read_to_string(&j.config).expect("config").replace(
+        &j._dir.path().join("cp").display().to_string(),
+        &other.path().join("cp").display().to_string(),
+    );
+    let newer_log = other.path().join("newer.log");
+    let mut newer = Sluice::start_with(
+        &write_config(other.path(), &toml),
+        &newer_log,
+        &[("SLUICE__SOURCE__FRESH_START", "true")],
+    );
+    let exit = older.wait_exit(Duration::from_secs(60));
+    let said = std::fs::read_to_string(&j.log).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the older process kept running: {said}"
+    );
+    assert!(said.contains("was fenced by a newer sluice process"), "{said}");
+    assert!(
+        newer.wait_exit(Duration::from_secs(5)).is_none(),
+        "the newer process stopped: {}",
+        std::fs::read_to_string(&newer_log).unwrap_or_default()
+    );
+    feeder.join().expect("feeder");
+    let newer_said = std::fs::read_to_string(&newer_log).unwrap_or_default();
+    assert!(
+        !newer_said.contains("fenced"),
+        "the newer one was fenced back: {newer_said}"
+    );
+    assert!(newer.terminate().success());
+}
