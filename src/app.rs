@@ -35,8 +35,10 @@ use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
 use crate::sink::kafka::KafkaTwoPhase;
-use crate::sink::postgres::{Fence, JobLock};
+use crate::sink::postgres::{Fence, JobLock, PgWal};
+use crate::sink::sqlite::SqliteWal;
 use crate::sink::two_phase::TwoPhaseWriter;
+use crate::sink::wal::WalWriter;
 use crate::sink::{SinkTarget, TableSpec};
 use crate::source::embedded::EmbeddedKafka;
 use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeConfig};
@@ -775,6 +777,14 @@ async fn build_sink(
                 .await?
                 .with_fence(fence.clone()),
         ),
+        (SinkTarget::Postgres { pool, table, .. }, Strategy::Wal) => {
+            let t = PgWal::open(pool.clone(), table.clone()).await?;
+            Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
+        }
+        (SinkTarget::Sqlite { pool, table }, Strategy::Wal) => {
+            let t = SqliteWal::open(pool.clone(), table.clone()).await?;
+            Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
+        }
         (SinkTarget::Postgres { pool, table, .. }, Strategy::Idempotent) => {
             let t = PgUpsert {
                 pool: pool.clone(),

@@ -51,7 +51,7 @@ impl Origin {
 pub const NO_TIMESTAMP: i64 = i64::MIN;
 
 /// A record that could not be decoded, kept with the reason (never dropped).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// Where the record came from.
     pub origin: Origin,
@@ -62,7 +62,7 @@ pub struct DeadLetter {
 }
 
 /// One input record after decoding: its origin and one value per configured field.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// Where the record came from.
     pub origin: Origin,

@@ -282,6 +282,12 @@ impl JobConfig {
             }
         }
         self.dead_letter.validate()?;
+        if self.sink.strategy == Strategy::Wal && self.dead_letter.kind != DeadLetterKind::Table {
+            return fail(
+                "dead_letter.kind",
+                "wal writes dead letters with their epoch, into the dead-letter table: use kind = \"table\"",
+            );
+        }
         if self.sink.kind == SinkKind::Kafka && self.dead_letter.kind != DeadLetterKind::Kafka {
             return fail(
                 "dead_letter.kind",
@@ -529,7 +535,7 @@ impl SinkConfig {
         if self.kind == SinkKind::Sqlite && self.strategy == Strategy::TwoPhase {
             return fail(
                 "sink.strategy",
-                "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent",
+                "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent or wal",
             );
         }
         if self.kind == SinkKind::Sqlite && self.parallelism != 1 {

@@ -410,6 +410,9 @@ pub enum Strategy {
     /// One transaction per checkpoint and subtask, prepared on the barrier and
     /// committed when the checkpoint completes (Postgres `PREPARE TRANSACTION`).
     TwoPhase,
+    /// Write-ahead log: each epoch's records are kept in checkpoint storage and written
+    /// with a committer record in one transaction once the checkpoint completes.
+    Wal,
 }
 
 /// How records are spread over a downstream operator's subtasks.

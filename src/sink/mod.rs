@@ -19,6 +19,7 @@ pub mod kafka;
 pub mod postgres;
 pub mod sqlite;
 pub mod two_phase;
+pub mod wal;
 
 use crate::config::JobConfig;
 use crate::record::{FieldType, Record, Schema, ValueSource};

@@ -86,6 +86,47 @@ impl SqliteTable {
     /// Upsert records and insert dead letters in one transaction.
     pub async fn upsert(&self, pool: &SqlitePool, records: &[&Record], dead: &[DeadLetter]) -> Result<u64> {
         let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
+        let written = self.write_in(&mut tx, records, dead, true).await?;
+        tx.commit().await.map_err(Error::db("commit"))?;
+        Ok(written)
+    }
+
+    /// In one transaction: unless the committer record (job, subtask, checkpoint) of
+    /// `committer` exists, write it with the records and dead letters (write-ahead log).
+    pub async fn write_epoch(
+        &self,
+        pool: &SqlitePool,
+        committer: &str,
+        (job, subtask, checkpoint): (&str, usize, u64),
+        records: &[&Record],
+        dead: &[DeadLetter],
+    ) -> Result<Option<u64>> {
+        let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
+        let marked = sqlx::query(&format!(
+            "INSERT OR IGNORE INTO {committer} (job, subtask, checkpoint) VALUES (?, ?, ?)"
+        ))
+        .bind(job)
+        .bind(subtask as i64)
+        .bind(checkpoint as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db("write the committer record"))?;
+        if marked.rows_affected() == 0 {
+            return Ok(None);
+        }
+        // Plain inserts: the committer record, not a key, keeps an epoch from landing twice.
+        let written = self.write_in(&mut tx, records, dead, false).await?;
+        tx.commit().await.map_err(Error::db("commit"))?;
+        Ok(Some(written))
+    }
+
+    async fn write_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
+        records: &[&Record],
+        dead: &[DeadLetter],
+        upsert: bool,
+    ) -> Result<u64> {
         let mut written = 0;
         let per_stmt = (MAX_BINDS / self.spec.columns.len().max(1)).max(1);
         for chunk in records.chunks(per_stmt) {
@@ -108,10 +149,12 @@ impl SqliteTable {
                     };
                 }
             });
-            qb.push(&self.conflict);
+            if upsert {
+                qb.push(&self.conflict);
+            }
             let done = qb
                 .build()
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await
                 .map_err(Error::db(format!("write to {}", self.spec.table)))?;
             written += done.rows_affected();
@@ -131,12 +174,11 @@ impl SqliteTable {
                         .push_bind(d.payload.clone());
                 });
                 qb.build()
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await
                     .map_err(Error::db("write dead letters"))?;
             }
         }
-        tx.commit().await.map_err(Error::db("commit"))?;
         Ok(written)
     }
 }
@@ -155,4 +197,61 @@ async fn columns(pool: &SqlitePool, table: &str) -> Result<Vec<String>> {
         .map(|r| r.try_get::<String, _>("name"))
         .collect::<std::result::Result<_, _>>()
         .map_err(Error::db(format!("describe table {table}")))
+}
+
+/// The write-ahead log's target in SQLite: an epoch's rows and its committer record
+/// (table `sluice_wal_commits`) in one transaction.
+pub struct SqliteWal {
+    pool: SqlitePool,
+    table: std::sync::Arc<SqliteTable>,
+}
+
+const COMMITTER: &str = "sluice_wal_commits";
+
+impl SqliteWal {
+    /// Create the committer table if missing.
+    pub async fn open(pool: SqlitePool, table: std::sync::Arc<SqliteTable>) -> Result<Self> {
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {COMMITTER} (job TEXT NOT NULL, subtask INTEGER NOT NULL, \
+             checkpoint INTEGER NOT NULL, committed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+             PRIMARY KEY (job, subtask, checkpoint))"
+        ))
+        .execute(&pool)
+        .await
+        .map_err(Error::db("create the committer table"))?;
+        Ok(Self { pool, table })
+    }
+}
+
+impl super::wal::WalTarget for SqliteWal {
+    fn write_epoch<'a>(
+        &'a self,
+        job: &'a str,
+        subtask: usize,
+        checkpoint: u64,
+        records: &'a [Record],
+        dead: &'a [DeadLetter],
+    ) -> crate::runtime::sink::SinkFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            let rows: Vec<&Record> = records.iter().collect();
+            self.table
+                .write_epoch(&self.pool, COMMITTER, (job, subtask, checkpoint), &rows, dead)
+                .await
+        })
+    }
+
+    fn prune<'a>(&'a self, job: &'a str, subtask: usize, checkpoint: u64) -> crate::runtime::sink::SinkFuture<'a, ()> {
+        Box::pin(async move {
+            sqlx::query(&format!(
+                "DELETE FROM {COMMITTER} WHERE job = ? AND subtask = ? AND checkpoint < ?"
+            ))
+            .bind(job)
+            .bind(subtask as i64)
+            .bind(checkpoint as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db("prune committer records"))?;
+            Ok(())
+        })
+    }
 }

@@ -226,3 +226,106 @@ async fn crash_before_store() {
 async fn crash_before_commit() {
     crash_at("before_commit").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_wal_exactly_once() {
+    kill_and_restart("wal").await;
+}
+
+/// The write-ahead log, rescaled at each restart: epochs of old subtasks beyond the new
+/// parallelism are written by the subtasks that take them over, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_rescale_wal() {
+    let k = KillJob::new("rescale_wal", "wal", 6).await;
+    let total = 40_000;
+    let producer = k.feed(0..total, 2_000, Duration::from_millis(300));
+    for sinks in ["3", "1", "2"] {
+        let s = Sluice::start_with(&k.config, &k.log, &[("SLUICE__SINK__PARALLELISM", sinks)]);
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_500..3_000))).await;
+        s.kill9();
+    }
+    producer.join().expect("producer");
+    k.finish(&[], total as i64).await;
+}
+
+/// A crash after checkpoint n completed, before its epoch was written: the restart
+/// writes it from checkpoint storage, once (the committer record tells).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_crash_between_checkpoint_complete_and_write() {
+    let k = KillJob::new("wal_crash", "wal", 4).await;
+    let total = 30_000;
+    let producer = k.feed(0..total, 500, Duration::from_millis(50));
+    let mut s = Sluice::start_with(&k.config, &k.log, &[("SLUICE_FAILPOINT", "before_commit:4")]);
+    let crashed = s.wait_exit(Duration::from_secs(60));
+    assert!(crashed.is_some_and(|st| !st.success()), "{}", tail(&k.log_text()));
+    producer.join().expect("producer");
+    let log = k.finish(&[], total as i64).await;
+    assert!(log.contains("failpoint before_commit"), "{}", tail(&log));
+    assert!(
+        log.contains("wrote an epoch the crash left unwritten"),
+        "{}",
+        tail(&log)
+    );
+}
+
+/// The write-ahead log into SQLite (no transactions that outlive the process): killed
+/// and restarted, every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_wal_sqlite_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("wal.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    for sql in [
+        // No key: a record written twice would show.
+        "CREATE TABLE events (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
+         id INTEGER, body TEXT)",
+        "CREATE TABLE dead (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
+         kafka_timestamp INTEGER, reason TEXT NOT NULL, payload BLOB, PRIMARY KEY (topic, partition, \"offset\"))",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect("create sqlite tables");
+    }
+    let topic = unique("wal_sqlite");
+    create_topic(&topic, 3).await;
+    let toml = job_toml(&unique("wal_sqlite"), &topic, "x", "wal", &dir.path().join("cp"))
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            &format!("url = \"sqlite://{}\"", db.display()),
+        )
+        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
+        .replace("table = \"x.events\"", "table = \"events\"")
+        .replace("table = \"x.dead\"", "table = \"dead\"")
+        .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let total = 20_000u64;
+    let t = topic.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..10 {
+            produce(&t, (part * 2_000..(part + 1) * 2_000).map(record));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for _ in 0..4 {
+        let s = Sluice::start(&config, &log);
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
+        s.kill9();
+    }
+    feeder.join().expect("feeder");
+    let s = Sluice::start(&config, &log);
+    let count = |pool: sqlx::SqlitePool| async move {
+        sqlx::query_as::<_, (i64, i64)>("SELECT count(*), count(DISTINCT id) FROM events")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    let done = wait_until(Duration::from_secs(90), || {
+        let pool = pool.clone();
+        async move { count(pool).await.0 >= total as i64 }
+    })
+    .await;
+    assert!(done, "{}", s.log_tail());
+    assert!(s.terminate().success());
+    assert_eq!(count(pool.clone()).await, (total as i64, total as i64));
+}
