@@ -792,6 +792,9 @@ async fn build_sink(
             };
             Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
         }
+        (SinkTarget::Redis(target), _) => {
+            Box::new(WalWriter::new(&cfg.job.name, j, target.clone(), storage.clone(), stats))
+        }
         (SinkTarget::Kafka(target), _) => Box::new(KafkaTwoPhase::new(
             &cfg.job.name,
             j,

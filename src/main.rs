@@ -250,7 +250,7 @@ async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
             let pool = sluice::sink::sqlite::connect(&cfg.sink.url).await?;
             sluice::sink::sqlite::migrate(&pool, &dir).await?;
         }
-        SinkKind::Kafka => anyhow::bail!("a kafka sink has no migrations"),
+        SinkKind::Kafka | SinkKind::Redis => anyhow::bail!("a {:?} sink has no migrations", cfg.sink.kind),
     }
     say!("migrations in {} applied", dir.display());
     Ok(())

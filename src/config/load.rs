@@ -518,6 +518,18 @@ impl SinkConfig {
             SinkKind::Sqlite if !self.url.starts_with("sqlite:") => {
                 return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
             }
+            SinkKind::Redis if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") => {
+                return fail(
+                    "sink.url",
+                    "a redis sink needs a redis:// URL (password: SLUICE_REDIS_PASSWORD)",
+                );
+            }
+            SinkKind::Redis if self.strategy != Strategy::Wal => {
+                return fail(
+                    "sink.strategy",
+                    "a redis sink does wal (MULTI/EXEC with a marker per epoch)",
+                );
+            }
             SinkKind::Kafka if self.url.trim().is_empty() || self.url.contains("://") => {
                 return fail(
                     "sink.url",
@@ -553,7 +565,14 @@ impl SinkConfig {
         if self.batch_size == 0 {
             return fail("sink.batch_size", "must be at least 1");
         }
-        if self.kind == SinkKind::Kafka {
+        if self.kind == SinkKind::Redis {
+            if self.table.is_empty() || self.table.len() > 200 || self.table.chars().any(char::is_whitespace) {
+                return fail(
+                    "sink.table",
+                    "a redis sink's table is the key prefix (or the stream): no spaces, at most 200",
+                );
+            }
+        } else if self.kind == SinkKind::Kafka {
             let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
             if self.table.is_empty() || self.table.len() > 249 || !self.table.chars().all(legal) {
                 return fail(

@@ -399,6 +399,21 @@ pub enum SinkKind {
     Sqlite,
     /// A Kafka topic (`two_phase`: Kafka transactions), on the cluster `url` names.
     Kafka,
+    /// Redis (`wal`): each record under a key built from `table` and the key columns.
+    Redis,
+}
+
+/// How a Redis sink writes a record.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisCommand {
+    /// `SET <table>:<key> <JSON of the columns>`.
+    #[default]
+    Set,
+    /// `HSET <table>:<key> <column> <value> …`.
+    Hset,
+    /// `XADD <table> * <column> <value> …` (the key columns are not used).
+    Xadd,
 }
 
 /// How a sink makes its writes exactly once.
@@ -481,6 +496,10 @@ pub struct SinkConfig {
     pub partitioner: PartitionerKind,
     /// The registered partitioner for `partitioner = "custom"`.
     pub custom_partitioner: Option<String>,
+    /// A Redis sink's command per record: `set` (key → JSON of the columns), `hset` (key
+    /// → one hash field per column) or `xadd` (an entry per record on the stream `table`).
+    #[serde(default)]
+    pub redis_command: RedisCommand,
     /// Rows per statement.
     #[serde(default = "defaults::sink_batch", deserialize_with = "whole::number")]
     pub batch_size: usize,

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::TableSpec;
 use crate::checkpoint::CheckpointStorage;
 use crate::error::{Error, Result};
-use crate::record::{Batch, Record, Value, ValueSource};
+use crate::record::{Batch, Record};
 use crate::runtime::sink::{Sink, SinkFuture};
 use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
@@ -592,7 +592,7 @@ fn message_key(spec: &TableSpec, r: &Record) -> Option<Vec<u8>> {
     if spec.key.is_empty() || spec.key_is_origin {
         return None;
     }
-    let values: Vec<serde_json::Value> = spec.key.iter().map(|i| json_of(spec, *i, r)).collect();
+    let values: Vec<serde_json::Value> = spec.key.iter().map(|i| super::column_json(spec, *i, r)).collect();
     Some(match values.as_slice() {
         [serde_json::Value::String(s)] => s.clone().into_bytes(),
         [v] => v.to_string().into_bytes(),
@@ -604,29 +604,7 @@ fn message_key(spec: &TableSpec, r: &Record) -> Option<Vec<u8>> {
 fn message_value(spec: &TableSpec, r: &Record) -> Vec<u8> {
     let mut row = serde_json::Map::with_capacity(spec.columns.len());
     for (i, c) in spec.columns.iter().enumerate() {
-        row.insert(c.name.clone(), json_of(spec, i, r));
+        row.insert(c.name.clone(), super::column_json(spec, i, r));
     }
     serde_json::Value::Object(row).to_string().into_bytes()
-}
-
-fn json_of(spec: &TableSpec, column: usize, r: &Record) -> serde_json::Value {
-    match spec.columns[column].source {
-        ValueSource::Topic => serde_json::Value::from(&*r.origin.topic),
-        ValueSource::Partition => r.origin.partition.into(),
-        ValueSource::Offset => r.origin.offset.into(),
-        ValueSource::Timestamp => r.origin.timestamp_ms.into(),
-        ValueSource::Payload => r
-            .payload
-            .as_deref()
-            .and_then(|p| serde_json::from_str(p).ok())
-            .unwrap_or(serde_json::Value::Null),
-        ValueSource::Field(i) => match r.values.get(i) {
-            Some(Value::Bool(b)) => (*b).into(),
-            Some(Value::Int(n)) => (*n).into(),
-            Some(Value::Float(f)) => (*f).into(),
-            Some(Value::Text(t)) => t.as_str().into(),
-            Some(Value::Json(t)) => serde_json::from_str(t).unwrap_or_else(|_| t.as_str().into()),
-            Some(Value::Null) | None => serde_json::Value::Null,
-        },
-    }
 }

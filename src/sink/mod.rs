@@ -17,6 +17,7 @@ pub mod dead_letter;
 pub mod idempotent;
 pub mod kafka;
 pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 pub mod two_phase;
 pub mod wal;
@@ -192,6 +193,31 @@ pub fn quote_name(name: &str) -> String {
         .join(".")
 }
 
+/// Column `column` of `spec` for record `r`, as JSON (the value of a Kafka message or a
+/// Redis entry).
+pub(crate) fn column_json(spec: &TableSpec, column: usize, r: &Record) -> serde_json::Value {
+    use crate::record::Value;
+    match spec.columns[column].source {
+        ValueSource::Topic => serde_json::Value::from(&*r.origin.topic),
+        ValueSource::Partition => r.origin.partition.into(),
+        ValueSource::Offset => r.origin.offset.into(),
+        ValueSource::Timestamp => r.origin.timestamp_ms.into(),
+        ValueSource::Payload => r
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or(serde_json::Value::Null),
+        ValueSource::Field(i) => match r.values.get(i) {
+            Some(Value::Bool(b)) => (*b).into(),
+            Some(Value::Int(n)) => (*n).into(),
+            Some(Value::Float(f)) => (*f).into(),
+            Some(Value::Text(t)) => t.as_str().into(),
+            Some(Value::Json(t)) => serde_json::from_str(t).unwrap_or_else(|_| t.as_str().into()),
+            Some(Value::Null) | None => serde_json::Value::Null,
+        },
+    }
+}
+
 /// A record's key as bytes (see [`Record::key_bytes_into`]).
 pub(crate) fn key_bytes(record: &Record, key: &[ValueSource]) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
@@ -228,6 +254,8 @@ pub enum SinkTarget {
     },
     /// A Kafka topic, written in transactions.
     Kafka(kafka::KafkaTarget),
+    /// A Redis database, written by the write-ahead log.
+    Redis(redis::RedisWal),
     /// A SQLite database.
     Sqlite {
         /// Connections.
@@ -262,6 +290,11 @@ impl SinkTarget {
                     table: std::sync::Arc::new(table),
                     fence,
                 })
+            }
+            crate::config::SinkKind::Redis => {
+                let password = cfg.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
+                let target = redis::RedisWal::open(&cfg.sink.url, password, spec, cfg.sink.redis_command).await?;
+                Ok(SinkTarget::Redis(target))
             }
             crate::config::SinkKind::Kafka => {
                 let mut client = rdkafka::config::ClientConfig::new();
@@ -303,6 +336,7 @@ impl SinkTarget {
             SinkTarget::Postgres { table, .. } => &table.spec,
             SinkTarget::Sqlite { table, .. } => &table.spec,
             SinkTarget::Kafka(k) => &k.spec,
+            SinkTarget::Redis(r) => r.spec(),
         }
     }
 

@@ -138,6 +138,8 @@ listen = ""
 /// every id exactly once, read committed.
 async fn finish(j: &KafkaJob, total: i64) {
     let s = Sluice::start(&j.config, &j.log);
+    // Everything may be committed already: let the last run start before it is stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let (out, n) = (j.output.clone(), total);
     let done = wait_until(Duration::from_secs(120), || {
         let out = out.clone();

@@ -79,6 +79,8 @@ impl KillJob {
     /// left. Returns the log of all runs.
     async fn finish(&self, env: &[(&str, &str)], total: i64) -> String {
         let s = Sluice::start_with(&self.config, &self.log, env);
+        // Everything may be written already: let the last run start before it is stopped.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let complete = wait_until(Duration::from_secs(180), || async {
             sink_counts(&self.pool, &self.schema).await.0 >= total
         })
@@ -309,6 +311,7 @@ async fn kill_wal_sqlite_exactly_once() {
     });
     for _ in 0..4 {
         let s = Sluice::start(&config, &log);
+        tokio::time::sleep(Duration::from_secs(3)).await;
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
         s.kill9();
     }
@@ -328,4 +331,102 @@ async fn kill_wal_sqlite_exactly_once() {
     assert!(done, "{}", s.log_tail());
     assert!(s.terminate().success());
     assert_eq!(count(pool.clone()).await, (total as i64, total as i64));
+}
+
+/// The write-ahead log into Redis with `XADD` (not idempotent: a replayed entry would be a
+/// second one): killed and restarted, the stream holds every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_wal_redis_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique("wal_redis");
+    create_topic(&topic, 3).await;
+    let stream = unique("stream");
+    let toml = job_toml(&unique("wal_redis"), &topic, "x", "wal", &dir.path().join("cp"))
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            "url = \"redis://127.0.0.1:6379\"\nredis_command = \"xadd\"",
+        )
+        .replace("kind = \"postgres\"", "kind = \"redis\"")
+        .replace("table = \"x.events\"", &format!("table = \"{stream}\""));
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let total = 20_000u64;
+    let t = topic.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..10 {
+            produce(&t, (part * 2_000..(part + 1) * 2_000).map(record));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let kills: usize = std::env::var("KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    for _ in 0..kills {
+        let s = Sluice::start(&config, &log);
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
+        s.kill9();
+    }
+    feeder.join().expect("feeder");
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let s = Sluice::start(&config, &log);
+    // Everything may be written already: let the last run start before it is stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let done = wait_until(Duration::from_secs(90), || {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move {
+            let n: u64 = redis::cmd("XLEN")
+                .arg(&stream)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
+            n >= total
+        }
+    })
+    .await;
+    assert!(
+        done,
+        "{}\n{}",
+        s.log_tail(),
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains(" INFO "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let status = s.terminate();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains(" INFO "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Paged: one XRANGE of every entry outlasts the client's response timeout.
+    let mut ids: Vec<i64> = Vec::new();
+    let mut from = "-".to_string();
+    loop {
+        let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(2_000)
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        let Some((last, _)) = page.last() else { break };
+        from = format!("({last}");
+        ids.extend(
+            page.iter()
+                .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "id")?.1.parse::<i64>().ok()),
+        );
+    }
+    assert_eq!(ids.len() as u64, total, "entries lost or doubled");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, total, "an entry written twice");
 }
