@@ -34,7 +34,7 @@ use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
 use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
-use crate::sink::kafka::KafkaTwoPhase;
+use crate::sink::kafka::{KafkaProducerSink, KafkaTwoPhase};
 use crate::sink::postgres::{Fence, JobLock, PgWal};
 use crate::sink::sqlite::SqliteWal;
 use crate::sink::two_phase::TwoPhaseWriter;
@@ -794,6 +794,15 @@ async fn build_sink(
         }
         (SinkTarget::Redis(target), _) => {
             Box::new(WalWriter::new(&cfg.job.name, j, target.clone(), storage.clone(), stats))
+        }
+        (SinkTarget::Kafka(target), Strategy::Idempotent | Strategy::AtLeastOnce) => Box::new(KafkaProducerSink::new(
+            j,
+            target.clone(),
+            cfg.sink.strategy == Strategy::Idempotent,
+            stats,
+        )?),
+        (_, Strategy::AtLeastOnce) => {
+            return Err(Error::Unsupported("at_least_once is for kafka sinks".into()));
         }
         (SinkTarget::Kafka(target), _) => Box::new(KafkaTwoPhase::new(
             &cfg.job.name,

@@ -538,10 +538,16 @@ impl SinkConfig {
             }
             _ => {}
         }
-        if self.kind == SinkKind::Kafka && self.strategy != Strategy::TwoPhase {
+        if self.kind == SinkKind::Kafka && self.strategy == Strategy::Wal {
             return fail(
                 "sink.strategy",
-                "a kafka sink does two_phase (Kafka transactions); idempotent and at_least_once are not built yet",
+                "a kafka sink does two_phase (transactions), idempotent (keys a replay repeats) or at_least_once",
+            );
+        }
+        if self.kind != SinkKind::Kafka && self.strategy == Strategy::AtLeastOnce {
+            return fail(
+                "sink.strategy",
+                "at_least_once is for kafka sinks; a table sink has exactly-once strategies",
             );
         }
         if self.kind == SinkKind::Sqlite && self.strategy == Strategy::TwoPhase {

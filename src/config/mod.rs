@@ -428,6 +428,9 @@ pub enum Strategy {
     /// Write-ahead log: each epoch's records are kept in checkpoint storage and written
     /// with a committer record in one transaction once the checkpoint completes.
     Wal,
+    /// Kafka only: written as they come, acknowledged before each checkpoint; a replay
+    /// after a crash writes the replayed records again.
+    AtLeastOnce,
 }
 
 /// How records are spread over a downstream operator's subtasks.

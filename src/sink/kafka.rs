@@ -102,6 +102,7 @@ impl KafkaTarget {
         dead_letter_topic: Option<String>,
         checkpoint_interval: Duration,
         checkpoint_timeout: Duration,
+        transactional: bool,
     ) -> Result<Self> {
         let transaction_timeout = checkpoint_interval + checkpoint_timeout + Duration::from_secs(60);
         let admin: AdminClient<DefaultClientContext> =
@@ -132,6 +133,14 @@ impl KafkaTarget {
             )));
         }
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        if !transactional {
+            return Ok(Self {
+                client,
+                spec,
+                dead_letter_topic,
+                transaction_timeout,
+            });
+        }
         if !topics_found[1] {
             let new = NewTopic::new(&commits, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
             for r in admin
@@ -607,4 +616,146 @@ fn message_value(spec: &TableSpec, r: &Record) -> Vec<u8> {
         row.insert(c.name.clone(), super::column_json(spec, i, r));
     }
     serde_json::Value::Object(row).to_string().into_bytes()
+}
+
+/// Delivery reports of a non-transactional producer: the first failure, kept for the
+/// next flush to report.
+#[derive(Default)]
+pub struct DeliveryErrors(std::sync::Mutex<Option<String>>);
+
+impl rdkafka::ClientContext for DeliveryErrors {}
+
+impl rdkafka::producer::ProducerContext for DeliveryErrors {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            let mut first = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| format!("delivery to {} failed: {e}", m.topic()));
+        }
+    }
+}
+
+/// The Kafka sink without transactions: `idempotent` (the idempotent producer, and
+/// message keys that a replay repeats: the configured key, or the input record's Kafka
+/// coordinates, so a compacted topic keeps one message per record) or `at_least_once`
+/// (a replay after a crash writes the replayed records again). Messages go out as they
+/// come; a barrier waits until all are acknowledged.
+pub struct KafkaProducerSink {
+    target: KafkaTarget,
+    producer: ThreadedProducer<DeliveryErrors>,
+    keyed_by_origin: bool,
+    subtask: usize,
+    sent: u64,
+    stats: Arc<JobStats>,
+    metrics: SubtaskMetrics,
+}
+
+impl KafkaProducerSink {
+    /// The sink of subtask `subtask`; `keyed_by_origin`: key messages without a
+    /// configured key by the input record's coordinates (the `idempotent` strategy).
+    pub fn new(subtask: usize, target: KafkaTarget, keyed_by_origin: bool, stats: Arc<JobStats>) -> Result<Self> {
+        let mut c = target.client.clone();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5");
+        let producer = c
+            .create_with_context(DeliveryErrors::default())
+            .map_err(Error::kafka("create the sink's producer"))?;
+        Ok(Self {
+            target,
+            producer,
+            keyed_by_origin,
+            subtask,
+            sent: 0,
+            stats,
+            metrics: SubtaskMetrics::new("sink", subtask),
+        })
+    }
+
+    async fn send(&self, msg: Msg) -> Result<()> {
+        loop {
+            let mut record = BaseRecord::to(&msg.topic).payload(&msg.value);
+            if let Some(k) = &msg.key {
+                record = record.key(k);
+            }
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(Error::kafka(format!("send to {}", msg.topic))(e)),
+            }
+        }
+    }
+
+    async fn take(&mut self, batch: Batch) -> Result<()> {
+        self.metrics.records_in.increment(batch.len() as u64);
+        for r in &batch.records {
+            let key = match message_key(&self.target.spec, r) {
+                None if self.keyed_by_origin => {
+                    Some(format!("{}/{}/{}", r.origin.topic, r.origin.partition, r.origin.offset).into_bytes())
+                }
+                key => key,
+            };
+            self.send(Msg {
+                topic: self.target.spec.table.clone(),
+                key,
+                value: message_value(&self.target.spec, r),
+            })
+            .await?;
+        }
+        self.sent += batch.records.len() as u64;
+        if let Some(topic) = &self.target.dead_letter_topic {
+            for d in &batch.dead {
+                self.send(Msg {
+                    topic: topic.clone(),
+                    key: Some(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset).into_bytes()),
+                    value: serde_json::json!({
+                        "topic": &*d.origin.topic,
+                        "partition": d.origin.partition,
+                        "offset": d.origin.offset,
+                        "reason": d.reason,
+                        "payload": String::from_utf8_lossy(&d.payload),
+                    })
+                    .to_string()
+                    .into_bytes(),
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything sent so far acknowledged, or the first delivery failure.
+    async fn acknowledged(&mut self) -> Result<serde_json::Value> {
+        let started = Instant::now();
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            let flushed = producer.flush(CALL_TIMEOUT);
+            let failed = producer.context().0.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match (flushed, failed) {
+                (_, Some(e)) => Err(Error::Lookup(format!("kafka sink: {e}"))),
+                (Err(e), None) => Err(Error::kafka("flush the sink's producer")(e)),
+                (Ok(()), None) => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("flush: {e}")))??;
+        let sent = std::mem::take(&mut self.sent);
+        self.metrics.records_out.increment(sent);
+        self.stats.rows_written.fetch_add(sent, Ordering::Relaxed);
+        telemetry::sink_commit(self.subtask, started.elapsed());
+        Ok(serde_json::Value::Null)
+    }
+}
+
+impl Sink for KafkaProducerSink {
+    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
+        Box::pin(self.take(batch))
+    }
+
+    fn pre_commit(&mut self, _checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+        Box::pin(self.acknowledged())
+    }
 }

@@ -312,6 +312,7 @@ impl SinkTarget {
                     cfg.dead_letter.topic.clone(),
                     cfg.checkpoint.interval,
                     cfg.checkpoint.timeout,
+                    cfg.sink.strategy == crate::config::Strategy::TwoPhase,
                 )
                 .await?;
                 Ok(SinkTarget::Kafka(target))
