@@ -135,11 +135,28 @@ async fn sluice_job(pool: &PgPool, topic: &str, n: u64, strategy: &str) -> f64 {
     )
     .await
     .expect("create sink table");
+    let sink = format!(
+        "[sink]\nkind = \"postgres\"\nurl = \"{pg}\"\ntable = \"{table}\"\nstrategy = \"{strategy}\"\n\
+         parallelism = 2\nbatch_size = 10000\n[dead_letter]\ntable = \"bench_dead\"",
+        pg = pg_url()
+    );
+    let rate = sluice_into(topic, n, strategy, &sink).await;
+    let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows as u64, n, "{strategy}: rows in the sink");
+    rate
+}
+
+/// The pass-through job from `topic` into the sink of `sink` (its TOML), records/s.
+async fn sluice_into(topic: &str, n: u64, name: &str, sink: &str) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = format!(
         r#"
 [job]
-name = "bench-{strategy}-{stamp}"
+name = "bench-{name}-{stamp}"
 status_interval = "0s"
 [source]
 bootstrap_servers = "{kafka}"
@@ -162,31 +179,77 @@ type = "string"
 interval = "1s"
 storage = "filesystem"
 dir = "{dir}"
-[sink]
-kind = "postgres"
-url = "{pg}"
-table = "{table}"
-strategy = "{strategy}"
-parallelism = 2
-batch_size = 10000
-[dead_letter]
-table = "bench_dead"
+{sink}
 [metrics]
 listen = ""
 "#,
         stamp = std::process::id(),
         kafka = kafka(),
-        pg = pg_url(),
         dir = dir.path().display()
     );
-    let rate = run_until(&dir, &toml, |s| s.rows_written.load(Ordering::Relaxed) >= n, n).await;
-    let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
-        .fetch_one(pool)
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(rows as u64, n, "{strategy}: rows in the sink");
-    rate
+    run_until(&dir, &toml, |s| s.rows_written.load(Ordering::Relaxed) >= n, n).await
+}
+
+/// A bare consume-and-produce loop without transactions: every record of `topic` to
+/// `out`, records/s until all are acknowledged.
+fn bare_consume_produce(topic: &str, out: &str, n: u64) -> f64 {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", "sluice-bench-bare-cp")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    let mut tpl = TopicPartitionList::new();
+    for part in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, part, Offset::Beginning).expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let mut seen = 0u64;
+    let started = Instant::now();
+    while seen < n {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let payload = rdkafka::Message::payload(&m).unwrap_or_default().to_vec();
+            let key = rdkafka::Message::key(&m).map(<[u8]>::to_vec);
+            loop {
+                let mut r = BaseRecord::to(out).payload(&payload);
+                if let Some(k) = &key {
+                    r = r.key(k);
+                }
+                match p.send(r) {
+                    Ok(()) => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            seen += 1;
+        }
+    }
+    p.flush(Duration::from_secs(120)).expect("flush");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Pipelined `SET`s of the same records, 1,000 per round trip: records/s.
+async fn bare_redis_sets(n: u64) -> f64 {
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let prefix = format!("bench-bare-{}", std::process::id());
+    let started = Instant::now();
+    let ids: Vec<u64> = (0..n).collect();
+    for chunk in ids.chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("SET").arg(format!("{prefix}:{id}")).arg(payload(*id)).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.expect("SETs");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Run the job of `toml` until `done`, stop it (final checkpoint); returns `n` per
@@ -331,6 +394,37 @@ fn main() {
         let idem = sluice_job(&pool, &topic, n, "idempotent").await;
         let two = sluice_job(&pool, &topic, n, "two_phase").await;
         let (win, win_rows) = sluice_windowed(&pool, &topic, n).await;
+        let wal = sluice_job(&pool, &topic, n, "wal").await;
+        // Kafka to Kafka.
+        let out_bare = format!("{topic}_bare_out");
+        let out_txn = format!("{topic}_txn_out");
+        let dlq = format!("{topic}_dlq");
+        admin
+            .create_topics(
+                &[&out_bare, &out_txn, &dlq]
+                    .map(|t| rdkafka::admin::NewTopic::new(t, PARTITIONS, rdkafka::admin::TopicReplication::Fixed(1))),
+                &rdkafka::admin::AdminOptions::new(),
+            )
+            .await
+            .expect("create output topics");
+        let (tp, ob) = (topic.clone(), out_bare.clone());
+        let bare_cp = tokio::task::spawn_blocking(move || bare_consume_produce(&tp, &ob, n))
+            .await
+            .expect("consume-produce");
+        let kafka_sink = format!(
+            "[sink]\nkind = \"kafka\"\nurl = \"{}\"\ntopic = \"{out_txn}\"\nstrategy = \"two_phase\"\nparallelism = 2\n\
+             [dead_letter]\nkind = \"kafka\"\ntopic = \"{dlq}\"",
+            kafka()
+        );
+        let k2k = sluice_into(&topic, n, "k2k", &kafka_sink).await;
+        // Redis.
+        let sets = bare_redis_sets(n).await;
+        let redis_sink = format!(
+            "[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\ntable = \"bench-wal-{}\"\n\
+             strategy = \"wal\"\nparallelism = 2",
+            std::process::id()
+        );
+        let redis_wal = sluice_into(&topic, n, "redis", &redis_sink).await;
         let base = consumer.min(copy);
         println!();
         println!("{:<40} {:>12}", "records/s, same data, same run", "");
@@ -353,6 +447,26 @@ fn main() {
             "sluice windowed (key_by, 1 s windows)",
             win,
             100.0 * win / base
+        );
+        println!(
+            "{:<40} {:>12.0}   {:>5.1}% of two_phase (target: within 20%)",
+            "sluice wal into Postgres",
+            wal,
+            100.0 * wal / two
+        );
+        println!("{:<40} {:>12.0}", "bare consume-and-produce (no txn)", bare_cp);
+        println!(
+            "{:<40} {:>12.0}   {:>5.1}% of the bare loop (target 60%)",
+            "sluice Kafka -> Kafka two_phase",
+            k2k,
+            100.0 * k2k / bare_cp
+        );
+        println!("{:<40} {:>12.0}", "pipelined SETs (redis crate)", sets);
+        println!(
+            "{:<40} {:>12.0}   {:>5.1}% of pipelined SETs (target 50%)",
+            "sluice wal into Redis (SET)",
+            redis_wal,
+            100.0 * redis_wal / sets
         );
     });
 }
