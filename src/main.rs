@@ -256,7 +256,61 @@ async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sluice txn` for a Kafka sink: list the epochs the newest checkpoint holds and
+/// whether they committed; abort by fencing every transactional id of the job.
+async fn kafka_txn(cfg: &JobConfig, action: &TxnAction) -> anyhow::Result<()> {
+    let spec = sluice::app::plan(cfg, &std::sync::Arc::default())?.table;
+    let target = match sluice::sink::SinkTarget::open(cfg, spec, None).await? {
+        sluice::sink::SinkTarget::Kafka(t) => t,
+        _ => anyhow::bail!("not a kafka sink"),
+    };
+    match action {
+        TxnAction::List { .. } => {
+            let storage = sluice::app::open_storage(cfg)
+                .context("read the job's checkpoints (is the job running? stop it first)")?;
+            let latest = storage.latest()?;
+            let pending = sluice::sink::kafka::pending_epochs(&target, &cfg.job.name, latest.as_ref()).await?;
+            if pending.is_empty() {
+                say!("no epoch of job {} waits for its commit", cfg.job.name);
+            }
+            for (subtask, epoch, committed) in pending {
+                let state = if committed {
+                    "committed"
+                } else {
+                    "not committed: the next start writes it again"
+                };
+                say!("sink-{subtask}	checkpoint {epoch}	{state}");
+            }
+        }
+        TxnAction::Abort { all: true, .. } => {
+            let ids = sluice::sink::kafka::fence_all(&target, &cfg.job.name, cfg.sink.parallelism as usize).await?;
+            say!(
+                "aborted the open transactions of {} transactional ids of job {} (a running process of the job is fenced and stops)",
+                ids.len(),
+                cfg.job.name
+            );
+        }
+        TxnAction::Abort { .. } => {
+            anyhow::bail!("for a kafka sink, abort takes --all (every transactional id of the job)")
+        }
+        TxnAction::Commit { .. } => anyhow::bail!(
+            "a Kafka transaction cannot be committed from outside the producer that opened it; start the job: \
+             recovery writes again every epoch of its newest checkpoint that did not commit"
+        ),
+    }
+    Ok(())
+}
+
 async fn txn(action: TxnAction) -> anyhow::Result<()> {
+    let config = match &action {
+        TxnAction::List { config } | TxnAction::Commit { config, .. } | TxnAction::Abort { config, .. } => {
+            config.clone()
+        }
+    };
+    let cfg = load(&config)?;
+    if cfg.sink.kind == SinkKind::Kafka {
+        return kafka_txn(&cfg, &action).await;
+    }
     let (config, gid, all, commit) = match action {
         TxnAction::List { config } => {
             let cfg = load(&config)?;

@@ -473,7 +473,7 @@ impl KafkaTwoPhase {
         if restored.iter().all(|s| s.pending.is_empty()) {
             return Ok(());
         }
-        let committed = self.committed_epochs().await?;
+        let committed = committed_epochs(&self.target.client, &self.job).await?;
         for state in restored {
             let done = committed
                 .get(&marker_key(&self.job, state.subtask))
@@ -515,57 +515,57 @@ impl KafkaTwoPhase {
         }
         Ok(())
     }
+}
 
-    /// The newest committed epoch per marker key, read committed from the commit topic.
-    async fn committed_epochs(&self) -> Result<HashMap<String, u64>> {
-        let mut c = self.target.client.clone();
-        c.set("group.id", format!("sluice-{}-recovery", self.job))
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true");
-        let topic = commit_topic(&self.job);
-        let job = self.job.clone();
-        tokio::task::spawn_blocking(move || -> Result<HashMap<String, u64>> {
-            let consumer: BaseConsumer = c.create().map_err(Error::kafka("create the commit-topic reader"))?;
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, 0, Duration::from_secs(10))
-                .map_err(Error::kafka("read the commit topic's end"))?;
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-                .map_err(Error::kafka("assign the commit topic"))?;
-            consumer.assign(&tpl).map_err(Error::kafka("assign the commit topic"))?;
-            let mut newest = HashMap::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                match consumer.poll(Duration::from_millis(500)) {
-                    Some(Ok(m)) => {
-                        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-                        let n = m
-                            .payload()
-                            .and_then(|p| std::str::from_utf8(p).ok()?.parse::<u64>().ok());
-                        if let (Some(key), Some(n)) = (key, n) {
-                            if key.starts_with(&format!("{job}/")) {
-                                let e = newest.entry(key).or_insert(0);
-                                *e = (*e).max(n);
-                            }
-                        }
-                        if m.offset() + 1 >= high {
-                            return Ok(newest);
+/// The newest committed epoch per marker key, read committed from the job's commit topic.
+async fn committed_epochs(client: &ClientConfig, job: &str) -> Result<HashMap<String, u64>> {
+    let mut c = client.clone();
+    c.set("group.id", format!("sluice-{job}-recovery"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
+    let topic = commit_topic(job);
+    let job = job.to_string();
+    tokio::task::spawn_blocking(move || -> Result<HashMap<String, u64>> {
+        let consumer: BaseConsumer = c.create().map_err(Error::kafka("create the commit-topic reader"))?;
+        let (_, high) = consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+            .map_err(Error::kafka("read the commit topic's end"))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(Error::kafka("assign the commit topic"))?;
+        consumer.assign(&tpl).map_err(Error::kafka("assign the commit topic"))?;
+        let mut newest = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                    let n = m
+                        .payload()
+                        .and_then(|p| std::str::from_utf8(p).ok()?.parse::<u64>().ok());
+                    if let (Some(key), Some(n)) = (key, n) {
+                        if key.starts_with(&format!("{job}/")) {
+                            let e = newest.entry(key).or_insert(0);
+                            *e = (*e).max(n);
                         }
                     }
-                    Some(Err(KafkaError::PartitionEOF(_))) => return Ok(newest),
-                    Some(Err(e)) => return Err(Error::kafka("read the commit topic")(e)),
-                    None if high == 0 => return Ok(newest),
-                    None => {}
+                    if m.offset() + 1 >= high {
+                        return Ok(newest);
+                    }
                 }
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(newest),
+                Some(Err(e)) => return Err(Error::kafka("read the commit topic")(e)),
+                None if high == 0 => return Ok(newest),
+                None => {}
             }
-            Err(Error::Unsupported(
-                "the commit topic could not be read to its end within 60 s".into(),
-            ))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("commit-topic reader: {e}")))?
-    }
+        }
+        Err(Error::Unsupported(
+            "the commit topic could not be read to its end within 60 s".into(),
+        ))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("commit-topic reader: {e}")))?
 }
 
 impl Sink for KafkaTwoPhase {
@@ -758,4 +758,45 @@ impl Sink for KafkaProducerSink {
     fn pre_commit(&mut self, _checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
         Box::pin(self.acknowledged())
     }
+}
+
+/// For `sluice txn`: the epochs the newest checkpoint holds as not yet committed, per
+/// old sink subtask, with whether the commit topic shows them committed since.
+pub async fn pending_epochs(
+    target: &KafkaTarget,
+    job: &str,
+    restored: Option<&crate::checkpoint::CompletedCheckpoint>,
+) -> Result<Vec<(usize, u64, bool)>> {
+    let states: Vec<KafkaSinkState> = restored
+        .map(|cp| {
+            cp.operator_states("sink")
+                .filter_map(|s| serde_json::from_value(s.clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if states.iter().all(|s| s.pending.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let committed = committed_epochs(&target.client, job).await?;
+    let mut out = Vec::new();
+    for s in states {
+        let done = committed.get(&marker_key(job, s.subtask)).copied().unwrap_or(0);
+        out.extend(s.pending.iter().map(|(n, _)| (s.subtask, *n, *n <= done)));
+    }
+    Ok(out)
+}
+
+/// For `sluice txn abort --all`: initialise every transactional id of the job's sink
+/// subtasks, which aborts what they left open (and fences a running process of the job).
+pub async fn fence_all(target: &KafkaTarget, job: &str, subtasks: usize) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for s in 0..subtasks {
+        for slot in 0..SLOTS {
+            let id = transactional_id(job, s, slot);
+            let p = target.producer(&id)?;
+            blocking("initialise transactions", move || p.init_transactions(CALL_TIMEOUT)).await?;
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }

@@ -206,6 +206,27 @@ async fn a_crash_between_checkpoint_complete_and_commit_rewrites_the_epoch_once(
         "the failpoint was not hit: {}",
         s.log_tail()
     );
+    // `sluice txn` shows the epoch waiting and refuses to commit from outside.
+    let txn = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("txn")
+            .args(args)
+            .arg("--config")
+            .arg(&j.config)
+            .output()
+            .expect("run sluice txn");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, listed) = txn(&["list"]);
+    assert!(ok && listed.contains("not committed"), "{listed}");
+    let (ok, said) = txn(&["commit", "--all"]);
+    assert!(!ok && said.contains("cannot be committed from outside"), "{said}");
+    let (ok, said) = txn(&["abort", "--all"]);
+    assert!(
+        ok && said.contains("aborted the open transactions of 6 transactional ids"),
+        "{said}"
+    );
     produce(&j.input, (5_000..8_000).map(record));
     finish(&j, 8_000).await;
     let log = std::fs::read_to_string(&j.log).unwrap_or_default();
