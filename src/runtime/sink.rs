@@ -41,6 +41,12 @@ pub trait Sink: Send + 'static {
     fn on_quiet(&mut self) -> SinkFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
+
+    /// The job stops after its final checkpoint was committed: finish writes still in
+    /// flight.
+    fn finish(&mut self) -> SinkFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The restored states that new sink subtask `index` of `parallelism` recovers: old

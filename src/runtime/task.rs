@@ -37,6 +37,10 @@ pub trait Tail: Send {
     fn commit(&mut self, id: u64) -> impl Future<Output = Result<()>> + Send;
     /// Whether the subtask must see its final checkpoint complete before it ends.
     fn waits_for_final_commit(&self) -> bool;
+    /// The final checkpoint is committed; the subtask ends after this.
+    fn finish(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
     /// Called about once a second (metrics).
     fn report(&mut self, interval: Duration) {
         let _ = interval;
@@ -129,6 +133,10 @@ impl Tail for SinkTail {
         self.sink.on_quiet().await
     }
 
+    async fn finish(&mut self) -> Result<()> {
+        self.sink.finish().await
+    }
+
     async fn idle(&mut self) -> Result<()> {
         Ok(())
     }
@@ -209,6 +217,7 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                 }
                 Some(f) if *io.completed.borrow() >= f => {
                     tail.commit(f).await?;
+                    tail.finish().await?;
                     chain.close()?;
                     return Ok(());
                 }

@@ -63,14 +63,20 @@ struct Epoch {
 struct Pending {
     checkpoint: u64,
     handle: String,
-    epoch: Epoch,
+    epoch: Arc<Epoch>,
 }
+
+/// Epochs being written in the background: (checkpoint, rows written or `None` when the
+/// committer record showed it written before, records).
+type Writing = tokio::task::JoinHandle<Result<Vec<(u64, Option<u64>, u64)>>>;
 
 /// The WAL strategy over a target.
 pub struct WalWriter<T> {
     job: String,
     subtask: usize,
-    target: T,
+    target: Arc<T>,
+    /// The completed epochs being written while the next one fills.
+    writing: Option<Writing>,
     storage: Arc<dyn CheckpointStorage>,
     open: Epoch,
     pending: Vec<Pending>,
@@ -90,7 +96,8 @@ impl<T: WalTarget> WalWriter<T> {
         Self {
             job: job.to_string(),
             subtask,
-            target,
+            target: Arc::new(target),
+            writing: None,
             storage,
             open: Epoch {
                 records: Vec::new(),
@@ -111,8 +118,29 @@ impl<T: WalTarget> WalWriter<T> {
             .map_err(|e| Error::Internal(format!("store an epoch: {e}")))?
     }
 
+    /// Wait for the background write, if any, and drop what it wrote from `pending`.
+    async fn settle(&mut self) -> Result<()> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(());
+        };
+        let written = writing
+            .await
+            .map_err(|e| Error::Internal(format!("sink-{}: an epoch write stopped: {e}", self.subtask)))??;
+        for (checkpoint, rows, records) in written {
+            self.pending.retain(|p| p.checkpoint != checkpoint);
+            if rows.is_some() {
+                self.metrics.records_out.increment(records);
+                self.stats.rows_written.fetch_add(records, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     async fn prepare(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
+        if self.writing.as_ref().is_some_and(|w| w.is_finished()) {
+            self.settle().await?;
+        }
         let epoch = std::mem::replace(
             &mut self.open,
             Epoch {
@@ -126,7 +154,7 @@ impl<T: WalTarget> WalWriter<T> {
             self.pending.push(Pending {
                 checkpoint,
                 handle,
-                epoch,
+                epoch: Arc::new(epoch),
             });
         }
         // An epoch carried over from an older checkpoint (its commit came late) is
@@ -147,32 +175,39 @@ impl<T: WalTarget> WalWriter<T> {
         .map_err(|e| Error::Internal(format!("serialising sink state: {e}")))
     }
 
+    /// Checkpoint `checkpoint` completed: write its epochs (and older ones) in the
+    /// background while the next epoch fills; the write of the previous completion is
+    /// waited for first, so epochs land in order.
     async fn write_completed(&mut self, checkpoint: u64) -> Result<()> {
+        self.settle().await?;
         if !self.pending.iter().any(|p| p.checkpoint <= checkpoint) {
             return Ok(());
         }
         crate::failpoint::crash_if("before_commit", checkpoint);
         crate::failpoint::fail_if("fail_before_commit", checkpoint)?;
-        let started = Instant::now();
         self.pending.sort_by_key(|p| p.checkpoint);
-        while self.pending.first().is_some_and(|p| p.checkpoint <= checkpoint) {
-            let p = self.pending.remove(0);
-            let written = self
-                .target
-                .write_epoch(&self.job, self.subtask, p.checkpoint, &p.epoch.records, &p.epoch.dead)
-                .await?;
-            let n = p.epoch.records.len() as u64;
-            if written.is_some() {
-                self.metrics.records_out.increment(n);
-                self.stats.rows_written.fetch_add(n, Ordering::Relaxed);
-            }
-            if p.checkpoint > KEEP_EPOCHS {
-                self.target
-                    .prune(&self.job, self.subtask, p.checkpoint - KEEP_EPOCHS)
+        let epochs: Vec<(u64, Arc<Epoch>)> = self
+            .pending
+            .iter()
+            .filter(|p| p.checkpoint <= checkpoint)
+            .map(|p| (p.checkpoint, p.epoch.clone()))
+            .collect();
+        let (target, job, subtask) = (self.target.clone(), self.job.clone(), self.subtask);
+        self.writing = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut written = Vec::with_capacity(epochs.len());
+            for (n, epoch) in epochs {
+                let rows = target
+                    .write_epoch(&job, subtask, n, &epoch.records, &epoch.dead)
                     .await?;
+                written.push((n, rows, epoch.records.len() as u64));
+                if n > KEEP_EPOCHS {
+                    target.prune(&job, subtask, n - KEEP_EPOCHS).await?;
+                }
             }
-        }
-        telemetry::sink_commit(self.subtask, started.elapsed());
+            telemetry::sink_commit(subtask, started.elapsed());
+            Ok(written)
+        }));
         Ok(())
     }
 
@@ -227,5 +262,18 @@ impl<T: WalTarget> Sink for WalWriter<T> {
 
     fn recover(&mut self, _checkpoint: u64, states: Vec<serde_json::Value>) -> SinkFuture<'_, ()> {
         Box::pin(self.recover_epochs(states))
+    }
+
+    fn finish(&mut self) -> SinkFuture<'_, ()> {
+        Box::pin(self.settle())
+    }
+}
+
+impl<T> Drop for WalWriter<T> {
+    fn drop(&mut self) {
+        // A cancelled attempt: the epoch is written again by recovery, once.
+        if let Some(w) = self.writing.take() {
+            w.abort();
+        }
     }
 }
