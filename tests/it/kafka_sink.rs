@@ -195,6 +195,7 @@ async fn kafka_to_kafka_two_phase_killed_repeatedly_is_exactly_once() {
 
 /// A crash after checkpoint n completed and before its transaction committed: the
 /// restart finds epoch n uncommitted in the commit topic and writes it again, once.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_checkpoint_complete_and_commit_rewrites_the_epoch_once() {
     let j = kafka_job("k2k_fp", "500ms").await;
@@ -393,4 +394,43 @@ async fn kafka_idempotent_loses_nothing_and_repeats_only_under_the_same_key() {
         assert_eq!(*by_coordinates.entry(key).or_insert(id), id, "one key, two records");
     }
     assert_eq!(by_coordinates.len() as i64, TOTAL, "records lost");
+}
+
+/// Crashes before checkpoint n is complete (after the epoch's transaction is flushed;
+/// after every acknowledgement but before the checkpoint is stored): the restart aborts
+/// the open transactions by initialising their ids, and the epoch is replayed from the
+/// source. Every record once, read committed.
+#[cfg(feature = "failpoints")]
+async fn crash_before_complete(point: &str) {
+    let j = kafka_job("k2k_crash", "500ms").await;
+    let input = j.input.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..10 {
+            produce(&input, (part * 1_000..(part + 1) * 1_000).map(record));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut s = Sluice::start_with(&j.config, &j.log, &[("SLUICE_FAILPOINT", &format!("{point}:3"))]);
+    let exit = s.wait_exit(Duration::from_secs(60));
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the failpoint was not hit: {}",
+        s.log_tail()
+    );
+    feeder.join().expect("feeder");
+    finish(&j, 10_000).await;
+    let log = std::fs::read_to_string(&j.log).unwrap_or_default();
+    assert!(log.contains(&format!("failpoint {point}")), "{log}");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_after_prepare() {
+    crash_before_complete("after_prepare").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_before_store() {
+    crash_before_complete("before_store").await;
 }

@@ -250,6 +250,35 @@ async fn kill_and_rescale_wal() {
     k.finish(&[], total as i64).await;
 }
 
+/// `wal` crashed at each narrow window: after an epoch is stored but before the
+/// checkpoint is acknowledged, after every acknowledgement but before the checkpoint is
+/// stored, and between "checkpoint n complete" and the epoch's write. Every record once.
+#[cfg(feature = "failpoints")]
+async fn wal_crash_at(point: &str) -> String {
+    let k = KillJob::new("wal_crash", "wal", 4).await;
+    let total = 30_000;
+    let producer = k.feed(0..total, 500, Duration::from_millis(50));
+    let mut s = Sluice::start_with(&k.config, &k.log, &[("SLUICE_FAILPOINT", &format!("{point}:4"))]);
+    let crashed = s.wait_exit(Duration::from_secs(60));
+    assert!(crashed.is_some_and(|st| !st.success()), "{}", tail(&k.log_text()));
+    producer.join().expect("producer");
+    let log = k.finish(&[], total as i64).await;
+    assert!(log.contains(&format!("failpoint {point}")), "{}", tail(&log));
+    log
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_crash_after_prepare() {
+    wal_crash_at("after_prepare").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_crash_before_store() {
+    wal_crash_at("before_store").await;
+}
+
 /// A crash after checkpoint n completed, before its epoch was written: the restart
 /// writes it from checkpoint storage, once (the committer record tells).
 #[cfg(feature = "failpoints")]
