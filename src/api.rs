@@ -51,7 +51,14 @@ pub async fn start(listen: &str, job: &str, stats: Arc<JobStats>) -> Result<Opti
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Unsupported(format!("metrics.listen: cannot listen on {listen}: {e}")))?;
-    let handle = PrometheusBuilder::new().install_recorder().ok();
+    // Real histograms (with `_bucket`s, so quantiles aggregate across subtasks and
+    // instances), with buckets for durations from a millisecond to a minute.
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ])
+        .ok()
+        .and_then(|b| b.install_recorder().ok());
     let mut tasks = Vec::new();
     if let Some(h) = handle.clone() {
         telemetry::describe();

@@ -610,6 +610,8 @@ async fn attempt(
             changed = shutdown.changed(), if !stopping => {
                 let _ = changed;
                 stopping = true;
+                // Not ready while stopping: a load balancer stops sending to it now.
+                stats.running.store(false, std::sync::atomic::Ordering::Relaxed);
                 handle.stop();
             }
         }

@@ -107,6 +107,23 @@ pub(crate) fn describe() {
         "Time of one batched lookup per tier."
     );
     describe_gauge!("sluice_lookup_in_flight", "Records waiting for their lookups.");
+    describe_gauge!("sluice_build_info", "Always 1; the version of sluice in a label.");
+    describe_gauge!(
+        "sluice_last_checkpoint_timestamp_seconds",
+        Unit::Seconds,
+        "When the newest checkpoint completed (epoch seconds)."
+    );
+    // Counters exist from the start at 0, so that rate() and increase() see the first
+    // event rather than a series appearing at 1.
+    for name in [
+        "sluice_restarts_total",
+        "sluice_checkpoints_completed_total",
+        "sluice_checkpoints_failed_total",
+        "sluice_possible_replays_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    gauge!("sluice_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_gauge!(
         "sluice_lookup_tier_up",
         "Whether a cache tier is in use (0: its circuit breaker is open and lookups skip it)."
@@ -243,6 +260,10 @@ pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {
 /// Count a completed checkpoint, its duration and size.
 pub fn checkpoint_completed(took: Duration, bytes: u64) {
     counter!("sluice_checkpoints_completed_total").increment(1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge!("sluice_last_checkpoint_timestamp_seconds").set(now);
     histogram!("sluice_checkpoint_duration_seconds").record(took.as_secs_f64());
     gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
 }

@@ -16,6 +16,15 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `GET path`, or `None` when nothing answers (the process is gone).
+fn try_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    (!body.is_empty()).then_some(body)
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to metrics");
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
@@ -52,6 +61,29 @@ async fn the_default_config_runs_without_any_service() {
         .status()
         .expect("kill");
     assert!(status.success());
+    // While it stops (final checkpoint), /ready says 503 until the endpoint goes away.
+    let mut while_stopping = Vec::new();
+    while child.try_wait().expect("wait").is_none() {
+        if let Some(r) = try_get(&addr, "/ready") {
+            while_stopping.push(r.lines().next().unwrap_or_default().to_string());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        while_stopping.iter().any(|l| l.starts_with("HTTP/1.1 503")),
+        "/ready while stopping: {while_stopping:?}"
+    );
+    // (The signal takes a moment to be handled; once not ready, never ready again.)
+    let first_503 = while_stopping
+        .iter()
+        .position(|l| l.starts_with("HTTP/1.1 503"))
+        .unwrap_or(0);
+    assert!(
+        !while_stopping[first_503..]
+            .iter()
+            .any(|l| l.starts_with("HTTP/1.1 200")),
+        "/ready said 200 again while stopping: {while_stopping:?}"
+    );
     let exit = child.wait().expect("wait");
     let mut stdout = String::new();
     child
@@ -80,6 +112,12 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_lookup_hits_total",
         "sluice_lookup_store_queries_total",
         "sluice_lookup_in_flight",
+        // Histograms with buckets, counters there from the start, build and freshness.
+        "sluice_checkpoint_duration_seconds_bucket",
+        "sluice_restarts_total 0",
+        "sluice_checkpoints_failed_total 0",
+        "sluice_build_info{version=",
+        "sluice_last_checkpoint_timestamp_seconds",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
