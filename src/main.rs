@@ -102,10 +102,15 @@ macro_rules! say {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // sqlx echoes every statement (whole multi-row INSERTs) at debug: off unless RUST_LOG
+    // names sqlx itself, so `RUST_LOG=debug` stays readable.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if f.contains("sqlx") => f,
+        Ok(f) if !f.trim().is_empty() => format!("{f},sqlx::query=warn"),
+        _ => "info,sqlx=warn".to_string(),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info,sqlx=warn".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

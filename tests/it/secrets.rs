@@ -68,6 +68,10 @@ async fn planted_secrets_appear_nowhere() {
         .expect("run sluice txn");
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("DEBUG"), "debug logging was on");
+    assert!(
+        !logged.contains("sqlx::query"),
+        "RUST_LOG=debug echoed sqlx statements (off unless the filter names sqlx)"
+    );
     let everything = format!(
         "{logged}\n{served}\n{}\n{}",
         String::from_utf8_lossy(&txn.stdout),
