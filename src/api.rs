@@ -68,6 +68,7 @@ pub async fn start(listen: &str, job: &str, stats: Arc<JobStats>) -> Result<Opti
             loop {
                 tick.tick().await;
                 h.run_upkeep();
+                telemetry::process_metrics();
             }
         }));
     }

@@ -118,6 +118,9 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_checkpoints_failed_total 0",
         "sluice_build_info{version=",
         "sluice_last_checkpoint_timestamp_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
