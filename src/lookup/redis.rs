@@ -34,6 +34,19 @@ pub struct RedisOptions {
 /// The environment variable that holds Redis's password, if it needs one.
 pub const PASSWORD_ENV: &str = "SLUICE_REDIS_PASSWORD";
 
+/// A client for `url`, with `password` or else the one in [`PASSWORD_ENV`] (a password
+/// never sits in the config file).
+pub fn client(url: &str, password: Option<&str>) -> Result<redis::Client> {
+    let refused = |e: redis::RedisError| Error::Unsupported(format!("redis url {}: {e}", redact_url(url)));
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(refused)?;
+    let env = std::env::var(PASSWORD_ENV).ok();
+    if let Some(pw) = password.map(str::to_string).or(env).filter(|p| !p.is_empty()) {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info).map_err(refused)
+}
+
 /// Closed (Redis in use), or open until a time (Redis skipped).
 struct Breaker {
     open_until: Option<Instant>,
@@ -52,14 +65,7 @@ impl RedisTier {
     /// A tier over `options.url`; nothing is connected until the first lookup, so a
     /// Redis that is down at start only opens the breaker.
     pub fn new(options: RedisOptions) -> Result<Self> {
-        let refused = |e: redis::RedisError| Error::Unsupported(format!("redis url {}: {e}", redact_url(&options.url)));
-        let mut info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str()).map_err(refused)?;
-        // The password never sits in the config file.
-        if let Some(pw) = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()) {
-            let settings = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info).map_err(refused)?;
+        let client = client(&options.url, None)?;
         Ok(Self {
             client,
             conn: tokio::sync::Mutex::new(None),

@@ -62,9 +62,60 @@ fn marker_key(job: &str, subtask: usize) -> String {
 /// One message of an epoch, kept until the epoch's commit is known.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Msg {
-    topic: String,
+    to: Dest,
     key: Option<Vec<u8>>,
     value: Vec<u8>,
+}
+
+/// Which of the sink's topics a message goes to (resolved at send, so a record carries
+/// no topic name of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Dest {
+    Output,
+    DeadLetters,
+    Commits,
+}
+
+/// The key of a message about an input record: its Kafka coordinates.
+fn origin_key(o: &crate::record::Origin) -> Vec<u8> {
+    format!("{}/{}/{}", o.topic, o.partition, o.offset).into_bytes()
+}
+
+/// A dead letter as a message on the dead-letter topic.
+fn dead_letter_msg(d: &crate::record::DeadLetter) -> Msg {
+    Msg {
+        to: Dest::DeadLetters,
+        key: Some(origin_key(&d.origin)),
+        value: serde_json::json!({
+            "topic": &*d.origin.topic,
+            "partition": d.origin.partition,
+            "offset": d.origin.offset,
+            "reason": d.reason,
+            "payload": String::from_utf8_lossy(&d.payload),
+        })
+        .to_string()
+        .into_bytes(),
+    }
+}
+
+/// Queue `msg` on `topic`, waiting while the producer's queue is full.
+async fn send<C>(producer: &ThreadedProducer<C>, topic: &str, msg: &Msg) -> Result<()>
+where
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
+{
+    loop {
+        let mut record = BaseRecord::to(topic).payload(&msg.value);
+        if let Some(k) = &msg.key {
+            record = record.key(k);
+        }
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(Error::kafka(format!("send to {topic}"))(e)),
+        }
+    }
 }
 
 /// What a Kafka sink subtask puts into a checkpoint.
@@ -88,6 +139,8 @@ pub struct KafkaTarget {
     pub dead_letter_topic: Option<String>,
     /// `transaction.timeout.ms`.
     pub transaction_timeout: Duration,
+    /// The job's commit-marker topic.
+    commits: String,
 }
 
 impl KafkaTarget {
@@ -139,6 +192,7 @@ impl KafkaTarget {
                 spec,
                 dead_letter_topic,
                 transaction_timeout,
+                commits,
             });
         }
         if !topics_found[1] {
@@ -185,7 +239,16 @@ impl KafkaTarget {
             spec,
             dead_letter_topic,
             transaction_timeout,
+            commits,
         })
+    }
+
+    fn topic(&self, to: Dest) -> &str {
+        match to {
+            Dest::Output => &self.spec.table,
+            Dest::DeadLetters => self.dead_letter_topic.as_deref().unwrap_or(&self.spec.table),
+            Dest::Commits => &self.commits,
+        }
     }
 
     fn producer(&self, id: &str) -> Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
@@ -309,22 +372,6 @@ impl KafkaTwoPhase {
             })
     }
 
-    async fn send(producer: &ThreadedProducer<DefaultProducerContext>, msg: &Msg) -> Result<()> {
-        loop {
-            let mut record = BaseRecord::to(&msg.topic).payload(&msg.value);
-            if let Some(k) = &msg.key {
-                record = record.key(k);
-            }
-            match producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((e, _)) => return Err(Error::kafka(format!("send to {}", msg.topic))(e)),
-            }
-        }
-    }
-
     async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
         let slot = match self.open {
@@ -338,32 +385,22 @@ impl KafkaTwoPhase {
             }
         };
         let producer = self.producers[slot].clone();
+        let output = self.target.topic(Dest::Output);
         for r in &batch.records {
             let msg = Msg {
-                topic: self.target.spec.table.clone(),
+                to: Dest::Output,
                 key: message_key(&self.target.spec, r),
                 value: message_value(&self.target.spec, r),
             };
-            Self::send(&producer, &msg).await?;
+            send(&producer, output, &msg).await?;
             self.messages.push(msg);
         }
         self.records += batch.records.len() as u64;
-        if let Some(topic) = &self.target.dead_letter_topic {
+        if self.target.dead_letter_topic.is_some() {
+            let topic = self.target.topic(Dest::DeadLetters);
             for d in &batch.dead {
-                let msg = Msg {
-                    topic: topic.clone(),
-                    key: Some(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset).into_bytes()),
-                    value: serde_json::json!({
-                        "topic": &*d.origin.topic,
-                        "partition": d.origin.partition,
-                        "offset": d.origin.offset,
-                        "reason": d.reason,
-                        "payload": String::from_utf8_lossy(&d.payload),
-                    })
-                    .to_string()
-                    .into_bytes(),
-                };
-                Self::send(&producer, &msg).await?;
+                let msg = dead_letter_msg(d);
+                send(&producer, topic, &msg).await?;
                 self.messages.push(msg);
             }
         }
@@ -384,11 +421,11 @@ impl KafkaTwoPhase {
         if let Some(slot) = self.open.take() {
             let producer = self.producers[slot].clone();
             let marker = Msg {
-                topic: commit_topic(&self.job),
+                to: Dest::Commits,
                 key: Some(marker_key(&self.job, self.subtask).into_bytes()),
                 value: checkpoint.to_string().into_bytes(),
             };
-            Self::send(&producer, &marker).await?;
+            send(&producer, self.target.topic(Dest::Commits), &marker).await?;
             let p = producer.clone();
             blocking("flush the epoch", move || p.flush(CALL_TIMEOUT)).await?;
             crate::failpoint::crash_if("after_prepare", checkpoint);
@@ -492,17 +529,17 @@ impl KafkaTwoPhase {
                 let p = producer.clone();
                 blocking("begin a transaction", move || p.begin_transaction()).await?;
                 for m in &messages {
-                    Self::send(&producer, m).await?;
+                    send(&producer, self.target.topic(m.to), m).await?;
                 }
                 let marker = Msg {
-                    topic: commit_topic(&self.job),
+                    to: Dest::Commits,
                     key: Some(marker_key(&self.job, state.subtask).into_bytes()),
                     value: n.to_string().into_bytes(),
                 };
-                Self::send(&producer, &marker).await?;
+                send(&producer, self.target.topic(Dest::Commits), &marker).await?;
                 let p = producer.clone();
                 blocking("commit a rewritten epoch", move || p.commit_transaction(CALL_TIMEOUT)).await?;
-                let records = messages.iter().filter(|m| m.topic == self.target.spec.table).count() as u64;
+                let records = messages.iter().filter(|m| m.to == Dest::Output).count() as u64;
                 self.stats.rows_written.fetch_add(records, Ordering::Relaxed);
                 tracing::info!(
                     subtask = self.subtask,
@@ -673,55 +710,26 @@ impl KafkaProducerSink {
         })
     }
 
-    async fn send(&self, msg: Msg) -> Result<()> {
-        loop {
-            let mut record = BaseRecord::to(&msg.topic).payload(&msg.value);
-            if let Some(k) = &msg.key {
-                record = record.key(k);
-            }
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((e, _)) => return Err(Error::kafka(format!("send to {}", msg.topic))(e)),
-            }
-        }
-    }
-
     async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
+        let output = self.target.topic(Dest::Output);
         for r in &batch.records {
             let key = match message_key(&self.target.spec, r) {
-                None if self.keyed_by_origin => {
-                    Some(format!("{}/{}/{}", r.origin.topic, r.origin.partition, r.origin.offset).into_bytes())
-                }
+                None if self.keyed_by_origin => Some(origin_key(&r.origin)),
                 key => key,
             };
-            self.send(Msg {
-                topic: self.target.spec.table.clone(),
+            let msg = Msg {
+                to: Dest::Output,
                 key,
                 value: message_value(&self.target.spec, r),
-            })
-            .await?;
+            };
+            send(&self.producer, output, &msg).await?;
         }
         self.sent += batch.records.len() as u64;
-        if let Some(topic) = &self.target.dead_letter_topic {
+        if self.target.dead_letter_topic.is_some() {
+            let topic = self.target.topic(Dest::DeadLetters);
             for d in &batch.dead {
-                self.send(Msg {
-                    topic: topic.clone(),
-                    key: Some(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset).into_bytes()),
-                    value: serde_json::json!({
-                        "topic": &*d.origin.topic,
-                        "partition": d.origin.partition,
-                        "offset": d.origin.offset,
-                        "reason": d.reason,
-                        "payload": String::from_utf8_lossy(&d.payload),
-                    })
-                    .to_string()
-                    .into_bytes(),
-                })
-                .await?;
+                send(&self.producer, topic, &dead_letter_msg(d)).await?;
             }
         }
         Ok(())

@@ -30,14 +30,7 @@ pub struct RedisWal {
 impl RedisWal {
     /// Connect (the password, if any, from `password` or `SLUICE_REDIS_PASSWORD`).
     pub async fn open(url: &str, password: Option<&str>, spec: TableSpec, command: RedisCommand) -> Result<Self> {
-        let refused = |e: redis::RedisError| Error::Unsupported(format!("redis sink {}: {e}", redact_url(url)));
-        let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(refused)?;
-        let env = std::env::var(crate::lookup::redis::PASSWORD_ENV).ok();
-        if let Some(pw) = password.map(str::to_string).or(env).filter(|p| !p.is_empty()) {
-            let settings = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info).map_err(refused)?;
+        let client = crate::lookup::redis::client(url, password)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(30)));

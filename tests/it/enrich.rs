@@ -525,7 +525,6 @@ async fn an_enriching_job_killed_repeatedly_loses_and_doubles_nothing() {
     }
     feeder.join().expect("feeder");
     let s = Sluice::start(&config, &log);
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let done = wait_until(Duration::from_secs(120), || async {
         count_rows(&pool, &schema).await >= TOTAL as i64
     })

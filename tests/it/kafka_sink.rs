@@ -15,8 +15,16 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::common::*;
 
-/// Every message of `topic` (all partitions, from the start) as seen with `isolation`.
+/// Every message value of `topic` (all partitions, from the start) as seen with `isolation`.
 fn consume_all(topic: &str, partitions: i32, isolation: &str) -> Vec<serde_json::Value> {
+    consume_keyed(topic, partitions, isolation)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Every message of `topic` as (key, JSON value), as seen with `isolation`.
+fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<String>, serde_json::Value)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .set("group.id", unique("reader"))
@@ -38,7 +46,7 @@ fn consume_all(topic: &str, partitions: i32, isolation: &str) -> Vec<serde_json:
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 if let Some(v) = m.payload().and_then(|p| serde_json::from_slice(p).ok()) {
-                    out.push(v);
+                    out.push((m.key().map(|k| String::from_utf8_lossy(k).into_owned()), v));
                 }
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -138,8 +146,6 @@ listen = ""
 /// every id exactly once, read committed.
 async fn finish(j: &KafkaJob, total: i64) {
     let s = Sluice::start(&j.config, &j.log);
-    // Everything may be committed already: let the last run start before it is stopped.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let (out, n) = (j.output.clone(), total);
     let done = wait_until(Duration::from_secs(120), || {
         let out = out.clone();
@@ -368,7 +374,6 @@ async fn kafka_idempotent_loses_nothing_and_repeats_only_under_the_same_key() {
     }
     feeder.join().expect("feeder");
     let s = Sluice::start(&j.config, &j.log);
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let out = j.output.clone();
     let done = wait_until(Duration::from_secs(90), || {
         let out = out.clone();
@@ -384,16 +389,23 @@ async fn kafka_idempotent_loses_nothing_and_repeats_only_under_the_same_key() {
     assert!(done, "{}", s.log_tail());
     assert!(s.terminate().success());
     let out = j.output.clone();
-    let messages = tokio::task::spawn_blocking(move || consume_all(&out, 2, "read_uncommitted"))
+    let messages = tokio::task::spawn_blocking(move || consume_keyed(&out, 2, "read_uncommitted"))
         .await
         .expect("read");
-    let mut by_coordinates = std::collections::HashMap::new();
-    for m in &messages {
-        let key = format!("{}/{}/{}", m["topic"], m["partition"], m["offset"]);
+    let mut by_key = std::collections::HashMap::new();
+    for (key, m) in &messages {
+        let key = key.clone().expect("every message has a key");
+        let coordinates = format!(
+            "{}/{}/{}",
+            m["topic"].as_str().unwrap_or_default(),
+            m["partition"],
+            m["offset"]
+        );
+        assert_eq!(key, coordinates, "the key is the input record's coordinates");
         let id = m["id"].as_i64().expect("id");
-        assert_eq!(*by_coordinates.entry(key).or_insert(id), id, "one key, two records");
+        assert_eq!(*by_key.entry(key).or_insert(id), id, "one key, two records");
     }
-    assert_eq!(by_coordinates.len() as i64, TOTAL, "records lost");
+    assert_eq!(by_key.len() as i64, TOTAL, "records lost");
 }
 
 /// Crashes before checkpoint n is complete (after the epoch's transaction is flushed;

@@ -79,8 +79,6 @@ impl KillJob {
     /// left. Returns the log of all runs.
     async fn finish(&self, env: &[(&str, &str)], total: i64) -> String {
         let s = Sluice::start_with(&self.config, &self.log, env);
-        // Everything may be written already: let the last run start before it is stopped.
-        tokio::time::sleep(Duration::from_secs(3)).await;
         let complete = wait_until(Duration::from_secs(180), || async {
             sink_counts(&self.pool, &self.schema).await.0 >= total
         })
@@ -345,8 +343,6 @@ async fn kill_wal_sqlite_exactly_once() {
     }
     feeder.join().expect("feeder");
     let s = Sluice::start(&config, &log);
-    // Everything may be written already: let the last run start before it is stopped.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let count = |pool: sqlx::SqlitePool| async move {
         sqlx::query_as::<_, (i64, i64)>("SELECT count(*), count(DISTINCT id) FROM events")
             .fetch_one(&pool)
@@ -398,8 +394,6 @@ async fn kill_wal_redis_exactly_once() {
     let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
     let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
     let s = Sluice::start(&config, &log);
-    // Everything may be written already: let the last run start before it is stopped.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let done = wait_until(Duration::from_secs(90), || {
         let mut conn = conn.clone();
         let stream = stream.clone();
