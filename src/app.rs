@@ -624,7 +624,10 @@ async fn attempt(
         while let Some(joined) = tasks.join_next().await {
             if let Err(e) = flatten(joined) {
                 tracing::debug!(error = %e, "subtask error while cancelling");
-                cause.get_or_insert(e);
+                // Keep the first error that says more than "a neighbour stopped".
+                if cause.as_ref().is_none_or(|c| is_knock_on(c) && !is_knock_on(&e)) {
+                    cause = Some(e);
+                }
             }
         }
     })
@@ -634,9 +637,10 @@ async fn attempt(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    // "A source stopped" from the coordinator says less than the source's own error.
+    // "A source stopped" or "a downstream subtask stopped" says less than the error
+    // that stopped it (a fenced sink must not be restarted as a mere internal error).
     match (failure, cause) {
-        (Error::Internal(_), Some(cause)) => Err(cause),
+        (failure, Some(cause)) if is_knock_on(&failure) && !is_knock_on(&cause) => Err(cause),
         (failure, _) => Err(failure),
     }
 }
@@ -821,6 +825,12 @@ async fn build_sink(
             Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
         }
     })
+}
+
+/// An error that only reports another subtask's end (a closed channel, a stopped
+/// neighbour), whichever subtask it is attributed to.
+fn is_knock_on(e: &Error) -> bool {
+    matches!(e.root(), Error::Internal(_))
 }
 
 fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
