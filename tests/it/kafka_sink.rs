@@ -192,11 +192,36 @@ async fn kafka_to_kafka_two_phase_killed_repeatedly_is_exactly_once() {
     let all = tokio::task::spawn_blocking(move || consume_all(&out, 2, "read_uncommitted"))
         .await
         .expect("read");
+    // Every transaction leaves a control record (its commit or abort marker) in each
+    // partition it wrote, taking an offset no consumer sees: without transactions the
+    // log would end exactly after its messages. (Aborted data is not a proof: kills
+    // may all land while no transaction holds records.)
+    let out = j.output.clone();
+    let end: i64 = tokio::task::spawn_blocking(move || high_watermarks(&out, 2).iter().sum())
+        .await
+        .expect("watermarks");
+    assert!(all.len() as u64 >= TOTAL);
     assert!(
-        all.len() as u64 > TOTAL,
-        "read_uncommitted saw {} messages for {TOTAL} records: no aborted data, were transactions used?",
+        end > all.len() as i64,
+        "the output log ends at {end} offsets for {} messages: no transaction markers, were transactions used?",
         all.len()
     );
+}
+
+/// The end offset of every partition of `topic`.
+fn high_watermarks(topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .collect()
 }
 
 /// A crash after checkpoint n completed and before its transaction committed: the
