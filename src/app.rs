@@ -42,7 +42,7 @@ use crate::sink::wal::WalWriter;
 use crate::sink::{SinkTarget, TableSpec};
 use crate::source::embedded::EmbeddedKafka;
 use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeConfig};
-use crate::telemetry::{self, JobStats, SubtaskMetrics};
+use crate::telemetry::{self, JobState, JobStats};
 use crate::time::extract::TimestampAssigner;
 use crate::time::watermark::{BoundedOutOfOrderness, WatermarkGenerator};
 use crate::time::Clock;
@@ -100,6 +100,29 @@ impl Plan {
             }
         }
         out
+    }
+
+    /// The stages, for the API.
+    pub fn graph(&self) -> Vec<telemetry::status::StageInfo> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(s, stage)| {
+                let mut operators: Vec<String> = Vec::new();
+                if s == 0 {
+                    operators.extend(["source".to_string(), "decode".to_string()]);
+                }
+                operators.extend(stage.ops.iter().map(|o| o.id.clone()));
+                if stage.sink {
+                    operators.push("sink".into());
+                }
+                telemetry::status::StageInfo {
+                    operators,
+                    parallelism: stage.parallelism,
+                    input: stage.input.as_ref().map(|e| format!("{:?}", e.kind).to_lowercase()),
+                }
+            })
+            .collect()
     }
 
     /// One line per stage, for `sluice check` and the log.
@@ -266,9 +289,17 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
     let cfg = Arc::new(cfg);
     // The metrics recorder first: operators built by the plan register their metrics.
-    let _api = crate::api::start(&cfg.metrics.listen, &cfg.job.name, stats.clone()).await?;
+    let api = crate::api::ApiConfig {
+        listen: cfg.metrics.listen.clone(),
+        job: cfg.job.name.clone(),
+        sink_stall: cfg.metrics.ready_sink_stall,
+        checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,
+    };
+    let _api = crate::api::start(api, stats.clone()).await?;
     let plan = plan(&cfg, &stats)?;
     tracing::info!("job graph:\n{}", plan.describe());
+    stats.set_graph(plan.graph());
+    let shutdown = either(shutdown, stats.control.stop_requested());
     let embedded = match cfg.is_embedded() {
         true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
         false => None,
@@ -282,6 +313,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
     loop {
+        stats.set_state(JobState::Restoring);
         let owned = match &mut owner {
             Some(lock) => lock.ensure(&cfg.sink).await,
             None => Ok(()),
@@ -298,23 +330,32 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         let fenced = matches!(result.as_ref().map_err(Error::root), Err(Error::Fenced { .. }));
         let owns = owner.as_ref().is_some_and(JobLock::is_held) && !fenced;
         let err = match result {
-            Ok(()) => return Ok(()),
-            Err(e) if !e.is_retryable() => return Err(leave_nothing_prepared(&cfg, &storage, owns, e).await),
+            Ok(()) => {
+                stats.set_state(JobState::Finished);
+                return Ok(());
+            }
             Err(e) => e,
         };
-        if *shutdown.borrow() {
+        stats.failed(&err.to_string());
+        if !err.is_retryable() || *shutdown.borrow() {
+            stats.set_state(JobState::Failed);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         }
         let Some(wait) = policy.on_failure(Instant::now()) else {
             tracing::error!(error = %err, "job failed; the restart strategy allows no more restarts");
+            stats.set_state(JobState::Failed);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         };
+        stats.set_state(JobState::Restarting);
         tracing::warn!(error = %err, wait_ms = wait.as_millis() as u64, "job failed; restarting from the last completed checkpoint");
         telemetry::restarted();
         stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown_wait.changed() => return Err(err),
+            _ = shutdown_wait.changed() => {
+                stats.set_state(JobState::Failed);
+                return Err(err);
+            }
         }
     }
 }
@@ -431,6 +472,7 @@ async fn attempt(
 ) -> Result<()> {
     let target = SinkTarget::open(cfg, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
+    stats.restored(restored.as_ref().map(|c| c.id));
     if let Some(cp) = &restored {
         if cp.job != cfg.job.name {
             return Err(Error::Unsupported(format!(
@@ -494,19 +536,20 @@ async fn attempt(
                 storage: storage.clone(),
                 clock: shared.clock,
                 stats: stats.clone(),
-                metrics: first.as_deref().map(|op| SubtaskMetrics::new(op, j)),
+                metrics: first.as_deref().map(|op| stats.subtask_metrics(op, j)),
             };
             if stage.sink {
                 let mut sink = build_sink(cfg, bootstrap, &target, storage, j, stats.clone()).await?;
                 let mine = crate::runtime::sink::states_for(&sink_states, j, stage.parallelism as usize);
                 sink.recover(last_id, mine).await?;
-                tasks.spawn(run_task(chain, SinkTail { sink, index: j }, io));
+                let stats = stats.clone();
+                tasks.spawn(run_task(chain, SinkTail { sink, index: j, stats }, io));
             } else {
                 let next = &plan.stages[s + 1];
                 let tail = NetworkTail {
                     partitioner: partitioner(next, j, stage.parallelism, mp),
                     outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
-                    metrics: SubtaskMetrics::new(first.as_deref().unwrap_or("operator"), j),
+                    metrics: stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
                 };
                 tasks.spawn(run_task(chain, tail, io));
             }
@@ -554,7 +597,7 @@ async fn attempt(
             storage: storage.clone(),
             clock: shared.clock,
             stats: stats.clone(),
-            metrics: SubtaskMetrics::new("source", i),
+            metrics: stats.subtask_metrics("source", i),
         };
         tasks.spawn_blocking(move || run_source(source, chain, io));
     }
@@ -583,7 +626,10 @@ async fn attempt(
         handle.stop();
     }
 
-    stats.running.store(true, std::sync::atomic::Ordering::Relaxed);
+    stats.set_state(match *shutdown.borrow() {
+        true => JobState::Stopping,
+        false => JobState::Running,
+    });
     let _not_running = NotRunning(stats.clone());
     let mut stopping = *shutdown.borrow();
     let failure = loop {
@@ -611,7 +657,7 @@ async fn attempt(
                 let _ = changed;
                 stopping = true;
                 // Not ready while stopping: a load balancer stops sending to it now.
-                stats.running.store(false, std::sync::atomic::Ordering::Relaxed);
+                stats.set_state(JobState::Stopping);
                 handle.stop();
             }
         }
@@ -748,13 +794,37 @@ fn source_time(cfg: &JobConfig, plan: &Plan) -> Option<SourceTimeConfig> {
     })
 }
 
-/// Marks the job not running when an attempt ends, however it ends.
+/// Marks the job not running when an attempt ends, however it ends (the caller then
+/// says whether it restarts, failed or finished).
 struct NotRunning(Arc<JobStats>);
 
 impl Drop for NotRunning {
     fn drop(&mut self) {
-        self.0.running.store(false, std::sync::atomic::Ordering::Relaxed);
+        if self.0.state() == JobState::Running {
+            self.0.set_state(JobState::Restarting);
+        }
     }
+}
+
+/// A receiver that turns true when either does (a dropped sender counts as true, as
+/// a stop nobody can take back).
+fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    if *rx.borrow() {
+        return rx;
+    }
+    tokio::spawn(async move {
+        let from_api = tokio::select! {
+            _ = a.changed() => false,
+            _ = b.changed() => true,
+            _ = tx.closed() => return,
+        };
+        if from_api {
+            tracing::info!("stop requested over the HTTP API");
+        }
+        tx.send_replace(true);
+    });
+    rx
 }
 
 /// How long cancelled subtasks get to stop before they are aborted.

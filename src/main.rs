@@ -180,7 +180,7 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
     let stats = Arc::new(sluice::telemetry::JobStats::default());
     let mut look = Vec::new();
     if !cfg.metrics.listen.is_empty() {
-        look.push(format!("http://{}/metrics, /status", cfg.metrics.listen));
+        look.push(format!("http://{}/", cfg.metrics.listen));
     }
     look.push(format!(
         "sink {} table {}",

@@ -176,10 +176,15 @@ impl Coordinator {
         let mut last_trigger = Instant::now();
         let mut last_end = Instant::now();
         let mut stopping = *stop.borrow();
+        let stats = self.stats.clone();
+        let requests = &stats.control.checkpoints;
+        requests.restarted();
         loop {
             let next_trigger = match (&pending, stopping) {
                 (Some(_), _) => None,
                 (None, true) => Some(Instant::now()),
+                // Asked for over the API: now, but never closer than the least pause.
+                (None, false) if requests.pending() => Some(last_end + self.timing.min_pause),
                 (None, false) => Some((last_trigger + self.timing.interval).max(last_end + self.timing.min_pause)),
             };
             let deadline = pending.as_ref().map(|p| p.triggered_at + self.timing.timeout);
@@ -192,13 +197,21 @@ impl Coordinator {
                         t.send(barrier).map_err(|_| Error::Internal("a source subtask stopped".into()))?;
                     }
                     tracing::debug!(checkpoint = barrier.id, is_final = barrier.is_final, "triggered");
+                    self.stats.checkpoint_triggered(barrier.id, barrier.is_final);
+                    requests.triggered(barrier.id);
                     pending = Some(PendingCheckpoint::new(barrier, &self.tasks, last_trigger));
+                }
+                _ = requests.requested(), if pending.is_none() && !stopping => {
+                    // Loop to recompute the trigger time.
                 }
                 _ = async { sleep_until(deadline.unwrap_or_else(Instant::now).into()).await }, if deadline.is_some() => {
                     if let Some(p) = pending.take() {
                         if p.is_expired(Instant::now(), self.timing.timeout) {
                             tracing::warn!(checkpoint = p.barrier.id, missing = ?p.missing(), "checkpoint timed out; aborted");
-                            telemetry::checkpoint_failed();
+                            self.stats.checkpoint_failed(
+                                p.barrier.id,
+                                &format!("timed out after {:?} waiting for {}", self.timing.timeout, p.missing().join(", ")),
+                            );
                             last_end = Instant::now();
                             if p.barrier.is_final {
                                 return Err(Error::Internal(format!("final checkpoint {} timed out", p.barrier.id)));
@@ -241,7 +254,8 @@ impl Coordinator {
             } => {
                 if current == Some(checkpoint) {
                     tracing::warn!(checkpoint, task, reason, "checkpoint declined; aborted");
-                    telemetry::checkpoint_failed();
+                    self.stats
+                        .checkpoint_failed(checkpoint, &format!("declined by {task}: {reason}"));
                     let p = pending.take();
                     if p.is_some_and(|p| p.barrier.is_final) {
                         return Err(Error::Internal(format!(
@@ -282,7 +296,7 @@ impl Coordinator {
                 self.completed.send_replace(barrier.id);
                 let took = started.elapsed();
                 telemetry::checkpoint_completed(took, bytes);
-                self.stats.checkpoint_completed(barrier.id);
+                self.stats.checkpoint_completed(barrier.id, took, bytes);
                 tracing::debug!(
                     checkpoint = barrier.id,
                     ms = took.as_millis() as u64,

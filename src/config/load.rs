@@ -652,6 +652,12 @@ impl MetricsConfig {
                 "must be host:port, e.g. 127.0.0.1:9464 (or empty to turn off)",
             );
         }
+        if self.ready_sink_stall < Duration::from_secs(1) {
+            return fail(
+                "metrics.ready_sink_stall",
+                "must be at least 1s: shorter, every ordinary commit would make the job unready",
+            );
+        }
         Ok(())
     }
 }

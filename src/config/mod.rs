@@ -565,12 +565,17 @@ pub struct MetricsConfig {
     /// Address of the Prometheus `/metrics` endpoint; empty turns it off.
     #[serde(default = "defaults::metrics_listen")]
     pub listen: String,
+    /// `/ready` answers 503 while a call into the sink's target has been running this
+    /// long (a blocked database or broker): a job that writes nothing is not ready.
+    #[serde(default = "defaults::ready_sink_stall", with = "humantime_serde")]
+    pub ready_sink_stall: Duration,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: defaults::metrics_listen(),
+            ready_sink_stall: defaults::ready_sink_stall(),
         }
     }
 }
@@ -701,6 +706,9 @@ mod defaults {
     }
     pub fn metrics_listen() -> String {
         "127.0.0.1:9464".into()
+    }
+    pub fn ready_sink_stall() -> Duration {
+        Duration::from_secs(60)
     }
 }
 

@@ -115,6 +115,8 @@ pub struct SinkTail {
     pub sink: Box<dyn Sink>,
     /// The sink subtask's index.
     pub index: usize,
+    /// Where the sink's calls are marked busy (a long one makes the job unready).
+    pub stats: Arc<JobStats>,
 }
 
 impl Tail for SinkTail {
@@ -122,6 +124,7 @@ impl Tail for SinkTail {
         for item in items.drain(..) {
             if let Emit::Batch(b) = item {
                 if !b.is_empty() {
+                    let _busy = self.stats.sink_busy(self.index);
                     self.sink.write(b).await?;
                 }
             }
@@ -130,6 +133,7 @@ impl Tail for SinkTail {
     }
 
     async fn tick(&mut self) -> Result<()> {
+        let _busy = self.stats.sink_busy(self.index);
         self.sink.on_quiet().await
     }
 
@@ -142,7 +146,10 @@ impl Tail for SinkTail {
     }
 
     async fn barrier(&mut self, b: Barrier) -> Result<Option<(String, serde_json::Value)>> {
-        let state = self.sink.pre_commit(b.id).await?;
+        let state = {
+            let _busy = self.stats.sink_busy(self.index);
+            self.sink.pre_commit(b.id).await?
+        };
         Ok(Some((task_name("sink", self.index), state)))
     }
 
@@ -151,6 +158,7 @@ impl Tail for SinkTail {
     }
 
     async fn commit(&mut self, id: u64) -> Result<()> {
+        let _busy = self.stats.sink_busy(self.index);
         self.sink.commit(id).await
     }
 

@@ -93,12 +93,13 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
         subtask: usize,
         stats: Arc<JobStats>,
     ) -> Self {
+        let metrics = stats.subtask_metrics("sink", subtask);
         Self {
             target,
             buffer: WriteBuffer::new(batch_size, dead_letters),
             subtask,
             stats,
-            metrics: SubtaskMetrics::new("sink", subtask),
+            metrics,
             waiting_since: None,
             flush_interval: std::time::Duration::from_secs(1),
         }

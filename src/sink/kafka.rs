@@ -324,6 +324,7 @@ impl KafkaTwoPhase {
         let producers = (0..SLOTS)
             .map(|slot| target.producer(&transactional_id(job, subtask, slot)))
             .collect::<Result<Vec<_>>>()?;
+        let metrics = stats.subtask_metrics("sink", subtask);
         Ok(Self {
             job: job.to_string(),
             subtask,
@@ -335,7 +336,7 @@ impl KafkaTwoPhase {
             records: 0,
             pending: Vec::new(),
             stats,
-            metrics: SubtaskMetrics::new("sink", subtask),
+            metrics,
         })
     }
 
@@ -699,6 +700,7 @@ impl KafkaProducerSink {
         let producer = c
             .create_with_context(DeliveryErrors::default())
             .map_err(Error::kafka("create the sink's producer"))?;
+        let metrics = stats.subtask_metrics("sink", subtask);
         Ok(Self {
             target,
             producer,
@@ -706,7 +708,7 @@ impl KafkaProducerSink {
             subtask,
             sent: 0,
             stats,
-            metrics: SubtaskMetrics::new("sink", subtask),
+            metrics,
         })
     }
 

@@ -64,6 +64,7 @@ impl TwoPhaseWriter {
         stats: Arc<JobStats>,
     ) -> Result<Self> {
         let conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
+        let metrics = stats.subtask_metrics("sink", subtask);
         Ok(Self {
             job: job.to_string(),
             subtask,
@@ -74,7 +75,7 @@ impl TwoPhaseWriter {
             buffer: WriteBuffer::new(batch_size, dead_letters),
             pending: Vec::new(),
             stats,
-            metrics: SubtaskMetrics::new("sink", subtask),
+            metrics,
             uncommitted: 0,
             prepared_counts: Vec::new(),
             fence: None,

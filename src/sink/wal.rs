@@ -93,6 +93,7 @@ impl<T: WalTarget> WalWriter<T> {
         storage: Arc<dyn CheckpointStorage>,
         stats: Arc<JobStats>,
     ) -> Self {
+        let metrics = stats.subtask_metrics("sink", subtask);
         Self {
             job: job.to_string(),
             subtask,
@@ -105,7 +106,7 @@ impl<T: WalTarget> WalWriter<T> {
             },
             pending: Vec::new(),
             stats,
-            metrics: SubtaskMetrics::new("sink", subtask),
+            metrics,
         }
     }
 

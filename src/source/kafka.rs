@@ -550,18 +550,15 @@ impl KafkaSource {
         let Ok(high) = run.context.high.lock() else {
             return;
         };
-        let mut total = 0;
         for t in &run.topics {
             for (p, s) in &t.partitions {
                 if let Some(hw) = high.get(&(t.name.to_string(), *p)) {
                     let lag = (hw - s.next.unwrap_or(0)).max(0);
                     s.lag.set(lag as f64);
-                    total += lag;
+                    self.stats.set_partition_lag(&t.name, *p, s.next.unwrap_or(0), lag);
                 }
             }
         }
-        // Each subtask adds its share; the job total is kept per subtask slot.
-        self.stats.set_lag(self.index, total);
     }
 }
 

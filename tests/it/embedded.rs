@@ -19,7 +19,7 @@ fn free_port() -> u16 {
 /// `GET path`, or `None` when nothing answers (the process is gone).
 fn try_get(addr: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     (!body.is_empty()).then_some(body)
@@ -27,7 +27,7 @@ fn try_get(addr: &str, path: &str) -> Option<String> {
 
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to metrics");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("response");
     body
@@ -160,7 +160,7 @@ async fn the_default_config_runs_without_any_service() {
     let body = status_page.split("\r\n\r\n").nth(1).unwrap_or_default();
     let json: serde_json::Value = serde_json::from_str(body).expect("status is JSON");
     assert_eq!(json["job"], "demo");
-    assert_eq!(json["running"], true);
+    assert_eq!(json["state"], "running");
     assert!(json["records_in"].as_u64().unwrap_or(0) > 1_000, "{json}");
     assert!(json["last_checkpoint"]["id"].as_u64().unwrap_or(0) >= 1, "{json}");
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod api;
 mod bad_input;
 mod broker_faults;
 mod config_errors;

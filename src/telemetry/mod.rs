@@ -13,11 +13,17 @@
 //! - `restarts_total`
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+pub mod control;
+pub mod status;
+
+pub use control::JobControl;
+pub use status::{JobState, JobStats, WatermarkStatus};
 
 /// Help texts, so that `/metrics` explains itself.
 pub(crate) fn describe() {
@@ -119,6 +125,16 @@ pub(crate) fn describe() {
         "CPU time of the process (whole seconds)."
     );
     describe_gauge!("process_open_fds", "Open file descriptors of the process.");
+    describe_gauge!(
+        "sluice_job_state",
+        "1 for the state the job is in (created, restoring, running, stopping, restarting, failed, finished), 0 for the others."
+    );
+    describe_gauge!("sluice_ready", "1 while /ready answers 200.");
+    describe_gauge!(
+        "sluice_sink_blocked_seconds",
+        Unit::Seconds,
+        "How long the longest call into the sink's target has been running (0 when none)."
+    );
     describe_gauge!(
         "sluice_last_checkpoint_timestamp_seconds",
         Unit::Seconds,
@@ -279,11 +295,6 @@ pub fn checkpoint_completed(took: Duration, bytes: u64) {
     gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
 }
 
-/// Count an aborted checkpoint.
-pub fn checkpoint_failed() {
-    counter!("sluice_checkpoints_failed_total").increment(1);
-}
-
 /// Record a sink subtask's pre-commit or commit duration.
 pub fn sink_commit(subtask: usize, took: Duration) {
     histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string()).record(took.as_secs_f64());
@@ -325,86 +336,6 @@ pub fn possible_replay() {
 /// Count a restart of the job.
 pub fn restarted() {
     counter!("sluice_restarts_total").increment(1);
-}
-
-/// Job-wide numbers for the status line and for tests; updated alongside the metrics.
-#[derive(Debug, Default)]
-pub struct JobStats {
-    /// Records read.
-    pub records_in: AtomicU64,
-    /// Rows written (committed) to the sink.
-    pub rows_written: AtomicU64,
-    /// Dead letters.
-    pub dead_letters: AtomicU64,
-    /// Checkpoints completed.
-    pub checkpoints: AtomicU64,
-    /// Id of the newest completed checkpoint.
-    pub last_checkpoint: AtomicU64,
-    /// When it completed (epoch ms).
-    pub last_checkpoint_at_ms: AtomicU64,
-    /// Restarts of the job inside this process (after failures).
-    pub restarts: AtomicU64,
-    /// The job's subtasks are running (not starting, restarting or stopped).
-    pub running: std::sync::atomic::AtomicBool,
-    lag_by_subtask: std::sync::Mutex<std::collections::BTreeMap<usize, i64>>,
-    /// Window results emitted.
-    pub windows_fired: AtomicU64,
-    /// Records sent to the late-data output.
-    pub late_dropped: AtomicU64,
-    /// Watermark per operator subtask, and the partition holding a source back.
-    watermarks: std::sync::Mutex<std::collections::BTreeMap<String, WatermarkStatus>>,
-}
-
-/// Event time of one subtask, as `/status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct WatermarkStatus {
-    /// Epoch ms; `None` before the first watermark.
-    pub watermark_ms: Option<i64>,
-    /// The input holding the watermark back (a source: `topic/partition`), or `idle`.
-    pub held_back_by: Option<String>,
-}
-
-impl JobStats {
-    /// Record one source subtask's consumer lag.
-    pub fn set_lag(&self, subtask: usize, lag: i64) {
-        if let Ok(mut m) = self.lag_by_subtask.lock() {
-            m.insert(subtask, lag);
-        }
-    }
-
-    /// Consumer lag over all source subtasks.
-    pub fn lag(&self) -> i64 {
-        self.lag_by_subtask.lock().map_or(0, |m| m.values().sum())
-    }
-
-    /// Record a subtask's watermark (`task` as `operator-subtask`).
-    pub fn set_watermark(&self, task: &str, watermark: i64, held_back_by: Option<String>) {
-        if let Ok(mut m) = self.watermarks.lock() {
-            m.insert(
-                task.to_string(),
-                WatermarkStatus {
-                    watermark_ms: (watermark != i64::MIN).then_some(watermark),
-                    held_back_by,
-                },
-            );
-        }
-    }
-
-    /// Every subtask's watermark.
-    pub fn watermarks(&self) -> std::collections::BTreeMap<String, WatermarkStatus> {
-        self.watermarks.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Note that checkpoint `id` completed now.
-    pub fn checkpoint_completed(&self, id: u64) {
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.last_checkpoint.store(id, Ordering::Relaxed);
-        gauge!("sluice_last_checkpoint_id").set(id as f64);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.last_checkpoint_at_ms.store(now, Ordering::Relaxed);
-    }
 }
 
 /// Print a status line every `every` until the task is aborted.
@@ -465,4 +396,10 @@ fn window_status(stats: &JobStats) -> String {
 fn time_of_day(secs: i64) -> String {
     let s = secs.rem_euclid(86_400);
     format!("{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
+}
+
+/// Readiness and sink blockage as gauges, so alerts see what `/ready` answers.
+pub fn readiness(stats: &JobStats, sink_stall: Duration) {
+    gauge!("sluice_ready").set(if stats.is_ready(sink_stall).is_ok() { 1.0 } else { 0.0 });
+    gauge!("sluice_sink_blocked_seconds").set(stats.sink_blocked_for().map_or(0.0, |d| d.as_secs_f64()));
 }
