@@ -347,9 +347,15 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         };
         stats.set_state(JobState::Restarting);
-        tracing::warn!(error = %err, wait_ms = wait.as_millis() as u64, "job failed; restarting from the last completed checkpoint");
+        let restart = stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        tracing::warn!(
+            error = %err,
+            restart,
+            wait_ms = wait.as_millis() as u64,
+            restored_from = stats.restored_from(),
+            "job failed; restarting from the last completed checkpoint"
+        );
         telemetry::restarted();
-        stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown_wait.changed() => {

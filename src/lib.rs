@@ -35,6 +35,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod logging;
 pub mod lookup;
 pub mod operators;
 pub mod record;

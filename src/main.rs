@@ -20,6 +20,9 @@ use sluice::sink::postgres;
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Kafka to a database, exactly once")]
 struct Cli {
+    /// Log lines as `text` or as one JSON object per line (`json`) for log shippers.
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
+    log_format: sluice::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +61,16 @@ enum Command {
         /// Every n-th event is malformed (0: never).
         #[arg(long, default_value_t = 1000)]
         bad_every: u64,
+    },
+    /// Exit 0 if a running job's HTTP API answers (`/health`, or `/ready` with
+    /// `--ready`), 1 otherwise: a container's HEALTHCHECK without curl in the image.
+    Health {
+        /// The API's address.
+        #[arg(long, default_value = "127.0.0.1:9464", env = "SLUICE__METRICS__LISTEN")]
+        listen: String,
+        /// Ask `/ready` instead of `/health`.
+        #[arg(long)]
+        ready: bool,
     },
     /// Show or resolve this job's prepared transactions (two-phase sink) by hand.
     Txn {
@@ -102,18 +115,8 @@ macro_rules! say {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // sqlx echoes every statement (whole multi-row INSERTs) at debug: off unless RUST_LOG
-    // names sqlx itself, so `RUST_LOG=debug` stays readable.
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if f.contains("sqlx") => f,
-        Ok(f) if !f.trim().is_empty() => format!("{f},sqlx::query=warn"),
-        _ => "info,sqlx=warn".to_string(),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info,sqlx=warn".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let json = cli.log_format == sluice::logging::LogFormat::Json;
+    sluice::logging::init(cli.log_format, std::env::var("RUST_LOG").ok().as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -123,6 +126,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A shipper parses the last word too; a person reads it plainly.
+        Err(e) if json => {
+            tracing::error!(error = format!("{e:#}"), "sluice stopped");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -158,6 +166,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Migrate { config } => migrate(load(&config)?).await,
         Command::Txn { action } => txn(action).await,
+        Command::Health { listen, ready } => health(&listen, ready).await,
         Command::Generate {
             bootstrap_servers,
             topic,
@@ -171,10 +180,10 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!("sluice: stopping after a final checkpoint (press Ctrl-C again to quit at once)");
+        tracing::info!("signal: stopping after a final checkpoint (signal again to quit at once)");
         stop_tx.send_replace(true);
         wait_for_signal().await;
-        eprintln!("sluice: quitting without a final checkpoint");
+        tracing::warn!("second signal: quitting without a final checkpoint");
         std::process::exit(130);
     });
     let stats = Arc::new(sluice::telemetry::JobStats::default());
@@ -192,10 +201,35 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
         cfg.job.status_interval,
         look.join(" | "),
     ));
-    tracing::info!(job = cfg.job.name, "starting");
+    sluice::logging::set_job(&cfg.job.name);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     let result = sluice::app::run(cfg, stop_rx, stats).await;
     status.abort();
     result.context("job failed")
+}
+
+async fn health(listen: &str, ready: bool) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = if ready { "/ready" } else { "/health" };
+    // An API bound to every interface is asked on loopback.
+    let addr = listen.replace("0.0.0.0", "127.0.0.1");
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(3), exchange)
+        .await
+        .with_context(|| format!("{addr}{path}: no answer within 3 s"))?
+        .with_context(|| format!("{addr}{path}"))?;
+    let status = answer.lines().next().unwrap_or_default();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    anyhow::ensure!(status.contains(" 200 "), "{addr}{path}: {status}: {body}");
+    say!("{body}");
+    Ok(())
 }
 
 async fn generate(bootstrap: String, topic: String, rate: u32, bad_every: u64) -> anyhow::Result<()> {
@@ -211,7 +245,7 @@ async fn generate(bootstrap: String, topic: String, rate: u32, bad_every: u64) -
         events_per_second: rate,
         bad_record_every: bad_every,
     };
-    eprintln!("sluice: producing {rate} events/s to {topic} on {bootstrap} until Ctrl-C");
+    tracing::info!(rate, topic, bootstrap, "producing sample events until Ctrl-C");
     tokio::task::spawn_blocking(move || sluice::source::embedded::generate_to(&bootstrap, &topic, &cfg, &stop))
         .await
         .context("generator thread")??;
