@@ -148,7 +148,8 @@ impl Visit for Fields<'_> {
 /// RFC 3339 UTC with milliseconds.
 fn timestamp() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     now.format(&format).unwrap_or_default()
 }
 
@@ -162,7 +163,10 @@ mod tests {
 
     impl std::io::Write for Buffer {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
