@@ -367,10 +367,12 @@ impl JobStats {
 
     /// The Prometheus series of subtask `subtask` of `operator`, counted here too.
     pub fn subtask_metrics(&self, operator: &str, subtask: usize) -> SubtaskMetrics {
-        let mine = Arc::new(SubtaskCounters::default());
-        if let Ok(mut m) = self.subtasks.lock() {
-            m.insert((operator.to_string(), subtask), mine.clone());
-        }
+        // Asked for twice by a task (its input side and its output side): one set of
+        // counters, like the one Prometheus series.
+        let mine = match self.subtasks.lock() {
+            Ok(mut m) => m.entry((operator.to_string(), subtask)).or_default().clone(),
+            Err(_) => Arc::new(SubtaskCounters::default()),
+        };
         let prom = SubtaskMetrics::new(operator, subtask);
         let tee = |c: Counter, f: fn(&SubtaskCounters) -> &AtomicU64| {
             Counter::from_arc(Arc::new(TeeCounter(c, mine.clone(), f)))

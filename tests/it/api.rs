@@ -87,6 +87,12 @@ async fn the_api_shows_the_job_checkpoints_on_request_and_stops() {
     .await;
     assert!(read_all, "the job did not read its input: {}", s.log_tail());
     assert_eq!(call(&j.addr, "GET", "/ready", None).await.0, 200);
+    // The container's HEALTHCHECK: sluice asks itself.
+    let health = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["health", "--ready", "--listen", &j.addr])
+        .output()
+        .expect("sluice health");
+    assert!(health.status.success(), "{health:?}");
     let events = format!("SELECT count(*) FROM {schema}.events");
     assert_eq!(count(&pool, &events).await, 0, "committed without a checkpoint");
 
@@ -256,4 +262,93 @@ async fn ready_is_503_while_the_sink_is_blocked_and_nothing_is_lost() {
         count(&pool, &format!("SELECT count(DISTINCT id) FROM {schema}.events")).await,
         2_000
     );
+}
+
+/// The live page in a real headless browser (Debian's chromium): after its script ran,
+/// the job graph shows every operator, and the checkpoint table a completed checkpoint.
+/// A screenshot is saved to `target/screenshots/live-page.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_renders_in_a_headless_browser() {
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("a headless browser: install Debian's chromium (.ci/run does)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let db = dir.path().join("demo.db");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--config", "config/default.toml"])
+        .env("SLUICE__SINK__URL", format!("sqlite://{}", db.display()))
+        .env("SLUICE__METRICS__LISTEN", &addr)
+        .env("SLUICE__JOB__STATUS_INTERVAL", "0s")
+        .env("SLUICE__CHECKPOINT__INTERVAL", "500ms")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    let a = addr.clone();
+    let checkpointed = wait_until(Duration::from_secs(30), || {
+        let a = a.clone();
+        async move {
+            get_json(&a, "/checkpoints")
+                .await
+                .is_some_and(|c| c["completed"].as_u64().is_some_and(|n| n >= 2))
+        }
+    })
+    .await;
+    assert!(checkpointed, "no checkpoint completed");
+    let url = format!("http://{addr}/");
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let shot = shots.join("live-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let run = |args: Vec<String>| {
+        let browser = browser.to_string();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(browser)
+                .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+                // Time for the page's first fetches and render.
+                .arg("--virtual-time-budget=5000")
+                .args(args)
+                .output()
+                .expect("run the browser")
+        })
+    };
+    let dom = run(vec!["--dump-dom".into(), url.clone()]).await.expect("join");
+    let screenshot = run(vec![
+        "--window-size=1280,1000".into(),
+        format!("--screenshot={}", shot.display()),
+        url,
+    ])
+    .await
+    .expect("join");
+    let _ = child.kill();
+    let _ = child.wait();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for op in ["source", "decode", "users", "activity", "sink"] {
+        assert!(
+            dom.contains(&format!("data-id=\"{op}\"")),
+            "operator {op} not on the page: {dom}"
+        );
+    }
+    assert!(dom.contains("class=\"state running\""), "{dom}");
+    assert!(
+        dom.contains("<tr class=\"completed\""),
+        "no completed checkpoint: {dom}"
+    );
+    assert!(dom.contains("rec/s in"), "{dom}");
+    let png = std::fs::read(&shot).unwrap_or_else(|e| {
+        panic!(
+            "no screenshot at {}: {e}; {}",
+            shot.display(),
+            String::from_utf8_lossy(&screenshot.stderr)
+        )
+    });
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
 }
