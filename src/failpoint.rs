@@ -12,19 +12,39 @@
 //!
 //! - `fail_before_commit`: a sink's commit returns an error instead of committing
 //!
+//! `<name>:once:<checkpoint>` fires a point once per process, at the first checkpoint
+//! from `<checkpoint>` on (a single failure, where `<name>:<checkpoint>` fails every
+//! later one too).
+//!
 //! Without the feature, `crash_if` and `fail_if` compile to nothing.
+
+/// Whether `SLUICE_FAILPOINT` arms point `name` at `checkpoint`.
+#[cfg(feature = "failpoints")]
+fn armed(name: &str, checkpoint: u64) -> bool {
+    let Ok(spec) = std::env::var("SLUICE_FAILPOINT") else {
+        return false;
+    };
+    let Some((point, at)) = spec.split_once(':') else {
+        return false;
+    };
+    if point != name {
+        return false;
+    }
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match at.strip_prefix("once:") {
+        Some(from) => {
+            from.parse::<u64>().is_ok_and(|from| checkpoint >= from)
+                && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        }
+        None => at.parse::<u64>().is_ok_and(|from| checkpoint >= from),
+    }
+}
 
 /// With `SLUICE_FAILPOINT=<name>:<checkpoint>`, abort the process once the checkpoint
 /// id reaches `<checkpoint>`.
 #[cfg(feature = "failpoints")]
 pub fn crash_if(name: &str, checkpoint: u64) {
-    let Ok(spec) = std::env::var("SLUICE_FAILPOINT") else {
-        return;
-    };
-    let Some((point, from)) = spec.split_once(':') else {
-        return;
-    };
-    if point == name && from.parse::<u64>().is_ok_and(|from| checkpoint >= from) {
+    if armed(name, checkpoint) {
         eprintln!("sluice: failpoint {name} at checkpoint {checkpoint}: aborting");
         std::process::abort();
     }
@@ -39,14 +59,11 @@ pub fn crash_if(_name: &str, _checkpoint: u64) {}
 /// `<checkpoint>`.
 #[cfg(feature = "failpoints")]
 pub fn fail_if(name: &str, checkpoint: u64) -> crate::Result<()> {
-    let Ok(spec) = std::env::var("SLUICE_FAILPOINT") else {
-        return Ok(());
-    };
-    match spec.split_once(':') {
-        Some((point, from)) if point == name && from.parse::<u64>().is_ok_and(|from| checkpoint >= from) => Err(
-            crate::Error::Internal(format!("failpoint {name} at checkpoint {checkpoint}")),
-        ),
-        _ => Ok(()),
+    match armed(name, checkpoint) {
+        true => Err(crate::Error::Internal(format!(
+            "failpoint {name} at checkpoint {checkpoint}"
+        ))),
+        false => Ok(()),
     }
 }
 

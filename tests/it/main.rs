@@ -15,6 +15,7 @@ mod kafka_sink;
 mod kill;
 mod migrate;
 mod owners;
+mod prometheus;
 mod recover;
 mod restart;
 mod secrets;

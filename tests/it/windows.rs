@@ -145,20 +145,20 @@ fn produce_flush(topic: &str, partitions: std::ops::Range<i32>, after: i64) {
     p.flush(Duration::from_secs(60)).expect("flush");
 }
 
-struct WindowJob {
-    pool: PgPool,
-    schema: String,
-    topic: String,
-    job: String,
+pub(crate) struct WindowJob {
+    pub(crate) pool: PgPool,
+    pub(crate) schema: String,
+    pub(crate) topic: String,
+    pub(crate) job: String,
     partitions: i32,
-    config: PathBuf,
-    log: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) log: PathBuf,
     strategy: &'static str,
     dir: tempfile::TempDir,
 }
 
 impl WindowJob {
-    async fn new(prefix: &str, strategy: &'static str, partitions: i32) -> WindowJob {
+    pub(crate) async fn new(prefix: &str, strategy: &'static str, partitions: i32) -> WindowJob {
         let pool = pg().await;
         let schema = unique("w");
         let pk = if strategy == "idempotent" {
