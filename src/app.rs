@@ -337,6 +337,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             Err(e) => e,
         };
         stats.failed(&err.to_string());
+        telemetry::attempt_failed(&err);
         if !err.is_retryable() || *shutdown.borrow() {
             stats.set_state(JobState::Failed);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);

@@ -158,6 +158,29 @@ impl Error {
         }
     }
 
+    /// What kind of failure this is, as the `cause` label of `sluice_errors_total`.
+    pub fn cause(&self) -> &'static str {
+        match self.root() {
+            Error::Config { .. } => "config",
+            Error::Kafka { .. } => "kafka",
+            Error::Database { .. } | Error::Migrate(_) => "database",
+            Error::Storage { .. } => "checkpoint_storage",
+            Error::CorruptCheckpoint { .. } => "corrupt_checkpoint",
+            Error::Unsupported(_) => "unsupported",
+            Error::Fenced { .. } | Error::ProducerFenced { .. } => "fenced",
+            Error::Lookup(_) => "lookup",
+            Error::Internal(_) | Error::Task { .. } => "internal",
+        }
+    }
+
+    /// The operator whose subtask raised the error (`sink` of `sink-1`), if one did.
+    pub fn operator(&self) -> Option<&str> {
+        match self {
+            Error::Task { task, .. } => Some(task.rsplit_once('-').map_or(task.as_str(), |(op, _)| op)),
+            _ => None,
+        }
+    }
+
     /// The error as raised, without the subtask that names it.
     pub fn root(&self) -> &Error {
         match self {

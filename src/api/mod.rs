@@ -113,6 +113,7 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
                 h.run_upkeep();
                 telemetry::process_metrics();
                 telemetry::readiness(&upkeep_stats, sink_stall);
+                telemetry::derived(&upkeep_stats);
             }
         }
     }));

@@ -42,6 +42,13 @@ pub trait Sink: Send + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Epochs prepared (two-phase) or kept in the log (write-ahead) and not yet known
+    /// to be committed: the `sluice_sink_pending_epochs` gauge. Usually 0 or 1; more
+    /// means commits are falling behind.
+    fn pending_epochs(&self) -> usize {
+        0
+    }
+
     /// The job stops after its final checkpoint was committed: finish writes still in
     /// flight.
     fn finish(&mut self) -> SinkFuture<'_, ()> {

@@ -150,6 +150,7 @@ impl Tail for SinkTail {
             let _busy = self.stats.sink_busy(self.index);
             self.sink.pre_commit(b.id).await?
         };
+        crate::telemetry::sink_pending_epochs(self.index, self.sink.pending_epochs());
         Ok(Some((task_name("sink", self.index), state)))
     }
 
@@ -159,7 +160,9 @@ impl Tail for SinkTail {
 
     async fn commit(&mut self, id: u64) -> Result<()> {
         let _busy = self.stats.sink_busy(self.index);
-        self.sink.commit(id).await
+        self.sink.commit(id).await?;
+        crate::telemetry::sink_pending_epochs(self.index, self.sink.pending_epochs());
+        Ok(())
     }
 
     fn waits_for_final_commit(&self) -> bool {

@@ -607,6 +607,10 @@ async fn committed_epochs(client: &ClientConfig, job: &str) -> Result<HashMap<St
 }
 
 impl Sink for KafkaTwoPhase {
+    fn pending_epochs(&self) -> usize {
+        self.pending.len()
+    }
+
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
         Box::pin(async move {
             let result = self.take(batch).await;

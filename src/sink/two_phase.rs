@@ -109,6 +109,10 @@ impl TwoPhaseWriter {
 }
 
 impl Sink for TwoPhaseWriter {
+    fn pending_epochs(&self) -> usize {
+        self.pending.len()
+    }
+
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
         Box::pin(self.take(batch))
     }

@@ -246,6 +246,10 @@ impl<T: WalTarget> WalWriter<T> {
 }
 
 impl<T: WalTarget> Sink for WalWriter<T> {
+    fn pending_epochs(&self) -> usize {
+        self.pending.len()
+    }
+
     fn write(&mut self, mut batch: Batch) -> SinkFuture<'_, ()> {
         self.metrics.records_in.increment(batch.len() as u64);
         self.open.records.append(&mut batch.records);

@@ -62,6 +62,7 @@ impl ConsumerContext for WatermarkContext {}
 struct PartitionState {
     next: Option<i64>,
     lag: metrics::Gauge,
+    position: metrics::Gauge,
     watermark: metrics::Gauge,
 }
 
@@ -524,6 +525,7 @@ impl KafkaSource {
                         PartitionState {
                             next,
                             lag: telemetry::consumer_lag(&t.name, id),
+                            position: telemetry::consumer_position(&t.name, id),
                             watermark: telemetry::partition_watermark(&t.name, id),
                         },
                     );
@@ -555,6 +557,7 @@ impl KafkaSource {
                 if let Some(hw) = high.get(&(t.name.to_string(), *p)) {
                     let lag = (hw - s.next.unwrap_or(0)).max(0);
                     s.lag.set(lag as f64);
+                    s.position.set(s.next.unwrap_or(0) as f64);
                     self.stats.set_partition_lag(&t.name, *p, s.next.unwrap_or(0), lag);
                 }
             }

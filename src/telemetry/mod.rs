@@ -130,6 +130,23 @@ pub(crate) fn describe() {
         "1 for the state the job is in (created, restoring, running, stopping, restarting, failed, finished), 0 for the others."
     );
     describe_gauge!("sluice_ready", "1 while /ready answers 200.");
+    describe_counter!(
+        "sluice_errors_total",
+        "Failed attempts of the job, by the operator whose subtask raised the error and its cause."
+    );
+    describe_gauge!(
+        "sluice_watermark_delay_seconds",
+        Unit::Seconds,
+        "How far a subtask's watermark is behind the wall clock."
+    );
+    describe_gauge!(
+        "sluice_sink_pending_epochs",
+        "Epochs a sink subtask holds prepared (two_phase) or logged (wal) and not yet known committed."
+    );
+    describe_gauge!(
+        "sluice_consumer_position",
+        "The next offset the source reads in a partition."
+    );
     describe_gauge!(
         "sluice_sink_blocked_seconds",
         Unit::Seconds,
@@ -279,6 +296,11 @@ pub fn partition_watermark(topic: &str, partition: i32) -> Gauge {
     gauge!("sluice_partition_watermark_seconds", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
+/// `sluice_consumer_position{topic,partition}`: the next offset the source reads.
+pub fn consumer_position(topic: &str, partition: i32) -> Gauge {
+    gauge!("sluice_consumer_position", "topic" => topic.to_string(), "partition" => partition.to_string())
+}
+
 /// `sluice_consumer_lag` of a partition.
 pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {
     gauge!("sluice_consumer_lag", "topic" => topic.to_string(), "partition" => partition.to_string())
@@ -331,6 +353,31 @@ pub fn process_metrics() {
 /// A row refused as a duplicate of its Kafka coordinates (see the two-phase sink).
 pub fn possible_replay() {
     counter!("sluice_possible_replays_total").increment(1);
+}
+
+/// Count an attempt's failure by the operator that raised it and its cause.
+pub fn attempt_failed(err: &crate::error::Error) {
+    let operator = err.operator().unwrap_or("job").to_string();
+    counter!("sluice_errors_total", "operator" => operator, "cause" => err.cause()).increment(1);
+}
+
+/// Per-operator gauges derived from the job's state every few seconds: how far each
+/// subtask's watermark is behind the wall clock.
+pub fn derived(stats: &JobStats) {
+    let now = status::now_ms() as f64 / 1000.0;
+    for (task, w) in stats.watermarks() {
+        let Some(ms) = w.watermark_ms else {
+            continue;
+        };
+        let (op, subtask) = task.rsplit_once('-').unwrap_or((task.as_str(), "0"));
+        gauge!("sluice_watermark_delay_seconds", "operator" => op.to_string(), "subtask" => subtask.to_string())
+            .set((now - ms as f64 / 1000.0).max(0.0));
+    }
+}
+
+/// `sluice_sink_pending_epochs{subtask}`: epochs a sink subtask holds uncommitted.
+pub fn sink_pending_epochs(subtask: usize, n: usize) {
+    gauge!("sluice_sink_pending_epochs", "subtask" => subtask.to_string()).set(n as f64);
 }
 
 /// Count a restart of the job.
