@@ -40,6 +40,7 @@ pub mod lookup;
 pub mod operators;
 pub mod record;
 pub mod runtime;
+pub mod session;
 pub mod sink;
 pub mod source;
 pub mod state;

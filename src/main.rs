@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         fresh_start: bool,
     },
+    /// Run a session service: jobs are submitted, listed and cancelled over its HTTP
+    /// API, each in a process of its own (see the README's "Session mode").
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Check a config file and print the resolved job; exits non-zero if it is invalid.
     Check {
         #[arg(long, short)]
@@ -167,6 +173,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Migrate { config } => migrate(load(&config)?).await,
         Command::Txn { action } => txn(action).await,
         Command::Health { listen, ready } => health(&listen, ready).await,
+        Command::Serve { config } => {
+            let cfg = sluice::session::load(&config)?;
+            let (stop_tx, stop_rx) = watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal: stopping every job after its final checkpoint");
+                stop_tx.send_replace(true);
+            });
+            Ok(sluice::session::serve(cfg, stop_rx).await?)
+        }
         Command::Generate {
             bootstrap_servers,
             topic,

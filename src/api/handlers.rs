@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -127,7 +127,13 @@ async fn checkpoints(State(s): State<AppState>) -> Json<serde_json::Value> {
 
 /// The response refusing the request, unless it carries the token.
 fn refusal(s: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &s.token else {
+    refuse_without_token(s.token.as_deref(), headers)
+}
+
+/// The response refusing a mutating request, unless it carries `token` (always, when
+/// the process has none).
+pub(crate) fn refuse_without_token(token: Option<&SecretString>, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = token else {
         let error = format!("this process has no API token: set {TOKEN_ENV} to allow stop and checkpoint calls");
         return Some((StatusCode::FORBIDDEN, Json(json!({ "error": error }))).into_response());
     };

@@ -18,7 +18,7 @@
 //! connection with its head read within [`HEAD_TIMEOUT`], a connection lives at most
 //! [`CONNECTION_LIFETIME`], and a failed `accept` pauses instead of spinning.
 
-mod handlers;
+pub(crate) mod handlers;
 mod listener;
 
 use std::sync::Arc;
@@ -117,10 +117,7 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
             }
         }
     }));
-    let token = std::env::var(TOKEN_ENV)
-        .ok()
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| Arc::new(SecretString::from(t)));
+    let token = token_from_env();
     if token.is_none() {
         tracing::info!("{TOKEN_ENV} is not set: the API's stop and checkpoint calls are refused");
     }
@@ -132,9 +129,14 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
         sink_stall: cfg.sink_stall,
         checkpoint_wait: cfg.checkpoint_wait,
     };
-    let app = handlers::router(state);
+    tasks.push(spawn_server(listener, handlers::router(state)));
+    Ok(Some(ApiServer { tasks }))
+}
+
+/// Serve `app` on `listener` with the API's limits, until the task is aborted.
+pub(crate) fn spawn_server(listener: tokio::net::TcpListener, app: axum::Router) -> JoinHandle<()> {
     let mut listener = listener::Limited::new(listener, MAX_CONNECTIONS, CONNECTION_LIFETIME);
-    tasks.push(tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
             let conn = listener.accept().await;
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
@@ -152,6 +154,13 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
                 }
             });
         }
-    }));
-    Ok(Some(ApiServer { tasks }))
+    })
+}
+
+/// The API token from the environment, if one is set.
+pub(crate) fn token_from_env() -> Option<Arc<SecretString>> {
+    std::env::var(TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Arc::new(SecretString::from(t)))
 }

@@ -19,6 +19,7 @@ mod prometheus;
 mod recover;
 mod restart;
 mod secrets;
+mod session;
 mod table_checks;
 mod txn_cli;
 mod unreachable;
