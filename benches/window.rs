@@ -8,7 +8,8 @@
 //! Reports events/s of each, their ratio, the cost of checkpointing the window state
 //! every second (copy on the barrier, encoding on another thread), and the peak RSS.
 //!
-//! `cargo bench --bench window` (10 M events); `SLUICE_BENCH_EVENTS=50000000` for more.
+//! `cargo bench --bench window` (10 M events); `SLUICE_BENCH_EVENTS=50000000` for more;
+//! `--features rocksdb` adds the same runs on the RocksDB backend.
 
 // The allocator of the `sluice` binary, so the bench measures what runs.
 #[global_allocator]
@@ -137,12 +138,13 @@ fn plain_loop(batches: u64) -> (Duration, u64) {
 
 /// The window operator in a chain, as the runtime drives it; with `checkpoint_every`,
 /// snapshots taken that often and encoded on another thread.
-fn operator(batches: u64, checkpoint_every: Option<Duration>) -> (Duration, u64, u64) {
+fn operator(
+    batches: u64,
+    checkpoint_every: Option<Duration>,
+    op: Box<dyn sluice::runtime::operator::Operator>,
+) -> (Duration, u64, u64) {
     let mut chain = Chain::default();
-    chain.push(
-        SubtaskInfo::new("bench", 0, 1, 128),
-        heap_operator(spec(), 0, Arc::new(JobStats::default())),
-    );
+    chain.push(SubtaskInfo::new("bench", 0, 1, 128), op);
     let mut out = Vec::new();
     let mut results = 0u64;
     let mut snapshots = 0u64;
@@ -206,9 +208,10 @@ fn main() {
 
     let (gen, _) = generate_only(batches);
     let (plain, plain_results) = plain_loop(batches);
-    let (op, op_results, _) = operator(batches, None);
+    let heap = || heap_operator(spec(), 0, Arc::new(JobStats::default()));
+    let (op, op_results, _) = operator(batches, None, heap());
     let rss = peak_rss_mib();
-    let (op_cp, _, snaps) = operator(batches, Some(Duration::from_secs(1)));
+    let (op_cp, _, snaps) = operator(batches, Some(Duration::from_secs(1)), heap());
     assert_eq!(plain_results, op_results, "both sides fire the same windows");
 
     println!("window bench: {events} events, {KEYS} keys, tumbling {WINDOW_MS} ms windows, count + sum");
@@ -225,4 +228,33 @@ fn main() {
         100.0 * (op_cp.as_secs_f64() / op.as_secs_f64() - 1.0)
     );
     println!("  window results {op_results}; peak RSS {rss:.0} MiB (after the operator run without checkpoints)");
+    #[cfg(feature = "rocksdb")]
+    {
+        let dir = std::env::temp_dir().join(format!("sluice-bench-rocks-{}", std::process::id()));
+        let rocks = || {
+            sluice::operators::window::rocks_operator(
+                spec(),
+                0,
+                Arc::new(JobStats::default()),
+                &dir,
+                "bench",
+                sluice::state::RocksOptions::default(),
+            )
+            .expect("open RocksDB")
+        };
+        let (r, r_results, _) = operator(batches, None, rocks());
+        let (r_cp, _, r_snaps) = operator(batches, Some(Duration::from_secs(1)), rocks());
+        assert_eq!(r_results, op_results, "both backends fire the same windows");
+        println!(
+            "  window operator on RocksDB   {:>12.0} events/s  ({:.0}% of the heap)",
+            rate(r),
+            100.0 * op.as_secs_f64() / r.as_secs_f64()
+        );
+        println!(
+            "  RocksDB, checkpoint every 1 s ({r_snaps} snapshots) {:>12.0} events/s  ({:.1}% slower)",
+            rate(r_cp),
+            100.0 * (r_cp.as_secs_f64() / r.as_secs_f64() - 1.0)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

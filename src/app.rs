@@ -731,7 +731,7 @@ fn build_chain(
     for (k, op) in stage.ops.iter().enumerate() {
         let info = SubtaskInfo::new(&op.id, index, stage.parallelism, mp);
         let range = info.key_groups;
-        chain.push(info, (op.make)(index));
+        chain.push(info, (op.make)(index)?);
         let Some(cp) = restored else { continue };
         let mut files = Vec::new();
         for state in cp.operator_states(&op.id) {

@@ -95,6 +95,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The local state backend (RocksDB) failed: the attempt restarts from the
+    /// checkpoint into a fresh one.
+    #[error("state backend ({context}): {message}")]
+    State {
+        /// What sluice was doing, and where.
+        context: String,
+        /// RocksDB's message.
+        message: String,
+    },
     /// A lookup tier or store failed past its retries.
     #[error("lookup: {0}")]
     Lookup(String),
@@ -153,7 +162,11 @@ impl Error {
         match self {
             Error::Task { source, .. } => source.is_retryable(),
             Error::Database { source, .. } => DbFault::of_sqlx(source) != DbFault::Permanent,
-            Error::Kafka { .. } | Error::Storage { .. } | Error::Internal(_) | Error::Lookup(_) => true,
+            Error::Kafka { .. }
+            | Error::Storage { .. }
+            | Error::State { .. }
+            | Error::Internal(_)
+            | Error::Lookup(_) => true,
             _ => false,
         }
     }
@@ -165,6 +178,7 @@ impl Error {
             Error::Kafka { .. } => "kafka",
             Error::Database { .. } | Error::Migrate(_) => "database",
             Error::Storage { .. } => "checkpoint_storage",
+            Error::State { .. } => "state_backend",
             Error::CorruptCheckpoint { .. } => "corrupt_checkpoint",
             Error::Unsupported(_) => "unsupported",
             Error::Fenced { .. } | Error::ProducerFenced { .. } => "fenced",

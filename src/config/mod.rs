@@ -46,6 +46,9 @@ pub struct JobConfig {
     /// `[checkpoint]`: interval, timeout, storage.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// `[state]`: where operators keep keyed state.
+    #[serde(default)]
+    pub state: StateSection,
     /// `[restart]`: what happens after a failure.
     #[serde(default)]
     pub restart: RestartConfig,
@@ -294,6 +297,44 @@ pub enum StorageKind {
     Memory,
     /// A directory; survives the process.
     Filesystem,
+}
+
+/// Where keyed state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackendKind {
+    /// In memory: fastest, bounded by memory.
+    #[default]
+    Heap,
+    /// RocksDB on local disk: state larger than memory (needs the `rocksdb` build feature).
+    Rocksdb,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// `heap` or `rocksdb`.
+    #[serde(default)]
+    pub backend: StateBackendKind,
+    /// Local directory of the RocksDB instances (scratch: rebuilt from the checkpoint on
+    /// every start); default `<temp dir>/sluice-state/<job>`.
+    pub dir: Option<PathBuf>,
+    /// RocksDB block cache per operator subtask, bytes (default 64 MiB).
+    #[serde(default, deserialize_with = "whole::optional")]
+    pub block_cache_bytes: Option<usize>,
+    /// RocksDB memtable per state, bytes (default 32 MiB).
+    #[serde(default, deserialize_with = "whole::optional")]
+    pub write_buffer_bytes: Option<usize>,
+}
+
+impl StateSection {
+    /// The directory of job `job`'s RocksDB instances.
+    pub fn dir_of(&self, job: &str) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("sluice-state").join(job))
+    }
 }
 
 /// `[checkpoint]`.

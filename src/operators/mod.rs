@@ -18,8 +18,8 @@ use std::sync::Arc;
 pub use decode::Decoder;
 
 use crate::config::{
-    AggregateFunctionName, AssignerKind, IntervalClock, JobConfig, OperatorConfig, PartitionerKind, TimeCharacteristic,
-    TriggerKind, WindowConfig,
+    AggregateFunctionName, AssignerKind, IntervalClock, JobConfig, OperatorConfig, PartitionerKind, StateBackendKind,
+    TimeCharacteristic, TriggerKind, WindowConfig,
 };
 use crate::error::{Error, Result};
 use crate::record::{Field, FieldType, Schema, ValueSource};
@@ -34,8 +34,8 @@ use window::trigger::{
 };
 use window::{WindowFunction, WindowSpec};
 
-/// Makes subtask `i` of an operator.
-pub type OperatorFactory = Arc<dyn Fn(usize) -> Box<dyn Operator> + Send + Sync>;
+/// Makes subtask `i` of an operator (failing when its state backend cannot open).
+pub type OperatorFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Operator>> + Send + Sync>;
 
 /// An operator built from config and checked against the schema reaching it.
 pub struct BuiltOperator {
@@ -93,7 +93,7 @@ pub fn build(
                 partition_key: Vec::new(),
                 output,
                 needs_event_time: false,
-                make: Arc::new(|_| Box::new(key_by::KeyBy)),
+                make: Arc::new(|_| Ok(Box::new(key_by::KeyBy))),
             })
         }
         OperatorConfig::Enrich(e) => enrich_operator(id, e, input, job, &fail),
@@ -103,6 +103,30 @@ pub fn build(
             let needs_event_time = spec.domain == TimeDomain::EventTime;
             let partition_key = spec.key.clone();
             let stats = stats.clone();
+            let make: OperatorFactory = match job.state.backend {
+                StateBackendKind::Heap => Arc::new(move |i| Ok(window::heap_operator(spec.clone(), i, stats.clone()))),
+                #[cfg(feature = "rocksdb")]
+                StateBackendKind::Rocksdb => {
+                    let root = job.state.dir_of(&job.job.name);
+                    let defaults = crate::state::RocksOptions::default();
+                    let options = crate::state::RocksOptions {
+                        block_cache_bytes: job.state.block_cache_bytes.unwrap_or(defaults.block_cache_bytes),
+                        write_buffer_bytes: job.state.write_buffer_bytes.unwrap_or(defaults.write_buffer_bytes),
+                    };
+                    let op = id.clone();
+                    Arc::new(move |i| window::rocks_operator(spec.clone(), i, stats.clone(), &root, &op, options))
+                }
+                #[cfg(not(feature = "rocksdb"))]
+                StateBackendKind::Rocksdb => {
+                    return Err(Error::Config {
+                        file: job.file.clone(),
+                        key: "state.backend".into(),
+                        message: "this sluice was built without RocksDB (cargo feature `rocksdb`); use `heap` or a \
+                                  build with --features rocksdb (the container image has it)"
+                            .into(),
+                    })
+                }
+            };
             Ok(BuiltOperator {
                 id,
                 parallelism: Some(w.parallelism),
@@ -110,7 +134,7 @@ pub fn build(
                 partition_key,
                 output,
                 needs_event_time,
-                make: Arc::new(move |i| window::heap_operator(spec.clone(), i, stats.clone())),
+                make,
             })
         }
     }
@@ -185,7 +209,7 @@ fn enrich_operator(
         output,
         needs_event_time: false,
         make: Arc::new(move |_| {
-            Box::new(enrich::Enrich::new(spec.clone(), tokio::runtime::Handle::current())) as Box<dyn Operator>
+            Ok(Box::new(enrich::Enrich::new(spec.clone(), tokio::runtime::Handle::current())) as Box<dyn Operator>)
         }),
     })
 }

@@ -8,7 +8,8 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode, encode, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SnapshotFn, StateBackend, StateConfig, StateValue,
+    decode, encode, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SnapshotFn, SnapshotRow, StateBackend, StateConfig,
+    StateValue,
 };
 use crate::error::Result;
 
@@ -46,16 +47,6 @@ pub struct HeapTable<V> {
     now_ms: i64,
     map: FxHashMap<Namespace, FxHashMap<Box<[u8]>, Entry<V>>>,
     len: usize,
-}
-
-/// The encoded form: one row per entry.
-#[derive(Serialize, Deserialize)]
-struct Row<V> {
-    kg: KeyGroup,
-    key: Vec<u8>,
-    ns: Namespace,
-    value: V,
-    written_ms: i64,
 }
 
 impl<V> HeapTable<V> {
@@ -168,11 +159,11 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         // The copy is the only work on the processing path; encoding happens later.
         let copy = self.map.clone();
         Box::new(move || {
-            let rows: Vec<Row<&V>> = copy
+            let rows: Vec<SnapshotRow<&V>> = copy
                 .iter()
                 .flat_map(|(ns, keys)| {
                     keys.iter().filter_map(move |(key, e)| {
-                        Some(Row {
+                        Some(SnapshotRow {
                             kg: e.kg,
                             key: key.to_vec(),
                             ns: *ns,
@@ -187,7 +178,7 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
     }
 
     fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<usize> {
-        let rows: Vec<Row<V>> = decode(bytes, &self.name)?;
+        let rows: Vec<SnapshotRow<V>> = decode(bytes, &self.name)?;
         let mut n = 0;
         for row in rows {
             if !range.contains(row.kg) {

@@ -11,6 +11,8 @@
 //! keeps the entries inside it.
 
 pub mod heap;
+#[cfg(feature = "rocksdb")]
+pub mod rocks;
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -20,6 +22,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use heap::{HeapBackend, HeapTable};
+#[cfg(feature = "rocksdb")]
+pub use rocks::{RocksBackend, RocksOptions, RocksTable};
 
 use crate::error::{Error, Result};
 
@@ -266,6 +270,17 @@ impl<K: StateValue + Ord, V: StateValue, T: KeyedTable<BTreeMap<K, V>>> MapState
     pub fn table(&mut self) -> &mut T {
         &mut self.table
     }
+}
+
+/// One entry of an encoded snapshot. Every backend writes and reads this form (a
+/// postcard sequence of rows), so a checkpoint restores into either backend.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SnapshotRow<V> {
+    pub(crate) kg: KeyGroup,
+    pub(crate) key: Vec<u8>,
+    pub(crate) ns: Namespace,
+    pub(crate) value: V,
+    pub(crate) written_ms: i64,
 }
 
 /// Encode a state value compactly (postcard).

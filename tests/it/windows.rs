@@ -202,19 +202,24 @@ impl WindowJob {
 
     /// (Re)write the config with these parallelisms.
     fn configure(&self, sources: u32, windows: u32) {
-        std::fs::write(
-            &self.config,
-            window_toml(
-                &self.job,
-                &self.topic,
-                &self.schema,
-                self.strategy,
-                &self.dir.path().join("checkpoints"),
-                sources,
-                windows,
-            ),
-        )
-        .expect("write config");
+        self.configure_on(sources, windows, "heap");
+    }
+
+    /// (Re)write the config with these parallelisms and state backend.
+    fn configure_on(&self, sources: u32, windows: u32, backend: &str) {
+        let toml = window_toml(
+            &self.job,
+            &self.topic,
+            &self.schema,
+            self.strategy,
+            &self.dir.path().join("checkpoints"),
+            sources,
+            windows,
+        ) + &format!(
+            "\n[state]\nbackend = \"{backend}\"\ndir = \"{}\"\n",
+            self.dir.path().join("state").display()
+        );
+        std::fs::write(&self.config, toml).expect("write config");
     }
 
     fn log_text(&self) -> String {
@@ -407,7 +412,9 @@ async fn empty_partitions_do_not_stall_windows() {
 /// The windowed job SIGKILLed at random moments while input arrives, restarted with
 /// other source and window parallelism, ends with exactly the table of the batch
 /// computation (that of an uninterrupted run, as the test above shows).
-async fn kill_windowed(strategy: &'static str) {
+/// Killed six times and restarted with other parallelisms each time, on the state
+/// backends of `backends` in turn (a checkpoint of one restores into the other).
+async fn kill_windowed(strategy: &'static str, backends: &[&str]) {
     let j = WindowJob::new("winkill", strategy, 4).await;
     // Delays up to 1 s against a 3 s bound: the rest is slack for the producer's
     // batching, so that no record is late however the partitions interleave.
@@ -427,8 +434,8 @@ async fn kill_windowed(strategy: &'static str) {
 
     let mut rng = rand::rng();
     let mut rows_after_kills = Vec::new();
-    for (sources, windows) in [(2, 2), (1, 3), (3, 1), (2, 4), (4, 2), (2, 3)] {
-        j.configure(sources, windows);
+    for (run, (sources, windows)) in [(2, 2), (1, 3), (3, 1), (2, 4), (4, 2), (2, 3)].into_iter().enumerate() {
+        j.configure_on(sources, windows, backends[run % backends.len()]);
         let s = Sluice::start(&j.config, &j.log);
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_500))).await;
         s.kill9();
@@ -440,7 +447,7 @@ async fn kill_windowed(strategy: &'static str) {
     tokio::task::spawn_blocking(move || produce_flush(&topic, 0..partitions, last))
         .await
         .expect("flush");
-    j.configure(2, 2);
+    j.configure_on(2, 2, backends[0]);
     j.finish(&expected).await;
     let log = j.log_text();
     println!(
@@ -450,6 +457,11 @@ async fn kill_windowed(strategy: &'static str) {
     assert!(
         rows_after_kills.iter().any(|n| *n > 0 && *n < expected.len() as i64),
         "no kill landed while windows were being written: {rows_after_kills:?}"
+    );
+    assert_eq!(
+        log.contains("keyed state in RocksDB"),
+        backends.contains(&"rocksdb"),
+        "the state backend in use is not the one configured"
     );
     let restores = log.matches("restoring from checkpoint").count();
     assert!(
@@ -470,10 +482,18 @@ fn clone_event(e: &Event) -> Event {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_windowed_idempotent() {
-    kill_windowed("idempotent").await;
+    kill_windowed("idempotent", &["heap"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_windowed_two_phase() {
-    kill_windowed("two_phase").await;
+    kill_windowed("two_phase", &["heap"]).await;
+}
+
+/// The same on RocksDB, every other restart on the heap: state moves between backends
+/// and parallelisms through the checkpoint.
+#[cfg(feature = "rocksdb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_windowed_on_rocksdb_switching_backends() {
+    kill_windowed("two_phase", &["rocksdb", "heap"]).await;
 }

@@ -585,5 +585,19 @@ pub fn heap_operator(spec: Arc<WindowSpec>, subtask: usize, stats: Arc<JobStats>
     Box::new(WindowOperator::new(spec, &crate::state::HeapBackend, subtask, stats))
 }
 
+/// The window operator over a RocksDB of its own under `root`.
+#[cfg(feature = "rocksdb")]
+pub fn rocks_operator(
+    spec: Arc<WindowSpec>,
+    subtask: usize,
+    stats: Arc<JobStats>,
+    root: &std::path::Path,
+    operator: &str,
+    options: crate::state::RocksOptions,
+) -> crate::error::Result<Box<dyn Operator>> {
+    let backend = crate::state::RocksBackend::open(root, &format!("{operator}-{subtask}"), options)?;
+    Ok(Box::new(WindowOperator::new(spec, &backend, subtask, stats)))
+}
+
 #[cfg(test)]
 mod tests;

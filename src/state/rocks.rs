@@ -1,0 +1,560 @@
+//! The RocksDB backend: keyed state on local disk, so it can outgrow memory.
+//!
+//! One RocksDB per operator subtask and attempt, in a directory of its own under
+//! `state.dir`, one column family per state. Keys are laid out as
+//! `key group (2 bytes, big-endian) | key length (4) | key | namespace start (8) | end (8)`,
+//! so one key group is one contiguous range and a key's namespaces sit together;
+//! values are `(written_ms, value)` in postcard. The local database is scratch: it is
+//! never read after a restart (every attempt restores from the checkpoint into a fresh
+//! one), so its write-ahead log is off and its directory is removed when the subtask
+//! ends.
+//!
+//! A snapshot takes a RocksDB snapshot on the processing path (no copy) and encodes it
+//! later, in the same format as the heap backend's: a checkpoint of either backend
+//! restores into the other.
+
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBWithThreadMode, IteratorMode, MultiThreaded, Options,
+    ReadOptions, SnapshotWithThreadMode, WriteBatch, WriteOptions,
+};
+
+use super::{
+    decode, encode, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SnapshotFn, SnapshotRow, StateBackend, StateConfig,
+    StateValue,
+};
+use crate::error::{Error, Result};
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// Sizes of the RocksDB of one operator subtask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RocksOptions {
+    /// Block cache (uncompressed blocks read from disk), bytes.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family before it is flushed, bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 32 << 20,
+        }
+    }
+}
+
+/// The database of one operator subtask; its directory goes with it.
+struct Instance {
+    db: ManuallyDrop<Db>,
+    dir: PathBuf,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // SAFETY: dropped once, here, before its directory is removed.
+        unsafe { ManuallyDrop::drop(&mut self.db) };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Tables of one operator subtask in one RocksDB.
+#[derive(Clone)]
+pub struct RocksBackend {
+    inner: Arc<Instance>,
+}
+
+impl RocksBackend {
+    /// A fresh database for `owner` (`operator-subtask`) under `root`. Whatever an
+    /// earlier attempt left there is removed: the checkpoint, not the local database,
+    /// is what a restart restores.
+    pub fn open(root: &Path, owner: &str, options: RocksOptions) -> Result<Self> {
+        static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+        let fail = |message: String| Error::State {
+            context: format!("open the RocksDB of {owner} in {}", root.display()),
+            message,
+        };
+        std::fs::create_dir_all(root).map_err(|e| fail(e.to_string()))?;
+        // Directories of attempts that ended without cleaning up (a crash): this
+        // process's own, or those of processes no longer alive. Another live process
+        // of the job keeps its files (the job refuses to run twice elsewhere).
+        if let Ok(entries) = std::fs::read_dir(root) {
+            let prefix = format!("{owner}.");
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix(&prefix).and_then(|rest| rest.split('.').next()) else {
+                    continue;
+                };
+                let ours = pid == std::process::id().to_string();
+                if ours || !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let n = ATTEMPT.fetch_add(1, Ordering::Relaxed);
+        let dir = root.join(format!("{owner}.{}.{n}", std::process::id()));
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_write_buffer_size(options.write_buffer_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&Cache::new_lru_cache(options.block_cache_bytes).map_err(|e| fail(e.to_string()))?);
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let db = Db::open_cf_descriptors(&opts, &dir, Vec::<ColumnFamilyDescriptor>::new())
+            .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(subtask = owner, dir = %dir.display(), "keyed state in RocksDB");
+        Ok(Self {
+            inner: Arc::new(Instance {
+                db: ManuallyDrop::new(db),
+                dir,
+            }),
+        })
+    }
+
+    fn db(&self) -> &Db {
+        &self.inner.db
+    }
+}
+
+impl StateBackend for RocksBackend {
+    type Table<V: StateValue> = RocksTable<V>;
+
+    fn table<V: StateValue>(&self, name: &str, config: StateConfig) -> RocksTable<V> {
+        let mut opts = Options::default();
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let created = match self.db().cf_handle(name) {
+            Some(_) => Ok(()),
+            None => self.db().create_cf(name, &opts),
+        };
+        let broken = created.err().map(|e| e.to_string());
+        let mut write = WriteOptions::default();
+        write.disable_wal(true);
+        RocksTable {
+            backend: self.clone(),
+            name: name.to_string(),
+            ttl_ms: config.ttl.map(|d| d.as_millis() as i64),
+            now_ms: 0,
+            len: 0,
+            write,
+            broken,
+            _v: PhantomData,
+        }
+    }
+}
+
+/// One keyed state in a column family.
+pub struct RocksTable<V> {
+    backend: RocksBackend,
+    name: String,
+    ttl_ms: Option<i64>,
+    now_ms: i64,
+    len: usize,
+    write: WriteOptions,
+    /// Why the column family could not be created: every access then fails loudly.
+    broken: Option<String>,
+    _v: PhantomData<V>,
+}
+
+// SAFETY: `WriteOptions` is a plain options struct owned by this table; RocksDB's
+// handles are thread-safe.
+unsafe impl<V: Send> Send for RocksTable<V> {}
+
+/// `(key group, key, namespace)` as a RocksDB key.
+fn db_key(kg: KeyGroup, key: &[u8], ns: Namespace) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + 4 + key.len() + 16);
+    k.extend_from_slice(&kg.to_be_bytes());
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    // Sign bit flipped: byte order is numeric order.
+    k.extend_from_slice(&((ns.start as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&((ns.end as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
+
+/// The parts of a RocksDB key.
+fn split_key(k: &[u8]) -> Option<(KeyGroup, &[u8], Namespace)> {
+    let kg = KeyGroup::from_be_bytes(k.get(0..2)?.try_into().ok()?);
+    let len = u32::from_be_bytes(k.get(2..6)?.try_into().ok()?) as usize;
+    let key = k.get(6..6 + len)?;
+    let rest = k.get(6 + len..6 + len + 16)?;
+    let start = u64::from_be_bytes(rest[..8].try_into().ok()?) ^ (1 << 63);
+    let end = u64::from_be_bytes(rest[8..].try_into().ok()?) ^ (1 << 63);
+    Some((
+        kg,
+        key,
+        Namespace {
+            start: start as i64,
+            end: end as i64,
+        },
+    ))
+}
+
+impl<V: StateValue> RocksTable<V> {
+    /// A RocksDB failure inside a state access: the subtask cannot go on, and the
+    /// restart strategy restores it from the checkpoint. The trait's accessors are
+    /// infallible (as a heap map's are), so it surfaces as a panic of the subtask's
+    /// task, which the runtime reports as the attempt's failure.
+    fn fatal(&self, what: &str, e: impl std::fmt::Display) -> ! {
+        panic!("RocksDB state `{}`: {what}: {e}", self.name)
+    }
+
+    fn cf(&self) -> Arc<rocksdb::BoundColumnFamily<'_>> {
+        if let Some(why) = &self.broken {
+            self.fatal("create column family", why);
+        }
+        match self.backend.db().cf_handle(&self.name) {
+            Some(cf) => cf,
+            None => self.fatal("column family", "missing"),
+        }
+    }
+
+    fn read(&self, k: &[u8]) -> Option<(i64, V)> {
+        let bytes = match self.backend.db().get_pinned_cf(&self.cf(), k) {
+            Ok(b) => b?,
+            Err(e) => self.fatal("get", e),
+        };
+        match decode::<(i64, V)>(&bytes, &self.name) {
+            Ok(v) => Some(v),
+            Err(e) => self.fatal("decode", e),
+        }
+    }
+
+    fn live(&self, written_ms: i64) -> bool {
+        self.ttl_ms
+            .is_none_or(|ttl| self.now_ms.saturating_sub(written_ms) <= ttl)
+    }
+
+    fn put(&self, k: &[u8], value: &(i64, V)) {
+        let bytes = match encode(value) {
+            Ok(b) => b,
+            Err(e) => self.fatal("encode", e),
+        };
+        if let Err(e) = self.backend.db().put_cf_opt(&self.cf(), k, bytes, &self.write) {
+            self.fatal("put", e);
+        }
+    }
+
+    fn delete(&self, k: &[u8]) {
+        if let Err(e) = self.backend.db().delete_cf_opt(&self.cf(), k, &self.write) {
+            self.fatal("delete", e);
+        }
+    }
+
+    /// Delete every entry that has expired or `keep` rejects; how many went.
+    fn drop_unless(&self, keep: &mut impl FnMut(&V) -> bool) -> usize {
+        let cf = self.cf();
+        let mut gone = WriteBatch::default();
+        let mut dropped = 0;
+        for item in self.backend.db().iterator_cf(&cf, IteratorMode::Start) {
+            let (k, bytes) = match item {
+                Ok(kv) => kv,
+                Err(e) => self.fatal("scan", e),
+            };
+            let expired_or_unwanted = match decode::<(i64, V)>(&bytes, &self.name) {
+                Ok((written, v)) => !self.live(written) || !keep(&v),
+                Err(e) => self.fatal("decode", e),
+            };
+            if expired_or_unwanted {
+                gone.delete_cf(&cf, k);
+                dropped += 1;
+            }
+        }
+        if let Err(e) = self.backend.db().write_opt(gone, &self.write) {
+            self.fatal("delete", e);
+        }
+        dropped
+    }
+}
+
+impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
+    fn get(&self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V> {
+        let (written, v) = self.read(&db_key(kg, key, ns))?;
+        self.live(written).then_some(v)
+    }
+
+    fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R {
+        let k = db_key(kg, key, ns);
+        let old = self.read(&k);
+        let existed = old.is_some();
+        let mut slot = old.filter(|(w, _)| self.live(*w)).map(|(_, v)| v);
+        let r = f(&mut slot);
+        match slot {
+            Some(v) => {
+                self.put(&k, &(self.now_ms, v));
+                self.len += usize::from(!existed);
+            }
+            None if existed => {
+                self.delete(&k);
+                self.len -= 1;
+            }
+            None => {}
+        }
+        r
+    }
+
+    fn remove(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V> {
+        let k = db_key(kg, key, ns);
+        let (written, v) = self.read(&k)?;
+        self.delete(&k);
+        self.len -= 1;
+        self.live(written).then_some(v)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn set_time(&mut self, now_ms: i64) {
+        self.now_ms = now_ms;
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        let dropped = self.drop_unless(&mut keep);
+        self.len -= dropped;
+    }
+
+    fn snapshot(&mut self) -> SnapshotFn {
+        // Entries past their TTL go now, as the heap backend drops them.
+        if self.ttl_ms.is_some() {
+            self.retain(|_| true);
+        }
+        let snap = OwnedSnapshot::new(self.backend.clone());
+        let (name, ttl, now) = (self.name.clone(), self.ttl_ms, self.now_ms);
+        Box::new(move || snap.encode::<V>(&name, ttl, now))
+    }
+
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<usize> {
+        let rows: Vec<SnapshotRow<V>> = decode(bytes, &self.name)?;
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        {
+            let cf = self.cf();
+            for row in rows {
+                if !range.contains(row.kg) {
+                    continue;
+                }
+                let k = db_key(row.kg, &row.key, row.ns);
+                batch.put_cf(&cf, k, encode(&(row.written_ms, row.value))?);
+                n += 1;
+            }
+        }
+        self.backend
+            .db()
+            .write_opt(batch, &self.write)
+            .map_err(|e| Error::State {
+                context: format!("restore state `{}`", self.name),
+                message: e.to_string(),
+            })?;
+        // Snapshots hold each (key group, key, namespace) once.
+        self.len += n;
+        Ok(n)
+    }
+}
+
+/// A RocksDB snapshot that owns (a handle to) its database, so it can travel to the
+/// thread that encodes it.
+struct OwnedSnapshot {
+    // Declared first: dropped before the database handle below.
+    snap: SnapshotWithThreadMode<'static, Db>,
+    backend: RocksBackend,
+}
+
+// SAFETY: a RocksDB snapshot is an immutable handle, usable from any thread; the
+// database it reads is kept alive by `backend` for as long as the snapshot exists.
+unsafe impl Send for OwnedSnapshot {}
+
+impl OwnedSnapshot {
+    fn new(backend: RocksBackend) -> Self {
+        let snap = backend.db().snapshot();
+        // SAFETY: the snapshot borrows the database inside `backend`'s Arc, which this
+        // struct holds and drops after the snapshot (field order).
+        let snap =
+            unsafe { std::mem::transmute::<SnapshotWithThreadMode<'_, Db>, SnapshotWithThreadMode<'static, Db>>(snap) };
+        Self { snap, backend }
+    }
+
+    /// The column family as of the snapshot, in the heap backend's format: a postcard
+    /// sequence (its length, then each row).
+    fn encode<V: StateValue>(&self, name: &str, ttl_ms: Option<i64>, now_ms: i64) -> Result<Vec<u8>> {
+        let db = self.backend.db();
+        let Some(cf) = db.cf_handle(name) else {
+            return encode(&Vec::<SnapshotRow<V>>::new());
+        };
+        let live = |written: i64| ttl_ms.is_none_or(|ttl| now_ms.saturating_sub(written) <= ttl);
+        let scan = || {
+            let mut opts = ReadOptions::default();
+            opts.set_snapshot(&self.snap);
+            // A full scan should not evict the working set from the block cache.
+            opts.fill_cache(false);
+            db.iterator_cf_opt(&cf, opts, IteratorMode::Start)
+        };
+
+        let fail = |message: String| Error::State {
+            context: format!("snapshot of state `{name}`"),
+            message,
+        };
+        // Rows encoded one by one, counted on the way; the sequence's length goes in
+        // front at the end. No decoded copy of the whole state is ever held.
+        let mut count = 0usize;
+        let mut rows = Vec::new();
+        for item in scan() {
+            let (k, v) = item.map_err(|e| fail(e.to_string()))?;
+            let (written, value): (i64, V) = decode(&v, name)?;
+            if !live(written) {
+                continue;
+            }
+            let (kg, key, ns) = split_key(&k).ok_or_else(|| fail("a key of another layout".into()))?;
+            let row = SnapshotRow {
+                kg,
+                key: key.to_vec(),
+                ns,
+                value,
+                written_ms: written,
+            };
+            rows = postcard::to_extend(&row, rows).map_err(|e| fail(e.to_string()))?;
+            count += 1;
+        }
+        let mut out = encode(&count)?;
+        out.extend_from_slice(&rows);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{HeapBackend, ListState, MapState, ValueState};
+    use std::collections::BTreeMap;
+
+    fn open(dir: &Path) -> RocksBackend {
+        RocksBackend::open(dir, "op-0", RocksOptions::default()).expect("open RocksDB")
+    }
+
+    #[test]
+    fn keys_sort_by_key_group_then_key_then_namespace() {
+        let a = db_key(1, b"b", Namespace { start: -5, end: 0 });
+        let b = db_key(1, b"b", Namespace { start: 3, end: 9 });
+        let c = db_key(2, b"a", Namespace::GLOBAL);
+        assert!(a < b && b < c);
+        assert_eq!(split_key(&b), Some((1, &b"b"[..], Namespace { start: 3, end: 9 })));
+        assert_eq!(split_key(&a[..10]), None);
+    }
+
+    #[test]
+    fn value_list_and_map_state_behave_as_on_the_heap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path());
+        let k = crate::state::KeyRef {
+            key_group: 3,
+            key: b"k",
+        };
+        let w = Namespace { start: 0, end: 10 };
+        let mut v: ValueState<i64, _> = ValueState::new(b.table("v", StateConfig::default()));
+        v.set(k, w, 5);
+        assert_eq!((v.get(k, w), v.get(k, Namespace::GLOBAL)), (Some(5), None));
+        v.clear(k, w);
+        assert_eq!(v.get(k, w), None);
+        assert!(v.table().is_empty());
+        let mut l: ListState<String, _> = ListState::new(b.table("l", StateConfig::default()));
+        l.add(k, w, "x".into());
+        l.add(k, w, "y".into());
+        assert_eq!(l.get(k, w), vec!["x".to_string(), "y".to_string()]);
+        let mut m: MapState<String, u32, _> = MapState::new(b.table("m", StateConfig::default()));
+        m.put(k, w, "a".into(), 1);
+        assert_eq!(m.remove(k, w, &"a".into()), Some(1));
+        assert!(m.table().is_empty(), "an emptied map leaves no entry");
+    }
+
+    #[test]
+    fn snapshots_move_between_backends_by_key_group_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path());
+        let mut rocks: RocksTable<BTreeMap<String, u64>> = b.table("t", StateConfig::default());
+        for kg in 0..8u16 {
+            for key in ["a", "b"] {
+                let ns = Namespace {
+                    start: i64::from(kg),
+                    end: 100,
+                };
+                rocks.update(kg, key.as_bytes(), ns, |slot| {
+                    *slot = Some(BTreeMap::from([(key.to_string(), u64::from(kg))]))
+                });
+            }
+        }
+        let snap = rocks.snapshot();
+        // Written after the snapshot: not in it.
+        rocks.update(0, b"late", Namespace::GLOBAL, |slot| *slot = Some(BTreeMap::new()));
+        let bytes = snap().expect("encode");
+        let low = KeyGroupRange { start: 0, end: 4 };
+        let mut heap = HeapBackend.table::<BTreeMap<String, u64>>("t", StateConfig::default());
+        assert_eq!(heap.restore(&bytes, low).expect("restore"), 8);
+        assert_eq!(
+            heap.get(2, b"b", Namespace { start: 2, end: 100 }),
+            Some(BTreeMap::from([("b".to_string(), 2)]))
+        );
+        assert_eq!(heap.get(5, b"a", Namespace { start: 5, end: 100 }), None);
+        // And back: the heap's snapshot into a new RocksDB, the other half of the range.
+        let all = heap.snapshot()().expect("encode");
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let mut again: RocksTable<BTreeMap<String, u64>> = open(dir2.path()).table("t", StateConfig::default());
+        assert_eq!(
+            again
+                .restore(&bytes, KeyGroupRange { start: 4, end: 8 })
+                .expect("restore"),
+            8
+        );
+        assert_eq!(again.restore(&all, low).expect("restore"), 8);
+        assert_eq!(again.len(), 16);
+        assert_eq!(
+            again.get(7, b"a", Namespace { start: 7, end: 100 }),
+            Some(BTreeMap::from([("a".to_string(), 7)]))
+        );
+    }
+
+    #[test]
+    fn entries_past_their_ttl_read_as_absent_and_leave_the_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path());
+        let cfg = StateConfig {
+            ttl: Some(std::time::Duration::from_millis(100)),
+        };
+        let mut t: RocksTable<u32> = b.table("ttl", cfg);
+        t.set_time(1_000);
+        t.update(0, b"old", Namespace::GLOBAL, |s| *s = Some(1));
+        t.set_time(1_050);
+        t.update(0, b"new", Namespace::GLOBAL, |s| *s = Some(2));
+        t.set_time(1_120);
+        assert_eq!(t.get(0, b"old", Namespace::GLOBAL), None);
+        assert_eq!(t.get(0, b"new", Namespace::GLOBAL), Some(2));
+        let bytes = t.snapshot()().expect("encode");
+        assert_eq!(t.len(), 1);
+        let mut heap = HeapBackend.table::<u32>("ttl", StateConfig::default());
+        assert_eq!(heap.restore(&bytes, KeyGroupRange::all(128)).expect("restore"), 1);
+    }
+
+    #[test]
+    fn the_local_directory_goes_with_the_backend_and_a_crashed_one_is_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // pid_max is at most 2^22: no process has this id.
+        std::fs::create_dir_all(dir.path().join("op-0.99999999.0/leftover")).expect("mkdir");
+        let b = open(dir.path());
+        assert!(
+            !dir.path().join("op-0.99999999.0").exists(),
+            "a crashed attempt's files stay"
+        );
+        let t: RocksTable<u32> = b.table("x", StateConfig::default());
+        let path = b.inner.dir.clone();
+        assert!(path.exists());
+        drop(t);
+        drop(b);
+        assert!(!path.exists(), "the database's directory outlived it");
+    }
+}
