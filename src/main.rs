@@ -225,26 +225,18 @@ async fn run(cfg: JobConfig) -> anyhow::Result<()> {
 }
 
 async fn health(listen: &str, ready: bool) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let path = if ready { "/ready" } else { "/health" };
     // An API bound to every interface is asked on loopback.
-    let addr = listen.replace("0.0.0.0", "127.0.0.1");
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await?;
-        Ok::<_, std::io::Error>(answer)
-    };
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(3), exchange)
-        .await
-        .with_context(|| format!("{addr}{path}: no answer within 3 s"))?
-        .with_context(|| format!("{addr}{path}"))?;
-    let status = answer.lines().next().unwrap_or_default();
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
-    anyhow::ensure!(status.contains(" 200 "), "{addr}{path}: {status}: {body}");
-    say!("{body}");
+    let url = format!("http://{}{path}", listen.replace("0.0.0.0", "127.0.0.1"));
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .context("HTTP client")?;
+    let answer = client.get(&url).send().await.with_context(|| url.clone())?;
+    let status = answer.status();
+    let body = answer.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url}: {status}: {}", body.trim());
+    say!("{}", body.trim());
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
@@ -67,9 +67,7 @@ pub struct PendingCheckpoint {
 impl PendingCheckpoint {
     /// A checkpoint that waits for an acknowledgement from each of `tasks`.
     pub fn new(barrier: Barrier, tasks: &[String], now: Instant) -> Self {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let ms = crate::time::wall_clock_ms().max(0) as u64;
         Self {
             barrier,
             triggered_at: now,

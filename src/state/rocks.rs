@@ -145,6 +145,7 @@ impl StateBackend for RocksBackend {
             len: 0,
             write,
             broken,
+            key_buf: Vec::new(),
             _v: PhantomData,
         }
     }
@@ -160,6 +161,8 @@ pub struct RocksTable<V> {
     write: WriteOptions,
     /// Why the column family could not be created: every access then fails loudly.
     broken: Option<String>,
+    /// Reused for the key of every update, so records allocate no key.
+    key_buf: Vec<u8>,
     _v: PhantomData<V>,
 }
 
@@ -170,13 +173,19 @@ unsafe impl<V: Send> Send for RocksTable<V> {}
 /// `(key group, key, namespace)` as a RocksDB key.
 fn db_key(kg: KeyGroup, key: &[u8], ns: Namespace) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + 4 + key.len() + 16);
+    db_key_into(kg, key, ns, &mut k);
+    k
+}
+
+/// [`db_key`] into a buffer the caller reuses (the per-record path).
+fn db_key_into(kg: KeyGroup, key: &[u8], ns: Namespace, k: &mut Vec<u8>) {
+    k.clear();
     k.extend_from_slice(&kg.to_be_bytes());
     k.extend_from_slice(&(key.len() as u32).to_be_bytes());
     k.extend_from_slice(key);
     // Sign bit flipped: byte order is numeric order.
     k.extend_from_slice(&((ns.start as u64) ^ (1 << 63)).to_be_bytes());
     k.extend_from_slice(&((ns.end as u64) ^ (1 << 63)).to_be_bytes());
-    k
 }
 
 /// The parts of a RocksDB key.
@@ -281,7 +290,8 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     }
 
     fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R {
-        let k = db_key(kg, key, ns);
+        let mut k = std::mem::take(&mut self.key_buf);
+        db_key_into(kg, key, ns, &mut k);
         let old = self.read(&k);
         let existed = old.is_some();
         let mut slot = old.filter(|(w, _)| self.live(*w)).map(|(_, v)| v);
@@ -297,6 +307,7 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
             }
             None => {}
         }
+        self.key_buf = k;
         r
     }
 

@@ -309,10 +309,7 @@ pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {
 /// Count a completed checkpoint, its duration and size.
 pub fn checkpoint_completed(took: Duration, bytes: u64) {
     counter!("sluice_checkpoints_completed_total").increment(1);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    gauge!("sluice_last_checkpoint_timestamp_seconds").set(now);
+    gauge!("sluice_last_checkpoint_timestamp_seconds").set(crate::time::wall_clock_ms() as f64 / 1000.0);
     histogram!("sluice_checkpoint_duration_seconds").record(took.as_secs_f64());
     gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
 }
@@ -364,7 +361,7 @@ pub fn attempt_failed(err: &crate::error::Error) {
 /// Per-operator gauges derived from the job's state every few seconds: how far each
 /// subtask's watermark is behind the wall clock.
 pub fn derived(stats: &JobStats) {
-    let now = status::now_ms() as f64 / 1000.0;
+    let now = crate::time::wall_clock_ms() as f64 / 1000.0;
     for (task, w) in stats.watermarks() {
         let Some(ms) = w.watermark_ms else {
             continue;
@@ -402,9 +399,7 @@ pub async fn print_status(stats: Arc<JobStats>, every: Duration, where_to_look: 
         let cp = stats.last_checkpoint.load(Ordering::Relaxed);
         let cp_age = {
             let at = stats.last_checkpoint_at_ms.load(Ordering::Relaxed);
-            let wall = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let wall = crate::time::wall_clock_ms().max(0) as u64;
             if at == 0 {
                 "none yet".to_string()
             } else {

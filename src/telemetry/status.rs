@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, Counter, CounterFn, Gauge, GaugeFn};
 use serde::Serialize;
@@ -246,11 +246,9 @@ pub struct WatermarkStatus {
     pub held_back_by: Option<String>,
 }
 
-/// Wall-clock epoch milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Wall-clock time in epoch milliseconds, as the status shows it.
+fn now_ms() -> u64 {
+    crate::time::wall_clock_ms().max(0) as u64
 }
 
 /// Marks a sink subtask busy in a call to its target until dropped.

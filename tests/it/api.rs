@@ -35,15 +35,6 @@ fn api_job(job: &str, topic: &str, schema: &str, strategy: &str, extra: &[(&str,
     }
 }
 
-async fn get_json(addr: &str, path: &str) -> Option<Value> {
-    let (addr, path) = (addr.to_string(), path.to_string());
-    tokio::task::spawn_blocking(move || http(&addr, "GET", &path, None))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok())?)
-}
-
 async fn call(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let (addr, method, path, token) = (
         addr.to_string(),

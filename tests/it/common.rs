@@ -408,3 +408,34 @@ fn unchunk(mut rest: &str) -> String {
     }
     body
 }
+
+/// `promtool check metrics` over `exposition`: whether it passed and what it said, or
+/// `None` when promtool is not installed (Debian: prometheus).
+pub fn promtool_check_metrics(exposition: &str) -> Option<(bool, String)> {
+    use std::io::Write;
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let out = lint.wait_with_output().expect("promtool");
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Some((out.status.success(), said))
+}
+
+/// `GET path` as JSON, or `None` unless it answers 200 with JSON.
+pub async fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || http(&addr, "GET", &path, None))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok())?)
+}

@@ -3,18 +3,13 @@
 //! stops cleanly on SIGTERM.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sqlx::Row;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use crate::common::free_port;
 
 /// `GET path`, or `None` when nothing answers (the process is gone).
 fn try_get(addr: &str, path: &str) -> Option<String> {
@@ -126,32 +121,14 @@ async fn the_default_config_runs_without_any_service() {
     }
 
     // Lint the exposition when Prometheus's promtool is installed (Debian: prometheus).
-    if let Ok(mut lint) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        let body = metrics.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        assert!(
-            body.contains("# HELP sluice_records_in_total"),
-            "no exposition body: {metrics}"
-        );
-        lint.stdin
-            .take()
-            .expect("stdin")
-            .write_all(body.as_bytes())
-            .expect("feed promtool");
-        let out = lint.wait_with_output().expect("promtool");
-        assert!(
-            out.status.success(),
-            "promtool: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        println!("promtool not installed: /metrics not linted");
+    let body = metrics.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    assert!(
+        body.contains("# HELP sluice_records_in_total"),
+        "no exposition body: {metrics}"
+    );
+    match crate::common::promtool_check_metrics(&body) {
+        Some((passed, said)) => assert!(passed, "promtool: {said}"),
+        None => println!("promtool not installed: /metrics not linted"),
     }
 
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");

@@ -28,13 +28,8 @@ fn post_body(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, S
     (code, text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string())
 }
 
-async fn get_json(addr: &str, path: &str) -> Value {
-    let (a, p) = (addr.to_string(), path.to_string());
-    tokio::task::spawn_blocking(move || http(&a, "GET", &p, None))
-        .await
-        .expect("join")
-        .and_then(|(_, b)| serde_json::from_str(&b).ok())
-        .unwrap_or(Value::Null)
+async fn json(addr: &str, path: &str) -> Value {
+    get_json(addr, path).await.unwrap_or(Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +104,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
 
     let phase = |name: String| {
         let a = addr.clone();
-        async move { get_json(&a, &format!("/jobs/{name}")).await }
+        async move { json(&a, &format!("/jobs/{name}")).await }
     };
     let failed = wait_until(Duration::from_secs(60), || {
         let p = phase(bad_name.clone());
@@ -149,27 +144,13 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
         metrics.contains(&format!("sluice_records_in_total{{sluice_job=\"{good_name}\"")),
         "{metrics}"
     );
-    if let Ok(mut lint) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        use std::io::Write;
-        lint.stdin
-            .take()
-            .expect("stdin")
-            .write_all(metrics.as_bytes())
-            .expect("write");
-        let out = lint.wait_with_output().expect("promtool");
-        let said = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    if let Some((_, said)) = promtool_check_metrics(&metrics) {
         // promtool also lints names and help texts; only a broken exposition matters here.
         assert!(!said.contains("error while linting"), "{said}");
     }
 
     // The good job's process crashes: the server starts it again from its checkpoint.
-    let pid = get_json(&addr, "/jobs").await["jobs"]
+    let pid = json(&addr, "/jobs").await["jobs"]
         .as_array()
         .and_then(|j| j.iter().find(|j| j["job"] == good_name.as_str())?["pid"].as_u64())
         .expect("pid");
@@ -186,7 +167,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
     })
     .await;
     assert!(all, "after the crash: {} rows", count(&pool, &events).await);
-    let listed = get_json(&addr, "/jobs").await;
+    let listed = json(&addr, "/jobs").await;
     let entry = listed["jobs"]
         .as_array()
         .and_then(|j| j.iter().find(|j| j["job"] == good_name.as_str()).cloned())
