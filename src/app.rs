@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::checkpoint::coordinator::CheckpointTiming;
+use crate::checkpoint::savepoint::{FromSavepoint, Savepoint};
 use crate::checkpoint::{
     task_name, CheckpointStorage, CompletedCheckpoint, Coordinator, CoordinatorHandle, DirectoryStorage, MemoryStorage,
     TaskEvent,
@@ -278,10 +279,33 @@ fn edge_into(
 
 /// Open the checkpoint storage a config names.
 pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
-    Ok(match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
+    let storage: Arc<dyn CheckpointStorage> = match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
         (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
         _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
-    })
+    };
+    let Some(path) = &cfg.checkpoint.from_savepoint else {
+        return Ok(storage);
+    };
+    let savepoint = Savepoint::open(path)?;
+    if savepoint.meta.job != cfg.job.name {
+        return Err(Error::Unsupported(format!(
+            "savepoint {} belongs to job `{}`, not to this job `{}`: sinks know a job's epochs by its name, \
+             so a savepoint restores into the job that took it (copy the config and keep job.name)",
+            savepoint.dir.display(),
+            savepoint.meta.job,
+            cfg.job.name
+        )));
+    }
+    // Every file now, not halfway through a restore: a damaged savepoint is named
+    // before anything is written.
+    let bytes = savepoint.verify()?;
+    tracing::info!(
+        savepoint = %savepoint.dir.display(),
+        checkpoint = savepoint.meta.checkpoint.id,
+        bytes,
+        "savepoint checked"
+    );
+    Ok(Arc::new(FromSavepoint::new(storage, savepoint)))
 }
 
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
@@ -332,6 +356,12 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         let err = match result {
             Ok(()) => {
                 stats.set_state(JobState::Finished);
+                // A stop with a savepoint: let its caller hear where it is.
+                stats
+                    .control
+                    .checkpoints
+                    .linger(std::time::Duration::from_secs(2))
+                    .await;
                 return Ok(());
             }
             Err(e) => e,
@@ -421,6 +451,7 @@ async fn refuse_silent_fresh_start(
     storage: &Arc<dyn CheckpointStorage>,
 ) -> Result<()> {
     if cfg.source.fresh_start
+        || cfg.checkpoint.from_savepoint.is_some()
         || !cfg.source.commit_offsets
         || cfg.checkpoint.storage != StorageKind::Filesystem
         || storage.latest()?.is_some()
@@ -488,11 +519,16 @@ async fn attempt(
                 cp.id, cp.job, cfg.job.name
             )));
         }
-        tracing::info!(checkpoint = cp.id, "restoring from checkpoint");
-        warn_unknown_state(cp, plan);
+        tracing::info!(
+            checkpoint = cp.id,
+            from_savepoint = cp.origin.is_some(),
+            "restoring from checkpoint"
+        );
+        check_unknown_state(cp, plan, cfg.checkpoint.allow_non_restored_state)?;
     }
     target.recover(cfg, restored.as_ref()).await?;
     let last_id = restored.as_ref().map_or(0, |c| c.id);
+    let first_id = storage.next_id(restored.as_ref())?;
     let sink_states = restored.as_ref().map(|c| c.subtask_states("sink")).unwrap_or_default();
 
     // Channels between consecutive stages: every upstream subtask to every downstream one.
@@ -625,7 +661,9 @@ async fn attempt(
         triggers,
         events: events_rx,
         completed: completed_tx,
-        first_id: last_id + 1,
+        first_id,
+        origin: restored.as_ref().and_then(|c| c.origin.clone()),
+        savepoint_dir: cfg.checkpoint.savepoints(),
         stats: stats.clone(),
     };
     let mut coordinator = tokio::spawn(coordinator.run(stop_rx));
@@ -750,8 +788,9 @@ fn build_chain(
     Ok(chain)
 }
 
-/// Say so when a checkpoint holds state of operators this job no longer has.
-fn warn_unknown_state(cp: &CompletedCheckpoint, plan: &Plan) {
+/// A checkpoint that holds state of operators this job no longer has would drop it
+/// silently: refuse, unless the user allows it (`--allow-non-restored-state`).
+fn check_unknown_state(cp: &CompletedCheckpoint, plan: &Plan, allow: bool) -> Result<()> {
     let known: std::collections::HashSet<String> = plan
         .stages
         .iter()
@@ -765,13 +804,28 @@ fn warn_unknown_state(cp: &CompletedCheckpoint, plan: &Plan) {
             *unknown.entry(op).or_default() += 1;
         }
     }
-    for op in unknown.keys() {
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = unknown.keys().copied().collect();
+    if !allow {
+        return Err(Error::Unsupported(format!(
+            "checkpoint {} holds state of operator(s) {} that this job does not have: an operator's `id` \
+             names its state, so a renamed or removed operator would lose it. Give the operator its old \
+             `id` back, or drop that state on purpose with `sluice run --allow-non-restored-state` \
+             (checkpoint.allow_non_restored_state = true)",
+            cp.id,
+            names.join(", ")
+        )));
+    }
+    for op in names {
         tracing::warn!(
             operator = op,
             checkpoint = cp.id,
-            "the checkpoint holds state of an operator this job does not have; it is not restored"
+            "the checkpoint holds state of an operator this job does not have; dropped as allowed"
         );
     }
+    Ok(())
 }
 
 /// How the source stamps event time and makes watermarks, if any operator needs them.

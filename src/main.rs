@@ -37,6 +37,28 @@ enum Command {
         /// before (refused otherwise: it would write again what was written).
         #[arg(long)]
         fresh_start: bool,
+        /// Restore this savepoint (its directory) instead of starting anew; a restart
+        /// later resumes from the job's own checkpoints taken since.
+        #[arg(long)]
+        from_savepoint: Option<PathBuf>,
+        /// Start even if the restored state holds operators the job no longer has
+        /// (their state is dropped).
+        #[arg(long)]
+        allow_non_restored_state: bool,
+    },
+    /// Take a savepoint of the running job through its HTTP API and print its
+    /// directory; with `--stop`, the job stops after it (needs `SLUICE_API_TOKEN`).
+    Savepoint {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Stop the job with the savepoint as its final checkpoint.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Show the checkpoints and savepoints a job has stored.
+    Checkpoints {
+        #[command(subcommand)]
+        action: CheckpointsAction,
     },
     /// Run a session service: jobs are submitted, listed and cancelled over its HTTP
     /// API, each in a process of its own (see the README's "Session mode").
@@ -82,6 +104,23 @@ enum Command {
     Txn {
         #[command(subcommand)]
         action: TxnAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointsAction {
+    /// List the job's checkpoints and savepoints: id, time, kind, size, operators.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one checkpoint file or savepoint directory in full, its files checked.
+    Inspect {
+        /// A `chk-<id>.json` file or a savepoint's directory.
+        path: PathBuf,
     },
 }
 
@@ -150,11 +189,22 @@ fn load(path: &Path) -> anyhow::Result<JobConfig> {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, fresh_start } => {
+        Command::Run {
+            config,
+            fresh_start,
+            from_savepoint,
+            allow_non_restored_state,
+        } => {
             let mut cfg = load(&config)?;
             cfg.source.fresh_start |= fresh_start;
+            cfg.checkpoint.allow_non_restored_state |= allow_non_restored_state;
+            if from_savepoint.is_some() {
+                cfg.checkpoint.from_savepoint = from_savepoint;
+            }
             run(cfg).await
         }
+        Command::Savepoint { config, stop } => savepoint(&load(&config)?, stop).await,
+        Command::Checkpoints { action } => checkpoints(action),
         Command::Check { config } => {
             let cfg = load(&config)?;
             let plan = sluice::app::plan(&cfg, &Arc::new(sluice::telemetry::JobStats::default()))?;
@@ -238,6 +288,116 @@ async fn health(listen: &str, ready: bool) -> anyhow::Result<()> {
     anyhow::ensure!(status.is_success(), "{url}: {status}: {}", body.trim());
     say!("{}", body.trim());
     Ok(())
+}
+
+async fn savepoint(cfg: &JobConfig, stop: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !cfg.metrics.listen.is_empty(),
+        "metrics.listen is empty: the job has no HTTP API to ask for a savepoint"
+    );
+    let token = std::env::var(sluice::api::TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .with_context(|| {
+            format!(
+                "{} is not set: the job's API refuses savepoints without it",
+                sluice::api::TOKEN_ENV
+            )
+        })?;
+    let url = format!(
+        "http://{}/savepoints{}",
+        cfg.metrics.listen.replace("0.0.0.0", "127.0.0.1"),
+        if stop { "?stop=true" } else { "" }
+    );
+    // The job answers once the savepoint is written: its checkpoint, then the copy.
+    let wait = (cfg.checkpoint.interval + cfg.checkpoint.timeout) * 2 + std::time::Duration::from_secs(10);
+    let client = reqwest::Client::builder()
+        .timeout(wait)
+        .build()
+        .context("HTTP client")?;
+    let answer = client
+        .post(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("{url}: is the job running?"))?;
+    let status = answer.status();
+    let body: serde_json::Value = serde_json::from_str(&answer.text().await.unwrap_or_default()).unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}: {status}: {}",
+        body.get("error").and_then(|e| e.as_str()).unwrap_or("")
+    );
+    let path = body.get("savepoint").and_then(|p| p.as_str()).unwrap_or_default();
+    say!("{path}");
+    tracing::info!(
+        checkpoint = body.get("checkpoint").and_then(|c| c.as_u64()),
+        stop,
+        "savepoint written: restore it with `sluice run --config ... --from-savepoint {path}`"
+    );
+    Ok(())
+}
+
+fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {
+    use sluice::checkpoint::inspect;
+    let when = |ms: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    };
+    match action {
+        CheckpointsAction::List { config, json } => {
+            let cfg = load(&config)?;
+            let savepoints = cfg.checkpoint.savepoints();
+            let all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
+            if json {
+                for e in &all {
+                    say!("{}", serde_json::to_string(e)?);
+                }
+                return Ok(());
+            }
+            say!(
+                "{:<10} {:>16} {:<20} {:>12}  {:<30} path",
+                "kind",
+                "id",
+                "taken",
+                "bytes",
+                "operators (bytes)"
+            );
+            for e in &all {
+                let ops: Vec<String> = e.operators.iter().map(|(op, s)| format!("{op}:{}", s.bytes)).collect();
+                let kind = match e.kind {
+                    inspect::Kind::Checkpoint => "checkpoint",
+                    inspect::Kind::Savepoint => "savepoint",
+                };
+                say!(
+                    "{kind:<10} {:>16} {:<20} {:>12}  {:<30} {}{}",
+                    e.id,
+                    when(e.triggered_at_ms),
+                    e.bytes,
+                    ops.join(" "),
+                    e.path.display(),
+                    e.problem
+                        .as_deref()
+                        .map(|p| format!("  PROBLEM: {p}"))
+                        .unwrap_or_default()
+                );
+            }
+            if all.is_empty() {
+                say!("(nothing stored)");
+            }
+            Ok(())
+        }
+        CheckpointsAction::Inspect { path } => {
+            let e = inspect::inspect(&path)?;
+            say!("{}", serde_json::to_string_pretty(&e)?);
+            anyhow::ensure!(
+                e.problem.is_none(),
+                "{}: {}",
+                path.display(),
+                e.problem.unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn generate(bootstrap: String, topic: String, rate: u32, bad_every: u64) -> anyhow::Result<()> {

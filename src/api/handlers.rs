@@ -28,11 +28,12 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/checkpoints", get(checkpoints).post(trigger_checkpoint))
+        .route("/savepoints", post(trigger_savepoint))
         .route("/stop", post(stop))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                "try /, /metrics, /health, /ready, /status, /checkpoints or /openapi.yaml\n",
+                "try /, /metrics, /health, /ready, /status, /checkpoints, /savepoints or /openapi.yaml\n",
             )
         })
         .with_state(state)
@@ -169,8 +170,51 @@ async fn trigger_checkpoint(State(s): State<AppState>, headers: HeaderMap) -> Re
             .into_response();
     }
     tracing::info!("checkpoint requested over the HTTP API");
-    match s.stats.control.checkpoints.request(s.checkpoint_wait).await {
-        Ok(id) => Json(json!({ "checkpoint": id })).into_response(),
+    match s.stats.control.checkpoints.request(s.checkpoint_wait, false).await {
+        Ok(a) => Json(json!({ "checkpoint": a.checkpoint })).into_response(),
+        Err(e) => (StatusCode::CONFLICT, Json(json!({ "error": e }))).into_response(),
+    }
+}
+
+/// `?stop=true`: stop the job with this savepoint as its final checkpoint.
+#[derive(Debug, Default, serde::Deserialize)]
+struct SavepointQuery {
+    #[serde(default)]
+    stop: bool,
+}
+
+async fn trigger_savepoint(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<SavepointQuery>,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let stop = query.stop;
+    let state = s.stats.state();
+    if state != crate::telemetry::JobState::Running {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": format!("the job is {}, not running", state.name()) })),
+        )
+            .into_response();
+    }
+    tracing::info!(stop, "savepoint requested over the HTTP API");
+    // Copying the state out takes time beside the checkpoint itself.
+    let wait = s.checkpoint_wait * 2;
+    let control = &s.stats.control;
+    let answer = match stop {
+        true => control.stop_with_savepoint(wait).await,
+        false => control.checkpoints.request(wait, true).await,
+    };
+    match answer {
+        Ok(a) => Json(json!({
+            "checkpoint": a.checkpoint,
+            "savepoint": a.savepoint.map(|p| p.display().to_string()),
+            "stopping": stop,
+        }))
+        .into_response(),
         Err(e) => (StatusCode::CONFLICT, Json(json!({ "error": e }))).into_response(),
     }
 }

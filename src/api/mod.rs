@@ -7,8 +7,9 @@
 //!   restores, restarts, stops, has failed, or its sink is blocked past
 //!   `metrics.ready_sink_stall`
 //! - `GET /status`, `GET /checkpoints`: the job and its checkpoints, as JSON
-//! - `POST /checkpoints`: take a checkpoint now; `POST /stop`: stop after a final one.
-//!   Both need `Authorization: Bearer $SLUICE_API_TOKEN`, and are refused when the
+//! - `POST /checkpoints`: take a checkpoint now; `POST /savepoints[?stop=true]`: take a
+//!   savepoint (and stop after it); `POST /stop`: stop after a final checkpoint.
+//!   All three need `Authorization: Bearer $SLUICE_API_TOKEN`, and are refused when the
 //!   process has no token.
 //! - `GET /`: a live page of the job
 //!

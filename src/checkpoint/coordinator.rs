@@ -62,6 +62,8 @@ pub struct PendingCheckpoint {
     triggered_at_ms: u64,
     waiting: BTreeSet<String>,
     states: BTreeMap<String, serde_json::Value>,
+    /// Written out as a savepoint once complete.
+    savepoint: bool,
 }
 
 impl PendingCheckpoint {
@@ -74,6 +76,7 @@ impl PendingCheckpoint {
             triggered_at_ms: ms,
             waiting: tasks.iter().cloned().collect(),
             states: BTreeMap::new(),
+            savepoint: false,
         }
     }
 
@@ -100,8 +103,9 @@ impl PendingCheckpoint {
         self.waiting.iter().cloned().collect()
     }
 
-    /// The completed checkpoint of `job`, with every task's snapshot.
-    pub fn into_completed(self, job: &str) -> CompletedCheckpoint {
+    /// The completed checkpoint of `job`, with every task's snapshot, descending from
+    /// the savepoint `origin` names (if the job started from one).
+    pub fn into_completed(self, job: &str, origin: Option<String>) -> CompletedCheckpoint {
         CompletedCheckpoint {
             format_version: FORMAT_VERSION,
             job: job.to_string(),
@@ -109,6 +113,7 @@ impl PendingCheckpoint {
             triggered_at_ms: self.triggered_at_ms,
             tasks: self.states,
             checksum: None,
+            origin,
         }
     }
 }
@@ -142,6 +147,10 @@ pub struct Coordinator {
     pub completed: watch::Sender<u64>,
     /// Id of the first checkpoint this attempt triggers.
     pub first_id: u64,
+    /// The savepoint the job's state descends from, recorded in every checkpoint.
+    pub origin: Option<String>,
+    /// Where savepoints asked for are written (none: they are refused).
+    pub savepoint_dir: Option<std::path::PathBuf>,
     /// Job-wide counters for the status line.
     pub stats: Arc<JobStats>,
 }
@@ -196,8 +205,9 @@ impl Coordinator {
                     }
                     tracing::debug!(checkpoint = barrier.id, is_final = barrier.is_final, "triggered");
                     self.stats.checkpoint_triggered(barrier.id, barrier.is_final);
-                    requests.triggered(barrier.id);
-                    pending = Some(PendingCheckpoint::new(barrier, &self.tasks, last_trigger));
+                    let mut p = PendingCheckpoint::new(barrier, &self.tasks, last_trigger);
+                    p.savepoint = requests.triggered(barrier.id);
+                    pending = Some(p);
                 }
                 _ = requests.requested(), if pending.is_none() && !stopping => {
                     // Loop to recompute the trigger time.
@@ -238,6 +248,40 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// Copy a completed checkpoint out as a savepoint and answer who asked for it. Done
+    /// before the next checkpoint is triggered, so retention cannot delete its files
+    /// during the copy; a failure fails the savepoint, not the job.
+    async fn write_savepoint(&self, cp: CompletedCheckpoint) {
+        let id = cp.id;
+        let Some(root) = self.savepoint_dir.clone() else {
+            self.stats.control.checkpoints.savepoint_written(
+                id,
+                Err("no savepoint directory: set checkpoint.savepoint_dir (or checkpoint.dir)".into()),
+            );
+            return;
+        };
+        let storage = self.storage.clone();
+        let started = Instant::now();
+        let written = tokio::task::spawn_blocking(move || super::savepoint::write(&root, &cp, storage.as_ref()))
+            .await
+            .map_err(|e| format!("savepoint writer: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match &written {
+            Ok(w) => tracing::info!(
+                checkpoint = id,
+                path = %w.path.display(),
+                bytes = w.bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "savepoint written"
+            ),
+            Err(e) => tracing::error!(checkpoint = id, error = %e, "savepoint failed"),
+        }
+        self.stats
+            .control
+            .checkpoints
+            .savepoint_written(id, written.map(|w| w.path));
     }
 
     /// Handle an acknowledgement or decline; returns the barrier of a checkpoint that
@@ -283,7 +327,9 @@ impl Coordinator {
                 };
                 let barrier = p.barrier;
                 let started = p.triggered_at;
-                let completed = p.into_completed(&self.job);
+                let savepoint = p.savepoint;
+                let completed = p.into_completed(&self.job, self.origin.clone());
+                let copy = savepoint.then(|| completed.clone());
                 crate::failpoint::crash_if("before_store", barrier.id);
                 // Written before it is announced: a sink commits only what a restore
                 // would also find. The fsyncs run off the async workers.
@@ -301,6 +347,9 @@ impl Coordinator {
                     bytes,
                     "checkpoint complete"
                 );
+                if let Some(cp) = copy {
+                    self.write_savepoint(cp).await;
+                }
                 Ok(Some(barrier))
             }
         }
@@ -325,7 +374,7 @@ mod tests {
         assert_eq!(p.acknowledge("other-0", serde_json::json!(1)), AckOutcome::Unexpected);
         assert_eq!(p.missing(), vec!["source-0".to_string()]);
         assert_eq!(p.acknowledge("source-0", serde_json::json!(2)), AckOutcome::Complete);
-        let c = p.into_completed("job");
+        let c = p.into_completed("job", None);
         assert_eq!(c.id, 3);
         assert_eq!(c.tasks.len(), 2);
     }
@@ -366,6 +415,8 @@ mod tests {
             events: erx,
             completed: ctx,
             first_id: 1,
+            origin: None,
+            savepoint_dir: None,
             stats: Arc::new(JobStats::default()),
         };
         let join = tokio::spawn(coordinator.run(stop));

@@ -2,6 +2,8 @@
 //! keeps completed ones.
 
 pub mod coordinator;
+pub mod inspect;
+pub mod savepoint;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -33,6 +35,11 @@ pub struct CompletedCheckpoint {
     /// written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
+    /// The savepoint this checkpoint's job was started from (its identity), carried by
+    /// every later checkpoint: a restart with the same `--from-savepoint` resumes from
+    /// them instead of from the savepoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl CompletedCheckpoint {
@@ -79,6 +86,6 @@ pub fn task_name(operator: &str, subtask: usize) -> String {
     format!("{operator}-{subtask}")
 }
 
-fn task_operator(name: &str) -> &str {
+pub(crate) fn task_operator(name: &str) -> &str {
     name.rsplit_once('-').map_or(name, |(op, _)| op)
 }

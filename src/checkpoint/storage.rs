@@ -22,6 +22,10 @@ pub trait CheckpointStorage: Send + Sync {
     fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String>;
     /// Read state back by its handle.
     fn read_state(&self, handle: &str) -> Result<Vec<u8>>;
+    /// The id of the first checkpoint to take after restoring `restored`.
+    fn next_id(&self, restored: Option<&CompletedCheckpoint>) -> Result<u64> {
+        Ok(restored.map_or(0, |c| c.id) + 1)
+    }
 }
 
 /// Checkpoint id a state handle belongs to (`chk-<id>/<name>`).
@@ -307,6 +311,7 @@ mod tests {
             triggered_at_ms: 0,
             tasks,
             checksum: None,
+            origin: None,
         }
     }
 

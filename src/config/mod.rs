@@ -358,6 +358,25 @@ pub struct CheckpointConfig {
     /// Completed checkpoints kept; older ones are deleted.
     #[serde(default = "defaults::retain", deserialize_with = "whole::number")]
     pub retain: usize,
+    /// Where savepoints are written (`sluice savepoint`); default `<dir>/savepoints`.
+    /// Savepoints are kept until someone deletes them.
+    pub savepoint_dir: Option<PathBuf>,
+    /// Start from this savepoint (`sluice run --from-savepoint`) unless the job has
+    /// checkpoints of its own that descend from it.
+    pub from_savepoint: Option<PathBuf>,
+    /// Start even though the restored state holds operators this job no longer has
+    /// (their state is dropped); refused otherwise.
+    #[serde(default)]
+    pub allow_non_restored_state: bool,
+}
+
+impl CheckpointConfig {
+    /// Where savepoints go: `savepoint_dir`, else `<dir>/savepoints`, else nowhere.
+    pub fn savepoints(&self) -> Option<PathBuf> {
+        self.savepoint_dir
+            .clone()
+            .or_else(|| self.dir.as_ref().map(|d| d.join("savepoints")))
+    }
 }
 
 impl Default for CheckpointConfig {
@@ -369,6 +388,9 @@ impl Default for CheckpointConfig {
             storage: StorageKind::Memory,
             dir: None,
             retain: defaults::retain(),
+            savepoint_dir: None,
+            from_savepoint: None,
+            allow_non_restored_state: false,
         }
     }
 }

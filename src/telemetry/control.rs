@@ -30,6 +30,14 @@ impl JobControl {
         self.stop.send_replace(true);
     }
 
+    /// Ask the job to stop after a final checkpoint written out as a savepoint, and
+    /// wait for the savepoint.
+    pub async fn stop_with_savepoint(&self, timeout: Duration) -> Result<Answer, String> {
+        let (tx, rx) = self.checkpoints.enqueue(true);
+        self.stop();
+        CheckpointRequests::wait(rx, timeout).await.inspect(|_| tx.done())
+    }
+
     /// Changes to true when a stop is asked for.
     pub fn stop_requested(&self) -> watch::Receiver<bool> {
         self.stop.subscribe()
@@ -43,28 +51,82 @@ impl JobControl {
 pub struct CheckpointRequests {
     waiters: Mutex<Vec<Waiter>>,
     notify: Notify,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Debug)]
 struct Waiter {
     /// The checkpoint that answers (set when it is triggered).
     id: Option<u64>,
-    reply: oneshot::Sender<Result<u64, String>>,
+    /// Whether the checkpoint is to be written out as a savepoint.
+    savepoint: bool,
+    reply: oneshot::Sender<Result<Answer, String>>,
+}
+
+/// A checkpoint (or savepoint) taken on request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The checkpoint's id.
+    pub checkpoint: u64,
+    /// The savepoint's directory, when one was asked for.
+    pub savepoint: Option<std::path::PathBuf>,
+}
+
+/// Held while an answer is on its way to a client; a stopping job waits for it so the
+/// reply is not cut off by the process's exit.
+#[derive(Debug)]
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    /// The answer was handed over.
+    pub fn done(self) {}
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl CheckpointRequests {
-    /// Ask for a checkpoint and wait up to `timeout` for it: its id, or why it failed.
-    pub async fn request(&self, timeout: Duration) -> Result<u64, String> {
+    /// Ask for a checkpoint (a savepoint with `savepoint`) and wait up to `timeout` for
+    /// it: its id and savepoint, or why it failed.
+    pub async fn request(&self, timeout: Duration, savepoint: bool) -> Result<Answer, String> {
+        let (tx, rx) = self.enqueue(savepoint);
+        self.notify.notify_one();
+        Self::wait(rx, timeout).await.inspect(|_| tx.done())
+    }
+
+    fn enqueue(&self, savepoint: bool) -> (InFlight, oneshot::Receiver<Result<Answer, String>>) {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
-            w.push(Waiter { id: None, reply: tx });
+            w.push(Waiter {
+                id: None,
+                savepoint,
+                reply: tx,
+            });
         }
-        self.notify.notify_one();
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        (InFlight(self.in_flight.clone()), rx)
+    }
+
+    async fn wait(rx: oneshot::Receiver<Result<Answer, String>>, timeout: Duration) -> Result<Answer, String> {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err("the job stopped before the checkpoint completed".into()),
             Err(_) => Err(format!("no checkpoint completed within {timeout:?}")),
         }
+    }
+
+    /// Wait (up to `limit`) until no answer is on its way to a client, then a moment
+    /// more for the reply's bytes to leave: a job stopped with a savepoint exits after
+    /// its caller has heard where the savepoint is.
+    pub async fn linger(&self, limit: Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        while self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     /// Resolves when a request arrives (for the coordinator's loop).
@@ -77,11 +139,18 @@ impl CheckpointRequests {
         self.waiters.lock().is_ok_and(|w| w.iter().any(|w| w.id.is_none()))
     }
 
-    /// Checkpoint `id` was just triggered: it answers every waiting request.
-    pub fn triggered(&self, id: u64) {
-        if let Ok(mut w) = self.waiters.lock() {
-            w.iter_mut().filter(|w| w.id.is_none()).for_each(|w| w.id = Some(id));
+    /// Checkpoint `id` was just triggered: it answers every waiting request. Says
+    /// whether one of them wants it written out as a savepoint.
+    pub fn triggered(&self, id: u64) -> bool {
+        let Ok(mut w) = self.waiters.lock() else {
+            return false;
+        };
+        let mut savepoint = false;
+        for w in w.iter_mut().filter(|w| w.id.is_none()) {
+            w.id = Some(id);
+            savepoint |= w.savepoint;
         }
+        savepoint
     }
 
     /// A new attempt starts: requests its failed predecessor had taken wait for the
@@ -92,17 +161,34 @@ impl CheckpointRequests {
         }
     }
 
+    /// Checkpoint `id` completed: answers the requests for a checkpoint (those for a
+    /// savepoint wait for [`Self::savepoint_written`]).
     pub(crate) fn completed(&self, id: u64) {
-        self.answer(id, Ok(id));
+        let answer = Answer {
+            checkpoint: id,
+            savepoint: None,
+        };
+        self.answer(id, |w| !w.savepoint, Ok(answer));
     }
 
     pub(crate) fn failed(&self, id: u64, reason: &str) {
-        self.answer(id, Err(format!("checkpoint {id} failed: {reason}")));
+        self.answer(id, |_| true, Err(format!("checkpoint {id} failed: {reason}")));
     }
 
-    fn answer(&self, id: u64, answer: Result<u64, String>) {
+    /// The savepoint of checkpoint `id` was written to `path` (or failed).
+    pub fn savepoint_written(&self, id: u64, written: Result<std::path::PathBuf, String>) {
+        let answer = written
+            .map(|path| Answer {
+                checkpoint: id,
+                savepoint: Some(path),
+            })
+            .map_err(|e| format!("checkpoint {id} completed, but its savepoint could not be written: {e}"));
+        self.answer(id, |w| w.savepoint, answer);
+    }
+
+    fn answer(&self, id: u64, which: impl Fn(&Waiter) -> bool, answer: Result<Answer, String>) {
         if let Ok(mut w) = self.waiters.lock() {
-            let (done, rest): (Vec<_>, Vec<_>) = w.drain(..).partition(|w| w.id.is_some_and(|i| i <= id));
+            let (done, rest): (Vec<_>, Vec<_>) = w.drain(..).partition(|w| w.id.is_some_and(|i| i <= id) && which(w));
             *w = rest;
             for d in done {
                 let _ = d.reply.send(answer.clone());
@@ -121,7 +207,7 @@ mod tests {
         let r = Arc::new(CheckpointRequests::default());
         let waiting = tokio::spawn({
             let r = r.clone();
-            async move { r.request(Duration::from_secs(5)).await }
+            async move { r.request(Duration::from_secs(5), false).await }
         });
         tokio::time::timeout(Duration::from_secs(1), r.requested())
             .await
@@ -130,12 +216,32 @@ mod tests {
         // Checkpoint 3 was in flight before the request: it answers nothing.
         r.completed(3);
         assert!(r.pending());
-        r.triggered(4);
+        assert!(!r.triggered(4), "no savepoint asked for");
         assert!(!r.pending());
         r.failed(4, "declined");
         assert_eq!(
             waiting.await.expect("join"),
             Err("checkpoint 4 failed: declined".into())
         );
+    }
+
+    #[tokio::test]
+    async fn a_savepoint_request_is_answered_by_its_savepoint_not_the_checkpoint() {
+        let r = Arc::new(CheckpointRequests::default());
+        let sp = tokio::spawn({
+            let r = r.clone();
+            async move { r.request(Duration::from_secs(5), true).await }
+        });
+        tokio::time::timeout(Duration::from_secs(1), r.requested())
+            .await
+            .expect("notified");
+        assert!(r.triggered(7), "the trigger learns a savepoint is wanted");
+        r.completed(7);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!sp.is_finished(), "still waiting for the savepoint");
+        r.savepoint_written(7, Ok("/sp/x".into()));
+        let answer = sp.await.expect("join").expect("answered");
+        assert_eq!(answer.savepoint.as_deref(), Some(std::path::Path::new("/sp/x")));
+        assert_eq!(r.in_flight.load(std::sync::atomic::Ordering::Acquire), 0);
     }
 }

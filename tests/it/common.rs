@@ -244,6 +244,11 @@ impl Sluice {
 
     /// Start with `SLUICE__…` environment overrides.
     pub fn start_with(config: &Path, log: &Path, env: &[(&str, &str)]) -> Sluice {
+        Self::start_args(config, log, env, &[])
+    }
+
+    /// Start with environment overrides and more arguments to `sluice run`.
+    pub fn start_args(config: &Path, log: &Path, env: &[(&str, &str)], args: &[&str]) -> Sluice {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -252,6 +257,7 @@ impl Sluice {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--config"])
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info,sqlx=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::from(out.try_clone().expect("log")))

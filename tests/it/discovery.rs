@@ -157,6 +157,7 @@ async fn a_restored_offset_beyond_a_re_created_topic_s_end_is_reported_and_read_
                 triggered_at_ms: 0,
                 tasks,
                 checksum: None,
+                origin: None,
             })
             .expect("store the old checkpoint");
     }

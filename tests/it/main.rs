@@ -18,6 +18,7 @@ mod owners;
 mod prometheus;
 mod recover;
 mod restart;
+mod savepoints;
 mod secrets;
 mod session;
 mod table_checks;

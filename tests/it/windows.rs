@@ -14,20 +14,20 @@ use sqlx::{PgPool, Row};
 use crate::common::*;
 
 /// Event time of the first event; one event per millisecond of event time after it.
-const BASE: i64 = 1_800_000_000_000;
+pub(crate) const BASE: i64 = 1_800_000_000_000;
 /// Tumbling window size in the tests' jobs.
 const WINDOW_MS: i64 = 10_000;
 
-struct Event {
-    id: u64,
-    account: String,
-    amount: i64,
-    ts: i64,
+pub(crate) struct Event {
+    pub(crate) id: u64,
+    pub(crate) account: String,
+    pub(crate) amount: i64,
+    pub(crate) ts: i64,
 }
 
 /// `n` events: a few hot accounts get 30 % of them, event time runs 1 ms per event and
 /// each event is delayed by up to `max_delay_ms` (so they arrive out of order).
-fn events(n: u64, max_delay_ms: i64, seed: u64) -> Vec<Event> {
+pub(crate) fn events(n: u64, max_delay_ms: i64, seed: u64) -> Vec<Event> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
         .map(|id| {
@@ -54,9 +54,9 @@ fn payload(e: &Event) -> String {
 }
 
 /// (account, window start) → (count, sum, min, max), computed the plain way.
-type Table = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
+pub(crate) type Table = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
 
-fn reference(events: &[Event]) -> Table {
+pub(crate) fn reference(events: &[Event]) -> Table {
     let mut t = Table::new();
     for e in events {
         let start = e.ts - e.ts.rem_euclid(WINDOW_MS);
@@ -92,7 +92,7 @@ async fn results(pool: &PgPool, schema: &str) -> Table {
     t
 }
 
-async fn result_rows(pool: &PgPool, schema: &str) -> i64 {
+pub(crate) async fn result_rows(pool: &PgPool, schema: &str) -> i64 {
     count(
         pool,
         &format!("SELECT count(*) FROM {schema}.win WHERE account <> '~flush'"),
@@ -102,7 +102,12 @@ async fn result_rows(pool: &PgPool, schema: &str) -> i64 {
 
 /// Produce events (keyed by id, so spread over partitions, unless `partition` says
 /// where), waiting for delivery.
-fn produce_events(topic: &str, events: &[Event], pause_every: Option<(usize, Duration)>, partition: Option<i32>) {
+pub(crate) fn produce_events(
+    topic: &str,
+    events: &[Event],
+    pause_every: Option<(usize, Duration)>,
+    partition: Option<i32>,
+) {
     let p = producer(&kafka());
     for (i, e) in events.iter().enumerate() {
         let (key, body) = (e.id.to_string(), payload(e));
@@ -127,7 +132,7 @@ fn produce_events(topic: &str, events: &[Event], pause_every: Option<(usize, Dur
 
 /// One record per partition an hour of event time after the input: every partition's
 /// watermark passes every window of the input, so all of them fire.
-fn produce_flush(topic: &str, partitions: std::ops::Range<i32>, after: i64) {
+pub(crate) fn produce_flush(topic: &str, partitions: std::ops::Range<i32>, after: i64) {
     let p = producer(&kafka());
     for part in partitions {
         let body = format!(
@@ -150,11 +155,11 @@ pub(crate) struct WindowJob {
     pub(crate) schema: String,
     pub(crate) topic: String,
     pub(crate) job: String,
-    partitions: i32,
+    pub(crate) partitions: i32,
     pub(crate) config: PathBuf,
     pub(crate) log: PathBuf,
     strategy: &'static str,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl WindowJob {
@@ -207,6 +212,11 @@ impl WindowJob {
 
     /// (Re)write the config with these parallelisms and state backend.
     fn configure_on(&self, sources: u32, windows: u32, backend: &str) {
+        self.configure_api(sources, windows, backend, "");
+    }
+
+    /// The same with the HTTP API on `listen` (empty: none).
+    pub(crate) fn configure_api(&self, sources: u32, windows: u32, backend: &str, listen: &str) {
         let toml = window_toml(
             &self.job,
             &self.topic,
@@ -219,16 +229,22 @@ impl WindowJob {
             "\n[state]\nbackend = \"{backend}\"\ndir = \"{}\"\n",
             self.dir.path().join("state").display()
         );
+        let toml = toml.replace("listen = \"\"", &format!("listen = \"{listen}\""));
         std::fs::write(&self.config, toml).expect("write config");
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Run until every window of `expected` is in the table, stop cleanly, and compare.
     async fn finish(&self, expected: &Table) {
-        let s = Sluice::start(&self.config, &self.log);
+        self.finish_with(expected, &[]).await
+    }
+
+    /// The same, with more arguments to `sluice run`.
+    pub(crate) async fn finish_with(&self, expected: &Table, args: &[&str]) {
+        let s = Sluice::start_args(&self.config, &self.log, &[], args);
         let want = expected.len() as i64;
         let limit = std::env::var("SLUICE_TEST_WINDOW_WAIT")
             .ok()
@@ -278,7 +294,7 @@ impl WindowJob {
     }
 }
 
-fn tail(text: &str) -> String {
+pub(crate) fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
@@ -471,7 +487,7 @@ async fn kill_windowed(strategy: &'static str, backends: &[&str]) {
     );
 }
 
-fn clone_event(e: &Event) -> Event {
+pub(crate) fn clone_event(e: &Event) -> Event {
     Event {
         id: e.id,
         account: e.account.clone(),

@@ -1,0 +1,172 @@
+//! Savepoints end to end: a windowed job stopped with a savepoint, restored with other
+//! parallelism and the other state backend, killed and restarted with the same
+//! `--from-savepoint`, stopped with a second savepoint and restored again, ends with
+//! exactly the table of the batch computation (that of an uninterrupted run).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+use crate::windows::*;
+
+const TOKEN: &str = "savepoint-test-token";
+
+/// `sluice savepoint --stop` against the job's API: the savepoint's directory.
+fn stop_with_savepoint(config: &Path) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["savepoint", "--stop", "--config"])
+        .arg(config)
+        .env("SLUICE_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice savepoint");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "sluice savepoint failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(stdout);
+    assert!(
+        path.join("_metadata.json").is_file(),
+        "no savepoint at {}",
+        path.display()
+    );
+    path
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Ids of the checkpoints restored, in the order of the log.
+fn restored_ids(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("restoring from checkpoint"))
+        .filter_map(|l| l.split("checkpoint=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+async fn wait_rows_above(j: &WindowJob, s: &Sluice, above: i64) -> i64 {
+    let grew = wait_until(Duration::from_secs(120), || async {
+        result_rows(&j.pool, &j.schema).await > above
+    })
+    .await;
+    assert!(grew, "no windows written past {above}; log:\n{}", s.log_tail());
+    result_rows(&j.pool, &j.schema).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_rescale_4_2_3_and_move_between_backends_exactly_once() {
+    let backends: &[&str] = if cfg!(feature = "rocksdb") {
+        &["heap", "rocksdb", "heap"]
+    } else {
+        &["heap", "heap", "heap"]
+    };
+    let j = WindowJob::new("winsp", "two_phase", 4).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let input = events(90_000, 1_000, 13);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let thirds: Vec<Vec<Event>> = input
+        .chunks(30_000)
+        .map(|c| c.iter().map(clone_event).collect())
+        .collect();
+    let produce = |events: Vec<Event>| {
+        let topic = j.topic.clone();
+        tokio::task::spawn_blocking(move || produce_events(&topic, &events, None, None))
+    };
+    let env = [("SLUICE_API_TOKEN", TOKEN)];
+    let mut thirds = thirds.into_iter();
+
+    // Run 1: parallelism 4 on the heap, stopped with a savepoint.
+    produce(thirds.next().expect("input")).await.expect("producer");
+    j.configure_api(4, 4, backends[0], &listen);
+    let s = Sluice::start_args(&j.config, &j.log, &env, &[]);
+    let rows1 = wait_rows_above(&j, &s, 0).await;
+    let first = stop_with_savepoint(&j.config);
+    let mut s = s;
+    let status = s
+        .wait_exit(Duration::from_secs(60))
+        .expect("the job stops after its savepoint");
+    assert!(status.success(), "exit {status}; log:\n{}", s.log_tail());
+
+    // Run 2: parallelism 2 on RocksDB from the savepoint; SIGKILLed, restarted with the
+    // same arguments (resumes from its own checkpoint, not the savepoint), then stopped
+    // with a second savepoint.
+    produce(thirds.next().expect("input")).await.expect("producer");
+    j.configure_api(2, 2, backends[1], &listen);
+    let from_first = ["--from-savepoint", first.to_str().expect("utf-8 path")];
+    let s = Sluice::start_args(&j.config, &j.log, &env, &from_first);
+    let rows2 = wait_rows_above(&j, &s, rows1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.kill9();
+    let s = Sluice::start_args(&j.config, &j.log, &env, &from_first);
+    let ready = wait_until(Duration::from_secs(60), || async {
+        http(&listen, "GET", "/ready", None).is_some_and(|(code, _)| code == 200)
+    })
+    .await;
+    assert!(ready, "not ready after the restart; log:\n{}", s.log_tail());
+    assert!(result_rows(&j.pool, &j.schema).await >= rows2);
+    let second = stop_with_savepoint(&j.config);
+    let mut s = s;
+    let status = s
+        .wait_exit(Duration::from_secs(60))
+        .expect("the job stops after its savepoint");
+    assert!(status.success(), "exit {status}; log:\n{}", s.log_tail());
+    let ids = restored_ids(&j.log_text());
+    assert_eq!(ids.len(), 2, "two restores so far: {ids:?}");
+    assert!(
+        ids[1] > ids[0] && ids[1] > 1_700_000_000_000,
+        "the restart resumed from the savepoint ({}) instead of its own later checkpoint: {ids:?}",
+        ids[0]
+    );
+
+    // What is stored: two savepoints, both intact.
+    let config = j.config.to_str().expect("utf-8 path");
+    let (ok, listing) = cli(&["checkpoints", "list", "--config", config]);
+    assert!(ok, "{listing}");
+    assert_eq!(listing.matches("savepoint ").count(), 2, "{listing}");
+    assert!(!listing.contains("PROBLEM"), "{listing}");
+    let (ok, inspected) = cli(&["checkpoints", "inspect", second.to_str().expect("utf-8 path")]);
+    assert!(ok && inspected.contains("per_account"), "{inspected}");
+
+    // A job whose window operator lost its id would drop the window state: refused,
+    // naming the operator and the way out.
+    produce(thirds.next().expect("input")).await.expect("producer");
+    let topic = j.topic.clone();
+    let partitions = j.partitions;
+    tokio::task::spawn_blocking(move || produce_flush(&topic, 0..partitions, last))
+        .await
+        .expect("flush");
+    j.configure_api(3, 3, backends[2], &listen);
+    let renamed = std::fs::read_to_string(&j.config)
+        .expect("config")
+        .replace("id = \"per_account\"", "id = \"renamed\"");
+    let renamed_config = j.dir.path().join("renamed.toml");
+    std::fs::write(&renamed_config, renamed).expect("write config");
+    let from_second = ["--from-savepoint", second.to_str().expect("utf-8 path")];
+    let log = j.dir.path().join("renamed.log");
+    let mut refused = Sluice::start_args(&renamed_config, &log, &env, &from_second);
+    let status = refused.wait_exit(Duration::from_secs(60)).expect("refused at start");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !status.success() && text.contains("per_account") && text.contains("--allow-non-restored-state"),
+        "{status}: {text}"
+    );
+
+    // Run 3: parallelism 3 on the heap from the second savepoint, to the end.
+    j.finish_with(&expected, &from_second).await;
+}
