@@ -13,16 +13,16 @@ ENV ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches tests/it \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && for b in e2e enrich hot_path window; do echo 'fn main() {}' > "benches/$b.rs"; done \
+    && for b in e2e enrich hot_path state window; do echo 'fn main() {}' > "benches/$b.rs"; done \
     && touch tests/it/main.rs \
-    && cargo build --release --locked --features rocksdb --bin sluice \
+    && cargo build --release --locked --features rocksdb,s3 --bin sluice \
     && rm -rf src benches tests
 COPY src src
 COPY docs docs
 COPY benches benches
 COPY tests tests
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --features rocksdb --bin sluice \
+    && cargo build --release --locked --features rocksdb,s3 --bin sluice \
     && objcopy --only-keep-debug target/release/sluice target/release/sluice.debug \
     && objcopy --strip-debug --strip-unneeded --add-gnu-debuglink=target/release/sluice.debug target/release/sluice
 

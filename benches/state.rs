@@ -18,7 +18,9 @@ use sluice::state::{HeapBackend, KeyRef, KeyedTable, Namespace, StateBackend, St
 const KEYS: u64 = 100_000;
 
 fn keys() -> Vec<[u8; 8]> {
-    (0..KEYS).map(|i| (i.wrapping_mul(2_654_435_761)).to_be_bytes()).collect()
+    (0..KEYS)
+        .map(|i| (i.wrapping_mul(2_654_435_761)).to_be_bytes())
+        .collect()
 }
 
 fn kg(key: &[u8; 8]) -> u16 {
@@ -34,7 +36,10 @@ fn with_backend<B: StateBackend>(c: &mut Criterion, name: &str, backend: &B) {
     g.bench_function("put", |b| {
         b.iter(|| {
             for (i, k) in keys.iter().enumerate() {
-                let r = KeyRef { key_group: kg(k), key: k };
+                let r = KeyRef {
+                    key_group: kg(k),
+                    key: k,
+                };
                 state.set(r, Namespace::GLOBAL, i as u64);
             }
         })
@@ -43,7 +48,10 @@ fn with_backend<B: StateBackend>(c: &mut Criterion, name: &str, backend: &B) {
         b.iter(|| {
             let mut sum = 0u64;
             for k in &keys {
-                let r = KeyRef { key_group: kg(k), key: k };
+                let r = KeyRef {
+                    key_group: kg(k),
+                    key: k,
+                };
                 sum = sum.wrapping_add(state.get(r, Namespace::GLOBAL).unwrap_or(0));
             }
             black_box(sum)
@@ -113,7 +121,7 @@ fn bare(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    with_backend(c, "heap", &HeapBackend::default());
+    with_backend(c, "heap", &HeapBackend);
     #[cfg(feature = "rocksdb")]
     {
         bare(c);

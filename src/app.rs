@@ -281,6 +281,16 @@ fn edge_into(
 pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
     let storage: Arc<dyn CheckpointStorage> = match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
         (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
+        #[cfg(feature = "s3")]
+        (StorageKind::S3, _) => Arc::new(crate::checkpoint::object::ObjectStorage::open(
+            &crate::checkpoint::object::ObjectConfig {
+                url: cfg.checkpoint.url.clone().unwrap_or_default(),
+                endpoint: cfg.checkpoint.endpoint.clone(),
+                region: cfg.checkpoint.region.clone(),
+                retain: cfg.checkpoint.retain,
+                credentials: None,
+            },
+        )?),
         _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
     };
     let Some(path) = &cfg.checkpoint.from_savepoint else {
@@ -453,7 +463,7 @@ async fn refuse_silent_fresh_start(
     if cfg.source.fresh_start
         || cfg.checkpoint.from_savepoint.is_some()
         || !cfg.source.commit_offsets
-        || cfg.checkpoint.storage != StorageKind::Filesystem
+        || cfg.checkpoint.storage == StorageKind::Memory
         || storage.latest()?.is_some()
     {
         return Ok(());
@@ -476,6 +486,7 @@ async fn refuse_silent_fresh_start(
             .dir
             .as_deref()
             .map(|d| d.display().to_string())
+            .or_else(|| cfg.checkpoint.url.clone())
             .unwrap_or_default();
         return Err(Error::Unsupported(format!(
             "no checkpoint in {dir}, but Kafka's consumer group sluice-{} holds offsets of this job for {} \

@@ -3,6 +3,8 @@
 
 pub mod coordinator;
 pub mod inspect;
+#[cfg(feature = "s3")]
+pub mod object;
 pub mod savepoint;
 pub mod storage;
 

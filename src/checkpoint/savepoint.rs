@@ -442,7 +442,10 @@ mod tests {
         assert_eq!(restored.id, 5, "the savepoint, not the unrelated checkpoint 9");
         assert_eq!(s.read_state(&h).unwrap(), b"five");
         let next = s.next_id(Some(&restored)).unwrap();
-        assert!(next > 1_700_000_000_000, "ids never repeat (above 9 and the clock): {next}");
+        assert!(
+            next > 1_700_000_000_000,
+            "ids never repeat (above 9 and the clock): {next}"
+        );
         // Once the job stored a checkpoint of its own, a restart resumes from it.
         let mut mine = cp(next, "chk-0/none");
         mine.origin = restored.origin.clone();

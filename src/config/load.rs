@@ -116,7 +116,7 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         ("time.format", _) => "auto, epoch_millis, epoch_seconds, rfc3339",
         ("source.start_from", _) => "earliest, latest",
         ("source.isolation_level", _) => "read_committed, read_uncommitted",
-        ("checkpoint.storage", _) => "memory, filesystem",
+        ("checkpoint.storage", _) => "memory, filesystem, s3",
         ("restart", _) | ("restart.strategy", _) => "none, fixed_delay, failure_rate, exponential_backoff",
         ("dead_letter.kind", _) => "table, kafka",
         (_, "type") => "int, float, string, bool, json",
@@ -463,6 +463,21 @@ impl CheckpointConfig {
         }
         if self.storage == StorageKind::Filesystem && self.dir.is_none() {
             return fail("checkpoint.dir", "is required when checkpoint.storage = \"filesystem\"");
+        }
+        if self.storage == StorageKind::S3 {
+            match &self.url {
+                None => return fail("checkpoint.url", "is required when checkpoint.storage = \"s3\""),
+                Some(u) if !u.starts_with("s3://") || u.len() <= "s3://".len() => {
+                    return fail("checkpoint.url", "must be s3://bucket/prefix")
+                }
+                Some(_) => {}
+            }
+            if cfg!(not(feature = "s3")) {
+                return fail(
+                    "checkpoint.storage",
+                    "\"s3\" needs a sluice built with the cargo feature `s3` (the container image has it)",
+                );
+            }
         }
         Ok(())
     }

@@ -297,6 +297,9 @@ pub enum StorageKind {
     Memory,
     /// A directory; survives the process.
     Filesystem,
+    /// An S3-compatible bucket (`checkpoint.url`); survives the machine. Needs the
+    /// cargo feature `s3`.
+    S3,
 }
 
 /// Where keyed state lives.
@@ -355,6 +358,14 @@ pub struct CheckpointConfig {
     pub storage: StorageKind,
     /// Directory for `storage = "filesystem"`.
     pub dir: Option<PathBuf>,
+    /// `s3://bucket/prefix` for `storage = "s3"`; credentials come from the
+    /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+    pub url: Option<String>,
+    /// An S3-compatible endpoint (MinIO, Ceph, ...): `http://host:port`.
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    #[serde(default = "defaults::region")]
+    pub region: String,
     /// Completed checkpoints kept; older ones are deleted.
     #[serde(default = "defaults::retain", deserialize_with = "whole::number")]
     pub retain: usize,
@@ -387,6 +398,9 @@ impl Default for CheckpointConfig {
             min_pause: Duration::ZERO,
             storage: StorageKind::Memory,
             dir: None,
+            url: None,
+            endpoint: None,
+            region: defaults::region(),
             retain: defaults::retain(),
             savepoint_dir: None,
             from_savepoint: None,
@@ -731,6 +745,9 @@ mod defaults {
     }
     pub fn retain() -> usize {
         3
+    }
+    pub fn region() -> String {
+        "us-east-1".into()
     }
     pub fn attempts() -> u32 {
         3

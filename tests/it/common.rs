@@ -445,3 +445,22 @@ pub async fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
         .flatten()
         .and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok())?)
 }
+
+/// The S3-compatible server of the object-storage tests (`scripts/ensure-s3`).
+pub fn s3_endpoint() -> String {
+    std::env::var("SLUICE_TEST_S3").unwrap_or_else(|_| "http://127.0.0.1:9100".into())
+}
+
+/// Credentials the test server accepts (it checks none).
+pub const S3_KEY: (&str, &str) = ("sluice-test", "sluice-test-secret");
+
+/// Create a bucket on the test server.
+pub fn create_bucket(name: &str) {
+    let endpoint = s3_endpoint();
+    let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let created = http(addr, "PUT", &format!("/{name}"), None);
+    assert!(
+        created.as_ref().is_some_and(|(code, _)| *code == 200),
+        "create bucket {name} on {endpoint} (scripts/ensure-s3): {created:?}"
+    );
+}

@@ -14,6 +14,8 @@ mod kafka_dead_letters;
 mod kafka_sink;
 mod kill;
 mod migrate;
+#[cfg(feature = "s3")]
+mod object_storage;
 mod owners;
 mod prometheus;
 mod recover;

@@ -160,6 +160,10 @@ pub(crate) struct WindowJob {
     pub(crate) log: PathBuf,
     strategy: &'static str,
     pub(crate) dir: tempfile::TempDir,
+    /// Checkpoints in this bucket prefix (`s3://...`) instead of a directory.
+    pub(crate) object_storage: Option<String>,
+    /// Environment of every run.
+    pub(crate) env: Vec<(&'static str, String)>,
 }
 
 impl WindowJob {
@@ -200,6 +204,8 @@ impl WindowJob {
             log,
             strategy,
             dir,
+            object_storage: None,
+            env: Vec::new(),
         };
         j.configure(2, 2);
         j
@@ -229,8 +235,25 @@ impl WindowJob {
             "\n[state]\nbackend = \"{backend}\"\ndir = \"{}\"\n",
             self.dir.path().join("state").display()
         );
-        let toml = toml.replace("listen = \"\"", &format!("listen = \"{listen}\""));
+        let mut toml = toml.replace("listen = \"\"", &format!("listen = \"{listen}\""));
+        if let Some(url) = &self.object_storage {
+            let dir = format!(
+                "storage = \"filesystem\"\ndir = \"{}\"",
+                self.dir.path().join("checkpoints").display()
+            );
+            assert!(toml.contains(&dir));
+            toml = toml.replace(
+                &dir,
+                &format!("storage = \"s3\"\nurl = \"{url}\"\nendpoint = \"{}\"", s3_endpoint()),
+            );
+        }
         std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    /// Start sluice on the job's config with its environment.
+    pub(crate) fn start(&self, args: &[&str]) -> Sluice {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Sluice::start_args(&self.config, &self.log, &env, args)
     }
 
     pub(crate) fn log_text(&self) -> String {
@@ -244,7 +267,7 @@ impl WindowJob {
 
     /// The same, with more arguments to `sluice run`.
     pub(crate) async fn finish_with(&self, expected: &Table, args: &[&str]) {
-        let s = Sluice::start_args(&self.config, &self.log, &[], args);
+        let s = self.start(args);
         let want = expected.len() as i64;
         let limit = std::env::var("SLUICE_TEST_WINDOW_WAIT")
             .ok()
@@ -432,6 +455,12 @@ async fn empty_partitions_do_not_stall_windows() {
 /// backends of `backends` in turn (a checkpoint of one restores into the other).
 async fn kill_windowed(strategy: &'static str, backends: &[&str]) {
     let j = WindowJob::new("winkill", strategy, 4).await;
+    kill_windowed_job(j, backends).await;
+}
+
+/// [`kill_windowed`] on a job set up by the caller.
+pub(crate) async fn kill_windowed_job(j: WindowJob, backends: &[&str]) {
+    let strategy = j.strategy;
     // Delays up to 1 s against a 3 s bound: the rest is slack for the producer's
     // batching, so that no record is late however the partitions interleave.
     let input = events(120_000, 1_000, 11);
@@ -452,7 +481,7 @@ async fn kill_windowed(strategy: &'static str, backends: &[&str]) {
     let mut rows_after_kills = Vec::new();
     for (run, (sources, windows)) in [(2, 2), (1, 3), (3, 1), (2, 4), (4, 2), (2, 3)].into_iter().enumerate() {
         j.configure_on(sources, windows, backends[run % backends.len()]);
-        let s = Sluice::start(&j.config, &j.log);
+        let s = j.start(&[]);
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_500))).await;
         s.kill9();
         rows_after_kills.push(result_rows(&j.pool, &j.schema).await);

@@ -1,0 +1,298 @@
+//! Checkpoints in S3-compatible object storage (`checkpoint.storage = "s3"`, cargo
+//! feature `s3`), so that they survive the loss of the machine.
+//!
+//! ```text
+//! s3://<bucket>/<prefix>/chk-<id, 20 digits>.json    completed checkpoints
+//! s3://<bucket>/<prefix>/state/chk-<id>/<name>       state files (handles `chk-<id>/<name>`)
+//! ```
+//!
+//! An S3 PUT is atomic (an object is visible whole or not at all), which is what
+//! [`CheckpointStorage::store`] needs; the checkpoint's checksum still guards against a
+//! damaged object. Requests run on a small runtime of their own, so the trait stays
+//! synchronous for the callers that already call it off the async workers.
+//!
+//! Object storage has no lock a dead process releases: one process per job is the
+//! sink's business here (the Postgres owner lock and generation, Kafka's transactional
+//! fencing), not the storage's.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::savepoint::is_handle;
+use super::{CheckpointStorage, CompletedCheckpoint, FORMAT_VERSION};
+use crate::error::{Error, Result};
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone)]
+pub struct ObjectConfig {
+    /// `s3://bucket/prefix`.
+    pub url: String,
+    /// An S3-compatible endpoint (`http://127.0.0.1:9000`); none: AWS.
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    pub region: String,
+    /// Completed checkpoints kept.
+    pub retain: usize,
+    /// Access key id and secret; none: from the environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or the instance's role).
+    pub credentials: Option<(String, secrecy::SecretString)>,
+}
+
+/// Checkpoint storage in a bucket.
+pub struct ObjectStorage {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    retain: usize,
+    url: String,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for ObjectStorage {
+    fn drop(&mut self) {
+        // Dropped on an async worker at the end of a job: a blocking shutdown panics there.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn io(context: String) -> impl FnOnce(object_store::Error) -> Error {
+    move |e| Error::Storage {
+        context,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl ObjectStorage {
+    /// Connect, with credentials from the environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, ...), and check that the bucket
+    /// answers: a wrong bucket, endpoint or key fails the start, not the first
+    /// checkpoint.
+    pub fn open(cfg: &ObjectConfig) -> Result<Self> {
+        let bad = |m: &str| Error::Unsupported(format!("checkpoint.url `{}`: {m}", cfg.url));
+        let rest = cfg
+            .url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("must start with s3://"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("names no bucket"));
+        }
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_region(&cfg.region)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(30),
+                ..Default::default()
+            });
+        if let Some((id, secret)) = &cfg.credentials {
+            use secrecy::ExposeSecret;
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret.expose_secret());
+        }
+        if let Some(endpoint) = &cfg.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| Error::Unsupported(format!("checkpoint.url `{}`: {e}", cfg.url)))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sluice-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("object storage runtime: {e}")))?;
+        let s = Self {
+            store: Arc::new(store),
+            prefix: Path::from(prefix.trim_matches('/')),
+            retain: cfg.retain.max(1),
+            url: cfg.url.clone(),
+            runtime: Some(runtime),
+        };
+        s.list_checkpoints().map_err(|e| {
+            Error::Unsupported(format!(
+                "checkpoint storage {} does not answer: {e} (bucket, checkpoint.endpoint, \
+                 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY?)",
+                cfg.url
+            ))
+        })?;
+        Ok(s)
+    }
+
+    /// Run `fut` on the storage's runtime and wait for it, from any thread (an async
+    /// worker included: it blocks for one request, as a file write would).
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::Internal("object storage closed".into()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::Internal("object storage request dropped".into()))
+    }
+
+    fn path(&self, rest: &str) -> Path {
+        match self.prefix.as_ref().is_empty() {
+            true => Path::from(rest),
+            false => Path::from(format!("{}/{rest}", self.prefix)),
+        }
+    }
+
+    fn put(&self, path: Path, bytes: Vec<u8>) -> Result<()> {
+        let store = self.store.clone();
+        let ctx = format!("put {}/{path}", self.url);
+        self.run(async move { store.put(&path, PutPayload::from(bytes)).await })?
+            .map(|_| ())
+            .map_err(io(ctx))
+    }
+
+    fn get(&self, path: Path) -> Result<Vec<u8>> {
+        let store = self.store.clone();
+        let ctx = format!("get {}/{path}", self.url);
+        self.run(async move {
+            let got = store.get(&path).await?;
+            got.bytes().await.map(|b| b.to_vec())
+        })?
+        .map_err(io(ctx))
+    }
+
+    /// Completed checkpoints by id, oldest first.
+    fn list_checkpoints(&self) -> Result<Vec<(u64, Path)>> {
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        let ctx = format!("list {}", self.url);
+        let listed = self
+            .run(async move {
+                let p = (!prefix.as_ref().is_empty()).then_some(prefix);
+                store.list_with_delimiter(p.as_ref()).await
+            })?
+            .map_err(io(ctx))?;
+        let mut out: Vec<(u64, Path)> = listed
+            .objects
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.location.filename()?;
+                let id = name.strip_prefix("chk-")?.strip_suffix(".json")?.parse().ok()?;
+                Some((id, o.location))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Delete state of checkpoints older than `oldest`; a leftover costs money, not
+    /// correctness: warn and go on.
+    fn delete_states_before(&self, oldest: u64) {
+        let store = self.store.clone();
+        let state = self.path("state");
+        let deleted = self.run(async move {
+            // state/chk-<id>/ prefixes, then the objects of the old ones.
+            let dirs = store.list_with_delimiter(Some(&state)).await?.common_prefixes;
+            let mut n = 0;
+            for dir in dirs {
+                let id = dir
+                    .filename()
+                    .and_then(|d| d.strip_prefix("chk-"))
+                    .and_then(|d| d.parse::<u64>().ok());
+                if id.is_none_or(|id| id >= oldest) {
+                    continue;
+                }
+                for o in store.list_with_delimiter(Some(&dir)).await?.objects {
+                    store.delete(&o.location).await?;
+                    n += 1;
+                }
+            }
+            Ok::<usize, object_store::Error>(n)
+        });
+        match deleted {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not delete old checkpoint state"),
+            Err(e) => tracing::warn!(error = %e, "could not delete old checkpoint state"),
+        }
+    }
+}
+
+impl CheckpointStorage for ObjectStorage {
+    fn store(&self, checkpoint: &CompletedCheckpoint) -> Result<u64> {
+        let mut checkpoint = checkpoint.clone();
+        checkpoint.checksum = Some(checkpoint.compute_checksum());
+        let bytes = serde_json::to_vec_pretty(&checkpoint)
+            .map_err(|e| Error::Internal(format!("serialising checkpoint {}: {e}", checkpoint.id)))?;
+        let size = bytes.len() as u64;
+        self.put(self.path(&format!("chk-{:020}.json", checkpoint.id)), bytes)?;
+        let all = self.list_checkpoints()?;
+        if let Some((oldest, _)) = all.get(all.len().saturating_sub(self.retain)) {
+            self.delete_states_before(*oldest);
+        }
+        for (_, path) in all.iter().take(all.len().saturating_sub(self.retain)) {
+            let store = self.store.clone();
+            let p = path.clone();
+            if let Ok(Err(e)) = self.run(async move { store.delete(&p).await }) {
+                tracing::warn!(path = %path, error = %e, "could not delete old checkpoint");
+            }
+        }
+        Ok(size)
+    }
+
+    fn latest(&self) -> Result<Option<CompletedCheckpoint>> {
+        let Some((_, path)) = self.list_checkpoints()?.pop() else {
+            return Ok(None);
+        };
+        let name = format!("{}/{path}", self.url);
+        let bytes = self.get(path)?;
+        let mut cp: CompletedCheckpoint = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
+            path: name.clone().into(),
+            message: e.to_string(),
+        })?;
+        if !cp.checksum_matches() {
+            return Err(Error::CorruptCheckpoint {
+                path: name.into(),
+                message: "checksum mismatch: the object was edited or damaged".into(),
+            });
+        }
+        if cp.format_version != FORMAT_VERSION {
+            return Err(Error::CorruptCheckpoint {
+                path: name.into(),
+                message: format!(
+                    "format version {} (this build reads {FORMAT_VERSION})",
+                    cp.format_version
+                ),
+            });
+        }
+        cp.checksum = None;
+        Ok(Some(cp))
+    }
+
+    fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String> {
+        let handle = format!("chk-{checkpoint}/{name}");
+        self.put(self.path(&format!("state/{handle}")), bytes.to_vec())?;
+        Ok(handle)
+    }
+
+    fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
+        if !is_handle(handle) {
+            return Err(Error::CorruptCheckpoint {
+                path: handle.into(),
+                message: "not a state handle".into(),
+            });
+        }
+        self.get(self.path(&format!("state/{handle}")))
+            .map_err(|e| Error::CorruptCheckpoint {
+                path: format!("{}/state/{handle}", self.url).into(),
+                message: format!("state object unreadable: {e}"),
+            })
+    }
+}
