@@ -173,7 +173,11 @@ fn operator(
                 encoder = Some(std::thread::spawn(move || {
                     pending
                         .into_iter()
-                        .map(|p| p.encode().expect("encode").map_or(0, |v| v.len()))
+                        .map(|p| {
+                            p.encode(&sluice::state::NoSharedFiles)
+                                .expect("encode")
+                                .map_or(0, |v| v.len())
+                        })
                         .sum()
                 }));
                 snapshots += 1;
@@ -238,7 +242,10 @@ fn main() {
                 Arc::new(JobStats::default()),
                 &dir,
                 "bench",
-                sluice::state::RocksOptions::default(),
+                sluice::state::RocksOptions {
+                    incremental: false,
+                    ..Default::default()
+                },
             )
             .expect("open RocksDB")
         };

@@ -794,7 +794,7 @@ fn build_chain(
             let bytes = storage.read_state(&handle)?;
             files.push(decode_parts(&bytes, &handle)?);
         }
-        chain.restore(k, &files)?;
+        chain.restore(k, &files, &crate::runtime::task::StorageFiles::new(storage.as_ref()))?;
     }
     Ok(chain)
 }

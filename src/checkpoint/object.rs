@@ -24,6 +24,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::savepoint::is_handle;
+use super::storage::SHARED;
 use super::{CheckpointStorage, CompletedCheckpoint, FORMAT_VERSION};
 use crate::error::{Error, Result};
 
@@ -225,6 +226,53 @@ impl ObjectStorage {
     }
 }
 
+impl ObjectStorage {
+    /// Delete shared objects none of the `retained` checkpoints refers to; if one of
+    /// them cannot be read, keep everything (a leftover costs money, a wrong deletion
+    /// the state).
+    fn delete_unreferenced_shared(&self, retained: &[(u64, Path)]) {
+        let mut referenced = std::collections::HashSet::new();
+        for (_, path) in retained {
+            let read = self.get(path.clone()).and_then(|b| {
+                serde_json::from_slice::<CompletedCheckpoint>(&b).map_err(|e| Error::Internal(e.to_string()))
+            });
+            match read {
+                Ok(cp) => referenced.extend(
+                    super::savepoint::handles(&cp)
+                        .into_iter()
+                        .filter(|h| h.starts_with("shared/")),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping every shared object: a retained checkpoint is unreadable");
+                    return;
+                }
+            }
+        }
+        let store = self.store.clone();
+        let dir = self.path(&format!("state/{SHARED}"));
+        let prefix = format!("{dir}/");
+        let deleted = self.run(async move {
+            let listed = store.list_with_delimiter(Some(&dir)).await?;
+            for o in listed.objects {
+                let handle = o
+                    .location
+                    .as_ref()
+                    .strip_prefix(&prefix)
+                    .map(|n| format!("{SHARED}/{n}"));
+                if handle.is_some_and(|h| !referenced.contains(&h)) {
+                    store.delete(&o.location).await?;
+                }
+            }
+            Ok::<(), object_store::Error>(())
+        });
+        match deleted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not delete unreferenced shared objects"),
+            Err(e) => tracing::warn!(error = %e, "could not delete unreferenced shared objects"),
+        }
+    }
+}
+
 impl CheckpointStorage for ObjectStorage {
     fn store(&self, checkpoint: &CompletedCheckpoint) -> Result<u64> {
         let mut checkpoint = checkpoint.clone();
@@ -244,6 +292,7 @@ impl CheckpointStorage for ObjectStorage {
                 tracing::warn!(path = %path, error = %e, "could not delete old checkpoint");
             }
         }
+        self.delete_unreferenced_shared(&all[all.len().saturating_sub(self.retain)..]);
         Ok(size)
     }
 
@@ -274,6 +323,27 @@ impl CheckpointStorage for ObjectStorage {
         }
         cp.checksum = None;
         Ok(Some(cp))
+    }
+
+    fn write_shared(&self, name: &str, path: &std::path::Path) -> Result<(String, u64)> {
+        let handle = format!("{SHARED}/{name}");
+        if !is_handle(&handle) {
+            return Err(Error::Internal(format!(
+                "shared file name `{name}` is not a plain file name"
+            )));
+        }
+        let object = self.path(&format!("state/{handle}"));
+        let store = self.store.clone();
+        let probe = object.clone();
+        match self.run(async move { store.head(&probe).await })? {
+            Ok(_) => return Ok((handle, 0)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(io(format!("head {}/{object}", self.url))(e)),
+        }
+        let bytes = std::fs::read(path).map_err(Error::storage(format!("read {}", path.display())))?;
+        let n = bytes.len() as u64;
+        self.put(object, bytes)?;
+        Ok((handle, n))
     }
 
     fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String> {

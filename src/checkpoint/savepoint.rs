@@ -78,17 +78,15 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Whether `s` has the shape of a state handle: `chk-<digits>/<file name>`.
+/// Whether `s` has the shape of a state handle: `chk-<digits>/<file name>`, or
+/// `shared/<file name>` for a file checkpoints share.
 pub fn is_handle(s: &str) -> bool {
     let Some((dir, name)) = s.split_once('/') else {
         return false;
     };
     let digits = dir.strip_prefix("chk-").unwrap_or("");
-    !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !name.is_empty()
-        && !name.contains('/')
-        && !name.starts_with('.')
+    let dir_ok = dir == "shared" || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+    dir_ok && !name.is_empty() && !name.contains('/') && !name.contains('\\') && !name.starts_with('.')
 }
 
 /// Every state handle a checkpoint refers to, in operator and sink state alike.
@@ -321,6 +319,10 @@ impl CheckpointStorage for FromSavepoint {
         self.inner.write_state(checkpoint, name, bytes)
     }
 
+    fn write_shared(&self, name: &str, path: &Path) -> Result<(String, u64)> {
+        self.inner.write_shared(name, path)
+    }
+
     fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
         // Checkpoints after the savepoint have larger ids (see `next_id`): a handle the
         // savepoint lists, of its checkpoint or older, is the savepoint's.
@@ -331,6 +333,8 @@ impl CheckpointStorage for FromSavepoint {
             Some(id) if id <= self.savepoint.meta.checkpoint.id && self.savepoint.has(handle) => {
                 self.savepoint.read_state(handle)
             }
+            // Shared files are named uniquely by the database that wrote them.
+            None if self.savepoint.has(handle) => self.savepoint.read_state(handle),
             _ => self.inner.read_state(handle),
         }
     }

@@ -22,6 +22,12 @@ pub trait CheckpointStorage: Send + Sync {
     fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String>;
     /// Read state back by its handle.
     fn read_state(&self, handle: &str) -> Result<Vec<u8>>;
+    /// Store the file at `path` as shared file `name` unless it is stored already (an
+    /// incremental snapshot's SST file, which later checkpoints refer to again);
+    /// returns its handle (`shared/<name>`) and the bytes written (0: it was there).
+    /// Shared files no retained checkpoint refers to are deleted when a checkpoint is
+    /// stored.
+    fn write_shared(&self, name: &str, path: &Path) -> Result<(String, u64)>;
     /// The id of the first checkpoint to take after restoring `restored`.
     fn next_id(&self, restored: Option<&CompletedCheckpoint>) -> Result<u64> {
         Ok(restored.map_or(0, |c| c.id) + 1)
@@ -31,6 +37,42 @@ pub trait CheckpointStorage: Send + Sync {
 /// Checkpoint id a state handle belongs to (`chk-<id>/<name>`).
 fn handle_checkpoint(handle: &str) -> Option<u64> {
     handle.strip_prefix("chk-")?.split('/').next()?.parse().ok()
+}
+
+/// The handle of shared file `name`, refusing names that would leave its directory.
+fn shared_handle(name: &str) -> Result<String> {
+    let handle = format!("{SHARED}/{name}");
+    match super::savepoint::is_handle(&handle) {
+        true => Ok(handle),
+        false => Err(Error::Internal(format!(
+            "shared file name `{name}` is not a plain file name"
+        ))),
+    }
+}
+
+/// The directory (and handle prefix) of shared files.
+pub const SHARED: &str = "shared";
+
+/// Shared files the checkpoints `retained` refer to.
+fn referenced_shared<'a>(
+    retained: impl IntoIterator<Item = &'a CompletedCheckpoint>,
+) -> std::collections::HashSet<String> {
+    retained
+        .into_iter()
+        .flat_map(super::savepoint::handles)
+        .filter(|h| h.starts_with("shared/"))
+        .collect()
+}
+
+/// A name for a temporary file no other writer in this process uses at once (two
+/// snapshots may upload the same shared file concurrently).
+fn unique_tmp(name: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// Kept for the life of the process: a restart inside the process restores from it.
@@ -63,13 +105,32 @@ impl CheckpointStorage for MemoryStorage {
             all.pop_front();
         }
         if let Some(oldest) = all.front().map(|c| c.id) {
+            let referenced = referenced_shared(all.iter());
             let mut states = self
                 .states
                 .lock()
                 .map_err(|_| Error::Internal("checkpoint storage lock poisoned".into()))?;
-            states.retain(|h, _| handle_checkpoint(h).is_none_or(|id| id >= oldest));
+            states.retain(|h, _| match handle_checkpoint(h) {
+                Some(id) => id >= oldest,
+                None => referenced.contains(h),
+            });
         }
         Ok(bytes)
+    }
+
+    fn write_shared(&self, name: &str, path: &Path) -> Result<(String, u64)> {
+        let handle = shared_handle(name)?;
+        let mut states = self
+            .states
+            .lock()
+            .map_err(|_| Error::Internal("checkpoint storage lock poisoned".into()))?;
+        if states.contains_key(&handle) {
+            return Ok((handle, 0));
+        }
+        let bytes = fs::read(path).map_err(Error::storage(format!("read {}", path.display())))?;
+        let n = bytes.len() as u64;
+        states.insert(handle.clone(), std::sync::Arc::new(bytes));
+        Ok((handle, n))
     }
 
     fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String> {
@@ -234,7 +295,29 @@ impl CheckpointStorage for DirectoryStorage {
                 }
             }
         }
+        self.delete_unreferenced_shared()?;
         Ok(bytes.len() as u64)
+    }
+
+    fn write_shared(&self, name: &str, path: &Path) -> Result<(String, u64)> {
+        let handle = shared_handle(name)?;
+        let dir = self.dir.join("state").join(SHARED);
+        let target = dir.join(name);
+        if target.exists() {
+            return Ok((handle, 0));
+        }
+        fs::create_dir_all(&dir).map_err(Error::storage(format!("create {}", dir.display())))?;
+        let tmp = dir.join(unique_tmp(name));
+        let ctx = |what: &str| format!("{what} {}", tmp.display());
+        let n = fs::copy(path, &tmp).map_err(Error::storage(ctx("copy to")))?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(Error::storage(ctx("fsync")))?;
+        fs::rename(&tmp, &target).map_err(Error::storage(ctx("rename")))?;
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Error::storage(format!("fsync {}", dir.display())))?;
+        Ok((handle, n))
     }
 
     fn latest(&self) -> Result<Option<CompletedCheckpoint>> {
@@ -278,6 +361,38 @@ impl CheckpointStorage for DirectoryStorage {
 }
 
 impl DirectoryStorage {
+    /// Delete shared files no retained checkpoint refers to. Reference counts are not
+    /// kept anywhere: they are the retained checkpoints themselves, read again, so
+    /// they survive restarts and cannot drift. A checkpoint that cannot be read keeps
+    /// every file (a leftover costs disk; a wrong deletion would cost the state).
+    fn delete_unreferenced_shared(&self) -> Result<()> {
+        let dir = self.dir.join("state").join(SHARED);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut retained = Vec::new();
+        for (_, path) in self.list()? {
+            match Self::read(&path) {
+                Ok(cp) => retained.push(cp),
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping every shared file: a retained checkpoint is unreadable");
+                    return Ok(());
+                }
+            }
+        }
+        let referenced = referenced_shared(retained.iter());
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || referenced.contains(&format!("{SHARED}/{name}")) {
+                continue;
+            }
+            if let Err(e) = fs::remove_file(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not delete an unreferenced shared file");
+            }
+        }
+        Ok(())
+    }
+
     /// Delete the state of checkpoints older than `oldest` (dropped by retention, or
     /// never completed). A leftover costs disk, not correctness: warn and go on.
     fn delete_states_before(&self, oldest: u64) {
@@ -381,6 +496,62 @@ mod tests {
         let h = m.write_state(3, "x-0", b"m").unwrap();
         m.store(&cp(3)).unwrap();
         assert_eq!(m.read_state(&h).unwrap(), b"m");
+    }
+
+    /// A checkpoint whose operator refers to the shared files `shared`.
+    fn cp_sharing(id: u64, shared: &[&str]) -> CompletedCheckpoint {
+        let mut c = cp(id);
+        c.tasks
+            .insert("win-0".into(), serde_json::json!({ "handle": null, "shared": shared }));
+        c
+    }
+
+    #[test]
+    fn shared_files_live_while_a_retained_checkpoint_refers_to_them_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, content: &[u8]| {
+            let p = dir.path().join(name);
+            fs::write(&p, content).unwrap();
+            p
+        };
+        let (a, b, c) = (file("a.sst", b"aaaa"), file("b.sst", b"bbbbbb"), file("c.sst", b"cc"));
+        let chk = dir.path().join("chk");
+        let s = DirectoryStorage::open(&chk, 2).unwrap();
+        assert_eq!(s.write_shared("x-a.sst", &a).unwrap(), ("shared/x-a.sst".into(), 4));
+        assert_eq!(s.write_shared("x-b.sst", &b).unwrap().1, 6);
+        s.store(&cp_sharing(1, &["shared/x-a.sst", "shared/x-b.sst"])).unwrap();
+        // Stored already: not written again.
+        assert_eq!(s.write_shared("x-b.sst", &b).unwrap().1, 0);
+        s.write_shared("x-c.sst", &c).unwrap();
+        s.store(&cp_sharing(2, &["shared/x-b.sst", "shared/x-c.sst"])).unwrap();
+        assert!(
+            s.read_state("shared/x-a.sst").is_ok(),
+            "checkpoint 1 is retained and refers to it"
+        );
+        drop(s);
+        // Another process: the counts are the retained checkpoints, read again.
+        let s = DirectoryStorage::open(&chk, 2).unwrap();
+        s.store(&cp_sharing(3, &["shared/x-c.sst"])).unwrap();
+        assert!(
+            s.read_state("shared/x-a.sst").is_err(),
+            "no retained checkpoint refers to it"
+        );
+        assert_eq!(
+            s.read_state("shared/x-b.sst").unwrap(),
+            b"bbbbbb",
+            "checkpoint 2 still does"
+        );
+        assert_eq!(s.read_state("shared/x-c.sst").unwrap(), b"cc");
+        s.store(&cp_sharing(4, &["shared/x-c.sst"])).unwrap();
+        assert!(s.read_state("shared/x-b.sst").is_err());
+        assert!(s.write_shared("../escape", &c).is_err());
+
+        let m = MemoryStorage::new(1);
+        m.write_shared("y.sst", &a).unwrap();
+        m.store(&cp_sharing(1, &["shared/y.sst"])).unwrap();
+        assert!(m.read_state("shared/y.sst").is_ok());
+        m.store(&cp_sharing(2, &[])).unwrap();
+        assert!(m.read_state("shared/y.sst").is_err());
     }
 
     #[test]

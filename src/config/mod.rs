@@ -314,7 +314,7 @@ pub enum StateBackendKind {
 }
 
 /// `[state]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSection {
     /// `heap` or `rocksdb`.
@@ -329,6 +329,22 @@ pub struct StateSection {
     /// RocksDB memtable per state, bytes (default 32 MiB).
     #[serde(default, deserialize_with = "whole::optional")]
     pub write_buffer_bytes: Option<usize>,
+    /// RocksDB checkpoints upload only the SST files not stored yet (default true);
+    /// false: every checkpoint writes the whole state in the portable row format.
+    #[serde(default = "defaults::yes")]
+    pub incremental: bool,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        Self {
+            backend: StateBackendKind::default(),
+            dir: None,
+            block_cache_bytes: None,
+            write_buffer_bytes: None,
+            incremental: true,
+        }
+    }
 }
 
 impl StateSection {

@@ -112,6 +112,7 @@ pub fn build(
                     let options = crate::state::RocksOptions {
                         block_cache_bytes: job.state.block_cache_bytes.unwrap_or(defaults.block_cache_bytes),
                         write_buffer_bytes: job.state.write_buffer_bytes.unwrap_or(defaults.write_buffer_bytes),
+                        incremental: job.state.incremental,
                     };
                     let op = id.clone();
                     Arc::new(move |i| window::rocks_operator(spec.clone(), i, stats.clone(), &root, &op, options))

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::record::{Batch, DeadLetter, Record};
-use crate::state::{decode, encode, KeyGroupRange, SnapshotFn};
+use crate::state::{decode, encode, KeyGroupRange, SharedFiles, SnapshotFn};
 use crate::time::timers::TimeDomain;
 use crate::time::{Timer, TimerService, MIN_WATERMARK};
 
@@ -136,6 +136,8 @@ pub struct RestoredState<'a> {
     pub files: &'a [BTreeMap<String, Vec<u8>>],
     /// The key groups this subtask owns.
     pub key_groups: KeyGroupRange,
+    /// Files the snapshots share (incremental RocksDB snapshots).
+    pub shared: &'a dyn SharedFiles,
 }
 
 impl RestoredState<'_> {
@@ -218,6 +220,17 @@ pub struct OperatorAck {
     pub handle: Option<String>,
     /// Encoded size.
     pub bytes: u64,
+    /// Shared files the snapshot refers to (`shared/<name>`): kept while a retained
+    /// checkpoint lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<String>,
+    /// Bytes of shared files this snapshot uploaded (the rest were stored already).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uploaded: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Operators run one after another in one task.
@@ -235,14 +248,15 @@ pub struct PendingSnapshot {
 }
 
 impl PendingSnapshot {
-    /// Encode every part into one blob (`None`: nothing to store).
-    pub fn encode(self) -> Result<Option<Vec<u8>>> {
+    /// Encode every part into one blob (`None`: nothing to store), sharing files
+    /// through `shared`.
+    pub fn encode(self, shared: &dyn SharedFiles) -> Result<Option<Vec<u8>>> {
         if self.parts.is_empty() {
             return Ok(None);
         }
         let mut files = BTreeMap::new();
         for (name, f) in self.parts {
-            files.insert(name, f()?);
+            files.insert(name, f(shared)?);
         }
         encode(&files).map(Some)
     }
@@ -348,12 +362,14 @@ impl Chain {
         Ok(all)
     }
 
-    /// Restore operator `i` from the decoded snapshot files that hold its key groups.
-    pub fn restore(&mut self, i: usize, files: &[BTreeMap<String, Vec<u8>>]) -> Result<()> {
+    /// Restore operator `i` from the decoded snapshot files that hold its key groups
+    /// (and the shared files they refer to).
+    pub fn restore(&mut self, i: usize, files: &[BTreeMap<String, Vec<u8>>], shared: &dyn SharedFiles) -> Result<()> {
         let c = &mut self.ops[i];
         let state = RestoredState {
             files,
             key_groups: c.info.key_groups,
+            shared,
         };
         for bytes in state.parts(TIMERS) {
             c.timers.restore(bytes, c.info.key_groups)?;
@@ -480,11 +496,17 @@ mod tests {
         chain.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(0)));
         chain.process(batch(1), 0, &mut Vec::new()).unwrap();
         let snaps = chain.snapshot(1).unwrap();
-        let blob = snaps.into_iter().next().unwrap().encode().unwrap().unwrap();
+        let blob = snaps
+            .into_iter()
+            .next()
+            .unwrap()
+            .encode(&crate::state::NoSharedFiles)
+            .unwrap()
+            .unwrap();
         let files = vec![decode_parts(&blob, "t").unwrap()];
         let mut restored = Chain::default();
         restored.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(5)));
-        restored.restore(0, &files).unwrap();
+        restored.restore(0, &files, &crate::state::NoSharedFiles).unwrap();
         let mut out = Vec::new();
         restored.process(Emit::Watermark(100), 0, &mut out).unwrap();
         assert!(matches!(&out[0], Emit::Batch(b) if b.records[0].values == vec![Value::Int(5)]));

@@ -17,6 +17,7 @@ use super::sink::Sink;
 use crate::checkpoint::{task_name, CheckpointStorage, TaskEvent};
 use crate::error::{Error, Result};
 use crate::record::{Barrier, StreamElement};
+use crate::state::SharedFiles;
 use crate::telemetry::{JobStats, SubtaskMetrics};
 use crate::time::watermark::InputTime;
 use crate::time::{Clock, InputWatermarks};
@@ -409,6 +410,49 @@ fn decline(io: &TaskIo, checkpoint: u64, task: &str, e: &Error) {
     });
 }
 
+/// Checkpoint storage as the state layer's [`SharedFiles`]: what a snapshot shares is
+/// written once, and every handle it refers to is noted for its acknowledgement (the
+/// retained checkpoints' lists are what keeps shared files alive).
+pub struct StorageFiles<'a> {
+    storage: &'a dyn CheckpointStorage,
+    referenced: std::sync::Mutex<Vec<String>>,
+    uploaded: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> StorageFiles<'a> {
+    /// Shared files in `storage`.
+    pub fn new(storage: &'a dyn CheckpointStorage) -> Self {
+        Self {
+            storage,
+            referenced: std::sync::Mutex::new(Vec::new()),
+            uploaded: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The handles referred to and the bytes uploaded.
+    pub fn into_parts(self) -> (Vec<String>, u64) {
+        let mut handles = self.referenced.into_inner().unwrap_or_default();
+        handles.sort();
+        handles.dedup();
+        (handles, self.uploaded.into_inner())
+    }
+}
+
+impl SharedFiles for StorageFiles<'_> {
+    fn share(&self, name: &str, path: &std::path::Path) -> Result<String> {
+        let (handle, written) = self.storage.write_shared(name, path)?;
+        self.uploaded.fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut r) = self.referenced.lock() {
+            r.push(handle.clone());
+        }
+        Ok(handle)
+    }
+
+    fn read(&self, handle: &str) -> Result<Vec<u8>> {
+        self.storage.read_state(handle)
+    }
+}
+
 /// Encode and write each operator's snapshot off the async workers, then acknowledge
 /// it; a failure declines the checkpoint (the job goes on, the next one may succeed).
 pub fn store_snapshots(
@@ -424,17 +468,30 @@ pub fn store_snapshots(
         for s in snapshots {
             let task = s.info.task_name();
             let key_groups = s.info.key_groups;
-            let stored = s.encode().and_then(|blob| match blob {
+            let shared = StorageFiles::new(storage.as_ref());
+            let stored = s.encode(&shared).and_then(|blob| match blob {
                 Some(bytes) => storage
                     .write_state(checkpoint, &task, &bytes)
                     .map(|h| (Some(h), bytes.len() as u64)),
                 None => Ok((None, 0)),
             });
+            let (referenced, uploaded) = shared.into_parts();
+            if uploaded > 0 {
+                tracing::debug!(
+                    checkpoint,
+                    task,
+                    uploaded,
+                    files = referenced.len(),
+                    "shared files uploaded"
+                );
+            }
             let event = match stored.and_then(|(handle, bytes)| {
                 serde_json::to_value(OperatorAck {
                     key_groups,
                     handle,
                     bytes,
+                    shared: referenced,
+                    uploaded,
                 })
                 .map_err(|e| Error::Internal(format!("operator ack: {e}")))
             }) {

@@ -8,9 +8,11 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode, encode, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SnapshotFn, SnapshotRow, StateBackend, StateConfig,
-    StateValue,
+    decode, encode, is_incremental, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SharedFiles, SnapshotFn,
+    SnapshotRow, StateBackend, StateConfig, StateValue,
 };
+#[cfg(not(feature = "rocksdb"))]
+use crate::error::Error;
 use crate::error::Result;
 
 /// Tables held in memory.
@@ -158,7 +160,7 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         }
         // The copy is the only work on the processing path; encoding happens later.
         let copy = self.map.clone();
-        Box::new(move || {
+        Box::new(move |_| {
             let rows: Vec<SnapshotRow<&V>> = copy
                 .iter()
                 .flat_map(|(ns, keys)| {
@@ -177,31 +179,58 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         })
     }
 
-    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<usize> {
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<usize> {
+        if is_incremental(bytes) {
+            return self.restore_incremental(bytes, range, shared);
+        }
         let rows: Vec<SnapshotRow<V>> = decode(bytes, &self.name)?;
         let mut n = 0;
         for row in rows {
             if !range.contains(row.kg) {
                 continue;
             }
-            let keys = self.map.entry(row.ns).or_default();
-            let entry = Entry {
-                kg: row.kg,
-                value: Some(row.value),
-                written_ms: row.written_ms,
-            };
-            if keys.insert(row.key.into_boxed_slice(), entry).is_none() {
-                self.len += 1;
-            }
+            self.insert_row(row);
             n += 1;
         }
         Ok(n)
     }
 }
 
+impl<V: StateValue> HeapTable<V> {
+    fn insert_row(&mut self, row: SnapshotRow<V>) {
+        let keys = self.map.entry(row.ns).or_default();
+        let entry = Entry {
+            kg: row.kg,
+            value: Some(row.value),
+            written_ms: row.written_ms,
+        };
+        if keys.insert(row.key.into_boxed_slice(), entry).is_none() {
+            self.len += 1;
+        }
+    }
+
+    /// A RocksDB incremental snapshot, read into the heap (a job moving off RocksDB).
+    #[cfg(feature = "rocksdb")]
+    fn restore_incremental(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<usize> {
+        let name = self.name.clone();
+        let scratch = std::env::temp_dir().join("sluice-state");
+        super::rocks::read_incremental::<V>(bytes, &name, range, shared, &scratch, |row| self.insert_row(row))
+    }
+
+    #[cfg(not(feature = "rocksdb"))]
+    fn restore_incremental(&mut self, _: &[u8], _: KeyGroupRange, _: &dyn SharedFiles) -> Result<usize> {
+        Err(Error::Unsupported(format!(
+            "state `{}` was checkpointed incrementally by the RocksDB backend: restoring it needs a sluice \
+             built with the cargo feature `rocksdb`",
+            self.name
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::NoSharedFiles;
     use std::time::Duration;
 
     fn ns(start: i64) -> Namespace {
@@ -230,13 +259,21 @@ mod tests {
         for kg in 0..8u16 {
             t.update(kg, &[kg as u8], Namespace::GLOBAL, |v| *v = Some(format!("v{kg}")));
         }
-        let bytes = t.snapshot()().unwrap();
+        let bytes = t.snapshot()(&NoSharedFiles).unwrap();
         // Written after the snapshot: not in it.
         t.update(0, b"late", Namespace::GLOBAL, |v| *v = Some("x".into()));
         let mut low: HeapTable<String> = HeapBackend.table("t", StateConfig::default());
         let mut high: HeapTable<String> = HeapBackend.table("t", StateConfig::default());
-        assert_eq!(low.restore(&bytes, KeyGroupRange { start: 0, end: 3 }).unwrap(), 3);
-        assert_eq!(high.restore(&bytes, KeyGroupRange { start: 3, end: 8 }).unwrap(), 5);
+        assert_eq!(
+            low.restore(&bytes, KeyGroupRange { start: 0, end: 3 }, &NoSharedFiles)
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            high.restore(&bytes, KeyGroupRange { start: 3, end: 8 }, &NoSharedFiles)
+                .unwrap(),
+            5
+        );
         assert_eq!(low.get(2, &[2], Namespace::GLOBAL).as_deref(), Some("v2"));
         assert_eq!(low.get(5, &[5], Namespace::GLOBAL), None);
         assert_eq!(high.get(5, &[5], Namespace::GLOBAL).as_deref(), Some("v5"));
@@ -262,9 +299,9 @@ mod tests {
             *v = Some(3)
         });
         t.set_time(1_300);
-        let bytes = t.snapshot()().unwrap();
+        let bytes = t.snapshot()(&NoSharedFiles).unwrap();
         assert!(t.is_empty(), "snapshot drops expired entries");
         let mut r: HeapTable<u32> = HeapBackend.table("t", StateConfig::default());
-        assert_eq!(r.restore(&bytes, KeyGroupRange::all(8)).unwrap(), 0);
+        assert_eq!(r.restore(&bytes, KeyGroupRange::all(8), &NoSharedFiles).unwrap(), 0);
     }
 }

@@ -110,8 +110,46 @@ pub struct StateConfig {
     pub ttl: Option<Duration>,
 }
 
-/// Encodes a copy of a table taken at the barrier; runs off the processing path.
-pub type SnapshotFn = Box<dyn FnOnce() -> Result<Vec<u8>> + Send>;
+/// Encodes a copy of a table taken at the barrier; runs off the processing path. Files
+/// it shares with earlier snapshots (RocksDB's SST files) go to `shared`.
+pub type SnapshotFn = Box<dyn FnOnce(&dyn SharedFiles) -> Result<Vec<u8>> + Send>;
+
+/// Files that snapshots share (an incremental RocksDB snapshot's SST files): stored
+/// once, under a name unique to their content, and referenced by every checkpoint
+/// that holds them. Checkpoint storage provides it; the state layer only uses it.
+pub trait SharedFiles: Sync {
+    /// Make the content of `path` available under `name`, uploading it unless it is
+    /// stored already; returns its handle (`shared/<name>`), which the snapshot keeps.
+    fn share(&self, name: &str, path: &std::path::Path) -> Result<String>;
+    /// Read a shared file back by its handle.
+    fn read(&self, handle: &str) -> Result<Vec<u8>>;
+}
+
+/// Where there is no shared storage (unit tests, snapshots of the heap backend).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSharedFiles;
+
+impl SharedFiles for NoSharedFiles {
+    fn share(&self, name: &str, _path: &std::path::Path) -> Result<String> {
+        Err(Error::Unsupported(format!("no shared-file storage for {name}")))
+    }
+    fn read(&self, handle: &str) -> Result<Vec<u8>> {
+        Err(Error::CorruptCheckpoint {
+            path: handle.into(),
+            message: "no shared-file storage to read it from".into(),
+        })
+    }
+}
+
+/// The first bytes of an incremental (RocksDB-native) snapshot. A row snapshot is a
+/// postcard sequence; one starting with 0 is empty and one byte long, so a longer
+/// blob starting with 0 is never one.
+pub const INCREMENTAL_MAGIC: &[u8] = b"\0sluice-rocksdb-incremental-1\0";
+
+/// Whether `bytes` is an incremental snapshot rather than rows.
+pub fn is_incremental(bytes: &[u8]) -> bool {
+    bytes.starts_with(INCREMENTAL_MAGIC)
+}
 
 /// One named keyed state of one operator subtask.
 pub trait KeyedTable<V: StateValue>: Send + 'static {
@@ -121,6 +159,11 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
     /// Read, change and write back one entry in one step: `f` sees `None` when absent,
     /// and leaving `None` deletes the entry.
     fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R;
+
+    /// Set an entry, whatever it held: a backend may skip reading the old value.
+    fn put(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, value: V) {
+        self.update(kg, key, ns, |slot| *slot = Some(value));
+    }
 
     /// Delete an entry, returning it.
     fn remove(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V>;
@@ -144,8 +187,9 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
     /// Take a consistent copy now and return the function that encodes it.
     fn snapshot(&mut self) -> SnapshotFn;
 
-    /// Add the entries of an encoded snapshot whose key group lies in `range`.
-    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<usize>;
+    /// Add the entries of an encoded snapshot whose key group lies in `range` (an
+    /// incremental one reads its files from `shared`).
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<usize>;
 }
 
 /// Makes the tables of one operator subtask.
@@ -183,7 +227,7 @@ impl<V: StateValue, T: KeyedTable<V>> ValueState<V, T> {
     }
     /// Set the value of key `k` in namespace `ns`.
     pub fn set(&mut self, k: KeyRef, ns: Namespace, value: V) {
-        self.table.update(k.key_group, k.key, ns, |slot| *slot = Some(value));
+        self.table.put(k.key_group, k.key, ns, value);
     }
     /// Remove the value of key `k` in namespace `ns`.
     pub fn clear(&mut self, k: KeyRef, ns: Namespace) {

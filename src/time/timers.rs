@@ -93,7 +93,7 @@ impl TimerService {
     /// A copy now, encoded later.
     pub fn snapshot(&self) -> SnapshotFn {
         let copy = self.clone();
-        Box::new(move || {
+        Box::new(move |_| {
             encode(&Encoded {
                 event: copy.event.into_iter().collect(),
                 processing: copy.processing.into_iter().collect(),
@@ -129,7 +129,7 @@ mod tests {
         let fired: Vec<i64> = std::iter::from_fn(|| t.pop_event(25)).map(|t| t.time).collect();
         assert_eq!(fired, vec![10, 20]);
         assert_eq!(t.next_processing(), Some(5));
-        let bytes = t.snapshot()().unwrap();
+        let bytes = t.snapshot()(&crate::state::NoSharedFiles).unwrap();
         let mut r = TimerService::default();
         r.restore(&bytes, KeyGroupRange { start: 0, end: 1 }).unwrap();
         assert_eq!(r.pop_event(100).map(|t| t.time), Some(30));

@@ -142,6 +142,11 @@ async fn savepoints_rescale_4_2_3_and_move_between_backends_exactly_once() {
     assert!(!listing.contains("PROBLEM"), "{listing}");
     let (ok, inspected) = cli(&["checkpoints", "inspect", second.to_str().expect("utf-8 path")]);
     assert!(ok && inspected.contains("per_account"), "{inspected}");
+    if backends[1] == "rocksdb" {
+        // Taken on RocksDB: incremental snapshots, their SST files copied in.
+        let meta = std::fs::read_to_string(second.join("_metadata.json")).expect("metadata");
+        assert!(meta.contains("\"shared/"), "no shared files in the RocksDB savepoint");
+    }
 
     // A job whose window operator lost its id would drop the window state: refused,
     // naming the operator and the way out.

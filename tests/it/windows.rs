@@ -494,6 +494,12 @@ pub(crate) async fn kill_windowed_job(j: WindowJob, backends: &[&str]) {
         .expect("flush");
     j.configure_on(2, 2, backends[0]);
     j.finish(&expected).await;
+    if backends[0] == "rocksdb" && j.object_storage.is_none() {
+        // The last run was on RocksDB: its checkpoints are incremental, SST files shared.
+        let shared = j.dir.path().join("checkpoints/state/shared");
+        let files = std::fs::read_dir(&shared).map_or(0, |d| d.count());
+        assert!(files > 0, "no shared SST files in {}", shared.display());
+    }
     let log = j.log_text();
     println!(
         "{strategy}: window rows after each SIGKILL: {rows_after_kills:?} of {}",

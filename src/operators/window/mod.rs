@@ -520,7 +520,7 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
         let layout = layout(&self.spec);
         Ok(vec![
             (WINDOWS.to_string(), self.table.snapshot()),
-            (LAYOUT.to_string(), Box::new(move || crate::state::encode(&layout))),
+            (LAYOUT.to_string(), Box::new(move |_| crate::state::encode(&layout))),
         ])
     }
 
@@ -537,7 +537,7 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
             }
         }
         for bytes in state.parts(WINDOWS) {
-            self.table.restore(bytes, state.key_groups)?;
+            self.table.restore(bytes, state.key_groups, state.shared)?;
         }
         self.metrics.open_windows.set(self.table.len() as f64);
         Ok(())

@@ -356,7 +356,13 @@ fn state_restores_by_key_group_range_into_another_parallelism() {
         single.send(u, i as i64, i as i64 % 10);
     }
     let snaps = single.chain.snapshot(1).unwrap();
-    let blob = snaps.into_iter().next().unwrap().encode().unwrap().unwrap();
+    let blob = snaps
+        .into_iter()
+        .next()
+        .unwrap()
+        .encode(&crate::state::NoSharedFiles)
+        .unwrap()
+        .unwrap();
     let files = vec![decode_parts(&blob, "w").unwrap()];
     single.watermark(9);
     let mut expected = rows(&single.take());
@@ -367,7 +373,7 @@ fn state_restores_by_key_group_range_into_another_parallelism() {
     let mut per_subtask = Vec::new();
     for i in 0..2 {
         let mut chain = chain_of(&s, i, 2);
-        chain.restore(0, &files).unwrap();
+        chain.restore(0, &files, &crate::state::NoSharedFiles).unwrap();
         let mut out = Vec::new();
         chain.process(Emit::Watermark(9), 0, &mut out).unwrap();
         let r = rows(&out);
@@ -541,17 +547,20 @@ fn state_of_another_key_or_aggregate_layout_is_refused_by_name() {
         .into_iter()
         .next()
         .unwrap()
-        .encode()
+        .encode(&crate::state::NoSharedFiles)
         .unwrap()
         .unwrap();
     let files = vec![decode_parts(&blob, "w").unwrap()];
     let mut same = chain_of(&s, 0, 1);
-    same.restore(0, &files).unwrap();
+    same.restore(0, &files, &crate::state::NoSharedFiles).unwrap();
     let mut other = spec_parts(&s);
     other.key_types = vec![FieldType::Int];
     let other = Arc::new(other);
     let mut changed = chain_of(&other, 0, 1);
-    let err = changed.restore(0, &files).unwrap_err().to_string();
+    let err = changed
+        .restore(0, &files, &crate::state::NoSharedFiles)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("give the window a new id"), "{err}");
     assert!(err.contains("user string") && err.contains("user int"), "{err}");
 }
