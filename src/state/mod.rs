@@ -168,7 +168,9 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
     /// Delete an entry, returning it.
     fn remove(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V>;
 
-    /// Live entries.
+    /// Live entries: exact on the heap, and on RocksDB until a blind
+    /// [`KeyedTable::put`], after which it is RocksDB's estimate (a write that reads
+    /// nothing cannot know whether it added an entry).
     fn len(&self) -> usize;
 
     /// Whether the table holds nothing.

@@ -335,6 +335,7 @@ impl StateBackend for RocksBackend {
             write,
             broken,
             key_buf: RefCell::new(Vec::new()),
+            blind: false,
             _v: PhantomData,
         }
     }
@@ -355,6 +356,8 @@ pub struct RocksTable<V> {
     broken: Option<String>,
     /// Reused for the key of every access, so records allocate no key.
     key_buf: RefCell<Vec<u8>>,
+    /// A blind write happened: `len` is RocksDB's estimate from then on.
+    blind: bool,
     _v: PhantomData<V>,
 }
 
@@ -489,11 +492,10 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     fn put(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, value: V) {
         let mut k = self.key_buf.take();
         db_key_into(kg, key, ns, &mut k);
-        // No read: the bloom filters and memtable say whether the key may exist,
-        // which is all the entry count needs; only a maybe costs a read.
-        let new = !self.backend.db().key_may_exist_cf(self.cf(), &k) || self.read(&k).is_none();
+        // No read, not even of the bloom filters (that cost a third of a write): after
+        // a blind write the count is RocksDB's estimate (see `len`).
         self.put_raw(&k, &(self.now_ms, value));
-        self.len += usize::from(new);
+        self.blind = true;
         self.key_buf.replace(k);
     }
 
@@ -511,7 +513,7 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
             }
             None if existed => {
                 self.delete(&k);
-                self.len -= 1;
+                self.len = self.len.saturating_sub(1);
             }
             None => {}
         }
@@ -523,12 +525,20 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
         let k = db_key(kg, key, ns);
         let (written, v) = self.read(&k)?;
         self.delete(&k);
-        self.len -= 1;
+        self.len = self.len.saturating_sub(1);
         self.live(written).then_some(v)
     }
 
     fn len(&self) -> usize {
-        self.len
+        if !self.blind {
+            return self.len;
+        }
+        self.backend
+            .db()
+            .property_int_value_cf(self.cf(), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .map_or(self.len, |n| n as usize)
     }
 
     fn set_time(&mut self, now_ms: i64) {
@@ -537,7 +547,7 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
 
     fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
         let dropped = self.drop_unless(&mut keep);
-        self.len -= dropped;
+        self.len = self.len.saturating_sub(dropped);
     }
 
     fn snapshot(&mut self) -> SnapshotFn {

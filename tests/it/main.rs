@@ -13,6 +13,7 @@ mod enrich;
 mod kafka_dead_letters;
 mod kafka_sink;
 mod kill;
+mod larger_than_memory;
 mod migrate;
 #[cfg(feature = "s3")]
 mod object_storage;
