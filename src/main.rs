@@ -347,7 +347,20 @@ fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {
         CheckpointsAction::List { config, json } => {
             let cfg = load(&config)?;
             let savepoints = cfg.checkpoint.savepoints();
-            let all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
+            let mut all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
+            #[cfg(feature = "s3")]
+            if cfg.checkpoint.storage == config::StorageKind::S3 {
+                let storage =
+                    sluice::checkpoint::object::ObjectStorage::open(&sluice::checkpoint::object::ObjectConfig {
+                        url: cfg.checkpoint.url.clone().unwrap_or_default(),
+                        endpoint: cfg.checkpoint.endpoint.clone(),
+                        region: cfg.checkpoint.region.clone(),
+                        retain: cfg.checkpoint.retain,
+                        credentials: None,
+                    })?;
+                all.extend(inspect::list_object(&storage)?);
+                all.sort_by_key(|e| (e.triggered_at_ms, e.id));
+            }
             if json {
                 for e in &all {
                     say!("{}", serde_json::to_string(e)?);

@@ -157,17 +157,25 @@ pub(crate) fn refuse_without_token(token: Option<&SecretString>, headers: &Heade
     None
 }
 
-async fn trigger_checkpoint(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
+/// A mutating call that needs a running job: refused without the token, 409 unless
+/// the job runs.
+fn refusal_unless_running(s: &AppState, headers: &HeaderMap) -> Option<Response> {
+    if let Some(refused) = refusal(s, headers) {
+        return Some(refused);
     }
     let state = s.stats.state();
-    if state != crate::telemetry::JobState::Running {
-        return (
+    (state != crate::telemetry::JobState::Running).then(|| {
+        (
             StatusCode::CONFLICT,
             Json(json!({ "error": format!("the job is {}, not running", state.name()) })),
         )
-            .into_response();
+            .into_response()
+    })
+}
+
+async fn trigger_checkpoint(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal_unless_running(&s, &headers) {
+        return refused;
     }
     tracing::info!("checkpoint requested over the HTTP API");
     match s.stats.control.checkpoints.request(s.checkpoint_wait, false).await {
@@ -188,18 +196,10 @@ async fn trigger_savepoint(
     headers: HeaderMap,
     axum::extract::Query(query): axum::extract::Query<SavepointQuery>,
 ) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
+    if let Some(refused) = refusal_unless_running(&s, &headers) {
         return refused;
     }
     let stop = query.stop;
-    let state = s.stats.state();
-    if state != crate::telemetry::JobState::Running {
-        return (
-            StatusCode::CONFLICT,
-            Json(json!({ "error": format!("the job is {}, not running", state.name()) })),
-        )
-            .into_response();
-    }
     tracing::info!(stop, "savepoint requested over the HTTP API");
     // Copying the state out takes time beside the checkpoint itself.
     let wait = s.checkpoint_wait * 2;

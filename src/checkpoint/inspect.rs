@@ -131,6 +131,37 @@ pub fn savepoint(path: &Path) -> Result<Entry> {
     Ok(e)
 }
 
+/// Checkpoints in object storage (`checkpoint.storage = "s3"`), oldest first.
+#[cfg(feature = "s3")]
+pub fn list_object(storage: &super::object::ObjectStorage) -> Result<Vec<Entry>> {
+    let sizes = storage.state_sizes()?;
+    let mut out = Vec::new();
+    for (name, cp) in storage.stored()? {
+        out.push(match cp {
+            Ok(cp) => {
+                let mut e = entry(Kind::Checkpoint, name.into(), &cp, |h| sizes.get(h).copied());
+                if !cp.checksum_matches() {
+                    e.problem = Some("checksum mismatch: the object was edited or damaged".into());
+                }
+                e
+            }
+            Err(err) => Entry {
+                kind: Kind::Checkpoint,
+                id: 0,
+                job: String::new(),
+                triggered_at_ms: 0,
+                path: name.into(),
+                bytes: 0,
+                operators: BTreeMap::new(),
+                files: Vec::new(),
+                origin: None,
+                problem: Some(err.to_string()),
+            },
+        });
+    }
+    Ok(out)
+}
+
 /// A checkpoint file or a savepoint directory, whichever `path` is.
 pub fn inspect(path: &Path) -> Result<Entry> {
     match path.is_dir() || path.file_name().is_some_and(|n| n == METADATA_FILE) {

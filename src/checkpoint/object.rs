@@ -227,6 +227,43 @@ impl ObjectStorage {
 }
 
 impl ObjectStorage {
+    /// Every stored checkpoint (oldest first) with the size of its object, for
+    /// `sluice checkpoints list`; one that cannot be read is an `Err` in its place.
+    pub fn stored(&self) -> Result<Vec<(String, Result<CompletedCheckpoint>)>> {
+        let mut out = Vec::new();
+        for (_, path) in self.list_checkpoints()? {
+            let name = format!("{}/{path}", self.url);
+            let cp = self.get(path).and_then(|b| {
+                serde_json::from_slice::<CompletedCheckpoint>(&b).map_err(|e| Error::CorruptCheckpoint {
+                    path: name.clone().into(),
+                    message: e.to_string(),
+                })
+            });
+            out.push((name, cp));
+        }
+        Ok(out)
+    }
+
+    /// The size of every state object by handle (`chk-<n>/<name>`, `shared/<name>`).
+    pub fn state_sizes(&self) -> Result<std::collections::HashMap<String, u64>> {
+        let store = self.store.clone();
+        let state = self.path("state");
+        let prefix = format!("{state}/");
+        let ctx = format!("list {}/state", self.url);
+        self.run(async move {
+            let mut sizes = std::collections::HashMap::new();
+            for dir in store.list_with_delimiter(Some(&state)).await?.common_prefixes {
+                for o in store.list_with_delimiter(Some(&dir)).await?.objects {
+                    if let Some(handle) = o.location.as_ref().strip_prefix(&prefix) {
+                        sizes.insert(handle.to_string(), o.size);
+                    }
+                }
+            }
+            Ok::<_, object_store::Error>(sizes)
+        })?
+        .map_err(io(ctx))
+    }
+
     /// Delete shared objects none of the `retained` checkpoints refers to; if one of
     /// them cannot be read, keep everything (a leftover costs money, a wrong deletion
     /// the state).

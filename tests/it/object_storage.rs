@@ -61,6 +61,12 @@ fn object_storage_keeps_the_newest_deletes_the_rest_and_refuses_damage() {
     }
     assert!(s.read_state("../../other-job/chk-1/x").is_err());
 
+    // `sluice checkpoints list` sees the retained two, with their state's size.
+    let listed = sluice::checkpoint::inspect::list_object(&s).expect("list");
+    assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
+    assert_eq!(listed[1].operators["win"].bytes, "state 4".len() as u64);
+    assert!(listed.iter().all(|e| e.problem.is_none()), "{listed:?}");
+
     // Another process (a new machine) finds the same newest checkpoint.
     drop(s);
     let again = ObjectStorage::open(&config(&url, 2)).expect("reopen");
@@ -74,6 +80,11 @@ fn object_storage_keeps_the_newest_deletes_the_rest_and_refuses_damage() {
     put_object(&bucket, &key, serde_json::to_vec(&damaged).expect("json"));
     let msg = again.latest().unwrap_err().to_string();
     assert!(msg.contains("checksum mismatch"), "{msg}");
+    let listed = sluice::checkpoint::inspect::list_object(&again).expect("list");
+    assert!(
+        listed[1].problem.as_deref().is_some_and(|p| p.contains("checksum")),
+        "{listed:?}"
+    );
 }
 
 /// PUT an object by hand, as an operator's tool (or a bit flip) would.
