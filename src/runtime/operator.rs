@@ -181,6 +181,12 @@ pub trait Operator: Send + 'static {
         Ok(Vec::new())
     }
 
+    /// Where this operator's timers are to be kept, if not on the heap (an operator
+    /// with state in RocksDB keeps them there too). Asked once, when it is chained.
+    fn timer_queue(&mut self) -> Option<Box<dyn crate::time::timers::TimerQueue>> {
+        None
+    }
+
     /// Load state from a checkpoint, before the first record.
     fn restore(&mut self, state: &RestoredState<'_>) -> Result<()> {
         let _ = state;
@@ -271,11 +277,12 @@ const TIMERS: &str = "timers";
 
 impl Chain {
     /// Append an operator to the chain.
-    pub fn push(&mut self, info: SubtaskInfo, op: Box<dyn Operator>) {
+    pub fn push(&mut self, info: SubtaskInfo, mut op: Box<dyn Operator>) {
+        let timers = op.timer_queue().map(TimerService::new).unwrap_or_default();
         self.ops.push(Chained {
             info,
             op,
-            timers: TimerService::default(),
+            timers,
             watermark: MIN_WATERMARK,
             out: Output::default(),
         });
@@ -309,8 +316,8 @@ impl Chain {
     }
 
     /// The earliest processing-time timer of any operator.
-    pub fn next_processing_timer(&self) -> Option<i64> {
-        self.ops.iter().filter_map(|c| c.timers.next_processing()).min()
+    pub fn next_processing_timer(&mut self) -> Option<i64> {
+        self.ops.iter_mut().filter_map(|c| c.timers.next_processing()).min()
     }
 
     /// Fire processing-time timers due at `now_ms`.
@@ -372,7 +379,7 @@ impl Chain {
             shared,
         };
         for bytes in state.parts(TIMERS) {
-            c.timers.restore(bytes, c.info.key_groups)?;
+            c.timers.restore(bytes, c.info.key_groups, shared)?;
         }
         c.op.restore(&state)
     }

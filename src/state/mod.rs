@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use heap::{HeapBackend, HeapTable};
 #[cfg(feature = "rocksdb")]
-pub use rocks::{RocksBackend, RocksOptions, RocksTable};
+pub use rocks::{RocksBackend, RocksOptions, RocksTable, RocksTimers};
 
 use crate::error::{Error, Result};
 

@@ -32,6 +32,7 @@ use super::{
     SnapshotRow, StateBackend, StateConfig, StateValue, INCREMENTAL_MAGIC,
 };
 use crate::error::{Error, Result};
+use crate::time::timers::{TimeDomain, Timer, TimerQueue};
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -68,6 +69,9 @@ struct Instance {
     instance: String,
     incremental: bool,
     next_snapshot: AtomicU64,
+    /// Options of every column family: the configured memtable size, the shared block
+    /// cache, bloom filters, LZ4.
+    cf_options: Options,
 }
 
 impl Drop for Instance {
@@ -154,6 +158,10 @@ impl RocksBackend {
         Ok(Self {
             inner: Arc::new(Instance {
                 db: ManuallyDrop::new(db),
+                // Column families take their options at creation, not the database's:
+                // without these, each state had RocksDB's default 64 MiB memtables (two
+                // of them) and a block cache of its own.
+                cf_options: opts,
                 dir,
                 snapshots,
                 instance,
@@ -240,9 +248,42 @@ pub(crate) fn read_incremental<V: StateValue>(
     scratch: &Path,
     mut f: impl FnMut(SnapshotRow<V>),
 ) -> Result<usize> {
+    let start = (range.start as KeyGroup).to_be_bytes();
+    scan_incremental(bytes, name, shared, scratch, &start, |k, v| {
+        let fail = |m: &str| Error::State {
+            context: format!("restore state `{name}`"),
+            message: m.into(),
+        };
+        let (kg, key, ns) = split_key(k).ok_or_else(|| fail("a key of another layout"))?;
+        if u32::from(kg) >= range.end {
+            return Ok(false);
+        }
+        let (written_ms, value): (i64, V) = decode(v, name)?;
+        f(SnapshotRow {
+            kg,
+            key: key.to_vec(),
+            ns,
+            value,
+            written_ms,
+        });
+        Ok(true)
+    })
+}
+
+/// Unpack an incremental snapshot into a scratch directory, open it read-only, and
+/// hand each entry of column family `cf` from `from` on to `f` until it says stop;
+/// how many it took.
+fn scan_incremental(
+    bytes: &[u8],
+    cf: &str,
+    shared: &dyn SharedFiles,
+    scratch: &Path,
+    from: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+) -> Result<usize> {
     static RESTORE: AtomicU64 = AtomicU64::new(0);
-    let desc: Incremental = decode(&bytes[INCREMENTAL_MAGIC.len()..], name)?;
-    if !desc.column_families.iter().any(|c| c == name) {
+    let desc: Incremental = decode(&bytes[INCREMENTAL_MAGIC.len()..], cf)?;
+    if !desc.column_families.iter().any(|c| c == cf) {
         return Ok(0);
     }
     let dir = scratch.join(format!(
@@ -251,7 +292,7 @@ pub(crate) fn read_incremental<V: StateValue>(
         RESTORE.fetch_add(1, Ordering::Relaxed)
     ));
     let fail = |e: String| Error::State {
-        context: format!("restore state `{name}` from a RocksDB checkpoint in {}", dir.display()),
+        context: format!("restore `{cf}` from a RocksDB checkpoint in {}", dir.display()),
         message: e,
     };
     let result = (|| {
@@ -265,25 +306,15 @@ pub(crate) fn read_incremental<V: StateValue>(
         }
         let db = Db::open_cf_for_read_only(&Options::default(), &dir, &desc.column_families, false)
             .map_err(|e| fail(e.to_string()))?;
-        let cf = db.cf_handle(name).ok_or_else(|| fail("column family missing".into()))?;
-        let start = (range.start as KeyGroup).to_be_bytes();
+        let handle = db.cf_handle(cf).ok_or_else(|| fail("column family missing".into()))?;
         let mut opts = ReadOptions::default();
         opts.fill_cache(false);
         let mut n = 0;
-        for item in db.iterator_cf_opt(&cf, opts, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+        for item in db.iterator_cf_opt(&handle, opts, IteratorMode::From(from, rocksdb::Direction::Forward)) {
             let (k, v) = item.map_err(|e| fail(e.to_string()))?;
-            let (kg, key, ns) = split_key(&k).ok_or_else(|| fail("a key of another layout".into()))?;
-            if u32::from(kg) >= range.end {
+            if !f(&k, &v)? {
                 break;
             }
-            let (written_ms, value): (i64, V) = decode(&v, name)?;
-            f(SnapshotRow {
-                kg,
-                key: key.to_vec(),
-                ns,
-                value,
-                written_ms,
-            });
             n += 1;
         }
         Ok(n)
@@ -292,12 +323,238 @@ pub(crate) fn read_incremental<V: StateValue>(
     result
 }
 
+/// The column family of an operator's timers.
+const TIMERS_CF: &str = "__timers";
+
+fn domain_byte(d: TimeDomain) -> u8 {
+    match d {
+        TimeDomain::EventTime => 0,
+        TimeDomain::ProcessingTime => 1,
+    }
+}
+
+/// A timer as a key: `domain (1) | time (8) | key group (2) | key length (4) | key |
+/// namespace (16)`, numbers big-endian with the sign flipped, so the earliest timer of a
+/// domain is the first key of its range. The value is empty.
+fn timer_key(d: TimeDomain, t: &Timer) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 8 + 6 + t.key.len() + 16);
+    k.push(domain_byte(d));
+    k.extend_from_slice(&((t.time as u64) ^ (1 << 63)).to_be_bytes());
+    let mut rest = Vec::new();
+    db_key_into(t.key_group, &t.key, t.namespace, &mut rest);
+    k.extend_from_slice(&rest);
+    k
+}
+
+fn parse_timer_key(k: &[u8]) -> Option<(TimeDomain, Timer)> {
+    let d = match k.first()? {
+        0 => TimeDomain::EventTime,
+        1 => TimeDomain::ProcessingTime,
+        _ => return None,
+    };
+    let time = (u64::from_be_bytes(k.get(1..9)?.try_into().ok()?) ^ (1 << 63)) as i64;
+    let (key_group, key, namespace) = split_key(k.get(9..)?)?;
+    Some((
+        d,
+        Timer {
+            time,
+            key_group,
+            key: key.into(),
+            namespace,
+        },
+    ))
+}
+
+/// Read the timers of an incremental snapshot (any queue restores them).
+pub(crate) fn read_timers(
+    bytes: &[u8],
+    range: KeyGroupRange,
+    shared: &dyn SharedFiles,
+    scratch: &Path,
+    mut f: impl FnMut(TimeDomain, Timer),
+) -> Result<()> {
+    scan_incremental(bytes, TIMERS_CF, shared, scratch, &[], |k, _| {
+        if let Some((d, t)) = parse_timer_key(k).filter(|(_, t)| range.contains(t.key_group)) {
+            f(d, t);
+        }
+        Ok(true)
+    })
+    .map(|_| ())
+}
+
+/// Timers in the operator's RocksDB: a timer per key and window costs disk, not memory.
+pub struct RocksTimers {
+    /// Declared before `backend`: dropped before the database it points into.
+    cf: Arc<BoundColumnFamily<'static>>,
+    backend: RocksBackend,
+    write: WriteOptions,
+    /// Per domain, the key of the last timer popped: the keys before it are deleted,
+    /// so seeks start there instead of wading through their tombstones.
+    resume: [Vec<u8>; 2],
+    /// Per domain, the earliest due time if known (`Some(None)`: none).
+    next: [Option<Option<i64>>; 2],
+}
+
+// SAFETY: as for `RocksTable`: RocksDB's handles are thread-safe, the options owned.
+unsafe impl Send for RocksTimers {}
+
+impl RocksTimers {
+    /// The timers of the operator whose state is in `backend`.
+    pub fn new(backend: RocksBackend) -> Result<Self> {
+        let fail = |e: String| Error::State {
+            context: "the timers' column family".into(),
+            message: e,
+        };
+        if backend.db().cf_handle(TIMERS_CF).is_none() {
+            let opts = backend.inner.cf_options.clone();
+            backend
+                .db()
+                .create_cf(TIMERS_CF, &opts)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let cf = backend
+            .db()
+            .cf_handle(TIMERS_CF)
+            .ok_or_else(|| fail("missing after creation".into()))?;
+        // SAFETY: see `RocksTable::cf`; the handle is dropped before `backend`.
+        let cf = unsafe { std::mem::transmute::<Arc<BoundColumnFamily<'_>>, Arc<BoundColumnFamily<'static>>>(cf) };
+        let mut write = WriteOptions::default();
+        write.disable_wal(true);
+        Ok(Self {
+            cf,
+            backend,
+            write,
+            resume: [vec![0], vec![1]],
+            next: [None, None],
+        })
+    }
+
+    fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+        panic!("RocksDB timers: {what}: {e}")
+    }
+
+    /// The earliest timer of domain `d` and its key.
+    fn first(&self, d: TimeDomain) -> Option<(Box<[u8]>, Timer)> {
+        let i = usize::from(domain_byte(d));
+        let mut it = self.backend.db().iterator_cf(
+            &self.cf,
+            IteratorMode::From(&self.resume[i], rocksdb::Direction::Forward),
+        );
+        match it.next()? {
+            Ok((k, _)) if k.first() == Some(&domain_byte(d)) => parse_timer_key(&k).map(|(_, t)| (k, t)),
+            Ok(_) => None,
+            Err(e) => Self::fatal("seek", e),
+        }
+    }
+}
+
+impl TimerQueue for RocksTimers {
+    fn insert(&mut self, d: TimeDomain, t: Timer) {
+        let i = usize::from(domain_byte(d));
+        let k = timer_key(d, &t);
+        if k < self.resume[i] {
+            self.resume[i] = vec![domain_byte(d)];
+        }
+        self.next[i] = match self.next[i] {
+            Some(Some(n)) => Some(Some(n.min(t.time))),
+            Some(None) => Some(Some(t.time)),
+            None => None,
+        };
+        if let Err(e) = self.backend.db().put_cf_opt(&self.cf, k, [], &self.write) {
+            Self::fatal("put", e);
+        }
+    }
+
+    fn pop_due(&mut self, d: TimeDomain, upto: i64) -> Option<Timer> {
+        let i = usize::from(domain_byte(d));
+        if self.next[i].is_some_and(|n| n.is_none_or(|n| n > upto)) {
+            return None;
+        }
+        let Some((k, t)) = self.first(d) else {
+            self.next[i] = Some(None);
+            return None;
+        };
+        if t.time > upto {
+            self.next[i] = Some(Some(t.time));
+            return None;
+        }
+        if let Err(e) = self.backend.db().delete_cf_opt(&self.cf, &k, &self.write) {
+            Self::fatal("delete", e);
+        }
+        self.resume[i] = k.into_vec();
+        self.next[i] = None;
+        Some(t)
+    }
+
+    fn next_time(&mut self, d: TimeDomain) -> Option<i64> {
+        let i = usize::from(domain_byte(d));
+        if let Some(n) = self.next[i] {
+            return n;
+        }
+        let n = self.first(d).map(|(_, t)| t.time);
+        self.next[i] = Some(n);
+        n
+    }
+
+    fn len(&self) -> usize {
+        self.backend
+            .db()
+            .property_int_value_cf(&self.cf, "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0) as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first(TimeDomain::EventTime).is_none() && self.first(TimeDomain::ProcessingTime).is_none()
+    }
+
+    fn snapshot(&mut self) -> SnapshotFn {
+        if self.backend.inner.incremental {
+            // The same database checkpoint as the state's: its files are shared, so
+            // they are uploaded once whichever snapshot gets there first.
+            let backend = self.backend.clone();
+            return match backend.local_checkpoint() {
+                Ok(local) => Box::new(move |shared: &dyn SharedFiles| backend.upload(&local, shared)),
+                Err(e) => Box::new(move |_: &dyn SharedFiles| Err(e)),
+            };
+        }
+        let mut encoded = crate::time::timers::Encoded {
+            event: Vec::new(),
+            processing: Vec::new(),
+        };
+        for item in self.backend.db().iterator_cf(&self.cf, IteratorMode::Start) {
+            match item.map(|(k, _)| parse_timer_key(&k)) {
+                Ok(Some((TimeDomain::EventTime, t))) => encoded.event.push(t),
+                Ok(Some((TimeDomain::ProcessingTime, t))) => encoded.processing.push(t),
+                Ok(None) => {}
+                Err(e) => Self::fatal("scan", e),
+            }
+        }
+        Box::new(move |_: &dyn SharedFiles| encode(&encoded))
+    }
+
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<()> {
+        if is_incremental(bytes) {
+            let scratch = self.backend.scratch();
+            return read_timers(bytes, range, shared, &scratch, |d, t| self.insert(d, t));
+        }
+        let e: crate::time::timers::Encoded = decode(bytes, "timers")?;
+        for t in e.event.into_iter().filter(|t| range.contains(t.key_group)) {
+            self.insert(TimeDomain::EventTime, t);
+        }
+        for t in e.processing.into_iter().filter(|t| range.contains(t.key_group)) {
+            self.insert(TimeDomain::ProcessingTime, t);
+        }
+        Ok(())
+    }
+}
+
 impl StateBackend for RocksBackend {
     type Table<V: StateValue> = RocksTable<V>;
 
     fn table<V: StateValue>(&self, name: &str, config: StateConfig) -> RocksTable<V> {
-        let mut opts = Options::default();
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut opts = self.inner.cf_options.clone();
         if let Some(ttl) = config.ttl.map(|d| d.as_millis() as i64) {
             // Entries nobody reads again leave at compaction, not only when read or
             // scanned: a value starts with its write time (postcard), which is all the
@@ -908,6 +1165,54 @@ mod tests {
                 .expect("restore"),
             1
         );
+    }
+
+    #[test]
+    fn timers_in_rocksdb_fire_in_order_once_and_restore_into_either_queue() {
+        use crate::time::timers::HeapTimers;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = RocksBackend::open(dir.path(), "op-0", RocksOptions::default()).expect("open");
+        let mut q = RocksTimers::new(b.clone()).expect("timers");
+        let t = |time: i64, kg: KeyGroup, key: &[u8]| Timer {
+            time,
+            key_group: kg,
+            key: key.into(),
+            namespace: Namespace { start: 0, end: 10 },
+        };
+        let ev = TimeDomain::EventTime;
+        for (time, kg) in [(30, 5), (-10, 1), (10, 2), (10, 2), (20, 7)] {
+            q.insert(ev, t(time, kg, b"k"));
+        }
+        q.insert(TimeDomain::ProcessingTime, t(5, 0, b"p"));
+        assert_eq!(q.next_time(ev), Some(-10));
+        assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(-10));
+        assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(10));
+        assert_eq!(q.pop_due(ev, 15), None, "the duplicate was kept once");
+        // Registered after later ones were popped, earlier than them: still found.
+        q.insert(ev, t(12, 3, b"late"));
+        assert_eq!(q.pop_due(ev, 15).map(|t| t.key.to_vec()), Some(b"late".to_vec()));
+        assert_eq!(q.next_time(TimeDomain::ProcessingTime), Some(5));
+        assert!(!q.is_empty());
+
+        // Incremental snapshot: into the heap (key groups 0..4) and into RocksDB (4..8).
+        let shared = Shared::default();
+        let bytes = q.snapshot()(&shared).expect("snapshot");
+        let mut heap = HeapTimers::default();
+        heap.restore(&bytes, KeyGroupRange { start: 0, end: 4 }, &shared)
+            .expect("restore");
+        assert_eq!(heap.pop_due(TimeDomain::ProcessingTime, 5).map(|t| t.time), Some(5));
+        assert_eq!(heap.pop_due(ev, i64::MAX), None, "key groups 1..3 fired already");
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let b2 = RocksBackend::open(dir2.path(), "op-1", RocksOptions::default()).expect("open");
+        let mut other = RocksTimers::new(b2).expect("timers");
+        other
+            .restore(&bytes, KeyGroupRange { start: 4, end: 8 }, &shared)
+            .expect("restore");
+        let fired: Vec<i64> = std::iter::from_fn(|| other.pop_due(ev, i64::MAX))
+            .map(|t| t.time)
+            .collect();
+        assert_eq!(fired, vec![20, 30]);
+        assert!(other.is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::state::{decode, encode, KeyGroup, KeyGroupRange, Namespace, SnapshotFn};
+use crate::state::{decode, encode, KeyGroup, KeyGroupRange, Namespace, SharedFiles, SnapshotFn};
 
 /// A timer: at `time`, call the operator back for this key and namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -30,68 +30,73 @@ pub enum TimeDomain {
     ProcessingTime,
 }
 
-/// The timers of one operator subtask.
+/// Where the timers of one operator subtask are kept: on the heap (the default), or in
+/// the operator's RocksDB, so that a state larger than memory does not keep a timer per
+/// key and window in memory.
+pub trait TimerQueue: Send {
+    /// Add a timer; adding the same one twice keeps one.
+    fn insert(&mut self, domain: TimeDomain, timer: Timer);
+    /// The earliest timer of `domain` at or before `upto`, removed.
+    fn pop_due(&mut self, domain: TimeDomain, upto: i64) -> Option<Timer>;
+    /// When the earliest timer of `domain` is due.
+    fn next_time(&mut self, domain: TimeDomain) -> Option<i64>;
+    /// Timers held (an estimate where the store cannot count cheaply).
+    fn len(&self) -> usize;
+    /// Whether no timer is held (exact: a snapshot is skipped when it says so).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Take a consistent copy now and return the function that encodes it.
+    fn snapshot(&mut self) -> SnapshotFn;
+    /// Add the timers of an encoded snapshot whose key group lies in `range`.
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<()>;
+}
+
+/// Timers on the heap.
 #[derive(Debug, Default, Clone)]
-pub struct TimerService {
+pub struct HeapTimers {
     event: BTreeSet<Timer>,
     processing: BTreeSet<Timer>,
 }
 
+/// The portable snapshot of timers (every queue reads it).
 #[derive(Serialize, Deserialize)]
-struct Encoded {
-    event: Vec<Timer>,
-    processing: Vec<Timer>,
+pub(crate) struct Encoded {
+    pub(crate) event: Vec<Timer>,
+    pub(crate) processing: Vec<Timer>,
 }
 
-impl TimerService {
-    /// Register a timer; registering the same one twice keeps one.
-    pub fn register(&mut self, domain: TimeDomain, time: i64, key_group: KeyGroup, key: &[u8], namespace: Namespace) {
-        let set = match domain {
+impl HeapTimers {
+    fn set(&mut self, domain: TimeDomain) -> &mut BTreeSet<Timer> {
+        match domain {
             TimeDomain::EventTime => &mut self.event,
             TimeDomain::ProcessingTime => &mut self.processing,
-        };
-        let t = Timer {
-            time,
-            key_group,
-            key: key.into(),
-            namespace,
-        };
-        set.insert(t);
+        }
+    }
+}
+
+impl TimerQueue for HeapTimers {
+    fn insert(&mut self, domain: TimeDomain, timer: Timer) {
+        self.set(domain).insert(timer);
     }
 
-    /// The earliest event-time timer at or before `watermark`, removed.
-    pub fn pop_event(&mut self, watermark: i64) -> Option<Timer> {
-        match self.event.first() {
-            Some(t) if t.time <= watermark => self.event.pop_first(),
+    fn pop_due(&mut self, domain: TimeDomain, upto: i64) -> Option<Timer> {
+        let set = self.set(domain);
+        match set.first() {
+            Some(t) if t.time <= upto => set.pop_first(),
             _ => None,
         }
     }
 
-    /// The earliest processing-time timer at or before `now`, removed.
-    pub fn pop_processing(&mut self, now: i64) -> Option<Timer> {
-        match self.processing.first() {
-            Some(t) if t.time <= now => self.processing.pop_first(),
-            _ => None,
-        }
+    fn next_time(&mut self, domain: TimeDomain) -> Option<i64> {
+        self.set(domain).first().map(|t| t.time)
     }
 
-    /// When the next processing-time timer is due.
-    pub fn next_processing(&self) -> Option<i64> {
-        self.processing.first().map(|t| t.time)
-    }
-
-    /// Timers registered.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.event.len() + self.processing.len()
     }
 
-    /// Whether no timer is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// A copy now, encoded later.
-    pub fn snapshot(&self) -> SnapshotFn {
+    fn snapshot(&mut self) -> SnapshotFn {
         let copy = self.clone();
         Box::new(move |_| {
             encode(&Encoded {
@@ -101,14 +106,109 @@ impl TimerService {
         })
     }
 
-    /// Add the timers of an encoded snapshot whose key group lies in `range`.
-    pub fn restore(&mut self, bytes: &[u8], range: KeyGroupRange) -> Result<()> {
+    fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<()> {
+        if crate::state::is_incremental(bytes) {
+            return restore_incremental(self, bytes, range, shared);
+        }
         let e: Encoded = decode(bytes, "timers")?;
         self.event
             .extend(e.event.into_iter().filter(|t| range.contains(t.key_group)));
         self.processing
             .extend(e.processing.into_iter().filter(|t| range.contains(t.key_group)));
         Ok(())
+    }
+}
+
+/// Timers a RocksDB operator kept in its database, read into the heap.
+#[cfg(feature = "rocksdb")]
+fn restore_incremental(
+    into: &mut dyn TimerQueue,
+    bytes: &[u8],
+    range: KeyGroupRange,
+    shared: &dyn SharedFiles,
+) -> Result<()> {
+    let scratch = std::env::temp_dir().join("sluice-state");
+    crate::state::rocks::read_timers(bytes, range, shared, &scratch, |domain, timer| {
+        into.insert(domain, timer)
+    })
+}
+
+#[cfg(not(feature = "rocksdb"))]
+fn restore_incremental(_: &mut dyn TimerQueue, _: &[u8], _: KeyGroupRange, _: &dyn SharedFiles) -> Result<()> {
+    Err(crate::Error::Unsupported(
+        "timers were checkpointed by the RocksDB backend: restoring them needs a sluice built with the cargo \
+         feature `rocksdb`"
+            .into(),
+    ))
+}
+
+/// The timers of one operator subtask.
+pub struct TimerService {
+    queue: Box<dyn TimerQueue>,
+}
+
+impl Default for TimerService {
+    fn default() -> Self {
+        Self::new(Box::new(HeapTimers::default()))
+    }
+}
+
+impl std::fmt::Debug for TimerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimerService").field("len", &self.queue.len()).finish()
+    }
+}
+
+impl TimerService {
+    /// Timers in `queue`.
+    pub fn new(queue: Box<dyn TimerQueue>) -> Self {
+        Self { queue }
+    }
+
+    /// Register a timer; registering the same one twice keeps one.
+    pub fn register(&mut self, domain: TimeDomain, time: i64, key_group: KeyGroup, key: &[u8], namespace: Namespace) {
+        let t = Timer {
+            time,
+            key_group,
+            key: key.into(),
+            namespace,
+        };
+        self.queue.insert(domain, t);
+    }
+
+    /// The earliest event-time timer at or before `watermark`, removed.
+    pub fn pop_event(&mut self, watermark: i64) -> Option<Timer> {
+        self.queue.pop_due(TimeDomain::EventTime, watermark)
+    }
+
+    /// The earliest processing-time timer at or before `now`, removed.
+    pub fn pop_processing(&mut self, now: i64) -> Option<Timer> {
+        self.queue.pop_due(TimeDomain::ProcessingTime, now)
+    }
+
+    /// When the next processing-time timer is due.
+    pub fn next_processing(&mut self) -> Option<i64> {
+        self.queue.next_time(TimeDomain::ProcessingTime)
+    }
+
+    /// Timers registered.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether no timer is registered.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// A copy now, encoded later.
+    pub fn snapshot(&mut self) -> SnapshotFn {
+        self.queue.snapshot()
+    }
+
+    /// Add the timers of an encoded snapshot whose key group lies in `range`.
+    pub fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<()> {
+        self.queue.restore(bytes, range, shared)
     }
 }
 
@@ -131,7 +231,8 @@ mod tests {
         assert_eq!(t.next_processing(), Some(5));
         let bytes = t.snapshot()(&crate::state::NoSharedFiles).unwrap();
         let mut r = TimerService::default();
-        r.restore(&bytes, KeyGroupRange { start: 0, end: 1 }).unwrap();
+        r.restore(&bytes, KeyGroupRange { start: 0, end: 1 }, &crate::state::NoSharedFiles)
+            .unwrap();
         assert_eq!(r.pop_event(100).map(|t| t.time), Some(30));
         assert_eq!(r.pop_processing(5).map(|t| t.time), Some(5));
         assert!(r.is_empty());

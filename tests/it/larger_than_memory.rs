@@ -1,12 +1,15 @@
-//! State larger than the memory the process may use: one hour-long window over many
-//! distinct accounts, the process in a memory cgroup capped well below what the heap
+//! State larger than the memory the process may use: a session per account (one-hour
+//! gap) over many distinct accounts, all open at once, the process in a memory cgroup capped well below what the heap
 //! backend needs for that state. On the heap the kernel kills it; on RocksDB it should
 //! run, and the table equal the batch computation, exactly once.
 //!
-//! It does not yet, and the test is ignored: timers live on the heap in every backend
-//! (one per key and window, copied at every checkpoint), so with RocksDB the process
-//! still peaked at 1.1 GB of RSS for 1.5 M accounts (2.0 GB on the heap). Moving the
-//! timers into the state backend, as Flink's RocksDB backend does, is what remains.
+//! It does not yet, and the test is ignored. Window contents and timers are in RocksDB
+//! (the timers since this test found them on the heap): while the 1.5 M sessions
+//! accumulate the process stays near 200 MB of RSS (the heap backend: 1.6 to 1.9 GB).
+//! But while the sessions fire, RSS climbs to about 1 GB before the results are
+//! committed, so a 224 MiB cap kills it then; where that memory goes (the sink's epoch,
+//! channels during the burst) is not found yet. Without a cap it passes: every session
+//! once.
 //! `cargo test --features rocksdb --test it -- --ignored larger_than_memory` runs it;
 //! `SLUICE_TEST_BIG_CAP_MB` changes the cap, `SLUICE_TEST_BIG_ROCKS_ONLY` skips the
 //! heap run.
@@ -48,18 +51,22 @@ fn produce_accounts(topic: &str) {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    // An hour and more of event time later on every partition: the window fires.
-    for part in 0..4 {
-        let body = format!(
-            r#"{{"id": {}, "account": "~flush", "amount": 0, "ts": {}}}"#,
-            10_000_000 + part,
-            BASE + 3_700_000
-        );
-        while p
-            .send(BaseRecord::<(), _>::to(topic).partition(part).payload(&body))
-            .is_err()
-        {
-            std::thread::sleep(Duration::from_millis(5));
+    // Then event time walks on in 200 steps on every partition: each step's watermark
+    // closes half a percent of the sessions, so results leave in slices, as a stream's
+    // would, not all in one instant.
+    for step in 0..=200i64 {
+        for part in 0..4 {
+            let body = format!(
+                r#"{{"id": {}, "account": "~flush", "amount": 0, "ts": {}}}"#,
+                10_000_000 + step * 4 + i64::from(part),
+                BASE + 3_600_000 + step * 3_000 + 3_100
+            );
+            while p
+                .send(BaseRecord::<(), _>::to(topic).partition(part).payload(&body))
+                .is_err()
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
     p.flush(Duration::from_secs(120)).expect("flush");
@@ -67,7 +74,7 @@ fn produce_accounts(topic: &str) {
 
 #[cfg(feature = "rocksdb")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: timers stay on the heap with RocksDB (see the module's comment)"]
+#[ignore = "fails under the cap while results are written (see the module's comment)"]
 async fn rocksdb_runs_a_state_the_heap_cannot_hold_in_its_memory_cap() {
     let cap: u64 = std::env::var("SLUICE_TEST_BIG_CAP_MB")
         .ok()
@@ -94,7 +101,7 @@ async fn rocksdb_runs_a_state_the_heap_cannot_hold_in_its_memory_cap() {
                 &checkpoints.display().to_string(),
                 &format!("{}-{backend}", checkpoints.display()),
             )
-            .replace("size = \"10s\"", "size = \"1h\"")
+            .replace("assigner = \"tumbling\"\nsize = \"10s\"", "assigner = \"session\"\ngap = \"1h\"")
             .replace("[state]\n", "[state]\nblock_cache_bytes = 8388608\nwrite_buffer_bytes = 8388608\n")
             .replace(
                 "batch_size = 2000\n\n[[decode.fields]]",
@@ -136,12 +143,14 @@ async fn rocksdb_runs_a_state_the_heap_cannot_hold_in_its_memory_cap() {
     let s = capped("rocksdb");
     let want = ACCOUNTS as i64;
     let done = wait_until(Duration::from_secs(600), || async {
-        count(
-            &j.pool,
-            &format!("SELECT count(*) FROM {}.win WHERE account <> '~flush'", j.schema),
-        )
-        .await
-            >= want
+        let sql = format!("SELECT count(*) FROM {}.win WHERE account <> '~flush'", j.schema);
+        let rows = count(&j.pool, &sql).await;
+        if std::env::var("SLUICE_TEST_BIG_TRACE").is_ok() {
+            let stat = std::fs::read_to_string(cgroup.join("memory.stat")).unwrap_or_default();
+            let rss = stat.lines().find(|l| l.starts_with("rss ")).unwrap_or("").to_string();
+            eprintln!("rocksdb run: {rss}, windows {rows}");
+        }
+        rows >= want
     })
     .await;
     let peak = std::fs::read_to_string(cgroup.join("memory.max_usage_in_bytes")).unwrap_or_default();

@@ -160,6 +160,9 @@ pub struct WindowOperator<B: StateBackend> {
     assigned: Vec<Window>,
     metrics: WindowMetrics,
     stats: Arc<JobStats>,
+    /// Where the runtime is to keep this operator's timers (with its state), handed
+    /// over once when it is chained; none: the heap.
+    timers: Option<Box<dyn crate::time::timers::TimerQueue>>,
 }
 
 impl<B: StateBackend> WindowOperator<B> {
@@ -173,6 +176,7 @@ impl<B: StateBackend> WindowOperator<B> {
             key_buf: Vec::with_capacity(64),
             assigned: Vec::with_capacity(4),
             stats,
+            timers: None,
         }
     }
 }
@@ -515,6 +519,10 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
         Ok(())
     }
 
+    fn timer_queue(&mut self) -> Option<Box<dyn crate::time::timers::TimerQueue>> {
+        self.timers.take()
+    }
+
     fn snapshot(&mut self, _checkpoint: u64) -> Result<SnapshotParts> {
         self.table.retain(|kw| !kw.windows.is_empty());
         let layout = layout(&self.spec);
@@ -596,7 +604,11 @@ pub fn rocks_operator(
     options: crate::state::RocksOptions,
 ) -> crate::error::Result<Box<dyn Operator>> {
     let backend = crate::state::RocksBackend::open(root, &format!("{operator}-{subtask}"), options)?;
-    Ok(Box::new(WindowOperator::new(spec, &backend, subtask, stats)))
+    let mut op = WindowOperator::new(spec, &backend, subtask, stats);
+    // A timer per key and window: in RocksDB too, or they would hold the memory the
+    // state does not.
+    op.timers = Some(Box::new(crate::state::RocksTimers::new(backend)?));
+    Ok(Box::new(op))
 }
 
 #[cfg(test)]
