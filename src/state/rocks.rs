@@ -230,6 +230,19 @@ impl RocksBackend {
         result
     }
 
+    /// An incremental snapshot of the whole database (none if snapshots are rows):
+    /// the checkpoint now, the upload when the returned function runs.
+    fn incremental_snapshot(&self) -> Option<SnapshotFn> {
+        if !self.inner.incremental {
+            return None;
+        }
+        let backend = self.clone();
+        Some(match backend.local_checkpoint() {
+            Ok(local) => Box::new(move |shared: &dyn SharedFiles| backend.upload(&local, shared)),
+            Err(e) => Box::new(move |_: &dyn SharedFiles| Err(e)),
+        })
+    }
+
     /// Where restores unpack incremental snapshots.
     fn scratch(&self) -> PathBuf {
         self.inner.snapshots.join("restore")
@@ -510,14 +523,10 @@ impl TimerQueue for RocksTimers {
     }
 
     fn snapshot(&mut self) -> SnapshotFn {
-        if self.backend.inner.incremental {
-            // The same database checkpoint as the state's: its files are shared, so
-            // they are uploaded once whichever snapshot gets there first.
-            let backend = self.backend.clone();
-            return match backend.local_checkpoint() {
-                Ok(local) => Box::new(move |shared: &dyn SharedFiles| backend.upload(&local, shared)),
-                Err(e) => Box::new(move |_: &dyn SharedFiles| Err(e)),
-            };
+        // The same database checkpoint as the state's: its files are shared, so they
+        // are uploaded once whichever snapshot gets there first.
+        if let Some(snapshot) = self.backend.incremental_snapshot() {
+            return snapshot;
         }
         let mut encoded = crate::time::timers::Encoded {
             event: Vec::new(),
@@ -808,14 +817,10 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     }
 
     fn snapshot(&mut self) -> SnapshotFn {
-        if self.backend.inner.incremental {
-            // Expired entries go at compaction (the TTL filter) and read as absent until
-            // then: no scan of the whole state at every checkpoint.
-            let backend = self.backend.clone();
-            return match backend.local_checkpoint() {
-                Ok(local) => Box::new(move |shared: &dyn SharedFiles| backend.upload(&local, shared)),
-                Err(e) => Box::new(move |_: &dyn SharedFiles| Err(e)),
-            };
+        // Expired entries go at compaction (the TTL filter) and read as absent until
+        // then: no scan of the whole state at every checkpoint.
+        if let Some(snapshot) = self.backend.incremental_snapshot() {
+            return snapshot;
         }
         // Entries past their TTL go now, as the heap backend drops them.
         if self.ttl_ms.is_some() {
