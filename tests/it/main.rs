@@ -13,6 +13,7 @@ mod enrich;
 mod kafka_dead_letters;
 mod kafka_sink;
 mod kill;
+#[cfg(feature = "rocksdb")]
 mod larger_than_memory;
 mod migrate;
 #[cfg(feature = "s3")]
