@@ -283,13 +283,7 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
         (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
         #[cfg(feature = "s3")]
         (StorageKind::S3, _) => Arc::new(crate::checkpoint::object::ObjectStorage::open(
-            &crate::checkpoint::object::ObjectConfig {
-                url: cfg.checkpoint.url.clone().unwrap_or_default(),
-                endpoint: cfg.checkpoint.endpoint.clone(),
-                region: cfg.checkpoint.region.clone(),
-                retain: cfg.checkpoint.retain,
-                credentials: None,
-            },
+            &crate::checkpoint::object::ObjectConfig::from_checkpoint(&cfg.checkpoint),
         )?),
         _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
     };

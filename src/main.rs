@@ -295,15 +295,12 @@ async fn savepoint(cfg: &JobConfig, stop: bool) -> anyhow::Result<()> {
         !cfg.metrics.listen.is_empty(),
         "metrics.listen is empty: the job has no HTTP API to ask for a savepoint"
     );
-    let token = std::env::var(sluice::api::TOKEN_ENV)
-        .ok()
-        .filter(|t| !t.trim().is_empty())
-        .with_context(|| {
-            format!(
-                "{} is not set: the job's API refuses savepoints without it",
-                sluice::api::TOKEN_ENV
-            )
-        })?;
+    let token = sluice::api::token_from_env().with_context(|| {
+        format!(
+            "{} is not set: the job's API refuses savepoints without it",
+            sluice::api::TOKEN_ENV
+        )
+    })?;
     let url = format!(
         "http://{}/savepoints{}",
         cfg.metrics.listen.replace("0.0.0.0", "127.0.0.1"),
@@ -317,7 +314,7 @@ async fn savepoint(cfg: &JobConfig, stop: bool) -> anyhow::Result<()> {
         .context("HTTP client")?;
     let answer = client
         .post(&url)
-        .bearer_auth(token)
+        .bearer_auth(secrecy::ExposeSecret::expose_secret(token.as_ref()))
         .send()
         .await
         .with_context(|| format!("{url}: is the job running?"))?;
@@ -350,14 +347,8 @@ fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {
             let mut all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
             #[cfg(feature = "s3")]
             if cfg.checkpoint.storage == config::StorageKind::S3 {
-                let storage =
-                    sluice::checkpoint::object::ObjectStorage::open(&sluice::checkpoint::object::ObjectConfig {
-                        url: cfg.checkpoint.url.clone().unwrap_or_default(),
-                        endpoint: cfg.checkpoint.endpoint.clone(),
-                        region: cfg.checkpoint.region.clone(),
-                        retain: cfg.checkpoint.retain,
-                        credentials: None,
-                    })?;
+                use sluice::checkpoint::object::{ObjectConfig, ObjectStorage};
+                let storage = ObjectStorage::open(&ObjectConfig::from_checkpoint(&cfg.checkpoint))?;
                 all.extend(inspect::list_object(&storage)?);
                 all.sort_by_key(|e| (e.triggered_at_ms, e.id));
             }

@@ -159,7 +159,7 @@ pub(crate) fn spawn_server(listener: tokio::net::TcpListener, app: axum::Router)
 }
 
 /// The API token from the environment, if one is set.
-pub(crate) fn token_from_env() -> Option<Arc<SecretString>> {
+pub fn token_from_env() -> Option<Arc<SecretString>> {
     std::env::var(TOKEN_ENV)
         .ok()
         .filter(|t| !t.trim().is_empty())

@@ -48,6 +48,24 @@ pub struct Entry {
     pub problem: Option<String>,
 }
 
+impl Entry {
+    /// A stored checkpoint or savepoint that could not be read: listed with why.
+    fn broken(kind: Kind, path: PathBuf, e: &Error) -> Self {
+        Self {
+            kind,
+            id: 0,
+            job: String::new(),
+            triggered_at_ms: 0,
+            path,
+            bytes: 0,
+            operators: BTreeMap::new(),
+            files: Vec::new(),
+            origin: None,
+            problem: Some(e.to_string()),
+        }
+    }
+}
+
 /// One operator's share of a checkpoint.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OperatorSize {
@@ -145,18 +163,7 @@ pub fn list_object(storage: &super::object::ObjectStorage) -> Result<Vec<Entry>>
                 }
                 e
             }
-            Err(err) => Entry {
-                kind: Kind::Checkpoint,
-                id: 0,
-                job: String::new(),
-                triggered_at_ms: 0,
-                path: name.into(),
-                bytes: 0,
-                operators: BTreeMap::new(),
-                files: Vec::new(),
-                origin: None,
-                problem: Some(err.to_string()),
-            },
+            Err(err) => Entry::broken(Kind::Checkpoint, name.into(), &err),
         });
     }
     Ok(out)
@@ -174,24 +181,13 @@ pub fn inspect(path: &Path) -> Result<Entry> {
 /// that cannot be read is listed with its problem rather than hiding the others.
 pub fn list(checkpoints: Option<&Path>, savepoints: Option<&Path>) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
-    let broken = |kind, path: PathBuf, e: Error| Entry {
-        kind,
-        id: 0,
-        job: String::new(),
-        triggered_at_ms: 0,
-        path,
-        bytes: 0,
-        operators: BTreeMap::new(),
-        files: Vec::new(),
-        origin: None,
-        problem: Some(e.to_string()),
-    };
+
     if let Some(dir) = checkpoints.filter(|d| d.is_dir()) {
         let entries = fs::read_dir(dir).map_err(Error::storage(format!("list {}", dir.display())))?;
         for path in entries.flatten().map(|e| e.path()) {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with("chk-") && name.ends_with(".json") {
-                out.push(checkpoint(&path).unwrap_or_else(|e| broken(Kind::Checkpoint, path.clone(), e)));
+                out.push(checkpoint(&path).unwrap_or_else(|e| Entry::broken(Kind::Checkpoint, path.clone(), &e)));
             }
         }
     }
@@ -200,7 +196,7 @@ pub fn list(checkpoints: Option<&Path>, savepoints: Option<&Path>) -> Result<Vec
         for path in entries.flatten().map(|e| e.path()) {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with("savepoint-") && path.is_dir() {
-                out.push(savepoint(&path).unwrap_or_else(|e| broken(Kind::Savepoint, path.clone(), e)));
+                out.push(savepoint(&path).unwrap_or_else(|e| Entry::broken(Kind::Savepoint, path.clone(), &e)));
             }
         }
     }

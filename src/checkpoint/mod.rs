@@ -54,6 +54,32 @@ impl CompletedCheckpoint {
         Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Parse a stored checkpoint (file or object `path`), refusing one that is not
+    /// JSON, whose checksum does not match, or of another format version; the checksum
+    /// is dropped once verified (it is the file's business, not the restore's).
+    pub fn parse(bytes: &[u8], path: &std::path::Path) -> crate::error::Result<Self> {
+        let corrupt = |message: String| crate::error::Error::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut cp: CompletedCheckpoint = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if !cp.checksum_matches() {
+            return Err(corrupt(
+                "checksum mismatch: it was edited or partly written; restore it from a backup, or remove it \
+                 to fall back to the previous checkpoint"
+                    .into(),
+            ));
+        }
+        if cp.format_version != FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "format version {} (this build reads {FORMAT_VERSION})",
+                cp.format_version
+            )));
+        }
+        cp.checksum = None;
+        Ok(cp)
+    }
+
     /// Whether the stored checksum (if any) matches the content.
     pub fn checksum_matches(&self) -> bool {
         self.checksum.as_deref().is_none_or(|c| c == self.compute_checksum())

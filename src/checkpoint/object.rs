@@ -24,8 +24,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::savepoint::is_handle;
-use super::storage::SHARED;
-use super::{CheckpointStorage, CompletedCheckpoint, FORMAT_VERSION};
+use super::storage::{referenced_shared, SHARED};
+use super::{CheckpointStorage, CompletedCheckpoint};
 use crate::error::{Error, Result};
 
 /// Where and how to reach the bucket.
@@ -42,6 +42,19 @@ pub struct ObjectConfig {
     /// Access key id and secret; none: from the environment (`AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or the instance's role).
     pub credentials: Option<(String, secrecy::SecretString)>,
+}
+
+impl ObjectConfig {
+    /// The bucket of `[checkpoint]`, credentials from the environment.
+    pub fn from_checkpoint(c: &crate::config::CheckpointConfig) -> Self {
+        Self {
+            url: c.url.clone().unwrap_or_default(),
+            endpoint: c.endpoint.clone(),
+            region: c.region.clone(),
+            retain: c.retain,
+            credentials: None,
+        }
+    }
 }
 
 /// Checkpoint storage in a bucket.
@@ -268,23 +281,21 @@ impl ObjectStorage {
     /// them cannot be read, keep everything (a leftover costs money, a wrong deletion
     /// the state).
     fn delete_unreferenced_shared(&self, retained: &[(u64, Path)]) {
-        let mut referenced = std::collections::HashSet::new();
+        let mut checkpoints = Vec::new();
         for (_, path) in retained {
-            let read = self.get(path.clone()).and_then(|b| {
-                serde_json::from_slice::<CompletedCheckpoint>(&b).map_err(|e| Error::Internal(e.to_string()))
-            });
-            match read {
-                Ok(cp) => referenced.extend(
-                    super::savepoint::handles(&cp)
-                        .into_iter()
-                        .filter(|h| h.starts_with("shared/")),
-                ),
+            let name = format!("{}/{path}", self.url);
+            match self
+                .get(path.clone())
+                .and_then(|b| CompletedCheckpoint::parse(&b, std::path::Path::new(&name)))
+            {
+                Ok(cp) => checkpoints.push(cp),
                 Err(e) => {
                     tracing::warn!(error = %e, "keeping every shared object: a retained checkpoint is unreadable");
                     return;
                 }
             }
         }
+        let referenced = referenced_shared(checkpoints.iter());
         let store = self.store.clone();
         let dir = self.path(&format!("state/{SHARED}"));
         let prefix = format!("{dir}/");
@@ -339,27 +350,7 @@ impl CheckpointStorage for ObjectStorage {
         };
         let name = format!("{}/{path}", self.url);
         let bytes = self.get(path)?;
-        let mut cp: CompletedCheckpoint = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
-            path: name.clone().into(),
-            message: e.to_string(),
-        })?;
-        if !cp.checksum_matches() {
-            return Err(Error::CorruptCheckpoint {
-                path: name.into(),
-                message: "checksum mismatch: the object was edited or damaged".into(),
-            });
-        }
-        if cp.format_version != FORMAT_VERSION {
-            return Err(Error::CorruptCheckpoint {
-                path: name.into(),
-                message: format!(
-                    "format version {} (this build reads {FORMAT_VERSION})",
-                    cp.format_version
-                ),
-            });
-        }
-        cp.checksum = None;
-        Ok(Some(cp))
+        CompletedCheckpoint::parse(&bytes, std::path::Path::new(&name)).map(Some)
     }
 
     fn write_shared(&self, name: &str, path: &std::path::Path) -> Result<(String, u64)> {

@@ -244,6 +244,13 @@ impl Savepoint {
 
     /// Read a state file, checked against its size and digest.
     pub fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
+        // The metadata is a file anyone may edit: a handle must not leave `state/`.
+        if !is_handle(handle) {
+            return Err(Error::CorruptCheckpoint {
+                path: self.dir.join(METADATA_FILE),
+                message: format!("`{handle}` is not a state file's name"),
+            });
+        }
         let path = self.dir.join("state").join(handle);
         let Some(file) = self.meta.files.iter().find(|f| f.handle == handle) else {
             return Err(Error::CorruptCheckpoint {
@@ -428,6 +435,15 @@ mod tests {
         assert!(msg.contains("missing"), "{msg}");
         let msg = Savepoint::open(dir.path()).unwrap_err().to_string();
         assert!(msg.contains("no savepoint here"), "{msg}");
+        // A file list edited to point outside the savepoint is refused, not followed.
+        let mut escaping = sp.clone();
+        escaping.meta.files.push(StateFile {
+            handle: "../../outside".into(),
+            bytes: 0,
+            sha256: String::new(),
+        });
+        let msg = escaping.read_state("../../outside").unwrap_err().to_string();
+        assert!(msg.contains("not a state file's name"), "{msg}");
     }
 
     #[test]

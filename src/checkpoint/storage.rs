@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{CompletedCheckpoint, FORMAT_VERSION};
+use super::CompletedCheckpoint;
 use crate::error::{Error, Result};
 
 /// Stores completed checkpoints and finds the newest. `store` must be atomic: a reader
@@ -54,7 +54,7 @@ fn shared_handle(name: &str) -> Result<String> {
 pub const SHARED: &str = "shared";
 
 /// Shared files the checkpoints `retained` refer to.
-fn referenced_shared<'a>(
+pub(crate) fn referenced_shared<'a>(
     retained: impl IntoIterator<Item = &'a CompletedCheckpoint>,
 ) -> std::collections::HashSet<String> {
     retained
@@ -236,31 +236,7 @@ impl DirectoryStorage {
 
     fn read(path: &Path) -> Result<CompletedCheckpoint> {
         let bytes = fs::read(path).map_err(Error::storage(format!("read {}", path.display())))?;
-        let cp: CompletedCheckpoint = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        if !cp.checksum_matches() {
-            return Err(Error::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                message: "checksum mismatch: the file was edited or partly written; restore it from a backup, \
-                          or remove it to fall back to the previous checkpoint"
-                    .into(),
-            });
-        }
-        // Verified: the checksum is the file's business, not the restore's.
-        let mut cp = cp;
-        cp.checksum = None;
-        if cp.format_version != FORMAT_VERSION {
-            return Err(Error::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                message: format!(
-                    "format version {} (this build reads {FORMAT_VERSION})",
-                    cp.format_version
-                ),
-            });
-        }
-        Ok(cp)
+        CompletedCheckpoint::parse(&bytes, path)
     }
 }
 
@@ -414,6 +390,7 @@ impl DirectoryStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::FORMAT_VERSION;
     use std::collections::BTreeMap;
 
     fn cp(id: u64) -> CompletedCheckpoint {

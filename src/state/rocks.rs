@@ -353,9 +353,7 @@ fn timer_key(d: TimeDomain, t: &Timer) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + 8 + 6 + t.key.len() + 16);
     k.push(domain_byte(d));
     k.extend_from_slice(&((t.time as u64) ^ (1 << 63)).to_be_bytes());
-    let mut rest = Vec::new();
-    db_key_into(t.key_group, &t.key, t.namespace, &mut rest);
-    k.extend_from_slice(&rest);
+    append_db_key(t.key_group, &t.key, t.namespace, &mut k);
     k
 }
 
@@ -642,6 +640,11 @@ fn db_key(kg: KeyGroup, key: &[u8], ns: Namespace) -> Vec<u8> {
 /// [`db_key`] into a buffer the caller reuses (the per-record path).
 fn db_key_into(kg: KeyGroup, key: &[u8], ns: Namespace, k: &mut Vec<u8>) {
     k.clear();
+    append_db_key(kg, key, ns, k);
+}
+
+/// [`db_key`] appended to what `k` holds (a timer's key puts it after its time).
+fn append_db_key(kg: KeyGroup, key: &[u8], ns: Namespace, k: &mut Vec<u8>) {
     k.extend_from_slice(&kg.to_be_bytes());
     k.extend_from_slice(&(key.len() as u32).to_be_bytes());
     k.extend_from_slice(key);
