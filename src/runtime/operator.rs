@@ -8,6 +8,12 @@
 //!
 //! Operators joined by `forward` with equal parallelism form a [`Chain`]: a batch goes
 //! through all of them by plain function calls, with no channel in between.
+//!
+//! Timers fire in slices of [`FIRE_PER_STEP`]: a watermark that closes millions of
+//! windows at once (the end of input, a lagging partition catching up) would otherwise
+//! collect every result in memory before the first one moved on. The runtime emits each
+//! slice, back-pressured like any output, before it asks for the next
+//! ([`Chain::pending`], [`Chain::resume`]).
 
 use std::collections::BTreeMap;
 
@@ -213,6 +219,9 @@ pub struct Chained {
     op: Box<dyn Operator>,
     timers: TimerService,
     watermark: i64,
+    /// Event-time timers up to `watermark` are still being fired; the watermark moves on
+    /// when they are done.
+    firing: bool,
     out: Output,
 }
 
@@ -275,6 +284,9 @@ pub fn decode_parts(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Vec<u8>
 
 const TIMERS: &str = "timers";
 
+/// Timers one operator fires before its output moves on.
+pub const FIRE_PER_STEP: usize = 512;
+
 impl Chain {
     /// Append an operator to the chain.
     pub fn push(&mut self, info: SubtaskInfo, mut op: Box<dyn Operator>) {
@@ -284,6 +296,7 @@ impl Chain {
             op,
             timers,
             watermark: MIN_WATERMARK,
+            firing: false,
             out: Output::default(),
         });
     }
@@ -298,16 +311,54 @@ impl Chain {
         self.ops.iter().map(|c| &c.info)
     }
 
-    /// Run an element through the chain; what comes out of the last operator is
-    /// appended to `out`.
+    /// Run an element through the chain to the end, every timer it makes due included;
+    /// what comes out of the last operator is appended to `out`. (The runtime uses
+    /// [`Chain::feed`], which leaves timers beyond the first slice pending.)
     pub fn process(&mut self, input: Emit, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        self.feed(input, now_ms, out)?;
+        while self.pending() {
+            self.resume(now_ms, out)?;
+        }
+        Ok(())
+    }
+
+    /// Run an element into the chain; a watermark fires at most [`FIRE_PER_STEP`]
+    /// timers per operator, and the rest wait for [`Chain::resume`]. What comes out of
+    /// the last operator is appended to `out`. Work still pending from an earlier
+    /// element is finished first: order is never given up.
+    pub fn feed(&mut self, input: Emit, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        while self.pending() {
+            self.resume(now_ms, out)?;
+        }
         self.run_from(0, vec![input], now_ms, out)
+    }
+
+    /// Whether an operator has timers of its watermark still to fire.
+    pub fn pending(&self) -> bool {
+        self.ops.iter().any(|c| c.firing)
+    }
+
+    /// Fire the next slice of the first operator with timers pending and run its output
+    /// through the rest of the chain into `out`.
+    pub fn resume(&mut self, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
+        let Some(i) = self.ops.iter().position(|c| c.firing) else {
+            return Ok(());
+        };
+        self.ops[i].fire_event_timers(now_ms)?;
+        let items = self.ops[i].out.take();
+        self.run_from(i + 1, items, now_ms, out)
     }
 
     fn run_from(&mut self, first: usize, mut items: Vec<Emit>, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
         for c in self.ops[first..].iter_mut() {
-            for item in items {
+            let mut items_in = items.into_iter().peekable();
+            while let Some(item) = items_in.next() {
                 c.handle(item, now_ms)?;
+                // A watermark is the last of what an operator emits at once, so this
+                // is only for safety: what follows it must not overtake its timers.
+                while c.firing && items_in.peek().is_some() {
+                    c.fire_event_timers(now_ms)?;
+                }
             }
             items = c.out.take();
         }
@@ -320,12 +371,17 @@ impl Chain {
         self.ops.iter_mut().filter_map(|c| c.timers.next_processing()).min()
     }
 
-    /// Fire processing-time timers due at `now_ms`.
+    /// Fire processing-time timers due at `now_ms`, at most [`FIRE_PER_STEP`] per
+    /// operator: more still due leave [`Chain::next_processing_timer`] due, and the
+    /// caller comes back for them after emitting these.
     pub fn on_processing_time(&mut self, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
         for i in 0..self.ops.len() {
             let c = &mut self.ops[i];
             let mut fired = false;
-            while let Some(t) = c.timers.pop_processing(now_ms) {
+            for _ in 0..FIRE_PER_STEP {
+                let Some(t) = c.timers.pop_processing(now_ms) else {
+                    break;
+                };
                 fired = true;
                 let wm = c.watermark;
                 c.call(wm, now_ms, |op, ctx| op.on_timer(t, TimeDomain::ProcessingTime, ctx))?;
@@ -427,14 +483,26 @@ impl Chained {
             }
             Emit::Watermark(w) => {
                 self.watermark = w;
-                while let Some(t) = self.timers.pop_event(w) {
-                    self.call(w, now_ms, |op, ctx| op.on_timer(t, TimeDomain::EventTime, ctx))?;
-                }
-                self.call(w, now_ms, |op, ctx| op.on_watermark(w, ctx))?;
-                self.out.watermark(w);
-                Ok(())
+                self.fire_event_timers(now_ms)
             }
         }
+    }
+
+    /// Fire up to [`FIRE_PER_STEP`] event-time timers due at the watermark; when none
+    /// is left, tell the operator and pass the watermark on.
+    fn fire_event_timers(&mut self, now_ms: i64) -> Result<()> {
+        let w = self.watermark;
+        for _ in 0..FIRE_PER_STEP {
+            let Some(t) = self.timers.pop_event(w) else {
+                self.firing = false;
+                self.call(w, now_ms, |op, ctx| op.on_watermark(w, ctx))?;
+                self.out.watermark(w);
+                return Ok(());
+            };
+            self.call(w, now_ms, |op, ctx| op.on_timer(t, TimeDomain::EventTime, ctx))?;
+        }
+        self.firing = true;
+        Ok(())
     }
 }
 
@@ -495,6 +563,93 @@ mod tests {
             [Emit::Batch(b), Emit::Watermark(150)] => assert_eq!(b.records[0].values, vec![Value::Int(6)]),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Registers a timer per record (its time is the record's), emits the timer's time.
+    struct PerRecordTimers;
+
+    impl Operator for PerRecordTimers {
+        fn process_batch(&mut self, batch: Batch, ctx: &mut Context<'_>) -> Result<()> {
+            for r in batch.records {
+                let key = r.origin.offset.to_be_bytes();
+                ctx.timers.register(
+                    TimeDomain::EventTime,
+                    r.origin.offset,
+                    0,
+                    &key,
+                    crate::state::Namespace::GLOBAL,
+                );
+            }
+            Ok(())
+        }
+        fn on_timer(&mut self, t: Timer, _: TimeDomain, ctx: &mut Context<'_>) -> Result<()> {
+            ctx.out.record(Record::for_test(t.time, vec![Value::Int(t.time)]));
+            Ok(())
+        }
+    }
+
+    fn fired(items: &[Emit]) -> Vec<i64> {
+        items
+            .iter()
+            .flat_map(|e| match e {
+                Emit::Batch(b) => b.records.iter().map(|r| r.origin.offset).collect(),
+                Emit::Watermark(_) => vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_watermark_fires_its_timers_in_bounded_slices_and_passes_on_after_the_last() {
+        let n = FIRE_PER_STEP as i64 * 3 + 7;
+        let mut chain = Chain::default();
+        chain.push(SubtaskInfo::new("timers", 0, 1, 8), Box::new(PerRecordTimers));
+        chain.push(SubtaskInfo::new("double", 0, 1, 8), Box::new(Double));
+        chain.process(batch(n), 0, &mut Vec::new()).unwrap();
+
+        let mut out = Vec::new();
+        chain.feed(Emit::Watermark(n), 0, &mut out).unwrap();
+        let mut slices = vec![std::mem::take(&mut out)];
+        while chain.pending() {
+            chain.resume(0, &mut out).unwrap();
+            slices.push(std::mem::take(&mut out));
+        }
+        assert_eq!(slices.len(), 4, "{n} timers in slices of {FIRE_PER_STEP}");
+        for s in &slices {
+            assert!(fired(s).len() <= 2 * FIRE_PER_STEP, "a slice held {}", fired(s).len());
+        }
+        let all: Vec<Emit> = slices.into_iter().flatten().collect();
+        assert!(matches!(all.last(), Some(Emit::Watermark(w)) if *w == n));
+        assert_eq!(
+            all.iter().filter(|e| matches!(e, Emit::Watermark(_))).count(),
+            1,
+            "the watermark passes once, after every timer"
+        );
+        let times = fired(&all);
+        assert_eq!(times.len(), 2 * n as usize);
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "fired in time order");
+    }
+
+    #[test]
+    fn an_element_fed_while_timers_are_pending_comes_after_them() {
+        let n = FIRE_PER_STEP as i64 * 2;
+        let mut chain = Chain::default();
+        chain.push(SubtaskInfo::new("timers", 0, 1, 8), Box::new(PerRecordTimers));
+        chain.process(batch(n), 0, &mut Vec::new()).unwrap();
+        let mut out = Vec::new();
+        chain.feed(Emit::Watermark(n), 0, &mut out).unwrap();
+        assert!(chain.pending());
+        chain.feed(Emit::Watermark(n + 1), 0, &mut out).unwrap();
+        assert!(!chain.pending());
+        assert_eq!(fired(&out).len(), n as usize);
+        let marks: Vec<i64> = out
+            .iter()
+            .filter_map(|e| match e {
+                Emit::Watermark(w) => Some(*w),
+                Emit::Batch(_) => None,
+            })
+            .collect();
+        assert_eq!(marks, vec![n, n + 1]);
+        assert!(matches!(out.last(), Some(Emit::Watermark(w)) if *w == n + 1));
     }
 
     #[test]

@@ -133,14 +133,19 @@ fn drive<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result
             io.metrics.dead_letters.increment(dead);
             io.stats.records_in.fetch_add(records + dead, Ordering::Relaxed);
             io.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
-            chain.process(Emit::Batch(poll.batch), now, &mut out)?;
+            chain.feed(Emit::Batch(poll.batch), now, &mut out)?;
         }
         for time in poll.time {
             tracing::trace!(task = %io.name, ?time, "event time");
             match time {
                 SourceTime::Watermark(w) => {
                     watermark = w;
-                    chain.process(Emit::Watermark(w), now, &mut out)?;
+                    chain.feed(Emit::Watermark(w), now, &mut out)?;
+                    // Timers beyond the first slice go out slice by slice.
+                    while chain.pending() {
+                        emit(&mut io, &mut out)?;
+                        chain.resume(now, &mut out)?;
+                    }
                 }
                 SourceTime::Idle => {
                     emit(&mut io, &mut out)?;

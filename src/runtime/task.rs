@@ -292,10 +292,9 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                         let now = io.clock.now_ms();
                         let change = time.on_data(input);
                         if let InputTime::Advanced(w) | InputTime::AdvancedThenIdle(w) = change {
-                            chain.process(Emit::Watermark(w), now, &mut out)?;
+                            run(&mut chain, &mut tail, Emit::Watermark(w), now, &mut out).await?;
                         }
-                        chain.process(Emit::Batch(b), now, &mut out)?;
-                        tail.emit(&mut out).await?;
+                        run(&mut chain, &mut tail, Emit::Batch(b), now, &mut out).await?;
                         None
                     }
                     StreamElement::Watermark(w) => {
@@ -350,17 +349,26 @@ async fn advance<T: Tail>(
 ) -> Result<()> {
     match change {
         InputTime::Unchanged => Ok(()),
-        InputTime::Advanced(w) => {
-            chain.process(Emit::Watermark(w), io.clock.now_ms(), out)?;
-            tail.emit(out).await
-        }
+        InputTime::Advanced(w) => run(chain, tail, Emit::Watermark(w), io.clock.now_ms(), out).await,
         InputTime::Idle => tail.idle().await,
         InputTime::AdvancedThenIdle(w) => {
-            chain.process(Emit::Watermark(w), io.clock.now_ms(), out)?;
-            tail.emit(out).await?;
+            run(chain, tail, Emit::Watermark(w), io.clock.now_ms(), out).await?;
             tail.idle().await
         }
     }
+}
+
+/// Run `input` through the chain into the tail. The timers a watermark fires go out in
+/// slices, each emitted (and so held back by a slow downstream) before the next fires:
+/// memory holds one slice of results, however many windows the watermark closes.
+async fn run<T: Tail>(chain: &mut Chain, tail: &mut T, input: Emit, now: i64, out: &mut Vec<Emit>) -> Result<()> {
+    chain.feed(input, now, out)?;
+    tail.emit(out).await?;
+    while chain.pending() {
+        chain.resume(now, out)?;
+        tail.emit(out).await?;
+    }
+    Ok(())
 }
 
 /// Snapshot the chain, pass the barrier on (or pre-commit), then store the operator

@@ -39,9 +39,11 @@ type Db = DBWithThreadMode<MultiThreaded>;
 /// Sizes of the RocksDB of one operator subtask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RocksOptions {
-    /// Block cache (uncompressed blocks read from disk), bytes.
+    /// Block cache (uncompressed blocks read from disk, index and bloom filter blocks
+    /// too), bytes: one cache shared by every RocksDB of the process.
     pub block_cache_bytes: usize,
-    /// Memtable size per column family before it is flushed, bytes.
+    /// Memtable size before it is flushed, bytes; all memtables of one database
+    /// together stay within twice this, however many states it holds.
     pub write_buffer_bytes: usize,
     /// Snapshots as RocksDB checkpoints whose SST files are shared between
     /// checkpoints (uploaded once), instead of the whole state in rows every time.
@@ -101,6 +103,19 @@ pub struct RocksBackend {
     inner: Arc<Instance>,
 }
 
+/// The block cache of `bytes` every RocksDB of the process shares: memory for state is
+/// then one budget, not one per operator subtask.
+fn shared_cache(bytes: usize) -> std::result::Result<Cache, String> {
+    static CACHES: std::sync::Mutex<Vec<(usize, Cache)>> = std::sync::Mutex::new(Vec::new());
+    let mut caches = CACHES.lock().map_err(|_| "block cache registry poisoned".to_string())?;
+    if let Some((_, c)) = caches.iter().find(|(b, _)| *b == bytes) {
+        return Ok(c.clone());
+    }
+    let cache = Cache::new_lru_cache(bytes).map_err(|e| e.to_string())?;
+    caches.push((bytes, cache.clone()));
+    Ok(cache)
+}
+
 impl RocksBackend {
     /// A fresh database for `owner` (`operator-subtask`) under `root`. Whatever an
     /// earlier attempt left there is removed: the checkpoint, not the local database,
@@ -147,8 +162,15 @@ impl RocksBackend {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_write_buffer_size(options.write_buffer_bytes);
+        // A window keeps several states, each a column family with memtables of its
+        // own: without a total, memory grew with the number of states.
+        opts.set_db_write_buffer_size(options.write_buffer_bytes.saturating_mul(2));
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(options.block_cache_bytes).map_err(|e| fail(e.to_string()))?);
+        table.set_block_cache(&shared_cache(options.block_cache_bytes).map_err(fail)?);
+        // Index and filter blocks grow with the state (about 10 bits a key for the
+        // filters): inside the cache they are bounded by it, as Flink's managed memory does.
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         table.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);

@@ -564,3 +564,29 @@ fn state_of_another_key_or_aggregate_layout_is_refused_by_name() {
     assert!(err.contains("give the window a new id"), "{err}");
     assert!(err.contains("user string") && err.contains("user int"), "{err}");
 }
+
+/// The encoded window state of a chain's only operator.
+fn window_state_bytes(chain: &mut Chain) -> Vec<u8> {
+    let snap = chain.snapshot(1).unwrap().into_iter().next().unwrap();
+    let blob = snap.encode(&crate::state::NoSharedFiles).unwrap().unwrap();
+    decode_parts(&blob, "w").unwrap().remove(WINDOWS).unwrap()
+}
+
+#[test]
+fn a_key_whose_last_window_is_gone_leaves_the_state_without_a_sweep() {
+    let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 0);
+    let empty = window_state_bytes(&mut chain_of(&s, 0, 1));
+    let mut h = Harness::new(&s);
+    for (i, user) in ["a", "b", "c"].iter().enumerate() {
+        h.send(user, 1, i as i64);
+        h.send(user, 2, 12 + i as i64);
+    }
+    assert_ne!(window_state_bytes(&mut h.chain), empty);
+    h.watermark(100);
+    assert_eq!(rows(&h.take()).len(), 6);
+    assert_eq!(
+        window_state_bytes(&mut h.chain),
+        empty,
+        "every window fired and was cleaned up: no key may stay behind"
+    );
+}
