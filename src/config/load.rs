@@ -294,6 +294,43 @@ impl JobConfig {
                 "a kafka sink writes dead letters to a topic in its own transactions: set kind = \"kafka\" and topic",
             );
         }
+        let k = &self.sink.kafka;
+        let kafka_set = k.value != KafkaValue::Json
+            || !k.headers.is_empty()
+            || k.topic_field.is_some()
+            || k.partition_field.is_some()
+            || !k.properties.is_empty();
+        if self.sink.kind != SinkKind::Kafka && kafka_set {
+            return fail("sink.kafka", "is for kafka sinks only");
+        }
+        let own = flatten_properties(&k.properties);
+        for (key, _) in &own {
+            const OWNED: [&str; 5] = [
+                "transactional.id",
+                "enable.idempotence",
+                "transaction.timeout.ms",
+                "acks",
+                "bootstrap.servers",
+            ];
+            if OWNED.contains(&key.as_str()) {
+                return fail(
+                    &format!("sink.kafka.properties.{key}"),
+                    "is set by sluice: exactly once depends on it (the cluster is sink.url, the transaction \
+                     timeout follows the checkpoint interval and timeout)",
+                );
+            }
+        }
+        if !own.is_empty() {
+            // librdkafka knows its properties; asked now, a typo or an unsupported
+            // codec stops the start instead of failing every restart.
+            let mut c = rdkafka::config::ClientConfig::new();
+            for (key, value) in &own {
+                c.set(key, value);
+            }
+            if let Err(e) = c.create::<rdkafka::producer::BaseProducer>() {
+                return fail("sink.kafka.properties", &format!("librdkafka refuses them: {e}"));
+            }
+        }
         self.metrics.validate()
     }
 

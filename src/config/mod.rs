@@ -323,10 +323,12 @@ pub struct StateSection {
     /// Local directory of the RocksDB instances (scratch: rebuilt from the checkpoint on
     /// every start); default `<temp dir>/sluice-state/<job>`.
     pub dir: Option<PathBuf>,
-    /// RocksDB block cache per operator subtask, bytes (default 64 MiB).
+    /// RocksDB block cache, bytes, shared by every operator subtask of the process
+    /// (default 64 MiB).
     #[serde(default, deserialize_with = "whole::optional")]
     pub block_cache_bytes: Option<usize>,
-    /// RocksDB memtable per state, bytes (default 32 MiB).
+    /// RocksDB memtable size, bytes; one subtask's memtables stay within twice this
+    /// (default 32 MiB).
     #[serde(default, deserialize_with = "whole::optional")]
     pub write_buffer_bytes: Option<usize>,
     /// RocksDB checkpoints upload only the SST files not stored yet (default true);
@@ -613,6 +615,48 @@ pub struct SinkConfig {
     /// Apply `migrations` at start (otherwise run `sluice migrate`).
     #[serde(default)]
     pub run_migrations: bool,
+    /// `[sink.kafka]`: how a Kafka sink builds its messages.
+    #[serde(default)]
+    pub kafka: KafkaSinkConfig,
+}
+
+/// A Kafka message's value.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaValue {
+    /// A JSON object of the sink's columns.
+    #[default]
+    Json,
+    /// The input record's payload as it was read (records an operator made have none:
+    /// they become dead letters).
+    Payload,
+}
+
+/// `[sink.kafka]`: the messages of a Kafka sink. Fields are named as a column's
+/// `value` is: a field of the stream, or `kafka.topic`, `kafka.partition`, ...
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// The message value (default `json`).
+    #[serde(default)]
+    pub value: KafkaValue,
+    /// Headers: header name → field; the value is the field's text (JSON for
+    /// structured values), a null field a header without value.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Each record's topic from this field; null or empty: `sink.topic`. A topic that
+    /// does not exist, or is internal, makes the record a dead letter.
+    pub topic_field: Option<String>,
+    /// Each record's partition from this (integer) field; null: the partitioner's
+    /// choice. A partition the topic does not have makes the record a dead letter.
+    pub partition_field: Option<String>,
+    /// librdkafka producer properties over sluice's defaults (`compression.type`,
+    /// `linger.ms`, `batch.size`, `partitioner`: default `murmur2_random`, as Java
+    /// clients, so a key lands where Kafka Streams expects it). What exactly once
+    /// depends on (`transactional.id`, `enable.idempotence`, `transaction.timeout.ms`,
+    /// `acks`, `bootstrap.servers`) is refused.
+    #[serde(default)]
+    pub properties: Properties,
 }
 
 /// Where dead letters go.
@@ -811,4 +855,9 @@ mod defaults {
 /// The source's librdkafka properties, flattened to `key=value`.
 pub fn flatten_properties_of(cfg: &JobConfig) -> Vec<(String, String)> {
     load::flatten_properties(&cfg.source.properties)
+}
+
+/// The Kafka sink's own producer properties, flattened to `key=value`.
+pub fn flatten_sink_properties_of(cfg: &JobConfig) -> Vec<(String, String)> {
+    load::flatten_properties(&cfg.sink.kafka.properties)
 }

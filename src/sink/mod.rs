@@ -67,6 +67,22 @@ pub struct TableSpec {
     /// Whether the key is the record's Kafka coordinates (then a batch never holds two
     /// rows with one key, and no de-duplication is needed).
     pub key_is_origin: bool,
+    /// How a Kafka sink builds its messages.
+    pub message: MessageSpec,
+}
+
+/// How a Kafka sink builds a message from a record (`[sink.kafka]`, resolved against
+/// the stream that reaches the sink).
+#[derive(Debug, Clone, Default)]
+pub struct MessageSpec {
+    /// The value is the input record's payload, not a JSON object of the columns.
+    pub payload_value: bool,
+    /// Header names and where their values come from.
+    pub headers: Vec<(String, ValueSource)>,
+    /// Where each record's topic comes from (`None`: the sink's topic).
+    pub topic: Option<ValueSource>,
+    /// Where each record's partition comes from (`None`: the partitioner's choice).
+    pub partition: Option<ValueSource>,
 }
 
 impl TableSpec {
@@ -99,16 +115,15 @@ impl TableSpec {
                 .collect()
         };
         let names = schema.field_names();
-        let mut columns = Vec::with_capacity(configured.len());
-        for (name, value) in configured {
-            let Some(source) = ValueSource::parse(&value, &names) else {
+        let source_of = |key: &str, value: &str| -> crate::Result<ValueSource> {
+            let Some(source) = ValueSource::parse(value, &names) else {
                 let kafka = if schema.kafka_origin {
                     format!(" nor one of {}", crate::config::KAFKA_VALUES.join(", "))
                 } else {
                     String::new()
                 };
                 return Err(fail(
-                    "sink.columns.value",
+                    key,
                     format!(
                         "`{value}` is neither a field of the stream reaching the sink{kafka}; its fields: {}",
                         schema.describe()
@@ -117,13 +132,18 @@ impl TableSpec {
             };
             if source.is_kafka() && !schema.kafka_origin {
                 return Err(fail(
-                    "sink.columns.value",
+                    key,
                     format!(
                         "`{value}`: records made by an operator (window results) have no Kafka origin; fields: {}",
                         schema.describe()
                     ),
                 ));
             }
+            Ok(source)
+        };
+        let mut columns = Vec::with_capacity(configured.len());
+        for (name, value) in configured {
+            let source = source_of("sink.columns.value", &value)?;
             let value_type = match source {
                 ValueSource::Topic => ValueType::Text,
                 ValueSource::Partition => ValueType::Int4,
@@ -169,7 +189,33 @@ impl TableSpec {
         let key_is_origin = [ValueSource::Topic, ValueSource::Partition, ValueSource::Offset]
             .iter()
             .all(|s| key_sources.contains(s));
+        let k = &cfg.sink.kafka;
+        if k.value == crate::config::KafkaValue::Payload && !schema.kafka_origin {
+            return Err(fail(
+                "sink.kafka.value",
+                "`payload`: records made by an operator (window results) have no payload; use `json`".into(),
+            ));
+        }
+        let message = MessageSpec {
+            payload_value: k.value == crate::config::KafkaValue::Payload,
+            headers: k
+                .headers
+                .iter()
+                .map(|(h, v)| Ok((h.clone(), source_of(&format!("sink.kafka.headers.{h}"), v)?)))
+                .collect::<crate::Result<_>>()?,
+            topic: k
+                .topic_field
+                .as_deref()
+                .map(|v| source_of("sink.kafka.topic_field", v))
+                .transpose()?,
+            partition: k
+                .partition_field
+                .as_deref()
+                .map(|v| source_of("sink.kafka.partition_field", v))
+                .transpose()?,
+        };
         Ok(TableSpec {
+            message,
             table: cfg.sink.table.clone(),
             columns,
             key,
@@ -196,8 +242,13 @@ pub fn quote_name(name: &str) -> String {
 /// Column `column` of `spec` for record `r`, as JSON (the value of a Kafka message or a
 /// Redis entry).
 pub(crate) fn column_json(spec: &TableSpec, column: usize, r: &Record) -> serde_json::Value {
+    source_json(spec.columns[column].source, r)
+}
+
+/// The value `source` names in record `r`, as JSON.
+pub(crate) fn source_json(source: ValueSource, r: &Record) -> serde_json::Value {
     use crate::record::Value;
-    match spec.columns[column].source {
+    match source {
         ValueSource::Topic => serde_json::Value::from(&*r.origin.topic),
         ValueSource::Partition => r.origin.partition.into(),
         ValueSource::Offset => r.origin.offset.into(),
@@ -305,6 +356,12 @@ impl SinkTarget {
                         client.set(k, v);
                     }
                 }
+                // Defaults the sink's own properties may change: Java clients' partitioner
+                // (a key lands where Kafka Streams and Java producers put it), short lingering.
+                client.set("partitioner", "murmur2_random").set("linger.ms", "5");
+                for (k, v) in crate::config::flatten_sink_properties_of(cfg) {
+                    client.set(k, v);
+                }
                 let target = kafka::KafkaTarget::open(
                     client,
                     &cfg.job.name,
@@ -377,6 +434,7 @@ mod tests {
             key,
             dead_letter_table: None,
             key_is_origin,
+            message: MessageSpec::default(),
         }
     }
 

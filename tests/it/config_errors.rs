@@ -399,3 +399,35 @@ fn enrichment_mistakes_are_named() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// What a Kafka sink's exactly once depends on cannot be overridden by its properties,
+/// and `[sink.kafka]` is refused on other sinks.
+#[test]
+fn kafka_sink_options_are_checked() {
+    rejected(
+        &format!("{}\n[sink.kafka]\ntopic_field = \"x\"\n", base()),
+        &[],
+        "sink.kafka",
+    );
+    let start = base().find("[sink]").expect("sink section");
+    let end = base().find("[metrics]").expect("metrics section");
+    let kafka = format!(
+        "{}[sink]\nkind = \"kafka\"\nurl = \"127.0.0.1:1\"\ntopic = \"o\"\nstrategy = \"two_phase\"\n\n\
+         [sink.kafka.properties]\n\"compression.type\" = \"lz4\"\n{{}}\n\n[dead_letter]\nkind = \"kafka\"\ntopic = \"d\"\n\n{}",
+        &base()[..start],
+        &base()[end..]
+    );
+    let (ok, stderr) = check(&kafka.replace("{}", ""), &[]);
+    assert!(ok, "{stderr}");
+    // A misspelt property, and a codec this build of librdkafka lacks.
+    for wrong in ["\"compresion.type\" = \"lz4\"", "\"compression.codec\" = \"zstd\""] {
+        rejected(&kafka.replace("{}", wrong), &[], "sink.kafka.properties");
+    }
+    for owned in ["transactional.id", "enable.idempotence", "acks", "bootstrap.servers"] {
+        rejected(
+            &kafka.replace("{}", &format!("\"{owned}\" = \"x\"")),
+            &[],
+            &format!("sink.kafka.properties.{owned}"),
+        );
+    }
+}

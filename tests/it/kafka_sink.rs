@@ -471,3 +471,187 @@ async fn kafka_crash_after_prepare() {
 async fn kafka_crash_before_store() {
     crash_before_complete("before_store").await;
 }
+
+/// A message's headers as (name, text value).
+type Headers = Vec<(String, Option<String>)>;
+
+/// Every message of `topic` as (partition, headers, JSON value), read committed.
+fn consume_placed(topic: &str, partitions: i32) -> Vec<(i32, Headers, serde_json::Value)> {
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut ended = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ended.len() < partitions as usize && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    h.value.map(|v| String::from_utf8_lossy(v).into_owned()),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let value = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice(p).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                out.push((m.partition(), headers, value));
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// `[sink.kafka]`: each record picks its topic and partition from fields and carries
+/// headers; a record naming a topic that does not exist, an internal topic, or a
+/// partition its topic lacks becomes a dead letter (in the same transactions) instead
+/// of failing every transaction it lands in; the rest arrive exactly where they asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_choose_topic_partition_and_headers_and_bad_choices_are_dead_letters() {
+    let j = kafka_job("k2k_route", "500ms").await;
+    let alt = unique("alt");
+    create_topic(&alt, 3).await;
+    let toml = std::fs::read_to_string(&j.config)
+        .expect("config")
+        .replace(
+            "[[decode.fields]]\nname = \"body\"",
+            "[[decode.fields]]\nname = \"dest\"\ntype = \"string\"\nrequired = false\n\n[[decode.fields]]\nname = \"part\"\ntype = \"int\"\nrequired = false\n\n[[decode.fields]]\nname = \"region\"\ntype = \"string\"\nrequired = false\n\n[[decode.fields]]\nname = \"body\"",
+        )
+        .replace(
+            "[dead_letter]",
+            "[sink.kafka]\ntopic_field = \"dest\"\npartition_field = \"part\"\nheaders = { region = \"region\", from_offset = \"kafka.offset\" }\n\n[sink.kafka.properties]\n\"compression.type\" = \"lz4\"\n\n[dead_letter]",
+        );
+    std::fs::write(&j.config, toml).expect("config");
+    // Even ids ask for `alt` and a partition of it, odd ones the default topic and the
+    // partitioner; every 50 ids three ask for what cannot be.
+    let total = 600u64;
+    let input: Vec<(String, Option<String>)> = (0..total)
+        .map(|i| {
+            let (dest, part) = match i % 50 {
+                1 => ("\"no_such_topic_anywhere\"".to_string(), "null".to_string()),
+                3 => ("\"__consumer_offsets\"".to_string(), "null".to_string()),
+                5 => ("null".to_string(), "7".to_string()),
+                _ if i % 2 == 0 => (format!("\"{alt}\""), ((i / 2) % 3).to_string()),
+                _ => ("null".to_string(), "null".to_string()),
+            };
+            let region = if i % 4 == 0 { "\"eu\"" } else { "null" };
+            let body = format!(r#"{{"id": {i}, "dest": {dest}, "part": {part}, "region": {region}, "body": "b{i}"}}"#);
+            (i.to_string(), Some(body))
+        })
+        .collect();
+    produce(&j.input, input);
+    let bad = 3 * total / 50;
+    let s = Sluice::start(&j.config, &j.log);
+    let (dlq, out, alt2) = (j.dlq.clone(), j.output.clone(), alt.clone());
+    let done = wait_until(Duration::from_secs(90), || {
+        let (dlq, out, alt) = (dlq.clone(), out.clone(), alt2.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                consume_all(&dlq, 1, "read_committed").len() as u64 >= bad
+                    && (committed_ids(&out, 2).len() + committed_ids(&alt, 3).len()) as u64 >= total - bad
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    if !done {
+        let (dlq, out, alt) = (j.dlq.clone(), j.output.clone(), alt.clone());
+        let counts = tokio::task::spawn_blocking(move || {
+            (
+                consume_all(&dlq, 1, "read_committed").len(),
+                committed_ids(&out, 2).len(),
+                committed_ids(&alt, 3).len(),
+            )
+        })
+        .await
+        .expect("read");
+        panic!("(dead, default, alt) = {counts:?}; {}", s.log_tail());
+    }
+    assert!(s.terminate().success());
+
+    let (alt3, out2, dlq2) = (alt.clone(), j.output.clone(), j.dlq.clone());
+    let (on_alt, on_default, dead) = tokio::task::spawn_blocking(move || {
+        (
+            consume_placed(&alt3, 3),
+            consume_placed(&out2, 2),
+            consume_all(&dlq2, 1, "read_committed"),
+        )
+    })
+    .await
+    .expect("read");
+    let bad_ids: Vec<u64> = (0..total).filter(|i| [1, 3, 5].contains(&(i % 50))).collect();
+    let mut dead_ids: Vec<u64> = dead
+        .iter()
+        .map(|d| {
+            let payload: serde_json::Value =
+                serde_json::from_str(d["payload"].as_str().expect("payload")).expect("payload json");
+            payload["id"].as_u64().expect("id")
+        })
+        .collect();
+    dead_ids.sort_unstable();
+    assert_eq!(
+        dead_ids, bad_ids,
+        "exactly the impossible records are dead letters, once"
+    );
+    for d in &dead {
+        let reason = d["reason"].as_str().unwrap_or_default();
+        assert!(
+            ["does not exist", "internal topic", "partition 7"]
+                .iter()
+                .any(|r| reason.contains(r)),
+            "{reason}"
+        );
+    }
+    let mut seen = Vec::new();
+    for (partition, headers, v) in &on_alt {
+        let id = v["id"].as_u64().expect("id");
+        assert_eq!(id % 2, 0, "only even ids asked for {alt}");
+        assert_eq!(i64::from(*partition), v["part"].as_i64().expect("part"), "id {id}");
+        let region = headers.iter().find(|(k, _)| k == "region").map(|(_, v)| v.clone());
+        let want = if id % 4 == 0 {
+            Some(Some("eu".to_string()))
+        } else {
+            Some(None)
+        };
+        assert_eq!(region, want, "id {id}: a null field is a header without value");
+        assert!(headers
+            .iter()
+            .any(|(k, v)| k == "from_offset" && v.as_deref().is_some_and(|o| o.parse::<i64>().is_ok())));
+        seen.push(id);
+    }
+    for (_, _, v) in &on_default {
+        let id = v["id"].as_u64().expect("id");
+        assert_eq!(id % 2, 1, "id {id} went to the default topic");
+        seen.push(id);
+    }
+    seen.sort_unstable();
+    let mut want: Vec<u64> = (0..total).filter(|i| !bad_ids.contains(i)).collect();
+    want.sort_unstable();
+    assert_eq!(seen, want, "every other record once, where it asked to go");
+}

@@ -28,14 +28,18 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+
+mod message;
+
+use message::{dead_letter_msg, decode_epoch, encode_epoch, send, Dest, Messages, Msg};
 
 use super::TableSpec;
 use crate::checkpoint::CheckpointStorage;
 use crate::error::{Error, Result};
-use crate::record::{Batch, Record};
+use crate::record::Batch;
 use crate::runtime::sink::{Sink, SinkFuture};
 use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
@@ -57,65 +61,6 @@ fn transactional_id(job: &str, subtask: usize, slot: usize) -> String {
 
 fn marker_key(job: &str, subtask: usize) -> String {
     format!("{job}/{subtask}")
-}
-
-/// One message of an epoch, kept until the epoch's commit is known.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Msg {
-    to: Dest,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-}
-
-/// Which of the sink's topics a message goes to (resolved at send, so a record carries
-/// no topic name of its own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum Dest {
-    Output,
-    DeadLetters,
-    Commits,
-}
-
-/// The key of a message about an input record: its Kafka coordinates.
-fn origin_key(o: &crate::record::Origin) -> Vec<u8> {
-    format!("{}/{}/{}", o.topic, o.partition, o.offset).into_bytes()
-}
-
-/// A dead letter as a message on the dead-letter topic.
-fn dead_letter_msg(d: &crate::record::DeadLetter) -> Msg {
-    Msg {
-        to: Dest::DeadLetters,
-        key: Some(origin_key(&d.origin)),
-        value: serde_json::json!({
-            "topic": &*d.origin.topic,
-            "partition": d.origin.partition,
-            "offset": d.origin.offset,
-            "reason": d.reason,
-            "payload": String::from_utf8_lossy(&d.payload),
-        })
-        .to_string()
-        .into_bytes(),
-    }
-}
-
-/// Queue `msg` on `topic`, waiting while the producer's queue is full.
-async fn send<C>(producer: &ThreadedProducer<C>, topic: &str, msg: &Msg) -> Result<()>
-where
-    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
-{
-    loop {
-        let mut record = BaseRecord::to(topic).payload(&msg.value);
-        if let Some(k) = &msg.key {
-            record = record.key(k);
-        }
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Err((e, _)) => return Err(Error::kafka(format!("send to {topic}"))(e)),
-        }
-    }
 }
 
 /// What a Kafka sink subtask puts into a checkpoint.
@@ -251,15 +196,22 @@ impl KafkaTarget {
         }
     }
 
+    /// How this target makes records into messages, for one sink subtask.
+    fn messages(&self, keyed_by_origin: bool) -> Messages {
+        Messages::new(
+            self.spec.clone(),
+            self.commits.clone(),
+            keyed_by_origin,
+            self.client.clone(),
+        )
+    }
+
     fn producer(&self, id: &str) -> Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
         let mut c = self.client.clone();
-        c.set("transactional.id", id)
-            .set("enable.idempotence", "true")
-            .set(
-                "transaction.timeout.ms",
-                self.transaction_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", "5");
+        c.set("transactional.id", id).set("enable.idempotence", "true").set(
+            "transaction.timeout.ms",
+            self.transaction_timeout.as_millis().to_string(),
+        );
         c.create()
             .map(Arc::new)
             .map_err(Error::kafka(format!("create producer {id}")))
@@ -303,6 +255,7 @@ pub struct KafkaTwoPhase {
     target: KafkaTarget,
     producers: Vec<Arc<ThreadedProducer<DefaultProducerContext>>>,
     storage: Arc<dyn CheckpointStorage>,
+    builder: Messages,
     /// The open epoch: its slot (once a record came) and its messages.
     open: Option<usize>,
     messages: Vec<Msg>,
@@ -325,12 +278,14 @@ impl KafkaTwoPhase {
             .map(|slot| target.producer(&transactional_id(job, subtask, slot)))
             .collect::<Result<Vec<_>>>()?;
         let metrics = stats.subtask_metrics("sink", subtask);
+        let builder = target.messages(false);
         Ok(Self {
             job: job.to_string(),
             subtask,
             target,
             producers,
             storage,
+            builder,
             open: None,
             messages: Vec::new(),
             records: 0,
@@ -386,30 +341,32 @@ impl KafkaTwoPhase {
             }
         };
         let producer = self.producers[slot].clone();
-        let output = self.target.topic(Dest::Output);
+        let output = self.target.topic(Dest::Output).to_string();
+        let dead_letters = self.target.topic(Dest::DeadLetters).to_string();
+        let mut sent = 0;
         for r in &batch.records {
-            let msg = Msg {
-                to: Dest::Output,
-                key: message_key(&self.target.spec, r),
-                value: message_value(&self.target.spec, r),
+            let msg = match self.builder.message(r).await? {
+                Ok(msg) => {
+                    sent += 1;
+                    msg
+                }
+                Err(reason) => dead_letter_msg(&self.builder.refused(r, reason)),
             };
-            send(&producer, output, &msg).await?;
+            let topic = if msg.to == Dest::Output { &output } else { &dead_letters };
+            send(&producer, topic, &msg).await?;
             self.messages.push(msg);
         }
-        self.records += batch.records.len() as u64;
-        if self.target.dead_letter_topic.is_some() {
-            let topic = self.target.topic(Dest::DeadLetters);
-            for d in &batch.dead {
-                let msg = dead_letter_msg(d);
-                send(&producer, topic, &msg).await?;
-                self.messages.push(msg);
-            }
+        self.records += sent;
+        for d in &batch.dead {
+            let msg = dead_letter_msg(d);
+            send(&producer, &dead_letters, &msg).await?;
+            self.messages.push(msg);
         }
         Ok(())
     }
 
     async fn store(&self, checkpoint: u64, name: &str, messages: &[Msg]) -> Result<String> {
-        let bytes = postcard::to_allocvec(messages).map_err(|e| Error::Internal(format!("encode an epoch: {e}")))?;
+        let bytes = encode_epoch(messages)?;
         let storage = self.storage.clone();
         let name = name.to_string();
         tokio::task::spawn_blocking(move || storage.write_state(checkpoint, &name, &bytes))
@@ -421,11 +378,11 @@ impl KafkaTwoPhase {
         let started = Instant::now();
         if let Some(slot) = self.open.take() {
             let producer = self.producers[slot].clone();
-            let marker = Msg {
-                to: Dest::Commits,
-                key: Some(marker_key(&self.job, self.subtask).into_bytes()),
-                value: checkpoint.to_string().into_bytes(),
-            };
+            let marker = Msg::plain(
+                Dest::Commits,
+                Some(marker_key(&self.job, self.subtask).into_bytes()),
+                checkpoint.to_string().into_bytes(),
+            );
             send(&producer, self.target.topic(Dest::Commits), &marker).await?;
             let p = producer.clone();
             blocking("flush the epoch", move || p.flush(CALL_TIMEOUT)).await?;
@@ -451,8 +408,7 @@ impl KafkaTwoPhase {
                 let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
                     .await
                     .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
-                let messages: Vec<Msg> =
-                    postcard::from_bytes(&bytes).map_err(|e| Error::Internal(format!("decode an epoch: {e}")))?;
+                let messages = decode_epoch(&bytes)?;
                 let name = format!("sink-{}-epoch-{}", self.subtask, p.checkpoint);
                 self.pending[i].handle = self.store(checkpoint, &name, &messages).await?;
             }
@@ -524,19 +480,18 @@ impl KafkaTwoPhase {
                 let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
                     .await
                     .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
-                let messages: Vec<Msg> =
-                    postcard::from_bytes(&bytes).map_err(|e| Error::Internal(format!("decode an epoch: {e}")))?;
+                let messages = decode_epoch(&bytes)?;
                 let producer = self.producers[0].clone();
                 let p = producer.clone();
                 blocking("begin a transaction", move || p.begin_transaction()).await?;
                 for m in &messages {
                     send(&producer, self.target.topic(m.to), m).await?;
                 }
-                let marker = Msg {
-                    to: Dest::Commits,
-                    key: Some(marker_key(&self.job, state.subtask).into_bytes()),
-                    value: n.to_string().into_bytes(),
-                };
+                let marker = Msg::plain(
+                    Dest::Commits,
+                    Some(marker_key(&self.job, state.subtask).into_bytes()),
+                    n.to_string().into_bytes(),
+                );
                 send(&producer, self.target.topic(Dest::Commits), &marker).await?;
                 let p = producer.clone();
                 blocking("commit a rewritten epoch", move || p.commit_transaction(CALL_TIMEOUT)).await?;
@@ -637,29 +592,6 @@ impl Sink for KafkaTwoPhase {
     }
 }
 
-/// The message key: the key columns' values, as text for one column and a JSON array
-/// for several; none when the key is the Kafka coordinates (a pass-through job).
-fn message_key(spec: &TableSpec, r: &Record) -> Option<Vec<u8>> {
-    if spec.key.is_empty() || spec.key_is_origin {
-        return None;
-    }
-    let values: Vec<serde_json::Value> = spec.key.iter().map(|i| super::column_json(spec, *i, r)).collect();
-    Some(match values.as_slice() {
-        [serde_json::Value::String(s)] => s.clone().into_bytes(),
-        [v] => v.to_string().into_bytes(),
-        vs => serde_json::Value::Array(vs.to_vec()).to_string().into_bytes(),
-    })
-}
-
-/// The message value: a JSON object of the columns.
-fn message_value(spec: &TableSpec, r: &Record) -> Vec<u8> {
-    let mut row = serde_json::Map::with_capacity(spec.columns.len());
-    for (i, c) in spec.columns.iter().enumerate() {
-        row.insert(c.name.clone(), super::column_json(spec, i, r));
-    }
-    serde_json::Value::Object(row).to_string().into_bytes()
-}
-
 /// Delivery reports of a non-transactional producer: the first failure, kept for the
 /// next flush to report.
 #[derive(Default)]
@@ -686,7 +618,7 @@ impl rdkafka::producer::ProducerContext for DeliveryErrors {
 pub struct KafkaProducerSink {
     target: KafkaTarget,
     producer: ThreadedProducer<DeliveryErrors>,
-    keyed_by_origin: bool,
+    builder: Messages,
     subtask: usize,
     sent: u64,
     stats: Arc<JobStats>,
@@ -698,17 +630,15 @@ impl KafkaProducerSink {
     /// configured key by the input record's coordinates (the `idempotent` strategy).
     pub fn new(subtask: usize, target: KafkaTarget, keyed_by_origin: bool, stats: Arc<JobStats>) -> Result<Self> {
         let mut c = target.client.clone();
-        c.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5");
+        c.set("enable.idempotence", "true").set("acks", "all");
         let producer = c
             .create_with_context(DeliveryErrors::default())
             .map_err(Error::kafka("create the sink's producer"))?;
         let metrics = stats.subtask_metrics("sink", subtask);
         Ok(Self {
+            builder: target.messages(keyed_by_origin),
             target,
             producer,
-            keyed_by_origin,
             subtask,
             sent: 0,
             stats,
@@ -718,25 +648,22 @@ impl KafkaProducerSink {
 
     async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
-        let output = self.target.topic(Dest::Output);
+        let output = self.target.topic(Dest::Output).to_string();
+        let dead_letters = self.target.topic(Dest::DeadLetters).to_string();
         for r in &batch.records {
-            let key = match message_key(&self.target.spec, r) {
-                None if self.keyed_by_origin => Some(origin_key(&r.origin)),
-                key => key,
-            };
-            let msg = Msg {
-                to: Dest::Output,
-                key,
-                value: message_value(&self.target.spec, r),
-            };
-            send(&self.producer, output, &msg).await?;
-        }
-        self.sent += batch.records.len() as u64;
-        if self.target.dead_letter_topic.is_some() {
-            let topic = self.target.topic(Dest::DeadLetters);
-            for d in &batch.dead {
-                send(&self.producer, topic, &dead_letter_msg(d)).await?;
+            match self.builder.message(r).await? {
+                Ok(msg) => {
+                    send(&self.producer, &output, &msg).await?;
+                    self.sent += 1;
+                }
+                Err(reason) => {
+                    let dead = dead_letter_msg(&self.builder.refused(r, reason));
+                    send(&self.producer, &dead_letters, &dead).await?
+                }
             }
+        }
+        for d in &batch.dead {
+            send(&self.producer, &dead_letters, &dead_letter_msg(d)).await?;
         }
         Ok(())
     }
