@@ -6,6 +6,8 @@
 //! - `after_prepare`: a sink prepared its transaction, before acknowledging the barrier
 //! - `before_store`: every subtask acknowledged, before the checkpoint is stored
 //! - `before_commit`: the checkpoint is stored and announced, before a sink commits
+//! - `after_commit`: a sink committed an epoch (the target has it), before it forgets
+//!   it: the restored checkpoint still lists the epoch, and recovery must see it done
 //!
 //! And one that fails instead of crashing, for the paths a process takes when it gives
 //! up on its own:

@@ -182,6 +182,7 @@ impl TwoPhaseWriter {
                 if !finish_prepared(&mut conn, &id, true).await? {
                     tracing::warn!(gid = id, "prepared transaction already resolved");
                 }
+                crate::failpoint::crash_if("after_commit", n);
             } else {
                 keep.push((n, id));
             }

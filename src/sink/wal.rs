@@ -201,6 +201,7 @@ impl<T: WalTarget> WalWriter<T> {
                 let rows = target
                     .write_epoch(&job, subtask, n, &epoch.records, &epoch.dead)
                     .await?;
+                crate::failpoint::crash_if("after_commit", n);
                 written.push((n, rows, epoch.records.len() as u64));
                 if n > KEEP_EPOCHS {
                     target.prune(&job, subtask, n - KEEP_EPOCHS).await?;

@@ -472,6 +472,15 @@ async fn kafka_crash_before_store() {
     crash_before_complete("before_store").await;
 }
 
+/// A crash right after an epoch's transaction committed, before the sink forgot it:
+/// the restored checkpoint still lists the epoch, the commit topic shows it committed,
+/// and it is not written again.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_after_commit() {
+    crash_before_complete("after_commit").await;
+}
+
 /// A message's headers as (name, text value).
 type Headers = Vec<(String, Option<String>)>;
 

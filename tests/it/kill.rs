@@ -227,6 +227,23 @@ async fn crash_before_commit() {
     crash_at("before_commit").await;
 }
 
+/// A crash right after a prepared transaction was committed, before the sink forgot
+/// it: the restored checkpoint lists a transaction that is gone, which recovery takes
+/// as committed; nothing is written twice.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_commit() {
+    let k = KillJob::new("crash", "two_phase", 4).await;
+    let total = 40_000;
+    let producer = k.feed(0..total, 500, Duration::from_millis(50));
+    let mut s = Sluice::start_with(&k.config, &k.log, &[("SLUICE_FAILPOINT", "after_commit:4")]);
+    let crashed = s.wait_exit(Duration::from_secs(60));
+    assert!(crashed.is_some_and(|st| !st.success()), "{}", tail(&k.log_text()));
+    producer.join().expect("producer");
+    let log = k.finish(&[], total as i64).await;
+    assert!(log.contains("failpoint after_commit"), "{}", tail(&log));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_wal_exactly_once() {
     kill_and_restart("wal").await;
@@ -277,6 +294,14 @@ async fn wal_crash_before_store() {
     wal_crash_at("before_store").await;
 }
 
+/// A crash after epoch n and its committer record were written, before the sink forgot
+/// the epoch: the restart finds the record and skips the epoch.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_crash_after_commit() {
+    wal_crash_at("after_commit").await;
+}
+
 /// A crash after checkpoint n completed, before its epoch was written: the restart
 /// writes it from checkpoint storage, once (the committer record tells).
 #[cfg(feature = "failpoints")]
@@ -298,159 +323,211 @@ async fn wal_crash_between_checkpoint_complete_and_write() {
     );
 }
 
+/// A `wal` job into SQLite or Redis, and how to read back what arrived.
+struct WalJob {
+    config: PathBuf,
+    log: PathBuf,
+    topic: String,
+    sink: WalSink,
+    produced: u64,
+    _dir: tempfile::TempDir,
+}
+
+enum WalSink {
+    /// A table without a key: a record written twice would show.
+    Sqlite(sqlx::SqlitePool),
+    /// A stream written with `XADD` (not idempotent: a replayed entry is a second one).
+    Redis(String),
+}
+
+impl WalJob {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("wal.db");
+        let url = format!("sqlite://{}?mode=rwc", db.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+        for sql in [
+            "CREATE TABLE events (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
+             id INTEGER, body TEXT)",
+            "CREATE TABLE dead (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
+             kafka_timestamp INTEGER, reason TEXT NOT NULL, payload BLOB, PRIMARY KEY (topic, partition, \"offset\"))",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect("create sqlite tables");
+        }
+        let topic = unique("wal_sqlite");
+        create_topic(&topic, 3).await;
+        let toml = job_toml(&unique("wal_sqlite"), &topic, "x", "wal", &dir.path().join("cp"))
+            .replace(
+                &format!("url = \"{}\"", pg_url()),
+                &format!("url = \"sqlite://{}\"", db.display()),
+            )
+            .replace("kind = \"postgres\"", "kind = \"sqlite\"")
+            .replace("table = \"x.events\"", "table = \"events\"")
+            .replace("table = \"x.dead\"", "table = \"dead\"")
+            .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
+        Self::new(dir, &toml, topic, WalSink::Sqlite(pool))
+    }
+
+    async fn redis() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topic = unique("wal_redis");
+        create_topic(&topic, 3).await;
+        let stream = unique("stream");
+        let toml = job_toml(&unique("wal_redis"), &topic, "x", "wal", &dir.path().join("cp"))
+            .replace(
+                &format!("url = \"{}\"", pg_url()),
+                "url = \"redis://127.0.0.1:6379\"\nredis_command = \"xadd\"",
+            )
+            .replace("kind = \"postgres\"", "kind = \"redis\"")
+            .replace("table = \"x.events\"", &format!("table = \"{stream}\""));
+        Self::new(dir, &toml, topic, WalSink::Redis(stream))
+    }
+
+    fn new(dir: tempfile::TempDir, toml: &str, topic: String, sink: WalSink) -> Self {
+        Self {
+            config: write_config(dir.path(), toml),
+            log: dir.path().join("sluice.log"),
+            topic,
+            sink,
+            produced: 0,
+            _dir: dir,
+        }
+    }
+
+    /// Produce the next `n` ids in the background, in ten slices 300 ms apart.
+    fn feed(&mut self, n: u64) -> JoinHandle<()> {
+        let (t, from) = (self.topic.clone(), self.produced);
+        self.produced += n;
+        std::thread::spawn(move || {
+            let slice = n.div_ceil(10);
+            let mut next = from;
+            while next < from + n {
+                let to = (next + slice).min(from + n);
+                produce(&t, (next..to).map(record));
+                next = to;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    }
+
+    /// Every id that arrived, once per arrival.
+    async fn ids(&self) -> Vec<i64> {
+        match &self.sink {
+            WalSink::Sqlite(pool) => sqlx::query_scalar::<_, i64>("SELECT id FROM events")
+                .fetch_all(pool)
+                .await
+                .expect("read events"),
+            WalSink::Redis(stream) => {
+                let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+                let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+                // Paged: one XRANGE of every entry outlasts the client's response timeout.
+                let mut ids = Vec::new();
+                let mut from = "-".to_string();
+                loop {
+                    let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                        .arg(stream)
+                        .arg(&from)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(2_000)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("XRANGE");
+                    let Some((last, _)) = page.last() else { break };
+                    from = format!("({last}");
+                    ids.extend(
+                        page.iter()
+                            .filter_map(|(_, f)| f.iter().find(|(k, _)| k == "id")?.1.parse::<i64>().ok()),
+                    );
+                }
+                ids
+            }
+        }
+    }
+
+    fn warnings(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains(" INFO "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Run once more until every produced id arrived, stop, and check each arrived once.
+    async fn finish(&self) {
+        let s = Sluice::start(&self.config, &self.log);
+        let total = self.produced as usize;
+        let done = wait_until(Duration::from_secs(90), || async { self.ids().await.len() >= total }).await;
+        assert!(done, "{}\n{}", s.log_tail(), self.warnings());
+        let status = s.terminate();
+        assert!(status.success(), "{status}: {}", self.warnings());
+        let mut ids = self.ids().await;
+        assert_eq!(ids.len(), total, "records lost or doubled");
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids, (0..total as i64).collect::<Vec<_>>(), "a record written twice");
+    }
+
+    /// SIGKILLed `kills` times at random moments while input arrives, then finished.
+    async fn killed(mut self, kills: usize) {
+        let feeder = self.feed(20_000);
+        for _ in 0..kills {
+            let s = Sluice::start(&self.config, &self.log);
+            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
+            s.kill9();
+        }
+        feeder.join().expect("feeder");
+        self.finish().await;
+    }
+
+    /// Crashed at each narrow window of the write-ahead log in turn, each run fed
+    /// records of its own so that it has an epoch to crash in, then finished.
+    #[cfg(feature = "failpoints")]
+    async fn crashed_at_every_window(mut self) {
+        for point in ["after_prepare", "before_store", "before_commit", "after_commit"] {
+            let feeder = self.feed(3_000);
+            let mut s = Sluice::start_with(&self.config, &self.log, &[("SLUICE_FAILPOINT", &format!("{point}:1"))]);
+            let crashed = s.wait_exit(Duration::from_secs(60));
+            feeder.join().expect("feeder");
+            assert!(
+                crashed.is_some_and(|st| !st.success()),
+                "no crash at {point}: {}",
+                s.log_tail()
+            );
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(log.contains(&format!("failpoint {point}")), "{point}: {}", s.log_tail());
+        }
+        self.finish().await;
+    }
+}
+
 /// The write-ahead log into SQLite (no transactions that outlive the process): killed
 /// and restarted, every record once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_wal_sqlite_exactly_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("wal.db");
-    let url = format!("sqlite://{}?mode=rwc", db.display());
-    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
-    for sql in [
-        // No key: a record written twice would show.
-        "CREATE TABLE events (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
-         id INTEGER, body TEXT)",
-        "CREATE TABLE dead (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
-         kafka_timestamp INTEGER, reason TEXT NOT NULL, payload BLOB, PRIMARY KEY (topic, partition, \"offset\"))",
-    ] {
-        sqlx::query(sql).execute(&pool).await.expect("create sqlite tables");
-    }
-    let topic = unique("wal_sqlite");
-    create_topic(&topic, 3).await;
-    let toml = job_toml(&unique("wal_sqlite"), &topic, "x", "wal", &dir.path().join("cp"))
-        .replace(
-            &format!("url = \"{}\"", pg_url()),
-            &format!("url = \"sqlite://{}\"", db.display()),
-        )
-        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
-        .replace("table = \"x.events\"", "table = \"events\"")
-        .replace("table = \"x.dead\"", "table = \"dead\"")
-        .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
-    let config = write_config(dir.path(), &toml);
-    let log = dir.path().join("sluice.log");
-    let total = 20_000u64;
-    let t = topic.clone();
-    let feeder = std::thread::spawn(move || {
-        for part in 0..10 {
-            produce(&t, (part * 2_000..(part + 1) * 2_000).map(record));
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    });
-    for _ in 0..4 {
-        let s = Sluice::start(&config, &log);
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
-        s.kill9();
-    }
-    feeder.join().expect("feeder");
-    let s = Sluice::start(&config, &log);
-    let count = |pool: sqlx::SqlitePool| async move {
-        sqlx::query_as::<_, (i64, i64)>("SELECT count(*), count(DISTINCT id) FROM events")
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    };
-    let done = wait_until(Duration::from_secs(90), || {
-        let pool = pool.clone();
-        async move { count(pool).await.0 >= total as i64 }
-    })
-    .await;
-    assert!(done, "{}", s.log_tail());
-    assert!(s.terminate().success());
-    assert_eq!(count(pool.clone()).await, (total as i64, total as i64));
+    WalJob::sqlite().await.killed(4).await;
 }
 
-/// The write-ahead log into Redis with `XADD` (not idempotent: a replayed entry would be a
-/// second one): killed and restarted, the stream holds every record once.
+/// The write-ahead log into Redis with `XADD`: killed and restarted, the stream holds
+/// every record once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_wal_redis_exactly_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let topic = unique("wal_redis");
-    create_topic(&topic, 3).await;
-    let stream = unique("stream");
-    let toml = job_toml(&unique("wal_redis"), &topic, "x", "wal", &dir.path().join("cp"))
-        .replace(
-            &format!("url = \"{}\"", pg_url()),
-            "url = \"redis://127.0.0.1:6379\"\nredis_command = \"xadd\"",
-        )
-        .replace("kind = \"postgres\"", "kind = \"redis\"")
-        .replace("table = \"x.events\"", &format!("table = \"{stream}\""));
-    let config = write_config(dir.path(), &toml);
-    let log = dir.path().join("sluice.log");
-    let total = 20_000u64;
-    let t = topic.clone();
-    let feeder = std::thread::spawn(move || {
-        for part in 0..10 {
-            produce(&t, (part * 2_000..(part + 1) * 2_000).map(record));
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    });
     let kills: usize = std::env::var("KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    for _ in 0..kills {
-        let s = Sluice::start(&config, &log);
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
-        s.kill9();
-    }
-    feeder.join().expect("feeder");
-    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
-    let s = Sluice::start(&config, &log);
-    let done = wait_until(Duration::from_secs(90), || {
-        let mut conn = conn.clone();
-        let stream = stream.clone();
-        async move {
-            let n: u64 = redis::cmd("XLEN")
-                .arg(&stream)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(0);
-            n >= total
-        }
-    })
-    .await;
-    assert!(
-        done,
-        "{}\n{}",
-        s.log_tail(),
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.contains(" INFO "))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let status = s.terminate();
-    assert!(
-        status.success(),
-        "{status}: {}",
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.contains(" INFO "))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    // Paged: one XRANGE of every entry outlasts the client's response timeout.
-    let mut ids: Vec<i64> = Vec::new();
-    let mut from = "-".to_string();
-    loop {
-        let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(&stream)
-            .arg(&from)
-            .arg("+")
-            .arg("COUNT")
-            .arg(2_000)
-            .query_async(&mut conn)
-            .await
-            .expect("XRANGE");
-        let Some((last, _)) = page.last() else { break };
-        from = format!("({last}");
-        ids.extend(
-            page.iter()
-                .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "id")?.1.parse::<i64>().ok()),
-        );
-    }
-    assert_eq!(ids.len() as u64, total, "entries lost or doubled");
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len() as u64, total, "an entry written twice");
+    WalJob::redis().await.killed(kills).await;
+}
+
+/// `wal` into SQLite crashed after an epoch is stored, before the checkpoint is stored,
+/// between "complete" and the write, and after the write: every record once.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_sqlite_crashed_at_every_narrow_window() {
+    WalJob::sqlite().await.crashed_at_every_window().await;
+}
+
+/// The same four crashes with `wal` into Redis (`MULTI`/`EXEC` with a marker key).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_redis_crashed_at_every_narrow_window() {
+    WalJob::redis().await.crashed_at_every_window().await;
 }

@@ -436,6 +436,7 @@ impl KafkaTwoPhase {
                 producer.commit_transaction(CALL_TIMEOUT)
             })
             .await?;
+            crate::failpoint::crash_if("after_commit", p.checkpoint);
             self.metrics.records_out.increment(p.records);
             self.stats.rows_written.fetch_add(p.records, Ordering::Relaxed);
         }
