@@ -480,15 +480,20 @@ async fn kafka_txn(cfg: &JobConfig, action: &TxnAction) -> anyhow::Result<()> {
             let storage = sluice::app::open_storage(cfg)
                 .context("read the job's checkpoints (is the job running? stop it first)")?;
             let latest = storage.latest()?;
-            let pending = sluice::sink::kafka::pending_epochs(&target, &cfg.job.name, latest.as_ref()).await?;
+            let (pending, hidden) =
+                sluice::sink::kafka::pending_epochs(&target, &cfg.job.name, latest.as_ref()).await?;
             if pending.is_empty() {
                 say!("no epoch of job {} waits for its commit", cfg.job.name);
             }
             for (subtask, epoch, committed) in pending {
-                let state = if committed {
-                    "committed"
-                } else {
-                    "not committed: the next start writes it again"
+                let state = match (committed, hidden) {
+                    (true, _) => "committed",
+                    (false, false) => "not committed: the next start writes it again",
+                    (false, true) => {
+                        "not committed as far as the commit topic shows (a transaction is still open in it, a \
+                         crashed process's until the next start or `sluice txn abort --all`; a commit after it is not \
+                         visible yet): the next start fences it first, then decides"
+                    }
                 };
                 say!("sink-{subtask}	checkpoint {epoch}	{state}");
             }

@@ -358,12 +358,14 @@ impl SinkTarget {
                 }
                 // Defaults the sink's own properties may change: Java clients' partitioner
                 // (a key lands where Kafka Streams and Java producers put it), short lingering.
-                client.set("partitioner", "murmur2_random").set("linger.ms", "5");
-                for (k, v) in crate::config::flatten_sink_properties_of(cfg) {
-                    client.set(k, v);
-                }
+                let mut producing = vec![
+                    ("partitioner".to_string(), "murmur2_random".to_string()),
+                    ("linger.ms".to_string(), "5".to_string()),
+                ];
+                producing.extend(crate::config::flatten_sink_properties_of(cfg));
                 let target = kafka::KafkaTarget::open(
                     client,
+                    producing,
                     &cfg.job.name,
                     spec,
                     cfg.dead_letter.topic.clone(),
@@ -407,6 +409,9 @@ impl SinkTarget {
         match self {
             SinkTarget::Postgres { pool, .. } if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
                 two_phase::recover(pool, &cfg.job.name, restored).await.map(|_| ())
+            }
+            SinkTarget::Kafka(target) if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
+                kafka::fence_before_recovery(target, &cfg.job.name, cfg.sink.parallelism as usize, restored).await
             }
             _ => Ok(()),
         }

@@ -165,7 +165,17 @@ async fn finish(j: &KafkaJob, total: i64) {
     ids.sort_unstable();
     let len = ids.len();
     ids.dedup();
-    assert_eq!(len, ids.len(), "records doubled in the committed output");
+    assert_eq!(
+        len,
+        ids.len(),
+        "records doubled in the committed output; log:\n{}",
+        std::fs::read_to_string(&j.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains("reading partition"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(ids, (0..total).collect::<Vec<_>>(), "records lost");
 }
 

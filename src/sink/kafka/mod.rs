@@ -76,8 +76,11 @@ pub struct KafkaSinkState {
 /// Where and how a Kafka sink writes: opened once per attempt.
 #[derive(Clone)]
 pub struct KafkaTarget {
-    /// Producer settings (bootstrap servers, security), without a transactional id.
+    /// Connection settings (bootstrap servers, security): for every client.
     pub client: ClientConfig,
+    /// Producer properties (sluice's defaults, then `[sink.kafka.properties]`): for
+    /// producers only, so consumers and admin clients do not warn about them.
+    producing: Vec<(String, String)>,
     /// The output topic and what goes into each message.
     pub spec: TableSpec,
     /// Dead letters are written into the same transactions, to this topic.
@@ -93,8 +96,10 @@ impl KafkaTarget {
     /// topic exists (created compacted if not), and the transaction timeout this job
     /// needs (checkpoint interval + timeout + a margin) fits the brokers'
     /// `transaction.max.timeout.ms`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         client: ClientConfig,
+        producing: Vec<(String, String)>,
         job: &str,
         spec: TableSpec,
         dead_letter_topic: Option<String>,
@@ -134,6 +139,7 @@ impl KafkaTarget {
         if !transactional {
             return Ok(Self {
                 client,
+                producing,
                 spec,
                 dead_letter_topic,
                 transaction_timeout,
@@ -181,6 +187,7 @@ impl KafkaTarget {
         }
         Ok(Self {
             client,
+            producing,
             spec,
             dead_letter_topic,
             transaction_timeout,
@@ -202,12 +209,21 @@ impl KafkaTarget {
             self.spec.clone(),
             self.commits.clone(),
             keyed_by_origin,
-            self.client.clone(),
+            self.producer_config(),
         )
     }
 
-    fn producer(&self, id: &str) -> Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
+    /// What every producer of this target starts from.
+    fn producer_config(&self) -> ClientConfig {
         let mut c = self.client.clone();
+        for (k, v) in &self.producing {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn producer(&self, id: &str) -> Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
+        let mut c = self.producer_config();
         c.set("transactional.id", id).set("enable.idempotence", "true").set(
             "transaction.timeout.ms",
             self.transaction_timeout.as_millis().to_string(),
@@ -468,7 +484,14 @@ impl KafkaTwoPhase {
         if restored.iter().all(|s| s.pending.is_empty()) {
             return Ok(());
         }
-        let committed = committed_epochs(&self.target.client, &self.job).await?;
+        let (committed, settled) = committed_epochs(&self.target.client, &self.job, Duration::from_secs(60)).await?;
+        if !settled {
+            return Err(Error::Unsupported(format!(
+                "the commit topic of job `{}` still has a transaction open after its producers were fenced: is \
+                 another process of the job running? (`sluice txn list` shows it)",
+                self.job
+            )));
+        }
         for state in restored {
             let done = committed
                 .get(&marker_key(&self.job, state.subtask))
@@ -511,8 +534,10 @@ impl KafkaTwoPhase {
     }
 }
 
-/// The newest committed epoch per marker key, read committed from the job's commit topic.
-async fn committed_epochs(client: &ClientConfig, job: &str) -> Result<HashMap<String, u64>> {
+/// The newest committed epoch per marker key, read committed from the job's commit
+/// topic, once no transaction is open in it below its end (waiting up to `settle`);
+/// `false` beside the map: one still was, and markers after it may be missing.
+async fn committed_epochs(client: &ClientConfig, job: &str, settle: Duration) -> Result<(HashMap<String, u64>, bool)> {
     let mut c = client.clone();
     c.set("group.id", format!("sluice-{job}-recovery"))
         .set("isolation.level", "read_committed")
@@ -520,11 +545,30 @@ async fn committed_epochs(client: &ClientConfig, job: &str) -> Result<HashMap<St
         .set("enable.partition.eof", "true");
     let topic = commit_topic(job);
     let job = job.to_string();
-    tokio::task::spawn_blocking(move || -> Result<HashMap<String, u64>> {
+    tokio::task::spawn_blocking(move || -> Result<(HashMap<String, u64>, bool)> {
         let consumer: BaseConsumer = c.create().map_err(Error::kafka("create the commit-topic reader"))?;
-        let (_, high) = consumer
+        // The log's end, and then the last stable offset (what `read_committed` reads
+        // to; librdkafka asks with the client's isolation level) until it reaches that
+        // end: a transaction still open below it would hide later committed markers.
+        let mut end = c.clone();
+        end.set("isolation.level", "read_uncommitted");
+        let end: BaseConsumer = end.create().map_err(Error::kafka("create the commit-topic reader"))?;
+        let (_, high) = end
             .fetch_watermarks(&topic, 0, Duration::from_secs(10))
             .map_err(Error::kafka("read the commit topic's end"))?;
+        let waiting = Instant::now();
+        let settled = loop {
+            let (_, stable) = consumer
+                .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+                .map_err(Error::kafka("read the commit topic's last stable offset"))?;
+            if stable >= high {
+                break true;
+            }
+            if waiting.elapsed() >= settle {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)
             .map_err(Error::kafka("assign the commit topic"))?;
@@ -545,12 +589,12 @@ async fn committed_epochs(client: &ClientConfig, job: &str) -> Result<HashMap<St
                         }
                     }
                     if m.offset() + 1 >= high {
-                        return Ok(newest);
+                        return Ok((newest, settled));
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(newest),
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok((newest, settled)),
                 Some(Err(e)) => return Err(Error::kafka("read the commit topic")(e)),
-                None if high == 0 => return Ok(newest),
+                None if high == 0 => return Ok((newest, settled)),
                 None => {}
             }
         }
@@ -630,7 +674,7 @@ impl KafkaProducerSink {
     /// The sink of subtask `subtask`; `keyed_by_origin`: key messages without a
     /// configured key by the input record's coordinates (the `idempotent` strategy).
     pub fn new(subtask: usize, target: KafkaTarget, keyed_by_origin: bool, stats: Arc<JobStats>) -> Result<Self> {
-        let mut c = target.client.clone();
+        let mut c = target.producer_config();
         c.set("enable.idempotence", "true").set("acks", "all");
         let producer = c
             .create_with_context(DeliveryErrors::default())
@@ -703,12 +747,13 @@ impl Sink for KafkaProducerSink {
 }
 
 /// For `sluice txn`: the epochs the newest checkpoint holds as not yet committed, per
-/// old sink subtask, with whether the commit topic shows them committed since.
+/// old sink subtask, with whether the commit topic shows them committed since, and
+/// whether a transaction still open in it (a crashed process's) may hide a commit.
 pub async fn pending_epochs(
     target: &KafkaTarget,
     job: &str,
     restored: Option<&crate::checkpoint::CompletedCheckpoint>,
-) -> Result<Vec<(usize, u64, bool)>> {
+) -> Result<(Vec<(usize, u64, bool)>, bool)> {
     let states: Vec<KafkaSinkState> = restored
         .map(|cp| {
             cp.operator_states("sink")
@@ -717,28 +762,68 @@ pub async fn pending_epochs(
         })
         .unwrap_or_default();
     if states.iter().all(|s| s.pending.is_empty()) {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
-    let committed = committed_epochs(&target.client, job).await?;
+    let (committed, settled) = committed_epochs(&target.client, job, Duration::from_secs(2)).await?;
     let mut out = Vec::new();
     for s in states {
         let done = committed.get(&marker_key(job, s.subtask)).copied().unwrap_or(0);
         out.extend(s.pending.iter().map(|(n, _)| (s.subtask, *n, *n <= done)));
     }
-    Ok(out)
+    Ok((out, !settled))
 }
 
 /// For `sluice txn abort --all`: initialise every transactional id of the job's sink
 /// subtasks, which aborts what they left open (and fences a running process of the job).
 pub async fn fence_all(target: &KafkaTarget, job: &str, subtasks: usize) -> Result<Vec<String>> {
     let mut ids = Vec::new();
+    let mut inits = tokio::task::JoinSet::new();
     for s in 0..subtasks {
         for slot in 0..SLOTS {
             let id = transactional_id(job, s, slot);
             let p = target.producer(&id)?;
-            blocking("initialise transactions", move || p.init_transactions(CALL_TIMEOUT)).await?;
+            inits.spawn(blocking("initialise transactions", move || {
+                p.init_transactions(CALL_TIMEOUT)
+            }));
             ids.push(id);
         }
     }
+    while let Some(done) = inits.join_next().await {
+        done.map_err(|e| Error::Internal(format!("initialise transactions: {e}")))??;
+    }
     Ok(ids)
+}
+
+/// Before any sink subtask reads the commit topic: abort every transaction a
+/// producer of the job may have left open (any old subtask's, any slot), when the
+/// restored checkpoint holds epochs whose commit must be looked up. A reader
+/// `read_committed` stops at the first open transaction, so one left open by the old
+/// subtask 1 hid the marker subtask 0 committed after it, and subtask 0 wrote a
+/// committed epoch again. Sink subtasks are built one after another, each fencing its
+/// own ids: this runs before the first of them.
+pub async fn fence_before_recovery(
+    target: &KafkaTarget,
+    job: &str,
+    parallelism: usize,
+    restored: Option<&crate::checkpoint::CompletedCheckpoint>,
+) -> Result<()> {
+    let states: Vec<KafkaSinkState> = restored
+        .map(|cp| {
+            cp.operator_states("sink")
+                .filter_map(|s| serde_json::from_value(s.clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if states.iter().all(|s| s.pending.is_empty()) {
+        return Ok(());
+    }
+    let old = states.iter().map(|s| s.subtask + 1).max().unwrap_or(0);
+    let started = Instant::now();
+    let ids = fence_all(target, job, old.max(parallelism)).await?;
+    tracing::info!(
+        producers = ids.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "fenced the job's transactional producers before recovery"
+    );
+    Ok(())
 }
