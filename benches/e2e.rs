@@ -20,15 +20,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{Executor, PgPool, Row};
 use tokio::sync::watch;
 
+use support::{kafka, pg_url};
+
+mod support;
+
 const PARTITIONS: i32 = 4;
-
-fn kafka() -> String {
-    std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn pg_url() -> String {
-    std::env::var("SLUICE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
 
 fn payload(id: u64) -> String {
     format!(

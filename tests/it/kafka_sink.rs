@@ -23,8 +23,8 @@ fn consume_all(topic: &str, partitions: i32, isolation: &str) -> Vec<serde_json:
         .collect()
 }
 
-/// Every message of `topic` as (key, JSON value), as seen with `isolation`.
-fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<String>, serde_json::Value)> {
+/// A consumer of every partition of `topic` from the start, reporting each end.
+fn reader(topic: &str, partitions: i32, isolation: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .set("group.id", unique("reader"))
@@ -39,6 +39,12 @@ fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<S
             .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// Every message of `topic` as (key, JSON value), as seen with `isolation`.
+fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<String>, serde_json::Value)> {
+    let consumer = reader(topic, partitions, isolation);
     let mut out = Vec::new();
     let mut ended = HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -497,20 +503,7 @@ type Headers = Vec<(String, Option<String>)>;
 /// Every message of `topic` as (partition, headers, JSON value), read committed.
 fn consume_placed(topic: &str, partitions: i32) -> Vec<(i32, Headers, serde_json::Value)> {
     use rdkafka::message::Headers;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
+    let consumer = reader(topic, partitions, "read_committed");
     let mut out = Vec::new();
     let mut ended = HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

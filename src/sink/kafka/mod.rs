@@ -63,6 +63,25 @@ fn marker_key(job: &str, subtask: usize) -> String {
     format!("{job}/{subtask}")
 }
 
+/// The message that records, inside its own transaction, that `subtask` committed
+/// epoch `n`.
+fn commit_marker(job: &str, subtask: usize, n: u64) -> Msg {
+    Msg::plain(
+        Dest::Commits,
+        Some(marker_key(job, subtask).into_bytes()),
+        n.to_string().into_bytes(),
+    )
+}
+
+/// An epoch's messages, read back from checkpoint storage.
+async fn load_epoch(storage: &Arc<dyn CheckpointStorage>, handle: &str) -> Result<Vec<Msg>> {
+    let (storage, handle) = (storage.clone(), handle.to_string());
+    let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
+        .await
+        .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
+    decode_epoch(&bytes)
+}
+
 /// What a Kafka sink subtask puts into a checkpoint.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct KafkaSinkState {
@@ -394,11 +413,7 @@ impl KafkaTwoPhase {
         let started = Instant::now();
         if let Some(slot) = self.open.take() {
             let producer = self.producers[slot].clone();
-            let marker = Msg::plain(
-                Dest::Commits,
-                Some(marker_key(&self.job, self.subtask).into_bytes()),
-                checkpoint.to_string().into_bytes(),
-            );
+            let marker = commit_marker(&self.job, self.subtask, checkpoint);
             send(&producer, self.target.topic(Dest::Commits), &marker).await?;
             let p = producer.clone();
             blocking("flush the epoch", move || p.flush(CALL_TIMEOUT)).await?;
@@ -419,12 +434,7 @@ impl KafkaTwoPhase {
         for i in 0..self.pending.len() {
             let p = &self.pending[i];
             if p.checkpoint < checkpoint && !p.handle.starts_with(&format!("chk-{checkpoint}/")) {
-                let storage = self.storage.clone();
-                let handle = p.handle.clone();
-                let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
-                    .await
-                    .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
-                let messages = decode_epoch(&bytes)?;
+                let messages = load_epoch(&self.storage, &p.handle).await?;
                 let name = format!("sink-{}-epoch-{}", self.subtask, p.checkpoint);
                 self.pending[i].handle = self.store(checkpoint, &name, &messages).await?;
             }
@@ -500,22 +510,14 @@ impl KafkaTwoPhase {
             let mut pending = state.pending;
             pending.sort_by_key(|(n, _)| *n);
             for (n, handle) in pending.into_iter().filter(|(n, _)| *n > done) {
-                let storage = self.storage.clone();
-                let bytes = tokio::task::spawn_blocking(move || storage.read_state(&handle))
-                    .await
-                    .map_err(|e| Error::Internal(format!("read an epoch: {e}")))??;
-                let messages = decode_epoch(&bytes)?;
+                let messages = load_epoch(&self.storage, &handle).await?;
                 let producer = self.producers[0].clone();
                 let p = producer.clone();
                 blocking("begin a transaction", move || p.begin_transaction()).await?;
                 for m in &messages {
                     send(&producer, self.target.topic(m.to), m).await?;
                 }
-                let marker = Msg::plain(
-                    Dest::Commits,
-                    Some(marker_key(&self.job, state.subtask).into_bytes()),
-                    n.to_string().into_bytes(),
-                );
+                let marker = commit_marker(&self.job, state.subtask, n);
                 send(&producer, self.target.topic(Dest::Commits), &marker).await?;
                 let p = producer.clone();
                 blocking("commit a rewritten epoch", move || p.commit_transaction(CALL_TIMEOUT)).await?;
