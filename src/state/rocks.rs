@@ -426,7 +426,15 @@ pub struct RocksTimers {
     resume: [Vec<u8>; 2],
     /// Per domain, the earliest due time if known (`Some(None)`: none).
     next: [Option<Option<i64>>; 2],
+    /// Keys of timers inserted and not popped since, a few thousand, by hash: a window
+    /// registers its end timer with every record, and a write per record was most of
+    /// what timers cost. A key is forgotten when its timer is popped.
+    recent: Vec<Option<Box<[u8]>>>,
+    hasher: std::collections::hash_map::RandomState,
 }
+
+/// Slots of [`RocksTimers::recent`].
+const RECENT_TIMERS: usize = 4096;
 
 // SAFETY: as for `RocksTable`: RocksDB's handles are thread-safe, the options owned.
 unsafe impl Send for RocksTimers {}
@@ -459,11 +467,18 @@ impl RocksTimers {
             write,
             resume: [vec![0], vec![1]],
             next: [None, None],
+            recent: vec![None; RECENT_TIMERS],
+            hasher: std::collections::hash_map::RandomState::new(),
         })
     }
 
     fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
         panic!("RocksDB timers: {what}: {e}")
+    }
+
+    fn recent_slot(&self, key: &[u8]) -> usize {
+        use std::hash::BuildHasher;
+        (self.hasher.hash_one(key) % RECENT_TIMERS as u64) as usize
     }
 
     /// The earliest timer of domain `d` and its key.
@@ -485,6 +500,12 @@ impl TimerQueue for RocksTimers {
     fn insert(&mut self, d: TimeDomain, t: Timer) {
         let i = usize::from(domain_byte(d));
         let k = timer_key(d, &t);
+        let slot = self.recent_slot(&k);
+        if self.recent[slot].as_deref() == Some(k.as_slice()) {
+            // In the database and not popped since: nothing to write, and `resume` and
+            // `next` account for it already.
+            return;
+        }
         if k < self.resume[i] {
             self.resume[i] = vec![domain_byte(d)];
         }
@@ -493,9 +514,10 @@ impl TimerQueue for RocksTimers {
             Some(None) => Some(Some(t.time)),
             None => None,
         };
-        if let Err(e) = self.backend.db().put_cf_opt(&self.cf, k, [], &self.write) {
+        if let Err(e) = self.backend.db().put_cf_opt(&self.cf, &k, [], &self.write) {
             Self::fatal("put", e);
         }
+        self.recent[slot] = Some(k.into_boxed_slice());
     }
 
     fn pop_due(&mut self, d: TimeDomain, upto: i64) -> Option<Timer> {
@@ -513,6 +535,10 @@ impl TimerQueue for RocksTimers {
         }
         if let Err(e) = self.backend.db().delete_cf_opt(&self.cf, &k, &self.write) {
             Self::fatal("delete", e);
+        }
+        let slot = self.recent_slot(&k);
+        if self.recent[slot].as_deref() == Some(&*k) {
+            self.recent[slot] = None;
         }
         self.resume[i] = k.into_vec();
         self.next[i] = None;
@@ -1218,6 +1244,11 @@ mod tests {
         assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(-10));
         assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(10));
         assert_eq!(q.pop_due(ev, 15), None, "the duplicate was kept once");
+        // Registered again after it fired (the skip of repeated registrations forgets a
+        // timer once it is popped): it fires again.
+        q.insert(ev, t(10, 2, b"k"));
+        assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(10));
+        assert_eq!(q.pop_due(ev, 15), None);
         // Registered after later ones were popped, earlier than them: still found.
         q.insert(ev, t(12, 3, b"late"));
         assert_eq!(q.pop_due(ev, 15).map(|t| t.key.to_vec()), Some(b"late".to_vec()));
