@@ -42,19 +42,20 @@ fn reader(topic: &str, partitions: i32, isolation: &str) -> BaseConsumer {
     consumer
 }
 
-/// Every message of `topic` as (key, JSON value), as seen with `isolation`.
-fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<String>, serde_json::Value)> {
+/// Every message of `topic` (all partitions, from the start, until each ends), as
+/// seen with `isolation`, through `each`.
+fn read_all(
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) {
     let consumer = reader(topic, partitions, isolation);
-    let mut out = Vec::new();
     let mut ended = HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while ended.len() < partitions as usize && std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                if let Some(v) = m.payload().and_then(|p| serde_json::from_slice(p).ok()) {
-                    out.push((m.key().map(|k| String::from_utf8_lossy(k).into_owned()), v));
-                }
-            }
+            Some(Ok(m)) => each(&m),
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 ended.insert(p);
             }
@@ -62,6 +63,16 @@ fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<S
             None => {}
         }
     }
+}
+
+/// Every message of `topic` as (key, JSON value), as seen with `isolation`.
+fn consume_keyed(topic: &str, partitions: i32, isolation: &str) -> Vec<(Option<String>, serde_json::Value)> {
+    let mut out = Vec::new();
+    read_all(topic, partitions, isolation, |m| {
+        if let Some(v) = m.payload().and_then(|p| serde_json::from_slice(p).ok()) {
+            out.push((m.key().map(|k| String::from_utf8_lossy(k).into_owned()), v));
+        }
+    });
     out
 }
 
@@ -503,39 +514,27 @@ type Headers = Vec<(String, Option<String>)>;
 /// Every message of `topic` as (partition, headers, JSON value), read committed.
 fn consume_placed(topic: &str, partitions: i32) -> Vec<(i32, Headers, serde_json::Value)> {
     use rdkafka::message::Headers;
-    let consumer = reader(topic, partitions, "read_committed");
     let mut out = Vec::new();
-    let mut ended = HashSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while ended.len() < partitions as usize && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    h.value.map(|v| String::from_utf8_lossy(v).into_owned()),
-                                )
-                            })
-                            .collect()
+    read_all(topic, partitions, "read_committed", |m| {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(|v| String::from_utf8_lossy(v).into_owned()),
+                        )
                     })
-                    .unwrap_or_default();
-                let value = m
-                    .payload()
-                    .and_then(|p| serde_json::from_slice(p).ok())
-                    .unwrap_or(serde_json::Value::Null);
-                out.push((m.partition(), headers, value));
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                ended.insert(p);
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
+                    .collect()
+            })
+            .unwrap_or_default();
+        let value = m
+            .payload()
+            .and_then(|p| serde_json::from_slice(p).ok())
+            .unwrap_or(serde_json::Value::Null);
+        out.push((m.partition(), headers, value));
+    });
     out
 }
 

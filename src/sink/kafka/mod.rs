@@ -748,6 +748,17 @@ impl Sink for KafkaProducerSink {
     }
 }
 
+/// The Kafka sink states a checkpoint holds, one per old sink subtask.
+fn restored_states(restored: Option<&crate::checkpoint::CompletedCheckpoint>) -> Vec<KafkaSinkState> {
+    restored
+        .map(|cp| {
+            cp.operator_states("sink")
+                .filter_map(|s| serde_json::from_value(s.clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// For `sluice txn`: the epochs the newest checkpoint holds as not yet committed, per
 /// old sink subtask, with whether the commit topic shows them committed since, and
 /// whether a transaction still open in it (a crashed process's) may hide a commit.
@@ -756,13 +767,7 @@ pub async fn pending_epochs(
     job: &str,
     restored: Option<&crate::checkpoint::CompletedCheckpoint>,
 ) -> Result<(Vec<(usize, u64, bool)>, bool)> {
-    let states: Vec<KafkaSinkState> = restored
-        .map(|cp| {
-            cp.operator_states("sink")
-                .filter_map(|s| serde_json::from_value(s.clone()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let states = restored_states(restored);
     if states.iter().all(|s| s.pending.is_empty()) {
         return Ok((Vec::new(), false));
     }
@@ -809,13 +814,7 @@ pub async fn fence_before_recovery(
     parallelism: usize,
     restored: Option<&crate::checkpoint::CompletedCheckpoint>,
 ) -> Result<()> {
-    let states: Vec<KafkaSinkState> = restored
-        .map(|cp| {
-            cp.operator_states("sink")
-                .filter_map(|s| serde_json::from_value(s.clone()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let states = restored_states(restored);
     if states.iter().all(|s| s.pending.is_empty()) {
         return Ok(());
     }
