@@ -344,14 +344,18 @@ fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {
         CheckpointsAction::List { config, json } => {
             let cfg = load(&config)?;
             let savepoints = cfg.checkpoint.savepoints();
-            let mut all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
+            let all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
             #[cfg(feature = "s3")]
-            if cfg.checkpoint.storage == config::StorageKind::S3 {
-                use sluice::checkpoint::object::{ObjectConfig, ObjectStorage};
-                let storage = ObjectStorage::open(&ObjectConfig::from_checkpoint(&cfg.checkpoint))?;
-                all.extend(inspect::list_object(&storage)?);
-                all.sort_by_key(|e| (e.triggered_at_ms, e.id));
-            }
+            let all = {
+                let mut all = all;
+                if cfg.checkpoint.storage == config::StorageKind::S3 {
+                    use sluice::checkpoint::object::{ObjectConfig, ObjectStorage};
+                    let storage = ObjectStorage::open(&ObjectConfig::from_checkpoint(&cfg.checkpoint))?;
+                    all.extend(inspect::list_object(&storage)?);
+                    all.sort_by_key(|e| (e.triggered_at_ms, e.id));
+                }
+                all
+            };
             if json {
                 for e in &all {
                     say!("{}", serde_json::to_string(e)?);
