@@ -154,19 +154,20 @@ impl KafkaTarget {
                 "sink topic `{topic}` does not exist on the sink's cluster; create it (sluice does not create output topics)"
             )));
         }
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let target = Self {
+            client,
+            producing,
+            spec,
+            dead_letter_topic,
+            transaction_timeout,
+            commits,
+        };
         if !transactional {
-            return Ok(Self {
-                client,
-                producing,
-                spec,
-                dead_letter_topic,
-                transaction_timeout,
-                commits,
-            });
+            return Ok(target);
         }
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
         if !topics_found[1] {
-            let new = NewTopic::new(&commits, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+            let new = NewTopic::new(&target.commits, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
             for r in admin
                 .create_topics(&[new], &opts)
                 .await
@@ -204,14 +205,7 @@ impl KafkaTarget {
                 }
             }
         }
-        Ok(Self {
-            client,
-            producing,
-            spec,
-            dead_letter_topic,
-            transaction_timeout,
-            commits,
-        })
+        Ok(target)
     }
 
     fn topic(&self, to: Dest) -> &str {
