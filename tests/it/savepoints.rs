@@ -111,7 +111,18 @@ async fn savepoints_rescale_4_2_3_and_move_between_backends_exactly_once() {
     let from_first = ["--from-savepoint", first.to_str().expect("utf-8 path")];
     let s = Sluice::start_args(&j.config, &j.log, &env, &from_first);
     let rows2 = wait_rows_above(&j, &s, rows1).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Killed once it has completed a checkpoint of its own, which the restart must
+    // resume from. (The rows above can all be run 1's; a fixed 2 s lost that race in CI
+    // while the larger-than-memory test shared the cores.)
+    let own = wait_until(Duration::from_secs(60), || async {
+        http(&listen, "GET", "/status", None)
+            .filter(|(code, _)| *code == 200)
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|v| v["checkpoints_completed"].as_u64())
+            .is_some_and(|n| n >= 1)
+    })
+    .await;
+    assert!(own, "no checkpoint after the restore; log:\n{}", s.log_tail());
     s.kill9();
     let s = Sluice::start_args(&j.config, &j.log, &env, &from_first);
     let ready = wait_until(Duration::from_secs(60), || async {
