@@ -20,7 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{Executor, PgPool, Row};
 use tokio::sync::watch;
 
-use support::{kafka, pg_url};
+use support::{kafka, pg_url, send_waiting};
 
 mod support;
 
@@ -45,16 +45,7 @@ fn produce(topic: &str, n: u64) {
         .expect("producer");
     for id in 0..n {
         let (key, value) = (id.to_string(), payload(id));
-        let mut rec = BaseRecord::to(topic).key(&key).payload(&value);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        }
+        send_waiting(&p, BaseRecord::to(topic).key(&key).payload(&value));
     }
     p.flush(Duration::from_secs(120)).expect("flush");
 }
@@ -214,16 +205,11 @@ fn bare_consume_produce(topic: &str, out: &str, n: u64) -> f64 {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
             let payload = rdkafka::Message::payload(&m).unwrap_or_default().to_vec();
             let key = rdkafka::Message::key(&m).map(<[u8]>::to_vec);
-            loop {
-                let mut r = BaseRecord::to(out).payload(&payload);
-                if let Some(k) = &key {
-                    r = r.key(k);
-                }
-                match p.send(r) {
-                    Ok(()) => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
+            let mut r = BaseRecord::to(out).payload(&payload);
+            if let Some(k) = &key {
+                r = r.key(k);
             }
+            send_waiting(&p, r);
             seen += 1;
         }
     }

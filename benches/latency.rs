@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::Executor;
 use tokio::sync::watch;
 
-use support::{kafka, pg_url};
+use support::{kafka, pg_url, send_waiting};
 
 mod support;
 
@@ -67,16 +67,7 @@ fn produce(topic: &str, from: u64, to: u64, per_second: Option<u64>) {
             }
         }
         let (key, value) = (id.to_string(), format!(r#"{{"id": {id}, "body": "record {id}"}}"#));
-        let mut rec = BaseRecord::to(topic).key(&key).payload(&value);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
+        send_waiting(&p, BaseRecord::to(topic).key(&key).payload(&value));
     }
     p.flush(Duration::from_secs(60)).expect("flush");
 }

@@ -32,7 +32,7 @@ use super::{
     SnapshotRow, StateBackend, StateConfig, StateValue, INCREMENTAL_MAGIC,
 };
 use crate::error::{Error, Result};
-use crate::time::timers::{TimeDomain, Timer, TimerQueue};
+use crate::time::timers::{TimeDomain, Timer, TimerQueue, TimerRef};
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -371,12 +371,11 @@ fn domain_byte(d: TimeDomain) -> u8 {
 /// A timer as a key: `domain (1) | time (8) | key group (2) | key length (4) | key |
 /// namespace (16)`, numbers big-endian with the sign flipped, so the earliest timer of a
 /// domain is the first key of its range. The value is empty.
-fn timer_key(d: TimeDomain, t: &Timer) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + 8 + 6 + t.key.len() + 16);
+fn timer_key(d: TimeDomain, t: TimerRef<'_>, k: &mut Vec<u8>) {
+    k.clear();
     k.push(domain_byte(d));
     k.extend_from_slice(&((t.time as u64) ^ (1 << 63)).to_be_bytes());
-    append_db_key(t.key_group, &t.key, t.namespace, &mut k);
-    k
+    append_db_key(t.key_group, t.key, t.namespace, k);
 }
 
 fn parse_timer_key(k: &[u8]) -> Option<(TimeDomain, Timer)> {
@@ -431,6 +430,8 @@ pub struct RocksTimers {
     /// what timers cost. A key is forgotten when its timer is popped.
     recent: Vec<Option<Box<[u8]>>>,
     hasher: std::collections::hash_map::RandomState,
+    /// The key being inserted, kept to spare an allocation per registration.
+    scratch: Vec<u8>,
 }
 
 /// Slots of [`RocksTimers::recent`].
@@ -469,6 +470,7 @@ impl RocksTimers {
             next: [None, None],
             recent: vec![None; RECENT_TIMERS],
             hasher: std::collections::hash_map::RandomState::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -497,11 +499,13 @@ impl RocksTimers {
 }
 
 impl TimerQueue for RocksTimers {
-    fn insert(&mut self, d: TimeDomain, t: Timer) {
+    fn insert(&mut self, d: TimeDomain, t: TimerRef<'_>) {
         let i = usize::from(domain_byte(d));
-        let k = timer_key(d, &t);
+        let mut k = std::mem::take(&mut self.scratch);
+        timer_key(d, t, &mut k);
         let slot = self.recent_slot(&k);
         if self.recent[slot].as_deref() == Some(k.as_slice()) {
+            self.scratch = k;
             // In the database and not popped since: nothing to write, and `resume` and
             // `next` account for it already.
             return;
@@ -517,7 +521,8 @@ impl TimerQueue for RocksTimers {
         if let Err(e) = self.backend.db().put_cf_opt(&self.cf, &k, [], &self.write) {
             Self::fatal("put", e);
         }
-        self.recent[slot] = Some(k.into_boxed_slice());
+        self.recent[slot] = Some(k.as_slice().into());
+        self.scratch = k;
     }
 
     fn pop_due(&mut self, d: TimeDomain, upto: i64) -> Option<Timer> {
@@ -592,14 +597,14 @@ impl TimerQueue for RocksTimers {
     fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<()> {
         if is_incremental(bytes) {
             let scratch = self.backend.scratch();
-            return read_timers(bytes, range, shared, &scratch, |d, t| self.insert(d, t));
+            return read_timers(bytes, range, shared, &scratch, |d, t| self.insert(d, t.as_ref()));
         }
         let e: crate::time::timers::Encoded = decode(bytes, "timers")?;
         for t in e.event.into_iter().filter(|t| range.contains(t.key_group)) {
-            self.insert(TimeDomain::EventTime, t);
+            self.insert(TimeDomain::EventTime, t.as_ref());
         }
         for t in e.processing.into_iter().filter(|t| range.contains(t.key_group)) {
-            self.insert(TimeDomain::ProcessingTime, t);
+            self.insert(TimeDomain::ProcessingTime, t.as_ref());
         }
         Ok(())
     }
@@ -1237,20 +1242,20 @@ mod tests {
         };
         let ev = TimeDomain::EventTime;
         for (time, kg) in [(30, 5), (-10, 1), (10, 2), (10, 2), (20, 7)] {
-            q.insert(ev, t(time, kg, b"k"));
+            q.insert(ev, t(time, kg, b"k").as_ref());
         }
-        q.insert(TimeDomain::ProcessingTime, t(5, 0, b"p"));
+        q.insert(TimeDomain::ProcessingTime, t(5, 0, b"p").as_ref());
         assert_eq!(q.next_time(ev), Some(-10));
         assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(-10));
         assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(10));
         assert_eq!(q.pop_due(ev, 15), None, "the duplicate was kept once");
         // Registered again after it fired (the skip of repeated registrations forgets a
         // timer once it is popped): it fires again.
-        q.insert(ev, t(10, 2, b"k"));
+        q.insert(ev, t(10, 2, b"k").as_ref());
         assert_eq!(q.pop_due(ev, 15).map(|t| t.time), Some(10));
         assert_eq!(q.pop_due(ev, 15), None);
         // Registered after later ones were popped, earlier than them: still found.
-        q.insert(ev, t(12, 3, b"late"));
+        q.insert(ev, t(12, 3, b"late").as_ref());
         assert_eq!(q.pop_due(ev, 15).map(|t| t.key.to_vec()), Some(b"late".to_vec()));
         assert_eq!(q.next_time(TimeDomain::ProcessingTime), Some(5));
         assert!(!q.is_empty());

@@ -21,6 +21,44 @@ pub struct Timer {
     pub namespace: Namespace,
 }
 
+impl Timer {
+    /// The timer with its key borrowed.
+    pub fn as_ref(&self) -> TimerRef<'_> {
+        TimerRef {
+            time: self.time,
+            key_group: self.key_group,
+            key: &self.key,
+            namespace: self.namespace,
+        }
+    }
+}
+
+/// A timer as it is registered, its key borrowed: a window registers its end timer with
+/// every record, and a queue that holds it already need not copy the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerRef<'a> {
+    /// When it fires (ms).
+    pub time: i64,
+    /// The key's group.
+    pub key_group: KeyGroup,
+    /// The key's encoded bytes.
+    pub key: &'a [u8],
+    /// The namespace (e.g. the window).
+    pub namespace: Namespace,
+}
+
+impl TimerRef<'_> {
+    /// The timer, its key copied.
+    pub fn to_timer(self) -> Timer {
+        Timer {
+            time: self.time,
+            key_group: self.key_group,
+            key: self.key.into(),
+            namespace: self.namespace,
+        }
+    }
+}
+
 /// Which clock a timer follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeDomain {
@@ -35,7 +73,7 @@ pub enum TimeDomain {
 /// key and window in memory.
 pub trait TimerQueue: Send {
     /// Add a timer; adding the same one twice keeps one.
-    fn insert(&mut self, domain: TimeDomain, timer: Timer);
+    fn insert(&mut self, domain: TimeDomain, timer: TimerRef<'_>);
     /// The earliest timer of `domain` at or before `upto`, removed.
     fn pop_due(&mut self, domain: TimeDomain, upto: i64) -> Option<Timer>;
     /// When the earliest timer of `domain` is due.
@@ -76,8 +114,8 @@ impl HeapTimers {
 }
 
 impl TimerQueue for HeapTimers {
-    fn insert(&mut self, domain: TimeDomain, timer: Timer) {
-        self.set(domain).insert(timer);
+    fn insert(&mut self, domain: TimeDomain, timer: TimerRef<'_>) {
+        self.set(domain).insert(timer.to_timer());
     }
 
     fn pop_due(&mut self, domain: TimeDomain, upto: i64) -> Option<Timer> {
@@ -129,7 +167,7 @@ fn restore_incremental(
 ) -> Result<()> {
     let scratch = std::env::temp_dir().join("sluice-state");
     crate::state::rocks::read_timers(bytes, range, shared, &scratch, |domain, timer| {
-        into.insert(domain, timer)
+        into.insert(domain, timer.as_ref())
     })
 }
 
@@ -167,10 +205,10 @@ impl TimerService {
 
     /// Register a timer; registering the same one twice keeps one.
     pub fn register(&mut self, domain: TimeDomain, time: i64, key_group: KeyGroup, key: &[u8], namespace: Namespace) {
-        let t = Timer {
+        let t = TimerRef {
             time,
             key_group,
-            key: key.into(),
+            key,
             namespace,
         };
         self.queue.insert(domain, t);

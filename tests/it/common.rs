@@ -224,6 +224,16 @@ listen = ""
     )
 }
 
+/// The lines of a log file without those containing `noise`.
+pub fn log_without(log: &Path, noise: &str) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains(noise))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
     let path = dir.join("job.toml");
     std::fs::write(&path, toml).expect("write config");

@@ -186,12 +186,7 @@ async fn finish(j: &KafkaJob, total: i64) {
         len,
         ids.len(),
         "records doubled in the committed output; log:\n{}",
-        std::fs::read_to_string(&j.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.contains("reading partition"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        log_without(&j.log, "reading partition")
     );
     assert_eq!(ids, (0..total).collect::<Vec<_>>(), "records lost");
 }

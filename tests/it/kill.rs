@@ -233,15 +233,7 @@ async fn crash_before_commit() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_commit() {
-    let k = KillJob::new("crash", "two_phase", 4).await;
-    let total = 40_000;
-    let producer = k.feed(0..total, 500, Duration::from_millis(50));
-    let mut s = Sluice::start_with(&k.config, &k.log, &[("SLUICE_FAILPOINT", "after_commit:4")]);
-    let crashed = s.wait_exit(Duration::from_secs(60));
-    assert!(crashed.is_some_and(|st| !st.success()), "{}", tail(&k.log_text()));
-    producer.join().expect("producer");
-    let log = k.finish(&[], total as i64).await;
-    assert!(log.contains("failpoint after_commit"), "{}", tail(&log));
+    crash_once("two_phase", "after_commit", 40_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,8 +262,14 @@ async fn kill_and_rescale_wal() {
 /// stored, and between "checkpoint n complete" and the epoch's write. Every record once.
 #[cfg(feature = "failpoints")]
 async fn wal_crash_at(point: &str) -> String {
-    let k = KillJob::new("wal_crash", "wal", 4).await;
-    let total = 30_000;
+    crash_once("wal", point, 30_000).await
+}
+
+/// A job with `strategy`, crashed at failpoint `point` with input arriving, then run to
+/// the end: every record once, and the failpoint was hit. Returns the log.
+#[cfg(feature = "failpoints")]
+async fn crash_once(strategy: &str, point: &str, total: u64) -> String {
+    let k = KillJob::new("crash_once", strategy, 4).await;
     let producer = k.feed(0..total, 500, Duration::from_millis(50));
     let mut s = Sluice::start_with(&k.config, &k.log, &[("SLUICE_FAILPOINT", &format!("{point}:4"))]);
     let crashed = s.wait_exit(Duration::from_secs(60));
@@ -307,15 +305,7 @@ async fn wal_crash_after_commit() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_crash_between_checkpoint_complete_and_write() {
-    let k = KillJob::new("wal_crash", "wal", 4).await;
-    let total = 30_000;
-    let producer = k.feed(0..total, 500, Duration::from_millis(50));
-    let mut s = Sluice::start_with(&k.config, &k.log, &[("SLUICE_FAILPOINT", "before_commit:4")]);
-    let crashed = s.wait_exit(Duration::from_secs(60));
-    assert!(crashed.is_some_and(|st| !st.success()), "{}", tail(&k.log_text()));
-    producer.join().expect("producer");
-    let log = k.finish(&[], total as i64).await;
-    assert!(log.contains("failpoint before_commit"), "{}", tail(&log));
+    let log = wal_crash_at("before_commit").await;
     assert!(
         log.contains("wrote an epoch the crash left unwritten"),
         "{}",
@@ -446,12 +436,7 @@ impl WalJob {
     }
 
     fn warnings(&self) -> String {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.contains(" INFO "))
-            .collect::<Vec<_>>()
-            .join("\n")
+        log_without(&self.log, " INFO ")
     }
 
     /// Run once more until every produced id arrived, stop, and check each arrived once.
