@@ -35,10 +35,11 @@ use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
 use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
-use crate::sink::kafka::{KafkaProducerSink, KafkaTwoPhase};
+use crate::sink::kafka::{KafkaProducerSink, KafkaTransactions};
 use crate::sink::postgres::{Fence, JobLock, PgWal};
 use crate::sink::sqlite::SqliteWal;
-use crate::sink::two_phase::TwoPhaseWriter;
+use crate::sink::postgres::PgTransactions;
+use crate::sink::two_phase::TwoPhase;
 use crate::sink::wal::WalWriter;
 use crate::sink::{SinkTarget, TableSpec};
 use crate::source::embedded::EmbeddedKafka;
@@ -417,7 +418,7 @@ async fn leave_nothing_prepared(
     let resolved = async {
         let pool = crate::sink::postgres::connect(&cfg.sink, &cfg.job.name, 2).await?;
         let latest = storage.latest()?;
-        crate::sink::two_phase::recover(&pool, &cfg.job.name, latest.as_ref()).await
+        crate::sink::postgres::recover(&pool, &cfg.job.name, latest.as_ref()).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(15), resolved).await {
         Ok(Ok((committed, rolled_back))) => {
@@ -914,11 +915,10 @@ async fn build_sink(
     };
     let batch = cfg.sink.batch_size;
     Ok(match (target, cfg.sink.strategy) {
-        (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => Box::new(
-            TwoPhaseWriter::new(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, stats)
-                .await?
-                .with_fence(fence.clone()),
-        ),
+        (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => {
+            let t = PgTransactions::open(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, fence.clone()).await?;
+            Box::new(TwoPhase::new(j, t, stats))
+        }
         (SinkTarget::Postgres { pool, table, .. }, Strategy::Wal) => {
             let t = PgWal::open(pool.clone(), table.clone()).await?;
             Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
@@ -946,13 +946,10 @@ async fn build_sink(
         (_, Strategy::AtLeastOnce) => {
             return Err(Error::Unsupported("at_least_once is for kafka sinks".into()));
         }
-        (SinkTarget::Kafka(target), _) => Box::new(KafkaTwoPhase::new(
-            &cfg.job.name,
-            j,
-            target.clone(),
-            storage.clone(),
-            stats,
-        )?),
+        (SinkTarget::Kafka(target), _) => {
+            let t = KafkaTransactions::new(&cfg.job.name, j, target.clone(), storage.clone(), stats.clone())?;
+            Box::new(TwoPhase::new(j, t, stats))
+        }
         (SinkTarget::Sqlite { pool, table }, _) => {
             let t = SqliteUpsert {
                 pool: pool.clone(),

@@ -18,7 +18,7 @@
 //!
 //! This module is a layer below the operators, like `state`: it knows records' values
 //! and nothing of the dataflow. Adding a store is one file implementing [`RowStore`]
-//! and one arm in [`open_store`].
+//! and one arm in [`open`].
 
 pub mod hbase;
 pub mod postgres;

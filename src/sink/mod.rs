@@ -4,9 +4,16 @@
 //! checkpoint n) and "n complete" (commit). Each strategy is a small adapter over a
 //! target that knows how to write:
 //!
-//! - [`idempotent`]: upsert on a key; a replay after a restore rewrites the same rows.
-//! - [`two_phase`]: one Postgres transaction per checkpoint and subtask, prepared on the
-//!   barrier, committed when the checkpoint completes; recovered on restore.
+//! - [`idempotent`]: upsert on a key ([`idempotent::UpsertTarget`]: Postgres, SQLite);
+//!   a replay after a restore rewrites the same rows.
+//! - [`two_phase`]: one transaction per checkpoint and subtask, prepared on the barrier,
+//!   committed when the checkpoint completes, recovered on restore
+//!   ([`two_phase::TransactionalTarget`]: Postgres, Kafka).
+//! - [`wal`]: the epoch kept in checkpoint storage and written once the checkpoint
+//!   completes, with a committer record ([`wal::WalTarget`]: Postgres, SQLite, Redis).
+//!
+//! A target is a module of its own (`postgres/`, `kafka/`, `sqlite`, `redis`); the
+//! composition root picks strategy × target in one `match`.
 //!
 //! Dead letters travel with the records and are written by the same strategy (into a
 //! table of the same database), so they are exactly once too; or to a Kafka topic
@@ -408,7 +415,7 @@ impl SinkTarget {
     ) -> crate::Result<()> {
         match self {
             SinkTarget::Postgres { pool, .. } if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
-                two_phase::recover(pool, &cfg.job.name, restored).await.map(|_| ())
+                postgres::recover(pool, &cfg.job.name, restored).await.map(|_| ())
             }
             SinkTarget::Kafka(target) if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
                 kafka::fence_before_recovery(target, &cfg.job.name, cfg.sink.parallelism as usize, restored).await

@@ -1,24 +1,21 @@
-//! Two-phase commit into Postgres.
+//! The two-phase strategy, over any [`TransactionalTarget`].
 //!
-//! Epoch n (the records between barrier n-1 and barrier n) of subtask s is one
-//! transaction. On barrier n it is prepared (`PREPARE TRANSACTION 'sluice:<job>:<s>:<n>'`)
-//! and its id goes into the checkpoint; when checkpoint n completes it is committed
-//! (`COMMIT PREPARED`). Prepared transactions survive a crash of sluice: on restore,
-//! [`recover`] commits those the restored checkpoint lists (they were part of a completed
-//! checkpoint) and rolls back every other one of this job, so none is left holding locks.
+//! Epoch n (the records between barrier n-1 and barrier n) of sink subtask s is one
+//! transaction of the target's. On barrier n it is prepared and its id goes into the
+//! checkpoint; when checkpoint n completes it is committed. What happens after a crash
+//! differs in kind, and is the target's: a prepared Postgres transaction outlives the
+//! process and is committed by whoever restores the checkpoint listing it; a Kafka
+//! transaction cannot be resumed by another producer, so the target keeps each epoch's
+//! records and writes again, once, an epoch that the restored checkpoint holds and that
+//! did not commit. This adapter knows *when*: it keeps the prepared epochs, their
+//! checkpoint state, the failpoints of the narrow windows and the metrics.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use sqlx::pool::PoolConnection;
-use sqlx::{Executor, PgPool, Postgres};
 
-use super::buffer::WriteBuffer;
-use super::dead_letter::KafkaDeadLetters;
-use super::postgres::{finish_prepared, gid, list_prepared, Fence, PgTable};
 use crate::checkpoint::CompletedCheckpoint;
 use crate::error::{Error, Result};
 use crate::record::Batch;
@@ -26,216 +23,208 @@ use crate::runtime::sink::{Sink, SinkFuture};
 use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
 /// What a two-phase sink subtask puts into a checkpoint.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct TwoPhaseState {
-    /// Prepared, not yet known to be committed: (checkpoint, transaction id).
+    /// The subtask that prepared these epochs (checkpoints written before it was kept
+    /// read as 0; only Kafka recovery needs it, and Kafka checkpoints always had it).
+    #[serde(default)]
+    pub subtask: usize,
+    /// Prepared epochs not yet known to be committed: (checkpoint, the target's id).
     pub pending: Vec<(u64, String)>,
 }
 
-/// The two-phase strategy over Postgres: one transaction per epoch, prepared on the barrier, committed when the checkpoint completes.
-pub struct TwoPhaseWriter {
-    job: String,
-    subtask: usize,
-    table: Arc<PgTable>,
-    pool: PgPool,
-    /// Holds the open transaction of the current epoch.
-    conn: PoolConnection<Postgres>,
-    in_transaction: bool,
-    buffer: WriteBuffer,
-    pending: Vec<(u64, String)>,
-    stats: Arc<JobStats>,
-    metrics: SubtaskMetrics,
-    /// Records written in the open transaction (counted as written once committed).
-    uncommitted: u64,
-    prepared_counts: Vec<(u64, u64)>,
-    /// Checked before each commit (`None` only where no lock is taken, in unit tests).
-    fence: Option<Fence>,
+/// A restored sink state as the two-phase strategy's; `None` for a strategy that keeps
+/// nothing (idempotent, at least once: `null`).
+fn parse_state(state: &serde_json::Value) -> std::result::Result<Option<TwoPhaseState>, serde_json::Error> {
+    if state.is_null() {
+        return Ok(None);
+    }
+    serde_json::from_value(state.clone()).map(Some)
 }
 
-impl TwoPhaseWriter {
-    /// A writer of sink subtask `subtask`, with a connection of its own for the open transaction.
-    pub async fn new(
-        job: &str,
-        subtask: usize,
-        table: Arc<PgTable>,
-        pool: PgPool,
-        batch_size: usize,
-        dead_letters: Option<KafkaDeadLetters>,
-        stats: Arc<JobStats>,
-    ) -> Result<Self> {
-        let conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
+/// The two-phase sink states of a checkpoint, one per old sink subtask that had one.
+pub fn restored_states(restored: Option<&CompletedCheckpoint>) -> Result<Vec<TwoPhaseState>> {
+    let Some(cp) = restored else {
+        return Ok(Vec::new());
+    };
+    let mut states = Vec::new();
+    for s in cp.operator_states("sink") {
+        states.extend(parse_state(s).map_err(|e| Error::CorruptCheckpoint {
+            path: format!("checkpoint {}", cp.id).into(),
+            message: format!("two-phase sink state: {e}"),
+        })?);
+    }
+    Ok(states)
+}
+
+/// An epoch the target prepared.
+#[derive(Debug)]
+pub struct Prepared {
+    /// What identifies it in the checkpoint (and to [`TransactionalTarget::commit`]).
+    pub id: String,
+    /// Records in it, counted as written once it commits.
+    pub records: u64,
+}
+
+/// A target with transactions the two-phase strategy can drive: it knows how to write,
+/// prepare, commit and recover; the strategy knows when. Listing and rolling back what
+/// a job left behind are job-wide, not a subtask's, and run before any subtask starts
+/// and from `sluice txn`: [`crate::sink::SinkTarget::recover`], and per target
+/// `postgres::{list_prepared, finish_prepared}`, `kafka::{pending_epochs, fence_all}`.
+pub trait TransactionalTarget: Send + 'static {
+    /// Write `batch` into the open transaction, beginning one if none is open. May
+    /// buffer; what was taken is in the transaction once [`Self::prepare`] returns.
+    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()>;
+
+    /// Barrier `checkpoint`: prepare the open transaction as that epoch, so that it can
+    /// be committed (or written again) after a crash. `None`: nothing was written since
+    /// the last prepare.
+    fn prepare(&mut self, checkpoint: u64) -> SinkFuture<'_, Option<Prepared>>;
+
+    /// Checkpoint `checkpoint` is complete: commit its prepared epoch `id`.
+    fn commit<'a>(&'a mut self, checkpoint: u64, id: &'a str) -> SinkFuture<'a, ()>;
+
+    /// Epoch `epoch` (id `id`) is still pending at barrier `checkpoint`: keep what it
+    /// names alive under `checkpoint` (the older checkpoint's state may be deleted by
+    /// retention) and return its id from now on. The default keeps it as is.
+    fn carry<'a>(&'a mut self, checkpoint: u64, epoch: u64, id: &'a str) -> SinkFuture<'a, String> {
+        let _ = (checkpoint, epoch);
+        Box::pin(async move { Ok(id.to_string()) })
+    }
+
+    /// Before the first record: make every epoch of `states` (this subtask's and those
+    /// of old subtasks beyond the new parallelism) written exactly once.
+    fn recover(&mut self, states: Vec<TwoPhaseState>) -> SinkFuture<'_, ()>;
+
+    /// The error an operator should see for `e` (a fenced producer names the process
+    /// that took over). The default passes it on.
+    fn explain(&self, e: Error) -> Error {
+        e
+    }
+}
+
+/// A prepared epoch waiting for its checkpoint to complete.
+struct Pending {
+    checkpoint: u64,
+    id: String,
+    records: u64,
+}
+
+/// The two-phase strategy of one sink subtask over target `T`.
+pub struct TwoPhase<T> {
+    subtask: usize,
+    target: T,
+    pending: Vec<Pending>,
+    stats: Arc<JobStats>,
+    metrics: SubtaskMetrics,
+}
+
+impl<T: TransactionalTarget> TwoPhase<T> {
+    /// Sink subtask `subtask` writing through `target`.
+    pub fn new(subtask: usize, target: T, stats: Arc<JobStats>) -> Self {
         let metrics = stats.subtask_metrics("sink", subtask);
-        Ok(Self {
-            job: job.to_string(),
+        Self {
             subtask,
-            table,
-            pool,
-            conn,
-            in_transaction: false,
-            buffer: WriteBuffer::new(batch_size, dead_letters),
+            target,
             pending: Vec::new(),
             stats,
             metrics,
-            uncommitted: 0,
-            prepared_counts: Vec::new(),
-            fence: None,
-        })
-    }
-
-    /// Check `fence` before every prepare and commit (see [`Fence::check`]).
-    pub fn with_fence(mut self, fence: Option<Fence>) -> Self {
-        self.fence = fence;
-        self
-    }
-
-    async fn flush(&mut self) -> Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
         }
-        if !self.in_transaction {
-            self.conn.execute("BEGIN").await.map_err(Error::db("begin"))?;
-            self.in_transaction = true;
-        }
-        let batch = self.buffer.take();
-        let rows: Vec<_> = batch.records.iter().collect();
-        let (written, rejected) = self.table.write(&mut self.conn, &rows, false, true).await?;
-        self.table.write_dead(&mut self.conn, &batch.dead).await?;
-        let rejected = self.buffer.route_dead(rejected).await?;
-        self.table.write_dead(&mut self.conn, &rejected).await?;
-        self.uncommitted += written;
-        self.buffer.recycle(batch);
-        Ok(())
-    }
-}
-
-impl Sink for TwoPhaseWriter {
-    fn pending_epochs(&self) -> usize {
-        self.pending.len()
     }
 
-    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
-        Box::pin(self.take(batch))
-    }
-
-    fn pre_commit(&mut self, checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
-        Box::pin(self.prepare(checkpoint))
-    }
-
-    fn commit(&mut self, checkpoint: u64) -> SinkFuture<'_, ()> {
-        Box::pin(self.commit_prepared(checkpoint))
-    }
-}
-
-impl TwoPhaseWriter {
     async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
-        if self.buffer.add(batch).await? {
-            self.flush().await?;
-        }
-        Ok(())
+        self.target.write(batch).await
     }
 
     async fn prepare(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
-        self.flush().await?;
-        self.buffer.flush_dead_letters().await?;
-        if self.in_transaction {
-            // Not needed for correctness (the check before commit is), but a process
-            // taken over should not prepare what would then hold row locks until the
-            // new owner's next restart.
-            if let Some(fence) = &self.fence {
-                fence.check(&mut self.conn).await?;
-            }
-            let id = gid(&self.job, self.subtask, checkpoint);
-            self.conn
-                .execute(format!("PREPARE TRANSACTION '{id}'").as_str())
-                .await
-                .map_err(Error::db(format!("prepare {id}")))?;
-            self.in_transaction = false;
+        if let Some(p) = self.target.prepare(checkpoint).await? {
             crate::failpoint::crash_if("after_prepare", checkpoint);
-            self.pending.push((checkpoint, id));
-            self.prepared_counts
-                .push((checkpoint, std::mem::take(&mut self.uncommitted)));
+            self.pending.push(Pending {
+                checkpoint,
+                id: p.id,
+                records: p.records,
+            });
+        }
+        for i in 0..self.pending.len() {
+            let epoch = self.pending[i].checkpoint;
+            if epoch < checkpoint {
+                let id = std::mem::take(&mut self.pending[i].id);
+                self.pending[i].id = self.target.carry(checkpoint, epoch, &id).await?;
+            }
         }
         telemetry::sink_commit(self.subtask, started.elapsed());
         serde_json::to_value(TwoPhaseState {
-            pending: self.pending.clone(),
+            subtask: self.subtask,
+            pending: self.pending.iter().map(|p| (p.checkpoint, p.id.clone())).collect(),
         })
         .map_err(|e| Error::Internal(format!("serialising sink state: {e}")))
     }
 
-    async fn commit_prepared(&mut self, checkpoint: u64) -> Result<()> {
-        if !self.pending.iter().any(|(n, _)| *n <= checkpoint) {
+    /// Commit, oldest first, every epoch up to `checkpoint`.
+    async fn commit_epochs(&mut self, checkpoint: u64) -> Result<()> {
+        if !self.pending.iter().any(|p| p.checkpoint <= checkpoint) {
             return Ok(());
         }
         crate::failpoint::crash_if("before_commit", checkpoint);
         crate::failpoint::fail_if("fail_before_commit", checkpoint)?;
         let started = Instant::now();
-        // The epoch connection may be inside the next transaction; commit elsewhere.
-        let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
-        if let Some(fence) = &self.fence {
-            fence.check(&mut conn).await?;
+        self.pending.sort_by_key(|p| p.checkpoint);
+        while self.pending.first().is_some_and(|p| p.checkpoint <= checkpoint) {
+            let p = &self.pending[0];
+            self.target.commit(p.checkpoint, &p.id).await?;
+            crate::failpoint::crash_if("after_commit", p.checkpoint);
+            let p = self.pending.remove(0);
+            self.metrics.records_out.increment(p.records);
+            self.stats.rows_written.fetch_add(p.records, Ordering::Relaxed);
         }
-        let mut keep = Vec::new();
-        for (n, id) in std::mem::take(&mut self.pending) {
-            if n <= checkpoint {
-                if !finish_prepared(&mut conn, &id, true).await? {
-                    tracing::warn!(gid = id, "prepared transaction already resolved");
-                }
-                crate::failpoint::crash_if("after_commit", n);
-            } else {
-                keep.push((n, id));
-            }
-        }
-        self.pending = keep;
-        let mut written = 0;
-        self.prepared_counts.retain(|(n, count)| {
-            if *n <= checkpoint {
-                written += count;
-                false
-            } else {
-                true
-            }
-        });
-        self.metrics.records_out.increment(written);
-        self.stats.rows_written.fetch_add(written, Ordering::Relaxed);
         telemetry::sink_commit(self.subtask, started.elapsed());
         Ok(())
     }
+
+    async fn recover_epochs(&mut self, states: Vec<serde_json::Value>) -> Result<()> {
+        let mut parsed = Vec::with_capacity(states.len());
+        for s in &states {
+            parsed.extend(
+                parse_state(s)
+                    .map_err(|e| Error::Internal(format!("sink-{}: restored sink state: {e}", self.subtask)))?,
+            );
+        }
+        self.target.recover(parsed).await
+    }
 }
 
-/// Resolve this job's prepared transactions before a (re)start: commit those that the
-/// restored checkpoint holds, roll back all others (epochs after it, which will be
-/// replayed). Returns (committed, rolled back).
-pub async fn recover(pool: &PgPool, job: &str, restored: Option<&CompletedCheckpoint>) -> Result<(usize, usize)> {
-    let mut to_commit = BTreeSet::new();
-    if let Some(cp) = restored {
-        for state in cp.operator_states("sink") {
-            let state: TwoPhaseState = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
-                path: format!("checkpoint {}", cp.id).into(),
-                message: format!("sink state: {e}"),
-            })?;
-            to_commit.extend(state.pending.into_iter().map(|(_, id)| id));
-        }
+impl<T: TransactionalTarget> Sink for TwoPhase<T> {
+    fn pending_epochs(&self) -> usize {
+        self.pending.len()
     }
-    let mut conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
-    let (mut committed, mut rolled_back) = (0, 0);
-    for txn in list_prepared(pool, job).await? {
-        let commit = to_commit.contains(&txn.gid);
-        if finish_prepared(&mut conn, &txn.gid, commit).await? {
-            if commit {
-                committed += 1;
-            } else {
-                rolled_back += 1;
-            }
-        }
+
+    fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
+        Box::pin(async move {
+            let result = self.take(batch).await;
+            result.map_err(|e| self.target.explain(e))
+        })
     }
-    if committed + rolled_back > 0 {
-        tracing::info!(
-            committed,
-            rolled_back,
-            "resolved prepared transactions left by an earlier run"
-        );
+
+    fn pre_commit(&mut self, checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            let result = self.prepare(checkpoint).await;
+            result.map_err(|e| self.target.explain(e))
+        })
     }
-    Ok((committed, rolled_back))
+
+    fn commit(&mut self, checkpoint: u64) -> SinkFuture<'_, ()> {
+        Box::pin(async move {
+            let result = self.commit_epochs(checkpoint).await;
+            result.map_err(|e| self.target.explain(e))
+        })
+    }
+
+    fn recover(&mut self, _checkpoint: u64, states: Vec<serde_json::Value>) -> SinkFuture<'_, ()> {
+        Box::pin(async move {
+            let result = self.recover_epochs(states).await;
+            result.map_err(|e| self.target.explain(e))
+        })
+    }
 }

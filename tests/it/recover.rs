@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use sqlx::{Executor, PgPool};
 
 use sluice::checkpoint::{CompletedCheckpoint, FORMAT_VERSION};
-use sluice::sink::two_phase::recover;
+use sluice::sink::postgres::recover;
 
 use crate::common::*;
 

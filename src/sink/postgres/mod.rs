@@ -1,5 +1,9 @@
 //! Postgres as a target: batched writes through `unnest` arrays (one statement per batch,
-//! one array per column), and the prepared-transaction operations two-phase commit needs.
+//! one array per column); its transactions for two-phase commit are in [`transactional`].
+
+pub mod transactional;
+
+pub use transactional::{finish_prepared, gid, gid_prefix, list_prepared, recover, PgTransactions, PreparedTxn};
 
 use std::path::Path;
 use std::str::FromStr;
@@ -737,68 +741,6 @@ fn bind_column<'q>(
                 ),
             }
         }
-    }
-}
-
-/// Prepared transactions of one job are named `sluice:<job>:<subtask>:<checkpoint>`;
-/// `:` cannot appear in a job name, so one job's prefix never matches another's.
-pub fn gid(job: &str, subtask: usize, checkpoint: u64) -> String {
-    format!("{}{subtask}:{checkpoint}", gid_prefix(job))
-}
-
-/// The prefix of this job's transaction ids (`sluice:<job>:`).
-pub fn gid_prefix(job: &str) -> String {
-    format!("sluice:{job}:")
-}
-
-/// A prepared transaction found in `pg_prepared_xacts`.
-#[derive(Debug, Clone)]
-pub struct PreparedTxn {
-    /// The transaction id.
-    pub gid: String,
-    /// When it was prepared.
-    pub prepared: String,
-    /// The role that prepared it.
-    pub owner: String,
-}
-
-/// This job's prepared transactions in the sink's database.
-pub async fn list_prepared(pool: &PgPool, job: &str) -> Result<Vec<PreparedTxn>> {
-    let rows = sqlx::query(
-        "SELECT gid, prepared::text, owner::text FROM pg_prepared_xacts \
-         WHERE database = current_database() AND starts_with(gid, $1) ORDER BY prepared",
-    )
-    .bind(gid_prefix(job))
-    .fetch_all(pool)
-    .await
-    .map_err(Error::db("list prepared transactions"))?;
-    rows.iter()
-        .map(|r| {
-            Ok(PreparedTxn {
-                gid: r.try_get(0)?,
-                prepared: r.try_get(1)?,
-                owner: r.try_get(2)?,
-            })
-        })
-        .collect::<std::result::Result<_, sqlx::Error>>()
-        .map_err(Error::db("list prepared transactions"))
-}
-
-/// `COMMIT PREPARED` or `ROLLBACK PREPARED`; `Ok(false)` if no such transaction exists
-/// (already resolved).
-pub async fn finish_prepared(conn: &mut PgConnection, gid: &str, commit: bool) -> Result<bool> {
-    if !gid
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_'))
-    {
-        return Err(Error::Unsupported(format!("`{gid}` is not a sluice transaction id")));
-    }
-    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-    // Transaction ids cannot be bind parameters; the id was checked above.
-    match conn.execute(format!("{verb} PREPARED '{gid}'").as_str()).await {
-        Ok(_) => Ok(true),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => Ok(false),
-        Err(e) => Err(Error::db(format!("{verb} PREPARED {gid}"))(e)),
     }
 }
 
