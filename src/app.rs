@@ -36,9 +36,10 @@ use crate::runtime::Cancel;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
 use crate::sink::kafka::{KafkaProducerSink, KafkaTransactions};
+use crate::sink::postgres::PgTransactions;
 use crate::sink::postgres::{Fence, JobLock, PgWal};
 use crate::sink::sqlite::SqliteWal;
-use crate::sink::postgres::PgTransactions;
+use crate::sink::switch;
 use crate::sink::two_phase::TwoPhase;
 use crate::sink::wal::WalWriter;
 use crate::sink::{SinkTarget, TableSpec};
@@ -588,8 +589,25 @@ async fn attempt(
                 metrics: first.as_deref().map(|op| stats.subtask_metrics(op, j)),
             };
             if stage.sink {
-                let mut sink = build_sink(cfg, bootstrap, &target, storage, j, stats.clone()).await?;
                 let mine = crate::runtime::sink::states_for(&sink_states, j, stage.parallelism as usize);
+                let tag = switch::tag(&cfg.sink);
+                let (mine, left) = switch::split(mine, &tag);
+                for (old, states) in left {
+                    finish_old_sink(
+                        cfg,
+                        bootstrap,
+                        &target,
+                        storage,
+                        j,
+                        stats.clone(),
+                        last_id,
+                        &old,
+                        states,
+                    )
+                    .await?;
+                }
+                let sink = build_sink(cfg, bootstrap, &target, storage, j, stats.clone()).await?;
+                let mut sink: Box<dyn Sink> = Box::new(switch::Tagged::new(sink, tag));
                 sink.recover(last_id, mine).await?;
                 let stats = stats.clone();
                 tasks.spawn(run_task(chain, SinkTail { sink, index: j, stats }, io));
@@ -916,7 +934,8 @@ async fn build_sink(
     let batch = cfg.sink.batch_size;
     Ok(match (target, cfg.sink.strategy) {
         (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => {
-            let t = PgTransactions::open(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, fence.clone()).await?;
+            let t =
+                PgTransactions::open(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, fence.clone()).await?;
             Box::new(TwoPhase::new(j, t, stats))
         }
         (SinkTarget::Postgres { pool, table, .. }, Strategy::Wal) => {
@@ -958,6 +977,50 @@ async fn build_sink(
             Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
         }
     })
+}
+
+/// Epochs a sink of another strategy (`old`, a tag) left pending in the restored
+/// checkpoint, finished by a sink of that strategy before sink subtask `j` starts with
+/// the configured one. Another kind of sink left them in another target: refused.
+#[allow(clippy::too_many_arguments)]
+async fn finish_old_sink(
+    cfg: &JobConfig,
+    bootstrap: &str,
+    target: &SinkTarget,
+    storage: &Arc<dyn CheckpointStorage>,
+    j: usize,
+    stats: Arc<JobStats>,
+    checkpoint: u64,
+    old: &str,
+    states: Vec<serde_json::Value>,
+) -> Result<()> {
+    let now = switch::tag(&cfg.sink);
+    let refuse = |message: String| Error::Config {
+        file: cfg.file.clone(),
+        key: "sink.kind".into(),
+        message,
+    };
+    let Some((kind, strategy)) = switch::parse(old).filter(|(kind, _)| *kind == cfg.sink.kind.name()) else {
+        return Err(refuse(format!(
+            "checkpoint {checkpoint} holds epochs a `{old}` sink may not have written yet; a `{now}` sink writes \
+             elsewhere and cannot finish them, so this start would lose them. A job whose sink changes kind is \
+             a new job: give it a new `job.name` (it starts from the source's configured start), or keep the \
+             old sink"
+        )));
+    };
+    let mut old_cfg = cfg.clone();
+    old_cfg.sink.strategy = strategy;
+    let mut sink = build_sink(&old_cfg, bootstrap, target, storage, j, stats).await?;
+    sink.recover(checkpoint, states).await?;
+    sink.finish().await?;
+    tracing::info!(
+        subtask = j,
+        from = old,
+        to = now,
+        kind,
+        "finished what the sink's previous strategy left in the checkpoint"
+    );
+    Ok(())
 }
 
 /// An error that only reports another subtask's end (a closed channel, a stopped

@@ -488,14 +488,26 @@ impl Default for RestartConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
-    /// PostgreSQL (both strategies).
+    /// PostgreSQL (`idempotent`, `two_phase`, `wal`).
     Postgres,
-    /// SQLite (idempotent only; the embedded default).
+    /// SQLite (`idempotent`, `wal`; the embedded default).
     Sqlite,
     /// A Kafka topic (`two_phase`: Kafka transactions), on the cluster `url` names.
     Kafka,
     /// Redis (`wal`): each record under a key built from `table` and the key columns.
     Redis,
+}
+
+impl SinkKind {
+    /// The name as configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Postgres => "postgres",
+            SinkKind::Sqlite => "sqlite",
+            SinkKind::Kafka => "kafka",
+            SinkKind::Redis => "redis",
+        }
+    }
 }
 
 /// How a Redis sink writes a record.
@@ -526,6 +538,30 @@ pub enum Strategy {
     /// Kafka only: written as they come, acknowledged before each checkpoint; a replay
     /// after a crash writes the replayed records again.
     AtLeastOnce,
+}
+
+impl Strategy {
+    /// The name as configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Idempotent => "idempotent",
+            Strategy::TwoPhase => "two_phase",
+            Strategy::Wal => "wal",
+            Strategy::AtLeastOnce => "at_least_once",
+        }
+    }
+
+    /// The strategy named `name` as configured.
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        [
+            Strategy::Idempotent,
+            Strategy::TwoPhase,
+            Strategy::Wal,
+            Strategy::AtLeastOnce,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
 }
 
 /// How records are spread over a downstream operator's subtasks.

@@ -26,6 +26,7 @@ pub mod kafka;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
+pub mod switch;
 pub mod two_phase;
 pub mod wal;
 
@@ -414,10 +415,13 @@ impl SinkTarget {
         restored: Option<&crate::checkpoint::CompletedCheckpoint>,
     ) -> crate::Result<()> {
         match self {
-            SinkTarget::Postgres { pool, .. } if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
-                postgres::recover(pool, &cfg.job.name, restored).await.map(|_| ())
-            }
-            SinkTarget::Kafka(target) if cfg.sink.strategy == crate::config::Strategy::TwoPhase => {
+            // Whatever the strategy now: a job that ran `two_phase` before may have left
+            // prepared transactions, which belong to its checkpoints (lost rows if never
+            // committed, held locks if never rolled back). One query when there are none.
+            SinkTarget::Postgres { pool, .. } => postgres::recover(pool, &cfg.job.name, restored).await.map(|_| ()),
+            // Whatever the strategy now (a job that ran `two_phase` before may have left
+            // epochs to rewrite); nothing to do when the checkpoint holds none.
+            SinkTarget::Kafka(target) => {
                 kafka::fence_before_recovery(target, &cfg.job.name, cfg.sink.parallelism as usize, restored).await
             }
             _ => Ok(()),

@@ -158,6 +158,13 @@ async fn rows_rejected_by_the_database_idempotent() {
     database_rejections("idempotent").await;
 }
 
+/// The write-ahead log's `COPY` of an epoch is refused whole; the epoch then goes
+/// through the row-aware insert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_rejected_by_the_database_wal() {
+    database_rejections("wal").await;
+}
+
 /// Rows the database cannot hold at all (SQLSTATE class 54, program limit exceeded): a
 /// payload nested deeper than the server's stack into a `jsonb` column, a 10 KB value
 /// in an indexed column. Each is dead-lettered while the records around it land; the
@@ -364,4 +371,9 @@ async fn records_a_trigger_refuses_two_phase() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_a_trigger_refuses_idempotent() {
     records_a_trigger_refuses("idempotent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_trigger_refuses_wal() {
+    records_a_trigger_refuses("wal").await;
 }

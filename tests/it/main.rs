@@ -19,6 +19,7 @@ mod migrate;
 #[cfg(feature = "s3")]
 mod object_storage;
 mod owners;
+mod pg_copy;
 mod prometheus;
 mod recover;
 mod restart;

@@ -39,8 +39,9 @@ async fn query(prom: &str, q: &str) -> Vec<Value> {
     let answer = tokio::task::spawn_blocking(move || http(&prom, "GET", &path, None))
         .await
         .expect("join");
-    // Not up yet: no data.
-    let Some((code, body)) = answer else {
+    // Not up yet, or up and not ready (503 until its storage has started, which takes
+    // long on a loaded machine): no data.
+    let Some((code, body)) = answer.filter(|(code, _)| *code != 503) else {
         return Vec::new();
     };
     assert_eq!(code, 200, "{q}: {body}");

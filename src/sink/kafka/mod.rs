@@ -32,8 +32,8 @@ mod message;
 mod transactional;
 
 use message::{dead_letter_msg, decode_epoch, send, Dest, Messages, Msg};
-pub use transactional::KafkaTransactions;
 use transactional::committed_epochs;
+pub use transactional::KafkaTransactions;
 
 use super::two_phase::restored_states;
 use super::TableSpec;

@@ -284,7 +284,11 @@ impl TransactionalTarget for KafkaTransactions {
 /// The newest committed epoch per marker key, read committed from the job's commit
 /// topic, once no transaction is open in it below its end (waiting up to `settle`);
 /// `false` beside the map: one still was, and markers after it may be missing.
-pub(super) async fn committed_epochs(client: &ClientConfig, job: &str, settle: Duration) -> Result<(HashMap<String, u64>, bool)> {
+pub(super) async fn committed_epochs(
+    client: &ClientConfig,
+    job: &str,
+    settle: Duration,
+) -> Result<(HashMap<String, u64>, bool)> {
     let mut c = client.clone();
     c.set("group.id", format!("sluice-{job}-recovery"))
         .set("isolation.level", "read_committed")
@@ -352,4 +356,3 @@ pub(super) async fn committed_epochs(client: &ClientConfig, job: &str, settle: D
     .await
     .map_err(|e| Error::Internal(format!("commit-topic reader: {e}")))?
 }
-

@@ -1,6 +1,7 @@
 //! Postgres as a target: batched writes through `unnest` arrays (one statement per batch,
 //! one array per column); its transactions for two-phase commit are in [`transactional`].
 
+mod copy;
 pub mod transactional;
 
 pub use transactional::{finish_prepared, gid, gid_prefix, list_prepared, recover, PgTransactions, PreparedTxn};
@@ -282,6 +283,8 @@ pub struct PgTable {
     coordinate_indexes: Vec<String>,
     /// See `sink.max_record_attempts`.
     max_record_attempts: u32,
+    /// `COPY` into the table, where it writes what the insert does.
+    copy_sql: Option<String>,
 }
 
 impl PgTable {
@@ -357,7 +360,9 @@ impl PgTable {
             None => None,
         };
         let coordinate_indexes = coordinate_indexes(pool, &spec).await?;
+        let copy_sql = copy::statement(pool, &spec, &types).await?;
         let table = Self {
+            copy_sql,
             spec,
             upsert_sql,
             insert_sql,
@@ -456,6 +461,16 @@ impl PgTable {
             );
         }
         Ok((written, rejected))
+    }
+
+    /// Write records with `COPY` inside the caller's transaction, where no row may
+    /// conflict (a write-ahead-log epoch). `Ok(None)`: not written (COPY does not suit
+    /// the table, or Postgres refused a row), for [`PgTable::write`] to do it row-aware.
+    pub async fn copy(&self, conn: &mut PgConnection, records: &[&Record]) -> Result<Option<u64>> {
+        match &self.copy_sql {
+            Some(sql) if !records.is_empty() => copy::copy_in(conn, sql, &self.spec.columns, records).await,
+            _ => Ok(None),
+        }
     }
 
     /// The dead-letter reason for a rejected row. A duplicate on the Kafka coordinates
@@ -798,7 +813,10 @@ impl super::wal::WalTarget for PgWal {
                 return Ok(None);
             }
             let rows: Vec<&Record> = records.iter().collect();
-            let (written, rejected) = self.table.write(&mut tx, &rows, false, true).await?;
+            let (written, rejected) = match self.table.copy(&mut tx, &rows).await? {
+                Some(written) => (written, Vec::new()),
+                None => self.table.write(&mut tx, &rows, false, true).await?,
+            };
             self.table.write_dead(&mut tx, dead).await?;
             self.table.write_dead(&mut tx, &rejected).await?;
             tx.commit().await.map_err(Error::db("commit an epoch"))?;

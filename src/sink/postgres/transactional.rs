@@ -237,4 +237,3 @@ pub async fn finish_prepared(conn: &mut PgConnection, gid: &str, commit: bool) -
         Err(e) => Err(Error::db(format!("{verb} PREPARED {gid}"))(e)),
     }
 }
-

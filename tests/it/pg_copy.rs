@@ -1,0 +1,167 @@
+//! The write-ahead log writes a Postgres epoch with `COPY`: it must write exactly what
+//! the `INSERT` path writes, value for value, and step aside when Postgres refuses a row.
+
+use std::sync::Arc;
+
+use sluice::record::{Origin, Record, Value, ValueSource};
+use sluice::sink::postgres::PgTable;
+use sluice::sink::{Column, MessageSpec, TableSpec, ValueType};
+
+use crate::common::*;
+
+fn spec(table: &str) -> TableSpec {
+    let col = |name: &str, source, value_type| Column {
+        name: name.into(),
+        source,
+        value_type,
+    };
+    TableSpec {
+        table: table.into(),
+        columns: vec![
+            col("topic", ValueSource::Topic, ValueType::Text),
+            col("partition", ValueSource::Partition, ValueType::Int4),
+            col("offset", ValueSource::Offset, ValueType::Int8),
+            col("i", ValueSource::Field(0), ValueType::Int8),
+            col("i4", ValueSource::Field(0), ValueType::Int8),
+            col("n", ValueSource::Field(0), ValueType::Int8),
+            col("f", ValueSource::Field(1), ValueType::Float8),
+            col("b", ValueSource::Field(2), ValueType::Bool),
+            col("t", ValueSource::Field(3), ValueType::Text),
+            col("v", ValueSource::Field(3), ValueType::Text),
+            col("j", ValueSource::Field(4), ValueType::Json),
+            col("p", ValueSource::Payload, ValueType::Json),
+        ],
+        key: vec![],
+        dead_letter_table: None,
+        key_is_origin: false,
+        message: MessageSpec::default(),
+    }
+}
+
+/// Records whose values are the awkward ones: escapes, `\N` as text, NaN and infinities,
+/// the extremes of a double, values of another type than their column's (NULL).
+fn records() -> Vec<Record> {
+    let ints = [0, -1, 42, i64::from(i32::MIN), i64::from(i32::MAX)];
+    let floats = [
+        0.1 + 0.2,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        1e300,
+        -0.0,
+        5e-324,
+        f64::MAX,
+    ];
+    let texts = [
+        "plain",
+        "tab\there",
+        "new\nline",
+        "back\\slash",
+        "\\N",
+        "",
+        "ünïcödé ✓",
+        "cr\r",
+        "\\.",
+    ];
+    let jsons = [
+        Value::Json(r#"{"a": [1, 2.5, "x\ty"], "b": null}"#.into()),
+        Value::Text(r#""s""#.into()),
+        Value::Null,
+        Value::Int(3),
+    ];
+    (0..300i64)
+        .map(|k| {
+            let i = k as usize;
+            let mut r = Record::for_test(
+                k,
+                vec![
+                    if i % 7 == 6 {
+                        Value::Text("x".into())
+                    } else {
+                        Value::Int(ints[i % ints.len()])
+                    },
+                    if i % 11 == 10 {
+                        Value::Int(7)
+                    } else {
+                        Value::Float(floats[i % floats.len()])
+                    },
+                    match i % 3 {
+                        0 => Value::Bool(true),
+                        1 => Value::Bool(false),
+                        _ => Value::Null,
+                    },
+                    if i % 13 == 12 {
+                        Value::Null
+                    } else {
+                        Value::Text(texts[i % texts.len()].into())
+                    },
+                    jsons[i % jsons.len()].clone(),
+                ],
+            );
+            r.origin = Origin {
+                topic: Arc::from(if i.is_multiple_of(2) { "in\tput" } else { "input" }),
+                partition: (i % 4) as i32,
+                offset: k,
+                timestamp_ms: 1_700_000_000_000 + k,
+            };
+            r.payload = (i % 5 != 4).then(|| format!(r#"{{"k": {k}, "s": "a\\tb"}}"#));
+            r
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_writes_what_insert_writes_and_steps_aside_for_refused_rows() {
+    let pool = pg().await;
+    let s = schema(&pool, false).await;
+    for t in ["by_copy", "by_insert"] {
+        sqlx::query(&format!(
+            "CREATE TABLE {s}.{t} (topic text, partition int, \"offset\" bigint, i bigint, i4 integer, n numeric, \
+             f double precision, b boolean, t text, v varchar(50), j jsonb, p json)"
+        ))
+        .execute(&pool)
+        .await
+        .expect("create table");
+    }
+    let records = records();
+    let rows: Vec<&Record> = records.iter().collect();
+    let by_copy = PgTable::open(&pool, spec(&format!("{s}.by_copy")), false, 3)
+        .await
+        .expect("open");
+    let by_insert = PgTable::open(&pool, spec(&format!("{s}.by_insert")), false, 3)
+        .await
+        .expect("open");
+    let mut tx = pool.begin().await.expect("begin");
+    let copied = by_copy.copy(&mut tx, &rows).await.expect("copy");
+    assert_eq!(copied, Some(records.len() as u64), "COPY was not used");
+    let (inserted, rejected) = by_insert.write(&mut tx, &rows, false, true).await.expect("insert");
+    assert_eq!((inserted, rejected.len()), (records.len() as u64, 0));
+    tx.commit().await.expect("commit");
+    let cols = "topic, partition, \"offset\", i, i4, n, f, b, t, v, j, p::text";
+    for (a, b) in [("by_copy", "by_insert"), ("by_insert", "by_copy")] {
+        let differ = count(
+            &pool,
+            &format!("SELECT count(*) FROM (SELECT {cols} FROM {s}.{a} EXCEPT ALL SELECT {cols} FROM {s}.{b}) d"),
+        )
+        .await;
+        assert_eq!(differ, 0, "rows of {a} not in {b}");
+    }
+    let nulls = count(&pool, &format!("SELECT count(*) FROM {s}.by_copy WHERE t IS NULL")).await;
+    assert_eq!(nulls, 23, "only NULL values are NULL (`\\N` as text is text)");
+
+    // A row Postgres refuses (not JSON for a jsonb column): COPY writes nothing and
+    // leaves the transaction usable for the INSERT path, which dead-letters that row.
+    let mut bad = records[0].clone();
+    bad.values[4] = Value::Text("not json".into());
+    let mut tx = pool.begin().await.expect("begin");
+    let copied = by_copy.copy(&mut tx, &[&records[1], &bad]).await.expect("copy");
+    assert_eq!(copied, None);
+    let (inserted, rejected) = by_copy
+        .write(&mut tx, &[&records[1], &bad], false, true)
+        .await
+        .expect("insert");
+    assert_eq!((inserted, rejected.len()), (1, 1));
+    tx.commit().await.expect("commit");
+    let total = count(&pool, &format!("SELECT count(*) FROM {s}.by_copy")).await;
+    assert_eq!(total, records.len() as i64 + 1);
+}
