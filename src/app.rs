@@ -590,25 +590,13 @@ async fn attempt(
             };
             if stage.sink {
                 let mine = crate::runtime::sink::states_for(&sink_states, j, stage.parallelism as usize);
-                let tag = switch::tag(&cfg.sink);
-                let (mine, left) = switch::split(mine, &tag);
-                for (old, states) in left {
-                    finish_old_sink(
-                        cfg,
-                        bootstrap,
-                        &target,
-                        storage,
-                        j,
-                        stats.clone(),
-                        last_id,
-                        &old,
-                        states,
-                    )
-                    .await?;
-                }
-                let sink = build_sink(cfg, bootstrap, &target, storage, j, stats.clone()).await?;
-                let mut sink: Box<dyn Sink> = Box::new(switch::Tagged::new(sink, tag));
-                sink.recover(last_id, mine).await?;
+                let parts = SinkParts {
+                    bootstrap,
+                    target: &target,
+                    storage,
+                    stats: stats.clone(),
+                };
+                let sink = open_sink(cfg, &parts, j, last_id, mine).await?;
                 let stats = stats.clone();
                 tasks.spawn(run_task(chain, SinkTail { sink, index: j, stats }, io));
             } else {
@@ -915,16 +903,39 @@ fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::
 /// How long cancelled subtasks get to stop before they are aborted.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// What every sink subtask is built from.
+struct SinkParts<'a> {
+    bootstrap: &'a str,
+    target: &'a SinkTarget,
+    storage: &'a Arc<dyn CheckpointStorage>,
+    stats: Arc<JobStats>,
+}
+
+/// Sink subtask `j`, recovered from its share `restored` of checkpoint `checkpoint`:
+/// first what a sink of another strategy left there is finished by that strategy (see
+/// [`switch`]), then the configured sink recovers its own states.
+async fn open_sink(
+    cfg: &JobConfig,
+    parts: &SinkParts<'_>,
+    j: usize,
+    checkpoint: u64,
+    restored: Vec<serde_json::Value>,
+) -> Result<Box<dyn Sink>> {
+    let tag = switch::tag(&cfg.sink);
+    let (own, left) = switch::split(restored, &tag);
+    for (old, states) in left {
+        finish_old_sink(cfg, parts, j, checkpoint, &old, states).await?;
+    }
+    let sink = build_sink(cfg, parts, j).await?;
+    let mut sink: Box<dyn Sink> = Box::new(switch::Tagged::new(sink, tag));
+    sink.recover(checkpoint, own).await?;
+    Ok(sink)
+}
+
 /// Sink subtask `j`: the strategy over the target, as configured. The one place that
 /// picks a sink's implementation.
-async fn build_sink(
-    cfg: &JobConfig,
-    bootstrap: &str,
-    target: &SinkTarget,
-    storage: &Arc<dyn CheckpointStorage>,
-    j: usize,
-    stats: Arc<JobStats>,
-) -> Result<Box<dyn Sink>> {
+async fn build_sink(cfg: &JobConfig, parts: &SinkParts<'_>, j: usize) -> Result<Box<dyn Sink>> {
+    let (bootstrap, target, storage, stats) = (parts.bootstrap, parts.target, parts.storage, parts.stats.clone());
     // A Kafka sink writes dead letters in its own transactions.
     let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic, target) {
         (_, _, SinkTarget::Kafka(_)) => None,
@@ -982,14 +993,10 @@ async fn build_sink(
 /// Epochs a sink of another strategy (`old`, a tag) left pending in the restored
 /// checkpoint, finished by a sink of that strategy before sink subtask `j` starts with
 /// the configured one. Another kind of sink left them in another target: refused.
-#[allow(clippy::too_many_arguments)]
 async fn finish_old_sink(
     cfg: &JobConfig,
-    bootstrap: &str,
-    target: &SinkTarget,
-    storage: &Arc<dyn CheckpointStorage>,
+    parts: &SinkParts<'_>,
     j: usize,
-    stats: Arc<JobStats>,
     checkpoint: u64,
     old: &str,
     states: Vec<serde_json::Value>,
@@ -1010,7 +1017,7 @@ async fn finish_old_sink(
     };
     let mut old_cfg = cfg.clone();
     old_cfg.sink.strategy = strategy;
-    let mut sink = build_sink(&old_cfg, bootstrap, target, storage, j, stats).await?;
+    let mut sink = build_sink(&old_cfg, parts, j).await?;
     sink.recover(checkpoint, states).await?;
     sink.finish().await?;
     tracing::info!(

@@ -16,8 +16,13 @@ use crate::record::{Record, Value, ValueSource};
 use crate::sink::{Column, TableSpec, ValueType};
 
 /// The COPY statement for the spec's table, or `None` where COPY might not write what
-/// `INSERT` writes. `types`: (column, SQL type) of the table.
-pub(super) async fn statement(pool: &PgPool, spec: &TableSpec, types: &[(String, String)]) -> Result<Option<String>> {
+/// `INSERT` writes. `types`: (column, SQL type) of the table; `cols`: the quoted column list.
+pub(super) async fn statement(
+    pool: &PgPool,
+    spec: &TableSpec,
+    types: &[(String, String)],
+    cols: &str,
+) -> Result<Option<String>> {
     let same = spec.columns.iter().all(|c| {
         types
             .iter()
@@ -42,12 +47,6 @@ pub(super) async fn statement(pool: &PgPool, spec: &TableSpec, types: &[(String,
     if !plain {
         return Ok(None);
     }
-    let cols = spec
-        .columns
-        .iter()
-        .map(|c| quote_name(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
     Ok(Some(format!("COPY {} ({cols}) FROM STDIN", quote_name(&spec.table))))
 }
 

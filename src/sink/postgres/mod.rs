@@ -360,7 +360,7 @@ impl PgTable {
             None => None,
         };
         let coordinate_indexes = coordinate_indexes(pool, &spec).await?;
-        let copy_sql = copy::statement(pool, &spec, &types).await?;
+        let copy_sql = copy::statement(pool, &spec, &types, &cols).await?;
         let table = Self {
             copy_sql,
             spec,
