@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::json::{write_text, RowJson};
 use super::wal::WalTarget;
 use super::TableSpec;
 use crate::config::{redact_url, RedisCommand};
@@ -25,6 +26,7 @@ pub struct RedisWal {
     conn: ConnectionManager,
     spec: TableSpec,
     command: RedisCommand,
+    row: RowJson,
 }
 
 impl RedisWal {
@@ -37,7 +39,13 @@ impl RedisWal {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| Error::Lookup(format!("connect to the redis sink {}: {e}", redact_url(url))))?;
-        Ok(Self { conn, spec, command })
+        let row = RowJson::new(&spec);
+        Ok(Self {
+            conn,
+            spec,
+            command,
+            row,
+        })
     }
 
     /// The records' layout.
@@ -45,38 +53,41 @@ impl RedisWal {
         &self.spec
     }
 
-    fn key_of(&self, r: &Record) -> String {
-        let mut key = self.spec.table.clone();
+    /// `table:key1:key2…`, into `out`.
+    fn key_of(&self, r: &Record, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.spec.table.as_bytes());
         for i in &self.spec.key {
-            key.push(':');
-            key.push_str(&text(&self.spec, *i, r));
+            out.push(b':');
+            write_text(self.spec.columns[*i].source, r, out);
         }
-        key
     }
 
-    fn add(&self, pipe: &mut redis::Pipeline, r: &Record) {
+    /// The record's command into `pipe`; `buf` is scratch space, kept between records.
+    fn add(&self, pipe: &mut redis::Pipeline, r: &Record, buf: &mut Vec<u8>) {
+        buf.clear();
         match self.command {
             RedisCommand::Set => {
-                let mut row = serde_json::Map::with_capacity(self.spec.columns.len());
-                for (i, c) in self.spec.columns.iter().enumerate() {
-                    row.insert(c.name.clone(), super::column_json(&self.spec, i, r));
-                }
-                pipe.cmd("SET")
-                    .arg(self.key_of(r))
-                    .arg(serde_json::Value::Object(row).to_string())
-                    .ignore();
+                self.key_of(r, buf);
+                let key_len = buf.len();
+                self.row.write(&self.spec, r, buf);
+                pipe.cmd("SET").arg(&buf[..key_len]).arg(&buf[key_len..]).ignore();
             }
             RedisCommand::Hset => {
-                let cmd = pipe.cmd("HSET").arg(self.key_of(r));
-                for (i, c) in self.spec.columns.iter().enumerate() {
-                    cmd.arg(&c.name).arg(text(&self.spec, i, r));
+                self.key_of(r, buf);
+                let cmd = pipe.cmd("HSET").arg(&buf[..]);
+                for c in &self.spec.columns {
+                    buf.clear();
+                    write_text(c.source, r, buf);
+                    cmd.arg(&c.name).arg(&buf[..]);
                 }
                 cmd.ignore();
             }
             RedisCommand::Xadd => {
                 let cmd = pipe.cmd("XADD").arg(&self.spec.table).arg("*");
-                for (i, c) in self.spec.columns.iter().enumerate() {
-                    cmd.arg(&c.name).arg(text(&self.spec, i, r));
+                for c in &self.spec.columns {
+                    buf.clear();
+                    write_text(c.source, r, buf);
+                    cmd.arg(&c.name).arg(&buf[..]);
                 }
                 cmd.ignore();
             }
@@ -110,8 +121,9 @@ impl WalTarget for RedisWal {
             }
             let mut pipe = redis::pipe();
             pipe.atomic();
+            let mut buf = Vec::with_capacity(256);
             for r in records {
-                self.add(&mut pipe, r);
+                self.add(&mut pipe, r, &mut buf);
             }
             for d in dead {
                 pipe.cmd("XADD")
@@ -141,13 +153,5 @@ impl WalTarget for RedisWal {
     fn prune<'a>(&'a self, _job: &'a str, _subtask: usize, _checkpoint: u64) -> SinkFuture<'a, ()> {
         // Markers expire on their own.
         Box::pin(async { Ok(()) })
-    }
-}
-
-fn text(spec: &TableSpec, column: usize, r: &Record) -> String {
-    match super::column_json(spec, column, r) {
-        serde_json::Value::String(s) => s,
-        serde_json::Value::Null => String::new(),
-        v => v.to_string(),
     }
 }

@@ -14,6 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 
+use super::super::json::RowJson;
 use super::super::{source_json, TableSpec};
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Origin, Record, ValueSource};
@@ -158,15 +159,6 @@ fn message_key(spec: &TableSpec, r: &Record) -> Option<Vec<u8>> {
     })
 }
 
-/// The message value: a JSON object of the columns.
-fn message_value(spec: &TableSpec, r: &Record) -> Vec<u8> {
-    let mut row = serde_json::Map::with_capacity(spec.columns.len());
-    for (i, c) in spec.columns.iter().enumerate() {
-        row.insert(c.name.clone(), super::super::column_json(spec, i, r));
-    }
-    serde_json::Value::Object(row).to_string().into_bytes()
-}
-
 /// A value as header text: text as it is, anything else as JSON; null: no value.
 fn header_value(source: ValueSource, r: &Record) -> Option<Vec<u8>> {
     match source_json(source, r) {
@@ -194,6 +186,8 @@ const RECHECK: Duration = Duration::from_secs(5);
 /// cluster's topics (asked only when records choose their own topic or partition).
 pub(super) struct Messages {
     spec: TableSpec,
+    /// The message value: a JSON object of the columns.
+    row: RowJson,
     default_topic: String,
     commit_topic: String,
     /// Key records without a configured key by their Kafka coordinates.
@@ -210,6 +204,7 @@ impl Messages {
     pub(super) fn new(spec: TableSpec, commit_topic: String, keyed_by_origin: bool, client: ClientConfig) -> Self {
         Self {
             default_topic: spec.table.clone(),
+            row: RowJson::new(&spec),
             spec,
             commit_topic,
             keyed_by_origin,
@@ -237,7 +232,7 @@ impl Messages {
                 }
             }
         } else {
-            message_value(&self.spec, r)
+            self.value(r)
         };
         let headers = m
             .headers
@@ -290,6 +285,12 @@ impl Messages {
         }))
     }
 
+    fn value(&self, r: &Record) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        self.row.write(&self.spec, r, &mut out);
+        out
+    }
+
     /// A record this sink could not send, as a dead letter: its payload as read, or
     /// else the JSON of its columns (what would have been sent).
     pub(super) fn refused(&self, r: &Record, reason: String) -> DeadLetter {
@@ -298,7 +299,7 @@ impl Messages {
             reason: format!("kafka sink: {reason}"),
             payload: match &r.payload {
                 Some(p) => p.clone().into_bytes(),
-                None => message_value(&self.spec, r),
+                None => self.value(r),
             },
         }
     }
