@@ -965,7 +965,8 @@ async fn build_sink(cfg: &JobConfig, parts: &SinkParts<'_>, j: usize) -> Result<
             Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
         }
         (SinkTarget::Redis(target), _) => {
-            Box::new(WalWriter::new(&cfg.job.name, j, target.clone(), storage.clone(), stats))
+            let t = target.for_subtask().await?;
+            Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
         }
         (SinkTarget::Kafka(target), Strategy::Idempotent | Strategy::AtLeastOnce) => Box::new(KafkaProducerSink::new(
             j,

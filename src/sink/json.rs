@@ -131,7 +131,10 @@ mod tests {
         ];
         (0..values.len())
             .map(|k| {
-                let mut r = Record::for_test(k as i64, (0..3).map(|j| values[(k + j) % values.len()].clone()).collect());
+                let mut r = Record::for_test(
+                    k as i64,
+                    (0..3).map(|j| values[(k + j) % values.len()].clone()).collect(),
+                );
                 r.payload = [None, Some(r#"{"p": 1}"#.to_string()), Some("[".to_string())][k % 3].clone();
                 r
             })

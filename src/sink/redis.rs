@@ -4,10 +4,18 @@
 //! expire after a week (a restore replays only the newest checkpoint's epochs). Durable
 //! as far as the server's persistence goes (AOF with `appendfsync always` for no loss
 //! on a Redis crash).
+//!
+//! The commands of an epoch are queued in slices of [`SLICE`] between `MULTI` and
+//! `EXEC`, so the client never packs a whole epoch into one buffer (tens of megabytes,
+//! grown and zeroed each epoch: a third of the sink's time). That needs a connection of
+//! the subtask's own which never reconnects behind its back: a reconnection inside
+//! `MULTI` would run the rest of the epoch outside the transaction. A broken connection
+//! fails the write instead, and the restart writes the epoch again, once.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
 
 use super::json::{write_text, RowJson};
 use super::wal::WalTarget;
@@ -20,31 +28,52 @@ use crate::runtime::sink::SinkFuture;
 /// How long an epoch's marker is kept.
 const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Commands sent to the server per round trip while an epoch is queued.
+const SLICE: usize = 2_000;
+
 /// A Redis database written by the write-ahead log.
 #[derive(Clone)]
 pub struct RedisWal {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Used by one sink subtask only (see [`RedisWal::for_subtask`]).
+    conn: MultiplexedConnection,
+    url: String,
     spec: TableSpec,
     command: RedisCommand,
     row: RowJson,
+}
+
+async fn connect(client: &redis::Client, url: &str) -> Result<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| Error::Lookup(format!("connect to the redis sink {}: {e}", redact_url(url))))
 }
 
 impl RedisWal {
     /// Connect (the password, if any, from `password` or `SLUICE_REDIS_PASSWORD`).
     pub async fn open(url: &str, password: Option<&str>, spec: TableSpec, command: RedisCommand) -> Result<Self> {
         let client = crate::lookup::redis::client(url, password)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| Error::Lookup(format!("connect to the redis sink {}: {e}", redact_url(url))))?;
+        let conn = connect(&client, url).await?;
         let row = RowJson::new(&spec);
         Ok(Self {
+            client,
             conn,
+            url: url.to_string(),
             spec,
             command,
             row,
+        })
+    }
+
+    /// The same target on a connection of its own, for one sink subtask.
+    pub async fn for_subtask(&self) -> Result<Self> {
+        Ok(Self {
+            conn: connect(&self.client, &self.url).await?,
+            ..self.clone()
         })
     }
 
@@ -95,6 +124,52 @@ impl RedisWal {
     }
 }
 
+impl RedisWal {
+    /// Queue an epoch's commands and its marker inside the open `MULTI`, a slice per
+    /// round trip.
+    async fn queue(
+        &self,
+        conn: &mut MultiplexedConnection,
+        marker: &str,
+        records: &[Record],
+        dead: &[DeadLetter],
+    ) -> redis::RedisResult<()> {
+        let mut buf = Vec::with_capacity(256);
+        for slice in records.chunks(SLICE) {
+            let mut pipe = redis::pipe();
+            for r in slice {
+                self.add(&mut pipe, r, &mut buf);
+            }
+            pipe.query_async::<()>(conn).await?;
+        }
+        let mut pipe = redis::pipe();
+        add_dead(&mut pipe, &self.spec.table, dead);
+        pipe.cmd("SET")
+            .arg(marker)
+            .arg(records.len())
+            .arg("PX")
+            .arg(MARKER_TTL.as_millis() as u64)
+            .ignore();
+        pipe.query_async::<()>(conn).await
+    }
+}
+
+/// Dead letters as entries of the stream `<table>:dead`.
+fn add_dead(pipe: &mut redis::Pipeline, table: &str, dead: &[DeadLetter]) {
+    for d in dead {
+        pipe.cmd("XADD")
+            .arg(format!("{table}:dead"))
+            .arg("*")
+            .arg("origin")
+            .arg(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset))
+            .arg("reason")
+            .arg(&d.reason)
+            .arg("payload")
+            .arg(d.payload.as_slice())
+            .ignore();
+    }
+}
+
 fn marker(job: &str, subtask: usize, checkpoint: u64) -> String {
     format!("sluice:{job}:wal:{subtask}:{checkpoint}")
 }
@@ -119,34 +194,64 @@ impl WalTarget for RedisWal {
             if seen {
                 return Ok(None);
             }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let mut buf = Vec::with_capacity(256);
-            for r in records {
-                self.add(&mut pipe, r, &mut buf);
-            }
-            for d in dead {
-                pipe.cmd("XADD")
-                    .arg(format!("{}:dead", self.spec.table))
-                    .arg("*")
-                    .arg("origin")
-                    .arg(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset))
-                    .arg("reason")
-                    .arg(&d.reason)
-                    .arg("payload")
-                    .arg(d.payload.as_slice())
-                    .ignore();
-            }
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(records.len())
-                .arg("PX")
-                .arg(MARKER_TTL.as_millis() as u64)
-                .ignore();
-            pipe.query_async::<()>(&mut conn)
+            let fail = |what: &str, e: redis::RedisError| Error::Lookup(format!("redis sink: {what}: {e}"));
+            redis::cmd("MULTI")
+                .query_async::<()>(&mut conn)
                 .await
-                .map_err(|e| Error::Lookup(format!("redis sink: write an epoch: {e}")))?;
-            Ok(Some(records.len() as u64))
+                .map_err(|e| fail("begin an epoch", e))?;
+            let queued = self.queue(&mut conn, &key, records, dead).await;
+            if let Err(e) = queued {
+                // Best effort: a connection still in MULTI must not carry it into the
+                // next epoch (a broken one is replaced with the restart).
+                let _ = redis::cmd("DISCARD").query_async::<()>(&mut conn).await;
+                return Err(fail("write an epoch", e));
+            }
+            // The raw reply: `query_async` would turn one refused command into an
+            // error for the whole epoch, which Redis applied nonetheless.
+            let done = conn
+                .send_packed_command(&redis::cmd("EXEC"))
+                .await
+                .map_err(|e| fail("commit an epoch", e))?;
+            let replies = match done {
+                redis::Value::Array(replies) => replies,
+                redis::Value::ServerError(e) => return Err(fail("commit an epoch", e.into())),
+                other => {
+                    return Err(Error::Lookup(format!(
+                        "redis sink: an epoch's transaction was not executed: {other:?}"
+                    )))
+                }
+            };
+            // Redis does not roll a transaction back: a command refused inside it (a key
+            // of another type) is the only one not applied, and the epoch's marker is.
+            // Its record becomes a dead letter, so it is not lost without a trace.
+            let refused: Vec<DeadLetter> = replies
+                .iter()
+                .zip(records)
+                .filter_map(|(reply, r)| match reply {
+                    redis::Value::ServerError(e) => Some(DeadLetter {
+                        origin: r.origin.clone(),
+                        reason: format!("refused by redis: {e}"),
+                        payload: {
+                            let mut row = Vec::new();
+                            self.row.write(&self.spec, r, &mut row);
+                            row
+                        },
+                    }),
+                    _ => None,
+                })
+                .collect();
+            if !refused.is_empty() {
+                tracing::warn!(
+                    records = refused.len(),
+                    "redis refused records of an epoch; dead-lettered"
+                );
+                let mut pipe = redis::pipe();
+                add_dead(&mut pipe, &self.spec.table, &refused);
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| fail("write dead letters", e))?;
+            }
+            Ok(Some((records.len() - refused.len()) as u64))
         })
     }
 

@@ -82,6 +82,9 @@ pub struct WalWriter<T> {
     pending: Vec<Pending>,
     stats: Arc<JobStats>,
     metrics: SubtaskMetrics,
+    /// What the last stored epoch took, to size the next one's buffers.
+    stored_bytes: usize,
+    stored_records: usize,
 }
 
 impl<T: WalTarget> WalWriter<T> {
@@ -107,11 +110,17 @@ impl<T: WalTarget> WalWriter<T> {
             pending: Vec::new(),
             stats,
             metrics,
+            stored_bytes: 0,
+            stored_records: 0,
         }
     }
 
-    async fn store(&self, checkpoint: u64, epoch: &Epoch) -> Result<String> {
-        let bytes = postcard::to_allocvec(epoch).map_err(|e| Error::Internal(format!("encode an epoch: {e}")))?;
+    async fn store(&mut self, checkpoint: u64, epoch: &Epoch) -> Result<String> {
+        // Sized like the last epoch: growing an epoch's buffer by doubling, in fresh
+        // pages each time, cost more than encoding it.
+        let buffer = Vec::with_capacity(self.stored_bytes);
+        let bytes = postcard::to_extend(epoch, buffer).map_err(|e| Error::Internal(format!("encode an epoch: {e}")))?;
+        self.stored_bytes = bytes.len() + bytes.len() / 8;
         let storage = self.storage.clone();
         let name = format!("sink-{}-wal-{checkpoint}", self.subtask);
         tokio::task::spawn_blocking(move || storage.write_state(checkpoint, &name, &bytes))
@@ -145,10 +154,11 @@ impl<T: WalTarget> WalWriter<T> {
         let epoch = std::mem::replace(
             &mut self.open,
             Epoch {
-                records: Vec::new(),
+                records: Vec::with_capacity(self.stored_records),
                 dead: Vec::new(),
             },
         );
+        self.stored_records = epoch.records.len() + epoch.records.len() / 8;
         if !epoch.records.is_empty() || !epoch.dead.is_empty() {
             let handle = self.store(checkpoint, &epoch).await?;
             crate::failpoint::crash_if("after_prepare", checkpoint);
@@ -164,8 +174,8 @@ impl<T: WalTarget> WalWriter<T> {
             if self.pending[i].checkpoint < checkpoint
                 && !self.pending[i].handle.starts_with(&format!("chk-{checkpoint}/"))
             {
-                let handle = self.store(checkpoint, &self.pending[i].epoch).await?;
-                self.pending[i].handle = handle;
+                let epoch = self.pending[i].epoch.clone();
+                self.pending[i].handle = self.store(checkpoint, &epoch).await?;
             }
         }
         telemetry::sink_commit(self.subtask, started.elapsed());

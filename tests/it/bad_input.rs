@@ -377,3 +377,76 @@ async fn records_a_trigger_refuses_idempotent() {
 async fn records_a_trigger_refuses_wal() {
     records_a_trigger_refuses("wal").await;
 }
+
+/// Redis refuses a command inside an epoch's transaction (`HSET` on a key that holds a
+/// string) and applies the rest, the epoch's marker included: the refused record
+/// becomes a dead letter in the stream `<table>:dead` instead of vanishing, and the job
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_redis_refuses_is_a_dead_letter() {
+    let topic = unique("redis_refuse");
+    create_topic(&topic, 2).await;
+    let table = unique("refuse");
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    for id in [7, 13] {
+        redis::cmd("SET")
+            .arg(format!("{table}:{id}"))
+            .arg("a string")
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("SET");
+    }
+    produce(&topic, (0..200).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = job_toml(&unique("redis_refuse"), &topic, "x", "wal", &dir.path().join("cp"))
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            "url = \"redis://127.0.0.1:6379\"\nredis_command = \"hset\"\nkey = [\"id\"]",
+        )
+        .replace("kind = \"postgres\"", "kind = \"redis\"")
+        .replace("table = \"x.events\"", &format!("table = \"{table}\""));
+    let running = InProcess::start(&write_config(dir.path(), &toml));
+    let dead_stream = format!("{table}:dead");
+    let counts = |mut conn: redis::aio::MultiplexedConnection| {
+        let (table, dead_stream) = (table.clone(), dead_stream.clone());
+        async move {
+            let mut pipe = redis::pipe();
+            for id in 0..200 {
+                pipe.cmd("TYPE").arg(format!("{table}:{id}"));
+            }
+            let types: Vec<String> = pipe.query_async(&mut conn).await.expect("TYPE");
+            let dead: i64 = redis::cmd("XLEN")
+                .arg(&dead_stream)
+                .query_async(&mut conn)
+                .await
+                .expect("XLEN");
+            (types.iter().filter(|t| *t == "hash").count(), dead)
+        }
+    };
+    let done = wait_until(Duration::from_secs(60), || {
+        let c = counts(conn.clone());
+        async move { c.await == (198, 2) }
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(done, "hashes and dead letters: {:?}", counts(conn.clone()).await);
+    assert_eq!(restarts, 0, "a refused record made the job fail");
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&dead_stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    for (_, fields) in &entries {
+        let reason = fields.iter().find(|(k, _)| k == "reason").map(|(_, v)| v.as_str());
+        assert!(reason.is_some_and(|r| r.contains("WRONGTYPE")), "{fields:?}");
+        let payload = fields.iter().find(|(k, _)| k == "payload").map(|(_, v)| v.as_str());
+        assert!(
+            payload.is_some_and(|p| p.contains("\"id\":7") || p.contains("\"id\":13")),
+            "{fields:?}"
+        );
+    }
+}
