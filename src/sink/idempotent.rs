@@ -63,8 +63,8 @@ pub struct SqliteUpsert {
 impl UpsertTarget for SqliteUpsert {
     async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<Vec<DeadLetter>> {
         let rows = last_per_key(records, &self.table.spec);
-        self.table.upsert(&self.pool, &rows, dead).await?;
-        Ok(Vec::new())
+        let (_, refused) = self.table.upsert(&self.pool, &rows, dead).await?;
+        Ok(refused)
     }
 
     async fn write_dead(&self, dead: &[DeadLetter]) -> Result<()> {

@@ -1,4 +1,7 @@
 //! SQLite as a target, for the embedded default: multi-row upserts in a transaction.
+//! A statement SQLite refuses for a row's data (a CHECK, NOT NULL or UNIQUE constraint,
+//! a trigger's `RAISE`, a type a STRICT table refuses) is halved under a savepoint until
+//! the refused rows stand alone; they become dead letters and the rest is written.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -7,6 +10,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+use super::json::RowJson;
 use super::{quote_name, TableSpec};
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
@@ -48,6 +52,8 @@ pub struct SqliteTable {
     pub spec: TableSpec,
     head: String,
     conflict: String,
+    /// A refused row's dead-letter payload: the row as JSON.
+    row: RowJson,
 }
 
 impl SqliteTable {
@@ -80,19 +86,33 @@ impl SqliteTable {
         } else {
             format!(" ON CONFLICT ({}) DO UPDATE SET {}", key.join(", "), updates.join(", "))
         };
-        Ok(Self { spec, head, conflict })
+        let row = RowJson::new(&spec);
+        Ok(Self {
+            spec,
+            head,
+            conflict,
+            row,
+        })
     }
 
-    /// Upsert records and insert dead letters in one transaction.
-    pub async fn upsert(&self, pool: &SqlitePool, records: &[&Record], dead: &[DeadLetter]) -> Result<u64> {
+    /// Upsert records and insert dead letters in one transaction. Returns the rows
+    /// written and the rows SQLite refused, as dead letters not yet written anywhere.
+    pub async fn upsert(
+        &self,
+        pool: &SqlitePool,
+        records: &[&Record],
+        dead: &[DeadLetter],
+    ) -> Result<(u64, Vec<DeadLetter>)> {
         let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
-        let written = self.write_in(&mut tx, records, dead, true).await?;
+        let (written, refused) = self.write_rows(&mut tx, records, true).await?;
+        self.write_dead(&mut tx, dead).await?;
         tx.commit().await.map_err(Error::db("commit"))?;
-        Ok(written)
+        Ok((written, refused))
     }
 
     /// In one transaction: unless the committer record (job, subtask, checkpoint) of
-    /// `committer` exists, write it with the records and dead letters (write-ahead log).
+    /// `committer` exists, write it with the records and dead letters (write-ahead log);
+    /// rows SQLite refuses go to the dead-letter table with them.
     pub async fn write_epoch(
         &self,
         pool: &SqlitePool,
@@ -115,72 +135,143 @@ impl SqliteTable {
             return Ok(None);
         }
         // Plain inserts: the committer record, not a key, keeps an epoch from landing twice.
-        let written = self.write_in(&mut tx, records, dead, false).await?;
+        let (written, refused) = self.write_rows(&mut tx, records, false).await?;
+        self.write_dead(&mut tx, dead).await?;
+        self.write_dead(&mut tx, &refused).await?;
         tx.commit().await.map_err(Error::db("commit"))?;
         Ok(Some(written))
     }
 
-    async fn write_in(
+    /// The records in statements of at most `MAX_BINDS` values, each under a savepoint;
+    /// a statement refused for its rows' data is halved until the refused rows stand
+    /// alone. Returns the rows written and the refused rows as dead letters.
+    async fn write_rows(
         &self,
         tx: &mut sqlx::Transaction<'_, Sqlite>,
         records: &[&Record],
-        dead: &[DeadLetter],
         upsert: bool,
-    ) -> Result<u64> {
-        let mut written = 0;
+    ) -> Result<(u64, Vec<DeadLetter>)> {
+        let (mut written, mut refused) = (0, Vec::new());
         let per_stmt = (MAX_BINDS / self.spec.columns.len().max(1)).max(1);
-        for chunk in records.chunks(per_stmt) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(&self.head);
-            qb.push_values(chunk, |mut row, r| {
-                for c in &self.spec.columns {
-                    match c.source {
-                        ValueSource::Topic => row.push_bind(r.origin.topic.to_string()),
-                        ValueSource::Partition => row.push_bind(r.origin.partition),
-                        ValueSource::Offset => row.push_bind(r.origin.offset),
-                        ValueSource::Timestamp => row.push_bind(r.origin.timestamp_ms),
-                        ValueSource::Payload => row.push_bind(r.payload.clone()),
-                        ValueSource::Field(i) => match r.values.get(i).unwrap_or(&Value::Null) {
-                            Value::Null => row.push_bind(None::<i64>),
-                            Value::Bool(b) => row.push_bind(*b),
-                            Value::Int(v) => row.push_bind(*v),
-                            Value::Float(v) => row.push_bind(*v),
-                            Value::Text(s) | Value::Json(s) => row.push_bind(s.clone()),
-                        },
-                    };
-                }
-            });
-            if upsert {
-                qb.push(&self.conflict);
-            }
-            let done = qb
-                .build()
+        let mut pending: Vec<&[&Record]> = records.chunks(per_stmt).rev().collect();
+        let savepoint = |sql: &'static str| sqlx::query(sql);
+        while let Some(rows) = pending.pop() {
+            savepoint("SAVEPOINT sluice_write")
                 .execute(&mut **tx)
                 .await
-                .map_err(Error::db(format!("write to {}", self.spec.table)))?;
-            written += done.rows_affected();
-        }
-        if let (Some(t), false) = (&self.spec.dead_letter_table, dead.is_empty()) {
-            for chunk in dead.chunks(MAX_BINDS / 6) {
-                let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-                    "INSERT OR IGNORE INTO {} (topic, \"partition\", \"offset\", kafka_timestamp, reason, payload) ",
-                    quote_name(t)
-                ));
-                qb.push_values(chunk, |mut row, d| {
-                    row.push_bind(d.origin.topic.to_string())
-                        .push_bind(d.origin.partition)
-                        .push_bind(d.origin.offset)
-                        .push_bind(d.origin.timestamp_ms)
-                        .push_bind(d.reason.clone())
-                        .push_bind(d.payload.clone());
-                });
-                qb.build()
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(Error::db("write dead letters"))?;
+                .map_err(Error::db("savepoint"))?;
+            match self.insert(tx, rows, upsert).await {
+                Ok(n) => {
+                    written += n;
+                    savepoint("RELEASE sluice_write")
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(Error::db("release savepoint"))?;
+                }
+                Err(sqlx::Error::Database(e)) if is_row_error(e.code().as_deref()) => {
+                    // `ROLLBACK TO` keeps the savepoint; `RELEASE` then drops it.
+                    for sql in ["ROLLBACK TO sluice_write", "RELEASE sluice_write"] {
+                        savepoint(sql)
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(Error::db("roll back to savepoint"))?;
+                    }
+                    if let [r] = rows {
+                        refused.push(self.refused(r, e.message()));
+                    } else {
+                        let (a, b) = rows.split_at(rows.len() / 2);
+                        pending.push(b);
+                        pending.push(a);
+                    }
+                }
+                Err(e) => return Err(Error::db(format!("write to {}", self.spec.table))(e)),
             }
         }
-        Ok(written)
+        if !refused.is_empty() {
+            tracing::warn!(
+                table = self.spec.table,
+                rows = refused.len(),
+                "rows refused by SQLite were dead-lettered"
+            );
+        }
+        Ok((written, refused))
     }
+
+    async fn insert(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
+        rows: &[&Record],
+        upsert: bool,
+    ) -> std::result::Result<u64, sqlx::Error> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(&self.head);
+        qb.push_values(rows, |mut row, r| {
+            for c in &self.spec.columns {
+                match c.source {
+                    ValueSource::Topic => row.push_bind(r.origin.topic.to_string()),
+                    ValueSource::Partition => row.push_bind(r.origin.partition),
+                    ValueSource::Offset => row.push_bind(r.origin.offset),
+                    ValueSource::Timestamp => row.push_bind(r.origin.timestamp_ms),
+                    ValueSource::Payload => row.push_bind(r.payload.clone()),
+                    ValueSource::Field(i) => match r.values.get(i).unwrap_or(&Value::Null) {
+                        Value::Null => row.push_bind(None::<i64>),
+                        Value::Bool(b) => row.push_bind(*b),
+                        Value::Int(v) => row.push_bind(*v),
+                        Value::Float(v) => row.push_bind(*v),
+                        Value::Text(s) | Value::Json(s) => row.push_bind(s.clone()),
+                    },
+                };
+            }
+        });
+        if upsert {
+            qb.push(&self.conflict);
+        }
+        Ok(qb.build().execute(&mut **tx).await?.rows_affected())
+    }
+
+    /// A row SQLite refused, as a dead letter: the row as it would have been written.
+    fn refused(&self, r: &Record, reason: &str) -> DeadLetter {
+        let mut payload = Vec::new();
+        self.row.write(&self.spec, r, &mut payload);
+        DeadLetter {
+            origin: r.origin.clone(),
+            reason: format!("rejected by {}: {reason}", self.spec.table),
+            payload,
+        }
+    }
+
+    /// Dead letters into the dead-letter table, if there is one.
+    async fn write_dead(&self, tx: &mut sqlx::Transaction<'_, Sqlite>, dead: &[DeadLetter]) -> Result<()> {
+        let (Some(t), false) = (&self.spec.dead_letter_table, dead.is_empty()) else {
+            return Ok(());
+        };
+        for chunk in dead.chunks(MAX_BINDS / 6) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+                "INSERT OR IGNORE INTO {} (topic, \"partition\", \"offset\", kafka_timestamp, reason, payload) ",
+                quote_name(t)
+            ));
+            qb.push_values(chunk, |mut row, d| {
+                row.push_bind(d.origin.topic.to_string())
+                    .push_bind(d.origin.partition)
+                    .push_bind(d.origin.offset)
+                    .push_bind(d.origin.timestamp_ms)
+                    .push_bind(d.reason.clone())
+                    .push_bind(d.payload.clone());
+            });
+            qb.build()
+                .execute(&mut **tx)
+                .await
+                .map_err(Error::db("write dead letters"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether SQLite refused a statement for a row's data: its primary result code (the
+/// low byte of the extended one) is CONSTRAINT (CHECK, NOT NULL, UNIQUE, FOREIGN KEY, a
+/// trigger's `RAISE`), MISMATCH (a STRICT table's type) or TOOBIG.
+fn is_row_error(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 18..=20))
 }
 
 async fn columns(pool: &SqlitePool, table: &str) -> Result<Vec<String>> {

@@ -450,3 +450,96 @@ async fn a_record_redis_refuses_is_a_dead_letter() {
         );
     }
 }
+
+/// Rows SQLite refuses (a CHECK constraint, a trigger's `RAISE`) are dead-lettered with
+/// SQLite's reason and the rest is written; the job never restarts. It used to fail the
+/// write and restart on the same row forever.
+async fn sqlite_rejections(strategy: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("out.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+        .await
+        .expect("sqlite");
+    for sql in [
+        "CREATE TABLE events (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
+         id INTEGER, body TEXT CHECK (body <> 'poison'), PRIMARY KEY (topic, partition, \"offset\"))",
+        "CREATE TRIGGER guard BEFORE INSERT ON events WHEN NEW.body LIKE 'refused%' \
+         BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END",
+        "CREATE TABLE dead (topic TEXT NOT NULL, partition INTEGER NOT NULL, \"offset\" INTEGER NOT NULL, \
+         kafka_timestamp INTEGER, reason TEXT NOT NULL, payload BLOB, PRIMARY KEY (topic, partition, \"offset\"))",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect("create sqlite tables");
+    }
+    let topic = unique("sqlite_reject");
+    create_topic(&topic, 2).await;
+    let (mut poison, mut refused) = (0i64, 0i64);
+    let input: Vec<(String, Option<String>)> = (0..3_000u64)
+        .map(|i| {
+            let body = if i % 97 == 0 {
+                poison += 1;
+                "poison".to_string()
+            } else if i % 89 == 0 {
+                refused += 1;
+                format!("refused {i}")
+            } else {
+                format!("record {i}")
+            };
+            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
+        })
+        .collect();
+    produce(&topic, input);
+    let toml = job_toml(&unique("sqlite_reject"), &topic, "x", strategy, &dir.path().join("cp"))
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            &format!("url = \"sqlite://{}\"", db.display()),
+        )
+        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
+        .replace("table = \"x.events\"", "table = \"events\"")
+        .replace("table = \"x.dead\"", "table = \"dead\"")
+        .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
+    let running = InProcess::start(&write_config(dir.path(), &toml));
+    let counts = || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        (rows, dead)
+    };
+    let all = wait_until(Duration::from_secs(60), || async {
+        let (rows, dead) = counts().await;
+        rows + dead >= 3_000
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(all, "not every record was accounted for: {:?}", counts().await);
+    assert_eq!(restarts, 0, "a refused row made the job fail");
+    assert_eq!(counts().await, (3_000 - poison - refused, poison + refused));
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM dead")
+        .fetch_all(&pool)
+        .await
+        .expect("reasons");
+    let checks = reasons.iter().filter(|r| r.contains("CHECK constraint failed")).count() as i64;
+    let triggers = reasons.iter().filter(|r| r.contains("refused by trigger")).count() as i64;
+    assert_eq!((checks, triggers), (poison, refused), "{reasons:?}");
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead WHERE CAST(payload AS TEXT) LIKE '%\"body\":\"poison\"%'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(kept, poison, "the refused row is kept in the dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_rejected_by_sqlite_idempotent() {
+    sqlite_rejections("idempotent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_rejected_by_sqlite_wal() {
+    sqlite_rejections("wal").await;
+}
