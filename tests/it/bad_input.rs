@@ -488,15 +488,7 @@ async fn sqlite_rejections(strategy: &str) {
         })
         .collect();
     produce(&topic, input);
-    let toml = job_toml(&unique("sqlite_reject"), &topic, "x", strategy, &dir.path().join("cp"))
-        .replace(
-            &format!("url = \"{}\"", pg_url()),
-            &format!("url = \"sqlite://{}\"", db.display()),
-        )
-        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
-        .replace("table = \"x.events\"", "table = \"events\"")
-        .replace("table = \"x.dead\"", "table = \"dead\"")
-        .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
+    let toml = sqlite_job_toml(&unique("sqlite_reject"), &topic, strategy, &dir.path().join("cp"), &db);
     let running = InProcess::start(&write_config(dir.path(), &toml));
     let counts = || async {
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")

@@ -224,6 +224,20 @@ listen = ""
     )
 }
 
+/// [`job_toml`] writing into the SQLite database `db` (tables `events` and `dead`), one
+/// sink subtask.
+pub fn sqlite_job_toml(job: &str, topic: &str, strategy: &str, checkpoint_dir: &Path, db: &Path) -> String {
+    job_toml(job, topic, "x", strategy, checkpoint_dir)
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            &format!("url = \"sqlite://{}\"", db.display()),
+        )
+        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
+        .replace("table = \"x.events\"", "table = \"events\"")
+        .replace("table = \"x.dead\"", "table = \"dead\"")
+        .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size")
+}
+
 /// The lines of a log file without those containing `noise`.
 pub fn log_without(log: &Path, noise: &str) -> String {
     std::fs::read_to_string(log)

@@ -379,15 +379,7 @@ impl WalJob {
         }
         let topic = unique("wal_sqlite");
         create_topic(&topic, 3).await;
-        let toml = job_toml(&unique("wal_sqlite"), &topic, "x", "wal", &dir.path().join("cp"))
-            .replace(
-                &format!("url = \"{}\"", pg_url()),
-                &format!("url = \"sqlite://{}\"", db.display()),
-            )
-            .replace("kind = \"postgres\"", "kind = \"sqlite\"")
-            .replace("table = \"x.events\"", "table = \"events\"")
-            .replace("table = \"x.dead\"", "table = \"dead\"")
-            .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size");
+        let toml = sqlite_job_toml(&unique("wal_sqlite"), &topic, "wal", &dir.path().join("cp"), &db);
         Self::new(dir, &toml, topic, WalSink::Sqlite(pool))
     }
 
