@@ -399,13 +399,13 @@ async fn a_record_redis_refuses_is_a_dead_letter() {
     }
     produce(&topic, (0..200).map(record));
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = job_toml(&unique("redis_refuse"), &topic, "x", "wal", &dir.path().join("cp"))
-        .replace(
-            &format!("url = \"{}\"", pg_url()),
-            "url = \"redis://127.0.0.1:6379\"\nredis_command = \"hset\"\nkey = [\"id\"]",
-        )
-        .replace("kind = \"postgres\"", "kind = \"redis\"")
-        .replace("table = \"x.events\"", &format!("table = \"{table}\""));
+    let toml = redis_job_toml(
+        &unique("redis_refuse"),
+        &topic,
+        &dir.path().join("cp"),
+        &table,
+        "redis_command = \"hset\"\nkey = [\"id\"]",
+    );
     let running = InProcess::start(&write_config(dir.path(), &toml));
     let dead_stream = format!("{table}:dead");
     let counts = |mut conn: redis::aio::MultiplexedConnection| {

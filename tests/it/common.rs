@@ -238,6 +238,18 @@ pub fn sqlite_job_toml(job: &str, topic: &str, strategy: &str, checkpoint_dir: &
         .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size")
 }
 
+/// A `wal` [`job_toml`] writing into the local Redis under `table`; `sink_lines`: more
+/// `[sink]` settings (`redis_command`, `key`).
+pub fn redis_job_toml(job: &str, topic: &str, checkpoint_dir: &Path, table: &str, sink_lines: &str) -> String {
+    job_toml(job, topic, "x", "wal", checkpoint_dir)
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            &format!("url = \"redis://127.0.0.1:6379\"\n{sink_lines}"),
+        )
+        .replace("kind = \"postgres\"", "kind = \"redis\"")
+        .replace("table = \"x.events\"", &format!("table = \"{table}\""))
+}
+
 /// The lines of a log file without those containing `noise`.
 pub fn log_without(log: &Path, noise: &str) -> String {
     std::fs::read_to_string(log)

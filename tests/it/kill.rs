@@ -388,13 +388,13 @@ impl WalJob {
         let topic = unique("wal_redis");
         create_topic(&topic, 3).await;
         let stream = unique("stream");
-        let toml = job_toml(&unique("wal_redis"), &topic, "x", "wal", &dir.path().join("cp"))
-            .replace(
-                &format!("url = \"{}\"", pg_url()),
-                "url = \"redis://127.0.0.1:6379\"\nredis_command = \"xadd\"",
-            )
-            .replace("kind = \"postgres\"", "kind = \"redis\"")
-            .replace("table = \"x.events\"", &format!("table = \"{stream}\""));
+        let toml = redis_job_toml(
+            &unique("wal_redis"),
+            &topic,
+            &dir.path().join("cp"),
+            &stream,
+            "redis_command = \"xadd\"",
+        );
         Self::new(dir, &toml, topic, WalSink::Redis(stream))
     }
 
