@@ -57,9 +57,15 @@ pub struct TimeConfig {
     #[serde(default = "defaults::watermark_interval", with = "humantime_serde")]
     pub watermark_interval: Duration,
     /// A partition without records for this long stops holding the watermark back
-    /// (`"0s"`: never). Partitions read to their end stop holding it back at once.
+    /// (`"0s"`: never). A partition read to its end keeps holding it at its own
+    /// watermark until then: its next records may be on their way.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Event time more than this ahead of the wall clock is refused: the record is
+    /// dead-lettered with the reason instead of moving the watermark into the future
+    /// (`"0s"`: no bound). The default is Kafka 4's own bound on message timestamps.
+    #[serde(default = "defaults::max_future", with = "humantime_serde")]
+    pub max_future: Duration,
 }
 
 impl Default for TimeConfig {
@@ -72,6 +78,7 @@ impl Default for TimeConfig {
             max_out_of_orderness: defaults::out_of_orderness(),
             watermark_interval: defaults::watermark_interval(),
             idle_timeout: defaults::idle_timeout(),
+            max_future: defaults::max_future(),
         }
     }
 }
@@ -96,6 +103,7 @@ impl TimeConfig {
             ("time.max_out_of_orderness", self.max_out_of_orderness),
             ("time.watermark_interval", self.watermark_interval),
             ("time.idle_timeout", self.idle_timeout),
+            ("time.max_future", self.max_future),
         ]
     }
 }
@@ -449,5 +457,8 @@ mod defaults {
     }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn max_future() -> Duration {
+        Duration::from_secs(3600)
     }
 }

@@ -26,7 +26,7 @@ use crate::record::{Batch, DeadLetter, Origin};
 use crate::runtime::partition::source_owner;
 use crate::runtime::source_task::{Source, SourcePoll};
 use crate::telemetry::{self, JobStats};
-use crate::time::{PartitionWatermarks, TimestampAssigner, WatermarkGenerator};
+use crate::time::{too_far_ahead, PartitionWatermarks, TimestampAssigner, WatermarkGenerator};
 
 /// Longest a partly filled batch waits for more messages before it is sent.
 const LINGER: Duration = Duration::from_millis(20);
@@ -82,6 +82,8 @@ pub struct SourceTimeConfig {
     pub interval: Duration,
     /// A partition without records for this long stops holding the watermark back.
     pub idle_timeout: Option<Duration>,
+    /// Event time further than this ahead of the wall clock is dead-lettered.
+    pub max_future: Option<Duration>,
 }
 
 /// Everything a Kafka source subtask needs; it connects on the first poll.
@@ -382,7 +384,15 @@ impl KafkaSource {
                     };
                     match &self.time {
                         None => record.timestamp = now_ms,
-                        Some(time) => match time.assigner.assign(&record, now_ms) {
+                        Some(time) => match time.assigner.assign(&record, now_ms).and_then(|ts| {
+                            match too_far_ahead(ts, now_ms, time.max_future) {
+                                Some(why) => {
+                                    telemetry::event_time_ahead();
+                                    Err(why)
+                                }
+                                None => Ok(ts),
+                            }
+                        }) {
                             Ok(ts) => {
                                 record.timestamp = ts;
                                 run.watermarks.on_record(&(ti, partition), ts, now);
@@ -399,7 +409,9 @@ impl KafkaSource {
                     }
                     batch.records.push(record);
                 }
-                Err(KafkaError::PartitionEOF(partition)) => self.caught_up(run, partition),
+                // A partition at its end still holds the watermark (see `PartitionWatermarks`);
+                // the event only comes when a user's properties ask for it.
+                Err(KafkaError::PartitionEOF(_)) => {}
                 Err(e) => self.on_error(run, e)?,
             }
             if Instant::now() >= deadline {
@@ -407,29 +419,6 @@ impl KafkaSource {
             }
         }
         Ok(batch)
-    }
-
-    /// librdkafka reached the end of partition number `partition` (of some topic): it
-    /// stops holding the watermark back until its next record.
-    fn caught_up(&self, run: &mut Running, partition: i32) {
-        let holders: Vec<usize> = run
-            .topics
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.partitions.contains_key(&partition))
-            .map(|(i, _)| i)
-            .collect();
-        let Ok(high) = run.context.high.lock() else { return };
-        for ti in &holders {
-            let t = &run.topics[*ti];
-            let next = t.partitions.get(&partition).and_then(|p| p.next).unwrap_or(0);
-            // The event names no topic: with several topics, trust it only where the
-            // broker's reported end agrees.
-            let at_end = holders.len() == 1 || high.get(&(t.name.to_string(), partition)).is_some_and(|h| next >= *h);
-            if at_end {
-                run.watermarks.set_caught_up(&(*ti, partition), true);
-            }
-        }
     }
 
     fn on_error(&self, run: &mut Running, e: KafkaError) -> Result<()> {

@@ -40,9 +40,6 @@ pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
         .set("group.id", format!("sluice-{}", cfg.job.name))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        // End-of-partition events mark a partition caught up: it stops holding back
-        // the watermark until it has data again.
-        .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "1000")
         .set(

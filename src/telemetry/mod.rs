@@ -137,7 +137,16 @@ pub(crate) fn describe() {
     describe_gauge!(
         "sluice_watermark_delay_seconds",
         Unit::Seconds,
-        "How far a subtask's watermark is behind the wall clock."
+        "How far a subtask's watermark is behind the wall clock (0 when ahead)."
+    );
+    describe_gauge!(
+        "sluice_watermark_ahead_seconds",
+        Unit::Seconds,
+        "How far a subtask's watermark is ahead of the wall clock (0 when behind): above time.max_out_of_orderness, event time from the future moved it."
+    );
+    describe_counter!(
+        "sluice_event_time_ahead_total",
+        "Records dead-lettered for event time further ahead of the wall clock than time.max_future."
     );
     describe_gauge!(
         "sluice_sink_pending_epochs",
@@ -164,6 +173,7 @@ pub(crate) fn describe() {
         "sluice_checkpoints_completed_total",
         "sluice_checkpoints_failed_total",
         "sluice_possible_replays_total",
+        "sluice_event_time_ahead_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -367,9 +377,17 @@ pub fn derived(stats: &JobStats) {
             continue;
         };
         let (op, subtask) = task.rsplit_once('-').unwrap_or((task.as_str(), "0"));
+        let behind = now - ms as f64 / 1000.0;
         gauge!("sluice_watermark_delay_seconds", "operator" => op.to_string(), "subtask" => subtask.to_string())
-            .set((now - ms as f64 / 1000.0).max(0.0));
+            .set(behind.max(0.0));
+        gauge!("sluice_watermark_ahead_seconds", "operator" => op.to_string(), "subtask" => subtask.to_string())
+            .set((-behind).max(0.0));
     }
+}
+
+/// Count a record refused for event time too far ahead of the wall clock.
+pub fn event_time_ahead() {
+    counter!("sluice_event_time_ahead_total").increment(1);
 }
 
 /// `sluice_sink_pending_epochs{subtask}`: epochs a sink subtask holds uncommitted.

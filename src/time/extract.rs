@@ -1,5 +1,7 @@
 //! Reading a record's event time, once, at the source.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -66,6 +68,21 @@ impl TimestampAssigner {
             }
         }
     }
+}
+
+/// Why event time `ts` is refused for being more than `max_future` ahead of the wall
+/// clock `now_ms`, if it is: one record stamped years ahead would move its partition's
+/// watermark there and make every later record late, after a restart too.
+pub fn too_far_ahead(ts: i64, now_ms: i64, max_future: Option<Duration>) -> Option<String> {
+    let bound = max_future?;
+    let ahead = ts.saturating_sub(now_ms);
+    (ahead > bound.as_millis() as i64).then(|| {
+        format!(
+            "event time {ts} is {} ahead of the wall clock ({now_ms}), more than time.max_future ({})",
+            humantime::format_duration(Duration::from_secs(ahead as u64 / 1000)),
+            humantime::format_duration(bound)
+        )
+    })
 }
 
 fn parse(value: &Value, format: TimeFormat) -> Result<i64, String> {
@@ -135,6 +152,18 @@ mod tests {
             Ok(1_699_996_400_500)
         );
         assert_eq!(field(Value::Text("1000".into()), TimeFormat::EpochMillis), Ok(1000));
+    }
+
+    #[test]
+    fn event_time_far_ahead_of_the_clock_is_refused() {
+        let now = 1_700_000_000_000;
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(too_far_ahead(now + 3_600_000, now, hour), None);
+        assert_eq!(too_far_ahead(now - 1_000_000_000, now, hour), None, "the past is fine");
+        let far = 253_402_214_400_000; // 9999-12-31
+        let e = too_far_ahead(far, now, hour).expect("refused");
+        assert!(e.contains("time.max_future (1h)") && e.contains("7975years"), "{e}");
+        assert_eq!(too_far_ahead(far, now, None), None, "no bound");
     }
 
     #[test]

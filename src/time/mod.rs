@@ -12,7 +12,7 @@ pub mod watermark;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use extract::TimestampAssigner;
+pub use extract::{too_far_ahead, TimestampAssigner};
 pub use timers::{Timer, TimerService};
 pub use watermark::{InputWatermarks, PartitionWatermarks, WatermarkGenerator};
 

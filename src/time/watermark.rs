@@ -131,14 +131,18 @@ struct PartitionClock {
     generator: Box<dyn WatermarkGenerator>,
     watermark: i64,
     last_data: Instant,
-    caught_up: bool,
 }
 
 /// The watermarks of the partitions one source subtask reads, and the one it emits: the
 /// minimum over partitions that are live. A partition is not live while it has had no
-/// record for `idle_timeout`, or while its position has reached the broker's high-water
-/// mark (caught up: nothing to wait for); it rejoins with its next record. The emitted
-/// watermark never goes back.
+/// record for `idle_timeout`; it rejoins with its next record. The emitted watermark
+/// never goes back.
+///
+/// A partition read to the broker's end stays live at its own watermark, as in Flink:
+/// while reading live, a consumer is at the end of some partitions most of the time and
+/// producers deliver partitions at different moments, so a partition at its end is the
+/// one whose next records are still on their way. Letting it stop holding the watermark
+/// back made the others close its windows before those records arrived.
 pub struct PartitionWatermarks<K: Ord> {
     parts: BTreeMap<K, PartitionClock>,
     idle_timeout: Option<Duration>,
@@ -166,7 +170,6 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
                 generator,
                 watermark: MIN_WATERMARK,
                 last_data: now,
-                caught_up: false,
             },
         );
     }
@@ -178,14 +181,6 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
                 p.watermark = p.watermark.max(w);
             }
             p.last_data = now;
-            p.caught_up = false;
-        }
-    }
-
-    /// Whether the partition's position has reached the end of what the broker holds.
-    pub fn set_caught_up(&mut self, key: &K, caught_up: bool) {
-        if let Some(p) = self.parts.get_mut(key) {
-            p.caught_up = caught_up;
         }
     }
 
@@ -226,7 +221,7 @@ impl<K: Ord + Clone> PartitionWatermarks<K> {
             let silent = self
                 .idle_timeout
                 .is_some_and(|t| now.saturating_duration_since(p.last_data) >= t);
-            if p.caught_up || silent {
+            if silent {
                 continue;
             }
             if live.is_none_or(|(m, _)| p.watermark < m) {
@@ -370,36 +365,40 @@ mod tests {
     }
 
     #[test]
-    fn a_caught_up_partition_does_not_hold_back_and_all_idle_is_idle() {
+    fn a_partition_with_nothing_new_holds_the_watermark_until_its_idle_timeout() {
         let t0 = Instant::now();
-        let mut w = PartitionWatermarks::new(None);
+        let mut w = PartitionWatermarks::new(Some(Duration::from_secs(5)));
         w.add("a", Box::new(BoundedOutOfOrderness::monotonous()), t0);
         w.add("b", Box::new(BoundedOutOfOrderness::monotonous()), t0);
         w.on_record(&"a", 500, t0);
-        w.set_caught_up(&"b", true);
-        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(499)]);
-        w.set_caught_up(&"a", true);
-        assert_eq!(w.on_interval(t0), vec![SourceTime::Idle]);
-        assert_eq!(w.on_interval(t0), vec![], "idleness is said once");
-        w.on_record(&"a", 400, t0);
-        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(499)], "active again");
+        w.on_record(&"b", 100, t0);
+        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(99)]);
+        // "a" runs ahead while "b" has nothing new (read to its end, its next records
+        // still on their way): "b" holds the watermark at its own.
+        let t1 = t0 + Duration::from_secs(4);
+        w.on_record(&"a", 9_000, t1);
+        assert_eq!(w.on_interval(t1), vec![]);
+        assert_eq!(w.holding_back(), Some(&"b"));
+        // Only silence past the idle timeout releases it.
+        let t2 = t0 + Duration::from_secs(5);
+        assert_eq!(w.on_interval(t2), vec![SourceTime::Watermark(8_999)]);
+        // Both silent: idleness, said once.
+        let t3 = t1 + Duration::from_secs(5);
+        assert_eq!(w.on_interval(t3), vec![SourceTime::Idle]);
+        assert_eq!(w.on_interval(t3), vec![], "idleness is said once");
+        w.on_record(&"a", 9_500, t3);
+        assert_eq!(w.on_interval(t3), vec![SourceTime::Watermark(9_499)], "active again");
     }
 
     #[test]
-    fn the_last_records_before_every_partition_is_caught_up_still_advance_the_watermark() {
+    fn without_an_idle_timeout_an_empty_partition_holds_the_watermark() {
         let t0 = Instant::now();
         let mut w = PartitionWatermarks::new(None);
         w.add(0, Box::new(BoundedOutOfOrderness::monotonous()), t0);
         w.add(1, Box::new(BoundedOutOfOrderness::monotonous()), t0);
         w.on_record(&0, 100, t0);
-        w.on_record(&1, 100, t0);
-        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(99)]);
-        // Both read their last records and reach the end within one interval.
-        w.on_record(&0, 9_000, t0);
-        w.on_record(&1, 7_000, t0);
-        w.set_caught_up(&0, true);
-        w.set_caught_up(&1, true);
-        assert_eq!(w.on_interval(t0), vec![SourceTime::Watermark(6_999), SourceTime::Idle]);
+        assert_eq!(w.on_interval(t0 + Duration::from_secs(3600)), vec![]);
+        assert_eq!(w.holding_back(), Some(&1));
     }
 
     #[test]

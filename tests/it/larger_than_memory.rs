@@ -27,7 +27,7 @@ use crate::windows::WindowJob;
 const ACCOUNTS: u64 = 1_500_000;
 /// The cap, well below the heap's need for that state and well above RocksDB's.
 const CAP_BYTES: u64 = 256 << 20;
-const BASE: i64 = 1_800_000_000_000;
+const BASE: i64 = 1_700_000_000_000;
 
 /// A memory cgroup (v1) capped at `bytes`, or `None` where none can be made.
 fn memory_cgroup(bytes: u64) -> Option<PathBuf> {

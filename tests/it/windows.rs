@@ -13,8 +13,9 @@ use sqlx::{PgPool, Row};
 
 use crate::common::*;
 
-/// Event time of the first event; one event per millisecond of event time after it.
-pub(crate) const BASE: i64 = 1_800_000_000_000;
+/// Event time of the first event; one event per millisecond of event time after it. In
+/// the past (2023-11-14), so that no event is refused by `time.max_future`.
+pub(crate) const BASE: i64 = 1_700_000_000_000;
 /// Tumbling window size in the tests' jobs.
 const WINDOW_MS: i64 = 10_000;
 
@@ -211,6 +212,14 @@ impl WindowJob {
         j
     }
 
+    /// Let partitions without records for `timeout` stop holding the watermark back.
+    pub(crate) fn set_idle_timeout(&self, timeout: &str) {
+        let toml = std::fs::read_to_string(&self.config).expect("read config");
+        assert!(toml.contains("idle_timeout = \"0s\""));
+        let toml = toml.replace("idle_timeout = \"0s\"", &format!("idle_timeout = \"{timeout}\""));
+        std::fs::write(&self.config, toml).expect("write config");
+    }
+
     /// (Re)write the config with these parallelisms.
     fn configure(&self, sources: u32, windows: u32) {
         self.configure_on(sources, windows, "heap");
@@ -267,6 +276,11 @@ impl WindowJob {
 
     /// The same, with more arguments to `sluice run`.
     pub(crate) async fn finish_with(&self, expected: &Table, args: &[&str]) {
+        self.finish_expecting(expected, args, 0).await
+    }
+
+    /// The same, with `dead` records expected in the dead-letter table.
+    pub(crate) async fn finish_expecting(&self, expected: &Table, args: &[&str], dead: i64) {
         let s = self.start(args);
         let want = expected.len() as i64;
         let limit = std::env::var("SLUICE_TEST_WINDOW_WAIT")
@@ -293,7 +307,7 @@ impl WindowJob {
         );
         let late = count(&self.pool, &format!("SELECT count(*) FROM {}.dead", self.schema)).await;
         assert_eq!(
-            late, 0,
+            late, dead,
             "records went to the late output; the input was within the bound"
         );
         let got = results(&self.pool, &self.schema).await;
@@ -429,12 +443,13 @@ async fn windows_equal_a_batch_computation_over_a_million_events() {
     j.finish(&expected).await;
 }
 
-/// Data in one partition of four, the other three empty and so read to their end at
-/// once: they must not hold the watermark back (no idle timeout helps here, it is off),
-/// and every window fires.
+/// Data in one partition of four, the other three empty: they hold the watermark back
+/// (their next records may be on their way) until `time.idle_timeout` says they are
+/// idle; then every window fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_partitions_do_not_stall_windows() {
+async fn empty_partitions_go_idle_and_do_not_stall_windows() {
     let j = WindowJob::new("winidle", "idempotent", 4).await;
+    j.set_idle_timeout("2s");
     let input = events(20_000, 2_000, 5);
     let expected = reference(&input);
     let topic = j.topic.clone();
@@ -446,6 +461,102 @@ async fn empty_partitions_do_not_stall_windows() {
     .await
     .expect("producer");
     j.finish(&expected).await;
+}
+
+/// Read live with partitions delivered out of step: every partition's records are in
+/// order within 200 ms of its own (the bound is 3 s), but partition 3's records for
+/// 38 s of event time arrive only after the other three have delivered theirs and the
+/// job has read them to their end. A partition at its end must keep holding the
+/// watermark at its own: no record is late and every window equals the batch
+/// computation. (When a caught-up partition stopped holding the watermark back, the
+/// other three closed partition 3's windows before its records came.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_stay_right_when_partitions_arrive_out_of_step() {
+    let j = WindowJob::new("winstep", "idempotent", 4).await;
+    let input = events(40_000, 200, 23);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let part = |e: &Event| (e.id % 4) as i32;
+    let produce = |topic: String, events: Vec<Event>| async move {
+        tokio::task::spawn_blocking(move || {
+            for p in 0..4 {
+                let mine: Vec<Event> = events.iter().filter(|e| part(e) == p).map(clone_event).collect();
+                produce_events(&topic, &mine, None, Some(p));
+            }
+        })
+        .await
+        .expect("producer");
+    };
+    // Every partition's first 2 s, then the job starts.
+    let first: Vec<Event> = input.iter().filter(|e| e.id < 2_000).map(clone_event).collect();
+    produce(j.topic.clone(), first).await;
+    let s = j.start(&[]);
+    // Partitions 0–2 run 38 s of event time ahead; the job reads them to their end.
+    let ahead: Vec<Event> = input
+        .iter()
+        .filter(|e| e.id >= 2_000 && part(e) != 3)
+        .map(clone_event)
+        .collect();
+    produce(j.topic.clone(), ahead).await;
+    wait_until(Duration::from_secs(8), || async {
+        result_rows(&j.pool, &j.schema).await > 0
+    })
+    .await;
+    // Only now partition 3's records for the same time, then one record an hour later
+    // on every partition so that all windows close.
+    let behind: Vec<Event> = input
+        .iter()
+        .filter(|e| e.id >= 2_000 && part(e) == 3)
+        .map(clone_event)
+        .collect();
+    produce(j.topic.clone(), behind).await;
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || produce_flush(&topic, 0..4, last))
+        .await
+        .expect("producer");
+    let status = s.terminate();
+    assert!(status.success(), "sluice exited with {status}");
+    j.finish(&expected).await;
+}
+
+/// One record stamped 9999-12-31 among the input: it is dead-lettered for being
+/// further ahead of the wall clock than `time.max_future`, instead of moving its
+/// partition's watermark 8,000 years ahead and making every later record late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_time_far_in_the_future_is_refused_not_the_rest() {
+    let j = WindowJob::new("winfuture", "idempotent", 2).await;
+    let input = events(10_000, 500, 31);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let (before, after) = input.split_at(3_000);
+    let poison = vec![Event {
+        id: 99_999_999,
+        account: "poison".into(),
+        amount: 1,
+        ts: 253_402_214_400_000,
+    }];
+    let topic = j.topic.clone();
+    let (before, after): (Vec<Event>, Vec<Event>) = (
+        before.iter().map(clone_event).collect(),
+        after.iter().map(clone_event).collect(),
+    );
+    tokio::task::spawn_blocking(move || {
+        produce_events(&topic, &before, None, Some(0));
+        produce_events(&topic, &poison, None, Some(0));
+        produce_events(&topic, &after, None, Some(0));
+        produce_flush(&topic, 0..2, last);
+    })
+    .await
+    .expect("producer");
+    j.finish_expecting(&expected, &[], 1).await;
+    let reason: String = sqlx::query_scalar(&format!("SELECT reason FROM {}.dead", j.schema))
+        .fetch_one(&j.pool)
+        .await
+        .expect("dead letter");
+    assert!(
+        reason.contains("ahead of the wall clock") && reason.contains("time.max_future"),
+        "{reason}"
+    );
 }
 
 /// The windowed job SIGKILLed at random moments while input arrives, restarted with
