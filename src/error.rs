@@ -115,9 +115,12 @@ pub enum Error {
 /// Whose fault a database error is, by its SQLSTATE class: the one place that decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbFault {
-    /// The row's data: isolate the row and dead-letter it (22 data exception, 23
-    /// integrity constraint violation, 54 program limit exceeded: a value too large
-    /// for an index row, JSON nested deeper than the server's stack).
+    /// The row's data: isolate the row and dead-letter it (21 cardinality violation:
+    /// two rows of one upsert whose keys differ to sluice but are equal to the
+    /// database, `char(8)` "a" and "a ", one instant in two time zones, which apart
+    /// are written one after the other; 22 data exception, 23 integrity constraint
+    /// violation, 54 program limit exceeded: a value too large for an index row, JSON
+    /// nested deeper than the server's stack).
     Row,
     /// Possibly the row, possibly not: a trigger's `RAISE` (P0), a routine's exception
     /// (2F, 38, 39), an internal error (XX000), a statement timeout (57014). The rows
@@ -139,7 +142,7 @@ impl DbFault {
     /// Classify a SQLSTATE (`None`: not a server error, e.g. a broken connection).
     pub fn of(sqlstate: Option<&str>) -> DbFault {
         match sqlstate.map(|c| c.get(..2).unwrap_or(c)) {
-            Some("22" | "23" | "54") => DbFault::Row,
+            Some("21" | "22" | "23" | "54") => DbFault::Row,
             _ if matches!(sqlstate, Some("57014" | "XX000")) => DbFault::Suspect,
             Some("P0" | "2F" | "38" | "39") => DbFault::Suspect,
             Some("42" | "28" | "3D" | "3F" | "0A") => DbFault::Permanent,
@@ -239,7 +242,7 @@ mod tests {
 
     #[test]
     fn sqlstates_are_classified_in_one_place() {
-        for code in ["22001", "23505", "23514", "54000", "54001"] {
+        for code in ["21000", "22001", "23505", "23514", "54000", "54001"] {
             assert_eq!(DbFault::of(Some(code)), DbFault::Row, "{code}");
         }
         for code in ["P0001", "38000", "39P01", "2F005", "XX000", "57014"] {

@@ -58,6 +58,85 @@ async fn the_latest_record_per_key_wins() {
     assert_eq!((rows.get::<i64, _>(0), rows.get::<i64, _>(1)), (500, 500));
 }
 
+/// Keys that differ to sluice but are equal to the database in one upsert batch
+/// (`char(8)` "k1" and "k1 ", one instant written in two time zones, `numeric` 1 and
+/// 1.0): Postgres refuses the statement with SQLSTATE 21000 ("ON CONFLICT DO UPDATE
+/// command cannot affect row a second time"), which used to be retried as transient
+/// forever with nothing written. Halved apart, each is written in order: the later
+/// version wins, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_equal_only_to_the_database_are_written_in_order_not_retried_forever() {
+    let pool = pg().await;
+    let schema = unique("u");
+    for sql in [
+        format!("CREATE SCHEMA {schema}"),
+        format!(
+            "CREATE TABLE {schema}.latest (k char(8), at timestamptz, n numeric, body text, PRIMARY KEY (k, at, n))"
+        ),
+        format!(
+            "CREATE TABLE {schema}.dead (topic text, partition int, \"offset\" bigint, kafka_timestamp bigint, \
+             reason text, payload bytea, PRIMARY KEY (topic, partition, \"offset\"))"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect("schema");
+    }
+    let topic = unique("dbequal");
+    create_topic(&topic, 1).await;
+    // Per key i, two versions that the database sees as one key: the first as written,
+    // the second padded (char), in another zone (timestamptz) or with a trailing zero.
+    let input = (0..60u64).flat_map(|i| {
+        let (k, at, n) = (format!("k{i}"), "2024-01-01T00:00:00Z", i.to_string());
+        let (k2, at2, n2) = match i % 3 {
+            0 => (format!("k{i} "), at.to_string(), n.clone()),
+            1 => (k.clone(), "2024-01-01T01:00:00+01:00".to_string(), n.clone()),
+            _ => (k.clone(), at.to_string(), format!("{i}.0")),
+        };
+        [
+            (
+                k.clone(),
+                Some(format!(r#"{{"k": "{k}", "at": "{at}", "n": "{n}", "body": "v1"}}"#)),
+            ),
+            (
+                k.clone(),
+                Some(format!(r#"{{"k": "{k2}", "at": "{at2}", "n": "{n2}", "body": "v2"}}"#)),
+            ),
+        ]
+    });
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = job_toml(&unique("dbequal"), &topic, &schema, "idempotent", &dir.path().join("cp"))
+        .replace(
+            "[[decode.fields]]\nname = \"id\"\ntype = \"int\"\n\n[[decode.fields]]\nname = \"body\"\ntype = \"string\"",
+            "[[decode.fields]]\nname = \"k\"\ntype = \"string\"\n\n[[decode.fields]]\nname = \"at\"\ntype = \"string\"\n\n\
+             [[decode.fields]]\nname = \"n\"\ntype = \"string\"\n\n[[decode.fields]]\nname = \"body\"\ntype = \"string\"",
+        )
+        .replace(
+            &format!("table = \"{schema}.events\""),
+            &format!("table = \"{schema}.latest\""),
+        )
+        .replace("parallelism = 2\nbatch_size", "parallelism = 1\nbatch_size")
+        .replace(
+            "[dead_letter]",
+            "key = [\"k\", \"at\", \"n\"]\ncolumns = [ { name = \"k\", value = \"k\" }, { name = \"at\", value = \"at\" }, \
+             { name = \"n\", value = \"n\" }, { name = \"body\", value = \"body\" } ]\n\n[dead_letter]",
+        );
+    assert!(toml.contains("name = \"at\"") && toml.contains("latest"), "{toml}");
+    let config = write_config(dir.path(), &toml);
+    let running = InProcess::start(&config);
+    let latest_sql = format!("SELECT count(*) FROM {schema}.latest WHERE body = 'v2'");
+    let done = wait_until(Duration::from_secs(60), || async {
+        count(&pool, &latest_sql).await >= 60
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(done, "not every key reached its second version");
+    assert_eq!(restarts, 0, "the job restarted");
+    let rows = count(&pool, &format!("SELECT count(*) FROM {schema}.latest")).await;
+    let dead = count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await;
+    assert_eq!((rows, dead), (60, 0));
+}
+
 /// With a checkpoint only every 60 s, records that do not fill a statement still reach an
 /// `idempotent` table within a few seconds (`sink.flush_interval`), not at the next
 /// checkpoint.
