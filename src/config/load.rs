@@ -630,6 +630,13 @@ impl SinkConfig {
                     "a redis sink's table is the key prefix (or the stream): no spaces, at most 200",
                 );
             }
+            if self.table == "sluice" || self.table.starts_with("sluice:") {
+                return fail(
+                    "sink.table",
+                    "keys under `sluice:` are sluice's own (epoch markers, the dead-letter stream \
+                     `sluice:<job>:dead`); records may not write there: choose another prefix",
+                );
+            }
         } else if self.kind == SinkKind::Kafka {
             let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
             if self.table.is_empty() || self.table.len() > 249 || !self.table.chars().all(legal) {

@@ -1,7 +1,14 @@
 //! Redis as a target of the write-ahead log: an epoch is one `MULTI`/`EXEC` holding every
 //! record's command and the epoch's marker key, `sluice:<job>:wal:<subtask>:<n>`. The
 //! marker is checked first: a replayed epoch whose marker exists is skipped. Markers
-//! expire after a week (a restore replays only the newest checkpoint's epochs). Durable
+//! expire after a week (a restore replays only the newest checkpoint's epochs).
+//!
+//! sluice's own keys (markers, the dead-letter stream `sluice:<job>:dead`) live under
+//! `sluice:`, where records cannot write: a record's key is `<table>:<key…>` and a
+//! table under `sluice:` is refused by the config check. Every reply of `EXEC` is read,
+//! and the dead-letter stream's type is checked before an epoch: a key of another type
+//! put there by hand fails the epoch before anything is applied, naming the key,
+//! instead of losing its dead letters inside it. Durable
 //! as far as the server's persistence goes (AOF with `appendfsync always` for no loss
 //! on a Redis crash).
 //!
@@ -131,6 +138,7 @@ impl RedisWal {
         &self,
         conn: &mut MultiplexedConnection,
         marker: &str,
+        dead_stream: &str,
         records: &[Record],
         dead: &[DeadLetter],
     ) -> redis::RedisResult<()> {
@@ -143,7 +151,7 @@ impl RedisWal {
             pipe.query_async::<()>(conn).await?;
         }
         let mut pipe = redis::pipe();
-        add_dead(&mut pipe, &self.spec.table, dead);
+        add_dead(&mut pipe, dead_stream, dead);
         pipe.cmd("SET")
             .arg(marker)
             .arg(records.len())
@@ -154,11 +162,11 @@ impl RedisWal {
     }
 }
 
-/// Dead letters as entries of the stream `<table>:dead`.
-fn add_dead(pipe: &mut redis::Pipeline, table: &str, dead: &[DeadLetter]) {
+/// Dead letters as entries of the stream `stream`.
+fn add_dead(pipe: &mut redis::Pipeline, stream: &str, dead: &[DeadLetter]) {
     for d in dead {
         pipe.cmd("XADD")
-            .arg(format!("{table}:dead"))
+            .arg(stream)
             .arg("*")
             .arg("origin")
             .arg(format!("{}/{}/{}", d.origin.topic, d.origin.partition, d.origin.offset))
@@ -174,6 +182,11 @@ fn marker(job: &str, subtask: usize, checkpoint: u64) -> String {
     format!("sluice:{job}:wal:{subtask}:{checkpoint}")
 }
 
+/// The stream of the job's dead letters.
+pub fn dead_letter_stream(job: &str) -> String {
+    format!("sluice:{job}:dead")
+}
+
 impl WalTarget for RedisWal {
     fn write_epoch<'a>(
         &'a self,
@@ -186,20 +199,33 @@ impl WalTarget for RedisWal {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             let key = marker(job, subtask, checkpoint);
-            let seen: bool = redis::cmd("EXISTS")
+            let dead_stream = dead_letter_stream(job);
+            let fail = |what: &str, e: redis::RedisError| Error::Lookup(format!("redis sink: {what}: {e}"));
+            // Not WATCHed: every sink subtask appends to the stream, so a watch would
+            // abort most transactions. Records cannot write under `sluice:`; only a hand
+            // could put another type there, and the replies below would say so.
+            let (seen, kind): (bool, String) = redis::pipe()
+                .cmd("EXISTS")
                 .arg(&key)
+                .cmd("TYPE")
+                .arg(&dead_stream)
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| Error::Lookup(format!("redis sink: check the epoch marker: {e}")))?;
+                .map_err(|e| fail("check the epoch marker", e))?;
             if seen {
                 return Ok(None);
             }
-            let fail = |what: &str, e: redis::RedisError| Error::Lookup(format!("redis sink: {what}: {e}"));
+            if !matches!(kind.as_str(), "none" | "stream") {
+                return Err(Error::Unsupported(format!(
+                    "redis sink: `{dead_stream}`, the job's dead-letter stream, holds a {kind}; \
+                     sluice's keys under `sluice:` are its own: delete or rename that key"
+                )));
+            }
             redis::cmd("MULTI")
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| fail("begin an epoch", e))?;
-            let queued = self.queue(&mut conn, &key, records, dead).await;
+            let queued = self.queue(&mut conn, &key, &dead_stream, records, dead).await;
             if let Err(e) = queued {
                 // Best effort: a connection still in MULTI must not carry it into the
                 // next epoch (a broken one is replaced with the restart).
@@ -221,6 +247,18 @@ impl WalTarget for RedisWal {
                     )))
                 }
             };
+            // sluice's own commands (dead letters, the marker) follow the records'; with
+            // the stream's type checked none should be refused, but a refusal there would
+            // lose what it carried, so it is never passed over in silence.
+            if let Some(e) = replies.iter().skip(records.len()).find_map(|r| match r {
+                redis::Value::ServerError(e) => Some(e.clone()),
+                _ => None,
+            }) {
+                return Err(Error::Internal(format!(
+                    "redis sink: redis refused sluice's own command in epoch {checkpoint} (dead letters or marker): {}",
+                    redis::RedisError::from(e)
+                )));
+            }
             // Redis does not roll a transaction back: a command refused inside it (a key
             // of another type) is the only one not applied, and the epoch's marker is.
             // Its record becomes a dead letter, so it is not lost without a trace.
@@ -246,7 +284,7 @@ impl WalTarget for RedisWal {
                     "redis refused records of an epoch; dead-lettered"
                 );
                 let mut pipe = redis::pipe();
-                add_dead(&mut pipe, &self.spec.table, &refused);
+                add_dead(&mut pipe, &dead_stream, &refused);
                 pipe.query_async::<()>(&mut conn)
                     .await
                     .map_err(|e| fail("write dead letters", e))?;

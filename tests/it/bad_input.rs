@@ -380,7 +380,7 @@ async fn records_a_trigger_refuses_wal() {
 
 /// Redis refuses a command inside an epoch's transaction (`HSET` on a key that holds a
 /// string) and applies the rest, the epoch's marker included: the refused record
-/// becomes a dead letter in the stream `<table>:dead` instead of vanishing, and the job
+/// becomes a dead letter in the stream `sluice:<job>:dead` instead of vanishing, and the job
 /// goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_redis_refuses_is_a_dead_letter() {
@@ -399,15 +399,16 @@ async fn a_record_redis_refuses_is_a_dead_letter() {
     }
     produce(&topic, (0..200).map(record));
     let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("redis_refuse");
     let toml = redis_job_toml(
-        &unique("redis_refuse"),
+        &job,
         &topic,
         &dir.path().join("cp"),
         &table,
         "redis_command = \"hset\"\nkey = [\"id\"]",
     );
     let running = InProcess::start(&write_config(dir.path(), &toml));
-    let dead_stream = format!("{table}:dead");
+    let dead_stream = format!("sluice:{job}:dead");
     let counts = |mut conn: redis::aio::MultiplexedConnection| {
         let (table, dead_stream) = (table.clone(), dead_stream.clone());
         async move {
@@ -449,6 +450,59 @@ async fn a_record_redis_refuses_is_a_dead_letter() {
             "{fields:?}"
         );
     }
+}
+
+/// A record whose key is `dead` and records that are dead letters, in one job: sluice's
+/// dead-letter stream lives under `sluice:<job>:`, where no record can write, so the
+/// record is a plain key and every dead letter reaches the stream. (The stream used to
+/// be `<table>:dead`: the record turned it into a string, and later dead letters failed
+/// inside `EXEC` unnoticed and were lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_cannot_overwrite_the_redis_dead_letter_stream() {
+    let topic = unique("redis_dead");
+    create_topic(&topic, 1).await;
+    let table = unique("deadkey");
+    let mut input: Vec<(String, Option<String>)> = vec![("0".into(), Some(r#"{"id": 0, "body": "dead"}"#.to_string()))];
+    for i in 1..=30u64 {
+        let body = if i % 10 == 0 {
+            "not json".to_string()
+        } else {
+            format!(r#"{{"id": {i}, "body": "b{i}"}}"#)
+        };
+        input.push((i.to_string(), Some(body)));
+    }
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("redis_dead");
+    let toml = redis_job_toml(&job, &topic, &dir.path().join("cp"), &table, "key = [\"body\"]");
+    let running = InProcess::start(&write_config(dir.path(), &toml));
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let dead_stream = format!("sluice:{job}:dead");
+    let done = wait_until(Duration::from_secs(60), || {
+        let (mut conn, dead_stream) = (conn.clone(), dead_stream.clone());
+        async move {
+            let n: redis::RedisResult<i64> = redis::cmd("XLEN").arg(&dead_stream).query_async(&mut conn).await;
+            n.is_ok_and(|n| n >= 3)
+        }
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(done, "the dead letters did not all reach {dead_stream}");
+    assert_eq!(restarts, 0);
+    let n: i64 = redis::cmd("XLEN")
+        .arg(&dead_stream)
+        .query_async(&mut conn)
+        .await
+        .expect("XLEN");
+    assert_eq!(n, 3, "every dead letter once");
+    let record: String = redis::cmd("GET")
+        .arg(format!("{table}:dead"))
+        .query_async(&mut conn)
+        .await
+        .expect("the record keyed `dead`");
+    assert!(record.contains("\"id\":0"), "{record}");
 }
 
 /// Rows SQLite refuses (a CHECK constraint, a trigger's `RAISE`) are dead-lettered with

@@ -339,6 +339,14 @@ fn footguns_are_refused() {
         &[],
         "sink.table",
     );
+    // Records may not write where sluice keeps its own Redis keys (markers, dead letters).
+    for table in ["sluice", "sluice:x"] {
+        rejected(
+            &redis_job_toml("cfg", "t", std::path::Path::new("/tmp/sluice-cfg-test"), table, ""),
+            &[],
+            "sink.table",
+        );
+    }
     let deep = format!("SLUICE{}", "__X".repeat(2_000));
     rejected(&b, &[(deep.as_str(), "1")], "nested deeper than any config key");
 }
