@@ -404,24 +404,42 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
 }
 
 /// The process is about to exit on `err`: resolve this job's prepared transactions as a
-/// restart would (commit what the newest completed checkpoint holds, roll back the
-/// rest), so none is left holding locks; if that fails, say how to do it by hand. Only
-/// an owner of the job may: another process's transactions are not ours to touch.
+/// restart would, so none is left holding locks (Postgres: commit what the newest
+/// completed checkpoint holds, roll back the rest) or hiding other writers' commits from
+/// `read_committed` readers (Kafka: abort every open transaction of the job; the next
+/// start writes again what a completed checkpoint holds). If that fails, say how to do
+/// it by hand. Only an owner of the job may: another process's transactions are not
+/// ours to touch.
 async fn leave_nothing_prepared(
     cfg: &JobConfig,
     storage: &Arc<dyn CheckpointStorage>,
     owns: bool,
     err: Error,
 ) -> Error {
-    if !owns || cfg.sink.kind != SinkKind::Postgres || cfg.sink.strategy != Strategy::TwoPhase {
+    if !owns || cfg.sink.strategy != Strategy::TwoPhase {
         return err;
     }
     let resolved = async {
-        let pool = crate::sink::postgres::connect(&cfg.sink, &cfg.job.name, 2).await?;
-        let latest = storage.latest()?;
-        crate::sink::postgres::recover(&pool, &cfg.job.name, latest.as_ref()).await
+        match cfg.sink.kind {
+            SinkKind::Postgres => {
+                let pool = crate::sink::postgres::connect(&cfg.sink, &cfg.job.name, 2).await?;
+                let latest = storage.latest()?;
+                crate::sink::postgres::recover(&pool, &cfg.job.name, latest.as_ref()).await
+            }
+            SinkKind::Kafka => {
+                let spec = plan(cfg, &Arc::default())?.table;
+                let crate::sink::SinkTarget::Kafka(target) = crate::sink::SinkTarget::open(cfg, spec, None).await?
+                else {
+                    return Ok((0, 0));
+                };
+                let fenced =
+                    crate::sink::kafka::fence_all(&target, &cfg.job.name, cfg.sink.parallelism as usize).await?;
+                Ok((0, fenced.len()))
+            }
+            _ => Ok((0, 0)),
+        }
     };
-    match tokio::time::timeout(std::time::Duration::from_secs(15), resolved).await {
+    match tokio::time::timeout(std::time::Duration::from_secs(30), resolved).await {
         Ok(Ok((committed, rolled_back))) => {
             if committed + rolled_back > 0 {
                 tracing::info!(

@@ -325,6 +325,129 @@ async fn dead_letters_go_to_their_topic_exactly_once() {
     assert_eq!(ids.len(), 990);
 }
 
+/// Records whose messages are larger than the output topic takes (`max.message.bytes`
+/// of 8 KiB): each is a dead letter in the same transaction, its payload cut to fit the
+/// dead-letter topic (8 KiB too), and the rest is committed; the job never restarts. The
+/// Kafka sink used to fail on MSG_SIZE_TOO_LARGE and restart forever, committing
+/// nothing, its open transactions hiding other writers' commits from `read_committed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_topic_s_size_limit_are_dead_letters() {
+    let j = kafka_job("k2k_big", "500ms").await;
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("admin");
+    for t in [&j.output, &j.dlq] {
+        let cfg = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(t))
+            .set("max.message.bytes", "8192");
+        for r in admin
+            .alter_configs(&[cfg], &rdkafka::admin::AdminOptions::new())
+            .await
+            .expect("alter topic config")
+        {
+            r.expect("max.message.bytes set");
+        }
+    }
+    let big = "x".repeat(20_000);
+    let input: Vec<(String, Option<String>)> = (0..400u64)
+        .map(|i| match i % 100 {
+            42 => (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{big}"}}"#))),
+            _ => record(i),
+        })
+        .collect();
+    produce(&j.input, input);
+    let s = Sluice::start(&j.config, &j.log);
+    let (out, dlq) = (j.output.clone(), j.dlq.clone());
+    let done = wait_until(Duration::from_secs(60), || {
+        let (out, dlq) = (out.clone(), dlq.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                committed_ids(&out, 2).len() >= 396 && consume_all(&dlq, 1, "read_committed").len() >= 4
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(done, "{}", s.log_tail());
+    assert!(s.terminate().success());
+    let text = std::fs::read_to_string(&j.log).unwrap_or_default();
+    assert!(!text.contains("restarting"), "the job restarted: {text}");
+    let dlq = j.dlq.clone();
+    let dead = tokio::task::spawn_blocking(move || consume_all(&dlq, 1, "read_committed"))
+        .await
+        .expect("read");
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    for d in &dead {
+        let reason = d["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("more than the 8192") && reason.contains("payload cut"),
+            "{reason}"
+        );
+    }
+    let out = j.output.clone();
+    let mut ids = tokio::task::spawn_blocking(move || committed_ids(&out, 2))
+        .await
+        .expect("read");
+    ids.sort_unstable();
+    let expected: Vec<i64> = (0..400).filter(|i| i % 100 != 42).collect();
+    assert_eq!(ids, expected);
+}
+
+/// Where a `read_committed` reader of every partition of `topic` stops: the last
+/// stable offset, below the end while a transaction is open.
+fn stable_ends(topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer = reader(topic, partitions, "read_committed");
+    let mut ended = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ended.len() < partitions as usize && std::time::Instant::now() < deadline {
+        if let Some(Err(KafkaError::PartitionEOF(p))) = consumer.poll(Duration::from_millis(200)) {
+            ended.insert(p);
+        }
+    }
+    let positions = consumer.position().expect("position");
+    (0..partitions)
+        .map(|p| match positions.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        })
+        .collect()
+}
+
+/// A Kafka `two_phase` job that gives up (restart strategy `none`, its commit failing)
+/// aborts its open transactions before it exits: a `read_committed` reader of the
+/// output reaches the end at once, instead of stopping before the open transaction
+/// until the broker's transaction timeout (and with it every other writer's commits
+/// to a shared topic).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_job_that_gives_up_leaves_no_transaction_open() {
+    let j = kafka_job("k2k_giveup", "500ms").await;
+    let toml = std::fs::read_to_string(&j.config).expect("config").replace(
+        "strategy = \"fixed_delay\"\nattempts = 100\ndelay = \"500ms\"",
+        "strategy = \"none\"",
+    );
+    std::fs::write(&j.config, toml).expect("config");
+    let input = j.input.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..10 {
+            produce(&input, (part * 500..(part + 1) * 500).map(record));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut s = Sluice::start_with(&j.config, &j.log, &[("SLUICE_FAILPOINT", "fail_before_commit:3")]);
+    let exit = s.wait_exit(Duration::from_secs(60));
+    feeder.join().expect("producer");
+    let log = std::fs::read_to_string(&j.log).unwrap_or_default();
+    assert!(exit.is_some_and(|e| !e.success()), "the job did not give up: {log}");
+    let out = j.output.clone();
+    let (stable, high) = tokio::task::spawn_blocking(move || (stable_ends(&out, 2), high_watermarks(&out, 2)))
+        .await
+        .expect("read");
+    assert!(high.iter().sum::<i64>() > 0, "nothing was written: {log}");
+    assert_eq!(stable, high, "a transaction is still open in the output:\n{log}");
+}
+
 /// A checkpoint interval the brokers' transaction.max.timeout.ms cannot cover is refused
 /// at start, with the numbers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,9 @@
 //! partition; `[sink.kafka]`), epochs of messages kept until their commit is known, and
 //! the check that a record's own topic and partition exist before a transaction
 //! depends on them: one record naming a topic that is not there must become a dead
-//! letter, not abort every transaction it lands in.
+//! letter, not abort every transaction it lands in. The same holds for a message
+//! larger than its topic takes: it is a dead letter (its payload cut to fit the
+//! dead-letter topic), never a produce error that stops the sink.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +44,20 @@ pub(super) struct Msg {
 }
 
 impl Msg {
+    /// An upper bound of the bytes this message takes in a record batch of its own,
+    /// which is what a topic's `max.message.bytes` limits: the batch header (61), the
+    /// record's varints at their widest (36), and 10 per header for its two lengths.
+    pub(super) fn batch_bytes(&self) -> usize {
+        61 + 36
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+    }
+
     /// A message with only a key and a value, to `to`'s topic.
     pub(super) fn plain(to: Dest, key: Option<Vec<u8>>, value: Vec<u8>) -> Self {
         Self {
@@ -124,8 +140,8 @@ pub(super) fn origin_key(o: &Origin) -> Vec<u8> {
     format!("{}/{}/{}", o.topic, o.partition, o.offset).into_bytes()
 }
 
-/// A dead letter as a message on the dead-letter topic.
-pub(super) fn dead_letter_msg(d: &DeadLetter) -> Msg {
+/// A dead letter as a message on the dead-letter topic, whole.
+fn dead_letter_msg(d: &DeadLetter) -> Msg {
     Msg::plain(
         Dest::DeadLetters,
         Some(origin_key(&d.origin)),
@@ -182,6 +198,28 @@ fn legal_topic(name: &str) -> bool {
 /// How long a topic found missing stays missing before the cluster is asked again.
 const RECHECK: Duration = Duration::from_secs(5);
 
+/// The largest record batch each topic takes: the smaller of the topic's
+/// `max.message.bytes` and the producer's `message.max.bytes`; `default` for topics
+/// not described (records' own topics), from the brokers' `message.max.bytes`.
+#[derive(Debug, Clone)]
+pub(super) struct SizeLimits {
+    /// Described topics.
+    pub(super) topics: HashMap<String, usize>,
+    /// Every other topic.
+    pub(super) default: usize,
+}
+
+impl SizeLimits {
+    fn of(&self, topic: &str) -> usize {
+        self.topics.get(topic).copied().unwrap_or(self.default)
+    }
+
+    /// The smallest limit of any of the sink's topics.
+    pub(super) fn smallest(&self) -> usize {
+        self.topics.values().copied().fold(self.default, usize::min)
+    }
+}
+
 /// Records made into messages for one sink subtask, with what it knows of the
 /// cluster's topics (asked only when records choose their own topic or partition).
 pub(super) struct Messages {
@@ -192,6 +230,9 @@ pub(super) struct Messages {
     commit_topic: String,
     /// Key records without a configured key by their Kafka coordinates.
     keyed_by_origin: bool,
+    /// Where dead letters go.
+    dead_letter_topic: String,
+    limits: SizeLimits,
     client: ClientConfig,
     metadata: Option<Arc<BaseProducer>>,
     /// Partitions per topic, as of `asked`.
@@ -201,9 +242,18 @@ pub(super) struct Messages {
 
 impl Messages {
     /// Messages per `spec` on the cluster `client` reaches.
-    pub(super) fn new(spec: TableSpec, commit_topic: String, keyed_by_origin: bool, client: ClientConfig) -> Self {
+    pub(super) fn new(
+        spec: TableSpec,
+        commit_topic: String,
+        dead_letter_topic: String,
+        limits: SizeLimits,
+        keyed_by_origin: bool,
+        client: ClientConfig,
+    ) -> Self {
         Self {
             default_topic: spec.table.clone(),
+            dead_letter_topic,
+            limits,
             row: RowJson::new(&spec),
             spec,
             commit_topic,
@@ -275,14 +325,51 @@ impl Messages {
                 Some(_) => {}
             }
         }
-        Ok(Ok(Msg {
+        let msg = Msg {
             to: Dest::Output,
             key,
             value,
             topic,
             partition,
             headers,
-        }))
+        };
+        let name = msg.topic.as_deref().unwrap_or(&self.default_topic);
+        let (size, limit) = (msg.batch_bytes(), self.limits.of(name));
+        if size > limit {
+            return Ok(Err(format!(
+                "the message takes {size} bytes, more than the {limit} topic `{name}` takes \
+                 (its max.message.bytes, or the producer's message.max.bytes)"
+            )));
+        }
+        Ok(Ok(msg))
+    }
+
+    /// A dead letter as a message on the dead-letter topic, its payload cut (and the
+    /// reason saying so) where the whole would be more than the topic takes.
+    pub(super) fn dead_letter(&self, d: &DeadLetter) -> Msg {
+        let limit = self.limits.of(&self.dead_letter_topic);
+        let msg = dead_letter_msg(d);
+        if msg.batch_bytes() <= limit {
+            return msg;
+        }
+        // JSON may escape a byte into six: halve until it fits (a rare path).
+        let mut keep = d.payload.len().min(limit);
+        loop {
+            keep /= 2;
+            let cut = DeadLetter {
+                origin: d.origin.clone(),
+                reason: format!(
+                    "{} (payload cut to its first {keep} of {} bytes to fit the dead-letter topic)",
+                    d.reason,
+                    d.payload.len()
+                ),
+                payload: d.payload[..keep].to_vec(),
+            };
+            let msg = dead_letter_msg(&cut);
+            if msg.batch_bytes() <= limit || keep == 0 {
+                return msg;
+            }
+        }
     }
 
     fn value(&self, r: &Record) -> Vec<u8> {

@@ -17,11 +17,14 @@
 //! "checkpoint n complete" and the commit thus rewrites epoch n exactly once; a crash
 //! before checkpoint n completes aborts it (it is replayed from the source).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -31,7 +34,7 @@ use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 mod message;
 mod transactional;
 
-use message::{dead_letter_msg, decode_epoch, send, Dest, Messages, Msg};
+use message::{decode_epoch, send, Dest, Messages, Msg, SizeLimits};
 use transactional::committed_epochs;
 pub use transactional::KafkaTransactions;
 
@@ -98,6 +101,8 @@ pub struct KafkaTarget {
     pub transaction_timeout: Duration,
     /// The job's commit-marker topic.
     commits: String,
+    /// The largest message each topic takes.
+    limits: SizeLimits,
 }
 
 impl KafkaTarget {
@@ -144,6 +149,17 @@ impl KafkaTarget {
                 "sink topic `{topic}` does not exist on the sink's cluster; create it (sluice does not create output topics)"
             )));
         }
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let limits = size_limits(
+            &admin,
+            &opts,
+            &client,
+            &producing,
+            &topic,
+            dead_letter_topic.as_deref(),
+            broker,
+        )
+        .await?;
         let target = Self {
             client,
             producing,
@@ -151,11 +167,11 @@ impl KafkaTarget {
             dead_letter_topic,
             transaction_timeout,
             commits,
+            limits,
         };
         if !transactional {
             return Ok(target);
         }
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
         if !topics_found[1] {
             let new = NewTopic::new(&target.commits, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
             for r in admin
@@ -211,6 +227,8 @@ impl KafkaTarget {
         Messages::new(
             self.spec.clone(),
             self.commits.clone(),
+            self.topic(Dest::DeadLetters).to_string(),
+            self.limits.clone(),
             keyed_by_origin,
             self.producer_config(),
         )
@@ -219,6 +237,13 @@ impl KafkaTarget {
     /// What every producer of this target starts from.
     fn producer_config(&self) -> ClientConfig {
         let mut c = self.client.clone();
+        // librdkafka does not split a batch the broker refuses as too large, and a
+        // batch of small messages can outgrow a topic's max.message.bytes: batches
+        // stay within the smallest limit of the sink's topics.
+        let smallest = self.limits.smallest();
+        if smallest < 1_000_000 {
+            c.set("batch.size", smallest.to_string());
+        }
         for (k, v) in &self.producing {
             c.set(k, v);
         }
@@ -235,6 +260,66 @@ impl KafkaTarget {
             .map(Arc::new)
             .map_err(Error::kafka(format!("create producer {id}")))
     }
+}
+
+/// The largest message each of the sink's topics takes: the producer's
+/// `message.max.bytes` (librdkafka refuses a larger one at once) and each topic's
+/// `max.message.bytes` (the broker refuses a larger one, which aborts the transaction it
+/// is in); topics chosen per record get the brokers' `message.max.bytes`.
+async fn size_limits(
+    admin: &AdminClient<DefaultClientContext>,
+    opts: &AdminOptions,
+    client: &ClientConfig,
+    producing: &[(String, String)],
+    output: &str,
+    dead_letters: Option<&str>,
+    broker: Option<i32>,
+) -> Result<SizeLimits> {
+    let producer_max = producing
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "message.max.bytes")
+        .map(|(_, v)| v.as_str())
+        .or_else(|| client.get("message.max.bytes"))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000);
+    let mut resources = vec![ResourceSpecifier::Topic(output)];
+    if let Some(d) = dead_letters.filter(|d| *d != output) {
+        resources.push(ResourceSpecifier::Topic(d));
+    }
+    if let Some(id) = broker {
+        resources.push(ResourceSpecifier::Broker(id));
+    }
+    let described = admin
+        .describe_configs(&resources, opts)
+        .await
+        .map_err(Error::kafka("read the sink topics' max.message.bytes"))?;
+    let mut limits = SizeLimits {
+        topics: HashMap::new(),
+        default: producer_max,
+    };
+    for r in described.into_iter().flatten() {
+        let value = |name: &str| {
+            r.entries
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.as_deref()?.parse::<usize>().ok())
+        };
+        match &r.specifier {
+            OwnedResourceSpecifier::Topic(t) => {
+                if let Some(max) = value("max.message.bytes") {
+                    limits.topics.insert(t.clone(), max.min(producer_max));
+                }
+            }
+            OwnedResourceSpecifier::Broker(_) => {
+                if let Some(max) = value("message.max.bytes") {
+                    limits.default = max.min(producer_max);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(limits)
 }
 
 /// A producer call that blocks, off the async workers.
@@ -324,13 +409,13 @@ impl KafkaProducerSink {
                     self.sent += 1;
                 }
                 Err(reason) => {
-                    let dead = dead_letter_msg(&self.builder.refused(r, reason));
+                    let dead = self.builder.dead_letter(&self.builder.refused(r, reason));
                     send(&self.producer, &dead_letters, &dead).await?
                 }
             }
         }
         for d in &batch.dead {
-            send(&self.producer, &dead_letters, &dead_letter_msg(d)).await?;
+            send(&self.producer, &dead_letters, &self.builder.dead_letter(d)).await?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::message::{dead_letter_msg, encode_epoch, send, Dest, Messages, Msg};
+use super::message::{encode_epoch, send, Dest, Messages, Msg};
 use super::{
     blocking, commit_marker, commit_topic, is_fenced, load_epoch, marker_key, transactional_id, KafkaTarget,
     CALL_TIMEOUT, SLOTS,
@@ -107,7 +107,7 @@ impl KafkaTransactions {
                     sent += 1;
                     msg
                 }
-                Err(reason) => dead_letter_msg(&self.builder.refused(r, reason)),
+                Err(reason) => self.builder.dead_letter(&self.builder.refused(r, reason)),
             };
             let topic = if msg.to == Dest::Output { &output } else { &dead_letters };
             send(&producer, topic, &msg).await?;
@@ -115,7 +115,7 @@ impl KafkaTransactions {
         }
         self.records += sent;
         for d in &batch.dead {
-            let msg = dead_letter_msg(d);
+            let msg = self.builder.dead_letter(d);
             send(&producer, &dead_letters, &msg).await?;
             self.messages.push(msg);
         }
