@@ -18,6 +18,15 @@ pub const ENV_PREFIX: &str = "SLUICE";
 /// password, Kafka passwords) are refused in the file: they must come from the
 /// environment, so that config files can be committed and shared.
 pub fn load(path: &Path) -> Result<JobConfig> {
+    let env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    load_with_env(path, &env)
+}
+
+/// [`load`] with `env` in place of the process's environment: how the session server
+/// checks a submitted job against exactly the variables its process will get.
+pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<JobConfig> {
     let file = || File::from(path).format(FileFormat::Toml).required(true);
     let fail = |key: &str, message: String| Error::Config {
         file: path.to_path_buf(),
@@ -29,11 +38,12 @@ pub fn load(path: &Path) -> Result<JobConfig> {
     }
     // The loader recurses once per `__` level: a key nested thousands deep would
     // exhaust memory and the stack before any message.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("SLUICE__") && name.matches("__").count() > 8 {
+    // The prefix is matched without regard to case, by the guard as by the loader.
+    for (name, _) in env {
+        let upper = name.to_ascii_uppercase();
+        if upper.starts_with("SLUICE__") && upper.matches("__").count() > 8 {
             return Err(fail(
-                &name,
+                name,
                 "nested deeper than any config key (at most 8 `__` levels)".into(),
             ));
         }
@@ -44,7 +54,7 @@ pub fn load(path: &Path) -> Result<JobConfig> {
         .map_err(|e| fail(&key_of(&e), e.to_string()))?;
     refuse_secrets_in_file(&file_only).map_err(|(key, message)| fail(&key, message))?;
 
-    let env = Environment::with_prefix(ENV_PREFIX)
+    let overrides = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
         // Values stay strings until a field's type asks for a number: a password or a
@@ -52,10 +62,11 @@ pub fn load(path: &Path) -> Result<JobConfig> {
         .try_parsing(false)
         .list_separator(",")
         .with_list_parse_key("source.topics")
-        .with_list_parse_key("sink.key");
+        .with_list_parse_key("sink.key")
+        .source(Some(env.iter().cloned().collect()));
     let merged = Config::builder()
         .add_source(file())
-        .add_source(env)
+        .add_source(overrides)
         .build()
         .map_err(|e| fail(&key_of(&e), e.to_string()))?;
     let mut cfg: JobConfig = merged.try_deserialize().map_err(|e| {
@@ -68,8 +79,10 @@ pub fn load(path: &Path) -> Result<JobConfig> {
     })?;
     cfg.file = path.to_path_buf();
     if cfg.sink.password.is_none() {
-        cfg.sink.password = std::env::var("PGPASSWORD")
-            .ok()
+        cfg.sink.password = env
+            .iter()
+            .find(|(k, _)| k == "PGPASSWORD")
+            .map(|(_, v)| v.clone())
             .filter(|p| !p.is_empty())
             .map(secrecy::SecretString::from);
     }

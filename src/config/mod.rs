@@ -24,7 +24,8 @@ pub use dataflow::{
 pub use enrich::{
     AsyncMode, EnrichColumn, EnrichConfig, LocalCacheConfig, OnMissing, RedisConfig, StoreConfig, StoreKind,
 };
-pub use load::{flatten_properties, is_column_name, load, redact_url, KAFKA_VALUES};
+pub(crate) use load::is_secret_name;
+pub use load::{flatten_properties, is_column_name, load, load_with_env, redact_url, KAFKA_VALUES};
 
 /// A whole job.
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +111,7 @@ pub struct SourceConfig {
     /// Broker list, or `"embedded"` for an in-process mock cluster fed by a generator.
     pub bootstrap_servers: String,
     /// Topics to read; partitions are spread over the source subtasks.
+    #[serde(deserialize_with = "list::strings")]
     pub topics: Vec<String>,
     /// Source subtasks.
     #[serde(default = "defaults::one", deserialize_with = "whole::number")]
@@ -620,7 +622,7 @@ pub struct SinkConfig {
     #[serde(default)]
     pub columns: Vec<ColumnSpec>,
     /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list::strings")]
     pub key: Vec<String>,
     /// Sink subtasks (connections writing at once).
     #[serde(default = "defaults::one", deserialize_with = "whole::number")]
@@ -750,6 +752,27 @@ impl Default for MetricsConfig {
             listen: defaults::metrics_listen(),
             ready_sink_stall: defaults::ready_sink_stall(),
         }
+    }
+}
+
+/// Lists that the environment gives as one comma-separated string
+/// (`SLUICE__SOURCE__TOPICS=a,b`): the loader keeps environment values as strings, so
+/// that a password of digits stays text, and `config` splits lists only when it parses.
+pub(crate) mod list {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        Text(String),
+    }
+
+    pub fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::Many(v) => v,
+            OneOrMany::Text(t) => t.split(',').map(|s| s.trim().to_string()).collect(),
+        })
     }
 }
 

@@ -51,6 +51,14 @@ fn the_base_config_is_valid() {
     assert!(ok, "{stderr}");
 }
 
+/// Lists from the environment as the README documents them: comma-separated.
+#[test]
+fn lists_come_from_the_environment_comma_separated() {
+    let (ok, stderr) = check(&base(), &[("SLUICE__SOURCE__TOPICS", "a, b")]);
+    assert!(ok, "{stderr}");
+    rejected(&base(), &[("SLUICE__SOURCE__TOPICS", "a,a")], "source.topics");
+}
+
 #[test]
 fn unknown_keys_are_named() {
     rejected(
@@ -348,6 +356,9 @@ fn footguns_are_refused() {
         );
     }
     let deep = format!("SLUICE{}", "__X".repeat(2_000));
+    rejected(&b, &[(deep.as_str(), "1")], "nested deeper than any config key");
+    // The loader matches the prefix without regard to case: so does the guard.
+    let deep = format!("sluice{}", "__x".repeat(30_000));
     rejected(&b, &[(deep.as_str(), "1")], "nested deeper than any config key");
 }
 

@@ -11,7 +11,13 @@ use crate::common::*;
 
 const TOKEN: &str = "session-token";
 
+const READ_TOKEN: &str = "session-read-token";
+
 fn post_body(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    post_typed(addr, path, token, "application/toml", body)
+}
+
+fn post_typed(addr: &str, path: &str, token: Option<&str>, content_type: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
         return (0, "no answer".into());
@@ -19,7 +25,7 @@ fn post_body(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, S
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let _ = write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/toml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut text = String::new();
@@ -28,33 +34,37 @@ fn post_body(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, S
     (code, text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string())
 }
 
+/// `GET path` with the read token, as JSON.
 async fn json(addr: &str, path: &str) -> Value {
-    get_json(addr, path).await.unwrap_or(Value::Null)
+    let (a, p) = (addr.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || http(&a, "GET", &p, Some(READ_TOKEN)))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
+        .unwrap_or(Value::Null)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
-    let pool = pg().await;
-    let schema = schema(&pool, false).await;
-    let topic = unique("session");
-    create_topic(&topic, 2).await;
-    produce(&topic, (0..2_000).map(record));
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A session server on a free port with `extra` lines in its `[server]` and `env`;
+/// returns it with its address.
+async fn start_server(dir: &std::path::Path, extra: &str, env: &[(&str, &str)]) -> (std::process::Child, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let server_toml = dir.path().join("server.toml");
+    let server_toml = dir.join("server.toml");
     std::fs::write(
         &server_toml,
         format!(
-            "[server]\nlisten = \"{addr}\"\ndir = \"{}\"\n",
-            dir.path().join("session").display()
+            "[server]\nlisten = \"{addr}\"\ndir = \"{}\"\n{extra}\n",
+            dir.join("session").display()
         ),
     )
     .expect("server.toml");
-    let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let log = std::fs::File::create(dir.join("server.log")).expect("log");
+    let server = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--config"])
         .arg(&server_toml)
         .env("SLUICE_API_TOKEN", TOKEN)
+        .env("SLUICE_API_READ_TOKEN", READ_TOKEN)
+        .envs(env.iter().copied())
         .stdout(Stdio::from(log.try_clone().expect("log")))
         .stderr(Stdio::from(log))
         .spawn()
@@ -71,9 +81,22 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
     })
     .await;
     assert!(up, "the session server did not come up");
+    (server, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let topic = unique("session");
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..2_000).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut server, addr) = start_server(dir.path(), "", &[]).await;
 
     let good_name = unique("good");
-    let good = job_toml(&good_name, &topic, &schema, "two_phase", &dir.path().join("cp-good"));
+    // Checkpoints in the job's own directory (a path relative to it).
+    let good = job_toml(&good_name, &topic, &schema, "two_phase", std::path::Path::new("cp"));
     // Its sink table does not exist: refused at start, the job gives up.
     let bad_name = unique("bad");
     let bad = job_toml(
@@ -81,7 +104,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
         &topic,
         "no_such_schema",
         "two_phase",
-        &dir.path().join("cp-bad"),
+        std::path::Path::new("cp"),
     );
     let invalid = good.replace("parallelism = 2", "parallelism = 0");
 
@@ -135,7 +158,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
     // The server's /metrics: the running job's series under its name, and a valid
     // exposition as a whole.
     let a = addr.clone();
-    let metrics = tokio::task::spawn_blocking(move || http(&a, "GET", "/metrics", None))
+    let metrics = tokio::task::spawn_blocking(move || http(&a, "GET", "/metrics", Some(READ_TOKEN)))
         .await
         .expect("join")
         .expect("metrics")
@@ -195,6 +218,191 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
         "records doubled"
     );
     assert_eq!(prepared_of(&pool, &good_name).await, 0);
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let exit = server.wait().expect("wait");
+    assert!(exit.success(), "{exit}");
+}
+
+/// Session mode tried as a hostile tenant would: a job gets none of the server's
+/// secrets (only those its submission gives or names), may touch no file outside its
+/// own directory, cannot ask for more than the server admits, cannot read the job list
+/// without a token, and a name used again does not inherit the old job's checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_job_gets_no_server_secret_no_foreign_path_and_no_more_than_admitted() {
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("tenant");
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..500).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut server, addr) = start_server(
+        dir.path(),
+        "max_jobs = 2\nmax_parallelism = 8\nmax_subtasks = 40\n[server.secrets]\npg = \"SERVER_PG_SECRET\"",
+        &[
+            ("SLUICE__SINK__PASSWORD", "server-sink-secret"),
+            ("SLUICE_REDIS_PASSWORD", "server-redis-secret"),
+            ("SERVER_PG_SECRET", "named-secret"),
+        ],
+    )
+    .await;
+    let job = |name: &str| job_toml(name, &topic, &schema, "idempotent", std::path::Path::new("cp"));
+    let post = |token: &'static str, content_type: &'static str, body: String| {
+        let a = addr.clone();
+        async move {
+            tokio::task::spawn_blocking(move || post_typed(&a, "/jobs", Some(token), content_type, &body))
+                .await
+                .expect("join")
+        }
+    };
+    let toml = "application/toml";
+
+    // Paths outside the job's directory, named by key.
+    let n = unique("evil");
+    for (bad, key) in [
+        (
+            job(&n).replace("dir = \"cp\"", "dir = \"/etc/sluice-evil\""),
+            "checkpoint.dir",
+        ),
+        (
+            job(&n).replace("dir = \"cp\"", "dir = \"cp/../../..\""),
+            "checkpoint.dir",
+        ),
+        (
+            job(&n).replace("[dead_letter]", "migrations = \"/tmp\"\n\n[dead_letter]"),
+            "sink.migrations",
+        ),
+        (
+            job(&n).replace("[checkpoint]", "[state]\ndir = \"/root/.ssh\"\n\n[checkpoint]"),
+            "state.dir",
+        ),
+    ] {
+        let (code, body) = post(TOKEN, toml, bad).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(
+            body.contains(key) && body.contains("outside the job's own directory"),
+            "{body}"
+        );
+    }
+    // More than the server admits.
+    let (code, body) = post(
+        TOKEN,
+        toml,
+        job(&n).replace("parallelism = 2\npartition", "parallelism = 12\npartition"),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("server.max_parallelism"), "{body}");
+    // Only secrets sluice reads may be given.
+    let sneaky = serde_json::json!({ "config": job(&n), "secrets": { "LD_PRELOAD": "/tmp/x.so" } }).to_string();
+    let (code, body) = post(TOKEN, "application/json", sneaky).await;
+    assert_eq!(code, 400, "{body}");
+    // The read token reads, but does not submit; no token reads nothing.
+    let (code, _) = post(READ_TOKEN, toml, job(&n)).await;
+    assert_eq!(code, 401);
+    let a = addr.clone();
+    let anonymous = tokio::task::spawn_blocking(move || http(&a, "GET", "/jobs", None))
+        .await
+        .expect("join")
+        .expect("answer");
+    assert_eq!(anonymous.0, 401, "{anonymous:?}");
+
+    // A job with one secret given and one named: its process has those, none of the
+    // server's, and works in its own directory.
+    let first = unique("tenant");
+    let submission = serde_json::json!({
+        "config": job(&first),
+        "secrets": { "SLUICE__SINK__PASSWORD": "given-secret" },
+        "secret_refs": { "PGPASSWORD": "pg" },
+    })
+    .to_string();
+    let (code, body) = post(TOKEN, "application/json", submission).await;
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        !body.contains("given-secret") && !body.contains("named-secret"),
+        "{body}"
+    );
+    let pid = wait_until(Duration::from_secs(20), || {
+        let (a, f) = (addr.clone(), first.clone());
+        async move {
+            json(&a, "/jobs").await["jobs"]
+                .as_array()
+                .and_then(|j| j.iter().find(|j| j["job"] == f.as_str())?["pid"].as_u64())
+                .is_some()
+        }
+    })
+    .await;
+    assert!(pid, "the job did not start");
+    let listed = json(&addr, "/jobs").await;
+    let pid = listed["jobs"]
+        .as_array()
+        .and_then(|j| j.iter().find(|j| j["job"] == first.as_str())?["pid"].as_u64())
+        .expect("pid");
+    assert!(!listed.to_string().contains("given-secret"), "{listed}");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
+    assert!(
+        !environ.contains("server-sink-secret") && !environ.contains("server-redis-secret"),
+        "{environ}"
+    );
+    assert!(environ.contains("SLUICE__SINK__PASSWORD=given-secret"), "{environ}");
+    assert!(environ.contains("PGPASSWORD=named-secret"), "{environ}");
+    let job_dir = dir.path().join("session/jobs").join(&first);
+    let job_dir = std::fs::canonicalize(&job_dir).expect("job dir");
+    assert!(environ.contains(&format!("HOME={}", job_dir.display())), "{environ}");
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+    assert_eq!(cwd, job_dir);
+    let events = format!("SELECT count(*) FROM {schema}.events");
+    let p2 = pool.clone();
+    let written = wait_until(Duration::from_secs(60), || {
+        let (p, e) = (p2.clone(), events.clone());
+        async move { count(&p, &e).await >= 500 }
+    })
+    .await;
+    assert!(written, "the job wrote {} rows", count(&pool, &events).await);
+    assert!(
+        job_dir.join("cp").is_dir(),
+        "checkpoints are not in the job's directory"
+    );
+
+    // Admission: a second job runs, a third is refused with 429 naming the limit.
+    let second = unique("tenant");
+    let (code, body) = post(TOKEN, toml, job(&second)).await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = post(TOKEN, toml, job(&unique("tenant"))).await;
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("server.max_jobs"), "{body}");
+
+    // The first job stopped and its name used again: it starts afresh, its old files
+    // moved aside, unless the submission asks to resume.
+    let (a, f) = (addr.clone(), first.clone());
+    let (code, _) = tokio::task::spawn_blocking(move || http(&a, "DELETE", &format!("/jobs/{f}"), Some(TOKEN)))
+        .await
+        .expect("join")
+        .expect("cancel");
+    assert_eq!(code, 202);
+    let finished = wait_until(Duration::from_secs(60), || {
+        let (a, f) = (addr.clone(), first.clone());
+        async move { json(&a, &format!("/jobs/{f}")).await["phase"]["state"] == "finished" }
+    })
+    .await;
+    assert!(finished);
+    let (code, body) = post(TOKEN, toml, job(&first)).await;
+    assert_eq!(code, 201, "{body}");
+    let aside: Vec<_> = std::fs::read_dir(dir.path().join("session/jobs"))
+        .expect("jobs dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{first}.")))
+        .collect();
+    assert_eq!(aside.len(), 1, "the earlier job's files were not moved aside");
+    assert!(
+        aside[0].path().join("cp").is_dir(),
+        "the old checkpoints are not where they were moved"
+    );
 
     assert!(Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
