@@ -338,7 +338,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         e.bootstrap_servers().to_string()
     });
     let storage = open_storage(&cfg)?;
-    refuse_silent_fresh_start(&cfg, &bootstrap, &storage).await?;
+    refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await?;
     let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
@@ -373,20 +373,22 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             Err(e) => e,
         };
         stats.failed(&err.to_string());
+        // Said once here, redacted: a driver's message may quote a URL with its secret.
+        let said = crate::config::redact_urls_in(&err.to_string());
         telemetry::attempt_failed(&err);
         if !err.is_retryable() || *shutdown.borrow() {
             stats.set_state(JobState::Failed);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         }
         let Some(wait) = policy.on_failure(Instant::now()) else {
-            tracing::error!(error = %err, "job failed; the restart strategy allows no more restarts");
+            tracing::error!(error = %said, "job failed; the restart strategy allows no more restarts");
             stats.set_state(JobState::Failed);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         };
         stats.set_state(JobState::Restarting);
         let restart = stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         tracing::warn!(
-            error = %err,
+            error = %said,
             restart,
             wait_ms = wait.as_millis() as u64,
             restored_from = stats.restored_from(),
@@ -451,7 +453,10 @@ async fn leave_nothing_prepared(
             err
         }
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "could not resolve this job's prepared transactions before exiting");
+            tracing::error!(
+                error = %crate::config::redact_urls_in(&e.to_string()),
+                "could not resolve this job's prepared transactions before exiting"
+            );
             Error::Unsupported(format!(
                 "{err}; prepared transactions of this job may remain: the next start resolves them, or \
                  `sluice txn list --config {}` shows them and `sluice txn commit|abort` resolves them by hand",
@@ -473,6 +478,7 @@ async fn refuse_silent_fresh_start(
     cfg: &Arc<JobConfig>,
     bootstrap: &str,
     storage: &Arc<dyn CheckpointStorage>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     if cfg.source.fresh_start
         || cfg.checkpoint.from_savepoint.is_some()
@@ -482,16 +488,27 @@ async fn refuse_silent_fresh_start(
     {
         return Ok(());
     }
-    let (c, b) = (cfg.clone(), bootstrap.to_string());
-    let found = tokio::task::spawn_blocking(move || crate::source::committed_group_offsets(&c, &b))
-        .await
-        .map_err(|e| Error::Internal(format!("reading group offsets: {e}")))?;
-    let found = match found {
-        Ok(found) => found,
-        Err(e) => {
-            // Kafka unreachable: the job will say so itself; do not block on this check.
-            tracing::debug!(error = %e, "could not read the consumer group's offsets");
-            return Ok(());
+    // Fail closed: a job that cannot tell whether it ran before does not start over.
+    let found = loop {
+        let (c, b) = (cfg.clone(), bootstrap.to_string());
+        let found = tokio::task::spawn_blocking(move || crate::source::committed_group_offsets(&c, &b))
+            .await
+            .map_err(|e| Error::Internal(format!("reading group offsets: {e}")))?;
+        match found {
+            Ok(found) => break found,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the job has no checkpoint, and Kafka does not answer whether it ran before \
+                     (its consumer group's offsets): waiting for Kafka before starting"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => return Err(Error::Unsupported(format!(
+                        "stopped before Kafka answered whether this job ran before: {e}"
+                    ))),
+                }
+            }
         }
     };
     if let Some((topic, partition, offset)) = found.first() {

@@ -173,11 +173,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A shipper parses the last word too; a person reads it plainly.
         Err(e) if json => {
-            tracing::error!(error = format!("{e:#}"), "sluice stopped");
+            tracing::error!(
+                error = sluice::config::redact_urls_in(&format!("{e:#}")),
+                "sluice stopped"
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", sluice::config::redact_urls_in(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -134,6 +134,8 @@ pub fn write(root: &Path, cp: &CompletedCheckpoint, storage: &dyn CheckpointStor
     let tmp = root.join(format!(".{name}.tmp"));
     let _ = fs::remove_dir_all(&tmp);
     let result = (|| {
+        // Made first: a job without keyed state has no state file to make it.
+        fs::create_dir_all(&tmp).map_err(Error::storage(format!("create {}", tmp.display())))?;
         let mut files = Vec::new();
         let mut total = 0;
         for handle in handles(cp) {
@@ -258,6 +260,13 @@ impl Savepoint {
                 message: "the savepoint's metadata does not list this state file".into(),
             });
         };
+        // Not followed: a link would read (and name the size and digest of) any file.
+        if fs::symlink_metadata(&path).is_ok_and(|m| !m.file_type().is_file()) {
+            return Err(Error::CorruptCheckpoint {
+                path,
+                message: "is not a regular file (a symbolic link?): a savepoint's state files are its own".into(),
+            });
+        }
         let bytes = fs::read(&path).map_err(|e| Error::CorruptCheckpoint {
             path: path.clone(),
             message: format!("state file of the savepoint is missing or unreadable ({e}); the savepoint is incomplete"),
@@ -444,6 +453,39 @@ mod tests {
         });
         let msg = escaping.read_state("../../outside").unwrap_err().to_string();
         assert!(msg.contains("not a state file's name"), "{msg}");
+    }
+
+    #[test]
+    fn a_job_without_keyed_state_has_a_savepoint_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = DirectoryStorage::open(&dir.path().join("chk"), 1).unwrap();
+        let mut c = cp(2, "unused");
+        c.tasks.remove("win-0");
+        storage.store(&c).unwrap();
+        // It used to fail: `_metadata.json: No such file or directory`.
+        let written = write(&dir.path().join("sp"), &c, &storage).unwrap();
+        let sp = Savepoint::open(&written.path).unwrap();
+        assert_eq!(sp.verify().unwrap(), 0);
+        assert_eq!(sp.checkpoint().tasks.len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symbolic_link_in_a_savepoint_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = DirectoryStorage::open(&dir.path().join("chk"), 1).unwrap();
+        let h = storage.write_state(3, "win-0", b"window state").unwrap();
+        let c = cp(3, &h);
+        storage.store(&c).unwrap();
+        let written = write(&dir.path().join("sp"), &c, &storage).unwrap();
+        let secret = dir.path().join("secret");
+        fs::write(&secret, b"not the job's").unwrap();
+        let file = written.path.join("state").join(&h);
+        fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&secret, &file).unwrap();
+        let sp = Savepoint::open(&written.path).unwrap();
+        let msg = sp.read_state(&h).unwrap_err().to_string();
+        assert!(msg.contains("not a regular file") && !msg.contains("SHA-256"), "{msg}");
     }
 
     #[test]

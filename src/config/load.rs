@@ -152,16 +152,21 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
             ));
         }
     }
-    if let Ok(props) = file.get::<BTreeMap<String, PropertyValue>>("source.properties") {
-        for (key, _) in flatten_properties(&props) {
-            if is_secret_name(&key) {
-                return Err((
-                    format!("source.properties.{key}"),
-                    format!(
-                        "secrets may not be written in the file; set SLUICE__SOURCE__PROPERTIES__{}",
-                        key.replace('.', "__").to_uppercase()
-                    ),
-                ));
+    for (section, env) in [
+        ("source.properties", "SLUICE__SOURCE__PROPERTIES__"),
+        ("sink.kafka.properties", "SLUICE__SINK__KAFKA__PROPERTIES__"),
+    ] {
+        if let Ok(props) = file.get::<BTreeMap<String, PropertyValue>>(section) {
+            for (key, _) in flatten_properties(&props) {
+                if is_secret_name(&key) {
+                    return Err((
+                        format!("{section}.{key}"),
+                        format!(
+                            "secrets may not be written in the file; set {env}{}",
+                            key.replace('.', "__").to_uppercase()
+                        ),
+                    ));
+                }
             }
         }
     }
@@ -174,8 +179,55 @@ pub(crate) fn url_has_password(url: &str) -> bool {
 
 /// Whether a URL query parameter or property name holds a secret.
 pub(crate) fn is_secret_name(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n.contains("password") || n.contains("secret") || n.contains("token")
+    // `pass%77ord` is `password` to the driver that reads it: decode first.
+    let n = percent_decode(name).to_ascii_lowercase();
+    n.contains("passw") || n.contains("pwd") || n.contains("secret") || n.contains("token")
+}
+
+/// `%XX` sequences decoded (others left as they are), as a URL's reader decodes them.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `text` with every URL in it redacted ([`redact_url`]): for error messages, which may
+/// quote a URL (a driver's own message, a path of a store) anywhere.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // The scheme: letters, digits, + - . before `://`.
+        let start = rest[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ')' | ']' | '>' | ','))
+            .map_or(rest.len(), |i| at + i);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `url` with its secrets (a password in the userinfo, query parameters such as
@@ -341,7 +393,19 @@ impl JobConfig {
                 c.set(key, value);
             }
             if let Err(e) = c.create::<rdkafka::producer::BaseProducer>() {
-                return fail("sink.kafka.properties", &format!("librdkafka refuses them: {e}"));
+                // librdkafka's error carries the value as given: never print it whole.
+                let said = match &e {
+                    rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+                        let desc = if value.is_empty() {
+                            desc.clone()
+                        } else {
+                            desc.replace(value.as_str(), "***")
+                        };
+                        format!("`{key}`: {desc}")
+                    }
+                    other => redact_urls_in(&other.to_string()),
+                };
+                return fail("sink.kafka.properties", &format!("librdkafka refuses them: {said}"));
             }
         }
         self.metrics.validate()
@@ -501,10 +565,12 @@ impl CheckpointConfig {
         }
         if let Some(dir) = &self.dir {
             let text = dir.to_string_lossy();
-            if text.trim().is_empty() || dir.parent().is_none() {
+            // `/tmp/..` is the root too: `..` is refused rather than resolved.
+            let climbs = dir.components().any(|c| matches!(c, std::path::Component::ParentDir));
+            if text.trim().is_empty() || dir.parent().is_none() || climbs {
                 return fail(
                     "checkpoint.dir",
-                    "must name a directory of its own (not empty, not the root)",
+                    "must name a directory of its own (not empty, not the root, no `..`)",
                 );
             }
         }
@@ -685,6 +751,15 @@ impl SinkConfig {
                     &format!("`{}` is not a plain column name", col.name),
                 );
             }
+            if self.kind != SinkKind::Redis && self.kind != SinkKind::Kafka && col.name.len() > 63 {
+                return fail(
+                    "sink.columns.name",
+                    &format!(
+                        "`{}` is longer than 63 bytes (Postgres truncates longer names)",
+                        col.name
+                    ),
+                );
+            }
             if !names.insert(col.name.as_str()) {
                 return fail("sink.columns.name", &format!("`{}` appears twice", col.name));
             }
@@ -705,6 +780,12 @@ impl DeadLetterConfig {
         match self.kind {
             DeadLetterKind::Table if !is_identifier(&self.table) => {
                 return fail("dead_letter.table", "must be a plain SQL name");
+            }
+            DeadLetterKind::Table if self.table.split('.').any(|p| p.len() > 63) => {
+                return fail(
+                    "dead_letter.table",
+                    "names are at most 63 bytes (Postgres truncates longer ones)",
+                );
             }
             DeadLetterKind::Kafka if self.topic.as_deref().is_none_or(str::is_empty) => {
                 return fail("dead_letter.topic", "is required when dead_letter.kind = \"kafka\"");
@@ -778,6 +859,22 @@ mod tests {
 
     /// Secrets as the environment supplies them (a password, a SASL password, a URL
     /// with a password and a `?password=` query) never show in the config's `Debug`.
+    #[test]
+    fn urls_are_redacted_wherever_they_stand() {
+        assert_eq!(
+            redact_url("postgres://u@h/db?pass%77ord=hunter2&x=1"),
+            "postgres://u@h/db?pass%77ord=***&x=1",
+            "a percent-encoded name is the same name to the driver"
+        );
+        assert!(url_has_password("postgres://u@h/db?pass%77ord=hunter2"));
+        assert_eq!(
+            redact_urls_in("store url sqlite://a.db?password=hunter2 failed: `redis://:pw@h:6379/0`"),
+            "store url sqlite://a.db?password=*** failed: `redis://:***@h:6379/0`"
+        );
+        assert_eq!(redact_urls_in("no url here"), "no url here");
+        assert_eq!(redact_urls_in("ends with ://"), "ends with ://");
+    }
+
     #[test]
     fn secrets_redact_themselves() {
         let toml = r#"[job]

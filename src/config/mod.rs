@@ -25,7 +25,7 @@ pub use enrich::{
     AsyncMode, EnrichColumn, EnrichConfig, LocalCacheConfig, OnMissing, RedisConfig, StoreConfig, StoreKind,
 };
 pub(crate) use load::is_secret_name;
-pub use load::{flatten_properties, is_column_name, load, load_with_env, redact_url, KAFKA_VALUES};
+pub use load::{flatten_properties, is_column_name, load, load_with_env, redact_url, redact_urls_in, KAFKA_VALUES};
 
 /// A whole job.
 #[derive(Debug, Clone, Deserialize)]

@@ -50,7 +50,8 @@ impl HbaseStore {
     pub fn new(url: &str, table: &str, columns: Vec<StoreColumn>, timeout: Duration) -> Result<Self> {
         if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(Error::Unsupported(format!(
-                "hbase store url `{url}`: the REST gateway's http:// address"
+                "hbase store url `{}`: the REST gateway's http:// address",
+                crate::config::redact_url(url)
             )));
         }
         let client = reqwest::Client::builder()

@@ -24,7 +24,12 @@ impl SqliteStore {
     /// A store over `table` of the database file at `url` (`sqlite://path`).
     pub fn new(url: &str, table: &str, key_column: &str, columns: Vec<StoreColumn>) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| Error::Unsupported(format!("store url {url}: {e}")))?
+            .map_err(|e| {
+                Error::Unsupported(crate::config::redact_urls_in(&format!(
+                    "store url {}: {e}",
+                    crate::config::redact_url(url)
+                )))
+            })?
             .read_only(true);
         Ok(Self {
             pool: std::sync::OnceLock::new(),

@@ -353,7 +353,8 @@ impl SinkTarget {
             }
             crate::config::SinkKind::Redis => {
                 let password = cfg.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
-                let target = redis::RedisWal::open(&cfg.sink.url, password, spec, cfg.sink.redis_command).await?;
+                let target =
+                    redis::RedisWal::open(&cfg.sink.url, password, &cfg.job.name, spec, cfg.sink.redis_command).await?;
                 Ok(SinkTarget::Redis(target))
             }
             crate::config::SinkKind::Kafka => {

@@ -18,7 +18,15 @@
 //! the subtask's own which never reconnects behind its back: a reconnection inside
 //! `MULTI` would run the rest of the epoch outside the transaction. A broken connection
 //! fails the write instead, and the restart writes the epoch again, once.
+//!
+//! One process at a time writes a job's keys: at open, a process takes the job's lease
+//! (`sluice:<job>:owner`, naming its Redis client) and raises the job's generation
+//! (`sluice:<job>:generation`); another process is refused while the holder's client
+//! is connected (Redis drops a killed process's client at once, so a restart after a
+//! crash is not held up). Every epoch `WATCH`es the generation and checks it is still
+//! this process's: a process taken over commits nothing more (its `EXEC` is void).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -38,9 +46,84 @@ const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Commands sent to the server per round trip while an epoch is queued.
 const SLICE: usize = 2_000;
 
+/// This process among every process that ever held a lease: its pid and start time.
+fn process_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| format!("{}-{}", std::process::id(), crate::time::wall_clock_ms()))
+}
+
+/// The job's lease, held while its connection lives.
+struct Lease {
+    /// The connection whose client id the lease names; dropped with the lease.
+    _conn: MultiplexedConnection,
+    /// The generation this process raised the job to.
+    generation: i64,
+}
+
+/// Take job `job`'s lease: refused while another process's client holding it is
+/// connected; raises the job's generation.
+async fn take_lease(client: &redis::Client, url: &str, job: &str) -> Result<Lease> {
+    let fail = |what: &str, e: redis::RedisError| Error::Lookup(format!("redis sink: {what}: {e}"));
+    let mut conn = connect(client, url).await?;
+    let (owner_key, generation_key) = (format!("sluice:{job}:owner"), format!("sluice:{job}:generation"));
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| fail("read this connection's client id", e))?;
+    loop {
+        let (_, holder): ((), Option<String>) = redis::pipe()
+            .cmd("WATCH")
+            .arg(&owner_key)
+            .cmd("GET")
+            .arg(&owner_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail("read the job's lease", e))?;
+        if let Some(holder) = holder {
+            let mut parts = holder.split(' ');
+            let (their_id, their_process) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            let connected: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("ID")
+                .arg(their_id)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if their_process != process_token() && !connected.trim().is_empty() {
+                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut conn).await;
+                return Err(Error::Unsupported(format!(
+                    "job `{job}` is running in another process (pid {}, redis client {their_id}): a second \
+                     process would write its records again; stop the other one first",
+                    their_process.split('-').next().unwrap_or("?")
+                )));
+            }
+        }
+        let done: Option<((), i64)> = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(&owner_key)
+            .arg(format!("{id} {}", process_token()))
+            .cmd("INCR")
+            .arg(&generation_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail("take the job's lease", e))?;
+        if let Some(((), generation)) = done {
+            return Ok(Lease {
+                _conn: conn,
+                generation,
+            });
+        }
+        // Another process changed the lease meanwhile: look again.
+    }
+}
+
 /// A Redis database written by the write-ahead log.
 #[derive(Clone)]
 pub struct RedisWal {
+    /// This process's lease on the job's keys.
+    lease: Arc<Lease>,
     client: redis::Client,
     /// Used by one sink subtask only (see [`RedisWal::for_subtask`]).
     conn: MultiplexedConnection,
@@ -61,12 +144,21 @@ async fn connect(client: &redis::Client, url: &str) -> Result<MultiplexedConnect
 }
 
 impl RedisWal {
-    /// Connect (the password, if any, from `password` or `SLUICE_REDIS_PASSWORD`).
-    pub async fn open(url: &str, password: Option<&str>, spec: TableSpec, command: RedisCommand) -> Result<Self> {
+    /// Connect (the password, if any, from `password` or `SLUICE_REDIS_PASSWORD`) and
+    /// take job `job`'s lease.
+    pub async fn open(
+        url: &str,
+        password: Option<&str>,
+        job: &str,
+        spec: TableSpec,
+        command: RedisCommand,
+    ) -> Result<Self> {
         let client = crate::lookup::redis::client(url, password)?;
+        let lease = Arc::new(take_lease(&client, url, job).await?);
         let conn = connect(&client, url).await?;
         let row = RowJson::new(&spec);
         Ok(Self {
+            lease,
             client,
             conn,
             url: url.to_string(),
@@ -204,7 +296,14 @@ impl WalTarget for RedisWal {
             // Not WATCHed: every sink subtask appends to the stream, so a watch would
             // abort most transactions. Records cannot write under `sluice:`; only a hand
             // could put another type there, and the replies below would say so.
-            let (seen, kind): (bool, String) = redis::pipe()
+            // The generation is WATCHed until EXEC: a process that took the job over
+            // meanwhile voids this epoch's transaction.
+            let generation_key = format!("sluice:{job}:generation");
+            let (_, generation, seen, kind): ((), Option<i64>, bool, String) = redis::pipe()
+                .cmd("WATCH")
+                .arg(&generation_key)
+                .cmd("GET")
+                .arg(&generation_key)
                 .cmd("EXISTS")
                 .arg(&key)
                 .cmd("TYPE")
@@ -212,10 +311,20 @@ impl WalTarget for RedisWal {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| fail("check the epoch marker", e))?;
+            if generation != Some(self.lease.generation) {
+                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut conn).await;
+                return Err(Error::Fenced {
+                    job: job.to_string(),
+                    ours: self.lease.generation,
+                    current: generation,
+                });
+            }
             if seen {
+                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut conn).await;
                 return Ok(None);
             }
             if !matches!(kind.as_str(), "none" | "stream") {
+                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut conn).await;
                 return Err(Error::Unsupported(format!(
                     "redis sink: `{dead_stream}`, the job's dead-letter stream, holds a {kind}; \
                      sluice's keys under `sluice:` are its own: delete or rename that key"
@@ -241,6 +350,14 @@ impl WalTarget for RedisWal {
             let replies = match done {
                 redis::Value::Array(replies) => replies,
                 redis::Value::ServerError(e) => return Err(fail("commit an epoch", e.into())),
+                // The watched generation changed: another process took the job over.
+                redis::Value::Nil => {
+                    return Err(Error::Fenced {
+                        job: job.to_string(),
+                        ours: self.lease.generation,
+                        current: None,
+                    })
+                }
                 other => {
                     return Err(Error::Lookup(format!(
                         "redis sink: an epoch's transaction was not executed: {other:?}"

@@ -35,7 +35,7 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
         .max_connections(2)
         .connect_with(options)
         .await
-        .map_err(Error::db(format!("open {url}")))
+        .map_err(Error::db(format!("open {}", crate::config::redact_url(url))))
 }
 
 /// Apply the sqlx migrations in `dir`.

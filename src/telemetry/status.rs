@@ -329,7 +329,8 @@ impl JobStats {
         if let Ok(mut f) = self.last_failure.lock() {
             *f = Some(Failure {
                 at_ms: now_ms(),
-                error: error.to_string(),
+                // Shown in /status and the status line: never a URL's secret.
+                error: crate::config::redact_urls_in(error),
             });
         }
     }

@@ -343,6 +343,27 @@ fn footguns_are_refused() {
         "checkpoint.dir",
     );
     rejected(
+        &b.replace("dir = \"/tmp/sluice-cfg-test\"", "dir = \"/tmp/..\""),
+        &[],
+        "checkpoint.dir",
+    );
+    rejected(
+        &b.replace("table = \"s.dead\"", &format!("table = \"s.{}\"", "d".repeat(84))),
+        &[],
+        "dead_letter.table",
+    );
+    rejected(
+        &b.replace(
+            "[dead_letter]",
+            &format!(
+                "columns = [ {{ name = \"{}\", value = \"id\" }} ]\n\n[dead_letter]",
+                "c".repeat(70)
+            ),
+        ),
+        &[],
+        "sink.columns.name",
+    );
+    rejected(
         &b.replace("table = \"s.events\"", &format!("table = \"s.{}\"", "e".repeat(64))),
         &[],
         "sink.table",

@@ -131,6 +131,28 @@ async fn a_lost_checkpoint_directory_is_not_a_silent_fresh_start() {
     );
     assert_eq!(sink_counts(&pool, &schema).await.0, 1_000, "nothing written twice");
 
+    // The same with Kafka unreachable for the first 14 s (longer than one metadata
+    // request waits): the guard waits for it and then refuses; it does not take
+    // silence for "never ran" (it used to start fresh).
+    let late = late_broker(Duration::from_secs(14));
+    let log_down = dir.path().join("down.log");
+    let mut down = Sluice::start_with(
+        &config,
+        &log_down,
+        &[("SLUICE__SOURCE__BOOTSTRAP_SERVERS", late.as_str())],
+    );
+    let exit = down.wait_exit(Duration::from_secs(60));
+    let said = std::fs::read_to_string(&log_down).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "it started over while Kafka was away: {said}"
+    );
+    assert!(
+        said.contains("waiting for Kafka") && said.contains("checkpoints are gone"),
+        "{said}"
+    );
+    assert_eq!(sink_counts(&pool, &schema).await.0, 1_000, "nothing written twice");
+
     let log3 = dir.path().join("fresh.log");
     let fresh = Sluice::start_with(&config, &log3, &[("SLUICE__SOURCE__FRESH_START", "true")]);
     let started = wait_until(Duration::from_secs(30), || async {
@@ -194,4 +216,94 @@ async fn an_owner_that_was_taken_over_is_fenced_and_commits_nothing() {
     assert!(next.terminate().success());
     assert_eq!(sink_counts(&pool, &schema).await, (10_000, 10_000, 10_000, 0, 9_999));
     assert_eq!(prepared_of(&pool, &job).await, 0);
+}
+
+/// A bootstrap address that refuses connections for `down`, then forwards them to the
+/// test broker (which the clients then reach directly, by its advertised address).
+fn late_broker(down: Duration) -> String {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let target = kafka();
+    let listen = addr.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(down);
+        let Ok(listener) = std::net::TcpListener::bind(&listen) else {
+            return;
+        };
+        // Bounded: enough connections for the test's one process, then it ends.
+        for client in listener.incoming().take(64).flatten() {
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+                continue;
+            };
+            let (mut c, mut s) = (client, server);
+            std::thread::spawn(move || std::io::copy(&mut c, &mut s2));
+            std::thread::spawn(move || std::io::copy(&mut s, &mut c2));
+        }
+    });
+    addr
+}
+
+/// Two processes of one Redis `wal` job with separate checkpoint directories (so the
+/// directory lock cannot stop the second): the job's lease in Redis refuses the
+/// second, naming the first; every record is written once. (Without it both wrote
+/// every record: 40,000 entries for 20,000.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_of_a_redis_job_is_refused_by_its_lease() {
+    let topic = unique("redis_twice");
+    create_topic(&topic, 2).await;
+    let table = unique("twice");
+    let job = unique("redis_twice");
+    let (a, b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let config_a = write_config(
+        a.path(),
+        &redis_job_toml(&job, &topic, &a.path().join("cp"), &table, "redis_command = \"xadd\""),
+    );
+    let config_b = write_config(
+        b.path(),
+        &redis_job_toml(&job, &topic, &b.path().join("cp"), &table, "redis_command = \"xadd\""),
+    );
+    produce(&topic, (0..2_000).map(record));
+    let first = Sluice::start(&config_a, &a.path().join("sluice.log"));
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let len = |mut conn: redis::aio::MultiplexedConnection, table: String| async move {
+        redis::cmd("XLEN")
+            .arg(&table)
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap_or(0)
+    };
+    let started = wait_until(Duration::from_secs(30), || {
+        let f = len(conn.clone(), table.clone());
+        async move { f.await > 0 }
+    })
+    .await;
+    assert!(started, "{}", first.log_tail());
+    let log_b = b.path().join("sluice.log");
+    // Even told to start afresh (which passes the consumer-group guard), it is refused.
+    let mut second = Sluice::start_with(&config_b, &log_b, &[("SLUICE__SOURCE__FRESH_START", "true")]);
+    let exit = second.wait_exit(Duration::from_secs(30));
+    let said = std::fs::read_to_string(&log_b).unwrap_or_default();
+    assert!(exit.is_some_and(|e| !e.success()), "the second process ran: {said}");
+    assert!(said.contains("running in another process"), "{said}");
+    produce(&topic, (2_000..4_000).map(record));
+    let all = wait_until(Duration::from_secs(60), || {
+        let f = len(conn.clone(), table.clone());
+        async move { f.await >= 4_000 }
+    })
+    .await;
+    assert!(first.terminate().success());
+    assert!(all);
+    let n: i64 = redis::cmd("XLEN")
+        .arg(&table)
+        .query_async(&mut conn)
+        .await
+        .expect("XLEN");
+    assert_eq!(n, 4_000, "every record once");
 }
