@@ -61,6 +61,8 @@ impl ConsumerContext for WatermarkContext {}
 
 struct PartitionState {
     next: Option<i64>,
+    /// The Kafka timestamp of the record at `next - 1`.
+    last_timestamp: Option<i64>,
     lag: metrics::Gauge,
     position: metrics::Gauge,
     watermark: metrics::Gauge,
@@ -117,7 +119,7 @@ pub struct KafkaSource {
     pub completed: watch::Receiver<u64>,
     /// Set when the job is cancelled.
     pub cancel: Arc<AtomicBool>,
-    restored: HashMap<(String, i32), (Option<i64>, Option<i64>)>,
+    restored: HashMap<(String, i32), PartitionOffset>,
     run: Option<Running>,
     last_discovery: Instant,
     last_interval: Instant,
@@ -236,6 +238,7 @@ impl Source for KafkaSource {
                             partition: *p,
                             next: s.next,
                             max_timestamp: marks.max_timestamp(&(ti, *p)),
+                            last_timestamp: s.last_timestamp,
                         })
                     })
                     .collect();
@@ -253,12 +256,7 @@ impl Source for KafkaSource {
                     .restored
                     .iter()
                     .filter(|((t, p), _)| source_owner(t, *p, self.parallelism) as usize == self.index)
-                    .map(|((t, p), (next, max))| PartitionOffset {
-                        topic: t.clone(),
-                        partition: *p,
-                        next: *next,
-                        max_timestamp: *max,
-                    })
+                    .map(|(_, o)| o.clone())
                     .collect(),
             },
         };
@@ -272,7 +270,7 @@ impl Source for KafkaSource {
                 message: format!("source state: {e}"),
             })?;
             for o in state.offsets {
-                self.restored.insert((o.topic, o.partition), (o.next, o.max_timestamp));
+                self.restored.insert((o.topic.clone(), o.partition), o);
             }
         }
         Ok(())
@@ -369,11 +367,13 @@ impl KafkaSource {
                         continue;
                     }
                     p.next = Some(offset + 1);
+                    let timestamp_ms = msg.timestamp().to_millis().unwrap_or(0);
+                    p.last_timestamp = Some(timestamp_ms);
                     let origin = Origin {
                         topic: t.name.clone(),
                         partition,
                         offset,
-                        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+                        timestamp_ms,
                     };
                     let mut record = match self.decoder.decode(origin, msg.payload()) {
                         Ok(r) => r,
@@ -488,15 +488,18 @@ impl KafkaSource {
                     {
                         continue;
                     }
-                    let restored = self.restored.get(&(t.name.to_string(), id)).copied();
+                    let restored = self.restored.get(&(t.name.to_string(), id));
                     if let Some(time) = &self.time {
                         let mut generator = (time.generator)();
-                        generator.restore(restored.and_then(|(_, max)| max));
+                        generator.restore(restored.and_then(|o| o.max_timestamp));
                         run.watermarks.add((ti, id), generator, Instant::now());
                     }
-                    let next = match restored {
-                        Some((Some(next), _)) => check_restored_offset(&run.consumer, &t.name, id, next)?,
-                        Some((None, _)) => None,
+                    let last_timestamp = restored.and_then(|o| o.last_timestamp);
+                    let next = match restored.map(|o| o.next) {
+                        Some(Some(next)) => {
+                            check_restored_offset(&run.consumer, &self.client, &t.name, id, next, last_timestamp)?
+                        }
+                        Some(None) => None,
                         // Partitions that appear after the first look start at the beginning, so
                         // nothing written to them is missed.
                         None if run.first_discovery && self.start_from == StartFrom::Latest => {
@@ -513,6 +516,7 @@ impl KafkaSource {
                         id,
                         PartitionState {
                             next,
+                            last_timestamp,
                             lag: telemetry::consumer_lag(&t.name, id),
                             position: telemetry::consumer_position(&t.name, id),
                             watermark: telemetry::partition_watermark(&t.name, id),
@@ -556,14 +560,19 @@ impl KafkaSource {
 
 /// A restored offset checked against what the partition holds now. Beyond its end the
 /// topic was re-created (or truncated): its records would be skipped without a word, so
-/// say so and read it from its start, as `auto.offset.reset = earliest` would. Below its
-/// start retention deleted records before they were read: say how many are gone and go
-/// on from the start. Returns the offset to read from (`None`: the beginning).
+/// say so and read it from its start, as `auto.offset.reset = earliest` would. Within it,
+/// the record before the offset must be the one read before (its Kafka timestamp, kept
+/// in the checkpoint): otherwise the topic was re-created and has grown past the offset,
+/// and it is read from its start too. Below its start retention deleted records before
+/// they were read: say how many are gone and go on from the start. Returns the offset to
+/// read from (`None`: the beginning).
 fn check_restored_offset(
     consumer: &BaseConsumer<WatermarkContext>,
+    client: &ClientConfig,
     topic: &str,
     partition: i32,
     next: i64,
+    last_timestamp: Option<i64>,
 ) -> Result<Option<i64>> {
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
@@ -590,5 +599,50 @@ fn check_restored_offset(
         );
         return Ok(Some(low));
     }
+    if let Some(expected) = last_timestamp.filter(|_| next - 1 >= low) {
+        match timestamp_at(client, topic, partition, next - 1)? {
+            Some(found) if found != expected => {
+                tracing::error!(
+                    topic,
+                    partition,
+                    restored = next,
+                    expected_timestamp = expected,
+                    found_timestamp = found,
+                    "the record before the restored offset is not the one read before: the topic was \
+                     re-created since the checkpoint; reading the partition from its start"
+                );
+                return Ok(None);
+            }
+            // The same record, or none to compare (compacted away): go on.
+            _ => {}
+        }
+    }
     Ok(Some(next))
+}
+
+/// The Kafka timestamp of the record at `offset`, read by a consumer of its own (the
+/// subtask's has no assignment yet); `None` when no record is there (compacted).
+fn timestamp_at(client: &ClientConfig, topic: &str, partition: i32, offset: i64) -> Result<Option<i64>> {
+    let mut c = client.clone();
+    c.set("enable.partition.eof", "true");
+    let reader: BaseConsumer = c.create().map_err(Error::kafka("create a consumer"))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(Error::kafka("build assignment"))?;
+    reader.assign(&tpl).map_err(Error::kafka("assign a partition"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.partition() == partition => {
+                // A compacted log may hold the next record instead.
+                return Ok((m.offset() == offset).then(|| m.timestamp().to_millis().unwrap_or(0)));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(e)) => return Err(Error::kafka(format!("read {topic}/{partition} at {offset}"))(e)),
+            _ => {}
+        }
+    }
+    Err(Error::Internal(format!(
+        "no answer reading {topic}/{partition} at offset {offset} to check the restored position"
+    )))
 }

@@ -23,6 +23,11 @@ pub struct PartitionOffset {
     /// The largest event time read from the partition (its watermark resumes from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_timestamp: Option<i64>,
+    /// The Kafka timestamp of the record before `next`: a restore reads that record
+    /// again and finds the same timestamp, or the topic was re-created since (a new
+    /// topic's offsets say nothing about what was read of the old one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_timestamp: Option<i64>,
 }
 
 /// What a source subtask puts into a checkpoint.

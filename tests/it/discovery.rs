@@ -175,3 +175,71 @@ async fn a_restored_offset_beyond_a_re_created_topic_s_end_is_reported_and_read_
     assert_eq!(sink_counts(&pool, &schema).await, (300, 300, 300, 0, 299));
     assert!(text.contains("beyond the partition's end"), "no word of it: {text}");
 }
+
+/// A topic deleted and re-created while the job was stopped, and grown past the
+/// restored offset (150 read of the old topic; 700 in the new one): the record before
+/// the restored offset is not the one read before (its Kafka timestamp, kept in the
+/// checkpoint), so the job says so and reads the new topic from its start. It used to
+/// go on at offset 150 and skip 150 of the new records without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_created_topic_grown_past_the_restored_offset_is_read_from_its_start() {
+    let pool = pg().await;
+    let schema = schema(&pool, true).await;
+    let topic = unique("regrown");
+    create_topic(&topic, 1).await;
+    produce(&topic, (0..150).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("regrown");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "idempotent", &dir.path().join("cp")),
+    );
+    let s = Sluice::start(&config, &dir.path().join("first.log"));
+    let read = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 150
+    })
+    .await;
+    assert!(read && s.terminate().success());
+
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("admin");
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[&topic], &opts).await.expect("delete topic") {
+        r.expect("topic deleted");
+    }
+    // Deletion completes in the background: create again until the broker takes it.
+    let mut created = false;
+    for _ in 0..60 {
+        let new = rdkafka::admin::NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1));
+        let res = admin.create_topics(&[new], &opts).await.expect("create topic");
+        if res.iter().all(|r| r.is_ok()) {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(created, "the topic could not be created again");
+    produce(&topic, (1_000..1_700).map(record));
+
+    let log = dir.path().join("again.log");
+    let s = Sluice::start(&config, &log);
+    let new_rows = format!("SELECT count(*) FROM {schema}.events WHERE id >= 1000");
+    let all = wait_until(Duration::from_secs(60), || async {
+        count(&pool, &new_rows).await >= 700
+    })
+    .await;
+    let status = s.terminate();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        all,
+        "{} of the new topic's 700 records read: {text}",
+        count(&pool, &new_rows).await
+    );
+    assert!(status.success());
+    assert!(
+        text.contains("re-created since the checkpoint"),
+        "no word of it: {text}"
+    );
+}
