@@ -599,7 +599,7 @@ fn check_restored_offset(
         );
         return Ok(Some(low));
     }
-    if let Some(expected) = last_timestamp.filter(|_| next - 1 >= low) {
+    if let Some(expected) = last_timestamp.filter(|_| next > low) {
         match timestamp_at(client, topic, partition, next - 1)? {
             Some(found) if found != expected => {
                 tracing::error!(
