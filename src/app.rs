@@ -321,6 +321,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     // The metrics recorder first: operators built by the plan register their metrics.
     let api = crate::api::ApiConfig {
         listen: cfg.metrics.listen.clone(),
+        probe_listen: cfg.metrics.probe_listen.clone(),
         job: cfg.job.name.clone(),
         sink_stall: cfg.metrics.ready_sink_stall,
         checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,

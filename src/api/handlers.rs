@@ -39,6 +39,16 @@ pub(super) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `/health` and `/ready` alone, for a listener of their own: probes must answer
+/// while the main listener's connections are taken (an idle-connection flood).
+pub(super) fn probes(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "this listener answers /health and /ready\n") })
+        .with_state(state)
+}
+
 async fn metrics(State(s): State<AppState>) -> Response {
     match &s.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),

@@ -72,6 +72,9 @@ struct AppState {
 pub struct ApiConfig {
     /// `host:port`; empty turns the API off.
     pub listen: String,
+    /// `host:port` of a listener answering only `/health` and `/ready`, with its own
+    /// connections; empty: none.
+    pub probe_listen: String,
     /// The job's name.
     pub job: String,
     /// `/ready` is 503 while a sink call has been running this long.
@@ -130,6 +133,15 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
         sink_stall: cfg.sink_stall,
         checkpoint_wait: cfg.checkpoint_wait,
     };
+    if !cfg.probe_listen.is_empty() {
+        let probes = tokio::net::TcpListener::bind(&cfg.probe_listen).await.map_err(|e| {
+            Error::Unsupported(format!(
+                "metrics.probe_listen: cannot listen on {}: {e}",
+                cfg.probe_listen
+            ))
+        })?;
+        tasks.push(spawn_server(probes, handlers::probes(state.clone())));
+    }
     tasks.push(spawn_server(listener, handlers::router(state)));
     Ok(Some(ApiServer { tasks }))
 }

@@ -805,6 +805,17 @@ impl MetricsConfig {
                 "must be host:port, e.g. 127.0.0.1:9464 (or empty to turn off)",
             );
         }
+        if !self.probe_listen.is_empty() {
+            if self.probe_listen.parse::<SocketAddr>().is_err() {
+                return fail("metrics.probe_listen", "must be host:port, e.g. 0.0.0.0:9465");
+            }
+            if self.listen.is_empty() || self.probe_listen == self.listen {
+                return fail(
+                    "metrics.probe_listen",
+                    "needs metrics.listen on, and another address than it",
+                );
+            }
+        }
         if self.ready_sink_stall < Duration::from_secs(1) {
             return fail(
                 "metrics.ready_sink_stall",

@@ -744,6 +744,11 @@ pub struct MetricsConfig {
     /// long (a blocked database or broker): a job that writes nothing is not ready.
     #[serde(default = "defaults::ready_sink_stall", with = "humantime_serde")]
     pub ready_sink_stall: Duration,
+    /// A second listener answering only `/health` and `/ready`, with connections of its
+    /// own, for an orchestrator's probes: a flood of idle connections to `listen`
+    /// cannot make them fail. Empty: none.
+    #[serde(default)]
+    pub probe_listen: String,
 }
 
 impl Default for MetricsConfig {
@@ -751,6 +756,7 @@ impl Default for MetricsConfig {
         Self {
             listen: defaults::metrics_listen(),
             ready_sink_stall: defaults::ready_sink_stall(),
+            probe_listen: String::new(),
         }
     }
 }

@@ -185,6 +185,7 @@ async fn a_flood_of_idle_connections_does_not_hurt_the_job() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("demo.db");
     let addr = format!("127.0.0.1:{}", free_port());
+    let probes = format!("127.0.0.1:{}", free_port());
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = Command::new("sh")
         .current_dir(root)
@@ -195,6 +196,7 @@ async fn a_flood_of_idle_connections_does_not_hurt_the_job() {
         ))
         .env("SLUICE__SINK__URL", format!("sqlite://{}", db.display()))
         .env("SLUICE__METRICS__LISTEN", &addr)
+        .env("SLUICE__METRICS__PROBE_LISTEN", &probes)
         .env("SLUICE__JOB__STATUS_INTERVAL", "0s")
         .env("SLUICE__CHECKPOINT__INTERVAL", "300ms")
         .env("SLUICE__CHECKPOINT__STORAGE", "filesystem")
@@ -238,6 +240,19 @@ async fn a_flood_of_idle_connections_does_not_hurt_the_job() {
         attempts
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Probes as Kubernetes sends them (1 s timeout), to the probe listener, during the
+    // flood: every one answers (on the flooded listener 16 of 20 used to time out).
+    let p = probes.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        (0..10)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(100));
+                probe(&p, "/health")
+            })
+            .count()
+    })
+    .await
+    .expect("probes");
     let started = std::time::Instant::now();
     let a = addr.clone();
     let metrics = tokio::task::spawn_blocking(move || http_get(&a, "/metrics"))
@@ -249,6 +264,7 @@ async fn a_flood_of_idle_connections_does_not_hurt_the_job() {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let exit = child.wait().expect("wait");
     assert!(attempts > 256, "the flood made only {attempts} connection attempts");
+    assert_eq!(answered, 10, "health probes failed during the flood");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(
         waited < Duration::from_secs(10),
@@ -261,4 +277,18 @@ async fn a_flood_of_idle_connections_does_not_hurt_the_job() {
         "checkpoints stalled during the flood: {before} → {after}"
     );
     assert!(exit.success(), "exit {exit}");
+}
+
+/// A GET as an orchestrator's probe makes it: 1 s to connect and answer, 200 or failed.
+fn probe(addr: &str, path: &str) -> bool {
+    let Ok(parsed) = addr.parse() else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&parsed, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
