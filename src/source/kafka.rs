@@ -526,6 +526,15 @@ impl KafkaSource {
                 }
             }
         }
+        if run.first_discovery && run.topics.iter().all(|t| t.partitions.is_empty()) {
+            // Each idle subtask still costs a consumer (threads, a connection).
+            tracing::warn!(
+                subtask = self.index,
+                parallelism = self.parallelism,
+                "this source subtask has no partition to read: source.parallelism is above what the topics' \
+                 partitions can spread over; it only takes new partitions as they are added"
+            );
+        }
         run.first_discovery = false;
         if added {
             let mut tpl = TopicPartitionList::new();
