@@ -415,14 +415,20 @@ mod tests {
         assert_eq!(handles(&c), vec!["chk-2/sink-0".to_string(), "chk-3/win-0".to_string()]);
     }
 
-    #[test]
-    fn a_savepoint_is_self_contained_and_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = DirectoryStorage::open(&dir.path().join("chk"), 1).unwrap();
+    /// A checkpoint with one state file, stored and written out as a savepoint.
+    fn saved(dir: &Path) -> (DirectoryStorage, String, Written) {
+        let storage = DirectoryStorage::open(&dir.join("chk"), 1).unwrap();
         let h = storage.write_state(3, "win-0", b"window state").unwrap();
         let c = cp(3, &h);
         storage.store(&c).unwrap();
-        let written = write(&dir.path().join("sp"), &c, &storage).unwrap();
+        let written = write(&dir.join("sp"), &c, &storage).unwrap();
+        (storage, h, written)
+    }
+
+    #[test]
+    fn a_savepoint_is_self_contained_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, h, written) = saved(dir.path());
         assert_eq!(written.bytes, 12);
         // The checkpoint's directory may go: the savepoint needs nothing of it.
         drop(storage);
@@ -473,11 +479,7 @@ mod tests {
     #[test]
     fn a_symbolic_link_in_a_savepoint_is_not_followed() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = DirectoryStorage::open(&dir.path().join("chk"), 1).unwrap();
-        let h = storage.write_state(3, "win-0", b"window state").unwrap();
-        let c = cp(3, &h);
-        storage.store(&c).unwrap();
-        let written = write(&dir.path().join("sp"), &c, &storage).unwrap();
+        let (_storage, h, written) = saved(dir.path());
         let secret = dir.path().join("secret");
         fs::write(&secret, b"not the job's").unwrap();
         let file = written.path.join("state").join(&h);
