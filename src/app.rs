@@ -339,7 +339,10 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         e.bootstrap_servers().to_string()
     });
     let storage = open_storage(&cfg)?;
-    refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await?;
+    if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {
+        stats.set_state(JobState::Finished);
+        return Ok(());
+    }
     let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
@@ -480,21 +483,24 @@ async fn refuse_silent_fresh_start(
     bootstrap: &str,
     storage: &Arc<dyn CheckpointStorage>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
+) -> Result<Guard> {
     if cfg.source.fresh_start
         || cfg.checkpoint.from_savepoint.is_some()
         || !cfg.source.commit_offsets
         || cfg.checkpoint.storage == StorageKind::Memory
         || storage.latest()?.is_some()
     {
-        return Ok(());
+        return Ok(Guard::Go);
     }
-    // Fail closed: a job that cannot tell whether it ran before does not start over.
+    // Fail closed: a job that cannot tell whether it ran before does not start over. A
+    // stop asked for meanwhile ends the wait at once (nothing has started).
     let found = loop {
         let (c, b) = (cfg.clone(), bootstrap.to_string());
-        let found = tokio::task::spawn_blocking(move || crate::source::committed_group_offsets(&c, &b))
-            .await
-            .map_err(|e| Error::Internal(format!("reading group offsets: {e}")))?;
+        let asked = tokio::task::spawn_blocking(move || crate::source::committed_group_offsets(&c, &b));
+        let found = tokio::select! {
+            found = asked => found.map_err(|e| Error::Internal(format!("reading group offsets: {e}")))?,
+            () = stop_asked(&mut shutdown) => return Ok(Guard::Stopped),
+        };
         match found {
             Ok(found) => break found,
             Err(e) => {
@@ -505,9 +511,7 @@ async fn refuse_silent_fresh_start(
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => return Err(Error::Unsupported(format!(
-                        "stopped before Kafka answered whether this job ran before: {e}"
-                    ))),
+                    () = stop_asked(&mut shutdown) => return Ok(Guard::Stopped),
                 }
             }
         }
@@ -530,7 +534,23 @@ async fn refuse_silent_fresh_start(
             cfg.source.start_from
         )));
     }
-    Ok(())
+    Ok(Guard::Go)
+}
+
+/// What the fresh-start guard says.
+#[derive(Debug, PartialEq, Eq)]
+enum Guard {
+    /// Start the job.
+    Go,
+    /// A stop was asked for while it waited.
+    Stopped,
+}
+
+/// Resolves once `shutdown` turns true; never, if its sender is gone.
+async fn stop_asked(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// What every subtask of one attempt shares.

@@ -378,6 +378,72 @@ async fn records_a_trigger_refuses_wal() {
     records_a_trigger_refuses("wal").await;
 }
 
+/// A record that makes the database answer with an error classed transient (a trigger
+/// raising SQLSTATE 40001, serialization failure), every time: the job restarts on it
+/// `sink.max_record_attempts` times, then isolates that error like a suspect one and
+/// the records that fail alone with it are dead-lettered; the rest is written and the
+/// restarts stop. It used to restart on the same record forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_always_fails_with_a_transient_class_error_is_a_dead_letter() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    for sql in [
+        format!(
+            "CREATE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.body LIKE '%poison%' THEN RAISE EXCEPTION 'could not serialize: %', NEW.body \
+             USING ERRCODE = '40001'; END IF; RETURN NEW; END $$"
+        ),
+        format!("CREATE TRIGGER guard BEFORE INSERT ON {schema}.events FOR EACH ROW EXECUTE FUNCTION {schema}.guard()"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect("shape table");
+    }
+    let topic = unique("transient");
+    create_topic(&topic, 2).await;
+    let input: Vec<(String, Option<String>)> = (0..2_000u64)
+        .map(|i| {
+            let body = if i % 500 == 11 {
+                format!("poison {i}")
+            } else {
+                format!("record {i}")
+            };
+            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
+        })
+        .collect();
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("transient");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")),
+    );
+    let running = InProcess::start(&config);
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let all = wait_until(Duration::from_secs(120), || async {
+        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 2_000
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    assert!(all, "not every record was accounted for ({restarts} restarts)");
+    assert!(
+        restarts <= 3,
+        "{restarts} restarts: the job kept restarting on the record"
+    );
+    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
+        .fetch_all(&pool)
+        .await
+        .expect("read dead letters");
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("40001") && r.contains("could not serialize: poison")),
+        "{reasons:?}"
+    );
+    let (rows, distinct, ..) = sink_counts(&pool, &schema).await;
+    assert_eq!((rows, distinct), (1_996, 1_996));
+}
+
 /// Redis refuses a command inside an epoch's transaction (`HSET` on a key that holds a
 /// string) and applies the rest, the epoch's marker included: the refused record
 /// becomes a dead letter in the stream `sluice:<job>:dead` instead of vanishing, and the job

@@ -429,6 +429,8 @@ impl PgTable {
     ) -> Result<(u64, Vec<DeadLetter>)> {
         let sql = if upsert { &self.upsert_sql } else { &self.insert_sql };
         let (mut written, mut rejected) = (0, Vec::new());
+        let isolated = |code: Option<&str>| is_isolated(code) || self.repeats(code) >= self.max_record_attempts;
+        let mut repeated_error = None;
         let mut pending = vec![(0, records.len())];
         while let Some((lo, hi)) = pending.pop() {
             if lo == hi {
@@ -436,7 +438,7 @@ impl PgTable {
             }
             match self.execute(conn, sql, &records[lo..hi], in_transaction).await {
                 Ok(n) => written += n,
-                Err(sqlx::Error::Database(e)) if hi - lo > 1 && is_isolated(e.code().as_deref()) => {
+                Err(sqlx::Error::Database(e)) if hi - lo > 1 && isolated(e.code().as_deref()) => {
                     let mid = lo + (hi - lo) / 2;
                     pending.push((mid, hi));
                     pending.push((lo, mid));
@@ -444,13 +446,29 @@ impl PgTable {
                 Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
                     rejected.push(self.rejected(records[lo], &self.rejection(e.as_ref())));
                 }
-                Err(sqlx::Error::Database(e)) if is_isolated(e.code().as_deref()) => {
+                Err(sqlx::Error::Database(e)) if isolated(e.code().as_deref()) => {
+                    if !is_isolated(e.code().as_deref()) {
+                        repeated_error = Some(e.message().to_string());
+                    }
                     match self.retry_alone(conn, sql, records[lo], in_transaction, e).await? {
                         Ok(n) => written += n,
                         Err(dead) => rejected.push(dead),
                     }
                 }
-                Err(e) => return Err(Error::db(format!("write to {}", self.spec.table))(e)),
+                Err(e) => {
+                    self.count_repeat(&e);
+                    return Err(Error::db(format!("write to {}", self.spec.table))(e));
+                }
+            }
+        }
+        // A transient-class error isolated because it kept coming back, and every record
+        // failed alone with it: the server's state, not the records. No dead letters then.
+        if let Some(message) = repeated_error {
+            if written == 0 && records.len() > 1 && rejected.len() == records.len() {
+                return Err(Error::Internal(format!(
+                    "write to {}: every record failed alone with the same error, so it is not theirs: {message}",
+                    self.spec.table
+                )));
             }
         }
         if !rejected.is_empty() {
@@ -496,6 +514,44 @@ impl PgTable {
              (exactly once may have been broken; see `sluice txn list`): {}",
             e.message()
         )
+    }
+
+    /// How often writes to this table failed with `sqlstate`, a transient-class error,
+    /// in this process (counted by [`PgTable::count_repeat`]).
+    fn repeats(&self, sqlstate: Option<&str>) -> u32 {
+        let Some(code) = sqlstate else { return 0 };
+        transient_repeats()
+            .lock()
+            .map(|m| {
+                m.get(&(self.spec.table.clone(), code.to_string()))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// A write failed with `e`: a transient-class error with a SQLSTATE (the server
+    /// answered) is counted. One that keeps coming back may be a record's doing (a
+    /// trigger raising 40001, a value the server cannot handle): after
+    /// `sink.max_record_attempts` failed attempts, writes isolate it like a
+    /// [`DbFault::Suspect`] error instead of restarting on it forever.
+    fn count_repeat(&self, e: &sqlx::Error) {
+        let sqlx::Error::Database(d) = e else { return };
+        let Some(code) = d.code() else { return };
+        if DbFault::of(Some(&code)) != DbFault::Transient {
+            return;
+        }
+        if let Ok(mut m) = transient_repeats().lock() {
+            let n = m.entry((self.spec.table.clone(), code.into_owned())).or_insert(0);
+            *n = n.saturating_add(1);
+            if *n == self.max_record_attempts {
+                tracing::warn!(
+                    table = self.spec.table,
+                    sqlstate = d.code().as_deref().unwrap_or_default(),
+                    "an error classed transient keeps failing writes; from now on its records are isolated"
+                );
+            }
+        }
     }
 
     /// One record that failed alone with a [`DbFault::Suspect`] error: try it again
@@ -612,6 +668,14 @@ impl PgTable {
 }
 
 /// Errors about a row's data rather than the database or the connection.
+/// Transient-class SQLSTATEs that failed writes, per (table, SQLSTATE), for the life of
+/// the process: a job's restarts are attempts in the same process.
+fn transient_repeats() -> &'static std::sync::Mutex<std::collections::HashMap<(String, String), u32>> {
+    static REPEATS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(String, String), u32>>> =
+        std::sync::OnceLock::new();
+    REPEATS.get_or_init(Default::default)
+}
+
 fn is_data_error(code: Option<&str>) -> bool {
     DbFault::of(code) == DbFault::Row
 }
