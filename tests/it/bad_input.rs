@@ -297,6 +297,51 @@ async fn a_duplicate_of_kafka_coordinates_is_named_a_possible_replay() {
     assert_eq!(sink_counts(&pool, &schema).await.0, 1_000);
 }
 
+/// 2,000 records into a fresh topic, those with `i % every == at` poisoned (their body
+/// says so), through a job with `strategy` into `schema`, until every record is written
+/// or dead-lettered (or `limit`): whether all were, the job's restarts, and the
+/// dead-letter reasons.
+async fn run_poisoned(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    strategy: &str,
+    (every, at): (u64, u64),
+    limit: Duration,
+) -> (bool, u64, Vec<String>) {
+    let topic = unique("poisoned");
+    create_topic(&topic, 2).await;
+    let input: Vec<(String, Option<String>)> = (0..2_000u64)
+        .map(|i| {
+            let body = if i % every == at {
+                format!("poison {i}")
+            } else {
+                format!("record {i}")
+            };
+            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
+        })
+        .collect();
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = unique("poisoned");
+    let config = write_config(
+        dir.path(),
+        &job_toml(&job, &topic, schema, strategy, &dir.path().join("cp")),
+    );
+    let running = InProcess::start(&config);
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let all = wait_until(limit, || async {
+        sink_counts(pool, schema).await.0 + count(pool, &dead_sql).await >= 2_000
+    })
+    .await;
+    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
+    running.stop().await;
+    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
+        .fetch_all(pool)
+        .await
+        .expect("read dead letters");
+    (all, restarts, reasons)
+}
+
 /// A trigger that refuses some records (`RAISE`, SQLSTATE P0001: not a data-exception
 /// class, so it used to restart the job forever) and one that fails a record only at
 /// its first attempt. The refused records are dead-lettered after
@@ -317,39 +362,9 @@ async fn records_a_trigger_refuses(strategy: &str) {
     ] {
         sqlx::query(&sql).execute(&pool).await.expect("shape table");
     }
-    let topic = unique("trigger");
-    create_topic(&topic, 2).await;
-    let input: Vec<(String, Option<String>)> = (0..2_000u64)
-        .map(|i| {
-            let body = if i % 250 == 3 {
-                format!("poison {i}")
-            } else {
-                format!("record {i}")
-            };
-            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
-        })
-        .collect();
-    produce(&topic, input);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let job = unique("trigger");
-    let config = write_config(
-        dir.path(),
-        &job_toml(&job, &topic, &schema, strategy, &dir.path().join("cp")),
-    );
-    let running = InProcess::start(&config);
-    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
-    let all = wait_until(Duration::from_secs(90), || async {
-        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 2_000
-    })
-    .await;
-    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
-    running.stop().await;
+    let (all, restarts, reasons) = run_poisoned(&pool, &schema, strategy, (250, 3), Duration::from_secs(90)).await;
     assert!(all, "not every record was accounted for");
     assert_eq!(restarts, 0, "a refused record made the job fail");
-    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
-        .fetch_all(&pool)
-        .await
-        .expect("read dead letters");
     assert_eq!(reasons.len(), 8, "{reasons:?}");
     assert!(
         reasons.iter().all(|r| r.contains("failed 3 times alone")
@@ -397,42 +412,12 @@ async fn a_record_that_always_fails_with_a_transient_class_error_is_a_dead_lette
     ] {
         sqlx::query(&sql).execute(&pool).await.expect("shape table");
     }
-    let topic = unique("transient");
-    create_topic(&topic, 2).await;
-    let input: Vec<(String, Option<String>)> = (0..2_000u64)
-        .map(|i| {
-            let body = if i % 500 == 11 {
-                format!("poison {i}")
-            } else {
-                format!("record {i}")
-            };
-            (i.to_string(), Some(format!(r#"{{"id": {i}, "body": "{body}"}}"#)))
-        })
-        .collect();
-    produce(&topic, input);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let job = unique("transient");
-    let config = write_config(
-        dir.path(),
-        &job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")),
-    );
-    let running = InProcess::start(&config);
-    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
-    let all = wait_until(Duration::from_secs(120), || async {
-        sink_counts(&pool, &schema).await.0 + count(&pool, &dead_sql).await >= 2_000
-    })
-    .await;
-    let restarts = running.stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
-    running.stop().await;
+    let (all, restarts, reasons) = run_poisoned(&pool, &schema, "two_phase", (500, 11), Duration::from_secs(120)).await;
     assert!(all, "not every record was accounted for ({restarts} restarts)");
     assert!(
         restarts <= 3,
         "{restarts} restarts: the job kept restarting on the record"
     );
-    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
-        .fetch_all(&pool)
-        .await
-        .expect("read dead letters");
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(
         reasons
