@@ -57,6 +57,17 @@ async fn pid_of(addr: &str, name: &str) -> Option<u64> {
         .and_then(|j| j.iter().find(|j| j["job"] == name)?["pid"].as_u64())
 }
 
+/// SIGTERM the server: it stops every job after its final checkpoint and exits cleanly.
+fn stop_server(mut server: std::process::Child) {
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let exit = server.wait().expect("wait");
+    assert!(exit.success(), "{exit}");
+}
+
 /// A session server on a free port with `extra` lines in its `[server]` and `env`;
 /// returns it with its address.
 async fn start_server(dir: &std::path::Path, extra: &str, env: &[(&str, &str)]) -> (std::process::Child, String) {
@@ -104,7 +115,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
     create_topic(&topic, 2).await;
     produce(&topic, (0..2_000).map(record));
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut server, addr) = start_server(dir.path(), "", &[]).await;
+    let (server, addr) = start_server(dir.path(), "", &[]).await;
 
     let good_name = unique("good");
     // Checkpoints in the job's own directory (a path relative to it).
@@ -218,13 +229,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
     );
     assert_eq!(prepared_of(&pool, &good_name).await, 0);
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    let exit = server.wait().expect("wait");
-    assert!(exit.success(), "{exit}");
+    stop_server(server);
 }
 
 /// Session mode tried as a hostile tenant would: a job gets none of the server's
@@ -239,7 +244,7 @@ async fn a_session_job_gets_no_server_secret_no_foreign_path_and_no_more_than_ad
     create_topic(&topic, 2).await;
     produce(&topic, (0..500).map(record));
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut server, addr) = start_server(
+    let (server, addr) = start_server(
         dir.path(),
         "max_jobs = 2\nmax_parallelism = 8\nmax_subtasks = 40\n[server.secrets]\npg = \"SERVER_PG_SECRET\"",
         &[
@@ -390,11 +395,5 @@ async fn a_session_job_gets_no_server_secret_no_foreign_path_and_no_more_than_ad
         "the old checkpoints are not where they were moved"
     );
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    let exit = server.wait().expect("wait");
-    assert!(exit.success(), "{exit}");
+    stop_server(server);
 }
