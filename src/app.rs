@@ -330,7 +330,8 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     let plan = plan(&cfg, &stats)?;
     tracing::info!("job graph:\n{}", plan.describe());
     stats.set_graph(plan.graph());
-    let shutdown = either(shutdown, stats.control.stop_requested());
+    let signal = shutdown;
+    let mut shutdown = either(signal.clone(), stats.control.stop_requested());
     let embedded = match cfg.is_embedded() {
         true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
         false => None,
@@ -363,8 +364,39 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         // new owner's to resolve.
         let fenced = matches!(result.as_ref().map_err(Error::root), Err(Error::Fenced { .. }));
         let owns = owner.as_ref().is_some_and(JobLock::is_held) && !fenced;
+        // A stop meant to follow a savepoint that failed is taken back: the job runs on
+        // from its last completed checkpoint (the sinks committed what it holds), as
+        // after a restart, and counted as one only if the attempt failed. A signal's
+        // stop stands.
+        let stop_failed = match &result {
+            Ok(Stopped::Cleanly) => None,
+            Ok(Stopped::WithoutSavepoint { checkpoint, why }) => Some((
+                format!("checkpoint {checkpoint} completed, but its savepoint could not be written: {why}"),
+                true,
+            )),
+            Err(e) => Some((
+                format!("the job failed before its final checkpoint: {e}"),
+                e.is_retryable(),
+            )),
+        };
+        if let Some((why, may_run_on)) = stop_failed {
+            if stats
+                .control
+                .savepoint_stop_failed(&why, may_run_on && !*signal.borrow())
+            {
+                tracing::error!(
+                    error = %crate::config::redact_urls_in(&why),
+                    "stop with a savepoint failed; the job runs on (ask again once the cause is mended)"
+                );
+                shutdown = either(signal.clone(), stats.control.stop_requested());
+                shutdown_wait = shutdown.clone();
+                if result.is_ok() {
+                    continue;
+                }
+            }
+        }
         let err = match result {
-            Ok(()) => {
+            Ok(_) => {
                 stats.set_state(JobState::Finished);
                 // A stop with a savepoint: let its caller hear where it is.
                 stats
@@ -561,6 +593,15 @@ struct Shared {
     clock: Clock,
 }
 
+/// How an attempt that was asked to stop ended.
+#[derive(Debug)]
+enum Stopped {
+    /// After its final checkpoint (and the savepoint asked of it).
+    Cleanly,
+    /// After its final checkpoint, whose savepoint could not be written.
+    WithoutSavepoint { checkpoint: u64, why: String },
+}
+
 /// One attempt: restore, run, and return when stopped (Ok) or on the first failure.
 async fn attempt(
     cfg: &Arc<JobConfig>,
@@ -570,7 +611,7 @@ async fn attempt(
     stats: &Arc<JobStats>,
     fence: Option<Fence>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
+) -> Result<Stopped> {
     let target = SinkTarget::open(cfg, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
     stats.restored(restored.as_ref().map(|c| c.id));
@@ -749,12 +790,15 @@ async fn attempt(
         tokio::select! {
             done = &mut coordinator => {
                 match done {
-                    Ok(Ok(final_id)) => {
-                        tracing::info!(checkpoint = final_id, "final checkpoint complete; stopping");
+                    Ok(Ok(done)) => {
+                        tracing::info!(checkpoint = done.id, "final checkpoint complete; stopping");
                         while let Some(joined) = tasks.join_next().await {
                             flatten(joined)?;
                         }
-                        return Ok(());
+                        return Ok(match done.savepoint_failed {
+                            Some(why) => Stopped::WithoutSavepoint { checkpoint: done.id, why },
+                            None => Stopped::Cleanly,
+                        });
                     }
                     Ok(Err(e)) => break e,
                     Err(e) => break Error::Internal(format!("checkpoint coordinator: {e}")),

@@ -174,10 +174,20 @@ impl CoordinatorHandle {
     }
 }
 
+/// How a coordinator's run ended: its final checkpoint complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Final {
+    /// The final checkpoint's id.
+    pub id: u64,
+    /// Why the savepoint asked of the final checkpoint could not be written, if it
+    /// could not.
+    pub savepoint_failed: Option<String>,
+}
+
 impl Coordinator {
-    /// Run until a final checkpoint completes after `stop` (returns its id), or a
-    /// failure that needs a restart.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<u64> {
+    /// Run until a final checkpoint completes after `stop`, or a failure that needs a
+    /// restart.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Final> {
         let mut next_id = self.first_id;
         let mut pending: Option<PendingCheckpoint> = None;
         let mut last_trigger = Instant::now();
@@ -233,10 +243,10 @@ impl Coordinator {
                     let Some(event) = event else {
                         return Err(Error::Internal("all subtasks stopped".into()));
                     };
-                    if let Some(done) = self.on_event(event, &mut pending).await? {
+                    if let Some((done, savepoint_failed)) = self.on_event(event, &mut pending).await? {
                         last_end = Instant::now();
                         if done.is_final {
-                            return Ok(done.id);
+                            return Ok(Final { id: done.id, savepoint_failed });
                         }
                     }
                 }
@@ -252,15 +262,13 @@ impl Coordinator {
 
     /// Copy a completed checkpoint out as a savepoint and answer who asked for it. Done
     /// before the next checkpoint is triggered, so retention cannot delete its files
-    /// during the copy; a failure fails the savepoint, not the job.
-    async fn write_savepoint(&self, cp: CompletedCheckpoint) {
+    /// during the copy; a failure fails the savepoint, not the job (returned: why).
+    async fn write_savepoint(&self, cp: CompletedCheckpoint) -> Option<String> {
         let id = cp.id;
         let Some(root) = self.savepoint_dir.clone() else {
-            self.stats.control.checkpoints.savepoint_written(
-                id,
-                Err("no savepoint directory: set checkpoint.savepoint_dir (or checkpoint.dir)".into()),
-            );
-            return;
+            let why = "no savepoint directory: set checkpoint.savepoint_dir (or checkpoint.dir)".to_string();
+            self.stats.control.checkpoints.savepoint_written(id, Err(why.clone()));
+            return Some(why);
         };
         let storage = self.storage.clone();
         let started = Instant::now();
@@ -278,15 +286,21 @@ impl Coordinator {
             ),
             Err(e) => tracing::error!(checkpoint = id, error = %e, "savepoint failed"),
         }
+        let failed = written.as_ref().err().cloned();
         self.stats
             .control
             .checkpoints
             .savepoint_written(id, written.map(|w| w.path));
+        failed
     }
 
     /// Handle an acknowledgement or decline; returns the barrier of a checkpoint that
-    /// just completed.
-    async fn on_event(&mut self, event: TaskEvent, pending: &mut Option<PendingCheckpoint>) -> Result<Option<Barrier>> {
+    /// just completed, and why its savepoint failed if one was asked of it and failed.
+    async fn on_event(
+        &mut self,
+        event: TaskEvent,
+        pending: &mut Option<PendingCheckpoint>,
+    ) -> Result<Option<(Barrier, Option<String>)>> {
         let current = pending.as_ref().map(|p| p.barrier.id);
         match event {
             TaskEvent::Decline {
@@ -347,10 +361,11 @@ impl Coordinator {
                     bytes,
                     "checkpoint complete"
                 );
-                if let Some(cp) = copy {
-                    self.write_savepoint(cp).await;
-                }
-                Ok(Some(barrier))
+                let savepoint_failed = match copy {
+                    Some(cp) => self.write_savepoint(cp).await,
+                    None => None,
+                };
+                Ok(Some((barrier, savepoint_failed)))
             }
         }
     }
@@ -393,7 +408,7 @@ mod tests {
         completed: watch::Receiver<u64>,
         storage: Arc<MemoryStorage>,
         handle: CoordinatorHandle,
-        join: tokio::task::JoinHandle<Result<u64>>,
+        join: tokio::task::JoinHandle<Result<Final>>,
     }
 
     fn start(timeout: Duration) -> Harness {
@@ -490,7 +505,7 @@ mod tests {
         };
         h.events.send(ack(fin.id, "source-0")).unwrap();
         h.events.send(ack(fin.id, "sink-0")).unwrap();
-        assert_eq!(h.join.await.unwrap().unwrap(), fin.id);
+        assert_eq!(h.join.await.unwrap().unwrap().id, fin.id);
         assert_eq!(h.storage.latest().unwrap().unwrap().id, fin.id);
     }
 }

@@ -11,6 +11,9 @@ use tokio::sync::{oneshot, watch, Notify};
 #[derive(Debug)]
 pub struct JobControl {
     stop: watch::Sender<bool>,
+    /// The stop asked for is one with a savepoint and nothing else: if the savepoint
+    /// fails, the job goes on instead (as Flink's stop-with-savepoint does).
+    savepoint_stop: std::sync::atomic::AtomicBool,
     /// Checkpoints asked for.
     pub checkpoints: CheckpointRequests,
 }
@@ -19,6 +22,7 @@ impl Default for JobControl {
     fn default() -> Self {
         Self {
             stop: watch::Sender::new(false),
+            savepoint_stop: std::sync::atomic::AtomicBool::new(false),
             checkpoints: CheckpointRequests::default(),
         }
     }
@@ -27,15 +31,40 @@ impl Default for JobControl {
 impl JobControl {
     /// Ask the job to stop after a final checkpoint, as SIGTERM does.
     pub fn stop(&self) {
+        self.savepoint_stop.store(false, std::sync::atomic::Ordering::Release);
         self.stop.send_replace(true);
     }
 
     /// Ask the job to stop after a final checkpoint written out as a savepoint, and
-    /// wait for the savepoint.
+    /// wait for the savepoint. Should the stop fail (the savepoint cannot be written, the
+    /// final checkpoint fails), the job runs on: a stop that was only ever meant to
+    /// follow a savepoint does not happen without one.
     pub async fn stop_with_savepoint(&self, timeout: Duration) -> Result<Answer, String> {
-        let (tx, rx) = self.checkpoints.enqueue(true);
-        self.stop();
+        let (tx, rx) = self.checkpoints.enqueue(true, true);
+        // A plain stop already under way stays one.
+        if !*self.stop.borrow() {
+            self.savepoint_stop.store(true, std::sync::atomic::Ordering::Release);
+            self.stop.send_replace(true);
+        }
         CheckpointRequests::wait(rx, timeout).await.inspect(|_| tx.done())
+    }
+
+    /// A stop with a savepoint failed for `why`. If it was only ever meant to follow
+    /// that savepoint and `may_run_on`, it is taken back and the job runs on (returns
+    /// true); otherwise (a plain stop or a signal asked too) the stop stands. Either
+    /// way, who asked hears it now.
+    pub fn savepoint_stop_failed(&self, why: &str, may_run_on: bool) -> bool {
+        let runs_on = self.savepoint_stop.swap(false, std::sync::atomic::Ordering::AcqRel) && may_run_on;
+        if runs_on {
+            self.stop.send_replace(false);
+        }
+        let outcome = match runs_on {
+            true => "the job runs on, not stopped; ask again once the cause is mended",
+            false => "the job stops all the same (a signal or a plain stop asked for it too)",
+        };
+        self.checkpoints
+            .answer_all(|w| w.stop, Err(format!("{why}; {outcome}")));
+        runs_on
     }
 
     /// Changes to true when a stop is asked for.
@@ -60,6 +89,9 @@ struct Waiter {
     id: Option<u64>,
     /// Whether the checkpoint is to be written out as a savepoint.
     savepoint: bool,
+    /// Whether the job stops after it: a failure is answered once the job knows
+    /// whether it runs on ([`JobControl::savepoint_stop_failed`]).
+    stop: bool,
     reply: oneshot::Sender<Result<Answer, String>>,
 }
 
@@ -92,17 +124,18 @@ impl CheckpointRequests {
     /// Ask for a checkpoint (a savepoint with `savepoint`) and wait up to `timeout` for
     /// it: its id and savepoint, or why it failed.
     pub async fn request(&self, timeout: Duration, savepoint: bool) -> Result<Answer, String> {
-        let (tx, rx) = self.enqueue(savepoint);
+        let (tx, rx) = self.enqueue(savepoint, false);
         self.notify.notify_one();
         Self::wait(rx, timeout).await.inspect(|_| tx.done())
     }
 
-    fn enqueue(&self, savepoint: bool) -> (InFlight, oneshot::Receiver<Result<Answer, String>>) {
+    fn enqueue(&self, savepoint: bool, stop: bool) -> (InFlight, oneshot::Receiver<Result<Answer, String>>) {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
             w.push(Waiter {
                 id: None,
                 savepoint,
+                stop,
                 reply: tx,
             });
         }
@@ -172,7 +205,7 @@ impl CheckpointRequests {
     }
 
     pub(crate) fn failed(&self, id: u64, reason: &str) {
-        self.answer(id, |_| true, Err(format!("checkpoint {id} failed: {reason}")));
+        self.answer(id, |w| !w.stop, Err(format!("checkpoint {id} failed: {reason}")));
     }
 
     /// The savepoint of checkpoint `id` was written to `path` (or failed).
@@ -183,7 +216,18 @@ impl CheckpointRequests {
                 savepoint: Some(path),
             })
             .map_err(|e| format!("checkpoint {id} completed, but its savepoint could not be written: {e}"));
-        self.answer(id, |w| w.savepoint, answer);
+        let failed = answer.is_err();
+        self.answer(id, |w| w.savepoint && !(failed && w.stop), answer);
+    }
+
+    fn answer_all(&self, which: impl Fn(&Waiter) -> bool, answer: Result<Answer, String>) {
+        if let Ok(mut w) = self.waiters.lock() {
+            let (done, rest): (Vec<_>, Vec<_>) = w.drain(..).partition(&which);
+            *w = rest;
+            for d in done {
+                let _ = d.reply.send(answer.clone());
+            }
+        }
     }
 
     fn answer(&self, id: u64, which: impl Fn(&Waiter) -> bool, answer: Result<Answer, String>) {
@@ -243,5 +287,48 @@ mod tests {
         let answer = sp.await.expect("join").expect("answered");
         assert_eq!(answer.savepoint.as_deref(), Some(std::path::Path::new("/sp/x")));
         assert_eq!(r.in_flight.load(std::sync::atomic::Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stop_whose_savepoint_fails_is_taken_back_and_its_caller_told() {
+        let c = Arc::new(JobControl::default());
+        let stop = c.stop_requested();
+        let asked = tokio::spawn({
+            let c = c.clone();
+            async move { c.stop_with_savepoint(Duration::from_secs(5)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(1), async {
+            while !*stop.borrow() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("stop asked");
+        assert!(c.checkpoints.triggered(9));
+        c.checkpoints.savepoint_written(9, Err("disk full".into()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!asked.is_finished(), "answered once the job knows whether it runs on");
+        assert!(c.savepoint_stop_failed(
+            "checkpoint 9 completed, but its savepoint could not be written: disk full",
+            true
+        ));
+        assert!(!*stop.borrow(), "the stop is taken back");
+        let answer = asked.await.expect("join").expect_err("a failure");
+        assert!(answer.contains("disk full") && answer.contains("runs on"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_stop_stands_when_a_savepoint_stop_fails() {
+        let c = Arc::new(JobControl::default());
+        let asked = tokio::spawn({
+            let c = c.clone();
+            async move { c.stop_with_savepoint(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.stop();
+        assert!(!c.savepoint_stop_failed("checkpoint 3 failed", true));
+        assert!(*c.stop_requested().borrow(), "the plain stop stands");
+        let answer = asked.await.expect("join").expect_err("a failure");
+        assert!(answer.contains("stops all the same"), "{answer}");
     }
 }

@@ -37,9 +37,11 @@ fn stop_with_savepoint(config: &Path) -> PathBuf {
     path
 }
 
+/// A `sluice` command (with the job's API token): whether it succeeded, and what it said.
 fn cli(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
+        .env("SLUICE_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
         .output()
         .expect("run sluice");
@@ -185,4 +187,71 @@ async fn savepoints_rescale_4_2_3_and_move_between_backends_exactly_once() {
 
     // Run 3: parallelism 3 on the heap from the second savepoint, to the end.
     j.finish_with(&expected, &from_second).await;
+}
+
+/// `sluice savepoint --stop` whose savepoint cannot be written (its directory is a
+/// file): the stop is taken back and the job runs on, as Flink's stop-with-savepoint
+/// does, rather than stopping without the savepoint its operator asked for. Once the
+/// cause is mended, a second stop writes the savepoint; the table still equals the
+/// batch computation (the final checkpoint the job ran on from was committed once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_savepoint_fails_leaves_the_job_running() {
+    let j = WindowJob::new("winspf", "two_phase", 2).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let input = events(20_000, 1_000, 29);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let (first, second): (Vec<Event>, Vec<Event>) = input.iter().map(clone_event).partition(|e| e.id < 10_000);
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || produce_events(&topic, &first, None, None))
+        .await
+        .expect("producer");
+    j.configure_api(2, 2, "heap", &listen);
+    let blocked = j.dir.path().join("blocked");
+    std::fs::write(&blocked, "a file where the savepoints' directory should be").expect("write");
+    let toml = std::fs::read_to_string(&j.config).expect("config").replace(
+        "[checkpoint]\n",
+        &format!("[checkpoint]\nsavepoint_dir = \"{}\"\n", blocked.display()),
+    );
+    std::fs::write(&j.config, toml).expect("write config");
+    let env = [("SLUICE_API_TOKEN", TOKEN)];
+    let mut s = Sluice::start_args(&j.config, &j.log, &env, &[]);
+    wait_rows_above(&j, &s, 0).await;
+
+    let config = j.config.to_str().expect("utf-8 path");
+    let (ok, said) = cli(&["savepoint", "--stop", "--config", config]);
+    assert!(!ok && said.contains("runs on"), "{said}");
+    assert!(
+        s.wait_exit(Duration::from_secs(3)).is_none(),
+        "the job stopped without its savepoint; log:\n{}",
+        s.log_tail()
+    );
+    let running = wait_until(Duration::from_secs(60), || async {
+        http(&listen, "GET", "/status", None)
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .is_some_and(|v| v["state"] == "running")
+    })
+    .await;
+    assert!(running, "not running again; log:\n{}", s.log_tail());
+
+    // It still reads: the rest of the input is written while it runs on.
+    let topic = j.topic.clone();
+    let partitions = j.partitions;
+    tokio::task::spawn_blocking(move || {
+        produce_events(&topic, &second, None, None);
+        produce_flush(&topic, 0..partitions, last)
+    })
+    .await
+    .expect("producer");
+    let rows = result_rows(&j.pool, &j.schema).await;
+    wait_rows_above(&j, &s, rows).await;
+
+    std::fs::remove_file(&blocked).expect("mend the cause");
+    let saved = stop_with_savepoint(&j.config);
+    let status = s
+        .wait_exit(Duration::from_secs(60))
+        .expect("the job stops after its savepoint");
+    assert!(status.success(), "exit {status}; log:\n{}", s.log_tail());
+    assert!(saved.starts_with(&blocked), "{}", saved.display());
+    j.finish_with(&expected, &[]).await;
 }
