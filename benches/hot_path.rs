@@ -9,7 +9,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use sluice::config::{FieldSpec, FieldType, PartitionerKind};
-use sluice::operators::Decoder;
+use sluice::format::Decoder;
 use sluice::record::{Batch, Origin, Record, Value, ValueSource};
 use sluice::runtime::partition::Partitioner;
 

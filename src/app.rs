@@ -23,7 +23,8 @@ use crate::config::{
     DeadLetterKind, JobConfig, PartitionerKind, SinkKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
 };
 use crate::error::{Error, Result};
-use crate::operators::{self, BuiltOperator, Decoder};
+use crate::format::Decoder;
+use crate::operators::{self, BuiltOperator};
 use crate::record::{Field, Schema, StreamElement, ValueSource};
 use crate::runtime::channel::{InputGate, Outputs, CHANNEL_CAPACITY};
 use crate::runtime::operator::{decode_parts, Chain, OperatorAck, SubtaskInfo};
@@ -284,9 +285,9 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
     let storage: Arc<dyn CheckpointStorage> = match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
         (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
         #[cfg(feature = "s3")]
-        (StorageKind::S3, _) => Arc::new(crate::checkpoint::object::ObjectStorage::open(
-            &crate::checkpoint::object::ObjectConfig::from_checkpoint(&cfg.checkpoint),
-        )?),
+        (StorageKind::S3, _) => Arc::new(crate::checkpoint::object::ObjectStorage::open(&object_config(
+            &cfg.checkpoint,
+        ))?),
         _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
     };
     let Some(path) = &cfg.checkpoint.from_savepoint else {
@@ -999,6 +1000,18 @@ fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::
         tx.send_replace(true);
     });
     rx
+}
+
+/// The bucket of `[checkpoint]`, credentials from the environment.
+#[cfg(feature = "s3")]
+pub fn object_config(c: &crate::config::CheckpointConfig) -> crate::checkpoint::object::ObjectConfig {
+    crate::checkpoint::object::ObjectConfig {
+        url: c.url.clone().unwrap_or_default(),
+        endpoint: c.endpoint.clone(),
+        region: c.region.clone(),
+        retain: c.retain,
+        credentials: None,
+    }
 }
 
 /// How long cancelled subtasks get to stop before they are aborted.

@@ -9,8 +9,10 @@
 //! - [`source`]: Kafka partitions assigned to source subtasks; the next offset of each
 //!   partition is checkpointed state, and each partition has its own watermark. Also the
 //!   embedded broker and sample-event generator used by the zero-install default.
-//! - [`operators`]: decode (chained into the source, with a dead-letter side output),
-//!   `key_by`, and the window operator.
+//! - [`operators`]: `key_by`, windows, enrichment.
+//! - [`format`]: decoding what Kafka carries (JSON) into typed fields, chained into the
+//!   source subtask with a dead-letter side output.
+//! - [`connect`]: clients shared by several components (Redis).
 //! - [`runtime`]: the source and operator contracts and the drivers that run them,
 //!   bounded channels (the backpressure), partitioners, barrier alignment, restart
 //!   strategies.
@@ -32,9 +34,12 @@
 pub mod api;
 pub mod app;
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
+pub mod connect;
 pub mod error;
 pub mod failpoint;
+pub mod format;
 pub mod logging;
 pub mod lookup;
 pub mod operators;

@@ -352,8 +352,8 @@ fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {
             let all = {
                 let mut all = all;
                 if cfg.checkpoint.storage == config::StorageKind::S3 {
-                    use sluice::checkpoint::object::{ObjectConfig, ObjectStorage};
-                    let storage = ObjectStorage::open(&ObjectConfig::from_checkpoint(&cfg.checkpoint))?;
+                    use sluice::checkpoint::object::ObjectStorage;
+                    let storage = ObjectStorage::open(&sluice::app::object_config(&cfg.checkpoint))?;
                     all.extend(inspect::list_object(&storage)?);
                     all.sort_by_key(|e| (e.triggered_at_ms, e.id));
                 }

@@ -44,19 +44,6 @@ pub struct ObjectConfig {
     pub credentials: Option<(String, secrecy::SecretString)>,
 }
 
-impl ObjectConfig {
-    /// The bucket of `[checkpoint]`, credentials from the environment.
-    pub fn from_checkpoint(c: &crate::config::CheckpointConfig) -> Self {
-        Self {
-            url: c.url.clone().unwrap_or_default(),
-            endpoint: c.endpoint.clone(),
-            region: c.region.clone(),
-            retain: c.retain,
-            credentials: None,
-        }
-    }
-}
-
 /// Checkpoint storage in a bucket.
 pub struct ObjectStorage {
     store: Arc<dyn ObjectStore>,

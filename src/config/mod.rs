@@ -429,62 +429,7 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// What happens when the running job fails (a broker or database error, a dead task).
-/// Every restart restores the newest completed checkpoint.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RestartConfig {
-    /// Fail the process at the first error.
-    None,
-    /// Restart up to `attempts` times, waiting `delay` before each.
-    FixedDelay {
-        /// Restarts allowed in the job's life.
-        #[serde(default = "defaults::attempts")]
-        attempts: u32,
-        /// Pause before each restart.
-        #[serde(default = "defaults::delay", with = "humantime_serde")]
-        delay: Duration,
-    },
-    /// Restart after `delay` unless more than `max_failures` happened within `interval`.
-    FailureRate {
-        /// Failures allowed within `interval`.
-        #[serde(default = "defaults::attempts")]
-        max_failures: u32,
-        /// The window over which failures are counted.
-        #[serde(default = "defaults::failure_interval", with = "humantime_serde")]
-        interval: Duration,
-        /// Pause before each restart.
-        #[serde(default = "defaults::delay", with = "humantime_serde")]
-        delay: Duration,
-    },
-    /// Restart forever, waiting `initial`, then `initial * multiplier`, ... up to `max`;
-    /// the wait falls back to `initial` after `reset_after` without failure.
-    ExponentialBackoff {
-        /// First pause.
-        #[serde(default = "defaults::delay", with = "humantime_serde")]
-        initial: Duration,
-        /// Longest pause.
-        #[serde(default = "defaults::max_backoff", with = "humantime_serde")]
-        max: Duration,
-        /// Factor from one pause to the next.
-        #[serde(default = "defaults::multiplier")]
-        multiplier: f64,
-        /// A run this long without a failure starts the pauses over.
-        #[serde(default = "defaults::reset_after", with = "humantime_serde")]
-        reset_after: Duration,
-    },
-}
-
-impl Default for RestartConfig {
-    fn default() -> Self {
-        RestartConfig::ExponentialBackoff {
-            initial: defaults::delay(),
-            max: defaults::max_backoff(),
-            multiplier: defaults::multiplier(),
-            reset_after: defaults::reset_after(),
-        }
-    }
-}
+pub use crate::runtime::restart::RestartConfig;
 
 /// The kind of database the sink writes.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -566,29 +511,7 @@ impl Strategy {
     }
 }
 
-/// How records are spread over a downstream operator's subtasks.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum PartitionerKind {
-    /// Hash of the key into a key group; a key group belongs to one subtask.
-    #[serde(alias = "hash")]
-    KeyHash,
-    /// Round robin over all subtasks.
-    Rebalance,
-    /// Round robin over a local subset of subtasks.
-    Rescale,
-    /// Random subtask.
-    Shuffle,
-    /// Subtask i to subtask i (equal parallelism).
-    Forward,
-    /// Everything to subtask 0.
-    Global,
-    /// Every record to every subtask (never valid in front of a sink: it duplicates).
-    Broadcast,
-    /// A registered [`crate::runtime::partition::CustomPartitioner`], named by
-    /// `custom_partitioner`.
-    Custom,
-}
+pub use crate::runtime::partition::PartitionerKind;
 
 /// A sink column and where its value comes from.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -873,24 +796,6 @@ mod defaults {
     }
     pub fn region() -> String {
         "us-east-1".into()
-    }
-    pub fn attempts() -> u32 {
-        3
-    }
-    pub fn delay() -> Duration {
-        Duration::from_secs(1)
-    }
-    pub fn failure_interval() -> Duration {
-        Duration::from_secs(60)
-    }
-    pub fn max_backoff() -> Duration {
-        Duration::from_secs(60)
-    }
-    pub fn multiplier() -> f64 {
-        2.0
-    }
-    pub fn reset_after() -> Duration {
-        Duration::from_secs(600)
     }
     pub fn partitioner() -> super::PartitionerKind {
         super::PartitionerKind::KeyHash

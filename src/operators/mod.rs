@@ -1,21 +1,16 @@
 //! The steps between source and sink, and the one place that builds them from config.
 //!
-//! - [`decode`]: JSON into typed fields, chained into the source subtask (implicit, the
-//!   first step of every job), with a dead-letter side output.
 //! - [`key_by`]: keys the stream; the next operator receives records by key group.
 //! - [`window`]: keyed windows, triggers, allowed lateness, aggregates or a full-window
 //!   function.
 //!
 //! Adding an operator is one file and one arm in [`build`].
 
-pub mod decode;
 pub mod enrich;
 pub mod key_by;
 pub mod window;
 
 use std::sync::Arc;
-
-pub use decode::Decoder;
 
 use crate::config::{
     AggregateFunctionName, AssignerKind, IntervalClock, JobConfig, OperatorConfig, PartitionerKind, StateBackendKind,

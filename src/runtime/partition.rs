@@ -4,8 +4,33 @@
 //! owns a contiguous range of key groups, so keyed state can be redistributed when a job
 //! is restored with another parallelism.
 
-use crate::config::PartitionerKind;
+use serde::Deserialize;
+
 use crate::record::{Batch, DeadLetter, Record, ValueSource};
+
+/// How records are spread over a downstream operator's subtasks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionerKind {
+    /// Hash of the key into a key group; a key group belongs to one subtask.
+    #[serde(alias = "hash")]
+    KeyHash,
+    /// Round robin over all subtasks.
+    Rebalance,
+    /// Round robin over a local subset of subtasks.
+    Rescale,
+    /// Random subtask.
+    Shuffle,
+    /// Subtask i to subtask i (equal parallelism).
+    Forward,
+    /// Everything to subtask 0.
+    Global,
+    /// Every record to every subtask (never valid in front of a sink: it duplicates).
+    Broadcast,
+    /// A registered [`CustomPartitioner`], named by
+    /// `custom_partitioner`.
+    Custom,
+}
 
 /// FNV-1a: stable across builds and platforms, unlike `std`'s hasher, which matters
 /// because key groups are part of checkpointed state.

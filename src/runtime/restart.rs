@@ -4,7 +4,84 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::RestartConfig;
+use serde::Deserialize;
+
+/// What happens when the running job fails (a broker or database error, a dead task).
+/// Every restart restores the newest completed checkpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestartConfig {
+    /// Fail the process at the first error.
+    None,
+    /// Restart up to `attempts` times, waiting `delay` before each.
+    FixedDelay {
+        /// Restarts allowed in the job's life.
+        #[serde(default = "attempts")]
+        attempts: u32,
+        /// Pause before each restart.
+        #[serde(default = "delay", with = "humantime_serde")]
+        delay: Duration,
+    },
+    /// Restart after `delay` unless more than `max_failures` happened within `interval`.
+    FailureRate {
+        /// Failures allowed within `interval`.
+        #[serde(default = "attempts")]
+        max_failures: u32,
+        /// The window over which failures are counted.
+        #[serde(default = "failure_interval", with = "humantime_serde")]
+        interval: Duration,
+        /// Pause before each restart.
+        #[serde(default = "delay", with = "humantime_serde")]
+        delay: Duration,
+    },
+    /// Restart forever, waiting `initial`, then `initial * multiplier`, ... up to `max`;
+    /// the wait falls back to `initial` after `reset_after` without failure.
+    ExponentialBackoff {
+        /// First pause.
+        #[serde(default = "delay", with = "humantime_serde")]
+        initial: Duration,
+        /// Longest pause.
+        #[serde(default = "max_backoff", with = "humantime_serde")]
+        max: Duration,
+        /// Factor from one pause to the next.
+        #[serde(default = "multiplier")]
+        multiplier: f64,
+        /// A run this long without a failure starts the pauses over.
+        #[serde(default = "reset_after", with = "humantime_serde")]
+        reset_after: Duration,
+    },
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig::ExponentialBackoff {
+            initial: delay(),
+            max: max_backoff(),
+            multiplier: multiplier(),
+            reset_after: reset_after(),
+        }
+    }
+}
+
+// The defaults of `[restart]`.
+fn attempts() -> u32 {
+    3
+}
+fn delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn failure_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn multiplier() -> f64 {
+    2.0
+}
+fn reset_after() -> Duration {
+    Duration::from_secs(600)
+}
 
 /// Decides, after each failure, whether and when the job restarts.
 #[derive(Debug)]

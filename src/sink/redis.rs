@@ -153,7 +153,7 @@ impl RedisWal {
         spec: TableSpec,
         command: RedisCommand,
     ) -> Result<Self> {
-        let client = crate::lookup::redis::client(url, password)?;
+        let client = crate::connect::redis::client(url, password)?;
         let lease = Arc::new(take_lease(&client, url, job).await?);
         let conn = connect(&client, url).await?;
         let row = RowJson::new(&spec);

@@ -3,7 +3,7 @@
 //! transactions to commit, logged epochs to write, Kafka epochs to rewrite. Each sink
 //! state is tagged with the sink that wrote it (`kind/strategy`); at restore, states of
 //! another strategy of the same target are finished by a sink of that strategy before
-//! the new one starts ([`crate::app`] builds it), and states of another kind are
+//! the new one starts (the composition root builds it), and states of another kind are
 //! refused, since their target is not the one configured.
 
 use std::collections::BTreeMap;

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::{PartitionOffset, SourceState};
 use crate::config::{IsolationLevel, StartFrom};
 use crate::error::{Error, Result};
-use crate::operators::Decoder;
+use crate::format::Decoder;
 use crate::record::{Batch, DeadLetter, Origin};
 use crate::runtime::partition::source_owner;
 use crate::runtime::source_task::{Source, SourcePoll};

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use heap::{HeapBackend, HeapTable};
 #[cfg(feature = "rocksdb")]
-pub use rocks::{RocksBackend, RocksOptions, RocksTable, RocksTimers};
+pub use rocks::{RocksBackend, RocksOptions, RocksTable};
 
 use crate::error::{Error, Result};
 

@@ -7,12 +7,15 @@
 //! the minimum over its live inputs ([`watermark::InputWatermarks`]).
 
 pub mod extract;
+#[cfg(feature = "rocksdb")]
+pub mod rocks_timers;
 pub mod timers;
 pub mod watermark;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
+pub use crate::clock::wall_clock_ms;
 pub use extract::{too_far_ahead, TimestampAssigner};
+#[cfg(feature = "rocksdb")]
+pub use rocks_timers::RocksTimers;
 pub use timers::{Timer, TimerService};
 pub use watermark::{InputWatermarks, PartitionWatermarks, WatermarkGenerator};
 
@@ -25,13 +28,6 @@ pub const MIN_WATERMARK: i64 = i64::MIN;
 /// The last event time a window holds (Flink's `maxTimestamp`).
 pub fn max_timestamp(w: &Window) -> i64 {
     w.end.saturating_sub(1)
-}
-
-/// Wall-clock time in epoch milliseconds.
-pub fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Processing time as the runtime sees it: the wall clock at start plus tokio's

@@ -166,7 +166,7 @@ fn restore_incremental(
     shared: &dyn SharedFiles,
 ) -> Result<()> {
     let scratch = std::env::temp_dir().join("sluice-state");
-    crate::state::rocks::read_timers(bytes, range, shared, &scratch, |domain, timer| {
+    super::rocks_timers::read_timers(bytes, range, shared, &scratch, |domain, timer| {
         into.insert(domain, timer.as_ref())
     })
 }

@@ -396,6 +396,7 @@ async fn messages_over_the_topic_s_size_limit_are_dead_letters() {
 
 /// Where a `read_committed` reader of every partition of `topic` stops: the last
 /// stable offset, below the end while a transaction is open.
+#[cfg(feature = "failpoints")]
 fn stable_ends(topic: &str, partitions: i32) -> Vec<i64> {
     let consumer = reader(topic, partitions, "read_committed");
     let mut ended = HashSet::new();

@@ -75,7 +75,6 @@ fn dashboard_queries() -> Vec<String> {
     out
 }
 
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_sees_a_restart_and_a_failed_checkpoint_and_every_dashboard_query_has_data() {
     let j = WindowJob::new("prom", "two_phase", 2).await;

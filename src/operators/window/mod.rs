@@ -610,7 +610,7 @@ pub fn rocks_operator(
     let mut op = WindowOperator::new(spec, &backend, subtask, stats);
     // A timer per key and window: in RocksDB too, or they would hold the memory the
     // state does not.
-    op.timers = Some(Box::new(crate::state::RocksTimers::new(backend)?));
+    op.timers = Some(Box::new(crate::time::RocksTimers::new(backend)?));
     Ok(Box::new(op))
 }
 

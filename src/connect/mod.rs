@@ -1,0 +1,5 @@
+//! Clients of external systems that more than one component uses. A leaf: it knows
+//! the layers below (errors, config values), and the sources, operators, lookups and
+//! sinks that use it know it, never each other.
+
+pub mod redis;

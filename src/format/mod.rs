@@ -1,0 +1,9 @@
+//! The formats records arrive in, decoded into typed fields. Below sources and
+//! operators: a source decodes as it reads (the decoder is chained into it), and
+//! nothing here knows either.
+//!
+//! - [`json`]: JSON objects, in one pass and without building a JSON tree.
+
+pub mod json;
+
+pub use json::Decoder;
