@@ -104,6 +104,15 @@ pub enum Error {
         /// RocksDB's message.
         message: String,
     },
+    /// A sink target that is no database driver's (Redis, a Kafka producer's delivery)
+    /// failed: the attempt restarts from the checkpoint.
+    #[error("{target} sink: {message}")]
+    Sink {
+        /// The target (`redis`, `kafka`).
+        target: &'static str,
+        /// What failed, in the target's words.
+        message: String,
+    },
     /// A lookup tier or store failed past its retries.
     #[error("lookup: {0}")]
     Lookup(String),
@@ -169,6 +178,7 @@ impl Error {
             | Error::Storage { .. }
             | Error::State { .. }
             | Error::Internal(_)
+            | Error::Sink { .. }
             | Error::Lookup(_) => true,
             _ => false,
         }
@@ -186,6 +196,7 @@ impl Error {
             Error::Unsupported(_) => "unsupported",
             Error::Fenced { .. } | Error::ProducerFenced { .. } => "fenced",
             Error::Lookup(_) => "lookup",
+            Error::Sink { .. } => "sink",
             Error::Internal(_) | Error::Task { .. } => "internal",
         }
     }
@@ -270,5 +281,17 @@ mod tests {
         assert!(matches!(e.root(), Error::Unsupported(_)));
         let transient = Error::Internal("x".into()).in_task("source-0");
         assert!(transient.is_retryable());
+    }
+
+    #[test]
+    fn a_sink_target_failure_is_counted_as_the_sink_s_not_a_lookup_s() {
+        let e = Error::Sink {
+            target: "redis",
+            message: "connection refused".into(),
+        }
+        .in_task("sink-0");
+        assert_eq!(e.cause(), "sink");
+        assert!(e.is_retryable());
+        assert_eq!(e.to_string(), "sink-0: redis sink: connection refused");
     }
 }

@@ -63,7 +63,10 @@ struct Lease {
 /// Take job `job`'s lease: refused while another process's client holding it is
 /// connected; raises the job's generation.
 async fn take_lease(client: &redis::Client, url: &str, job: &str) -> Result<Lease> {
-    let fail = |what: &str, e: redis::RedisError| Error::Lookup(format!("redis sink: {what}: {e}"));
+    let fail = |what: &str, e: redis::RedisError| Error::Sink {
+        target: "redis",
+        message: format!("{what}: {e}"),
+    };
     let mut conn = connect(client, url).await?;
     let (owner_key, generation_key) = (format!("sluice:{job}:owner"), format!("sluice:{job}:generation"));
     let id: i64 = redis::cmd("CLIENT")
@@ -140,7 +143,10 @@ async fn connect(client: &redis::Client, url: &str) -> Result<MultiplexedConnect
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|e| Error::Lookup(format!("connect to the redis sink {}: {e}", redact_url(url))))
+        .map_err(|e| Error::Sink {
+            target: "redis",
+            message: format!("connect to {}: {e}", redact_url(url)),
+        })
 }
 
 impl RedisWal {
@@ -292,7 +298,10 @@ impl WalTarget for RedisWal {
             let mut conn = self.conn.clone();
             let key = marker(job, subtask, checkpoint);
             let dead_stream = dead_letter_stream(job);
-            let fail = |what: &str, e: redis::RedisError| Error::Lookup(format!("redis sink: {what}: {e}"));
+            let fail = |what: &str, e: redis::RedisError| Error::Sink {
+        target: "redis",
+        message: format!("{what}: {e}"),
+    };
             // Not WATCHed: every sink subtask appends to the stream, so a watch would
             // abort most transactions. Records cannot write under `sluice:`; only a hand
             // could put another type there, and the replies below would say so.
@@ -359,9 +368,10 @@ impl WalTarget for RedisWal {
                     })
                 }
                 other => {
-                    return Err(Error::Lookup(format!(
-                        "redis sink: an epoch's transaction was not executed: {other:?}"
-                    )))
+                    return Err(Error::Sink {
+                        target: "redis",
+                        message: format!("an epoch's transaction was not executed: {other:?}"),
+                    })
                 }
             };
             // sluice's own commands (dead letters, the marker) follow the records'; with
@@ -371,10 +381,13 @@ impl WalTarget for RedisWal {
                 redis::Value::ServerError(e) => Some(e.clone()),
                 _ => None,
             }) {
-                return Err(Error::Internal(format!(
-                    "redis sink: redis refused sluice's own command in epoch {checkpoint} (dead letters or marker): {}",
-                    redis::RedisError::from(e)
-                )));
+                return Err(Error::Sink {
+                    target: "redis",
+                    message: format!(
+                        "redis refused sluice's own command in epoch {checkpoint} (dead letters or marker): {}",
+                        redis::RedisError::from(e)
+                    ),
+                });
             }
             // Redis does not roll a transaction back: a command refused inside it (a key
             // of another type) is the only one not applied, and the epoch's marker is.

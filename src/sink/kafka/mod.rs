@@ -428,7 +428,10 @@ impl KafkaProducerSink {
             let flushed = producer.flush(CALL_TIMEOUT);
             let failed = producer.context().0.lock().unwrap_or_else(|p| p.into_inner()).take();
             match (flushed, failed) {
-                (_, Some(e)) => Err(Error::Lookup(format!("kafka sink: {e}"))),
+                (_, Some(e)) => Err(Error::Sink {
+                    target: "kafka",
+                    message: e.to_string(),
+                }),
                 (Err(e), None) => Err(Error::kafka("flush the sink's producer")(e)),
                 (Ok(()), None) => Ok(()),
             }
