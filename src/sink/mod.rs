@@ -22,6 +22,7 @@
 pub mod buffer;
 pub mod dead_letter;
 pub mod idempotent;
+mod isolate;
 mod json;
 pub mod kafka;
 pub mod postgres;

@@ -12,6 +12,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::json::RowJson;
 use super::{quote_name, TableSpec};
+use super::isolate::{write_isolating, RowStatements};
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
 
@@ -151,42 +152,13 @@ impl SqliteTable {
         records: &[&Record],
         upsert: bool,
     ) -> Result<(u64, Vec<DeadLetter>)> {
-        let (mut written, mut refused) = (0, Vec::new());
         let per_stmt = (MAX_BINDS / self.spec.columns.len().max(1)).max(1);
-        let mut pending: Vec<&[&Record]> = records.chunks(per_stmt).rev().collect();
-        let savepoint = |sql: &'static str| sqlx::query(sql);
-        while let Some(rows) = pending.pop() {
-            savepoint("SAVEPOINT sluice_write")
-                .execute(&mut **tx)
-                .await
-                .map_err(Error::db("savepoint"))?;
-            match self.insert(tx, rows, upsert).await {
-                Ok(n) => {
-                    written += n;
-                    savepoint("RELEASE sluice_write")
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(Error::db("release savepoint"))?;
-                }
-                Err(sqlx::Error::Database(e)) if is_row_error(e.code().as_deref()) => {
-                    // `ROLLBACK TO` keeps the savepoint; `RELEASE` then drops it.
-                    for sql in ["ROLLBACK TO sluice_write", "RELEASE sluice_write"] {
-                        savepoint(sql)
-                            .execute(&mut **tx)
-                            .await
-                            .map_err(Error::db("roll back to savepoint"))?;
-                    }
-                    if let [r] = rows {
-                        refused.push(self.refused(r, e.message()));
-                    } else {
-                        let (a, b) = rows.split_at(rows.len() / 2);
-                        pending.push(b);
-                        pending.push(a);
-                    }
-                }
-                Err(e) => return Err(Error::db(format!("write to {}", self.spec.table))(e)),
-            }
-        }
+        let mut statements = Statements {
+            table: self,
+            tx,
+            upsert,
+        };
+        let (written, refused) = write_isolating(&mut statements, records.chunks(per_stmt).collect()).await?;
         if !refused.is_empty() {
             tracing::warn!(
                 table = self.spec.table,
@@ -344,5 +316,55 @@ impl super::wal::WalTarget for SqliteWal {
             .map_err(Error::db("prune committer records"))?;
             Ok(())
         })
+    }
+}
+
+/// [`SqliteTable::write_rows`]'s statements, each under a savepoint so that a refusal
+/// does not abort the transaction.
+struct Statements<'a, 't> {
+    table: &'a SqliteTable,
+    tx: &'a mut sqlx::Transaction<'t, Sqlite>,
+    upsert: bool,
+}
+
+impl Statements<'_, '_> {
+    async fn savepoint(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
+        sqlx::query(sql).execute(&mut **self.tx).await.map(|_| ())
+    }
+}
+
+impl RowStatements for Statements<'_, '_> {
+    type Failure = sqlx::Error;
+
+    async fn write(&mut self, rows: &[&Record]) -> std::result::Result<u64, sqlx::Error> {
+        self.savepoint("SAVEPOINT sluice_write").await?;
+        match self.table.insert(self.tx, rows, self.upsert).await {
+            Ok(n) => {
+                self.savepoint("RELEASE sluice_write").await?;
+                Ok(n)
+            }
+            Err(e) => {
+                // `ROLLBACK TO` keeps the savepoint; `RELEASE` then drops it.
+                self.savepoint("ROLLBACK TO sluice_write").await?;
+                self.savepoint("RELEASE sluice_write").await?;
+                Err(e)
+            }
+        }
+    }
+
+    fn splits(&self, failure: &sqlx::Error) -> bool {
+        matches!(failure, sqlx::Error::Database(e) if is_row_error(e.code().as_deref()))
+    }
+
+    async fn alone(&mut self, row: &Record, failure: sqlx::Error) -> Result<std::result::Result<u64, DeadLetter>> {
+        let reason = match &failure {
+            sqlx::Error::Database(e) => e.message().to_string(),
+            other => other.to_string(),
+        };
+        Ok(Err(self.table.refused(row, &reason)))
+    }
+
+    fn fail(&mut self, failure: sqlx::Error) -> Error {
+        Error::db(format!("write to {}", self.table.spec.table))(failure)
     }
 }

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, Postgres, Row};
 
+use super::isolate::{write_isolating, RowStatements};
 use super::{quote_name, Column, TableSpec, ValueType};
 use crate::config::redact_url;
 use crate::config::SinkConfig;
@@ -428,39 +429,15 @@ impl PgTable {
         in_transaction: bool,
     ) -> Result<(u64, Vec<DeadLetter>)> {
         let sql = if upsert { &self.upsert_sql } else { &self.insert_sql };
-        let (mut written, mut rejected) = (0, Vec::new());
-        let isolated = |code: Option<&str>| is_isolated(code) || self.repeats(code) >= self.max_record_attempts;
-        let mut repeated_error = None;
-        let mut pending = vec![(0, records.len())];
-        while let Some((lo, hi)) = pending.pop() {
-            if lo == hi {
-                continue;
-            }
-            match self.execute(conn, sql, &records[lo..hi], in_transaction).await {
-                Ok(n) => written += n,
-                Err(sqlx::Error::Database(e)) if hi - lo > 1 && isolated(e.code().as_deref()) => {
-                    let mid = lo + (hi - lo) / 2;
-                    pending.push((mid, hi));
-                    pending.push((lo, mid));
-                }
-                Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
-                    rejected.push(self.rejected(records[lo], &self.rejection(e.as_ref())));
-                }
-                Err(sqlx::Error::Database(e)) if isolated(e.code().as_deref()) => {
-                    if !is_isolated(e.code().as_deref()) {
-                        repeated_error = Some(e.message().to_string());
-                    }
-                    match self.retry_alone(conn, sql, records[lo], in_transaction, e).await? {
-                        Ok(n) => written += n,
-                        Err(dead) => rejected.push(dead),
-                    }
-                }
-                Err(e) => {
-                    self.count_repeat(&e);
-                    return Err(Error::db(format!("write to {}", self.spec.table))(e));
-                }
-            }
-        }
+        let mut statements = Statements {
+            table: self,
+            conn,
+            sql,
+            in_transaction,
+            repeated_error: None,
+        };
+        let (written, rejected) = write_isolating(&mut statements, vec![records]).await?;
+        let repeated_error = statements.repeated_error;
         // A transient-class error isolated because it kept coming back, and every record
         // failed alone with it: the server's state, not the records. No dead letters then.
         if let Some(message) = repeated_error {
@@ -668,6 +645,54 @@ impl PgTable {
 }
 
 /// Errors about a row's data rather than the database or the connection.
+/// [`PgTable::write`]'s statements over rows, for the isolation loop.
+struct Statements<'a> {
+    table: &'a PgTable,
+    conn: &'a mut PgConnection,
+    sql: &'a str,
+    in_transaction: bool,
+    /// The message of a transient-class error isolated because it kept coming back.
+    repeated_error: Option<String>,
+}
+
+impl Statements<'_> {
+    fn isolated(&self, code: Option<&str>) -> bool {
+        is_isolated(code) || self.table.repeats(code) >= self.table.max_record_attempts
+    }
+}
+
+impl RowStatements for Statements<'_> {
+    type Failure = sqlx::Error;
+
+    async fn write(&mut self, rows: &[&Record]) -> std::result::Result<u64, sqlx::Error> {
+        self.table.execute(self.conn, self.sql, rows, self.in_transaction).await
+    }
+
+    fn splits(&self, failure: &sqlx::Error) -> bool {
+        matches!(failure, sqlx::Error::Database(e) if self.isolated(e.code().as_deref()))
+    }
+
+    async fn alone(&mut self, row: &Record, failure: sqlx::Error) -> Result<std::result::Result<u64, DeadLetter>> {
+        let sqlx::Error::Database(e) = failure else {
+            return Err(self.fail(failure));
+        };
+        if is_data_error(e.code().as_deref()) {
+            return Ok(Err(self.table.rejected(row, &self.table.rejection(e.as_ref()))));
+        }
+        if !is_isolated(e.code().as_deref()) {
+            self.repeated_error = Some(e.message().to_string());
+        }
+        self.table
+            .retry_alone(self.conn, self.sql, row, self.in_transaction, e)
+            .await
+    }
+
+    fn fail(&mut self, failure: sqlx::Error) -> Error {
+        self.table.count_repeat(&failure);
+        Error::db(format!("write to {}", self.table.spec.table))(failure)
+    }
+}
+
 /// Transient-class SQLSTATEs that failed writes, per (table, SQLSTATE), for the life of
 /// the process: a job's restarts are attempts in the same process.
 fn transient_repeats() -> &'static std::sync::Mutex<std::collections::HashMap<(String, String), u32>> {
