@@ -6,34 +6,27 @@
 //! Layers below know nothing of this file: the runtime drives sources, operators and
 //! sinks through their traits; this is where concrete ones are chosen.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use crate::checkpoint::coordinator::CheckpointTiming;
 use crate::checkpoint::savepoint::{FromSavepoint, Savepoint};
-use crate::checkpoint::{
-    task_name, CheckpointStorage, CompletedCheckpoint, Coordinator, CoordinatorHandle, DirectoryStorage, MemoryStorage,
-    TaskEvent,
-};
+use crate::checkpoint::{CheckpointStorage, DirectoryStorage, MemoryStorage};
 use crate::config::{
     DeadLetterKind, JobConfig, PartitionerKind, SinkKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
 };
 use crate::error::{Error, Result};
 use crate::format::Decoder;
 use crate::operators::{self, BuiltOperator};
-use crate::record::{Field, Schema, StreamElement, ValueSource};
-use crate::runtime::channel::{InputGate, Outputs, CHANNEL_CAPACITY};
-use crate::runtime::operator::{decode_parts, Chain, OperatorAck, SubtaskInfo};
-use crate::runtime::partition::{custom_partitioner, Partitioner, CUSTOM_PARTITIONERS};
+use crate::record::{Field, Schema, ValueSource};
+pub use crate::runtime::graph::Edge;
+use crate::runtime::graph::{self, Attempt, ChainedOperator, PhysicalPlan, Running, Stage};
+use crate::runtime::partition::{custom_partitioner, CUSTOM_PARTITIONERS};
 use crate::runtime::restart::RestartPolicy;
 use crate::runtime::sink::Sink;
-use crate::runtime::source_task::{run_source, Source, SourceIo};
-use crate::runtime::task::{run_task, NetworkTail, SinkTail, TaskIo};
-use crate::runtime::Cancel;
+use crate::runtime::source_task::Source;
 use crate::sink::dead_letter::KafkaDeadLetters;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
 use crate::sink::kafka::{KafkaProducerSink, KafkaTransactions};
@@ -49,36 +42,11 @@ use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeCon
 use crate::telemetry::{self, JobState, JobStats};
 use crate::time::extract::TimestampAssigner;
 use crate::time::watermark::{BoundedOutOfOrderness, WatermarkGenerator};
-use crate::time::Clock;
-
-/// How records cross from one stage to the next.
-#[derive(Clone)]
-pub struct Edge {
-    /// How records are routed from this stage's input.
-    pub kind: PartitionerKind,
-    /// The key of `key_hash`, as fields of the upstream schema.
-    pub key: Vec<ValueSource>,
-    /// The registered partitioner of `custom`.
-    pub custom: Option<String>,
-}
-
-/// Operators that run chained in one task per subtask.
-pub struct Stage {
-    /// Subtasks of this stage.
-    pub parallelism: u32,
-    /// The edge into the stage (`None` for the source stage).
-    pub input: Option<Edge>,
-    /// The operators chained in each subtask, in order.
-    pub ops: Vec<BuiltOperator>,
-    /// The stage ends in the sink.
-    pub sink: bool,
-}
 
 /// A job's graph, checked against the schemas that flow through it.
 pub struct Plan {
-    /// Stage 0 is the source (with the operators chained into it); the last one ends in
-    /// the sink.
-    pub stages: Vec<Stage>,
+    /// The physical plan the runtime executes.
+    pub graph: PhysicalPlan,
     /// What the source emits.
     pub source_schema: Schema,
     /// The sink's table, resolved against the schema reaching it.
@@ -88,70 +56,11 @@ pub struct Plan {
     pub needs_event_time: bool,
 }
 
-impl Plan {
-    /// Tasks that acknowledge every checkpoint.
-    pub fn tasks(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (s, stage) in self.stages.iter().enumerate() {
-            for i in 0..stage.parallelism as usize {
-                if s == 0 {
-                    out.push(task_name("source", i));
-                }
-                out.extend(stage.ops.iter().map(|op| task_name(&op.id, i)));
-                if stage.sink {
-                    out.push(task_name("sink", i));
-                }
-            }
-        }
-        out
-    }
-
-    /// The stages, for the API.
-    pub fn graph(&self) -> Vec<telemetry::status::StageInfo> {
-        self.stages
-            .iter()
-            .enumerate()
-            .map(|(s, stage)| {
-                let mut operators: Vec<String> = Vec::new();
-                if s == 0 {
-                    operators.extend(["source".to_string(), "decode".to_string()]);
-                }
-                operators.extend(stage.ops.iter().map(|o| o.id.clone()));
-                if stage.sink {
-                    operators.push("sink".into());
-                }
-                telemetry::status::StageInfo {
-                    operators,
-                    parallelism: stage.parallelism,
-                    input: stage.input.as_ref().map(|e| format!("{:?}", e.kind).to_lowercase()),
-                }
-            })
-            .collect()
-    }
-
-    /// One line per stage, for `sluice check` and the log.
-    pub fn describe(&self) -> String {
-        let mut lines = Vec::new();
-        for (s, stage) in self.stages.iter().enumerate() {
-            let mut names: Vec<String> = Vec::new();
-            if s == 0 {
-                names.push("source → decode".into());
-            }
-            names.extend(stage.ops.iter().map(|o| o.id.clone()));
-            if stage.sink {
-                names.push("sink".into());
-            }
-            let edge = match &stage.input {
-                None => String::new(),
-                Some(e) => format!("{:?} → ", e.kind).to_lowercase(),
-            };
-            lines.push(format!(
-                "  task {s}: {edge}{} ×{}",
-                names.join(" → "),
-                stage.parallelism
-            ));
-        }
-        lines.join("\n")
+/// What the runtime keeps of a built operator.
+fn chained(built: BuiltOperator) -> ChainedOperator {
+    ChainedOperator {
+        id: built.id,
+        make: built.make,
     }
 }
 
@@ -203,13 +112,13 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
             }
             (PartitionerKind::Forward, true) => {
                 if let Some(s) = stages.last_mut() {
-                    s.ops.push(built);
+                    s.ops.push(chained(built));
                 }
             }
             _ => stages.push(Stage {
                 parallelism,
                 input: Some(edge),
-                ops: vec![built],
+                ops: vec![chained(built)],
                 sink: false,
             }),
         }
@@ -256,7 +165,7 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         }
     }
     Ok(Plan {
-        stages,
+        graph: PhysicalPlan { stages },
         source_schema,
         table,
         needs_event_time,
@@ -329,8 +238,8 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     };
     let _api = crate::api::start(api, stats.clone()).await?;
     let plan = plan(&cfg, &stats)?;
-    tracing::info!("job graph:\n{}", plan.describe());
-    stats.set_graph(plan.graph());
+    tracing::info!("job graph:\n{}", plan.graph.describe());
+    stats.set_graph(plan.graph.graph());
     let signal = shutdown;
     let mut shutdown = either(signal.clone(), stats.control.stop_requested());
     let embedded = match cfg.is_embedded() {
@@ -587,13 +496,6 @@ async fn stop_asked(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// What every subtask of one attempt shares.
-struct Shared {
-    events: mpsc::UnboundedSender<TaskEvent>,
-    completed: watch::Receiver<u64>,
-    cancel: Cancel,
-    clock: Clock,
-}
-
 /// How an attempt that was asked to stop ended.
 #[derive(Debug)]
 enum Stopped {
@@ -611,7 +513,7 @@ async fn attempt(
     storage: &Arc<dyn CheckpointStorage>,
     stats: &Arc<JobStats>,
     fence: Option<Fence>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<Stopped> {
     let target = SinkTarget::open(cfg, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
@@ -629,316 +531,88 @@ async fn attempt(
             from_savepoint = cp.origin.is_some(),
             "restoring from checkpoint"
         );
-        check_unknown_state(cp, plan, cfg.checkpoint.allow_non_restored_state)?;
+        plan.graph
+            .check_unknown_state(cp, cfg.checkpoint.allow_non_restored_state)?;
     }
     target.recover(cfg, restored.as_ref()).await?;
-    let last_id = restored.as_ref().map_or(0, |c| c.id);
-    let first_id = storage.next_id(restored.as_ref())?;
-    let sink_states = restored.as_ref().map(|c| c.subtask_states("sink")).unwrap_or_default();
-
-    // Channels between consecutive stages: every upstream subtask to every downstream one.
-    let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
-    let mut outputs: Vec<Vec<Vec<mpsc::Sender<StreamElement>>>> = Vec::new();
-    for (s, stage) in plan.stages.iter().enumerate() {
-        let p = stage.parallelism as usize;
-        inputs.push((0..p).map(|_| Vec::new()).collect());
-        outputs.push((0..p).map(|_| Vec::new()).collect());
-        if s == 0 {
-            continue;
-        }
-        for up in outputs[s - 1].iter_mut() {
-            for down in inputs[s].iter_mut() {
-                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                up.push(tx);
-                down.push(rx);
-            }
-        }
-    }
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (completed_tx, completed_rx) = watch::channel(last_id);
-    let shared = Shared {
-        events: events_tx,
-        completed: completed_rx,
-        cancel: Cancel::default(),
-        clock: Clock::default(),
+    let parts = AppParts {
+        cfg,
+        bootstrap,
+        target: &target,
+        storage,
+        stats,
+        keep_payload: plan.table.columns.iter().any(|c| c.source == ValueSource::Payload),
+        time: source_time(cfg, plan),
     };
-    let mut tasks = JoinSet::new();
-    let mp = cfg.job.max_parallelism;
-
-    // Downstream first, so that every channel has a reader before anything is sent.
-    for s in (1..plan.stages.len()).rev() {
-        let stage = &plan.stages[s];
-        let mut stage_inputs = std::mem::take(&mut inputs[s]);
-        let mut stage_outputs = std::mem::take(&mut outputs[s]);
-        for j in (0..stage.parallelism as usize).rev() {
-            let chain = build_chain(stage, j, mp, restored.as_ref(), storage)?;
-            let first = chain.infos().next().map(|i| i.operator.clone());
-            let io = TaskIo {
-                name: first
-                    .as_deref()
-                    .map_or_else(|| task_name("sink", j), |op| task_name(op, j)),
-                gate: InputGate::new(stage_inputs.pop().unwrap_or_default()),
-                events: shared.events.clone(),
-                completed: shared.completed.clone(),
-                cancel: shared.cancel.subscribe(),
-                storage: storage.clone(),
-                clock: shared.clock,
-                stats: stats.clone(),
-                metrics: first.as_deref().map(|op| stats.subtask_metrics(op, j)),
-            };
-            if stage.sink {
-                let mine = crate::runtime::sink::states_for(&sink_states, j, stage.parallelism as usize);
-                let parts = SinkParts {
-                    bootstrap,
-                    target: &target,
-                    storage,
-                    stats: stats.clone(),
-                };
-                let sink = open_sink(cfg, &parts, j, last_id, mine).await?;
-                let stats = stats.clone();
-                tasks.spawn(run_task(chain, SinkTail { sink, index: j, stats }, io));
-            } else {
-                let next = &plan.stages[s + 1];
-                let tail = NetworkTail {
-                    partitioner: partitioner(next, j, stage.parallelism, mp),
-                    outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
-                    metrics: stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
-                };
-                tasks.spawn(run_task(chain, tail, io));
-            }
-        }
-    }
-
-    let source_stage = &plan.stages[0];
-    let ps = source_stage.parallelism;
-    let keep_payload = plan.table.columns.iter().any(|c| c.source == ValueSource::Payload);
-    let source_states: Vec<serde_json::Value> = restored
-        .as_ref()
-        .map(|cp| cp.operator_states("source").cloned().collect())
-        .unwrap_or_default();
-    let mut triggers = Vec::with_capacity(ps as usize);
-    let mut source_outputs = std::mem::take(&mut outputs[0]);
-    for i in (0..ps as usize).rev() {
-        let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-        triggers.push(trigger_tx);
-        let mut source = KafkaSource::new(
-            i,
-            ps,
-            consumer_config(cfg, bootstrap),
-            cfg.source.topics.clone(),
-            cfg.source.start_from,
-            cfg.source.isolation_level,
-            cfg.source.batch_size,
-            cfg.source.partition_discovery_interval,
-            Decoder::new(cfg.decode.fields.clone(), cfg.decode.max_record_bytes, keep_payload),
-            source_time(cfg, plan),
-            stats.clone(),
-            cfg.source.commit_offsets,
-            shared.completed.clone(),
-            shared.cancel.flag(),
-        );
-        source.restore(source_states.clone())?;
-        let chain = build_chain(source_stage, i, mp, restored.as_ref(), storage)?;
-        let io = SourceIo {
-            name: task_name("source", i),
-            outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
-            partitioner: partitioner(&plan.stages[1], i, ps, mp),
-            triggers: trigger_rx,
-            events: shared.events.clone(),
-            cancel: shared.cancel.flag(),
-            completed: shared.completed.clone(),
-            storage: storage.clone(),
-            clock: shared.clock,
-            stats: stats.clone(),
-            metrics: stats.subtask_metrics("source", i),
-        };
-        tasks.spawn_blocking(move || run_source(source, chain, io));
-    }
-    triggers.reverse();
-    let Shared { events, cancel, .. } = shared;
-    drop(events);
-
-    let (handle, stop_rx) = CoordinatorHandle::new();
-    let coordinator = Coordinator {
-        job: cfg.job.name.clone(),
+    let attempt = Attempt {
+        job: &cfg.job.name,
+        max_parallelism: cfg.job.max_parallelism,
+        storage,
+        restored: restored.as_ref(),
         timing: CheckpointTiming {
             interval: cfg.checkpoint.interval,
             timeout: cfg.checkpoint.timeout,
             min_pause: cfg.checkpoint.min_pause,
         },
-        storage: storage.clone(),
-        tasks: plan.tasks(),
-        triggers,
-        events: events_rx,
-        completed: completed_tx,
-        first_id,
-        origin: restored.as_ref().and_then(|c| c.origin.clone()),
         savepoint_dir: cfg.checkpoint.savepoints(),
-        stats: stats.clone(),
+        stats,
     };
-    let mut coordinator = tokio::spawn(coordinator.run(stop_rx));
-    if *shutdown.borrow() {
-        handle.stop();
-    }
-
-    stats.set_state(match *shutdown.borrow() {
-        true => JobState::Stopping,
-        false => JobState::Running,
-    });
-    let _not_running = NotRunning(stats.clone());
-    let mut stopping = *shutdown.borrow();
-    let failure = loop {
-        tokio::select! {
-            done = &mut coordinator => {
-                match done {
-                    Ok(Ok(done)) => {
-                        tracing::info!(checkpoint = done.id, "final checkpoint complete; stopping");
-                        while let Some(joined) = tasks.join_next().await {
-                            flatten(joined)?;
-                        }
-                        return Ok(match done.savepoint_failed {
-                            Some(why) => Stopped::WithoutSavepoint { checkpoint: done.id, why },
-                            None => Stopped::Cleanly,
-                        });
-                    }
-                    Ok(Err(e)) => break e,
-                    Err(e) => break Error::Internal(format!("checkpoint coordinator: {e}")),
-                }
-            }
-            Some(joined) = tasks.join_next() => {
-                if let Err(e) = flatten(joined) {
-                    coordinator.abort();
-                    break e;
-                }
-            }
-            changed = shutdown.changed(), if !stopping => {
-                let _ = changed;
-                stopping = true;
-                // Not ready while stopping: a load balancer stops sending to it now.
-                stats.set_state(JobState::Stopping);
-                handle.stop();
-            }
-        }
-    };
-    cancel.cancel();
-    // Subtasks see the cancel within a poll; one stuck in a call that never returns is
-    // aborted after a grace period so that a restart is never blocked.
-    let mut cause: Option<Error> = None;
-    let drained = tokio::time::timeout(CANCEL_GRACE, async {
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = flatten(joined) {
-                tracing::debug!(error = %e, "subtask error while cancelling");
-                // Keep the first error that says more than "a neighbour stopped".
-                if cause.as_ref().is_none_or(|c| is_knock_on(c) && !is_knock_on(&e)) {
-                    cause = Some(e);
-                }
-            }
-        }
+    let done = graph::execute(&plan.graph, &parts, attempt, shutdown).await?;
+    Ok(match done.savepoint_failed {
+        Some(why) => Stopped::WithoutSavepoint {
+            checkpoint: done.id,
+            why,
+        },
+        None => Stopped::Cleanly,
     })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("subtasks did not stop within {CANCEL_GRACE:?}; aborting them");
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-    }
-    // "A source stopped" or "a downstream subtask stopped" says less than the error
-    // that stopped it (a fenced sink must not be restarted as a mere internal error).
-    match (failure, cause) {
-        (failure, Some(cause)) if is_knock_on(&failure) && !is_knock_on(&cause) => Err(cause),
-        (failure, _) => Err(failure),
-    }
 }
 
-/// The partitioner of upstream subtask `index` (of `upstream`) into `next`.
-fn partitioner(next: &Stage, index: usize, upstream: u32, mp: u32) -> Partitioner {
-    let edge = next.input.clone().unwrap_or(Edge {
-        kind: PartitionerKind::Forward,
-        key: Vec::new(),
-        custom: None,
-    });
-    let p = Partitioner::new(
-        edge.kind,
-        next.parallelism as usize,
-        index,
-        upstream as usize,
-        edge.key,
-        mp,
-    );
-    match edge.custom.as_deref().and_then(custom_partitioner) {
-        Some(c) if edge.kind == PartitionerKind::Custom => p.with_custom(c),
-        _ => p,
-    }
+/// The concrete sources and sinks of a job's subtasks, for the executor.
+struct AppParts<'a> {
+    cfg: &'a JobConfig,
+    bootstrap: &'a str,
+    target: &'a SinkTarget,
+    storage: &'a Arc<dyn CheckpointStorage>,
+    stats: &'a Arc<JobStats>,
+    /// A sink column wants the raw payload.
+    keep_payload: bool,
+    time: Option<SourceTimeConfig>,
 }
 
-/// Subtask `index` of a stage's chained operators, restored from `restored`.
-fn build_chain(
-    stage: &Stage,
-    index: usize,
-    mp: u32,
-    restored: Option<&CompletedCheckpoint>,
-    storage: &Arc<dyn CheckpointStorage>,
-) -> Result<Chain> {
-    let mut chain = Chain::default();
-    for (k, op) in stage.ops.iter().enumerate() {
-        let info = SubtaskInfo::new(&op.id, index, stage.parallelism, mp);
-        let range = info.key_groups;
-        chain.push(info, (op.make)(index)?);
-        let Some(cp) = restored else { continue };
-        let mut files = Vec::new();
-        for state in cp.operator_states(&op.id) {
-            let ack: OperatorAck = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
-                path: format!("checkpoint {}", cp.id).into(),
-                message: format!("state of operator `{}`: {e}", op.id),
-            })?;
-            let Some(handle) = ack.handle.filter(|_| ack.key_groups.intersects(&range)) else {
-                continue;
-            };
-            let bytes = storage.read_state(&handle)?;
-            files.push(decode_parts(&bytes, &handle)?);
-        }
-        chain.restore(k, &files, &crate::runtime::task::StorageFiles::new(storage.as_ref()))?;
+impl graph::Parts for AppParts<'_> {
+    fn source(&self, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>> {
+        let cfg = self.cfg;
+        Ok(Box::new(KafkaSource::new(
+            index,
+            parallelism,
+            consumer_config(cfg, self.bootstrap),
+            cfg.source.topics.clone(),
+            cfg.source.start_from,
+            cfg.source.isolation_level,
+            cfg.source.batch_size,
+            cfg.source.partition_discovery_interval,
+            Decoder::new(
+                cfg.decode.fields.clone(),
+                cfg.decode.max_record_bytes,
+                self.keep_payload,
+            ),
+            self.time.clone(),
+            self.stats.clone(),
+            cfg.source.commit_offsets,
+            running.completed.clone(),
+            running.cancel.clone(),
+        )))
     }
-    Ok(chain)
-}
 
-/// A checkpoint that holds state of operators this job no longer has would drop it
-/// silently: refuse, unless the user allows it (`--allow-non-restored-state`).
-fn check_unknown_state(cp: &CompletedCheckpoint, plan: &Plan, allow: bool) -> Result<()> {
-    let known: std::collections::HashSet<String> = plan
-        .stages
-        .iter()
-        .flat_map(|s| s.ops.iter().map(|o| o.id.clone()))
-        .chain(["source".to_string(), "sink".to_string()])
-        .collect();
-    let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
-    for name in cp.tasks.keys() {
-        let op = name.rsplit_once('-').map_or(name.as_str(), |(op, _)| op);
-        if !known.contains(op) {
-            *unknown.entry(op).or_default() += 1;
-        }
+    async fn sink(&self, index: usize, restored: u64, states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>> {
+        let parts = SinkParts {
+            bootstrap: self.bootstrap,
+            target: self.target,
+            storage: self.storage,
+            stats: self.stats.clone(),
+        };
+        open_sink(self.cfg, &parts, index, restored, states).await
     }
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<&str> = unknown.keys().copied().collect();
-    if !allow {
-        return Err(Error::Unsupported(format!(
-            "checkpoint {} holds state of operator(s) {} that this job does not have: an operator's `id` \
-             names its state, so a renamed or removed operator would lose it. Give the operator its old \
-             `id` back, or drop that state on purpose with `sluice run --allow-non-restored-state` \
-             (checkpoint.allow_non_restored_state = true)",
-            cp.id,
-            names.join(", ")
-        )));
-    }
-    for op in names {
-        tracing::warn!(
-            operator = op,
-            checkpoint = cp.id,
-            "the checkpoint holds state of an operator this job does not have; dropped as allowed"
-        );
-    }
-    Ok(())
 }
 
 /// How the source stamps event time and makes watermarks, if any operator needs them.
@@ -967,18 +641,6 @@ fn source_time(cfg: &JobConfig, plan: &Plan) -> Option<SourceTimeConfig> {
         idle_timeout: Some(t.idle_timeout),
         max_future: Some(t.max_future).filter(|d| !d.is_zero()),
     })
-}
-
-/// Marks the job not running when an attempt ends, however it ends (the caller then
-/// says whether it restarts, failed or finished).
-struct NotRunning(Arc<JobStats>);
-
-impl Drop for NotRunning {
-    fn drop(&mut self) {
-        if self.0.state() == JobState::Running {
-            self.0.set_state(JobState::Restarting);
-        }
-    }
 }
 
 /// A receiver that turns true when either does (a dropped sender counts as true, as
@@ -1013,9 +675,6 @@ pub fn object_config(c: &crate::config::CheckpointConfig) -> crate::checkpoint::
         credentials: None,
     }
 }
-
-/// How long cancelled subtasks get to stop before they are aborted.
-const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What every sink subtask is built from.
 struct SinkParts<'a> {
@@ -1143,18 +802,4 @@ async fn finish_old_sink(
         "finished what the sink's previous strategy left in the checkpoint"
     );
     Ok(())
-}
-
-/// An error that only reports another subtask's end (a closed channel, a stopped
-/// neighbour), whichever subtask it is attributed to.
-fn is_knock_on(e: &Error) -> bool {
-    matches!(e.root(), Error::Internal(_))
-}
-
-fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    match joined {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => Err(Error::Internal(format!("a subtask panicked: {e}"))),
-        Err(e) => Err(Error::Internal(format!("a subtask was cancelled: {e}"))),
-    }
 }

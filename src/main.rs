@@ -212,7 +212,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             let plan = sluice::app::plan(&cfg, &Arc::new(sluice::telemetry::JobStats::default()))?;
             say!("{}: ok", config.display());
-            say!("job `{}`:\n{}", cfg.job.name, plan.describe());
+            say!("job `{}`:\n{}", cfg.job.name, plan.graph.describe());
             let columns: Vec<&str> = plan.table.columns.iter().map(|c| c.name.as_str()).collect();
             let key: Vec<&str> = plan.table.key.iter().map(|i| columns[*i]).collect();
             say!(

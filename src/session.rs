@@ -455,8 +455,8 @@ async fn submit(
     if let Err((key, message)) = confine(&cfg, &dir) {
         return refuse(StatusCode::BAD_REQUEST, format!("{key}: {message}"));
     }
-    let widest = plan.stages.iter().map(|st| st.parallelism).max().unwrap_or(1);
-    let subtasks: u32 = plan.stages.iter().map(|st| st.parallelism).sum();
+    let widest = plan.graph.stages.iter().map(|st| st.parallelism).max().unwrap_or(1);
+    let subtasks: u32 = plan.graph.stages.iter().map(|st| st.parallelism).sum();
     if widest > s.cfg.max_parallelism {
         return refuse(
             StatusCode::BAD_REQUEST,

@@ -17,12 +17,14 @@ use std::sync::Arc;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use super::record_json;
+use super::{record_json, BuiltOperator};
+use crate::config::JobConfig;
 use crate::config::{AsyncMode, OnMissing};
 use crate::error::{Error, Result};
 use crate::lookup::{Found, Lookup};
-use crate::record::{Batch, DeadLetter, Field, Record, Value};
+use crate::record::{Batch, DeadLetter, Field, Record, Schema, Value, ValueSource};
 use crate::runtime::operator::{Context, Operator};
+use crate::runtime::partition::PartitionerKind;
 use crate::state::Namespace;
 use crate::time::timers::TimeDomain;
 use crate::time::Timer;
@@ -329,6 +331,89 @@ impl Drop for Enrich {
                 task.abort();
             }
         }
+    }
+}
+
+/// Build the enrichment `e` over the stream `input`.
+pub fn build(
+    id: String,
+    e: &crate::config::EnrichConfig,
+    input: &Schema,
+    job: &JobConfig,
+    fail: &dyn Fn(&str, String) -> Error,
+) -> Result<BuiltOperator> {
+    use crate::config::{SinkKind, StoreKind};
+    let same_kind = matches!(
+        (e.store.kind, job.sink.kind),
+        (StoreKind::Postgres, SinkKind::Postgres) | (StoreKind::Sqlite, SinkKind::Sqlite)
+    );
+    let (url, password) = match &e.store.url {
+        Some(url) => (url.to_string_unredacted(), None),
+        None if same_kind => (job.sink.url.to_string_unredacted(), job.sink.password.as_ref()),
+        None => {
+            return Err(fail(
+                "store.url",
+                "give the store's URL (it defaults to the sink's database only when the sink is of the same kind)"
+                    .into(),
+            ))
+        }
+    };
+    let key = input.index(&e.key).ok_or_else(|| {
+        fail(
+            "key",
+            format!(
+                "`{}` is not a field of the stream here; its fields: {}",
+                e.key,
+                input.describe()
+            ),
+        )
+    })?;
+    let mut output = input.clone();
+    for (i, c) in e.columns.iter().enumerate() {
+        if input.index(&c.name).is_some() {
+            return Err(fail(
+                &format!("columns[{i}].name"),
+                format!("`{}` is already a field of the stream", c.name),
+            ));
+        }
+        output.fields.push(Field::new(c.name.clone(), c.field_type));
+    }
+    let lookup = Arc::new(crate::lookup::open(&id, e, &url, password)?);
+    let store = format!("{} {}", store_kind(e.store.kind), e.store.table);
+    let spec = Arc::new(EnrichSpec {
+        id: id.clone(),
+        key,
+        input_fields: input.fields.clone(),
+        columns: e.columns.len(),
+        on_missing: e.on_missing,
+        mode: e.mode,
+        capacity: e.capacity,
+        lookup,
+        store,
+    });
+    let hashed = e.partitioner == PartitionerKind::KeyHash;
+    Ok(BuiltOperator {
+        id,
+        parallelism: e.parallelism,
+        partitioner: e.partitioner,
+        partition_key: if hashed {
+            vec![ValueSource::Field(key)]
+        } else {
+            Vec::new()
+        },
+        output,
+        needs_event_time: false,
+        make: Arc::new(move |_| {
+            Ok(Box::new(Enrich::new(spec.clone(), tokio::runtime::Handle::current())) as Box<dyn Operator>)
+        }),
+    })
+}
+
+fn store_kind(kind: crate::config::StoreKind) -> &'static str {
+    match kind {
+        crate::config::StoreKind::Postgres => "postgres table",
+        crate::config::StoreKind::Sqlite => "sqlite table",
+        crate::config::StoreKind::Hbase => "hbase table",
     }
 }
 

@@ -1,10 +1,12 @@
 //! Running a job: the contracts of sources and operators and the drivers that run
 //! them, the channels between subtasks (the backpressure), partitioners, barrier
-//! alignment and restart strategies. Knows no concrete source, operator or sink: the
-//! composition root (`app`) picks those.
+//! alignment, restart strategies, and the executor that runs a physical plan
+//! ([`graph`]). Knows no concrete source, operator or sink: the composition root
+//! (`app`) picks those and hands them over as factories.
 
 pub mod align;
 pub mod channel;
+pub mod graph;
 pub mod operator;
 pub mod partition;
 pub mod restart;

@@ -67,6 +67,28 @@ pub trait Source: Send + 'static {
     }
 }
 
+/// A source chosen at run time (the executor takes sources as trait objects).
+impl Source for Box<dyn Source> {
+    fn poll_batch(&mut self) -> Result<SourcePoll> {
+        (**self).poll_batch()
+    }
+    fn snapshot(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
+        (**self).snapshot(checkpoint)
+    }
+    fn restore(&mut self, states: Vec<serde_json::Value>) -> Result<()> {
+        (**self).restore(states)
+    }
+    fn on_checkpoint_complete(&mut self, checkpoint: u64) {
+        (**self).on_checkpoint_complete(checkpoint)
+    }
+    fn on_stop(&mut self, final_checkpoint: u64) {
+        (**self).on_stop(final_checkpoint)
+    }
+    fn report(&mut self) -> Option<String> {
+        (**self).report()
+    }
+}
+
 /// What a source subtask is connected to.
 pub struct SourceIo {
     /// Task name (`source/subtask`).

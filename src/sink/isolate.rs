@@ -126,11 +126,17 @@ mod tests {
         let records = rows(&[1, 2, -5, 4, 5, 6, -7, 8]);
         let refs: Vec<&Record> = records.iter().collect();
         let mut t = Refusing { statements: 0 };
-        let (written, dead) = write_isolating(&mut t, refs.chunks(3).collect()).await.expect("written");
+        let (written, dead) = write_isolating(&mut t, refs.chunks(3).collect())
+            .await
+            .expect("written");
         assert_eq!(written, 6);
         let offsets: Vec<i64> = dead.iter().map(|d| d.origin.offset).collect();
         assert_eq!(offsets, vec![2, 6], "in order, each alone");
-        assert!(t.statements < records.len() * 2, "halved, not row by row: {}", t.statements);
+        assert!(
+            t.statements < records.len() * 2,
+            "halved, not row by row: {}",
+            t.statements
+        );
     }
 
     #[tokio::test]

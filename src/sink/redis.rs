@@ -299,9 +299,9 @@ impl WalTarget for RedisWal {
             let key = marker(job, subtask, checkpoint);
             let dead_stream = dead_letter_stream(job);
             let fail = |what: &str, e: redis::RedisError| Error::Sink {
-        target: "redis",
-        message: format!("{what}: {e}"),
-    };
+                target: "redis",
+                message: format!("{what}: {e}"),
+            };
             // Not WATCHed: every sink subtask appends to the stream, so a watch would
             // abort most transactions. Records cannot write under `sluice:`; only a hand
             // could put another type there, and the replies below would say so.

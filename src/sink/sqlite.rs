@@ -10,9 +10,9 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+use super::isolate::{write_isolating, RowStatements};
 use super::json::RowJson;
 use super::{quote_name, TableSpec};
-use super::isolate::{write_isolating, RowStatements};
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
 

@@ -75,6 +75,7 @@ struct TopicState {
 
 /// Event time at the source: how records get their timestamp and how each partition
 /// makes its watermarks.
+#[derive(Clone)]
 pub struct SourceTimeConfig {
     /// Reads event time from records and generates the partition's watermarks.
     pub assigner: TimestampAssigner,

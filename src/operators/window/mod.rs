@@ -16,6 +16,7 @@
 
 pub mod aggregate;
 pub mod assigner;
+pub mod build;
 pub mod process;
 pub mod trigger;
 

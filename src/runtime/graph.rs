@@ -1,0 +1,505 @@
+//! The executor: runs one attempt of a physical plan. It wires the channels between
+//! stages, spawns every source, operator and sink subtask (sources and sinks made by
+//! the [`Parts`] the composition root hands it), starts the checkpoint coordinator and
+//! supervises: it returns when the final checkpoint of a stop completes, or on the
+//! first failure, after cancelling and draining every subtask.
+//!
+//! The plan is a value: it is printed by `sluice check`, shown by the API, and is what
+//! a job split across instances will divide.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::channel::{InputGate, Outputs, CHANNEL_CAPACITY};
+use super::operator::{decode_parts, Chain, Operator, OperatorAck, SubtaskInfo};
+use super::partition::{custom_partitioner, Partitioner, PartitionerKind};
+use super::sink::Sink;
+use super::source_task::{run_source, Source, SourceIo};
+use super::task::{run_task, NetworkTail, SinkTail, StorageFiles, TaskIo};
+use super::Cancel;
+use crate::checkpoint::coordinator::{CheckpointTiming, Final};
+use crate::checkpoint::{task_name, CheckpointStorage, CompletedCheckpoint, Coordinator, CoordinatorHandle};
+use crate::error::{Error, Result};
+use crate::record::{StreamElement, ValueSource};
+use crate::telemetry::{JobState, JobStats};
+use crate::time::Clock;
+
+/// Makes subtask `i` of an operator (failing when its state backend cannot open).
+pub type OperatorFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Operator>> + Send + Sync>;
+
+/// How records cross from one stage to the next.
+#[derive(Clone)]
+pub struct Edge {
+    /// How records are routed from this stage's input.
+    pub kind: PartitionerKind,
+    /// The key of `key_hash`, as fields of the upstream schema.
+    pub key: Vec<ValueSource>,
+    /// The registered partitioner of `custom`.
+    pub custom: Option<String>,
+}
+
+/// An operator chained into a stage.
+#[derive(Clone)]
+pub struct ChainedOperator {
+    /// Its id: its state in checkpoints, its metrics, its subtasks' names.
+    pub id: String,
+    /// Makes one subtask's instance.
+    pub make: OperatorFactory,
+}
+
+/// Operators that run chained in one task per subtask.
+pub struct Stage {
+    /// Subtasks of this stage.
+    pub parallelism: u32,
+    /// The edge into the stage (`None` for the source stage).
+    pub input: Option<Edge>,
+    /// The operators chained in each subtask, in order.
+    pub ops: Vec<ChainedOperator>,
+    /// The stage ends in the sink.
+    pub sink: bool,
+}
+
+/// A job's physical plan: stage 0 is the source (with the operators chained into it);
+/// the last one ends in the sink.
+#[derive(Default)]
+pub struct PhysicalPlan {
+    /// The stages, in the order records flow.
+    pub stages: Vec<Stage>,
+}
+
+impl PhysicalPlan {
+    /// Tasks that acknowledge every checkpoint.
+    pub fn tasks(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (s, stage) in self.stages.iter().enumerate() {
+            for i in 0..stage.parallelism as usize {
+                if s == 0 {
+                    out.push(task_name("source", i));
+                }
+                out.extend(stage.ops.iter().map(|op| task_name(&op.id, i)));
+                if stage.sink {
+                    out.push(task_name("sink", i));
+                }
+            }
+        }
+        out
+    }
+
+    /// The ids of every operator, with `source` and `sink`: the state a checkpoint of
+    /// this plan may hold.
+    pub fn operator_ids(&self) -> std::collections::HashSet<String> {
+        self.stages
+            .iter()
+            .flat_map(|s| s.ops.iter().map(|o| o.id.clone()))
+            .chain(["source".to_string(), "sink".to_string()])
+            .collect()
+    }
+
+    /// The names in each stage, in order (the source stage's first: `source`, `decode`).
+    fn names(&self, s: usize, decode: &str) -> Vec<String> {
+        let stage = &self.stages[s];
+        let mut names: Vec<String> = Vec::new();
+        if s == 0 {
+            names.extend(["source".to_string(), decode.to_string()]);
+        }
+        names.extend(stage.ops.iter().map(|o| o.id.clone()));
+        if stage.sink {
+            names.push("sink".into());
+        }
+        names
+    }
+
+    /// The stages, for the API.
+    pub fn graph(&self) -> Vec<crate::telemetry::status::StageInfo> {
+        (0..self.stages.len())
+            .map(|s| crate::telemetry::status::StageInfo {
+                operators: self.names(s, "decode"),
+                parallelism: self.stages[s].parallelism,
+                input: self.stages[s]
+                    .input
+                    .as_ref()
+                    .map(|e| format!("{:?}", e.kind).to_lowercase()),
+            })
+            .collect()
+    }
+
+    /// One line per stage, for `sluice check` and the log.
+    pub fn describe(&self) -> String {
+        let mut lines = Vec::new();
+        for (s, stage) in self.stages.iter().enumerate() {
+            let mut names = self.names(s, "decode");
+            if s == 0 {
+                names.splice(0..2, ["source → decode".to_string()]);
+            }
+            let edge = match &stage.input {
+                None => String::new(),
+                Some(e) => format!("{:?} → ", e.kind).to_lowercase(),
+            };
+            lines.push(format!(
+                "  task {s}: {edge}{} ×{}",
+                names.join(" → "),
+                stage.parallelism
+            ));
+        }
+        lines.join("\n")
+    }
+
+    /// A checkpoint that holds state of operators this plan does not have would drop it
+    /// silently: refuse, unless the user allows it (`--allow-non-restored-state`).
+    pub fn check_unknown_state(&self, cp: &CompletedCheckpoint, allow: bool) -> Result<()> {
+        let known = self.operator_ids();
+        let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
+        for name in cp.tasks.keys() {
+            let op = name.rsplit_once('-').map_or(name.as_str(), |(op, _)| op);
+            if !known.contains(op) {
+                *unknown.entry(op).or_default() += 1;
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = unknown.keys().copied().collect();
+        if !allow {
+            return Err(Error::Unsupported(format!(
+                "checkpoint {} holds state of operator(s) {} that this job does not have: an operator's `id` \
+                 names its state, so a renamed or removed operator would lose it. Give the operator its old \
+                 `id` back, or drop that state on purpose with `sluice run --allow-non-restored-state` \
+                 (checkpoint.allow_non_restored_state = true)",
+                cp.id,
+                names.join(", ")
+            )));
+        }
+        for op in names {
+            tracing::warn!(
+                operator = op,
+                checkpoint = cp.id,
+                "the checkpoint holds state of an operator this job does not have; dropped as allowed"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a source subtask is given of the running attempt.
+pub struct Running {
+    /// The newest completed checkpoint.
+    pub completed: watch::Receiver<u64>,
+    /// Set when the attempt is cancelled.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What the executor cannot make itself: the concrete source and sink of a subtask.
+#[allow(async_fn_in_trait)] // Called on the composition root's one concrete type.
+pub trait Parts {
+    /// Source subtask `index` of `parallelism` (restored by the executor).
+    fn source(&self, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>>;
+
+    /// Sink subtask `index`, recovered from its share of the restored sink states
+    /// (those of checkpoint `restored`, 0 if none).
+    async fn sink(&self, index: usize, restored: u64, states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>>;
+}
+
+/// What one attempt runs with.
+pub struct Attempt<'a> {
+    /// The job's name (recorded in every checkpoint).
+    pub job: &'a str,
+    /// Key groups of the job (fixed for its life).
+    pub max_parallelism: u32,
+    /// Where checkpoints and state go.
+    pub storage: &'a Arc<dyn CheckpointStorage>,
+    /// The checkpoint restored, if any.
+    pub restored: Option<&'a CompletedCheckpoint>,
+    /// When checkpoints are taken.
+    pub timing: CheckpointTiming,
+    /// Where savepoints asked for are written.
+    pub savepoint_dir: Option<PathBuf>,
+    /// Job-wide counters and the control of the API.
+    pub stats: &'a Arc<JobStats>,
+}
+
+/// Run one attempt of `plan` until the final checkpoint of a stop completes (after
+/// `shutdown` turns true) or the first failure.
+pub async fn execute(
+    plan: &PhysicalPlan,
+    parts: &impl Parts,
+    attempt: Attempt<'_>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Final> {
+    let Attempt {
+        job,
+        max_parallelism: mp,
+        storage,
+        restored,
+        timing,
+        savepoint_dir,
+        stats,
+    } = attempt;
+    let last_id = restored.map_or(0, |c| c.id);
+    let first_id = storage.next_id(restored)?;
+    let sink_states = restored.map(|c| c.subtask_states("sink")).unwrap_or_default();
+
+    // Channels between consecutive stages: every upstream subtask to every downstream one.
+    let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
+    let mut outputs: Vec<Vec<Vec<mpsc::Sender<StreamElement>>>> = Vec::new();
+    for (s, stage) in plan.stages.iter().enumerate() {
+        let p = stage.parallelism as usize;
+        inputs.push((0..p).map(|_| Vec::new()).collect());
+        outputs.push((0..p).map(|_| Vec::new()).collect());
+        if s == 0 {
+            continue;
+        }
+        for up in outputs[s - 1].iter_mut() {
+            for down in inputs[s].iter_mut() {
+                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                up.push(tx);
+                down.push(rx);
+            }
+        }
+    }
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (completed_tx, completed_rx) = watch::channel(last_id);
+    let cancel = Cancel::default();
+    let clock = Clock::default();
+    let mut tasks = JoinSet::new();
+
+    // Downstream first, so that every channel has a reader before anything is sent.
+    for s in (1..plan.stages.len()).rev() {
+        let stage = &plan.stages[s];
+        let mut stage_inputs = std::mem::take(&mut inputs[s]);
+        let mut stage_outputs = std::mem::take(&mut outputs[s]);
+        for j in (0..stage.parallelism as usize).rev() {
+            let chain = build_chain(stage, j, mp, restored, storage)?;
+            let first = chain.infos().next().map(|i| i.operator.clone());
+            let io = TaskIo {
+                name: first
+                    .as_deref()
+                    .map_or_else(|| task_name("sink", j), |op| task_name(op, j)),
+                gate: InputGate::new(stage_inputs.pop().unwrap_or_default()),
+                events: events_tx.clone(),
+                completed: completed_rx.clone(),
+                cancel: cancel.subscribe(),
+                storage: storage.clone(),
+                clock,
+                stats: stats.clone(),
+                metrics: first.as_deref().map(|op| stats.subtask_metrics(op, j)),
+            };
+            if stage.sink {
+                let mine = super::sink::states_for(&sink_states, j, stage.parallelism as usize);
+                let sink = parts.sink(j, last_id, mine).await?;
+                let stats = stats.clone();
+                tasks.spawn(run_task(chain, SinkTail { sink, index: j, stats }, io));
+            } else {
+                let next = &plan.stages[s + 1];
+                let tail = NetworkTail {
+                    partitioner: partitioner(next, j, stage.parallelism, mp),
+                    outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
+                    metrics: stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
+                };
+                tasks.spawn(run_task(chain, tail, io));
+            }
+        }
+    }
+
+    let source_stage = &plan.stages[0];
+    let ps = source_stage.parallelism;
+    let source_states: Vec<serde_json::Value> = restored
+        .map(|cp| cp.operator_states("source").cloned().collect())
+        .unwrap_or_default();
+    let mut triggers = Vec::with_capacity(ps as usize);
+    let mut source_outputs = std::mem::take(&mut outputs[0]);
+    for i in (0..ps as usize).rev() {
+        let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+        triggers.push(trigger_tx);
+        let running = Running {
+            completed: completed_rx.clone(),
+            cancel: cancel.flag(),
+        };
+        let mut source = parts.source(i, ps, &running)?;
+        source.restore(source_states.clone())?;
+        let chain = build_chain(source_stage, i, mp, restored, storage)?;
+        let io = SourceIo {
+            name: task_name("source", i),
+            outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
+            partitioner: partitioner(&plan.stages[1], i, ps, mp),
+            triggers: trigger_rx,
+            events: events_tx.clone(),
+            cancel: cancel.flag(),
+            completed: completed_rx.clone(),
+            storage: storage.clone(),
+            clock,
+            stats: stats.clone(),
+            metrics: stats.subtask_metrics("source", i),
+        };
+        tasks.spawn_blocking(move || run_source(source, chain, io));
+    }
+    triggers.reverse();
+    drop(events_tx);
+
+    let (handle, stop_rx) = CoordinatorHandle::new();
+    let coordinator = Coordinator {
+        job: job.to_string(),
+        timing,
+        storage: storage.clone(),
+        tasks: plan.tasks(),
+        triggers,
+        events: events_rx,
+        completed: completed_tx,
+        first_id,
+        origin: restored.and_then(|c| c.origin.clone()),
+        savepoint_dir,
+        stats: stats.clone(),
+    };
+    let mut coordinator = tokio::spawn(coordinator.run(stop_rx));
+    if *shutdown.borrow() {
+        handle.stop();
+    }
+
+    stats.set_state(match *shutdown.borrow() {
+        true => JobState::Stopping,
+        false => JobState::Running,
+    });
+    let _not_running = NotRunning(stats.clone());
+    let mut stopping = *shutdown.borrow();
+    let failure = loop {
+        tokio::select! {
+            done = &mut coordinator => {
+                match done {
+                    Ok(Ok(done)) => {
+                        tracing::info!(checkpoint = done.id, "final checkpoint complete; stopping");
+                        while let Some(joined) = tasks.join_next().await {
+                            flatten(joined)?;
+                        }
+                        return Ok(done);
+                    }
+                    Ok(Err(e)) => break e,
+                    Err(e) => break Error::Internal(format!("checkpoint coordinator: {e}")),
+                }
+            }
+            Some(joined) = tasks.join_next() => {
+                if let Err(e) = flatten(joined) {
+                    coordinator.abort();
+                    break e;
+                }
+            }
+            changed = shutdown.changed(), if !stopping => {
+                let _ = changed;
+                stopping = true;
+                // Not ready while stopping: a load balancer stops sending to it now.
+                stats.set_state(JobState::Stopping);
+                handle.stop();
+            }
+        }
+    };
+    cancel.cancel();
+    // Subtasks see the cancel within a poll; one stuck in a call that never returns is
+    // aborted after a grace period so that a restart is never blocked.
+    let mut cause: Option<Error> = None;
+    let drained = tokio::time::timeout(CANCEL_GRACE, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = flatten(joined) {
+                tracing::debug!(error = %e, "subtask error while cancelling");
+                // Keep the first error that says more than "a neighbour stopped".
+                if cause.as_ref().is_none_or(|c| is_knock_on(c) && !is_knock_on(&e)) {
+                    cause = Some(e);
+                }
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("subtasks did not stop within {CANCEL_GRACE:?}; aborting them");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    // "A source stopped" or "a downstream subtask stopped" says less than the error
+    // that stopped it (a fenced sink must not be restarted as a mere internal error).
+    match (failure, cause) {
+        (failure, Some(cause)) if is_knock_on(&failure) && !is_knock_on(&cause) => Err(cause),
+        (failure, _) => Err(failure),
+    }
+}
+
+/// How long cancelled subtasks get to stop before they are aborted.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The partitioner of upstream subtask `index` (of `upstream`) into `next`.
+fn partitioner(next: &Stage, index: usize, upstream: u32, mp: u32) -> Partitioner {
+    let edge = next.input.clone().unwrap_or(Edge {
+        kind: PartitionerKind::Forward,
+        key: Vec::new(),
+        custom: None,
+    });
+    let p = Partitioner::new(
+        edge.kind,
+        next.parallelism as usize,
+        index,
+        upstream as usize,
+        edge.key,
+        mp,
+    );
+    match edge.custom.as_deref().and_then(custom_partitioner) {
+        Some(c) if edge.kind == PartitionerKind::Custom => p.with_custom(c),
+        _ => p,
+    }
+}
+
+/// Subtask `index` of a stage's chained operators, restored from `restored`.
+fn build_chain(
+    stage: &Stage,
+    index: usize,
+    mp: u32,
+    restored: Option<&CompletedCheckpoint>,
+    storage: &Arc<dyn CheckpointStorage>,
+) -> Result<Chain> {
+    let mut chain = Chain::default();
+    for (k, op) in stage.ops.iter().enumerate() {
+        let info = SubtaskInfo::new(&op.id, index, stage.parallelism, mp);
+        let range = info.key_groups;
+        chain.push(info, (op.make)(index)?);
+        let Some(cp) = restored else { continue };
+        let mut files = Vec::new();
+        for state in cp.operator_states(&op.id) {
+            let ack: OperatorAck = serde_json::from_value(state.clone()).map_err(|e| Error::CorruptCheckpoint {
+                path: format!("checkpoint {}", cp.id).into(),
+                message: format!("state of operator `{}`: {e}", op.id),
+            })?;
+            let Some(handle) = ack.handle.filter(|_| ack.key_groups.intersects(&range)) else {
+                continue;
+            };
+            let bytes = storage.read_state(&handle)?;
+            files.push(decode_parts(&bytes, &handle)?);
+        }
+        chain.restore(k, &files, &StorageFiles::new(storage.as_ref()))?;
+    }
+    Ok(chain)
+}
+
+/// Marks the job not running when an attempt ends, however it ends (the caller then
+/// says whether it restarts, failed or finished).
+struct NotRunning(Arc<JobStats>);
+
+impl Drop for NotRunning {
+    fn drop(&mut self) {
+        if self.0.state() == JobState::Running {
+            self.0.set_state(JobState::Restarting);
+        }
+    }
+}
+
+/// An error that only says a neighbour stopped.
+fn is_knock_on(e: &Error) -> bool {
+    matches!(e.root(), Error::Internal(_))
+}
+
+fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match joined {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(Error::Internal(format!("a subtask panicked: {e}"))),
+        Err(e) => Err(Error::Internal(format!("a subtask was cancelled: {e}"))),
+    }
+}
