@@ -15,7 +15,7 @@ use crate::checkpoint::coordinator::CheckpointTiming;
 use crate::checkpoint::savepoint::{FromSavepoint, Savepoint};
 use crate::checkpoint::{CheckpointStorage, DirectoryStorage, MemoryStorage};
 use crate::config::{
-    DeadLetterKind, JobConfig, PartitionerKind, SinkKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
+    DeadLetterKind, JobConfig, PartitionerKind, StorageKind, Strategy, TimeCharacteristic, WatermarkStrategy,
 };
 use crate::error::{Error, Result};
 use crate::format::Decoder;
@@ -28,15 +28,9 @@ use crate::runtime::restart::RestartPolicy;
 use crate::runtime::sink::Sink;
 use crate::runtime::source_task::Source;
 use crate::sink::dead_letter::KafkaDeadLetters;
-use crate::sink::idempotent::{IdempotentWriter, PgUpsert, SqliteUpsert};
-use crate::sink::kafka::{KafkaProducerSink, KafkaTransactions};
-use crate::sink::postgres::PgTransactions;
-use crate::sink::postgres::{Fence, JobLock, PgWal};
-use crate::sink::sqlite::SqliteWal;
-use crate::sink::switch;
-use crate::sink::two_phase::TwoPhase;
-use crate::sink::wal::WalWriter;
-use crate::sink::{SinkTarget, TableSpec};
+use crate::sink::postgres::{Fence, JobLock};
+use crate::sink::target::{Admin, SubtaskParts, Target};
+use crate::sink::{self, switch, TableSpec};
 use crate::source::embedded::EmbeddedKafka;
 use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeConfig};
 use crate::telemetry::{self, JobState, JobStats};
@@ -254,7 +248,10 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         stats.set_state(JobState::Finished);
         return Ok(());
     }
-    let mut owner = (cfg.sink.kind == SinkKind::Postgres).then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
+    let target_kind = sink::target::target_kind(cfg.sink.kind)?;
+    let mut owner = target_kind
+        .owner_lock
+        .then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
     loop {
@@ -272,8 +269,13 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         };
         // A fenced process no longer owns the job, lock or not: what it prepared is the
         // new owner's to resolve.
-        let fenced = matches!(result.as_ref().map_err(Error::root), Err(Error::Fenced { .. }));
-        let owns = owner.as_ref().is_some_and(JobLock::is_held) && !fenced;
+        let fenced = matches!(
+            result.as_ref().map_err(Error::root),
+            Err(Error::Fenced { .. } | Error::ProducerFenced { .. })
+        );
+        // A target without an owner lock (Kafka fences by transactional id) is owned
+        // until a newer process fences this one.
+        let owns = !fenced && owner.as_ref().is_none_or(JobLock::is_held);
         // A stop meant to follow a savepoint that failed is taken back: the job runs on
         // from its last completed checkpoint (the sinks committed what it holds), as
         // after a restart, and counted as one only if the attempt failed. A signal's
@@ -364,29 +366,20 @@ async fn leave_nothing_prepared(
     owns: bool,
     err: Error,
 ) -> Error {
-    if !owns || cfg.sink.strategy != Strategy::TwoPhase {
+    let resolve = sink::target::target_kind(cfg.sink.kind)
+        .ok()
+        .and_then(|k| k.leave_nothing_prepared);
+    let Some(resolve) = resolve.filter(|_| owns && cfg.sink.strategy == Strategy::TwoPhase) else {
         return err;
-    }
-    let resolved = async {
-        match cfg.sink.kind {
-            SinkKind::Postgres => {
-                let pool = crate::sink::postgres::connect(&cfg.sink, &cfg.job.name, 2).await?;
-                let latest = storage.latest()?;
-                crate::sink::postgres::recover(&pool, &cfg.job.name, latest.as_ref()).await
-            }
-            SinkKind::Kafka => {
-                let spec = plan(cfg, &Arc::default())?.table;
-                let crate::sink::SinkTarget::Kafka(target) = crate::sink::SinkTarget::open(cfg, spec, None).await?
-                else {
-                    return Ok((0, 0));
-                };
-                let fenced =
-                    crate::sink::kafka::fence_all(&target, &cfg.job.name, cfg.sink.parallelism as usize).await?;
-                Ok((0, fenced.len()))
-            }
-            _ => Ok((0, 0)),
-        }
     };
+    let spec = || Ok(plan(cfg, &Arc::default())?.table);
+    let open = || Ok(storage.clone());
+    let admin = Admin {
+        cfg,
+        spec: &spec,
+        storage: &open,
+    };
+    let resolved = resolve(&admin);
     match tokio::time::timeout(std::time::Duration::from_secs(30), resolved).await {
         Ok(Ok((committed, rolled_back))) => {
             if committed + rolled_back > 0 {
@@ -515,7 +508,7 @@ async fn attempt(
     fence: Option<Fence>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Stopped> {
-    let target = SinkTarget::open(cfg, plan.table.clone(), fence).await?;
+    let target = sink::target::open(cfg, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
     stats.restored(restored.as_ref().map(|c| c.id));
     if let Some(cp) = &restored {
@@ -538,7 +531,7 @@ async fn attempt(
     let parts = AppParts {
         cfg,
         bootstrap,
-        target: &target,
+        target: target.as_ref(),
         storage,
         stats,
         keep_payload: plan.table.columns.iter().any(|c| c.source == ValueSource::Payload),
@@ -571,7 +564,7 @@ async fn attempt(
 struct AppParts<'a> {
     cfg: &'a JobConfig,
     bootstrap: &'a str,
-    target: &'a SinkTarget,
+    target: &'a dyn Target,
     storage: &'a Arc<dyn CheckpointStorage>,
     stats: &'a Arc<JobStats>,
     /// A sink column wants the raw payload.
@@ -679,7 +672,7 @@ pub fn object_config(c: &crate::config::CheckpointConfig) -> crate::checkpoint::
 /// What every sink subtask is built from.
 struct SinkParts<'a> {
     bootstrap: &'a str,
-    target: &'a SinkTarget,
+    target: &'a dyn Target,
     storage: &'a Arc<dyn CheckpointStorage>,
     stats: Arc<JobStats>,
 }
@@ -708,60 +701,22 @@ async fn open_sink(
 /// Sink subtask `j`: the strategy over the target, as configured. The one place that
 /// picks a sink's implementation.
 async fn build_sink(cfg: &JobConfig, parts: &SinkParts<'_>, j: usize) -> Result<Box<dyn Sink>> {
-    let (bootstrap, target, storage, stats) = (parts.bootstrap, parts.target, parts.storage, parts.stats.clone());
-    // A Kafka sink writes dead letters in its own transactions.
-    let dlq = match (cfg.dead_letter.kind, &cfg.dead_letter.topic, target) {
-        (_, _, SinkTarget::Kafka(_)) => None,
-        (DeadLetterKind::Kafka, Some(topic), _) => Some(KafkaDeadLetters::new(producer_config(cfg, bootstrap), topic)?),
+    let dead_letters = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
+        _ if parts.target.writes_dead_letters() => None,
+        (DeadLetterKind::Kafka, Some(topic)) => {
+            Some(KafkaDeadLetters::new(producer_config(cfg, parts.bootstrap), topic)?)
+        }
         _ => None,
     };
-    let batch = cfg.sink.batch_size;
-    Ok(match (target, cfg.sink.strategy) {
-        (SinkTarget::Postgres { pool, table, fence }, Strategy::TwoPhase) => {
-            let t =
-                PgTransactions::open(&cfg.job.name, j, table.clone(), pool.clone(), batch, dlq, fence.clone()).await?;
-            Box::new(TwoPhase::new(j, t, stats))
-        }
-        (SinkTarget::Postgres { pool, table, .. }, Strategy::Wal) => {
-            let t = PgWal::open(pool.clone(), table.clone()).await?;
-            Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
-        }
-        (SinkTarget::Sqlite { pool, table }, Strategy::Wal) => {
-            let t = SqliteWal::open(pool.clone(), table.clone()).await?;
-            Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
-        }
-        (SinkTarget::Postgres { pool, table, .. }, Strategy::Idempotent) => {
-            let t = PgUpsert {
-                pool: pool.clone(),
-                table: table.clone(),
-            };
-            Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
-        }
-        (SinkTarget::Redis(target), _) => {
-            let t = target.for_subtask().await?;
-            Box::new(WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats))
-        }
-        (SinkTarget::Kafka(target), Strategy::Idempotent | Strategy::AtLeastOnce) => Box::new(KafkaProducerSink::new(
-            j,
-            target.clone(),
-            cfg.sink.strategy == Strategy::Idempotent,
-            stats,
-        )?),
-        (_, Strategy::AtLeastOnce) => {
-            return Err(Error::Unsupported("at_least_once is for kafka sinks".into()));
-        }
-        (SinkTarget::Kafka(target), _) => {
-            let t = KafkaTransactions::new(&cfg.job.name, j, target.clone(), storage.clone(), stats.clone())?;
-            Box::new(TwoPhase::new(j, t, stats))
-        }
-        (SinkTarget::Sqlite { pool, table }, _) => {
-            let t = SqliteUpsert {
-                pool: pool.clone(),
-                table: table.clone(),
-            };
-            Box::new(IdempotentWriter::new(t, batch, dlq, j, stats).with_flush_interval(cfg.sink.flush_interval))
-        }
-    })
+    let sink = parts.target.subtask(SubtaskParts {
+        cfg,
+        strategy: cfg.sink.strategy,
+        index: j,
+        storage: parts.storage,
+        stats: parts.stats.clone(),
+        dead_letters,
+    });
+    sink.await
 }
 
 /// Epochs a sink of another strategy (`old`, a tag) left pending in the restored

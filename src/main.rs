@@ -9,13 +9,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
-use sluice::config::{self, JobConfig, SinkKind};
+use sluice::config::{self, JobConfig};
 
 // Records, batches and window state are many small allocations on every core: glibc's
 // allocator spent a third of the window operator's time in malloc/free (perf).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use sluice::sink::postgres;
+use sluice::sink::target::{target_kind, Admin, TxnCommand};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Kafka to a database, exactly once")]
@@ -459,128 +459,52 @@ async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
         .migrations
         .clone()
         .context("sink.migrations is not set: nothing to migrate")?;
-    match cfg.sink.kind {
-        SinkKind::Postgres => {
-            let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
-            postgres::migrate(&pool, &dir).await?;
-        }
-        SinkKind::Sqlite => {
-            let pool = sluice::sink::sqlite::connect(&cfg.sink.url).await?;
-            sluice::sink::sqlite::migrate(&pool, &dir).await?;
-        }
-        SinkKind::Kafka | SinkKind::Redis => anyhow::bail!("a {:?} sink has no migrations", cfg.sink.kind),
-    }
+    let target = target_kind(cfg.sink.kind)?;
+    let Some(migrate) = target.migrate else {
+        anyhow::bail!("a {} sink has no migrations", cfg.sink.kind.name());
+    };
+    migrate(&cfg, &dir).await?;
     say!("migrations in {} applied", dir.display());
     Ok(())
 }
 
-/// `sluice txn` for a Kafka sink: list the epochs the newest checkpoint holds and
-/// whether they committed; abort by fencing every transactional id of the job.
-async fn kafka_txn(cfg: &JobConfig, action: &TxnAction) -> anyhow::Result<()> {
-    let spec = sluice::app::plan(cfg, &std::sync::Arc::default())?.table;
-    let target = match sluice::sink::SinkTarget::open(cfg, spec, None).await? {
-        sluice::sink::SinkTarget::Kafka(t) => t,
-        _ => anyhow::bail!("not a kafka sink"),
-    };
-    match action {
-        TxnAction::List { .. } => {
-            let storage = sluice::app::open_storage(cfg)
-                .context("read the job's checkpoints (is the job running? stop it first)")?;
-            let latest = storage.latest()?;
-            let (pending, hidden) =
-                sluice::sink::kafka::pending_epochs(&target, &cfg.job.name, latest.as_ref()).await?;
-            if pending.is_empty() {
-                say!("no epoch of job {} waits for its commit", cfg.job.name);
-            }
-            for (subtask, epoch, committed) in pending {
-                let state = match (committed, hidden) {
-                    (true, _) => "committed",
-                    (false, false) => "not committed: the next start writes it again",
-                    (false, true) => {
-                        "not committed as far as the commit topic shows (a transaction is still open in it, a \
-                         crashed process's until the next start or `sluice txn abort --all`; a commit after it is not \
-                         visible yet): the next start fences it first, then decides"
-                    }
-                };
-                say!("sink-{subtask}	checkpoint {epoch}	{state}");
-            }
-        }
-        TxnAction::Abort { all: true, .. } => {
-            let ids = sluice::sink::kafka::fence_all(&target, &cfg.job.name, cfg.sink.parallelism as usize).await?;
-            say!(
-                "aborted the open transactions of {} transactional ids of job {} (a running process of the job is fenced and stops)",
-                ids.len(),
-                cfg.job.name
-            );
-        }
-        TxnAction::Abort { .. } => {
-            anyhow::bail!("for a kafka sink, abort takes --all (every transactional id of the job)")
-        }
-        TxnAction::Commit { .. } => anyhow::bail!(
-            "a Kafka transaction cannot be committed from outside the producer that opened it; start the job: \
-             recovery writes again every epoch of its newest checkpoint that did not commit"
-        ),
-    }
-    Ok(())
-}
-
+/// `sluice txn`: the sink target's transaction admin.
 async fn txn(action: TxnAction) -> anyhow::Result<()> {
-    let config = match &action {
-        TxnAction::List { config } | TxnAction::Commit { config, .. } | TxnAction::Abort { config, .. } => {
-            config.clone()
-        }
+    let (config, command) = match action {
+        TxnAction::List { config } => (config, TxnCommand::List),
+        TxnAction::Commit { config, gid, all } => (config, TxnCommand::Resolve { gid, all, commit: true }),
+        TxnAction::Abort { config, gid, all } => (
+            config,
+            TxnCommand::Resolve {
+                gid,
+                all,
+                commit: false,
+            },
+        ),
     };
     let cfg = load(&config)?;
-    if cfg.sink.kind == SinkKind::Kafka {
-        return kafka_txn(&cfg, &action).await;
-    }
-    let (config, gid, all, commit) = match action {
-        TxnAction::List { config } => {
-            let cfg = load(&config)?;
-            anyhow::ensure!(
-                cfg.sink.kind == SinkKind::Postgres,
-                "prepared transactions exist only in a postgres sink"
-            );
-            let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
-            let list = postgres::list_prepared(&pool, &cfg.job.name).await?;
-            if list.is_empty() {
-                say!("no prepared transactions of job {}", cfg.job.name);
-            }
-            for t in list {
-                say!("{}\tprepared {}\towner {}", t.gid, t.prepared, t.owner);
-            }
-            return Ok(());
-        }
-        TxnAction::Commit { config, gid, all } => (config, gid, all, true),
-        TxnAction::Abort { config, gid, all } => (config, gid, all, false),
+    let Some(txn) = target_kind(cfg.sink.kind)?.txn else {
+        anyhow::bail!(
+            "a {} sink has no transactions to resolve (prepared transactions exist in a postgres sink, Kafka \
+             transactions in a kafka sink)",
+            cfg.sink.kind.name()
+        );
     };
-    let cfg = load(&config)?;
-    anyhow::ensure!(
-        cfg.sink.kind == SinkKind::Postgres,
-        "prepared transactions exist only in a postgres sink"
-    );
-    anyhow::ensure!(gid.is_some() != all, "give one transaction id, or --all");
-    let pool = postgres::connect(&cfg.sink, &cfg.job.name, 1).await?;
-    let gids: Vec<String> = match gid {
-        Some(g) => {
-            anyhow::ensure!(
-                g.starts_with(&postgres::gid_prefix(&cfg.job.name)),
-                "{g} does not belong to job {}",
-                cfg.job.name
-            );
-            vec![g]
-        }
-        None => postgres::list_prepared(&pool, &cfg.job.name)
-            .await?
-            .into_iter()
-            .map(|t| t.gid)
-            .collect(),
+    let spec = || Ok(sluice::app::plan(&cfg, &std::sync::Arc::default())?.table);
+    let storage = || {
+        sluice::app::open_storage(&cfg).map_err(|e| {
+            sluice::Error::Unsupported(format!(
+                "read the job's checkpoints (is the job running? stop it first): {e}"
+            ))
+        })
     };
-    let mut conn = pool.acquire().await.context("connect")?;
-    for g in gids {
-        let found = postgres::finish_prepared(&mut conn, &g, commit).await?;
-        let verb = if commit { "committed" } else { "rolled back" };
-        say!("{g}: {}", if found { verb } else { "not found (already resolved)" });
+    let admin = Admin {
+        cfg: &cfg,
+        spec: &spec,
+        storage: &storage,
+    };
+    for line in txn(&admin, &command).await? {
+        say!("{line}");
     }
     Ok(())
 }

@@ -12,8 +12,10 @@
 //! - [`wal`]: the epoch kept in checkpoint storage and written once the checkpoint
 //!   completes, with a committer record ([`wal::WalTarget`]: Postgres, SQLite, Redis).
 //!
-//! A target is a module of its own (`postgres/`, `kafka/`, `sqlite`, `redis`); the
-//! composition root picks strategy × target in one `match`.
+//! A target is a module of its own (`postgres/`, `kafka/`, `sqlite`, `redis`) that owns
+//! its whole life ([`target::TargetKind`]: open, the strategies it supports, a sink
+//! subtask of each, recovery, migrations, transaction admin); [`target::TARGETS`] lists
+//! them, one line each.
 //!
 //! Dead letters travel with the records and are written by the same strategy (into a
 //! table of the same database), so they are exactly once too; or to a Kafka topic
@@ -29,6 +31,7 @@ pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 pub mod switch;
+pub mod target;
 pub mod two_phase;
 pub mod wal;
 
@@ -300,136 +303,6 @@ pub(crate) fn last_per_key<'a>(records: &'a [Record], spec: &TableSpec) -> Vec<&
     let mut keep: Vec<usize> = last.into_values().collect();
     keep.sort_unstable();
     keep.into_iter().map(|i| &records[i]).collect()
-}
-
-/// The sink's database connections and table, opened once per job attempt.
-pub enum SinkTarget {
-    /// A Postgres database.
-    Postgres {
-        /// Connections.
-        pool: sqlx::PgPool,
-        /// The table and its statements.
-        table: std::sync::Arc<postgres::PgTable>,
-        /// The owner's fencing token, checked by two-phase commits.
-        fence: Option<postgres::Fence>,
-    },
-    /// A Kafka topic, written in transactions.
-    Kafka(kafka::KafkaTarget),
-    /// A Redis database, written by the write-ahead log.
-    Redis(redis::RedisWal),
-    /// A SQLite database.
-    Sqlite {
-        /// Connections.
-        pool: sqlx::SqlitePool,
-        /// The table and its statements.
-        table: std::sync::Arc<sqlite::SqliteTable>,
-    },
-}
-
-impl SinkTarget {
-    /// Connect, apply migrations if configured, check the table (and, for two-phase
-    /// commit, that the server can prepare transactions).
-    pub async fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<postgres::Fence>) -> crate::Result<SinkTarget> {
-        match cfg.sink.kind {
-            crate::config::SinkKind::Postgres => {
-                let pool = postgres::connect(&cfg.sink, &cfg.job.name, cfg.sink.parallelism * 2 + 2).await?;
-                if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
-                    postgres::migrate(&pool, dir).await?;
-                }
-                if cfg.sink.strategy == crate::config::Strategy::TwoPhase {
-                    postgres::check_prepared_transactions(&pool, cfg.sink.parallelism).await?;
-                }
-                let table = postgres::PgTable::open(
-                    &pool,
-                    spec,
-                    cfg.sink.strategy == crate::config::Strategy::Idempotent,
-                    cfg.sink.max_record_attempts,
-                )
-                .await?;
-                Ok(SinkTarget::Postgres {
-                    pool,
-                    table: std::sync::Arc::new(table),
-                    fence,
-                })
-            }
-            crate::config::SinkKind::Redis => {
-                let password = cfg.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
-                let target =
-                    redis::RedisWal::open(&cfg.sink.url, password, &cfg.job.name, spec, cfg.sink.redis_command).await?;
-                Ok(SinkTarget::Redis(target))
-            }
-            crate::config::SinkKind::Kafka => {
-                let mut client = rdkafka::config::ClientConfig::new();
-                client.set("bootstrap.servers", cfg.sink.url.trim());
-                // Security settings of the source apply to the sink's cluster too.
-                for (k, v) in crate::config::flatten_properties_of(cfg) {
-                    if ["security.", "sasl.", "ssl."].iter().any(|p| k.starts_with(p)) {
-                        client.set(k, v);
-                    }
-                }
-                // Defaults the sink's own properties may change: Java clients' partitioner
-                // (a key lands where Kafka Streams and Java producers put it), short lingering.
-                let mut producing = vec![
-                    ("partitioner".to_string(), "murmur2_random".to_string()),
-                    ("linger.ms".to_string(), "5".to_string()),
-                ];
-                producing.extend(crate::config::flatten_sink_properties_of(cfg));
-                let target = kafka::KafkaTarget::open(
-                    client,
-                    producing,
-                    &cfg.job.name,
-                    spec,
-                    cfg.dead_letter.topic.clone(),
-                    cfg.checkpoint.interval,
-                    cfg.checkpoint.timeout,
-                    cfg.sink.strategy == crate::config::Strategy::TwoPhase,
-                )
-                .await?;
-                Ok(SinkTarget::Kafka(target))
-            }
-            crate::config::SinkKind::Sqlite => {
-                let pool = sqlite::connect(&cfg.sink.url).await?;
-                if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
-                    sqlite::migrate(&pool, dir).await?;
-                }
-                let table = sqlite::SqliteTable::open(&pool, spec).await?;
-                Ok(SinkTarget::Sqlite {
-                    pool,
-                    table: std::sync::Arc::new(table),
-                })
-            }
-        }
-    }
-
-    /// The table as configured (columns, key), resolved once at open.
-    pub fn spec(&self) -> &TableSpec {
-        match self {
-            SinkTarget::Postgres { table, .. } => &table.spec,
-            SinkTarget::Sqlite { table, .. } => &table.spec,
-            SinkTarget::Kafka(k) => &k.spec,
-            SinkTarget::Redis(r) => r.spec(),
-        }
-    }
-
-    /// Bring the target in line with the checkpoint being restored.
-    pub async fn recover(
-        &self,
-        cfg: &JobConfig,
-        restored: Option<&crate::checkpoint::CompletedCheckpoint>,
-    ) -> crate::Result<()> {
-        match self {
-            // Whatever the strategy now: a job that ran `two_phase` before may have left
-            // prepared transactions, which belong to its checkpoints (lost rows if never
-            // committed, held locks if never rolled back). One query when there are none.
-            SinkTarget::Postgres { pool, .. } => postgres::recover(pool, &cfg.job.name, restored).await.map(|_| ()),
-            // Whatever the strategy now (a job that ran `two_phase` before may have left
-            // epochs to rewrite); nothing to do when the checkpoint holds none.
-            SinkTarget::Kafka(target) => {
-                kafka::fence_before_recovery(target, &cfg.job.name, cfg.sink.parallelism as usize, restored).await
-            }
-            _ => Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]

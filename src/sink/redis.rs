@@ -33,12 +33,13 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
 use super::json::{write_text, RowJson};
+use super::target::{SubtaskParts, Target, TargetFuture, TargetKind};
 use super::wal::WalTarget;
 use super::TableSpec;
 use crate::config::{redact_url, RedisCommand};
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Record};
-use crate::runtime::sink::SinkFuture;
+use crate::runtime::sink::{Sink, SinkFuture};
 
 /// How long an epoch's marker is kept.
 const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -122,6 +123,50 @@ async fn take_lease(client: &redis::Client, url: &str, job: &str) -> Result<Leas
     }
 }
 
+/// Redis, in [`crate::sink::target::TARGETS`]: written by the write-ahead log whatever
+/// the configured strategy (a Redis transaction cannot be prepared).
+pub const TARGET: TargetKind = TargetKind {
+    kind: crate::config::SinkKind::Redis,
+    strategies: &[crate::config::Strategy::Wal],
+    open,
+    owner_lock: false,
+    leave_nothing_prepared: None,
+    migrate: None,
+    txn: None,
+};
+
+fn open(
+    cfg: &crate::config::JobConfig,
+    spec: TableSpec,
+    _fence: Option<super::postgres::Fence>,
+) -> TargetFuture<'_, Box<dyn Target>> {
+    Box::pin(async move {
+        let password = cfg.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
+        let target = RedisWal::open(&cfg.sink.url, password, &cfg.job.name, spec, cfg.sink.redis_command).await?;
+        Ok(Box::new(target) as Box<dyn Target>)
+    })
+}
+
+impl Target for RedisWal {
+    fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
+        Box::pin(async move {
+            let t = self.for_subtask().await?;
+            let (job, j) = (&parts.cfg.job.name, parts.index);
+            Ok(Box::new(super::wal::WalWriter::new(
+                job,
+                j,
+                t,
+                parts.storage.clone(),
+                parts.stats,
+            )) as Box<dyn Sink>)
+        })
+    }
+}
+
 /// A Redis database written by the write-ahead log.
 #[derive(Clone)]
 pub struct RedisWal {
@@ -180,11 +225,6 @@ impl RedisWal {
             conn: connect(&self.client, &self.url).await?,
             ..self.clone()
         })
-    }
-
-    /// The records' layout.
-    pub fn spec(&self) -> &TableSpec {
-        &self.spec
     }
 
     /// `table:key1:key2…`, into `out`.

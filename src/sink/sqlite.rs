@@ -12,9 +12,12 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::isolate::{write_isolating, RowStatements};
 use super::json::RowJson;
+use super::target::{SubtaskParts, Target, TargetFuture, TargetKind};
 use super::{quote_name, TableSpec};
+use crate::config::Strategy;
 use crate::error::{Error, Result};
 use crate::record::{DeadLetter, Record, Value, ValueSource};
+use crate::runtime::sink::Sink;
 
 /// SQLite allows 32766 bound values per statement.
 const MAX_BINDS: usize = 30_000;
@@ -367,4 +370,79 @@ impl RowStatements for Statements<'_, '_> {
     fn fail(&mut self, failure: sqlx::Error) -> Error {
         Error::db(format!("write to {}", self.table.spec.table))(failure)
     }
+}
+
+/// SQLite, in [`crate::sink::target::TARGETS`].
+pub const TARGET: TargetKind = TargetKind {
+    kind: crate::config::SinkKind::Sqlite,
+    strategies: &[Strategy::Idempotent, Strategy::Wal],
+    open,
+    owner_lock: false,
+    leave_nothing_prepared: None,
+    migrate: Some(migrate_dir),
+    txn: None,
+};
+
+/// A SQLite database opened for one attempt.
+pub struct SqliteTarget {
+    pool: SqlitePool,
+    table: std::sync::Arc<SqliteTable>,
+}
+
+fn open(
+    cfg: &crate::config::JobConfig,
+    spec: TableSpec,
+    _fence: Option<super::postgres::Fence>,
+) -> TargetFuture<'_, Box<dyn Target>> {
+    Box::pin(async move {
+        let pool = connect(&cfg.sink.url).await?;
+        if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
+            migrate(&pool, dir).await?;
+        }
+        let table = SqliteTable::open(&pool, spec).await?;
+        Ok(Box::new(SqliteTarget {
+            pool,
+            table: std::sync::Arc::new(table),
+        }) as Box<dyn Target>)
+    })
+}
+
+impl Target for SqliteTarget {
+    fn spec(&self) -> &TableSpec {
+        &self.table.spec
+    }
+
+    fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
+        Box::pin(async move {
+            let SubtaskParts {
+                cfg,
+                strategy,
+                index: j,
+                storage,
+                stats,
+                dead_letters,
+            } = parts;
+            Ok(match strategy {
+                Strategy::Wal => {
+                    let t = SqliteWal::open(self.pool.clone(), self.table.clone()).await?;
+                    Box::new(super::wal::WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats)) as Box<dyn Sink>
+                }
+                Strategy::Idempotent | Strategy::TwoPhase => {
+                    let t = super::idempotent::SqliteUpsert {
+                        pool: self.pool.clone(),
+                        table: self.table.clone(),
+                    };
+                    Box::new(
+                        super::idempotent::IdempotentWriter::new(t, cfg.sink.batch_size, dead_letters, j, stats)
+                            .with_flush_interval(cfg.sink.flush_interval),
+                    )
+                }
+                Strategy::AtLeastOnce => return Err(Error::Unsupported("at_least_once is for kafka sinks".into())),
+            })
+        })
+    }
+}
+
+fn migrate_dir<'a>(cfg: &'a crate::config::JobConfig, dir: &'a Path) -> TargetFuture<'a, ()> {
+    Box::pin(async move { migrate(&connect(&cfg.sink.url).await?, dir).await })
 }

@@ -32,9 +32,11 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 
 mod message;
+pub mod target;
 mod transactional;
 
 use message::{decode_epoch, send, Dest, Messages, Msg, SizeLimits};
+pub use target::TARGET;
 use transactional::committed_epochs;
 pub use transactional::KafkaTransactions;
 

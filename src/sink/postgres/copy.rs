@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 use sqlx::postgres::PgPool;
 use sqlx::{Executor, PgConnection, Row};
 
-use super::quote_name;
 use crate::error::{Error, Result};
 use crate::record::{Record, Value, ValueSource};
+use crate::sink::quote_name;
 use crate::sink::{Column, TableSpec, ValueType};
 
 /// The COPY statement for the spec's table, or `None` where COPY might not write what

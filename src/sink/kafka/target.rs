@@ -1,0 +1,170 @@
+//! Kafka as a sink target: transactions (`two_phase`), an idempotent or plain producer,
+//! fencing before recovery and on giving up, and `sluice txn`.
+
+use rdkafka::config::ClientConfig;
+
+use super::{fence_all, fence_before_recovery, pending_epochs, KafkaProducerSink, KafkaTarget, KafkaTransactions};
+use crate::checkpoint::CompletedCheckpoint;
+use crate::config::{JobConfig, SinkKind, Strategy};
+use crate::error::{Error, Result};
+use crate::runtime::sink::Sink;
+use crate::sink::postgres::Fence;
+use crate::sink::target::{Admin, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
+use crate::sink::two_phase::TwoPhase;
+use crate::sink::TableSpec;
+
+/// Kafka, in [`crate::sink::target::TARGETS`].
+pub const TARGET: TargetKind = TargetKind {
+    kind: SinkKind::Kafka,
+    strategies: &[Strategy::TwoPhase, Strategy::Idempotent, Strategy::AtLeastOnce],
+    open,
+    owner_lock: false,
+    leave_nothing_prepared: Some(leave_nothing_prepared),
+    migrate: None,
+    txn: Some(txn),
+};
+
+/// Open the output topic's cluster and check it.
+async fn open_target(cfg: &JobConfig, spec: TableSpec) -> Result<KafkaTarget> {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", cfg.sink.url.trim());
+    // Security settings of the source apply to the sink's cluster too.
+    for (k, v) in crate::config::flatten_properties_of(cfg) {
+        if ["security.", "sasl.", "ssl."].iter().any(|p| k.starts_with(p)) {
+            client.set(k, v);
+        }
+    }
+    // Defaults the sink's own properties may change: Java clients' partitioner (a key
+    // lands where Kafka Streams and Java producers put it), short lingering.
+    let mut producing = vec![
+        ("partitioner".to_string(), "murmur2_random".to_string()),
+        ("linger.ms".to_string(), "5".to_string()),
+    ];
+    producing.extend(crate::config::flatten_sink_properties_of(cfg));
+    KafkaTarget::open(
+        client,
+        producing,
+        &cfg.job.name,
+        spec,
+        cfg.dead_letter.topic.clone(),
+        cfg.checkpoint.interval,
+        cfg.checkpoint.timeout,
+        cfg.sink.strategy == Strategy::TwoPhase,
+    )
+    .await
+}
+
+fn open(cfg: &JobConfig, spec: TableSpec, _fence: Option<Fence>) -> TargetFuture<'_, Box<dyn Target>> {
+    Box::pin(async move { Ok(Box::new(open_target(cfg, spec).await?) as Box<dyn Target>) })
+}
+
+impl Target for KafkaTarget {
+    fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    // Whatever the strategy now (a job that ran `two_phase` before may have left epochs
+    // to rewrite); nothing to do when the checkpoint holds none.
+    fn recover<'a>(&'a self, cfg: &'a JobConfig, restored: Option<&'a CompletedCheckpoint>) -> TargetFuture<'a, ()> {
+        Box::pin(fence_before_recovery(
+            self,
+            &cfg.job.name,
+            cfg.sink.parallelism as usize,
+            restored,
+        ))
+    }
+
+    fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
+        Box::pin(async move {
+            let SubtaskParts {
+                cfg,
+                strategy,
+                index: j,
+                storage,
+                stats,
+                ..
+            } = parts;
+            Ok(match strategy {
+                Strategy::Idempotent | Strategy::AtLeastOnce => Box::new(KafkaProducerSink::new(
+                    j,
+                    self.clone(),
+                    strategy == Strategy::Idempotent,
+                    stats,
+                )?) as Box<dyn Sink>,
+                Strategy::TwoPhase | Strategy::Wal => {
+                    let t = KafkaTransactions::new(&cfg.job.name, j, self.clone(), storage.clone(), stats.clone())?;
+                    Box::new(TwoPhase::new(j, t, stats))
+                }
+            })
+        })
+    }
+
+    // Dead letters go into the same transactions, to the dead-letter topic.
+    fn writes_dead_letters(&self) -> bool {
+        true
+    }
+}
+
+/// Abort every open transaction of the job: the next start writes again what a
+/// completed checkpoint holds.
+fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, usize)> {
+    Box::pin(async move {
+        let cfg = admin.cfg;
+        let target = open_target(cfg, (admin.spec)()?).await?;
+        let fenced = fence_all(&target, &cfg.job.name, cfg.sink.parallelism as usize).await?;
+        Ok((0, fenced.len()))
+    })
+}
+
+/// `sluice txn` for a Kafka sink: list the epochs the newest checkpoint holds and
+/// whether they committed; abort by fencing every transactional id of the job.
+fn txn<'a>(admin: &'a Admin<'a>, command: &'a TxnCommand) -> TargetFuture<'a, Vec<String>> {
+    Box::pin(async move {
+        let (cfg, job) = (admin.cfg, &admin.cfg.job.name);
+        let target = open_target(cfg, (admin.spec)()?).await?;
+        match command {
+            TxnCommand::List => {
+                let latest = (admin.storage)()?.latest()?;
+                let (pending, hidden) = pending_epochs(&target, job, latest.as_ref()).await?;
+                if pending.is_empty() {
+                    return Ok(vec![format!("no epoch of job {job} waits for its commit")]);
+                }
+                Ok(pending
+                    .into_iter()
+                    .map(|(subtask, epoch, committed)| {
+                        let state = match (committed, hidden) {
+                            (true, _) => "committed",
+                            (false, false) => "not committed: the next start writes it again",
+                            (false, true) => {
+                                "not committed as far as the commit topic shows (a transaction is still open in it, \
+                                 a crashed process's until the next start or `sluice txn abort --all`; a commit \
+                                 after it is not visible yet): the next start fences it first, then decides"
+                            }
+                        };
+                        format!("sink-{subtask}\tcheckpoint {epoch}\t{state}")
+                    })
+                    .collect())
+            }
+            TxnCommand::Resolve {
+                all: true,
+                commit: false,
+                ..
+            } => {
+                let ids = fence_all(&target, job, cfg.sink.parallelism as usize).await?;
+                Ok(vec![format!(
+                    "aborted the open transactions of {} transactional ids of job {job} (a running process of the \
+                     job is fenced and stops)",
+                    ids.len()
+                )])
+            }
+            TxnCommand::Resolve { commit: false, .. } => Err(Error::Unsupported(
+                "for a kafka sink, abort takes --all (every transactional id of the job)".into(),
+            )),
+            TxnCommand::Resolve { commit: true, .. } => Err(Error::Unsupported(
+                "a Kafka transaction cannot be committed from outside the producer that opened it; start the job: \
+                 recovery writes again every epoch of its newest checkpoint that did not commit"
+                    .into(),
+            )),
+        }
+    })
+}

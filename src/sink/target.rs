@@ -1,0 +1,161 @@
+//! A sink target owns its whole life: how it opens, which strategies it writes with,
+//! what a sink subtask of each is, the job-wide recovery before any subtask starts, what
+//! is left to resolve before the process exits, its migrations and its transaction
+//! admin (`sluice txn`). Each target folder defines one [`TargetKind`]; [`TARGETS`] lists
+//! them, and the composition root and `main` look a target up there: adding a target is
+//! its folder and one line in that list.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::dead_letter::KafkaDeadLetters;
+use super::postgres::Fence;
+use super::TableSpec;
+use crate::checkpoint::{CheckpointStorage, CompletedCheckpoint};
+use crate::config::{JobConfig, SinkKind, Strategy};
+use crate::error::{Error, Result};
+use crate::runtime::sink::Sink;
+use crate::telemetry::JobStats;
+
+/// A boxed future of a target's work.
+pub type TargetFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// What a sink subtask is built from.
+pub struct SubtaskParts<'a> {
+    /// The job.
+    pub cfg: &'a JobConfig,
+    /// The strategy to write with (a previous strategy's, when finishing what it left).
+    pub strategy: Strategy,
+    /// The subtask's index.
+    pub index: usize,
+    /// Checkpoint storage (a write-ahead log keeps its epochs there).
+    pub storage: &'a Arc<dyn CheckpointStorage>,
+    /// Job-wide counters.
+    pub stats: Arc<JobStats>,
+    /// Dead letters to a Kafka topic, if configured and the target does not write them
+    /// itself.
+    pub dead_letters: Option<KafkaDeadLetters>,
+}
+
+/// A target opened for one attempt of a job.
+pub trait Target: Send + Sync {
+    /// The table as configured (columns, key), resolved once at open.
+    fn spec(&self) -> &TableSpec;
+
+    /// Bring the target in line with the checkpoint being restored, before any sink
+    /// subtask opens (commit what it holds, roll back or fence the rest).
+    fn recover<'a>(&'a self, cfg: &'a JobConfig, restored: Option<&'a CompletedCheckpoint>) -> TargetFuture<'a, ()> {
+        let _ = (cfg, restored);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A sink subtask writing with `parts.strategy`.
+    fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>>;
+
+    /// The target writes dead letters itself (in its own transactions), so none go to
+    /// a separate dead-letter topic.
+    fn writes_dead_letters(&self) -> bool {
+        false
+    }
+}
+
+/// `sluice txn`: what to do with a job's open transactions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnCommand {
+    /// List them.
+    List,
+    /// Commit (or roll back) one by its id, or all of them.
+    Resolve {
+        /// One transaction's id.
+        gid: Option<String>,
+        /// Every transaction of the job.
+        all: bool,
+        /// Commit rather than roll back.
+        commit: bool,
+    },
+}
+
+/// What an administrative command (`sluice txn`, resolving before exit) is given: the
+/// job, and what only some targets need, made when asked.
+pub struct Admin<'a> {
+    /// The job.
+    pub cfg: &'a JobConfig,
+    /// The sink's table as planned (planning builds every operator).
+    pub spec: &'a (dyn Fn() -> Result<TableSpec> + Sync),
+    /// The job's checkpoint storage (a running job may hold it).
+    pub storage: &'a (dyn Fn() -> Result<Arc<dyn CheckpointStorage>> + Sync),
+}
+
+/// Connects, applies migrations if configured, checks the table.
+pub type OpenFn = for<'a> fn(&'a JobConfig, TableSpec, Option<Fence>) -> TargetFuture<'a, Box<dyn Target>>;
+/// Resolves what a job left prepared: (committed, rolled back or fenced).
+pub type ResolveFn = for<'a> fn(&'a Admin<'a>) -> TargetFuture<'a, (usize, usize)>;
+/// Applies the migrations in a directory.
+pub type MigrateFn = for<'a> fn(&'a JobConfig, &'a Path) -> TargetFuture<'a, ()>;
+/// Runs a `sluice txn` command: the lines to print.
+pub type TxnFn = for<'a> fn(&'a Admin<'a>, &'a TxnCommand) -> TargetFuture<'a, Vec<String>>;
+
+/// One kind of sink target: everything the rest of sluice needs to know of it.
+pub struct TargetKind {
+    /// `sink.kind`.
+    pub kind: SinkKind,
+    /// The strategies it writes with.
+    pub strategies: &'static [Strategy],
+    /// Connect, apply migrations if configured, check the table.
+    pub open: OpenFn,
+    /// Whether a process takes the job's owner lock in the target before it writes
+    /// (and passes its fence to `open`).
+    pub owner_lock: bool,
+    /// Resolve what the job left prepared before the process exits on a failure:
+    /// (committed, rolled back or fenced).
+    pub leave_nothing_prepared: Option<ResolveFn>,
+    /// `sluice migrate`: apply the migrations in a directory.
+    pub migrate: Option<MigrateFn>,
+    /// `sluice txn`: the lines to print.
+    pub txn: Option<TxnFn>,
+}
+
+/// Every sink target: one line each.
+pub const TARGETS: &[TargetKind] = &[
+    super::postgres::TARGET,
+    super::sqlite::TARGET,
+    super::kafka::TARGET,
+    super::redis::TARGET,
+];
+
+/// The target of `kind`.
+pub fn target_kind(kind: SinkKind) -> Result<&'static TargetKind> {
+    TARGETS
+        .iter()
+        .find(|t| t.kind == kind)
+        .ok_or_else(|| Error::Unsupported(format!("no sink target `{}` in this build", kind.name())))
+}
+
+/// Open the job's target (`fence`: the owner lock's, if the target takes one).
+pub async fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<Fence>) -> Result<Box<dyn Target>> {
+    let target = target_kind(cfg.sink.kind)?;
+    if !target.strategies.contains(&cfg.sink.strategy) {
+        let names: Vec<&str> = target.strategies.iter().map(|s| s.name()).collect();
+        return Err(Error::Config {
+            file: cfg.file.clone(),
+            key: "sink.strategy".into(),
+            message: format!("a {} sink writes with {}", cfg.sink.kind.name(), names.join(" or ")),
+        });
+    }
+    (target.open)(cfg, spec, fence).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sink_kind_has_one_target_with_a_strategy() {
+        for kind in [SinkKind::Postgres, SinkKind::Sqlite, SinkKind::Kafka, SinkKind::Redis] {
+            assert_eq!(TARGETS.iter().filter(|t| t.kind == kind).count(), 1, "{kind:?}");
+            assert!(!target_kind(kind).expect("listed").strategies.is_empty(), "{kind:?}");
+        }
+    }
+}
