@@ -12,8 +12,10 @@
 //! - [`operators`]: `key_by`, windows, enrichment.
 //! - [`format`]: decoding what Kafka carries (JSON) into typed fields, chained into the
 //!   source subtask with a dead-letter side output.
-//! - [`connect`]: clients shared by several components (Redis).
-//! - [`runtime`]: the source and operator contracts and the drivers that run them,
+//! - [`connect`]: clients shared by several components (Redis), SQL names quoted one way.
+//! - [`clock`]: the wall clock, the lowest leaf.
+//! - [`runtime`]: the source, operator and sink contracts, the drivers that run them and
+//!   the executor of a physical plan ([`runtime::graph`]),
 //!   bounded channels (the backpressure), partitioners, barrier alignment, restart
 //!   strategies.
 //! - [`state`]: keyed state by key group (value, list, map) and its heap backend.

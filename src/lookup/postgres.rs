@@ -9,6 +9,7 @@ use sqlx::Row as _;
 
 use super::{BoxFuture, Row, RowStore, StoreColumn};
 use crate::config::redact_url;
+use crate::connect::sql::quote_name;
 use crate::error::{Error, Result};
 use crate::record::{FieldType, Value};
 
@@ -67,7 +68,7 @@ impl PgStore {
                     "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a \
                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
                 )
-                .bind(quote(&self.table))
+                .bind(quote_name(&self.table))
                 .bind(&self.key_column)
                 .fetch_optional(self.pool())
                 .await
@@ -81,25 +82,18 @@ impl PgStore {
                 let cols: Vec<String> = self
                     .columns
                     .iter()
-                    .map(|c| format!("({})::{}", quote(&c.from), sql_type(c.field_type)))
+                    .map(|c| format!("({})::{}", quote_name(&c.from), sql_type(c.field_type)))
                     .collect();
                 Ok(format!(
                     "SELECT ({key})::text, {cols} FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])",
-                    key = quote(&self.key_column),
+                    key = quote_name(&self.key_column),
                     cols = cols.join(", "),
-                    table = quote(&self.table),
+                    table = quote_name(&self.table),
                 ))
             })
             .await
             .map(String::as_str)
     }
-}
-
-fn quote(name: &str) -> String {
-    name.split('.')
-        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 fn sql_type(t: FieldType) -> &'static str {

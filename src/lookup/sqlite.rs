@@ -8,6 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 
 use super::{parse_text, BoxFuture, Row, RowStore, StoreColumn};
+use crate::connect::sql::quote_ident;
 use crate::error::{Error, Result};
 
 /// A SQLite table of rows by key.
@@ -41,10 +42,6 @@ impl SqliteStore {
     }
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 impl RowStore for SqliteStore {
     fn describe(&self) -> String {
         format!("sqlite table {}", self.table)
@@ -55,14 +52,14 @@ impl RowStore for SqliteStore {
             let cols: Vec<String> = self
                 .columns
                 .iter()
-                .map(|c| format!("CAST({} AS TEXT)", quote(&c.from)))
+                .map(|c| format!("CAST({} AS TEXT)", quote_ident(&c.from)))
                 .collect();
             let params = vec!["?"; keys.len()].join(", ");
             let sql = format!(
                 "SELECT CAST({key} AS TEXT), {cols} FROM {table} WHERE CAST({key} AS TEXT) IN ({params})",
-                key = quote(&self.key_column),
+                key = quote_ident(&self.key_column),
                 cols = cols.join(", "),
-                table = quote(&self.table),
+                table = quote_ident(&self.table),
             );
             let mut q = sqlx::query(&sql);
             for k in keys {

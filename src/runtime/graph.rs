@@ -503,3 +503,209 @@ fn flatten(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> R
         Err(e) => Err(Error::Internal(format!("a subtask was cancelled: {e}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::checkpoint::MemoryStorage;
+    use crate::record::{Batch, Origin, Record};
+    use crate::runtime::sink::SinkFuture;
+    use crate::runtime::source_task::SourcePoll;
+
+    /// Source subtask `index`: offsets `next..n` of partition `index`, ten at a time;
+    /// its position is the next offset.
+    struct Counting {
+        index: usize,
+        next: i64,
+        n: i64,
+    }
+
+    impl Source for Counting {
+        fn poll_batch(&mut self) -> Result<SourcePoll> {
+            if self.next >= self.n {
+                std::thread::sleep(Duration::from_millis(2));
+                return Ok(SourcePoll::default());
+            }
+            let end = (self.next + 10).min(self.n);
+            let records = (self.next..end)
+                .map(|offset| Record {
+                    origin: Origin {
+                        topic: "t".into(),
+                        partition: self.index as i32,
+                        offset,
+                        timestamp_ms: 0,
+                    },
+                    values: Vec::new(),
+                    payload: None,
+                    timestamp: 0,
+                })
+                .collect();
+            self.next = end;
+            Ok(SourcePoll {
+                batch: Batch {
+                    records,
+                    dead: Vec::new(),
+                },
+                time: Vec::new(),
+            })
+        }
+
+        fn snapshot(&mut self, _checkpoint: u64) -> Result<serde_json::Value> {
+            Ok(serde_json::json!({ "index": self.index, "next": self.next }))
+        }
+
+        fn restore(&mut self, states: Vec<serde_json::Value>) -> Result<()> {
+            let mine = states.iter().find(|s| s["index"] == self.index);
+            if let Some(next) = mine.and_then(|s| s["next"].as_i64()) {
+                self.next = next;
+            }
+            Ok(())
+        }
+    }
+
+    /// Records kept per epoch until their checkpoint completes, then "committed".
+    struct Collect {
+        pending: Vec<(i32, i64)>,
+        epochs: Vec<(u64, Vec<(i32, i64)>)>,
+        committed: Arc<Mutex<Vec<(i32, i64)>>>,
+    }
+
+    impl Sink for Collect {
+        fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
+            self.pending
+                .extend(batch.records.iter().map(|r| (r.origin.partition, r.origin.offset)));
+            Box::pin(async { Ok(()) })
+        }
+
+        fn pre_commit(&mut self, checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+            self.epochs.push((checkpoint, std::mem::take(&mut self.pending)));
+            Box::pin(async { Ok(serde_json::Value::Null) })
+        }
+
+        fn commit(&mut self, checkpoint: u64) -> SinkFuture<'_, ()> {
+            let (done, rest): (Vec<_>, Vec<_>) = self.epochs.drain(..).partition(|(n, _)| *n <= checkpoint);
+            self.epochs = rest;
+            if let Ok(mut c) = self.committed.lock() {
+                c.extend(done.into_iter().flat_map(|(_, records)| records));
+            }
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    struct TestParts {
+        n: i64,
+        committed: Arc<Mutex<Vec<(i32, i64)>>>,
+    }
+
+    impl Parts for TestParts {
+        fn source(&self, index: usize, _parallelism: u32, _running: &Running) -> Result<Box<dyn Source>> {
+            Ok(Box::new(Counting {
+                index,
+                next: 0,
+                n: self.n,
+            }))
+        }
+
+        async fn sink(&self, _index: usize, _restored: u64, _states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>> {
+            Ok(Box::new(Collect {
+                pending: Vec::new(),
+                epochs: Vec::new(),
+                committed: self.committed.clone(),
+            }))
+        }
+    }
+
+    fn plan() -> PhysicalPlan {
+        PhysicalPlan {
+            stages: vec![
+                Stage {
+                    parallelism: 2,
+                    input: None,
+                    ops: Vec::new(),
+                    sink: false,
+                },
+                Stage {
+                    parallelism: 1,
+                    input: Some(Edge {
+                        kind: PartitionerKind::Rebalance,
+                        key: Vec::new(),
+                        custom: None,
+                    }),
+                    ops: Vec::new(),
+                    sink: true,
+                },
+            ],
+        }
+    }
+
+    /// One attempt of `plan()`, stopped once `stop_at` records are committed and it ran
+    /// for at least `at_least`.
+    async fn run_once(
+        storage: &Arc<dyn CheckpointStorage>,
+        parts: &TestParts,
+        stop_at: usize,
+        at_least: Duration,
+    ) -> Result<Final> {
+        let stats = Arc::new(JobStats::default());
+        let restored = storage.latest()?;
+        let (stop, shutdown) = watch::channel(false);
+        let attempt = Attempt {
+            job: "graph-test",
+            max_parallelism: 8,
+            storage,
+            restored: restored.as_ref(),
+            timing: CheckpointTiming {
+                interval: Duration::from_millis(20),
+                timeout: Duration::from_secs(10),
+                min_pause: Duration::ZERO,
+            },
+            savepoint_dir: None,
+            stats: &stats,
+        };
+        let committed = parts.committed.clone();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(at_least).await;
+            while committed.lock().map(|c| c.len()).unwrap_or(0) < stop_at {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop.send_replace(true);
+            stop
+        });
+        let plan = plan();
+        let done = tokio::time::timeout(Duration::from_secs(30), execute(&plan, parts, attempt, shutdown))
+            .await
+            .map_err(|_| Error::Internal("the attempt did not end".into()))?;
+        stopper.abort();
+        done
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_executor_runs_a_plan_to_a_final_checkpoint_and_resumes_it_exactly_once() {
+        let storage: Arc<dyn CheckpointStorage> = Arc::new(MemoryStorage::new(3));
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let parts = TestParts {
+            n: 500,
+            committed: committed.clone(),
+        };
+        let first = run_once(&storage, &parts, 1000, Duration::ZERO)
+            .await
+            .expect("first attempt");
+        assert_eq!(storage.latest().expect("read").map(|c| c.id), Some(first.id));
+        assert_eq!(first.savepoint_failed, None);
+        let mut all = committed.lock().expect("lock").clone();
+        all.sort_unstable();
+        let expected: Vec<(i32, i64)> = (0..2).flat_map(|p| (0..500).map(move |o| (p, o))).collect();
+        assert_eq!(all, expected, "every record committed once");
+
+        // A second attempt, given time to read, restores the sources' positions:
+        // nothing is read again.
+        let second = run_once(&storage, &parts, 0, Duration::from_millis(300))
+            .await
+            .expect("second attempt");
+        assert!(second.id > first.id, "{second:?} after {first:?}");
+        assert_eq!(committed.lock().expect("lock").len(), 1000, "nothing replayed");
+    }
+}

@@ -244,13 +244,7 @@ impl TableSpec {
     }
 }
 
-/// `name` or `schema.name` quoted for SQL (names were checked to be plain).
-pub fn quote_name(name: &str) -> String {
-    name.split('.')
-        .map(|p| format!("\"{p}\""))
-        .collect::<Vec<_>>()
-        .join(".")
-}
+pub use crate::connect::sql::quote_name;
 
 /// Column `column` of `spec` for record `r`, as JSON (the value of a Kafka message or a
 /// Redis entry).

@@ -1,0 +1,323 @@
+//! The composition root: reads the config, plans the job's graph (which operators run
+//! chained in which task, what every edge's partitioner is, what schema reaches the
+//! sink), and runs it: one attempt at a time, each restored from the newest completed
+//! checkpoint, restarted as the restart strategy allows.
+//!
+//! Layers below know nothing of this file: the runtime drives sources, operators and
+//! sinks through their traits; this is where concrete ones are chosen.
+
+mod parts;
+mod plan;
+mod storage;
+
+pub use plan::{plan, Plan};
+#[cfg(feature = "s3")]
+pub use storage::object_config;
+pub use storage::open_storage;
+
+use parts::AppParts;
+use plan::source_time;
+use storage::{refuse_silent_fresh_start, Guard};
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::checkpoint::coordinator::CheckpointTiming;
+use crate::checkpoint::CheckpointStorage;
+use crate::config::{JobConfig, Strategy};
+use crate::error::{Error, Result};
+use crate::record::ValueSource;
+pub use crate::runtime::graph::Edge;
+use crate::runtime::graph::{self, Attempt};
+use crate::runtime::restart::RestartPolicy;
+use crate::sink;
+use crate::sink::postgres::{Fence, JobLock};
+use crate::sink::target::Admin;
+use crate::source::embedded::EmbeddedKafka;
+use crate::telemetry::{self, JobState, JobStats};
+
+/// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
+/// it fails past what its restart strategy allows.
+pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    // The metrics recorder first: operators built by the plan register their metrics.
+    let api = crate::api::ApiConfig {
+        listen: cfg.metrics.listen.clone(),
+        probe_listen: cfg.metrics.probe_listen.clone(),
+        job: cfg.job.name.clone(),
+        sink_stall: cfg.metrics.ready_sink_stall,
+        checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,
+    };
+    let _api = crate::api::start(api, stats.clone()).await?;
+    let plan = plan(&cfg, &stats)?;
+    tracing::info!("job graph:\n{}", plan.graph.describe());
+    stats.set_graph(plan.graph.graph());
+    let signal = shutdown;
+    let mut shutdown = either(signal.clone(), stats.control.stop_requested());
+    let embedded = match cfg.is_embedded() {
+        true => Some(EmbeddedKafka::start(&cfg.source.topics[0], &cfg.source.embedded)?),
+        false => None,
+    };
+    let bootstrap = embedded.as_ref().map_or(cfg.source.bootstrap_servers.clone(), |e| {
+        e.bootstrap_servers().to_string()
+    });
+    let storage = open_storage(&cfg)?;
+    if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {
+        stats.set_state(JobState::Finished);
+        return Ok(());
+    }
+    let target_kind = sink::target::target_kind(cfg.sink.kind)?;
+    let mut owner = target_kind
+        .owner_lock
+        .then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
+    let mut policy = RestartPolicy::new(cfg.restart.clone());
+    let mut shutdown_wait = shutdown.clone();
+    loop {
+        stats.set_state(JobState::Restoring);
+        let owned = match &mut owner {
+            Some(lock) => lock.ensure(&cfg.sink).await,
+            None => Ok(()),
+        };
+        let result = match owned {
+            Ok(()) => {
+                let fence = owner.as_ref().and_then(JobLock::fence);
+                attempt(&cfg, &plan, &bootstrap, &storage, &stats, fence, shutdown.clone()).await
+            }
+            Err(e) => Err(e),
+        };
+        // A fenced process no longer owns the job, lock or not: what it prepared is the
+        // new owner's to resolve.
+        let fenced = matches!(
+            result.as_ref().map_err(Error::root),
+            Err(Error::Fenced { .. } | Error::ProducerFenced { .. })
+        );
+        // A target without an owner lock (Kafka fences by transactional id) is owned
+        // until a newer process fences this one.
+        let owns = !fenced && owner.as_ref().is_none_or(JobLock::is_held);
+        // A stop meant to follow a savepoint that failed is taken back: the job runs on
+        // from its last completed checkpoint (the sinks committed what it holds), as
+        // after a restart, and counted as one only if the attempt failed. A signal's
+        // stop stands.
+        let stop_failed = match &result {
+            Ok(Stopped::Cleanly) => None,
+            Ok(Stopped::WithoutSavepoint { checkpoint, why }) => Some((
+                format!("checkpoint {checkpoint} completed, but its savepoint could not be written: {why}"),
+                true,
+            )),
+            Err(e) => Some((
+                format!("the job failed before its final checkpoint: {e}"),
+                e.is_retryable(),
+            )),
+        };
+        if let Some((why, may_run_on)) = stop_failed {
+            if stats
+                .control
+                .savepoint_stop_failed(&why, may_run_on && !*signal.borrow())
+            {
+                tracing::error!(
+                    error = %crate::config::redact_urls_in(&why),
+                    "stop with a savepoint failed; the job runs on (ask again once the cause is mended)"
+                );
+                shutdown = either(signal.clone(), stats.control.stop_requested());
+                shutdown_wait = shutdown.clone();
+                if result.is_ok() {
+                    continue;
+                }
+            }
+        }
+        let err = match result {
+            Ok(_) => {
+                stats.set_state(JobState::Finished);
+                // A stop with a savepoint: let its caller hear where it is.
+                stats
+                    .control
+                    .checkpoints
+                    .linger(std::time::Duration::from_secs(2))
+                    .await;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        stats.failed(&err.to_string());
+        // Said once here, redacted: a driver's message may quote a URL with its secret.
+        let said = crate::config::redact_urls_in(&err.to_string());
+        telemetry::attempt_failed(&err);
+        if !err.is_retryable() || *shutdown.borrow() {
+            stats.set_state(JobState::Failed);
+            return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
+        }
+        let Some(wait) = policy.on_failure(Instant::now()) else {
+            tracing::error!(error = %said, "job failed; the restart strategy allows no more restarts");
+            stats.set_state(JobState::Failed);
+            return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
+        };
+        stats.set_state(JobState::Restarting);
+        let restart = stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        tracing::warn!(
+            error = %said,
+            restart,
+            wait_ms = wait.as_millis() as u64,
+            restored_from = stats.restored_from(),
+            "job failed; restarting from the last completed checkpoint"
+        );
+        telemetry::restarted();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown_wait.changed() => {
+                stats.set_state(JobState::Failed);
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// The process is about to exit on `err`: resolve this job's prepared transactions as a
+/// restart would, so none is left holding locks (Postgres: commit what the newest
+/// completed checkpoint holds, roll back the rest) or hiding other writers' commits from
+/// `read_committed` readers (Kafka: abort every open transaction of the job; the next
+/// start writes again what a completed checkpoint holds). If that fails, say how to do
+/// it by hand. Only an owner of the job may: another process's transactions are not
+/// ours to touch.
+async fn leave_nothing_prepared(
+    cfg: &JobConfig,
+    storage: &Arc<dyn CheckpointStorage>,
+    owns: bool,
+    err: Error,
+) -> Error {
+    let resolve = sink::target::target_kind(cfg.sink.kind)
+        .ok()
+        .and_then(|k| k.leave_nothing_prepared);
+    let Some(resolve) = resolve.filter(|_| owns && cfg.sink.strategy == Strategy::TwoPhase) else {
+        return err;
+    };
+    let spec = || Ok(plan(cfg, &Arc::default())?.table);
+    let open = || Ok(storage.clone());
+    let admin = Admin {
+        cfg,
+        spec: &spec,
+        storage: &open,
+    };
+    let resolved = resolve(&admin);
+    match tokio::time::timeout(std::time::Duration::from_secs(30), resolved).await {
+        Ok(Ok((committed, rolled_back))) => {
+            if committed + rolled_back > 0 {
+                tracing::info!(
+                    committed,
+                    rolled_back,
+                    "resolved this job's prepared transactions before exiting"
+                );
+            }
+            err
+        }
+        Ok(Err(e)) => {
+            tracing::error!(
+                error = %crate::config::redact_urls_in(&e.to_string()),
+                "could not resolve this job's prepared transactions before exiting"
+            );
+            Error::Unsupported(format!(
+                "{err}; prepared transactions of this job may remain: the next start resolves them, or \
+                 `sluice txn list --config {}` shows them and `sluice txn commit|abort` resolves them by hand",
+                cfg.file.display()
+            ))
+        }
+        Err(_) => Error::Unsupported(format!(
+            "{err}; resolving this job's prepared transactions timed out: `sluice txn list --config {}` shows them",
+            cfg.file.display()
+        )),
+    }
+}
+
+/// What every subtask of one attempt shares.
+/// How an attempt that was asked to stop ended.
+#[derive(Debug)]
+enum Stopped {
+    /// After its final checkpoint (and the savepoint asked of it).
+    Cleanly,
+    /// After its final checkpoint, whose savepoint could not be written.
+    WithoutSavepoint { checkpoint: u64, why: String },
+}
+
+/// One attempt: restore, run, and return when stopped (Ok) or on the first failure.
+async fn attempt(
+    cfg: &Arc<JobConfig>,
+    plan: &Plan,
+    bootstrap: &str,
+    storage: &Arc<dyn CheckpointStorage>,
+    stats: &Arc<JobStats>,
+    fence: Option<Fence>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Stopped> {
+    let target = sink::target::open(cfg, plan.table.clone(), fence).await?;
+    let restored = storage.latest()?;
+    stats.restored(restored.as_ref().map(|c| c.id));
+    if let Some(cp) = &restored {
+        if cp.job != cfg.job.name {
+            return Err(Error::Unsupported(format!(
+                "checkpoint {} in checkpoint.dir belongs to job `{}`, not to this job `{}`: give each job a \
+                 checkpoint directory of its own",
+                cp.id, cp.job, cfg.job.name
+            )));
+        }
+        tracing::info!(
+            checkpoint = cp.id,
+            from_savepoint = cp.origin.is_some(),
+            "restoring from checkpoint"
+        );
+        plan.graph
+            .check_unknown_state(cp, cfg.checkpoint.allow_non_restored_state)?;
+    }
+    target.recover(cfg, restored.as_ref()).await?;
+    let parts = AppParts {
+        cfg,
+        bootstrap,
+        target: target.as_ref(),
+        storage,
+        stats,
+        keep_payload: plan.table.columns.iter().any(|c| c.source == ValueSource::Payload),
+        time: source_time(cfg, plan),
+    };
+    let attempt = Attempt {
+        job: &cfg.job.name,
+        max_parallelism: cfg.job.max_parallelism,
+        storage,
+        restored: restored.as_ref(),
+        timing: CheckpointTiming {
+            interval: cfg.checkpoint.interval,
+            timeout: cfg.checkpoint.timeout,
+            min_pause: cfg.checkpoint.min_pause,
+        },
+        savepoint_dir: cfg.checkpoint.savepoints(),
+        stats,
+    };
+    let done = graph::execute(&plan.graph, &parts, attempt, shutdown).await?;
+    Ok(match done.savepoint_failed {
+        Some(why) => Stopped::WithoutSavepoint {
+            checkpoint: done.id,
+            why,
+        },
+        None => Stopped::Cleanly,
+    })
+}
+
+/// A receiver that turns true when either does (a dropped sender counts as true, as
+/// a stop nobody can take back).
+fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    if *rx.borrow() {
+        return rx;
+    }
+    tokio::spawn(async move {
+        let from_api = tokio::select! {
+            _ = a.changed() => false,
+            _ = b.changed() => true,
+            _ = tx.closed() => return,
+        };
+        if from_api {
+            tracing::info!("stop requested over the HTTP API");
+        }
+        tx.send_replace(true);
+    });
+    rx
+}

@@ -1,0 +1,156 @@
+//! The concrete parts of a job's subtasks, handed to the executor: its Kafka sources
+//! and its sinks (a target's subtask of the configured strategy, after finishing what a
+//! previous strategy left in the checkpoint).
+
+use std::sync::Arc;
+
+use crate::checkpoint::CheckpointStorage;
+use crate::config::{DeadLetterKind, JobConfig};
+use crate::error::{Error, Result};
+use crate::format::Decoder;
+use crate::runtime::graph::{self, Running};
+use crate::runtime::sink::Sink;
+use crate::runtime::source_task::Source;
+use crate::sink::dead_letter::KafkaDeadLetters;
+use crate::sink::switch;
+use crate::sink::target::{SubtaskParts, Target};
+use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeConfig};
+use crate::telemetry::JobStats;
+
+/// The concrete sources and sinks of a job's subtasks, for the executor.
+pub(super) struct AppParts<'a> {
+    pub(super) cfg: &'a JobConfig,
+    pub(super) bootstrap: &'a str,
+    pub(super) target: &'a dyn Target,
+    pub(super) storage: &'a Arc<dyn CheckpointStorage>,
+    pub(super) stats: &'a Arc<JobStats>,
+    /// A sink column wants the raw payload.
+    pub(super) keep_payload: bool,
+    pub(super) time: Option<SourceTimeConfig>,
+}
+
+impl graph::Parts for AppParts<'_> {
+    fn source(&self, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>> {
+        let cfg = self.cfg;
+        Ok(Box::new(KafkaSource::new(
+            index,
+            parallelism,
+            consumer_config(cfg, self.bootstrap),
+            cfg.source.topics.clone(),
+            cfg.source.start_from,
+            cfg.source.isolation_level,
+            cfg.source.batch_size,
+            cfg.source.partition_discovery_interval,
+            Decoder::new(
+                cfg.decode.fields.clone(),
+                cfg.decode.max_record_bytes,
+                self.keep_payload,
+            ),
+            self.time.clone(),
+            self.stats.clone(),
+            cfg.source.commit_offsets,
+            running.completed.clone(),
+            running.cancel.clone(),
+        )))
+    }
+
+    async fn sink(&self, index: usize, restored: u64, states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>> {
+        let parts = SinkParts {
+            bootstrap: self.bootstrap,
+            target: self.target,
+            storage: self.storage,
+            stats: self.stats.clone(),
+        };
+        open_sink(self.cfg, &parts, index, restored, states).await
+    }
+}
+
+/// What every sink subtask is built from.
+struct SinkParts<'a> {
+    bootstrap: &'a str,
+    target: &'a dyn Target,
+    storage: &'a Arc<dyn CheckpointStorage>,
+    stats: Arc<JobStats>,
+}
+
+/// Sink subtask `j`, recovered from its share `restored` of checkpoint `checkpoint`:
+/// first what a sink of another strategy left there is finished by that strategy (see
+/// [`switch`]), then the configured sink recovers its own states.
+async fn open_sink(
+    cfg: &JobConfig,
+    parts: &SinkParts<'_>,
+    j: usize,
+    checkpoint: u64,
+    restored: Vec<serde_json::Value>,
+) -> Result<Box<dyn Sink>> {
+    let tag = switch::tag(&cfg.sink);
+    let (own, left) = switch::split(restored, &tag);
+    for (old, states) in left {
+        finish_old_sink(cfg, parts, j, checkpoint, &old, states).await?;
+    }
+    let sink = build_sink(cfg, parts, j).await?;
+    let mut sink: Box<dyn Sink> = Box::new(switch::Tagged::new(sink, tag));
+    sink.recover(checkpoint, own).await?;
+    Ok(sink)
+}
+
+/// Sink subtask `j`: the strategy over the target, as configured. The one place that
+/// picks a sink's implementation.
+async fn build_sink(cfg: &JobConfig, parts: &SinkParts<'_>, j: usize) -> Result<Box<dyn Sink>> {
+    let dead_letters = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
+        _ if parts.target.writes_dead_letters() => None,
+        (DeadLetterKind::Kafka, Some(topic)) => {
+            Some(KafkaDeadLetters::new(producer_config(cfg, parts.bootstrap), topic)?)
+        }
+        _ => None,
+    };
+    let sink = parts.target.subtask(SubtaskParts {
+        cfg,
+        strategy: cfg.sink.strategy,
+        index: j,
+        storage: parts.storage,
+        stats: parts.stats.clone(),
+        dead_letters,
+    });
+    sink.await
+}
+
+/// Epochs a sink of another strategy (`old`, a tag) left pending in the restored
+/// checkpoint, finished by a sink of that strategy before sink subtask `j` starts with
+/// the configured one. Another kind of sink left them in another target: refused.
+async fn finish_old_sink(
+    cfg: &JobConfig,
+    parts: &SinkParts<'_>,
+    j: usize,
+    checkpoint: u64,
+    old: &str,
+    states: Vec<serde_json::Value>,
+) -> Result<()> {
+    let now = switch::tag(&cfg.sink);
+    let refuse = |message: String| Error::Config {
+        file: cfg.file.clone(),
+        key: "sink.kind".into(),
+        message,
+    };
+    let Some((kind, strategy)) = switch::parse(old).filter(|(kind, _)| *kind == cfg.sink.kind.name()) else {
+        return Err(refuse(format!(
+            "checkpoint {checkpoint} holds epochs a `{old}` sink may not have written yet; a `{now}` sink writes \
+             elsewhere and cannot finish them, so this start would lose them. A job whose sink changes kind is \
+             a new job: give it a new `job.name` (it starts from the source's configured start), or keep the \
+             old sink"
+        )));
+    };
+    let mut old_cfg = cfg.clone();
+    old_cfg.sink.strategy = strategy;
+    let mut sink = build_sink(&old_cfg, parts, j).await?;
+    sink.recover(checkpoint, states).await?;
+    sink.finish().await?;
+    tracing::info!(
+        subtask = j,
+        from = old,
+        to = now,
+        kind,
+        "finished what the sink's previous strategy left in the checkpoint"
+    );
+    Ok(())
+}

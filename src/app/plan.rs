@@ -1,0 +1,191 @@
+//! Planning a job's graph: every operator built against the schema reaching it, what is
+//! forward-connected chained, the sink's table resolved.
+
+use std::sync::Arc;
+
+use crate::config::{JobConfig, PartitionerKind, TimeCharacteristic, WatermarkStrategy};
+use crate::error::{Error, Result};
+use crate::operators::{self, BuiltOperator};
+use crate::record::{Field, Schema, ValueSource};
+pub use crate::runtime::graph::Edge;
+use crate::runtime::graph::{ChainedOperator, PhysicalPlan, Stage};
+use crate::runtime::partition::{custom_partitioner, CUSTOM_PARTITIONERS};
+use crate::sink::TableSpec;
+use crate::source::SourceTimeConfig;
+use crate::telemetry::JobStats;
+use crate::time::extract::TimestampAssigner;
+use crate::time::watermark::{BoundedOutOfOrderness, WatermarkGenerator};
+
+/// A job's graph, checked against the schemas that flow through it.
+pub struct Plan {
+    /// The physical plan the runtime executes.
+    pub graph: PhysicalPlan,
+    /// What the source emits.
+    pub source_schema: Schema,
+    /// The sink's table, resolved against the schema reaching it.
+    pub table: TableSpec,
+    /// Whether an operator needs event time (then the source stamps records and emits
+    /// watermarks per partition).
+    pub needs_event_time: bool,
+}
+
+/// What the runtime keeps of a built operator.
+fn chained(built: BuiltOperator) -> ChainedOperator {
+    ChainedOperator {
+        id: built.id,
+        make: built.make,
+    }
+}
+
+/// Plan `cfg`'s graph: build every operator against the schema reaching it, chain what
+/// is forward-connected with equal parallelism, and resolve the sink's columns. Graph
+/// and schema mistakes fail here, naming the key.
+pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
+    let fail = |key: &str, message: String| Error::Config {
+        file: cfg.file.clone(),
+        key: key.to_string(),
+        message,
+    };
+    let source_schema = Schema {
+        fields: cfg
+            .decode
+            .fields
+            .iter()
+            .map(|f| Field::new(&f.name, f.field_type))
+            .collect(),
+        kafka_origin: true,
+        row_key: Vec::new(),
+        keyed_by: Vec::new(),
+    };
+    let mut stages = vec![Stage {
+        parallelism: cfg.source.parallelism,
+        input: None,
+        ops: Vec::new(),
+        sink: false,
+    }];
+    let mut schema = source_schema.clone();
+    let mut needs_event_time = false;
+    for (i, op_cfg) in cfg.operators.iter().enumerate() {
+        let built = operators::build(i, op_cfg, &schema, cfg, stats)?;
+        let upstream = stages.last().map_or(1, |s| s.parallelism);
+        let parallelism = built.parallelism.unwrap_or(upstream);
+        needs_event_time |= built.needs_event_time;
+        let next_schema = built.output.clone();
+        let edge = edge_into(built.partitioner, built.partition_key.clone(), None)
+            .map_err(|m| fail(&format!("operators[{i}].partitioner"), m))?;
+        match (edge.kind, parallelism == upstream) {
+            (PartitionerKind::Forward, false) => {
+                return Err(fail(
+                    &format!("operators[{i}].partitioner"),
+                    format!(
+                        "forward needs equal parallelism: {upstream} before `{}`, {parallelism} in it",
+                        built.id
+                    ),
+                ));
+            }
+            (PartitionerKind::Forward, true) => {
+                if let Some(s) = stages.last_mut() {
+                    s.ops.push(chained(built));
+                }
+            }
+            _ => stages.push(Stage {
+                parallelism,
+                input: Some(edge),
+                ops: vec![chained(built)],
+                sink: false,
+            }),
+        }
+        schema = next_schema;
+    }
+    let table = TableSpec::resolve(cfg, &schema)?;
+    let key = table.key_sources();
+    let edge = edge_into(cfg.sink.partitioner, key, cfg.sink.custom_partitioner.clone())
+        .map_err(|m| fail("sink.custom_partitioner", m))?;
+    let upstream = stages.last().map_or(1, |s| s.parallelism);
+    let chain_into_last = edge.kind == PartitionerKind::Forward && stages.len() > 1;
+    if edge.kind == PartitionerKind::Forward && cfg.sink.parallelism != upstream {
+        return Err(fail(
+            "sink.partitioner",
+            format!(
+                "forward needs sink.parallelism = the parallelism before the sink ({upstream}); it is {}",
+                cfg.sink.parallelism
+            ),
+        ));
+    }
+    if chain_into_last {
+        if let Some(s) = stages.last_mut() {
+            s.sink = true;
+        }
+    } else {
+        stages.push(Stage {
+            parallelism: cfg.sink.parallelism,
+            input: Some(edge),
+            ops: Vec::new(),
+            sink: true,
+        });
+    }
+    if needs_event_time {
+        if let Some(f) = cfg.time.field.as_deref().filter(|f| *f != "kafka.timestamp") {
+            let Some(i) = source_schema.index(f) else {
+                return Err(fail(
+                    "time.field",
+                    format!("`{f}` is neither a decode.fields name nor kafka.timestamp"),
+                ));
+            };
+            if source_schema.fields[i].field_type == crate::record::FieldType::Bool {
+                return Err(fail("time.field", format!("`{f}` is a bool, not a time")));
+            }
+        }
+    }
+    Ok(Plan {
+        graph: PhysicalPlan { stages },
+        source_schema,
+        table,
+        needs_event_time,
+    })
+}
+
+fn edge_into(
+    kind: PartitionerKind,
+    key: Vec<ValueSource>,
+    custom: Option<String>,
+) -> std::result::Result<Edge, String> {
+    if kind == PartitionerKind::Custom {
+        let name = custom.clone().unwrap_or_default();
+        if custom_partitioner(&name).is_none() {
+            return Err(format!(
+                "`{name}` is not a registered custom partitioner; known: {}",
+                CUSTOM_PARTITIONERS.join(", ")
+            ));
+        }
+    }
+    Ok(Edge { kind, key, custom })
+}
+
+/// How the source stamps event time and makes watermarks, if any operator needs them.
+pub(super) fn source_time(cfg: &JobConfig, plan: &Plan) -> Option<SourceTimeConfig> {
+    if !plan.needs_event_time {
+        return None;
+    }
+    let t = &cfg.time;
+    let assigner = match (t.characteristic, t.field.as_deref()) {
+        (TimeCharacteristic::Ingestion, _) => TimestampAssigner::Ingestion,
+        (_, None | Some("kafka.timestamp")) => TimestampAssigner::Kafka,
+        (_, Some(f)) => TimestampAssigner::Field {
+            index: plan.source_schema.index(f).unwrap_or(0),
+            name: f.to_string(),
+            format: t.format,
+        },
+    };
+    let bound = match (t.characteristic, t.watermark) {
+        (TimeCharacteristic::Ingestion, _) | (_, WatermarkStrategy::Monotonous) => std::time::Duration::ZERO,
+        (_, WatermarkStrategy::BoundedOutOfOrderness) => t.max_out_of_orderness,
+    };
+    Some(SourceTimeConfig {
+        assigner,
+        generator: Arc::new(move || Box::new(BoundedOutOfOrderness::new(bound)) as Box<dyn WatermarkGenerator>),
+        interval: t.watermark_interval,
+        idle_timeout: Some(t.idle_timeout),
+        max_future: Some(t.max_future).filter(|d| !d.is_zero()),
+    })
+}

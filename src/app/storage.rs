@@ -1,0 +1,136 @@
+//! Checkpoint storage as configured, and the guard against a silent fresh start.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::checkpoint::savepoint::{FromSavepoint, Savepoint};
+use crate::checkpoint::{CheckpointStorage, DirectoryStorage, MemoryStorage};
+use crate::config::{JobConfig, StorageKind};
+use crate::error::{Error, Result};
+
+/// Open the checkpoint storage a config names.
+pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
+    let storage: Arc<dyn CheckpointStorage> = match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
+        (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
+        #[cfg(feature = "s3")]
+        (StorageKind::S3, _) => Arc::new(crate::checkpoint::object::ObjectStorage::open(&object_config(
+            &cfg.checkpoint,
+        ))?),
+        _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
+    };
+    let Some(path) = &cfg.checkpoint.from_savepoint else {
+        return Ok(storage);
+    };
+    let savepoint = Savepoint::open(path)?;
+    if savepoint.meta.job != cfg.job.name {
+        return Err(Error::Unsupported(format!(
+            "savepoint {} belongs to job `{}`, not to this job `{}`: sinks know a job's epochs by its name, \
+             so a savepoint restores into the job that took it (copy the config and keep job.name)",
+            savepoint.dir.display(),
+            savepoint.meta.job,
+            cfg.job.name
+        )));
+    }
+    // Every file now, not halfway through a restore: a damaged savepoint is named
+    // before anything is written.
+    let bytes = savepoint.verify()?;
+    tracing::info!(
+        savepoint = %savepoint.dir.display(),
+        checkpoint = savepoint.meta.checkpoint.id,
+        bytes,
+        "savepoint checked"
+    );
+    Ok(Arc::new(FromSavepoint::new(storage, savepoint)))
+}
+
+/// The bucket of `[checkpoint]`, credentials from the environment.
+#[cfg(feature = "s3")]
+pub fn object_config(c: &crate::config::CheckpointConfig) -> crate::checkpoint::object::ObjectConfig {
+    crate::checkpoint::object::ObjectConfig {
+        url: c.url.clone().unwrap_or_default(),
+        endpoint: c.endpoint.clone(),
+        region: c.region.clone(),
+        retain: c.retain,
+        credentials: None,
+    }
+}
+
+/// A job whose checkpoints are gone but whose consumer group shows it ran before would
+/// start over from `start_from` and write again what it wrote: refuse, unless the user
+/// says `--fresh-start`. Only for checkpoints in a directory (memory checkpoints are
+/// lost with every process by design).
+pub(super) async fn refuse_silent_fresh_start(
+    cfg: &Arc<JobConfig>,
+    bootstrap: &str,
+    storage: &Arc<dyn CheckpointStorage>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Guard> {
+    if cfg.source.fresh_start
+        || cfg.checkpoint.from_savepoint.is_some()
+        || !cfg.source.commit_offsets
+        || cfg.checkpoint.storage == StorageKind::Memory
+        || storage.latest()?.is_some()
+    {
+        return Ok(Guard::Go);
+    }
+    // Fail closed: a job that cannot tell whether it ran before does not start over. A
+    // stop asked for meanwhile ends the wait at once (nothing has started).
+    let found = loop {
+        let (c, b) = (cfg.clone(), bootstrap.to_string());
+        let asked = tokio::task::spawn_blocking(move || crate::source::committed_group_offsets(&c, &b));
+        let found = tokio::select! {
+            found = asked => found.map_err(|e| Error::Internal(format!("reading group offsets: {e}")))?,
+            () = stop_asked(&mut shutdown) => return Ok(Guard::Stopped),
+        };
+        match found {
+            Ok(found) => break found,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the job has no checkpoint, and Kafka does not answer whether it ran before \
+                     (its consumer group's offsets): waiting for Kafka before starting"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    () = stop_asked(&mut shutdown) => return Ok(Guard::Stopped),
+                }
+            }
+        }
+    };
+    if let Some((topic, partition, offset)) = found.first() {
+        let dir = cfg
+            .checkpoint
+            .dir
+            .as_deref()
+            .map(|d| d.display().to_string())
+            .or_else(|| cfg.checkpoint.url.clone())
+            .unwrap_or_default();
+        return Err(Error::Unsupported(format!(
+            "no checkpoint in {dir}, but Kafka's consumer group sluice-{} holds offsets of this job for {} \
+             partition(s) (e.g. {topic}/{partition} at {offset}): it ran before and its checkpoints are gone. \
+             Starting over would read from `{:?}` and write again what was written. Restore the checkpoint \
+             directory, or start anew on purpose with `sluice run --fresh-start` (or source.fresh_start = true)",
+            cfg.job.name,
+            found.len(),
+            cfg.source.start_from
+        )));
+    }
+    Ok(Guard::Go)
+}
+
+/// What the fresh-start guard says.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Guard {
+    /// Start the job.
+    Go,
+    /// A stop was asked for while it waited.
+    Stopped,
+}
+
+/// Resolves once `shutdown` turns true; never, if its sender is gone.
+async fn stop_asked(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
