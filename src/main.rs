@@ -456,12 +456,12 @@ async fn wait_for_signal() {
 async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
     let dir = cfg
         .sink
-        .migrations
-        .clone()
+        .sql()
+        .and_then(|s| s.migrations.clone())
         .context("sink.migrations is not set: nothing to migrate")?;
-    let target = target_kind(cfg.sink.kind)?;
+    let target = target_kind(cfg.sink.kind())?;
     let Some(migrate) = target.migrate else {
-        anyhow::bail!("a {} sink has no migrations", cfg.sink.kind.name());
+        anyhow::bail!("a {} sink has no migrations", cfg.sink.kind().name());
     };
     migrate(&cfg, &dir).await?;
     say!("migrations in {} applied", dir.display());
@@ -483,11 +483,11 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
         ),
     };
     let cfg = load(&config)?;
-    let Some(txn) = target_kind(cfg.sink.kind)?.txn else {
+    let Some(txn) = target_kind(cfg.sink.kind())?.txn else {
         anyhow::bail!(
             "a {} sink has no transactions to resolve (prepared transactions exist in a postgres sink, Kafka \
              transactions in a kafka sink)",
-            cfg.sink.kind.name()
+            cfg.sink.kind().name()
         );
     };
     let spec = || Ok(sluice::app::plan(&cfg, &std::sync::Arc::default())?.table);

@@ -322,18 +322,20 @@ fn confine(cfg: &crate::config::JobConfig, dir: &Path) -> std::result::Result<()
     };
     let mut paths: Vec<(String, PathBuf)> = Vec::new();
     let c = &cfg.checkpoint;
+    let no_migrations = None;
+    let migrations = cfg.sink.sql().map_or(&no_migrations, |s| &s.migrations);
     for (key, p) in [
         ("checkpoint.dir", &c.dir),
         ("checkpoint.savepoint_dir", &c.savepoint_dir),
         ("checkpoint.from_savepoint", &c.from_savepoint),
         ("state.dir", &cfg.state.dir),
-        ("sink.migrations", &cfg.sink.migrations),
+        ("sink.migrations", migrations),
     ] {
         if let Some(p) = p {
             paths.push((key.into(), p.clone()));
         }
     }
-    if cfg.sink.kind == SinkKind::Sqlite {
+    if cfg.sink.kind() == SinkKind::Sqlite {
         if let Some(p) = sqlite(&cfg.sink.url) {
             paths.push(("sink.url".into(), p));
         }

@@ -68,7 +68,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         stats.set_state(JobState::Finished);
         return Ok(());
     }
-    let target_kind = sink::target::target_kind(cfg.sink.kind)?;
+    let target_kind = sink::target::target_kind(cfg.sink.kind())?;
     let mut owner = target_kind
         .owner_lock
         .then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
@@ -186,7 +186,7 @@ async fn leave_nothing_prepared(
     owns: bool,
     err: Error,
 ) -> Error {
-    let resolve = sink::target::target_kind(cfg.sink.kind)
+    let resolve = sink::target::target_kind(cfg.sink.kind())
         .ok()
         .and_then(|k| k.leave_nothing_prepared);
     let Some(resolve) = resolve.filter(|_| owns && cfg.sink.strategy == Strategy::TwoPhase) else {

@@ -132,7 +132,7 @@ async fn finish_old_sink(
         key: "sink.kind".into(),
         message,
     };
-    let Some((kind, strategy)) = switch::parse(old).filter(|(kind, _)| *kind == cfg.sink.kind.name()) else {
+    let Some((kind, strategy)) = switch::parse(old).filter(|(kind, _)| *kind == cfg.sink.kind().name()) else {
         return Err(refuse(format!(
             "checkpoint {checkpoint} holds epochs a `{old}` sink may not have written yet; a `{now}` sink writes \
              elsewhere and cannot finish them, so this start would lose them. A job whose sink changes kind is \

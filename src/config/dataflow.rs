@@ -285,54 +285,229 @@ pub struct ProcessSpec {
 
 /// A window operator: assigner, trigger, lateness and the function over each window.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawWindowConfig")]
 pub struct WindowConfig {
     /// The operator's id: names its state in checkpoints and its metrics.
     pub id: String,
     /// Subtasks of the operator (default: the job's parallelism).
-    #[serde(default = "defaults::one", deserialize_with = "super::whole::number")]
     pub parallelism: u32,
     /// The edge into the window: `hash` (key groups of the `key_by` fields; the only
     /// choice that keeps a key's records together).
-    #[serde(default = "defaults::hash")]
     pub partitioner: PartitionerKind,
-    /// Tumbling, sliding or session windows.
-    pub assigner: AssignerKind,
-    /// Window length (tumbling, sliding).
-    #[serde(default, with = "humantime_serde")]
-    pub size: Option<Duration>,
-    /// Distance between window starts (sliding).
-    #[serde(default, with = "humantime_serde")]
-    pub slide: Option<Duration>,
-    /// Inactivity that closes a session (session).
-    #[serde(default, with = "humantime_serde")]
-    pub gap: Option<Duration>,
-    /// Shifts window boundaries (e.g. daily windows that start at local midnight).
-    #[serde(default, with = "humantime_serde")]
-    pub offset: Option<Duration>,
+    /// Tumbling, sliding, session or global windows, with what only that assigner has.
+    pub assigner: AssignerConfig,
     /// Default: `event_time`, or `processing_time` for a processing-time job.
     pub trigger: Option<TriggerKind>,
     /// Fire early every this many records (`trigger = "count"`).
     pub trigger_count: Option<u64>,
     /// Fire early at this interval (`trigger = "continuous"`).
-    #[serde(default, with = "humantime_serde")]
     pub trigger_interval: Option<Duration>,
     /// The clock of `trigger_interval`.
-    #[serde(default)]
     pub trigger_clock: IntervalClock,
     /// Purge the window's contents at every firing, so each result covers only the
     /// records since the previous one (deltas rather than running totals).
-    #[serde(default)]
     pub trigger_purge: bool,
     /// Records this late (behind the watermark past their window's end) still update
     /// the window and re-fire it; later ones go to the late-data output.
-    #[serde(default, with = "humantime_serde")]
     pub allowed_lateness: Option<Duration>,
     /// Incremental aggregates, one accumulator per key and window.
-    #[serde(default)]
     pub aggregates: Vec<AggregateSpec>,
     /// Or a full-window function.
     pub process: Option<ProcessSpec>,
+    /// Keys another assigner has that were given (`gap` to a tumbling window): refused
+    /// by validation, naming them.
+    pub(crate) stray: Vec<&'static str>,
+}
+
+/// A check's outcome: the key at fault and the message.
+type Check = Result<(), (String, String)>;
+
+/// A window assigner and the keys only it has. Presence and bounds are checked by
+/// validation (naming the key), so every field is optional here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignerConfig {
+    /// Fixed windows of `size`, shifted by `offset`.
+    Tumbling {
+        /// `size`.
+        size: Option<Duration>,
+        /// `offset`.
+        offset: Option<Duration>,
+    },
+    /// Windows of `size` starting every `slide`, shifted by `offset`.
+    Sliding {
+        /// `size`.
+        size: Option<Duration>,
+        /// `slide`.
+        slide: Option<Duration>,
+        /// `offset`.
+        offset: Option<Duration>,
+    },
+    /// A key's records until `gap` without one.
+    Session {
+        /// `gap`.
+        gap: Option<Duration>,
+    },
+    /// One window per key, forever (fired by its trigger).
+    Global,
+}
+
+impl AssignerConfig {
+    /// Which assigner it is.
+    pub fn kind(&self) -> AssignerKind {
+        match self {
+            AssignerConfig::Tumbling { .. } => AssignerKind::Tumbling,
+            AssignerConfig::Sliding { .. } => AssignerKind::Sliding,
+            AssignerConfig::Session { .. } => AssignerKind::Session,
+            AssignerConfig::Global => AssignerKind::Global,
+        }
+    }
+
+    /// Checks of the assigner's own keys, naming the key.
+    fn validate(&self, fail: &dyn Fn(&str, &str) -> Check) -> Check {
+        let positive = |d: Option<Duration>| d.is_some_and(|d| d >= Duration::from_millis(1));
+        match *self {
+            AssignerConfig::Tumbling { size, .. } | AssignerConfig::Sliding { size, .. } if !positive(size) => {
+                fail("size", "is required (at least 1ms) for tumbling and sliding windows")
+            }
+            AssignerConfig::Sliding { slide, .. } if !positive(slide) => {
+                fail("slide", "is required (at least 1ms) for sliding windows")
+            }
+            AssignerConfig::Sliding { size, slide, .. } if slide > size => {
+                fail("slide", "must not exceed size (records would fall between windows)")
+            }
+            AssignerConfig::Sliding { size, slide, .. }
+                if size.unwrap_or_default().as_millis() > 1000 * slide.unwrap_or_default().as_millis() =>
+            {
+                fail(
+                    "slide",
+                    "must be at least size / 1000 (each record is in size / slide windows)",
+                )
+            }
+            AssignerConfig::Session { gap } if !positive(gap) => {
+                fail("gap", "is required (at least 1ms) for session windows")
+            }
+            AssignerConfig::Tumbling {
+                size: Some(size),
+                offset: Some(offset),
+            }
+            | AssignerConfig::Sliding {
+                size: Some(size),
+                offset: Some(offset),
+                ..
+            } if offset >= size => fail("offset", "must be less than size"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Its durations, by key.
+    fn durations(&self) -> Vec<(&'static str, Option<Duration>)> {
+        match *self {
+            AssignerConfig::Tumbling { size, offset } => vec![("size", size), ("offset", offset)],
+            AssignerConfig::Sliding { size, slide, offset } => {
+                vec![("size", size), ("slide", slide), ("offset", offset)]
+            }
+            AssignerConfig::Session { gap } => vec![("gap", gap)],
+            AssignerConfig::Global => Vec::new(),
+        }
+    }
+}
+
+impl From<RawWindowConfig> for WindowConfig {
+    fn from(r: RawWindowConfig) -> Self {
+        let assigner = match r.assigner {
+            AssignerKind::Tumbling => AssignerConfig::Tumbling {
+                size: r.size,
+                offset: r.offset,
+            },
+            AssignerKind::Sliding => AssignerConfig::Sliding {
+                size: r.size,
+                slide: r.slide,
+                offset: r.offset,
+            },
+            AssignerKind::Session => AssignerConfig::Session { gap: r.gap },
+            AssignerKind::Global => AssignerConfig::Global,
+        };
+        let has: Vec<&str> = assigner.durations().into_iter().map(|(k, _)| k).collect();
+        let given = [
+            ("slide", r.slide.is_some()),
+            ("gap", r.gap.is_some()),
+            ("size", r.size.is_some()),
+            ("offset", r.offset.is_some()),
+        ];
+        let stray = given
+            .into_iter()
+            .filter(|(k, given)| *given && !has.contains(k))
+            .map(|(k, _)| k)
+            .collect();
+        WindowConfig {
+            id: r.id,
+            parallelism: r.parallelism,
+            partitioner: r.partitioner,
+            assigner,
+            trigger: r.trigger,
+            trigger_count: r.trigger_count,
+            trigger_interval: r.trigger_interval,
+            trigger_clock: r.trigger_clock,
+            trigger_purge: r.trigger_purge,
+            allowed_lateness: r.allowed_lateness,
+            aggregates: r.aggregates,
+            process: r.process,
+            stray,
+        }
+    }
+}
+
+/// `[[operators]] kind = "window"` as given: flat, every assigner's keys beside the
+/// rest (unknown keys refused here, named as written).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindowConfig {
+    /// The operator's id: names its state in checkpoints and its metrics.
+    id: String,
+    /// Subtasks of the operator (default: the job's parallelism).
+    #[serde(default = "defaults::one", deserialize_with = "super::whole::number")]
+    parallelism: u32,
+    /// The edge into the window: `hash` (key groups of the `key_by` fields; the only
+    /// choice that keeps a key's records together).
+    #[serde(default = "defaults::hash")]
+    partitioner: PartitionerKind,
+    /// Tumbling, sliding or session windows.
+    assigner: AssignerKind,
+    /// Window length (tumbling, sliding).
+    #[serde(default, with = "humantime_serde")]
+    size: Option<Duration>,
+    /// Distance between window starts (sliding).
+    #[serde(default, with = "humantime_serde")]
+    slide: Option<Duration>,
+    /// Inactivity that closes a session (session).
+    #[serde(default, with = "humantime_serde")]
+    gap: Option<Duration>,
+    /// Shifts window boundaries (e.g. daily windows that start at local midnight).
+    #[serde(default, with = "humantime_serde")]
+    offset: Option<Duration>,
+    /// Default: `event_time`, or `processing_time` for a processing-time job.
+    trigger: Option<TriggerKind>,
+    /// Fire early every this many records (`trigger = "count"`).
+    trigger_count: Option<u64>,
+    /// Fire early at this interval (`trigger = "continuous"`).
+    #[serde(default, with = "humantime_serde")]
+    trigger_interval: Option<Duration>,
+    /// The clock of `trigger_interval`.
+    #[serde(default)]
+    trigger_clock: IntervalClock,
+    /// Purge the window's contents at every firing, so each result covers only the
+    /// records since the previous one (deltas rather than running totals).
+    #[serde(default)]
+    trigger_purge: bool,
+    /// Records this late (behind the watermark past their window's end) still update
+    /// the window and re-fire it; later ones go to the late-data output.
+    #[serde(default, with = "humantime_serde")]
+    allowed_lateness: Option<Duration>,
+    /// Incremental aggregates, one accumulator per key and window.
+    #[serde(default)]
+    aggregates: Vec<AggregateSpec>,
+    /// Or a full-window function.
+    process: Option<ProcessSpec>,
 }
 
 impl WindowConfig {
@@ -355,42 +530,17 @@ impl WindowConfig {
             return fail("parallelism", "must not exceed job.max_parallelism");
         }
         let positive = |d: Option<Duration>| d.is_some_and(|d| d >= Duration::from_millis(1));
-        match self.assigner {
-            AssignerKind::Tumbling | AssignerKind::Sliding if !positive(self.size) => {
-                return fail("size", "is required (at least 1ms) for tumbling and sliding windows");
-            }
-            AssignerKind::Sliding if !positive(self.slide) => {
-                return fail("slide", "is required (at least 1ms) for sliding windows");
-            }
-            AssignerKind::Sliding if self.slide > self.size => {
-                return fail("slide", "must not exceed size (records would fall between windows)");
-            }
-            AssignerKind::Sliding
-                if self.size.unwrap_or_default().as_millis() > 1000 * self.slide.unwrap_or_default().as_millis() =>
-            {
-                return fail(
-                    "slide",
-                    "must be at least size / 1000 (each record is in size / slide windows)",
-                );
-            }
-            AssignerKind::Session if !positive(self.gap) => {
-                return fail("gap", "is required (at least 1ms) for session windows");
-            }
-            _ => {}
-        }
-        if self.assigner != AssignerKind::Sliding && self.slide.is_some() {
-            return fail("slide", "only sliding windows have a slide");
-        }
-        if self.assigner != AssignerKind::Session && self.gap.is_some() {
-            return fail("gap", "only session windows have a gap");
-        }
-        if matches!(self.assigner, AssignerKind::Session | AssignerKind::Global) && self.size.is_some() {
-            return fail("size", "session and global windows have no size");
-        }
-        if let (Some(offset), Some(size)) = (self.offset, self.size) {
-            if offset >= size {
-                return fail("offset", "must be less than size");
-            }
+        self.assigner.validate(&fail)?;
+        if let Some(key) = self.stray.first() {
+            return fail(
+                key,
+                match *key {
+                    "slide" => "only sliding windows have a slide",
+                    "gap" => "only session windows have a gap",
+                    "size" => "session and global windows have no size",
+                    _ => "only tumbling and sliding windows have an offset",
+                },
+            );
         }
         match self.trigger {
             Some(TriggerKind::Count) if self.trigger_count.unwrap_or(0) == 0 => {
@@ -403,7 +553,7 @@ impl WindowConfig {
                 );
             }
             Some(TriggerKind::EventTime | TriggerKind::ProcessingTime) | None
-                if self.assigner == AssignerKind::Global =>
+                if self.assigner == AssignerConfig::Global =>
             {
                 return fail(
                     "trigger",
@@ -426,17 +576,12 @@ impl WindowConfig {
     }
 
     pub(super) fn durations(&self) -> Vec<(&'static str, Duration)> {
-        [
-            ("size", self.size),
-            ("slide", self.slide),
-            ("gap", self.gap),
-            ("offset", self.offset),
+        let mut all = self.assigner.durations();
+        all.extend([
             ("trigger_interval", self.trigger_interval),
             ("allowed_lateness", self.allowed_lateness),
-        ]
-        .into_iter()
-        .filter_map(|(k, d)| Some((k, d?)))
-        .collect()
+        ]);
+        all.into_iter().filter_map(|(k, d)| Some((k, d?))).collect()
     }
 }
 

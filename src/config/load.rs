@@ -121,8 +121,8 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         key
     };
     Some(match (key, last) {
-        ("sink.kind", _) => "postgres, sqlite",
-        ("sink.strategy", _) => "idempotent, two_phase",
+        ("sink.kind", _) => "postgres, sqlite, kafka, redis",
+        ("sink.strategy", _) => "idempotent, two_phase, wal, at_least_once",
         ("sink.partitioner", _) => "key_hash (or hash), rebalance, rescale, shuffle, forward, global, custom",
         ("time.characteristic", _) => "event, processing, ingestion",
         ("time.watermark", _) => "bounded_out_of_orderness, monotonous",
@@ -353,21 +353,22 @@ impl JobConfig {
                 "wal writes dead letters with their epoch, into the dead-letter table: use kind = \"table\"",
             );
         }
-        if self.sink.kind == SinkKind::Kafka && self.dead_letter.kind != DeadLetterKind::Kafka {
+        if self.sink.kind() == SinkKind::Kafka && self.dead_letter.kind != DeadLetterKind::Kafka {
             return fail(
                 "dead_letter.kind",
                 "a kafka sink writes dead letters to a topic in its own transactions: set kind = \"kafka\" and topic",
             );
         }
-        let k = &self.sink.kafka;
-        let kafka_set = k.value != KafkaValue::Json
-            || !k.headers.is_empty()
-            || k.topic_field.is_some()
-            || k.partition_field.is_some()
-            || !k.properties.is_empty();
-        if self.sink.kind != SinkKind::Kafka && kafka_set {
-            return fail("sink.kafka", "is for kafka sinks only");
+        if let Some(key) = self.sink.stray.first() {
+            let owner = match *key {
+                "sink.kafka" => "kafka sinks",
+                "sink.redis_command" => "redis sinks",
+                _ => "postgres and sqlite sinks",
+            };
+            return fail(key, &format!("is for {owner} only"));
         }
+        let empty = KafkaSinkConfig::default();
+        let k = self.sink.kafka().unwrap_or(&empty);
         let own = flatten_properties(&k.properties);
         for (key, _) in &own {
             const OWNED: [&str; 5] = [
@@ -642,7 +643,7 @@ impl RestartConfig {
 impl SinkConfig {
     /// Checks of this section alone, naming the key.
     pub fn validate(&self, max_parallelism: u32) -> Check {
-        match self.kind {
+        match self.kind() {
             SinkKind::Postgres if !self.url.starts_with("postgres://") && !self.url.starts_with("postgresql://") => {
                 return fail("sink.url", "a postgres sink needs a postgres:// URL");
             }
@@ -669,25 +670,25 @@ impl SinkConfig {
             }
             _ => {}
         }
-        if self.kind == SinkKind::Kafka && self.strategy == Strategy::Wal {
+        if self.kind() == SinkKind::Kafka && self.strategy == Strategy::Wal {
             return fail(
                 "sink.strategy",
                 "a kafka sink does two_phase (transactions), idempotent (keys a replay repeats) or at_least_once",
             );
         }
-        if self.kind != SinkKind::Kafka && self.strategy == Strategy::AtLeastOnce {
+        if self.kind() != SinkKind::Kafka && self.strategy == Strategy::AtLeastOnce {
             return fail(
                 "sink.strategy",
                 "at_least_once is for kafka sinks; a table sink has exactly-once strategies",
             );
         }
-        if self.kind == SinkKind::Sqlite && self.strategy == Strategy::TwoPhase {
+        if self.kind() == SinkKind::Sqlite && self.strategy == Strategy::TwoPhase {
             return fail(
                 "sink.strategy",
                 "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent or wal",
             );
         }
-        if self.kind == SinkKind::Sqlite && self.parallelism != 1 {
+        if self.kind() == SinkKind::Sqlite && self.parallelism != 1 {
             return fail("sink.parallelism", "a sqlite sink takes one writer; set 1");
         }
         if self.parallelism == 0 {
@@ -702,7 +703,7 @@ impl SinkConfig {
         if self.batch_size == 0 {
             return fail("sink.batch_size", "must be at least 1");
         }
-        if self.kind == SinkKind::Redis {
+        if self.kind() == SinkKind::Redis {
             if self.table.is_empty() || self.table.len() > 200 || self.table.chars().any(char::is_whitespace) {
                 return fail(
                     "sink.table",
@@ -716,7 +717,7 @@ impl SinkConfig {
                      `sluice:<job>:dead`); records may not write there: choose another prefix",
                 );
             }
-        } else if self.kind == SinkKind::Kafka {
+        } else if self.kind() == SinkKind::Kafka {
             let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
             if self.table.is_empty() || self.table.len() > 249 || !self.table.chars().all(legal) {
                 return fail(
@@ -751,7 +752,7 @@ impl SinkConfig {
                     &format!("`{}` is not a plain column name", col.name),
                 );
             }
-            if self.kind != SinkKind::Redis && self.kind != SinkKind::Kafka && col.name.len() > 63 {
+            if self.kind() != SinkKind::Redis && self.kind() != SinkKind::Kafka && col.name.len() > 63 {
                 return fail(
                     "sink.columns.name",
                     &format!(

@@ -18,8 +18,8 @@ use serde::Deserialize;
 pub use crate::record::FieldType;
 
 pub use dataflow::{
-    AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerKind, IntervalClock, OperatorConfig, ProcessSpec,
-    TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
+    AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerConfig, AssignerKind, IntervalClock,
+    OperatorConfig, ProcessSpec, TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
 };
 pub use enrich::{
     AsyncMode, EnrichColumn, EnrichConfig, LocalCacheConfig, OnMissing, RedisConfig, StoreConfig, StoreKind,
@@ -524,61 +524,214 @@ pub struct ColumnSpec {
     pub value: String,
 }
 
-/// `[sink]`.
+/// `[sink]`: the keys every kind has, and the kind with its own keys ([`SinkTarget`]).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawSinkConfig")]
 pub struct SinkConfig {
-    /// The target database.
-    pub kind: SinkKind,
+    /// The target and what only it has.
+    pub target: SinkTarget,
     /// `postgres://user@host:port/db` or `sqlite://path`. A Postgres password goes in
     /// the environment (`SLUICE__SINK__PASSWORD` or `PGPASSWORD`), never in the file.
     pub url: Url,
     /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
     pub password: Option<secrecy::SecretString>,
     /// The table written (`schema.table` or `table`); for a Kafka sink, the topic.
-    #[serde(alias = "topic")]
     pub table: String,
     /// How exactly once is reached: `idempotent` upserts or `two_phase` commit.
     pub strategy: Strategy,
     /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every decoded
     /// field under its own name).
-    #[serde(default)]
     pub columns: Vec<ColumnSpec>,
     /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
-    #[serde(default, deserialize_with = "list::strings")]
     pub key: Vec<String>,
     /// Sink subtasks (connections writing at once).
-    #[serde(default = "defaults::one", deserialize_with = "whole::number")]
     pub parallelism: u32,
     /// How records reach sink subtasks (default: `key_hash` on `key`).
-    #[serde(default = "defaults::partitioner")]
     pub partitioner: PartitionerKind,
     /// The registered partitioner for `partitioner = "custom"`.
     pub custom_partitioner: Option<String>,
-    /// A Redis sink's command per record: `set` (key → JSON of the columns), `hset` (key
-    /// → one hash field per column) or `xadd` (an entry per record on the stream `table`).
-    #[serde(default)]
-    pub redis_command: RedisCommand,
     /// Rows per statement.
-    #[serde(default = "defaults::sink_batch", deserialize_with = "whole::number")]
     pub batch_size: usize,
     /// How often one record may fail the same way with an error that a row can cause
     /// but that does not name the row's data (a trigger's `RAISE`, an internal error, a
     /// statement timeout) before it is dead-lettered. Default 3.
-    #[serde(default = "defaults::record_attempts", deserialize_with = "whole::number")]
     pub max_record_attempts: u32,
     /// Strategies that may write before the checkpoint (`idempotent`) write a partly
     /// filled buffer once its oldest record waited this long.
-    #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// A directory of sqlx migrations (`<version>_<name>.sql`).
+    /// Keys of another kind that were given (`sink.redis_command` to a postgres sink):
+    /// refused by validation, naming them.
+    pub(crate) stray: Vec<&'static str>,
+}
+
+/// A sink's kind and the keys only that kind has.
+#[derive(Debug, Clone)]
+pub enum SinkTarget {
+    /// PostgreSQL (`idempotent`, `two_phase`, `wal`).
+    Postgres(SqlSinkConfig),
+    /// SQLite (`idempotent`, `wal`; the embedded default).
+    Sqlite(SqlSinkConfig),
+    /// A Kafka topic, on the cluster `url` names.
+    Kafka(KafkaSinkConfig),
+    /// Redis (`wal`).
+    Redis(RedisSinkConfig),
+}
+
+/// What a SQL sink (Postgres, SQLite) has beside the common keys.
+#[derive(Debug, Clone, Default)]
+pub struct SqlSinkConfig {
+    /// `sink.migrations`: a directory of sqlx migrations (`<version>_<name>.sql`).
     pub migrations: Option<PathBuf>,
+    /// `sink.run_migrations`: apply them at start (otherwise run `sluice migrate`).
+    pub run_migrations: bool,
+}
+
+/// What a Redis sink has beside the common keys.
+#[derive(Debug, Clone, Default)]
+pub struct RedisSinkConfig {
+    /// `sink.redis_command`: `set` (key → JSON of the columns), `hset` (key → one hash
+    /// field per column) or `xadd` (an entry per record on the stream `table`).
+    pub command: RedisCommand,
+}
+
+impl SinkConfig {
+    /// The target database.
+    pub fn kind(&self) -> SinkKind {
+        match self.target {
+            SinkTarget::Postgres(_) => SinkKind::Postgres,
+            SinkTarget::Sqlite(_) => SinkKind::Sqlite,
+            SinkTarget::Kafka(_) => SinkKind::Kafka,
+            SinkTarget::Redis(_) => SinkKind::Redis,
+        }
+    }
+
+    /// A SQL sink's migrations and whether they run at start.
+    pub fn sql(&self) -> Option<&SqlSinkConfig> {
+        match &self.target {
+            SinkTarget::Postgres(s) | SinkTarget::Sqlite(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `[sink.kafka]` of a Kafka sink.
+    pub fn kafka(&self) -> Option<&KafkaSinkConfig> {
+        match &self.target {
+            SinkTarget::Kafka(k) => Some(k),
+            _ => None,
+        }
+    }
+}
+
+impl From<RawSinkConfig> for SinkConfig {
+    fn from(r: RawSinkConfig) -> Self {
+        let k = &r.kafka;
+        let kafka_set = k.value != KafkaValue::Json
+            || !k.headers.is_empty()
+            || k.topic_field.is_some()
+            || k.partition_field.is_some()
+            || !k.properties.is_empty();
+        let sql = SqlSinkConfig {
+            migrations: r.migrations.clone(),
+            run_migrations: r.run_migrations,
+        };
+        let mut stray = Vec::new();
+        if r.kind != SinkKind::Kafka && kafka_set {
+            stray.push("sink.kafka");
+        }
+        if r.kind != SinkKind::Redis && r.redis_command != RedisCommand::default() {
+            stray.push("sink.redis_command");
+        }
+        if matches!(r.kind, SinkKind::Kafka | SinkKind::Redis) {
+            if r.migrations.is_some() {
+                stray.push("sink.migrations");
+            }
+            if r.run_migrations {
+                stray.push("sink.run_migrations");
+            }
+        }
+        let target = match r.kind {
+            SinkKind::Postgres => SinkTarget::Postgres(sql),
+            SinkKind::Sqlite => SinkTarget::Sqlite(sql),
+            SinkKind::Kafka => SinkTarget::Kafka(r.kafka),
+            SinkKind::Redis => SinkTarget::Redis(RedisSinkConfig {
+                command: r.redis_command,
+            }),
+        };
+        SinkConfig {
+            target,
+            url: r.url,
+            password: r.password,
+            table: r.table,
+            strategy: r.strategy,
+            columns: r.columns,
+            key: r.key,
+            parallelism: r.parallelism,
+            partitioner: r.partitioner,
+            custom_partitioner: r.custom_partitioner,
+            batch_size: r.batch_size,
+            max_record_attempts: r.max_record_attempts,
+            flush_interval: r.flush_interval,
+            stray,
+        }
+    }
+}
+
+/// `[sink]` as the file and the environment give it: the common keys and those of
+/// every kind, flat (unknown keys refused here, named as they are written).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSinkConfig {
+    /// The target database.
+    kind: SinkKind,
+    /// `postgres://user@host:port/db` or `sqlite://path`. A Postgres password goes in
+    /// the environment (`SLUICE__SINK__PASSWORD` or `PGPASSWORD`), never in the file.
+    url: Url,
+    /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
+    password: Option<secrecy::SecretString>,
+    /// The table written (`schema.table` or `table`); for a Kafka sink, the topic.
+    #[serde(alias = "topic")]
+    table: String,
+    /// How exactly once is reached: `idempotent` upserts or `two_phase` commit.
+    strategy: Strategy,
+    /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every decoded
+    /// field under its own name).
+    #[serde(default)]
+    columns: Vec<ColumnSpec>,
+    /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
+    #[serde(default, deserialize_with = "list::strings")]
+    key: Vec<String>,
+    /// Sink subtasks (connections writing at once).
+    #[serde(default = "defaults::one", deserialize_with = "whole::number")]
+    parallelism: u32,
+    /// How records reach sink subtasks (default: `key_hash` on `key`).
+    #[serde(default = "defaults::partitioner")]
+    partitioner: PartitionerKind,
+    /// The registered partitioner for `partitioner = "custom"`.
+    custom_partitioner: Option<String>,
+    /// A Redis sink's command per record: `set` (key → JSON of the columns), `hset` (key
+    /// → one hash field per column) or `xadd` (an entry per record on the stream `table`).
+    #[serde(default)]
+    redis_command: RedisCommand,
+    /// Rows per statement.
+    #[serde(default = "defaults::sink_batch", deserialize_with = "whole::number")]
+    batch_size: usize,
+    /// How often one record may fail the same way with an error that a row can cause
+    /// but that does not name the row's data (a trigger's `RAISE`, an internal error, a
+    /// statement timeout) before it is dead-lettered. Default 3.
+    #[serde(default = "defaults::record_attempts", deserialize_with = "whole::number")]
+    max_record_attempts: u32,
+    /// Strategies that may write before the checkpoint (`idempotent`) write a partly
+    /// filled buffer once its oldest record waited this long.
+    #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
+    flush_interval: Duration,
+    /// A directory of sqlx migrations (`<version>_<name>.sql`).
+    migrations: Option<PathBuf>,
     /// Apply `migrations` at start (otherwise run `sluice migrate`).
     #[serde(default)]
-    pub run_migrations: bool,
+    run_migrations: bool,
     /// `[sink.kafka]`: how a Kafka sink builds its messages.
     #[serde(default)]
-    pub kafka: KafkaSinkConfig,
+    kafka: KafkaSinkConfig,
 }
 
 /// A Kafka message's value.
@@ -829,5 +982,8 @@ pub fn flatten_properties_of(cfg: &JobConfig) -> Vec<(String, String)> {
 
 /// The Kafka sink's own producer properties, flattened to `key=value`.
 pub fn flatten_sink_properties_of(cfg: &JobConfig) -> Vec<(String, String)> {
-    load::flatten_properties(&cfg.sink.kafka.properties)
+    cfg.sink
+        .kafka()
+        .map(|k| load::flatten_properties(&k.properties))
+        .unwrap_or_default()
 }

@@ -344,7 +344,7 @@ pub fn build(
 ) -> Result<BuiltOperator> {
     use crate::config::{SinkKind, StoreKind};
     let same_kind = matches!(
-        (e.store.kind, job.sink.kind),
+        (e.store.kind, job.sink.kind()),
         (StoreKind::Postgres, SinkKind::Postgres) | (StoreKind::Sqlite, SinkKind::Sqlite)
     );
     let (url, password) = match &e.store.url {

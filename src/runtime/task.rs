@@ -206,6 +206,7 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
     let mut time = InputWatermarks::new(io.gate.len());
     let mut final_id: Option<u64> = None;
     let mut inputs_done = false;
+    let mut coordinator_gone = false;
     let mut out = Vec::new();
     let watermark_gauges: Vec<_> = chain
         .infos()
@@ -249,9 +250,17 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
         tokio::select! {
             biased;
             _ = io.cancel.changed() => return Ok(()),
-            changed = io.completed.changed() => {
+            changed = io.completed.changed(), if !coordinator_gone => {
                 if changed.is_err() {
-                    // The coordinator is gone: this attempt is over, commit nothing more.
+                    // The coordinator is gone. After the final checkpoint completed that is
+                    // the end of a stop: the inputs' end of stream may still be on its way
+                    // (an upstream subtask acknowledged, then was preempted before sending
+                    // it), and leaving now would fail that subtask's send. Otherwise the
+                    // attempt is over: commit nothing more.
+                    if final_id.is_some_and(|f| *io.completed.borrow() >= f) {
+                        coordinator_gone = true;
+                        continue;
+                    }
                     return Ok(());
                 }
                 let id = *io.completed.borrow_and_update();
@@ -524,5 +533,70 @@ pub fn store_snapshots(
             h.spawn_blocking(work);
         }
         Err(_) => work(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::MemoryStorage;
+    use crate::runtime::sink::SinkFuture;
+    use crate::runtime::Cancel;
+
+    struct Null;
+
+    impl Sink for Null {
+        fn write(&mut self, _batch: crate::record::Batch) -> SinkFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn pre_commit(&mut self, _checkpoint: u64) -> SinkFuture<'_, serde_json::Value> {
+            Box::pin(async { Ok(serde_json::Value::Null) })
+        }
+    }
+
+    /// The final checkpoint completes (and the coordinator is gone) before one input's
+    /// end of stream arrives: an upstream subtask acknowledged, then was preempted
+    /// before sending it. The sink still reads it, so that subtask's send succeeds (it
+    /// used to fail the stop with "a downstream subtask stopped").
+    #[tokio::test]
+    async fn a_sink_reads_every_end_of_stream_after_the_final_commit() {
+        let (tx0, rx0) = mpsc::channel(8);
+        let (tx1, rx1) = mpsc::channel(8);
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (completed_tx, completed_rx) = watch::channel(0u64);
+        let cancel = Cancel::default();
+        let stats = Arc::new(JobStats::default());
+        let io = TaskIo {
+            name: "sink-0".into(),
+            gate: InputGate::new(vec![rx0, rx1]),
+            events: events_tx,
+            completed: completed_rx,
+            cancel: cancel.subscribe(),
+            storage: Arc::new(MemoryStorage::new(1)),
+            clock: Clock::default(),
+            stats: stats.clone(),
+            metrics: None,
+        };
+        let tail = SinkTail {
+            sink: Box::new(Null),
+            index: 0,
+            stats,
+        };
+        let task = tokio::spawn(run_task(Chain::default(), tail, io));
+        let last = Barrier { id: 1, is_final: true };
+        for tx in [&tx0, &tx1] {
+            tx.send(StreamElement::Barrier(last)).await.expect("send barrier");
+        }
+        tx0.send(StreamElement::EndOfStream).await.expect("send end");
+        let ack = events_rx.recv().await.expect("acknowledged");
+        assert!(matches!(ack, TaskEvent::Ack { checkpoint: 1, .. }), "{ack:?}");
+        completed_tx.send_replace(1);
+        drop(completed_tx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            tx1.send(StreamElement::EndOfStream).await.is_ok(),
+            "the sink left before every input ended"
+        );
+        task.await.expect("join").expect("the sink ends cleanly");
     }
 }

@@ -202,7 +202,8 @@ impl TableSpec {
         let key_is_origin = [ValueSource::Topic, ValueSource::Partition, ValueSource::Offset]
             .iter()
             .all(|s| key_sources.contains(s));
-        let k = &cfg.sink.kafka;
+        let empty = crate::config::KafkaSinkConfig::default();
+        let k = cfg.sink.kafka().unwrap_or(&empty);
         if k.value == crate::config::KafkaValue::Payload && !schema.kafka_origin {
             return Err(fail(
                 "sink.kafka.value",

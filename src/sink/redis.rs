@@ -142,7 +142,11 @@ fn open(
 ) -> TargetFuture<'_, Box<dyn Target>> {
     Box::pin(async move {
         let password = cfg.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
-        let target = RedisWal::open(&cfg.sink.url, password, &cfg.job.name, spec, cfg.sink.redis_command).await?;
+        let command = match &cfg.sink.target {
+            crate::config::SinkTarget::Redis(r) => r.command,
+            _ => crate::config::RedisCommand::default(),
+        };
+        let target = RedisWal::open(&cfg.sink.url, password, &cfg.job.name, spec, command).await?;
         Ok(Box::new(target) as Box<dyn Target>)
     })
 }

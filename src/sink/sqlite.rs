@@ -396,7 +396,11 @@ fn open(
 ) -> TargetFuture<'_, Box<dyn Target>> {
     Box::pin(async move {
         let pool = connect(&cfg.sink.url).await?;
-        if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
+        if let Some(crate::config::SqlSinkConfig {
+            migrations: Some(dir),
+            run_migrations: true,
+        }) = cfg.sink.sql()
+        {
             migrate(&pool, dir).await?;
         }
         let table = SqliteTable::open(&pool, spec).await?;

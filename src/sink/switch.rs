@@ -17,7 +17,7 @@ const TAG: &str = "sink";
 
 /// The tag of the configured sink: `kind/strategy`.
 pub fn tag(cfg: &SinkConfig) -> String {
-    format!("{}/{}", cfg.kind.name(), cfg.strategy.name())
+    format!("{}/{}", cfg.kind().name(), cfg.strategy.name())
 }
 
 /// A sink whose checkpoint states carry its tag.

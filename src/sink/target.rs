@@ -135,13 +135,13 @@ pub fn target_kind(kind: SinkKind) -> Result<&'static TargetKind> {
 
 /// Open the job's target (`fence`: the owner lock's, if the target takes one).
 pub async fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<Fence>) -> Result<Box<dyn Target>> {
-    let target = target_kind(cfg.sink.kind)?;
+    let target = target_kind(cfg.sink.kind())?;
     if !target.strategies.contains(&cfg.sink.strategy) {
         let names: Vec<&str> = target.strategies.iter().map(|s| s.name()).collect();
         return Err(Error::Config {
             file: cfg.file.clone(),
             key: "sink.strategy".into(),
-            message: format!("a {} sink writes with {}", cfg.sink.kind.name(), names.join(" or ")),
+            message: format!("a {} sink writes with {}", cfg.sink.kind().name(), names.join(" or ")),
         });
     }
     (target.open)(cfg, spec, fence).await

@@ -130,6 +130,26 @@ fn impossible_values_are_named() {
     );
 }
 
+/// A key only another kind of sink has is refused, named, rather than ignored.
+#[test]
+fn keys_of_another_sink_kind_are_refused() {
+    rejected(
+        &base().replace("[sink]", "[sink]\nredis_command = \"hset\""),
+        &[],
+        "sink.redis_command",
+    );
+    rejected(
+        &base().replace("[sink]", "[sink.kafka]\nvalue = \"payload\"\n\n[sink]"),
+        &[],
+        "sink.kafka",
+    );
+    rejected(
+        &base(),
+        &[("SLUICE__SINK__REDIS_COMMAND", "xadd")],
+        "sink.redis_command",
+    );
+}
+
 #[test]
 fn environment_overrides_are_checked_too() {
     rejected(&base(), &[("SLUICE__SINK__PARALLELISM", "0")], "sink.parallelism");

@@ -11,7 +11,7 @@ use super::trigger::{
 };
 use super::{WindowFunction, WindowSpec};
 use crate::config::{
-    AggregateFunctionName, AssignerKind, IntervalClock, JobConfig, StateBackendKind, TimeCharacteristic, TriggerKind,
+    AggregateFunctionName, AssignerConfig, IntervalClock, JobConfig, StateBackendKind, TimeCharacteristic, TriggerKind,
     WindowConfig,
 };
 use crate::error::{Error, Result};
@@ -119,22 +119,20 @@ fn window_spec(
     fields.push(Field::new("window_end", FieldType::Int));
 
     let assigner = match w.assigner {
-        AssignerKind::Tumbling => WindowAssigner::Tumbling {
-            size: w.size.map_or(1, ms),
-            offset: w.offset.map_or(0, ms),
+        AssignerConfig::Tumbling { size, offset } => WindowAssigner::Tumbling {
+            size: size.map_or(1, ms),
+            offset: offset.map_or(0, ms),
         },
-        AssignerKind::Sliding => WindowAssigner::Sliding {
-            size: w.size.map_or(1, ms),
-            slide: w.slide.map_or(1, ms),
-            offset: w.offset.map_or(0, ms),
+        AssignerConfig::Sliding { size, slide, offset } => WindowAssigner::Sliding {
+            size: size.map_or(1, ms),
+            slide: slide.map_or(1, ms),
+            offset: offset.map_or(0, ms),
         },
-        AssignerKind::Session => WindowAssigner::Session {
-            gap: w.gap.map_or(1, ms),
-        },
-        AssignerKind::Global => WindowAssigner::Global,
+        AssignerConfig::Session { gap } => WindowAssigner::Session { gap: gap.map_or(1, ms) },
+        AssignerConfig::Global => WindowAssigner::Global,
     };
     let end: Box<dyn Trigger> = match (w.assigner, domain) {
-        (AssignerKind::Global, _) => Box::new(NeverTrigger),
+        (AssignerConfig::Global, _) => Box::new(NeverTrigger),
         (_, TimeDomain::EventTime) => Box::new(EventTimeTrigger),
         (_, TimeDomain::ProcessingTime) => Box::new(ProcessingTimeTrigger),
     };

@@ -42,7 +42,11 @@ pub struct PgTarget {
 fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<Fence>) -> TargetFuture<'_, Box<dyn Target>> {
     Box::pin(async move {
         let pool = connect(&cfg.sink, &cfg.job.name, cfg.sink.parallelism * 2 + 2).await?;
-        if let (true, Some(dir)) = (cfg.sink.run_migrations, &cfg.sink.migrations) {
+        if let Some(crate::config::SqlSinkConfig {
+            migrations: Some(dir),
+            run_migrations: true,
+        }) = cfg.sink.sql()
+        {
             migrate(&pool, dir).await?;
         }
         if cfg.sink.strategy == Strategy::TwoPhase {
