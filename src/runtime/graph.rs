@@ -228,7 +228,7 @@ pub async fn execute(
     plan: &PhysicalPlan,
     parts: &impl Parts,
     attempt: Attempt<'_>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<Final> {
     let Attempt {
         job,
@@ -243,24 +243,7 @@ pub async fn execute(
     let first_id = storage.next_id(restored)?;
     let sink_states = restored.map(|c| c.subtask_states("sink")).unwrap_or_default();
 
-    // Channels between consecutive stages: every upstream subtask to every downstream one.
-    let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
-    let mut outputs: Vec<Vec<Vec<mpsc::Sender<StreamElement>>>> = Vec::new();
-    for (s, stage) in plan.stages.iter().enumerate() {
-        let p = stage.parallelism as usize;
-        inputs.push((0..p).map(|_| Vec::new()).collect());
-        outputs.push((0..p).map(|_| Vec::new()).collect());
-        if s == 0 {
-            continue;
-        }
-        for up in outputs[s - 1].iter_mut() {
-            for down in inputs[s].iter_mut() {
-                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                up.push(tx);
-                down.push(rx);
-            }
-        }
-    }
+    let (mut inputs, mut outputs) = channels(plan);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (completed_tx, completed_rx) = watch::channel(last_id);
     let cancel = Cancel::default();
@@ -354,11 +337,25 @@ pub async fn execute(
         savepoint_dir,
         stats: stats.clone(),
     };
-    let mut coordinator = tokio::spawn(coordinator.run(stop_rx));
+    let coordinator = tokio::spawn(coordinator.run(stop_rx));
     if *shutdown.borrow() {
         handle.stop();
     }
 
+    supervise(coordinator, handle, tasks, cancel, stats, shutdown).await
+}
+
+/// Wait for the coordinator's final checkpoint, a subtask's failure or a stop; on a
+/// failure, cancel every subtask and drain them (aborting those stuck past a grace
+/// period), and return the error that says most.
+async fn supervise(
+    mut coordinator: tokio::task::JoinHandle<Result<Final>>,
+    handle: CoordinatorHandle,
+    mut tasks: JoinSet<Result<()>>,
+    cancel: Cancel,
+    stats: &Arc<JobStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Final> {
     stats.set_state(match *shutdown.borrow() {
         true => JobState::Stopping,
         false => JobState::Running,
@@ -422,6 +419,35 @@ pub async fn execute(
         (failure, Some(cause)) if is_knock_on(&failure) && !is_knock_on(&cause) => Err(cause),
         (failure, _) => Err(failure),
     }
+}
+
+/// Channels between consecutive stages, every upstream subtask to every downstream
+/// one: per stage, per subtask, its input receivers and its output senders.
+#[allow(clippy::type_complexity)] // Stage × subtask × peer, built and taken apart here only.
+fn channels(
+    plan: &PhysicalPlan,
+) -> (
+    Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>>,
+    Vec<Vec<Vec<mpsc::Sender<StreamElement>>>>,
+) {
+    let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
+    let mut outputs: Vec<Vec<Vec<mpsc::Sender<StreamElement>>>> = Vec::new();
+    for (s, stage) in plan.stages.iter().enumerate() {
+        let p = stage.parallelism as usize;
+        inputs.push((0..p).map(|_| Vec::new()).collect());
+        outputs.push((0..p).map(|_| Vec::new()).collect());
+        if s == 0 {
+            continue;
+        }
+        for up in outputs[s - 1].iter_mut() {
+            for down in inputs[s].iter_mut() {
+                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                up.push(tx);
+                down.push(rx);
+            }
+        }
+    }
+    (inputs, outputs)
 }
 
 /// How long cancelled subtasks get to stop before they are aborted.

@@ -11,8 +11,8 @@ use super::trigger::{
 };
 use super::{WindowFunction, WindowSpec};
 use crate::config::{
-    AggregateFunctionName, AssignerConfig, IntervalClock, JobConfig, StateBackendKind, TimeCharacteristic, TriggerKind,
-    WindowConfig,
+    AggregateFunctionName, AssignerConfig, IntervalClock, JobConfig, ProcessSpec, StateBackendKind, TimeCharacteristic,
+    TriggerKind, WindowConfig,
 };
 use crate::error::{Error, Result};
 use crate::operators::{BuiltOperator, OperatorFactory};
@@ -118,7 +118,40 @@ fn window_spec(
     fields.push(Field::new("window_start", FieldType::Int));
     fields.push(Field::new("window_end", FieldType::Int));
 
-    let assigner = match w.assigner {
+    let assigner = assigner(w);
+    let trigger = trigger(w, domain, fail)?;
+
+    let function = match &w.process {
+        Some(p) => process(p, input, &mut fields, fail)?,
+        None => WindowFunction::Aggregate(aggregates(w, input, &mut fields, fail)?),
+    };
+    fields.push(Field::new("firing", FieldType::String));
+    check_outputs(&fields, fail)?;
+    let mut row_key = input.keyed_by.clone();
+    row_key.push("window_start".into());
+    Ok(WindowSpec {
+        id: id.to_string(),
+        key,
+        key_types,
+        input_fields: input.fields.clone(),
+        assigner,
+        trigger,
+        domain,
+        allowed_lateness: w.allowed_lateness.map_or(0, ms),
+        function,
+        output: Schema {
+            fields,
+            kafka_origin: false,
+            row_key,
+            keyed_by: Vec::new(),
+        },
+    })
+}
+
+/// The assigner `w` configures (its keys checked by the config).
+fn assigner(w: &WindowConfig) -> WindowAssigner {
+    let ms = |d: std::time::Duration| d.as_millis().min(i64::MAX as u128) as i64;
+    match w.assigner {
         AssignerConfig::Tumbling { size, offset } => WindowAssigner::Tumbling {
             size: size.map_or(1, ms),
             offset: offset.map_or(0, ms),
@@ -130,7 +163,13 @@ fn window_spec(
         },
         AssignerConfig::Session { gap } => WindowAssigner::Session { gap: gap.map_or(1, ms) },
         AssignerConfig::Global => WindowAssigner::Global,
-    };
+    }
+}
+
+/// The trigger `w` configures in time `domain`: when a window fires, early or at its end.
+fn trigger(w: &WindowConfig, domain: TimeDomain, fail: &dyn Fn(&str, String) -> Error) -> Result<Box<dyn Trigger>> {
+    let ms = |d: std::time::Duration| d.as_millis().min(i64::MAX as u128) as i64;
+    let processing = domain == TimeDomain::ProcessingTime;
     let end: Box<dyn Trigger> = match (w.assigner, domain) {
         (AssignerConfig::Global, _) => Box::new(NeverTrigger),
         (_, TimeDomain::EventTime) => Box::new(EventTimeTrigger),
@@ -166,105 +205,118 @@ fn window_spec(
             end,
         }),
     };
-    let trigger: Box<dyn Trigger> = match w.trigger_purge {
+    Ok(match w.trigger_purge {
         true => Box::new(PurgingTrigger(base)),
         false => base,
-    };
+    })
+}
 
-    let function = match &w.process {
-        Some(p) => {
-            let function = process_function(&p.function).ok_or_else(|| {
+/// A full-window process function over `input`, its outputs appended to `fields`.
+fn process(
+    p: &ProcessSpec,
+    input: &Schema,
+    fields: &mut Vec<Field>,
+    fail: &dyn Fn(&str, String) -> Error,
+) -> Result<WindowFunction> {
+    let function = process_function(&p.function).ok_or_else(|| {
+        fail(
+            "process.function",
+            format!(
+                "`{}` is not a process function; known: {}",
+                p.function,
+                PROCESS_FUNCTIONS.join(", ")
+            ),
+        )
+    })?;
+    let (input_index, input_field) = match &p.field {
+        Some(f) => {
+            let i = input.index(f).ok_or_else(|| {
                 fail(
-                    "process.function",
+                    "process.field",
                     format!(
-                        "`{}` is not a process function; known: {}",
-                        p.function,
-                        PROCESS_FUNCTIONS.join(", ")
+                        "`{f}` is not a field of the stream here; its fields: {}",
+                        input.describe()
                     ),
                 )
             })?;
-            let (input_index, input_field) = match &p.field {
-                Some(f) => {
-                    let i = input.index(f).ok_or_else(|| {
-                        fail(
-                            "process.field",
-                            format!(
-                                "`{f}` is not a field of the stream here; its fields: {}",
-                                input.describe()
-                            ),
-                        )
-                    })?;
-                    (Some(i), Some(&input.fields[i]))
-                }
-                None => (None, None),
-            };
-            let prefix = p.output.clone().unwrap_or_else(|| p.function.clone());
-            let outs = function
-                .output(input_field, &prefix)
-                .map_err(|m| fail("process.field", format!("{}: {m}", p.function)))?;
-            fields.extend(outs);
-            WindowFunction::Process {
-                function,
-                input: input_index,
-            }
+            (Some(i), Some(&input.fields[i]))
         }
-        None => {
-            let mut aggs = Vec::with_capacity(w.aggregates.len());
-            for (j, a) in w.aggregates.iter().enumerate() {
-                let at = |k: &str| format!("aggregates[{j}].{k}");
-                let input_index = match &a.field {
-                    Some(f) => Some(input.index(f).ok_or_else(|| {
-                        fail(
-                            &at("field"),
-                            format!(
-                                "`{f}` is not a field of the stream here; its fields: {}",
-                                input.describe()
-                            ),
-                        )
-                    })?),
-                    None => None,
-                };
-                let input_type = input_index.map(|i| input.fields[i].field_type);
-                let (kind, output_type, fname) = match &a.function {
-                    AggregateFunctionName::Builtin(f) => {
-                        let t = builtin_output(*f, input_type)
-                            .map_err(|m| fail(&at("field"), format!("{}: {m}", f.name())))?;
-                        (AggregateKind::Builtin(*f), t, f.name().to_string())
-                    }
-                    AggregateFunctionName::User(name) => {
-                        let u = user_aggregate(name).ok_or_else(|| {
-                            fail(
-                                &at("fn"),
-                                format!(
-                                    "`{name}` is neither a built-in aggregate (count, sum, min, max, avg, \
-                                     count_distinct, first, last) nor a registered one (sum_squares)"
-                                ),
-                            )
-                        })?;
-                        let t = u
-                            .output_type(input_type)
-                            .map_err(|m| fail(&at("field"), format!("{name}: {m}")))?;
-                        (AggregateKind::User(u), t, name.clone())
-                    }
-                };
-                let output = a.output.clone().unwrap_or_else(|| match &a.field {
-                    Some(f) => format!("{fname}_{f}"),
-                    None => fname.clone(),
-                });
-                fields.push(Field::new(&output, output_type));
-                aggs.push(Aggregate {
-                    kind,
-                    input: input_index,
-                    output,
-                    output_type,
-                });
-            }
-            WindowFunction::Aggregate(aggs)
-        }
+        None => (None, None),
     };
-    fields.push(Field::new("firing", FieldType::String));
+    let prefix = p.output.clone().unwrap_or_else(|| p.function.clone());
+    let outs = function
+        .output(input_field, &prefix)
+        .map_err(|m| fail("process.field", format!("{}: {m}", p.function)))?;
+    fields.extend(outs);
+    Ok(WindowFunction::Process {
+        function,
+        input: input_index,
+    })
+}
+
+/// The incremental aggregates of `w` over `input`, their outputs appended to `fields`.
+fn aggregates(
+    w: &WindowConfig,
+    input: &Schema,
+    fields: &mut Vec<Field>,
+    fail: &dyn Fn(&str, String) -> Error,
+) -> Result<Vec<Aggregate>> {
+    let mut aggs = Vec::with_capacity(w.aggregates.len());
+    for (j, a) in w.aggregates.iter().enumerate() {
+        let at = |k: &str| format!("aggregates[{j}].{k}");
+        let input_index = match &a.field {
+            Some(f) => Some(input.index(f).ok_or_else(|| {
+                fail(
+                    &at("field"),
+                    format!(
+                        "`{f}` is not a field of the stream here; its fields: {}",
+                        input.describe()
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let input_type = input_index.map(|i| input.fields[i].field_type);
+        let (kind, output_type, fname) = match &a.function {
+            AggregateFunctionName::Builtin(f) => {
+                let t = builtin_output(*f, input_type).map_err(|m| fail(&at("field"), format!("{}: {m}", f.name())))?;
+                (AggregateKind::Builtin(*f), t, f.name().to_string())
+            }
+            AggregateFunctionName::User(name) => {
+                let u = user_aggregate(name).ok_or_else(|| {
+                    fail(
+                        &at("fn"),
+                        format!(
+                            "`{name}` is neither a built-in aggregate (count, sum, min, max, avg, \
+                             count_distinct, first, last) nor a registered one (sum_squares)"
+                        ),
+                    )
+                })?;
+                let t = u
+                    .output_type(input_type)
+                    .map_err(|m| fail(&at("field"), format!("{name}: {m}")))?;
+                (AggregateKind::User(u), t, name.clone())
+            }
+        };
+        let output = a.output.clone().unwrap_or_else(|| match &a.field {
+            Some(f) => format!("{fname}_{f}"),
+            None => fname.clone(),
+        });
+        fields.push(Field::new(&output, output_type));
+        aggs.push(Aggregate {
+            kind,
+            input: input_index,
+            output,
+            output_type,
+        });
+    }
+    Ok(aggs)
+}
+
+/// Every output a plain column name, and none twice.
+fn check_outputs(fields: &[Field], fail: &dyn Fn(&str, String) -> Error) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
-    for f in &fields {
+    for f in fields {
         if !crate::config::is_column_name(&f.name) {
             return Err(fail(
                 "aggregates",
@@ -278,23 +330,5 @@ fn window_spec(
             ));
         }
     }
-    let mut row_key = input.keyed_by.clone();
-    row_key.push("window_start".into());
-    Ok(WindowSpec {
-        id: id.to_string(),
-        key,
-        key_types,
-        input_fields: input.fields.clone(),
-        assigner,
-        trigger,
-        domain,
-        allowed_lateness: w.allowed_lateness.map_or(0, ms),
-        function,
-        output: Schema {
-            fields,
-            kafka_origin: false,
-            row_key,
-            keyed_by: Vec::new(),
-        },
-    })
+    Ok(())
 }
