@@ -342,7 +342,7 @@ fn confine(cfg: &crate::config::JobConfig, dir: &Path) -> std::result::Result<()
     }
     for (i, op) in cfg.operators.iter().enumerate() {
         if let OperatorConfig::Enrich(e) = op {
-            if e.store.kind == StoreKind::Sqlite {
+            if e.store.kind() == StoreKind::Sqlite {
                 if let Some(p) = e.store.url.as_deref().and_then(sqlite) {
                     paths.push((format!("operators[{i}].store.url"), p));
                 }

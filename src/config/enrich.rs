@@ -95,24 +95,99 @@ pub enum AsyncMode {
     Unordered,
 }
 
-/// The row-key store.
+/// The row-key store: its kind with the keys only that kind has, and the common keys.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawStoreConfig")]
 pub struct StoreConfig {
-    /// `postgres`, `sqlite` or `hbase`.
-    pub kind: StoreKind,
+    /// The kind and what only it has.
+    pub target: StoreTarget,
     /// `postgres://…` (password from `PGPASSWORD`), `sqlite://path`, or the HBase REST
     /// gateway's `http://host:8080`. Default for `postgres` and `sqlite`: the sink's
     /// database (with the sink's password), when the sink is of the same kind.
     pub url: Option<Url>,
     /// The table (`schema.table` in Postgres; the HBase table's name).
     pub table: String,
+    /// Keys another kind has that were given (`store.key_column` to HBase): refused
+    /// by validation, naming them.
+    pub(crate) stray: Vec<&'static str>,
+}
+
+/// A store's kind and the keys only it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreTarget {
+    /// A Postgres table.
+    Postgres {
+        /// `store.key_column`: the row-key column.
+        key_column: String,
+        /// `store.connections`: connections shared by the operator's subtasks.
+        connections: u32,
+    },
+    /// A SQLite table (the embedded default).
+    Sqlite {
+        /// `store.key_column`: the row-key column.
+        key_column: String,
+    },
+    /// HBase through its REST gateway (the row key is HBase's own).
+    Hbase,
+}
+
+impl StoreConfig {
+    /// Which kind of store it is.
+    pub fn kind(&self) -> StoreKind {
+        match self.target {
+            StoreTarget::Postgres { .. } => StoreKind::Postgres,
+            StoreTarget::Sqlite { .. } => StoreKind::Sqlite,
+            StoreTarget::Hbase => StoreKind::Hbase,
+        }
+    }
+}
+
+impl From<RawStoreConfig> for StoreConfig {
+    fn from(r: RawStoreConfig) -> Self {
+        let mut stray = Vec::new();
+        if r.kind != StoreKind::Postgres && r.connections != defaults::connections() {
+            stray.push("store.connections");
+        }
+        if r.kind == StoreKind::Hbase && r.key_column != defaults::key_column() {
+            stray.push("store.key_column");
+        }
+        let target = match r.kind {
+            StoreKind::Postgres => StoreTarget::Postgres {
+                key_column: r.key_column,
+                connections: r.connections,
+            },
+            StoreKind::Sqlite => StoreTarget::Sqlite {
+                key_column: r.key_column,
+            },
+            StoreKind::Hbase => StoreTarget::Hbase,
+        };
+        StoreConfig {
+            target,
+            url: r.url,
+            table: r.table,
+            stray,
+        }
+    }
+}
+
+/// `store` as given: flat, every kind's keys beside the common ones.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStoreConfig {
+    /// `postgres`, `sqlite` or `hbase`.
+    kind: StoreKind,
+    /// `postgres://…` (password from `PGPASSWORD`), `sqlite://path`, or the HBase REST
+    /// gateway's `http://host:8080`. Default for `postgres` and `sqlite`: the sink's
+    /// database (with the sink's password), when the sink is of the same kind.
+    url: Option<Url>,
+    /// The table (`schema.table` in Postgres; the HBase table's name).
+    table: String,
     /// The row-key column of a SQL table.
     #[serde(default = "defaults::key_column")]
-    pub key_column: String,
+    key_column: String,
     /// Connections to a Postgres store, shared by the operator's subtasks.
     #[serde(default = "defaults::connections", deserialize_with = "super::whole::number")]
-    pub connections: u32,
+    connections: u32,
 }
 
 /// Kinds of row-key store.
@@ -200,14 +275,14 @@ impl EnrichConfig {
                 return fail(&format!("columns[{i}].name"), format!("`{}` is added twice", c.name));
             }
             if let Some(from) = &c.from {
-                let ok = match self.store.kind {
+                let ok = match self.store.kind() {
                     StoreKind::Hbase => from
                         .split_once(':')
                         .is_some_and(|(f, q)| !f.is_empty() && !q.is_empty()),
                     _ => super::is_column_name(from),
                 };
                 if !ok {
-                    let want = match self.store.kind {
+                    let want = match self.store.kind() {
                         StoreKind::Hbase => "`family:qualifier`",
                         _ => "a column name",
                     };
@@ -224,8 +299,17 @@ impl EnrichConfig {
         if self.retries > 100 {
             return fail("retries", "must be at most 100".into());
         }
-        if !(1..=256).contains(&self.store.connections) {
-            return fail("store.connections", "must be between 1 and 256".into());
+        if let Some(key) = self.store.stray.first() {
+            let only = match *key {
+                "store.connections" => "only a postgres store has connections",
+                _ => "an hbase store has no key column (the row key is HBase's)",
+            };
+            return fail(key, only.into());
+        }
+        if let StoreTarget::Postgres { connections, .. } = self.store.target {
+            if !(1..=256).contains(&connections) {
+                return fail("store.connections", "must be between 1 and 256".into());
+            }
         }
         let ms = Duration::from_millis(1);
         let hour = Duration::from_secs(3600);
@@ -273,7 +357,7 @@ impl EnrichConfig {
             }
         }
         if let Some(url) = &self.store.url {
-            let url_ok = match self.store.kind {
+            let url_ok = match self.store.kind() {
                 StoreKind::Postgres => url.starts_with("postgres://") || url.starts_with("postgresql://"),
                 StoreKind::Sqlite => url.starts_with("sqlite:"),
                 StoreKind::Hbase => url.starts_with("http://") || url.starts_with("https://"),
@@ -281,7 +365,7 @@ impl EnrichConfig {
             if !url_ok {
                 return fail("store.url", format!("`{url}` is not a URL for this store kind"));
             }
-        } else if self.store.kind == StoreKind::Hbase {
+        } else if self.store.kind() == StoreKind::Hbase {
             return fail(
                 "store.url",
                 "give the HBase REST gateway's address (http://host:8080)".into(),
@@ -292,7 +376,7 @@ impl EnrichConfig {
 
     /// Where each added column is in the store.
     pub fn store_column(&self, c: &EnrichColumn) -> String {
-        match (&c.from, self.store.kind) {
+        match (&c.from, self.store.kind()) {
             (Some(from), _) => from.clone(),
             (None, StoreKind::Hbase) => format!("d:{}", c.name),
             (None, _) => c.name.clone(),

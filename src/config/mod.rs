@@ -23,6 +23,7 @@ pub use dataflow::{
 };
 pub use enrich::{
     AsyncMode, EnrichColumn, EnrichConfig, LocalCacheConfig, OnMissing, RedisConfig, StoreConfig, StoreKind,
+    StoreTarget,
 };
 pub(crate) use load::is_secret_name;
 pub use load::{flatten_properties, is_column_name, load, load_with_env, redact_url, redact_urls_in, KAFKA_VALUES};

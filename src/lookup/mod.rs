@@ -410,7 +410,7 @@ pub fn open(
     url: &str,
     password: Option<&secrecy::SecretString>,
 ) -> Result<Lookup> {
-    use crate::config::StoreKind;
+    use crate::config::StoreTarget;
     let columns: Vec<StoreColumn> = cfg
         .columns
         .iter()
@@ -420,12 +420,15 @@ pub fn open(
         })
         .collect();
     let s = &cfg.store;
-    let store: Arc<dyn RowStore> = match s.kind {
-        StoreKind::Postgres => Arc::new(
-            postgres::PgStore::new(url, &s.table, &s.key_column, columns, s.connections)?.with_password(password),
-        ),
-        StoreKind::Sqlite => Arc::new(sqlite::SqliteStore::new(url, &s.table, &s.key_column, columns)?),
-        StoreKind::Hbase => Arc::new(hbase::HbaseStore::new(url, &s.table, columns, cfg.timeout)?),
+    let store: Arc<dyn RowStore> = match &s.target {
+        StoreTarget::Postgres {
+            key_column,
+            connections,
+        } => {
+            Arc::new(postgres::PgStore::new(url, &s.table, key_column, columns, *connections)?.with_password(password))
+        }
+        StoreTarget::Sqlite { key_column } => Arc::new(sqlite::SqliteStore::new(url, &s.table, key_column, columns)?),
+        StoreTarget::Hbase => Arc::new(hbase::HbaseStore::new(url, &s.table, columns, cfg.timeout)?),
     };
     let redis = match &cfg.redis {
         Some(r) => Some(redis::RedisTier::new(redis::RedisOptions {

@@ -344,7 +344,7 @@ pub fn build(
 ) -> Result<BuiltOperator> {
     use crate::config::{SinkKind, StoreKind};
     let same_kind = matches!(
-        (e.store.kind, job.sink.kind()),
+        (e.store.kind(), job.sink.kind()),
         (StoreKind::Postgres, SinkKind::Postgres) | (StoreKind::Sqlite, SinkKind::Sqlite)
     );
     let (url, password) = match &e.store.url {
@@ -379,7 +379,7 @@ pub fn build(
         output.fields.push(Field::new(c.name.clone(), c.field_type));
     }
     let lookup = Arc::new(crate::lookup::open(&id, e, &url, password)?);
-    let store = format!("{} {}", store_kind(e.store.kind), e.store.table);
+    let store = format!("{} {}", store_kind(e.store.kind()), e.store.table);
     let spec = Arc::new(EnrichSpec {
         id: id.clone(),
         key,

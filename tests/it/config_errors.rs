@@ -440,6 +440,23 @@ fn enrichment_mistakes_are_named() {
         &[],
         "operators[0].columns[0].from",
     );
+    // A key only another kind of store has is refused, named, rather than ignored.
+    rejected(
+        &enriched(
+            "",
+            "kind = \"hbase\"\nurl = \"http://h:8080\"\ntable = \"users\"\nkey_column = \"id\"",
+        ),
+        &[],
+        "operators[0].store.key_column",
+    );
+    rejected(
+        &enriched(
+            "",
+            "kind = \"sqlite\"\nurl = \"sqlite://x.db\"\ntable = \"users\"\nconnections = 8",
+        ),
+        &[],
+        "operators[0].store.connections",
+    );
     rejected(
         &enriched("[operators.redis]\nurl = \"redis://:hunter2@h:6379\"", pg),
         &[],
