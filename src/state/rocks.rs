@@ -760,7 +760,7 @@ impl OwnedSnapshot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::{HeapBackend, ListState, MapState, ValueState};
     use std::collections::BTreeMap;
@@ -774,11 +774,12 @@ mod tests {
         RocksBackend::open(dir, "op-0", rows).expect("open RocksDB")
     }
 
-    /// Shared files in memory, counting the bytes written.
+    /// Shared files in memory, counting the bytes written (the RocksDB timers' tests
+    /// use it too).
     #[derive(Default)]
-    struct Shared {
+    pub(crate) struct Shared {
         files: std::sync::Mutex<BTreeMap<String, Vec<u8>>>,
-        written: AtomicU64,
+        pub(crate) written: AtomicU64,
     }
 
     impl SharedFiles for Shared {

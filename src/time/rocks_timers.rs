@@ -267,34 +267,9 @@ impl TimerQueue for RocksTimers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::rocks::tests::Shared;
     use crate::state::rocks::RocksOptions;
     use crate::state::{KeyGroup, Namespace};
-    use std::collections::BTreeMap;
-
-    /// Shared files in memory.
-    #[derive(Default)]
-    struct Shared {
-        files: std::sync::Mutex<BTreeMap<String, Vec<u8>>>,
-    }
-
-    impl SharedFiles for Shared {
-        fn share(&self, name: &str, path: &Path) -> Result<String> {
-            let handle = format!("shared/{name}");
-            let mut files = self.files.lock().expect("lock");
-            if !files.contains_key(&handle) {
-                files.insert(handle.clone(), std::fs::read(path).expect("read an SST file"));
-            }
-            Ok(handle)
-        }
-        fn read(&self, handle: &str) -> Result<Vec<u8>> {
-            self.files
-                .lock()
-                .expect("lock")
-                .get(handle)
-                .cloned()
-                .ok_or_else(|| Error::Internal(format!("no shared file {handle}")))
-        }
-    }
 
     #[test]
     fn timers_in_rocksdb_fire_in_order_once_and_restore_into_either_queue() {
