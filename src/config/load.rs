@@ -643,6 +643,38 @@ impl RestartConfig {
 impl SinkConfig {
     /// Checks of this section alone, naming the key.
     pub fn validate(&self, max_parallelism: u32) -> Check {
+        self.check_kind()?;
+        if self.parallelism == 0 {
+            return fail("sink.parallelism", "must be at least 1");
+        }
+        if self.parallelism > max_parallelism {
+            return fail("sink.parallelism", "must not exceed job.max_parallelism");
+        }
+        if !(1..=100).contains(&self.max_record_attempts) {
+            return fail("sink.max_record_attempts", "must be between 1 and 100");
+        }
+        if self.batch_size == 0 {
+            return fail("sink.batch_size", "must be at least 1");
+        }
+        self.check_table()?;
+        if self.partitioner == PartitionerKind::Broadcast {
+            return fail(
+                "sink.partitioner",
+                "broadcast would write every record once per sink subtask",
+            );
+        }
+        self.check_columns()?;
+        if self.partitioner == PartitionerKind::Custom && self.custom_partitioner.is_none() {
+            return fail(
+                "sink.custom_partitioner",
+                "names the partitioner for partitioner = \"custom\"",
+            );
+        }
+        Ok(())
+    }
+
+    /// What the kind allows: its URL, its strategies, its parallelism.
+    fn check_kind(&self) -> Check {
         match self.kind() {
             SinkKind::Postgres if !self.url.starts_with("postgres://") && !self.url.starts_with("postgresql://") => {
                 return fail("sink.url", "a postgres sink needs a postgres:// URL");
@@ -691,18 +723,11 @@ impl SinkConfig {
         if self.kind() == SinkKind::Sqlite && self.parallelism != 1 {
             return fail("sink.parallelism", "a sqlite sink takes one writer; set 1");
         }
-        if self.parallelism == 0 {
-            return fail("sink.parallelism", "must be at least 1");
-        }
-        if self.parallelism > max_parallelism {
-            return fail("sink.parallelism", "must not exceed job.max_parallelism");
-        }
-        if !(1..=100).contains(&self.max_record_attempts) {
-            return fail("sink.max_record_attempts", "must be between 1 and 100");
-        }
-        if self.batch_size == 0 {
-            return fail("sink.batch_size", "must be at least 1");
-        }
+        Ok(())
+    }
+
+    /// The table (a Redis key prefix, a Kafka topic, a SQL name).
+    fn check_table(&self) -> Check {
         if self.kind() == SinkKind::Redis {
             if self.table.is_empty() || self.table.len() > 200 || self.table.chars().any(char::is_whitespace) {
                 return fail(
@@ -738,12 +763,11 @@ impl SinkConfig {
                 "names are at most 63 bytes (Postgres truncates longer ones)",
             );
         }
-        if self.partitioner == PartitionerKind::Broadcast {
-            return fail(
-                "sink.partitioner",
-                "broadcast would write every record once per sink subtask",
-            );
-        }
+        Ok(())
+    }
+
+    /// Column names: plain, short enough for Postgres, each once.
+    fn check_columns(&self) -> Check {
         let mut names = HashSet::new();
         for col in &self.columns {
             if !is_identifier(&col.name) || col.name.contains('.') {
@@ -764,12 +788,6 @@ impl SinkConfig {
             if !names.insert(col.name.as_str()) {
                 return fail("sink.columns.name", &format!("`{}` appears twice", col.name));
             }
-        }
-        if self.partitioner == PartitionerKind::Custom && self.custom_partitioner.is_none() {
-            return fail(
-                "sink.custom_partitioner",
-                "names the partitioner for partitioner = \"custom\"",
-            );
         }
         Ok(())
     }
