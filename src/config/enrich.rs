@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::load::Check;
 use super::{FieldType, PartitionerKind, Url};
 
 /// An enrichment operator: the row key comes from a field of the record, the row from
@@ -255,7 +256,7 @@ pub struct RedisConfig {
 
 impl EnrichConfig {
     /// Checks that need no schema; `at` makes the key (`operators[n].…`).
-    pub(super) fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<(), (String, String)> {
+    pub(super) fn validate(&self, at: &dyn Fn(&str) -> String) -> Check {
         let fail = |k: &str, m: String| Err((at(k), m));
         if self.key.is_empty() {
             return fail("key", "must name the field holding the row key".into());
@@ -263,6 +264,29 @@ impl EnrichConfig {
         if self.columns.is_empty() {
             return fail("columns", "must name at least one column to add".into());
         }
+        self.check_columns(&fail)?;
+        if !(1..=1_000_000).contains(&self.capacity) {
+            return fail("capacity", "must be between 1 and 1000000".into());
+        }
+        if !(1..=10_000).contains(&self.max_keys_per_query) {
+            return fail("max_keys_per_query", "must be between 1 and 10000".into());
+        }
+        if self.retries > 100 {
+            return fail("retries", "must be at most 100".into());
+        }
+        self.check_store(&fail)?;
+        self.check_durations(&fail)?;
+        if !matches!(self.partitioner, PartitionerKind::Forward | PartitionerKind::KeyHash) {
+            return fail("partitioner", "must be `forward` or `hash` (by the lookup key)".into());
+        }
+        if self.partitioner == PartitionerKind::KeyHash && self.parallelism.is_none() {
+            return fail("parallelism", "give a parallelism with `partitioner = \"hash\"`".into());
+        }
+        self.check_urls(&fail)
+    }
+
+    /// The added columns: plain names, each once, each from a place the store has.
+    fn check_columns(&self, fail: &dyn Fn(&str, String) -> Check) -> Check {
         let mut seen = std::collections::HashSet::new();
         for (i, c) in self.columns.iter().enumerate() {
             if !super::is_column_name(&c.name) {
@@ -290,15 +314,11 @@ impl EnrichConfig {
                 }
             }
         }
-        if !(1..=1_000_000).contains(&self.capacity) {
-            return fail("capacity", "must be between 1 and 1000000".into());
-        }
-        if !(1..=10_000).contains(&self.max_keys_per_query) {
-            return fail("max_keys_per_query", "must be between 1 and 10000".into());
-        }
-        if self.retries > 100 {
-            return fail("retries", "must be at most 100".into());
-        }
+        Ok(())
+    }
+
+    /// The store's own keys.
+    fn check_store(&self, fail: &dyn Fn(&str, String) -> Check) -> Check {
         if let Some(key) = self.store.stray.first() {
             let only = match *key {
                 "store.connections" => "only a postgres store has connections",
@@ -311,6 +331,11 @@ impl EnrichConfig {
                 return fail("store.connections", "must be between 1 and 256".into());
             }
         }
+        Ok(())
+    }
+
+    /// Every duration within its bounds.
+    fn check_durations(&self, fail: &dyn Fn(&str, String) -> Check) -> Check {
         let ms = Duration::from_millis(1);
         let hour = Duration::from_secs(3600);
         let day = Duration::from_secs(24 * 3600);
@@ -334,12 +359,11 @@ impl EnrichConfig {
                 return fail(k, format!("must be between {min:?} and {max:?}"));
             }
         }
-        if !matches!(self.partitioner, PartitionerKind::Forward | PartitionerKind::KeyHash) {
-            return fail("partitioner", "must be `forward` or `hash` (by the lookup key)".into());
-        }
-        if self.partitioner == PartitionerKind::KeyHash && self.parallelism.is_none() {
-            return fail("parallelism", "give a parallelism with `partitioner = \"hash\"`".into());
-        }
+        Ok(())
+    }
+
+    /// URLs without passwords, each of its store's kind.
+    fn check_urls(&self, fail: &dyn Fn(&str, String) -> Check) -> Check {
         let urls = self
             .store
             .url
