@@ -10,7 +10,7 @@
 //!   partition is checkpointed state, and each partition has its own watermark. Also the
 //!   embedded broker and sample-event generator used by the zero-install default.
 //! - [`operators`]: `key_by`, windows, enrichment.
-//! - [`format`]: decoding what Kafka carries (JSON) into typed fields, chained into the
+//! - [`format`](mod@format): decoding what Kafka carries (JSON) into typed fields, chained into the
 //!   source subtask with a dead-letter side output.
 //! - [`connect`]: clients shared by several components (Redis), SQL names quoted one way.
 //! - [`clock`]: the wall clock, the lowest leaf.
@@ -18,12 +18,15 @@
 //!   the executor of a physical plan ([`runtime::graph`]),
 //!   bounded channels (the backpressure), partitioners, barrier alignment, restart
 //!   strategies.
-//! - [`state`]: keyed state by key group (value, list, map) and its heap backend.
-//! - [`time`]: event-time extraction, watermarks with idleness, timers, the clock.
+//! - [`state`]: keyed state by key group (value, list, map): heap and RocksDB backends.
+//! - [`time`]: event-time extraction, watermarks with idleness, timers (also held in
+//!   RocksDB), the processing-time clock.
 //! - [`checkpoint`]: the coordinator that triggers barriers and collects acknowledgements,
 //!   and the storage (memory or directory) of completed checkpoints.
-//! - [`sink`]: exactly-once writers. Each strategy (idempotent upsert, two-phase commit)
-//!   is an adapter over a target (Postgres, SQLite) that knows how to write.
+//! - [`sink`]: exactly-once writers. Each strategy (idempotent upsert, two-phase commit,
+//!   write-ahead log) is an adapter over a target that knows how to write; each target
+//!   (Postgres, SQLite, Kafka, Redis) is a folder owning its whole life, listed once in
+//!   [`sink::target::TARGETS`].
 //! - [`config`]: the TOML/environment configuration, validated before anything starts.
 //! - [`telemetry`]: Prometheus metrics, the console status line.
 //! - [`api`]: the HTTP endpoint: `/metrics`, `/health`, `/ready`, `/status`.

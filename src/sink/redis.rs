@@ -12,7 +12,7 @@
 //! as far as the server's persistence goes (AOF with `appendfsync always` for no loss
 //! on a Redis crash).
 //!
-//! The commands of an epoch are queued in slices of [`SLICE`] between `MULTI` and
+//! The commands of an epoch are queued in slices of `SLICE` between `MULTI` and
 //! `EXEC`, so the client never packs a whole epoch into one buffer (tens of megabytes,
 //! grown and zeroed each epoch: a third of the sink's time). That needs a connection of
 //! the subtask's own which never reconnects behind its back: a reconnection inside

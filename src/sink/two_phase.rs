@@ -69,7 +69,7 @@ pub struct Prepared {
 /// A target with transactions the two-phase strategy can drive: it knows how to write,
 /// prepare, commit and recover; the strategy knows when. Listing and rolling back what
 /// a job left behind are job-wide, not a subtask's, and run before any subtask starts
-/// and from `sluice txn`: [`crate::sink::SinkTarget::recover`], and per target
+/// and from `sluice txn`: [`crate::sink::target::Target::recover`], and per target
 /// `postgres::{list_prepared, finish_prepared}`, `kafka::{pending_epochs, fence_all}`.
 pub trait TransactionalTarget: Send + 'static {
     /// Write `batch` into the open transaction, beginning one if none is open. May

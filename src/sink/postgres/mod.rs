@@ -1,5 +1,5 @@
 //! Postgres as a target, by concern: the connection, owner lock and migrations
-//! ([`connect`]); the table and its batched writes ([`table`]); the write-ahead log
+//! ([`connect`](mod@connect)); the table and its batched writes ([`table`]); the write-ahead log
 //! ([`wal`]); its transactions for two-phase commit ([`transactional`]); the target as
 //! a whole ([`target`]).
 
