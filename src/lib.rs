@@ -31,6 +31,7 @@
 //! - [`telemetry`]: Prometheus metrics, the console status line.
 //! - [`api`]: the HTTP endpoint: `/metrics`, `/health`, `/ready`, `/status`.
 //! - [`record`]: what flows between operators.
+//! - [`redact`]: URLs and secret names kept out of every message.
 //! - [`error`]: errors by domain, and whether a restart can help.
 //! - [`failpoint`]: crash points for the exactly-once tests (compiled out by default).
 
@@ -49,6 +50,7 @@ pub mod logging;
 pub mod lookup;
 pub mod operators;
 pub mod record;
+pub mod redact;
 pub mod runtime;
 pub mod session;
 pub mod sink;

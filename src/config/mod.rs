@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 pub use crate::record::FieldType;
 
+pub use crate::redact::{redact_url, redact_urls_in};
 pub use dataflow::{
     AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerConfig, AssignerKind, IntervalClock,
     OperatorConfig, ProcessSpec, TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
@@ -26,7 +27,7 @@ pub use enrich::{
     StoreTarget,
 };
 pub(crate) use load::is_secret_name;
-pub use load::{flatten_properties, is_column_name, load, load_with_env, redact_url, redact_urls_in, KAFKA_VALUES};
+pub use load::{flatten_properties, is_column_name, load, load_with_env, KAFKA_VALUES};
 
 /// A whole job.
 #[derive(Debug, Clone, Deserialize)]

@@ -330,7 +330,7 @@ impl JobStats {
             *f = Some(Failure {
                 at_ms: now_ms(),
                 // Shown in /status and the status line: never a URL's secret.
-                error: crate::config::redact_urls_in(error),
+                error: crate::redact::redact_urls_in(error),
             });
         }
     }
