@@ -463,7 +463,7 @@ async fn migrate(cfg: JobConfig) -> anyhow::Result<()> {
     let Some(migrate) = target.migrate else {
         anyhow::bail!("a {} sink has no migrations", cfg.sink.kind().name());
     };
-    migrate(&cfg, &dir).await?;
+    migrate(&sluice::app::sink_context(&cfg), &dir).await?;
     say!("migrations in {} applied", dir.display());
     Ok(())
 }
@@ -498,8 +498,9 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
             ))
         })
     };
+    let ctx = sluice::app::sink_context(&cfg);
     let admin = Admin {
-        cfg: &cfg,
+        ctx: &ctx,
         spec: &spec,
         storage: &storage,
     };

@@ -34,9 +34,25 @@ use crate::runtime::graph::{self, Attempt};
 use crate::runtime::restart::RestartPolicy;
 use crate::sink;
 use crate::sink::postgres::{Fence, JobLock};
-use crate::sink::target::Admin;
+use crate::sink::target::{Admin, SinkContext};
 use crate::source::embedded::EmbeddedKafka;
 use crate::telemetry::{self, JobState, JobStats};
+
+/// What the job's sink target is given: `[sink]` and the little of the job it needs.
+pub fn sink_context(cfg: &JobConfig) -> SinkContext<'_> {
+    SinkContext {
+        job: &cfg.job.name,
+        file: &cfg.file,
+        sink: &cfg.sink,
+        checkpoint_interval: cfg.checkpoint.interval,
+        checkpoint_timeout: cfg.checkpoint.timeout,
+        dead_letter_topic: cfg.dead_letter.topic.as_deref(),
+        kafka_security: crate::config::flatten_properties_of(cfg)
+            .into_iter()
+            .filter(|(k, _)| ["security.", "sasl.", "ssl."].iter().any(|p| k.starts_with(p)))
+            .collect(),
+    }
+}
 
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
 /// it fails past what its restart strategy allows.
@@ -194,8 +210,9 @@ async fn leave_nothing_prepared(
     };
     let spec = || Ok(plan(cfg, &Arc::default())?.table);
     let open = || Ok(storage.clone());
+    let ctx = sink_context(cfg);
     let admin = Admin {
-        cfg,
+        ctx: &ctx,
         spec: &spec,
         storage: &open,
     };
@@ -249,7 +266,8 @@ async fn attempt(
     fence: Option<Fence>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Stopped> {
-    let target = sink::target::open(cfg, plan.table.clone(), fence).await?;
+    let ctx = sink_context(cfg);
+    let target = sink::target::open(&ctx, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
     stats.restored(restored.as_ref().map(|c| c.id));
     if let Some(cp) = &restored {
@@ -268,7 +286,7 @@ async fn attempt(
         plan.graph
             .check_unknown_state(cp, cfg.checkpoint.allow_non_restored_state)?;
     }
-    target.recover(cfg, restored.as_ref()).await?;
+    target.recover(&ctx, restored.as_ref()).await?;
     let parts = AppParts {
         cfg,
         bootstrap,

@@ -104,8 +104,9 @@ async fn build_sink(cfg: &JobConfig, parts: &SinkParts<'_>, j: usize) -> Result<
         }
         _ => None,
     };
+    let ctx = super::sink_context(cfg);
     let sink = parts.target.subtask(SubtaskParts {
-        cfg,
+        ctx: &ctx,
         strategy: cfg.sink.strategy,
         index: j,
         storage: parts.storage,

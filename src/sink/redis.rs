@@ -33,7 +33,7 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
 use super::json::{write_text, RowJson};
-use super::target::{SubtaskParts, Target, TargetFuture, TargetKind};
+use super::target::{SinkContext, SubtaskParts, Target, TargetFuture, TargetKind};
 use super::wal::WalTarget;
 use super::TableSpec;
 use crate::config::{redact_url, RedisCommand};
@@ -135,18 +135,18 @@ pub const TARGET: TargetKind = TargetKind {
     txn: None,
 };
 
-fn open(
-    cfg: &crate::config::JobConfig,
+fn open<'a>(
+    ctx: &'a SinkContext<'a>,
     spec: TableSpec,
     _fence: Option<super::postgres::Fence>,
-) -> TargetFuture<'_, Box<dyn Target>> {
+) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move {
-        let password = cfg.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
-        let command = match &cfg.sink.target {
+        let password = ctx.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);
+        let command = match &ctx.sink.target {
             crate::config::SinkTarget::Redis(r) => r.command,
             _ => crate::config::RedisCommand::default(),
         };
-        let target = RedisWal::open(&cfg.sink.url, password, &cfg.job.name, spec, command).await?;
+        let target = RedisWal::open(&ctx.sink.url, password, ctx.job, spec, command).await?;
         Ok(Box::new(target) as Box<dyn Target>)
     })
 }
@@ -159,7 +159,7 @@ impl Target for RedisWal {
     fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
         Box::pin(async move {
             let t = self.for_subtask().await?;
-            let (job, j) = (&parts.cfg.job.name, parts.index);
+            let (job, j) = (&parts.ctx.job, parts.index);
             Ok(Box::new(super::wal::WalWriter::new(
                 job,
                 j,

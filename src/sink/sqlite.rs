@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::isolate::{write_isolating, RowStatements};
 use super::json::RowJson;
-use super::target::{SubtaskParts, Target, TargetFuture, TargetKind};
+use super::target::{SinkContext, SubtaskParts, Target, TargetFuture, TargetKind};
 use super::{quote_name, TableSpec};
 use crate::config::Strategy;
 use crate::error::{Error, Result};
@@ -389,17 +389,17 @@ pub struct SqliteTarget {
     table: std::sync::Arc<SqliteTable>,
 }
 
-fn open(
-    cfg: &crate::config::JobConfig,
+fn open<'a>(
+    ctx: &'a SinkContext<'a>,
     spec: TableSpec,
     _fence: Option<super::postgres::Fence>,
-) -> TargetFuture<'_, Box<dyn Target>> {
+) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move {
-        let pool = connect(&cfg.sink.url).await?;
+        let pool = connect(&ctx.sink.url).await?;
         if let Some(crate::config::SqlSinkConfig {
             migrations: Some(dir),
             run_migrations: true,
-        }) = cfg.sink.sql()
+        }) = ctx.sink.sql()
         {
             migrate(&pool, dir).await?;
         }
@@ -419,7 +419,7 @@ impl Target for SqliteTarget {
     fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
         Box::pin(async move {
             let SubtaskParts {
-                cfg,
+                ctx,
                 strategy,
                 index: j,
                 storage,
@@ -429,7 +429,7 @@ impl Target for SqliteTarget {
             Ok(match strategy {
                 Strategy::Wal => {
                     let t = SqliteWal::open(self.pool.clone(), self.table.clone()).await?;
-                    Box::new(super::wal::WalWriter::new(&cfg.job.name, j, t, storage.clone(), stats)) as Box<dyn Sink>
+                    Box::new(super::wal::WalWriter::new(ctx.job, j, t, storage.clone(), stats)) as Box<dyn Sink>
                 }
                 Strategy::Idempotent | Strategy::TwoPhase => {
                     let t = super::idempotent::SqliteUpsert {
@@ -437,8 +437,8 @@ impl Target for SqliteTarget {
                         table: self.table.clone(),
                     };
                     Box::new(
-                        super::idempotent::IdempotentWriter::new(t, cfg.sink.batch_size, dead_letters, j, stats)
-                            .with_flush_interval(cfg.sink.flush_interval),
+                        super::idempotent::IdempotentWriter::new(t, ctx.sink.batch_size, dead_letters, j, stats)
+                            .with_flush_interval(ctx.sink.flush_interval),
                     )
                 }
                 Strategy::AtLeastOnce => return Err(Error::Unsupported("at_least_once is for kafka sinks".into())),
@@ -447,6 +447,6 @@ impl Target for SqliteTarget {
     }
 }
 
-fn migrate_dir<'a>(cfg: &'a crate::config::JobConfig, dir: &'a Path) -> TargetFuture<'a, ()> {
-    Box::pin(async move { migrate(&connect(&cfg.sink.url).await?, dir).await })
+fn migrate_dir<'a>(ctx: &'a SinkContext<'a>, dir: &'a Path) -> TargetFuture<'a, ()> {
+    Box::pin(async move { migrate(&connect(&ctx.sink.url).await?, dir).await })
 }

@@ -14,7 +14,7 @@ use super::dead_letter::KafkaDeadLetters;
 use super::postgres::Fence;
 use super::TableSpec;
 use crate::checkpoint::{CheckpointStorage, CompletedCheckpoint};
-use crate::config::{JobConfig, SinkKind, Strategy};
+use crate::config::{SinkConfig, SinkKind, Strategy};
 use crate::error::{Error, Result};
 use crate::runtime::sink::Sink;
 use crate::telemetry::JobStats;
@@ -22,10 +22,30 @@ use crate::telemetry::JobStats;
 /// A boxed future of a target's work.
 pub type TargetFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
+/// What a sink target is given: its own section and the little of the job it needs.
+#[derive(Debug, Clone)]
+pub struct SinkContext<'a> {
+    /// The job's name (in transaction ids, markers, connection names).
+    pub job: &'a str,
+    /// The config file, for messages.
+    pub file: &'a Path,
+    /// `[sink]`.
+    pub sink: &'a SinkConfig,
+    /// How often checkpoints are taken (a Kafka transaction must outlive one).
+    pub checkpoint_interval: std::time::Duration,
+    /// How long a checkpoint may take.
+    pub checkpoint_timeout: std::time::Duration,
+    /// `dead_letter.topic`, which a Kafka sink writes in its own transactions.
+    pub dead_letter_topic: Option<&'a str>,
+    /// The source cluster's security settings (`security.*`, `sasl.*`, `ssl.*`), which a
+    /// Kafka sink's cluster shares.
+    pub kafka_security: Vec<(String, String)>,
+}
+
 /// What a sink subtask is built from.
 pub struct SubtaskParts<'a> {
-    /// The job.
-    pub cfg: &'a JobConfig,
+    /// The target's context.
+    pub ctx: &'a SinkContext<'a>,
     /// The strategy to write with (a previous strategy's, when finishing what it left).
     pub strategy: Strategy,
     /// The subtask's index.
@@ -46,8 +66,12 @@ pub trait Target: Send + Sync {
 
     /// Bring the target in line with the checkpoint being restored, before any sink
     /// subtask opens (commit what it holds, roll back or fence the rest).
-    fn recover<'a>(&'a self, cfg: &'a JobConfig, restored: Option<&'a CompletedCheckpoint>) -> TargetFuture<'a, ()> {
-        let _ = (cfg, restored);
+    fn recover<'a>(
+        &'a self,
+        ctx: &'a SinkContext<'a>,
+        restored: Option<&'a CompletedCheckpoint>,
+    ) -> TargetFuture<'a, ()> {
+        let _ = (ctx, restored);
         Box::pin(async { Ok(()) })
     }
 
@@ -80,8 +104,8 @@ pub enum TxnCommand {
 /// What an administrative command (`sluice txn`, resolving before exit) is given: the
 /// job, and what only some targets need, made when asked.
 pub struct Admin<'a> {
-    /// The job.
-    pub cfg: &'a JobConfig,
+    /// The target's context.
+    pub ctx: &'a SinkContext<'a>,
     /// The sink's table as planned (planning builds every operator).
     pub spec: &'a (dyn Fn() -> Result<TableSpec> + Sync),
     /// The job's checkpoint storage (a running job may hold it).
@@ -89,11 +113,11 @@ pub struct Admin<'a> {
 }
 
 /// Connects, applies migrations if configured, checks the table.
-pub type OpenFn = for<'a> fn(&'a JobConfig, TableSpec, Option<Fence>) -> TargetFuture<'a, Box<dyn Target>>;
+pub type OpenFn = for<'a> fn(&'a SinkContext<'a>, TableSpec, Option<Fence>) -> TargetFuture<'a, Box<dyn Target>>;
 /// Resolves what a job left prepared: (committed, rolled back or fenced).
 pub type ResolveFn = for<'a> fn(&'a Admin<'a>) -> TargetFuture<'a, (usize, usize)>;
 /// Applies the migrations in a directory.
-pub type MigrateFn = for<'a> fn(&'a JobConfig, &'a Path) -> TargetFuture<'a, ()>;
+pub type MigrateFn = for<'a> fn(&'a SinkContext<'a>, &'a Path) -> TargetFuture<'a, ()>;
 /// Runs a `sluice txn` command: the lines to print.
 pub type TxnFn = for<'a> fn(&'a Admin<'a>, &'a TxnCommand) -> TargetFuture<'a, Vec<String>>;
 
@@ -134,17 +158,17 @@ pub fn target_kind(kind: SinkKind) -> Result<&'static TargetKind> {
 }
 
 /// Open the job's target (`fence`: the owner lock's, if the target takes one).
-pub async fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<Fence>) -> Result<Box<dyn Target>> {
-    let target = target_kind(cfg.sink.kind())?;
-    if !target.strategies.contains(&cfg.sink.strategy) {
+pub async fn open(ctx: &SinkContext<'_>, spec: TableSpec, fence: Option<Fence>) -> Result<Box<dyn Target>> {
+    let target = target_kind(ctx.sink.kind())?;
+    if !target.strategies.contains(&ctx.sink.strategy) {
         let names: Vec<&str> = target.strategies.iter().map(|s| s.name()).collect();
         return Err(Error::Config {
-            file: cfg.file.clone(),
+            file: ctx.file.to_path_buf(),
             key: "sink.strategy".into(),
-            message: format!("a {} sink writes with {}", cfg.sink.kind().name(), names.join(" or ")),
+            message: format!("a {} sink writes with {}", ctx.sink.kind().name(), names.join(" or ")),
         });
     }
-    (target.open)(cfg, spec, fence).await
+    (target.open)(ctx, spec, fence).await
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@ use rdkafka::config::ClientConfig;
 
 use super::{fence_all, fence_before_recovery, pending_epochs, KafkaProducerSink, KafkaTarget, KafkaTransactions};
 use crate::checkpoint::CompletedCheckpoint;
-use crate::config::{JobConfig, SinkKind, Strategy};
+use crate::config::{SinkKind, Strategy};
 use crate::error::{Error, Result};
 use crate::runtime::sink::Sink;
 use crate::sink::postgres::Fence;
-use crate::sink::target::{Admin, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
+use crate::sink::target::{Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
 use crate::sink::two_phase::TwoPhase;
 use crate::sink::TableSpec;
 
@@ -25,14 +25,12 @@ pub const TARGET: TargetKind = TargetKind {
 };
 
 /// Open the output topic's cluster and check it.
-async fn open_target(cfg: &JobConfig, spec: TableSpec) -> Result<KafkaTarget> {
+async fn open_target(ctx: &SinkContext<'_>, spec: TableSpec) -> Result<KafkaTarget> {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", cfg.sink.url.trim());
+    client.set("bootstrap.servers", ctx.sink.url.trim());
     // Security settings of the source apply to the sink's cluster too.
-    for (k, v) in crate::config::flatten_properties_of(cfg) {
-        if ["security.", "sasl.", "ssl."].iter().any(|p| k.starts_with(p)) {
-            client.set(k, v);
-        }
+    for (k, v) in &ctx.kafka_security {
+        client.set(k, v);
     }
     // Defaults the sink's own properties may change: Java clients' partitioner (a key
     // lands where Kafka Streams and Java producers put it), short lingering.
@@ -40,22 +38,27 @@ async fn open_target(cfg: &JobConfig, spec: TableSpec) -> Result<KafkaTarget> {
         ("partitioner".to_string(), "murmur2_random".to_string()),
         ("linger.ms".to_string(), "5".to_string()),
     ];
-    producing.extend(crate::config::flatten_sink_properties_of(cfg));
+    producing.extend(
+        ctx.sink
+            .kafka()
+            .map(|k| crate::config::flatten_properties(&k.properties))
+            .unwrap_or_default(),
+    );
     KafkaTarget::open(
         client,
         producing,
-        &cfg.job.name,
+        ctx.job,
         spec,
-        cfg.dead_letter.topic.clone(),
-        cfg.checkpoint.interval,
-        cfg.checkpoint.timeout,
-        cfg.sink.strategy == Strategy::TwoPhase,
+        ctx.dead_letter_topic.map(str::to_string),
+        ctx.checkpoint_interval,
+        ctx.checkpoint_timeout,
+        ctx.sink.strategy == Strategy::TwoPhase,
     )
     .await
 }
 
-fn open(cfg: &JobConfig, spec: TableSpec, _fence: Option<Fence>) -> TargetFuture<'_, Box<dyn Target>> {
-    Box::pin(async move { Ok(Box::new(open_target(cfg, spec).await?) as Box<dyn Target>) })
+fn open<'a>(ctx: &'a SinkContext<'a>, spec: TableSpec, _fence: Option<Fence>) -> TargetFuture<'a, Box<dyn Target>> {
+    Box::pin(async move { Ok(Box::new(open_target(ctx, spec).await?) as Box<dyn Target>) })
 }
 
 impl Target for KafkaTarget {
@@ -65,11 +68,15 @@ impl Target for KafkaTarget {
 
     // Whatever the strategy now (a job that ran `two_phase` before may have left epochs
     // to rewrite); nothing to do when the checkpoint holds none.
-    fn recover<'a>(&'a self, cfg: &'a JobConfig, restored: Option<&'a CompletedCheckpoint>) -> TargetFuture<'a, ()> {
+    fn recover<'a>(
+        &'a self,
+        ctx: &'a SinkContext<'a>,
+        restored: Option<&'a CompletedCheckpoint>,
+    ) -> TargetFuture<'a, ()> {
         Box::pin(fence_before_recovery(
             self,
-            &cfg.job.name,
-            cfg.sink.parallelism as usize,
+            ctx.job,
+            ctx.sink.parallelism as usize,
             restored,
         ))
     }
@@ -77,7 +84,7 @@ impl Target for KafkaTarget {
     fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
         Box::pin(async move {
             let SubtaskParts {
-                cfg,
+                ctx,
                 strategy,
                 index: j,
                 storage,
@@ -92,7 +99,7 @@ impl Target for KafkaTarget {
                     stats,
                 )?) as Box<dyn Sink>,
                 Strategy::TwoPhase | Strategy::Wal => {
-                    let t = KafkaTransactions::new(&cfg.job.name, j, self.clone(), storage.clone(), stats.clone())?;
+                    let t = KafkaTransactions::new(ctx.job, j, self.clone(), storage.clone(), stats.clone())?;
                     Box::new(TwoPhase::new(j, t, stats))
                 }
             })
@@ -109,9 +116,9 @@ impl Target for KafkaTarget {
 /// completed checkpoint holds.
 fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, usize)> {
     Box::pin(async move {
-        let cfg = admin.cfg;
-        let target = open_target(cfg, (admin.spec)()?).await?;
-        let fenced = fence_all(&target, &cfg.job.name, cfg.sink.parallelism as usize).await?;
+        let ctx = admin.ctx;
+        let target = open_target(ctx, (admin.spec)()?).await?;
+        let fenced = fence_all(&target, ctx.job, ctx.sink.parallelism as usize).await?;
         Ok((0, fenced.len()))
     })
 }
@@ -120,8 +127,8 @@ fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, 
 /// whether they committed; abort by fencing every transactional id of the job.
 fn txn<'a>(admin: &'a Admin<'a>, command: &'a TxnCommand) -> TargetFuture<'a, Vec<String>> {
     Box::pin(async move {
-        let (cfg, job) = (admin.cfg, &admin.cfg.job.name);
-        let target = open_target(cfg, (admin.spec)()?).await?;
+        let (ctx, job) = (admin.ctx, admin.ctx.job);
+        let target = open_target(ctx, (admin.spec)()?).await?;
         match command {
             TxnCommand::List => {
                 let latest = (admin.storage)()?.latest()?;
@@ -150,7 +157,7 @@ fn txn<'a>(admin: &'a Admin<'a>, command: &'a TxnCommand) -> TargetFuture<'a, Ve
                 commit: false,
                 ..
             } => {
-                let ids = fence_all(&target, job, cfg.sink.parallelism as usize).await?;
+                let ids = fence_all(&target, job, ctx.sink.parallelism as usize).await?;
                 Ok(vec![format!(
                     "aborted the open transactions of {} transactional ids of job {job} (a running process of the \
                      job is fenced and stops)",

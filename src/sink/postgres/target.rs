@@ -11,11 +11,11 @@ use super::{
     PgTransactions, PgWal,
 };
 use crate::checkpoint::CompletedCheckpoint;
-use crate::config::{JobConfig, SinkKind, Strategy};
+use crate::config::{SinkKind, Strategy};
 use crate::error::Error;
 use crate::runtime::sink::Sink;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert};
-use crate::sink::target::{Admin, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
+use crate::sink::target::{Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
 use crate::sink::two_phase::TwoPhase;
 use crate::sink::wal::WalWriter;
 use crate::sink::TableSpec;
@@ -39,21 +39,21 @@ pub struct PgTarget {
     fence: Option<Fence>,
 }
 
-fn open(cfg: &JobConfig, spec: TableSpec, fence: Option<Fence>) -> TargetFuture<'_, Box<dyn Target>> {
+fn open<'a>(ctx: &'a SinkContext<'a>, spec: TableSpec, fence: Option<Fence>) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move {
-        let pool = connect(&cfg.sink, &cfg.job.name, cfg.sink.parallelism * 2 + 2).await?;
+        let pool = connect(ctx.sink, ctx.job, ctx.sink.parallelism * 2 + 2).await?;
         if let Some(crate::config::SqlSinkConfig {
             migrations: Some(dir),
             run_migrations: true,
-        }) = cfg.sink.sql()
+        }) = ctx.sink.sql()
         {
             migrate(&pool, dir).await?;
         }
-        if cfg.sink.strategy == Strategy::TwoPhase {
-            check_prepared_transactions(&pool, cfg.sink.parallelism).await?;
+        if ctx.sink.strategy == Strategy::TwoPhase {
+            check_prepared_transactions(&pool, ctx.sink.parallelism).await?;
         }
-        let upsert = cfg.sink.strategy == Strategy::Idempotent;
-        let table = PgTable::open(&pool, spec, upsert, cfg.sink.max_record_attempts).await?;
+        let upsert = ctx.sink.strategy == Strategy::Idempotent;
+        let table = PgTable::open(&pool, spec, upsert, ctx.sink.max_record_attempts).await?;
         Ok(Box::new(PgTarget {
             pool,
             table: Arc::new(table),
@@ -70,21 +70,25 @@ impl Target for PgTarget {
     // Whatever the strategy now: a job that ran `two_phase` before may have left
     // prepared transactions, which belong to its checkpoints (lost rows if never
     // committed, held locks if never rolled back). One query when there are none.
-    fn recover<'a>(&'a self, cfg: &'a JobConfig, restored: Option<&'a CompletedCheckpoint>) -> TargetFuture<'a, ()> {
-        Box::pin(async move { recover(&self.pool, &cfg.job.name, restored).await.map(|_| ()) })
+    fn recover<'a>(
+        &'a self,
+        ctx: &'a SinkContext<'a>,
+        restored: Option<&'a CompletedCheckpoint>,
+    ) -> TargetFuture<'a, ()> {
+        Box::pin(async move { recover(&self.pool, ctx.job, restored).await.map(|_| ()) })
     }
 
     fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
         Box::pin(async move {
             let SubtaskParts {
-                cfg,
+                ctx,
                 strategy,
                 index: j,
                 storage,
                 stats,
                 dead_letters,
             } = parts;
-            let (job, batch) = (&cfg.job.name, cfg.sink.batch_size);
+            let (job, batch) = (ctx.job, ctx.sink.batch_size);
             Ok(match strategy {
                 Strategy::TwoPhase => {
                     let (table, pool, fence) = (self.table.clone(), self.pool.clone(), self.fence.clone());
@@ -102,7 +106,7 @@ impl Target for PgTarget {
                     };
                     Box::new(
                         IdempotentWriter::new(t, batch, dead_letters, j, stats)
-                            .with_flush_interval(cfg.sink.flush_interval),
+                            .with_flush_interval(ctx.sink.flush_interval),
                     )
                 }
                 Strategy::AtLeastOnce => return Err(Error::Unsupported("at_least_once is for kafka sinks".into())),
@@ -114,16 +118,16 @@ impl Target for PgTarget {
 /// Commit what the newest completed checkpoint holds, roll back the rest.
 fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, usize)> {
     Box::pin(async move {
-        let cfg = admin.cfg;
-        let pool = connect(&cfg.sink, &cfg.job.name, 2).await?;
+        let ctx = admin.ctx;
+        let pool = connect(ctx.sink, ctx.job, 2).await?;
         let latest = (admin.storage)()?.latest()?;
-        recover(&pool, &cfg.job.name, latest.as_ref()).await
+        recover(&pool, ctx.job, latest.as_ref()).await
     })
 }
 
-fn migrate_dir<'a>(cfg: &'a JobConfig, dir: &'a Path) -> TargetFuture<'a, ()> {
+fn migrate_dir<'a>(ctx: &'a SinkContext<'a>, dir: &'a Path) -> TargetFuture<'a, ()> {
     Box::pin(async move {
-        let pool = connect(&cfg.sink, &cfg.job.name, 1).await?;
+        let pool = connect(ctx.sink, ctx.job, 1).await?;
         migrate(&pool, dir).await
     })
 }
@@ -131,9 +135,9 @@ fn migrate_dir<'a>(cfg: &'a JobConfig, dir: &'a Path) -> TargetFuture<'a, ()> {
 /// The job's prepared transactions: list them, or commit or roll back one or all.
 fn txn<'a>(admin: &'a Admin<'a>, command: &'a TxnCommand) -> TargetFuture<'a, Vec<String>> {
     Box::pin(async move {
-        let cfg = admin.cfg;
-        let pool = connect(&cfg.sink, &cfg.job.name, 1).await?;
-        let job = &cfg.job.name;
+        let ctx = admin.ctx;
+        let pool = connect(ctx.sink, ctx.job, 1).await?;
+        let job = ctx.job;
         let (gid, all, commit) = match command {
             TxnCommand::List => {
                 let list = list_prepared(&pool, job).await?;
