@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::checkpoint::coordinator::CheckpointTiming;
+use crate::checkpoint::coordinator::{CheckpointTiming, Final};
 use crate::checkpoint::CheckpointStorage;
 use crate::config::{JobConfig, Strategy};
 use crate::error::{Error, Result};
@@ -117,9 +117,14 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         // after a restart, and counted as one only if the attempt failed. A signal's
         // stop stands.
         let stop_failed = match &result {
-            Ok(Stopped::Cleanly) => None,
-            Ok(Stopped::WithoutSavepoint { checkpoint, why }) => Some((
-                format!("checkpoint {checkpoint} completed, but its savepoint could not be written: {why}"),
+            Ok(Final {
+                savepoint_failed: None, ..
+            }) => None,
+            Ok(Final {
+                id,
+                savepoint_failed: Some(why),
+            }) => Some((
+                format!("checkpoint {id} completed, but its savepoint could not be written: {why}"),
                 true,
             )),
             Err(e) => Some((
@@ -246,17 +251,8 @@ async fn leave_nothing_prepared(
     }
 }
 
-/// What every subtask of one attempt shares.
-/// How an attempt that was asked to stop ended.
-#[derive(Debug)]
-enum Stopped {
-    /// After its final checkpoint (and the savepoint asked of it).
-    Cleanly,
-    /// After its final checkpoint, whose savepoint could not be written.
-    WithoutSavepoint { checkpoint: u64, why: String },
-}
-
-/// One attempt: restore, run, and return when stopped (Ok) or on the first failure.
+/// One attempt: restore, run, and return when stopped (its final checkpoint, and whether
+/// the savepoint asked of it failed) or on the first failure.
 async fn attempt(
     cfg: &Arc<JobConfig>,
     plan: &Plan,
@@ -265,7 +261,7 @@ async fn attempt(
     stats: &Arc<JobStats>,
     fence: Option<Fence>,
     shutdown: watch::Receiver<bool>,
-) -> Result<Stopped> {
+) -> Result<Final> {
     let ctx = sink_context(cfg);
     let target = sink::target::open(&ctx, plan.table.clone(), fence).await?;
     let restored = storage.latest()?;
@@ -309,14 +305,7 @@ async fn attempt(
         savepoint_dir: cfg.checkpoint.savepoints(),
         stats,
     };
-    let done = graph::execute(&plan.graph, &parts, attempt, shutdown).await?;
-    Ok(match done.savepoint_failed {
-        Some(why) => Stopped::WithoutSavepoint {
-            checkpoint: done.id,
-            why,
-        },
-        None => Stopped::Cleanly,
-    })
+    graph::execute(&plan.graph, &parts, attempt, shutdown).await
 }
 
 /// A receiver that turns true when either does (a dropped sender counts as true, as

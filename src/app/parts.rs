@@ -94,8 +94,9 @@ async fn open_sink(
     Ok(sink)
 }
 
-/// Sink subtask `j`: the strategy over the target, as configured. The one place that
-/// picks a sink's implementation.
+/// Sink subtask `j` of the configured strategy, made by the target (which knows its
+/// strategies), with the Kafka dead-letter producer if the target does not write dead
+/// letters itself.
 async fn build_sink(cfg: &JobConfig, parts: &SinkParts<'_>, j: usize) -> Result<Box<dyn Sink>> {
     let dead_letters = match (cfg.dead_letter.kind, &cfg.dead_letter.topic) {
         _ if parts.target.writes_dead_letters() => None,

@@ -1,6 +1,6 @@
 //! The sink contract: what a sink subtask does at records, barriers and completed
 //! checkpoints. Object-safe (boxed futures), so that the composition root builds a sink
-//! from config with one `match` and the runtime drives any of them the same way.
+//! from config through its target's table and the runtime drives any of them the same way.
 
 use std::future::Future;
 use std::pin::Pin;

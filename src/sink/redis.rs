@@ -158,6 +158,9 @@ impl Target for RedisWal {
 
     fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
         Box::pin(async move {
+            if parts.strategy != crate::config::Strategy::Wal {
+                return Err(super::target::unsupported(parts.ctx, parts.strategy));
+            }
             let t = self.for_subtask().await?;
             let (job, j) = (&parts.ctx.job, parts.index);
             Ok(Box::new(super::wal::WalWriter::new(

@@ -431,7 +431,7 @@ impl Target for SqliteTarget {
                     let t = SqliteWal::open(self.pool.clone(), self.table.clone()).await?;
                     Box::new(super::wal::WalWriter::new(ctx.job, j, t, storage.clone(), stats)) as Box<dyn Sink>
                 }
-                Strategy::Idempotent | Strategy::TwoPhase => {
+                Strategy::Idempotent => {
                     let t = super::idempotent::SqliteUpsert {
                         pool: self.pool.clone(),
                         table: self.table.clone(),
@@ -441,7 +441,7 @@ impl Target for SqliteTarget {
                             .with_flush_interval(ctx.sink.flush_interval),
                     )
                 }
-                Strategy::AtLeastOnce => return Err(Error::Unsupported("at_least_once is for kafka sinks".into())),
+                other => return Err(super::target::unsupported(ctx, other)),
             })
         })
     }

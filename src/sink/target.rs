@@ -85,6 +85,16 @@ pub trait Target: Send + Sync {
     }
 }
 
+/// The refusal of a strategy a target does not write with (its list is
+/// [`TargetKind::strategies`]; the config refuses it first, naming the key).
+pub fn unsupported(ctx: &SinkContext<'_>, strategy: Strategy) -> Error {
+    Error::Unsupported(format!(
+        "a {} sink does not write with {}",
+        ctx.sink.kind().name(),
+        strategy.name()
+    ))
+}
+
 /// `sluice txn`: what to do with a job's open transactions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnCommand {
@@ -174,6 +184,48 @@ pub async fn open(ctx: &SinkContext<'_>, spec: TableSpec, fence: Option<Fence>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The config's checks and the targets' lists agree on which strategies each kind
+    /// of sink writes with: neither can accept what the other refuses.
+    #[test]
+    fn the_config_accepts_exactly_the_strategies_a_target_lists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.toml");
+        for target in TARGETS {
+            let kind = target.kind;
+            for strategy in [
+                Strategy::Idempotent,
+                Strategy::TwoPhase,
+                Strategy::Wal,
+                Strategy::AtLeastOnce,
+            ] {
+                let (url, dead) = match kind {
+                    SinkKind::Postgres => ("postgres://u@h/db", "kind = \"table\"\ntable = \"dead\""),
+                    SinkKind::Sqlite => ("sqlite://x.db", "kind = \"table\"\ntable = \"dead\""),
+                    SinkKind::Kafka => ("127.0.0.1:9092", "kind = \"kafka\"\ntopic = \"dead\""),
+                    SinkKind::Redis => ("redis://127.0.0.1:6379", "kind = \"table\"\ntable = \"dead\""),
+                };
+                let toml = format!(
+                    "[job]\nname = \"j\"\n[source]\ntopics = [\"t\"]\nbootstrap_servers = \"127.0.0.1:9092\"\n\
+                     [[decode.fields]]\nname = \"id\"\ntype = \"int\"\n[sink]\nkind = \"{}\"\nurl = \"{url}\"\n\
+                     table = \"out\"\nstrategy = \"{}\"\n[dead_letter]\n{dead}\n",
+                    kind.name(),
+                    strategy.name()
+                );
+                std::fs::write(&path, toml).expect("write");
+                let loaded = crate::config::load_with_env(&path, &[]);
+                let listed = target.strategies.contains(&strategy);
+                assert_eq!(
+                    loaded.is_ok(),
+                    listed,
+                    "{} × {}: config {:?}, target lists it: {listed}",
+                    kind.name(),
+                    strategy.name(),
+                    loaded.err().map(|e| e.to_string())
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_sink_kind_has_one_target_with_a_strategy() {

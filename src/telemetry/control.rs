@@ -60,7 +60,7 @@ impl JobControl {
         }
         let outcome = match runs_on {
             true => "the job runs on, not stopped; ask again once the cause is mended",
-            false => "the job stops all the same (a signal or a plain stop asked for it too)",
+            false => "the job stops all the same (a signal or a plain stop asked for it too, or the failure is not one a restart can mend)",
         };
         self.checkpoints
             .answer_all(|w| w.stop, Err(format!("{why}; {outcome}")));

@@ -9,7 +9,9 @@ use crate::config::{SinkKind, Strategy};
 use crate::error::{Error, Result};
 use crate::runtime::sink::Sink;
 use crate::sink::postgres::Fence;
-use crate::sink::target::{Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
+use crate::sink::target::{
+    unsupported, Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand,
+};
 use crate::sink::two_phase::TwoPhase;
 use crate::sink::TableSpec;
 
@@ -98,10 +100,11 @@ impl Target for KafkaTarget {
                     strategy == Strategy::Idempotent,
                     stats,
                 )?) as Box<dyn Sink>,
-                Strategy::TwoPhase | Strategy::Wal => {
+                Strategy::TwoPhase => {
                     let t = KafkaTransactions::new(ctx.job, j, self.clone(), storage.clone(), stats.clone())?;
                     Box::new(TwoPhase::new(j, t, stats))
                 }
+                other => return Err(unsupported(ctx, other)),
             })
         })
     }

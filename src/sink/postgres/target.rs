@@ -15,7 +15,9 @@ use crate::config::{SinkKind, Strategy};
 use crate::error::Error;
 use crate::runtime::sink::Sink;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert};
-use crate::sink::target::{Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand};
+use crate::sink::target::{
+    unsupported, Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand,
+};
 use crate::sink::two_phase::TwoPhase;
 use crate::sink::wal::WalWriter;
 use crate::sink::TableSpec;
@@ -109,7 +111,7 @@ impl Target for PgTarget {
                             .with_flush_interval(ctx.sink.flush_interval),
                     )
                 }
-                Strategy::AtLeastOnce => return Err(Error::Unsupported("at_least_once is for kafka sinks".into())),
+                other => return Err(unsupported(ctx, other)),
             })
         })
     }
