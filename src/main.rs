@@ -45,6 +45,13 @@ enum Command {
         /// (their state is dropped).
         #[arg(long)]
         allow_non_restored_state: bool,
+        /// Run instance k of a job split over `cluster.instances` processes (the same as
+        /// `cluster.instance` and SLUICE__CLUSTER__INSTANCE).
+        #[arg(long)]
+        instance: Option<u32>,
+        /// Instances the job is split over (the same as `cluster.instances`).
+        #[arg(long)]
+        instances: Option<u32>,
     },
     /// Take a savepoint of the running job through its HTTP API and print its
     /// directory; with `--stop`, the job stops after it (needs `SLUICE_API_TOKEN`).
@@ -190,6 +197,21 @@ fn load(path: &Path) -> anyhow::Result<JobConfig> {
     Ok(config::load(path)?)
 }
 
+/// [`load`] with the command line's `--instance` and `--instances` over the file and the
+/// environment (checked like any other key).
+fn load_slot(path: &Path, instance: Option<u32>, instances: Option<u32>) -> anyhow::Result<JobConfig> {
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    if let Some(k) = instance {
+        env.push(("SLUICE__CLUSTER__INSTANCE".into(), k.to_string()));
+    }
+    if let Some(n) = instances {
+        env.push(("SLUICE__CLUSTER__INSTANCES".into(), n.to_string()));
+    }
+    Ok(config::load_with_env(path, &env)?)
+}
+
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
@@ -197,8 +219,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             fresh_start,
             from_savepoint,
             allow_non_restored_state,
+            instance,
+            instances,
         } => {
-            let mut cfg = load(&config)?;
+            let mut cfg = load_slot(&config, instance, instances)?;
             cfg.source.fresh_start |= fresh_start;
             cfg.checkpoint.allow_non_restored_state |= allow_non_restored_state;
             if from_savepoint.is_some() {

@@ -89,6 +89,8 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     let ready = stats.is_ready(s.sink_stall);
     Json(json!({
         "job": &*s.job,
+        "instance": s.slot.index,
+        "instances": s.slot.count,
         "state": stats.state(),
         "ready": ready.is_ok(),
         "not_ready_because": ready.err(),

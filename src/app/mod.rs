@@ -17,7 +17,7 @@ pub use storage::open_storage;
 
 use parts::AppParts;
 use plan::source_time;
-use storage::{refuse_silent_fresh_start, Guard};
+use storage::{refuse_other_instance_count, refuse_silent_fresh_start, Guard};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,7 +41,7 @@ use crate::telemetry::{self, JobState, JobStats};
 /// What the job's sink target is given: `[sink]` and the little of the job it needs.
 pub fn sink_context(cfg: &JobConfig) -> SinkContext<'_> {
     SinkContext {
-        job: &cfg.job.name,
+        job: cfg.cluster.identity(&cfg.job.name),
         file: &cfg.file,
         sink: &cfg.sink,
         checkpoint_interval: cfg.checkpoint.interval,
@@ -63,6 +63,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         listen: cfg.metrics.listen.clone(),
         probe_listen: cfg.metrics.probe_listen.clone(),
         job: cfg.job.name.clone(),
+        slot: slot(&cfg),
         sink_stall: cfg.metrics.ready_sink_stall,
         checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,
     };
@@ -80,6 +81,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         e.bootstrap_servers().to_string()
     });
     let storage = open_storage(&cfg)?;
+    refuse_other_instance_count(&cfg, storage.latest()?.as_ref())?;
     if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {
         stats.set_state(JobState::Finished);
         return Ok(());
@@ -87,7 +89,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     let target_kind = sink::target::target_kind(cfg.sink.kind())?;
     let mut owner = target_kind
         .owner_lock
-        .then(|| JobLock::new(&cfg.job.name, &cfg.sink.table));
+        .then(|| JobLock::new(&cfg.cluster.identity(&cfg.job.name), &cfg.sink.table));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
     loop {
@@ -295,6 +297,7 @@ async fn attempt(
     let attempt = Attempt {
         job: &cfg.job.name,
         max_parallelism: cfg.job.max_parallelism,
+        slot: slot(cfg),
         storage,
         restored: restored.as_ref(),
         timing: CheckpointTiming {
@@ -306,6 +309,23 @@ async fn attempt(
         stats,
     };
     graph::execute(&plan.graph, &parts, attempt, shutdown).await
+}
+
+/// Which of the job's instances this process is.
+pub(crate) fn slot(cfg: &JobConfig) -> crate::runtime::Slot {
+    crate::runtime::Slot {
+        index: cfg.cluster.index(),
+        count: cfg.cluster.instances,
+    }
+}
+
+/// Whether this instance reads input partition `partition` of `topic` (one of its
+/// source subtasks owns it).
+pub(crate) fn reads_input(cfg: &JobConfig, topic: &str, partition: i32) -> bool {
+    let ps = cfg.source.parallelism;
+    let (first, all) = slot(cfg).global(0, ps);
+    let owner = crate::runtime::partition::source_owner(topic, partition, all) as usize;
+    (first..first + ps as usize).contains(&owner)
 }
 
 /// A receiver that turns true when either does (a dropped sender counts as true, as

@@ -32,6 +32,8 @@ pub(super) struct AppParts<'a> {
 impl graph::Parts for AppParts<'_> {
     fn source(&self, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>> {
         let cfg = self.cfg;
+        // The partitions a subtask reads are those of its job-wide index.
+        let (index, parallelism) = super::slot(cfg).global(index, parallelism);
         Ok(Box::new(KafkaSource::new(
             index,
             parallelism,

@@ -73,6 +73,16 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         let next_schema = built.output.clone();
         let edge = edge_into(built.partitioner, built.partition_key.clone(), None)
             .map_err(|m| fail(&format!("operators[{i}].partitioner"), m))?;
+        if cfg.cluster.is_split() && edge.kind == PartitionerKind::KeyHash && built.keyed_state {
+            return Err(fail(
+                &format!("operators[{i}]"),
+                format!(
+                    "`{}` keeps keyed state, and a job split over instances (cluster.instances = {}) cannot yet \
+                     route keys across instances",
+                    built.id, cfg.cluster.instances
+                ),
+            ));
+        }
         match (edge.kind, parallelism == upstream) {
             (PartitionerKind::Forward, false) => {
                 return Err(fail(

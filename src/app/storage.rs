@@ -56,6 +56,72 @@ pub fn object_config(c: &crate::config::CheckpointConfig) -> crate::checkpoint::
     }
 }
 
+/// Instances of the newest checkpoint in directory `dir` (1 for a job not split), if
+/// it holds one.
+fn instances_in(dir: &std::path::Path) -> Option<u32> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id: u64 = name.strip_prefix("chk-")?.strip_suffix(".json")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .max_by_key(|(id, _)| *id)?;
+    let cp: crate::checkpoint::CompletedCheckpoint = serde_json::from_slice(&std::fs::read(newest.1).ok()?).ok()?;
+    Some(cp.instances.unwrap_or(1))
+}
+
+/// The number of instances decides which partitions and key groups each owns: a job
+/// whose checkpoints were taken with another number would read some partitions again
+/// from the start (or skip them), so it is refused, naming both numbers, until it is
+/// rescaled through savepoints. Looks at this instance's checkpoint, and (in a shared
+/// directory) at the other instances' and a single process's, so that a new instance
+/// without checkpoints of its own does not start over either.
+pub(super) fn refuse_other_instance_count(
+    cfg: &JobConfig,
+    restored: Option<&crate::checkpoint::CompletedCheckpoint>,
+) -> Result<()> {
+    let now = cfg.cluster.instances;
+    let refuse = |had: u32, where_: String| {
+        Err(Error::Unsupported(format!(
+            "{where_} was taken by the job split over {had} instance(s), and this start runs it as {now} \
+             (cluster.instances): the number decides which input partitions and key groups each instance owns, \
+             so partitions would be read again or skipped. Start it with cluster.instances = {had}; changing the \
+             number of a running job's instances is not supported yet"
+        )))
+    };
+    if let Some(cp) = restored {
+        let had = cp.instances.unwrap_or(1);
+        if had != now {
+            return refuse(had, format!("checkpoint {}", cp.id));
+        }
+        return Ok(());
+    }
+    if cfg.checkpoint.from_savepoint.is_some() || cfg.checkpoint.storage != StorageKind::Filesystem {
+        return Ok(());
+    }
+    let Some(shared) = cfg.cluster.shared.as_ref().and_then(|s| s.dir.as_deref()) else {
+        return Ok(());
+    };
+    if let Some(had) = instances_in(shared).filter(|had| *had != now) {
+        return refuse(had, format!("the checkpoint in {}", shared.display()));
+    }
+    let Ok(entries) = std::fs::read_dir(shared) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("instance-") {
+            continue;
+        }
+        if let Some(had) = instances_in(&e.path()).filter(|had| *had != now) {
+            return refuse(had, format!("the checkpoint in {}", e.path().display()));
+        }
+    }
+    Ok(())
+}
+
 /// A job whose checkpoints are gone but whose consumer group shows it ran before would
 /// start over from `start_from` and write again what it wrote: refuse, unless the user
 /// says `--fresh-start`. Only for checkpoints in a directory (memory checkpoints are
@@ -98,6 +164,12 @@ pub(super) async fn refuse_silent_fresh_start(
             }
         }
     };
+    // A split job's instances start at their own pace: another instance's commits say
+    // nothing about whether this one ran before.
+    let found: Vec<_> = found
+        .into_iter()
+        .filter(|(topic, partition, _)| super::reads_input(cfg, topic, *partition))
+        .collect();
     if let Some((topic, partition, offset)) = found.first() {
         let dir = cfg
             .checkpoint

@@ -105,7 +105,7 @@ impl PendingCheckpoint {
 
     /// The completed checkpoint of `job`, with every task's snapshot, descending from
     /// the savepoint `origin` names (if the job started from one).
-    pub fn into_completed(self, job: &str, origin: Option<String>) -> CompletedCheckpoint {
+    pub fn into_completed(self, job: &str, origin: Option<String>, instances: Option<u32>) -> CompletedCheckpoint {
         CompletedCheckpoint {
             format_version: FORMAT_VERSION,
             job: job.to_string(),
@@ -114,6 +114,7 @@ impl PendingCheckpoint {
             tasks: self.states,
             checksum: None,
             origin,
+            instances,
         }
     }
 }
@@ -149,6 +150,8 @@ pub struct Coordinator {
     pub first_id: u64,
     /// The savepoint the job's state descends from, recorded in every checkpoint.
     pub origin: Option<String>,
+    /// Instances of a split job, recorded in every checkpoint (`None`: one).
+    pub instances: Option<u32>,
     /// Where savepoints asked for are written (none: they are refused).
     pub savepoint_dir: Option<std::path::PathBuf>,
     /// Job-wide counters for the status line.
@@ -342,7 +345,7 @@ impl Coordinator {
                 let barrier = p.barrier;
                 let started = p.triggered_at;
                 let savepoint = p.savepoint;
-                let completed = p.into_completed(&self.job, self.origin.clone());
+                let completed = p.into_completed(&self.job, self.origin.clone(), self.instances);
                 let copy = savepoint.then(|| completed.clone());
                 crate::failpoint::crash_if("before_store", barrier.id);
                 // Written before it is announced: a sink commits only what a restore
@@ -389,7 +392,7 @@ mod tests {
         assert_eq!(p.acknowledge("other-0", serde_json::json!(1)), AckOutcome::Unexpected);
         assert_eq!(p.missing(), vec!["source-0".to_string()]);
         assert_eq!(p.acknowledge("source-0", serde_json::json!(2)), AckOutcome::Complete);
-        let c = p.into_completed("job", None);
+        let c = p.into_completed("job", None, None);
         assert_eq!(c.id, 3);
         assert_eq!(c.tasks.len(), 2);
     }
@@ -431,6 +434,7 @@ mod tests {
             completed: ctx,
             first_id: 1,
             origin: None,
+            instances: None,
             savepoint_dir: None,
             stats: Arc::new(JobStats::default()),
         };

@@ -228,6 +228,7 @@ mod tests {
             ]),
             checksum: None,
             origin: None,
+            instances: None,
         };
         storage.store(&cp).unwrap();
         let sp = savepoint::write(&dir.path().join("sp"), &cp, &storage).unwrap();

@@ -42,6 +42,11 @@ pub struct CompletedCheckpoint {
     /// them instead of from the savepoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// Instances of the job when it was split over several (absent: one): an instance
+    /// restores only a checkpoint taken with the same number, because the number
+    /// decides which partitions and key groups it owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
 }
 
 impl CompletedCheckpoint {

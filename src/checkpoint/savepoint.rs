@@ -392,6 +392,7 @@ mod tests {
             tasks,
             checksum: None,
             origin: None,
+            instances: None,
         }
     }
 

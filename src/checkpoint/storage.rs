@@ -404,6 +404,7 @@ mod tests {
             tasks,
             checksum: None,
             origin: None,
+            instances: None,
         }
     }
 

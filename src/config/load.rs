@@ -87,6 +87,7 @@ pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<JobConfig>
             .map(secrecy::SecretString::from);
     }
     cfg.validate()?;
+    cfg.localize_instance();
     Ok(cfg)
 }
 
@@ -323,7 +324,79 @@ impl JobConfig {
                 return fail("sink.kafka.properties", &format!("librdkafka refuses them: {said}"));
             }
         }
-        self.metrics.validate()
+        self.metrics.validate()?;
+        self.check_cluster()
+    }
+
+    /// A split job: each instance must own a key group, know which it is, and keep
+    /// checkpoints that outlive it where a restarted (or replacing) process finds them.
+    fn check_cluster(&self) -> Check {
+        let c = &self.cluster;
+        if c.instances == 0 || c.instances > self.job.max_parallelism.min(1024) {
+            return fail(
+                "cluster.instances",
+                &format!(
+                    "must be between 1 and job.max_parallelism ({}, at most 1024): each instance owns at least \
+                     one key group",
+                    self.job.max_parallelism
+                ),
+            );
+        }
+        match c.instance {
+            Some(k) if k >= c.instances => {
+                return fail(
+                    "cluster.instance",
+                    &format!(
+                        "is {k}, but instances are numbered 0 to {} (cluster.instances = {})",
+                        c.instances - 1,
+                        c.instances
+                    ),
+                )
+            }
+            None if c.is_split() => {
+                return fail(
+                    "cluster.instance",
+                    "is required when cluster.instances > 1: give each process its slot (`sluice run --instance k`, \
+                     SLUICE__CLUSTER__INSTANCE, or a StatefulSet pod's ordinal through the downward API)",
+                )
+            }
+            _ => {}
+        }
+        if !c.is_split() {
+            return Ok(());
+        }
+        if self.checkpoint.storage == StorageKind::Memory {
+            return fail(
+                "checkpoint.storage",
+                "a job split over instances keeps each instance's checkpoints where a restarted or replacing \
+                 process finds them: use \"s3\" (or \"filesystem\" on one machine)",
+            );
+        }
+        if self.is_embedded() {
+            return fail(
+                "cluster.instances",
+                "the embedded Kafka lives inside one process; a job split over instances needs a real cluster",
+            );
+        }
+        Ok(())
+    }
+
+    /// Point this instance at its own share of the checkpoint storage:
+    /// `<dir>/instance-<k>` (savepoints under it too), `<url>/instance-<k>`. A job that
+    /// is not split keeps the layout it always had.
+    fn localize_instance(&mut self) {
+        let c = &mut self.checkpoint;
+        self.cluster.shared = Some(SharedStorage {
+            dir: c.dir.clone(),
+            url: c.url.clone(),
+        });
+        if !self.cluster.is_split() {
+            return;
+        }
+        let slot = format!("instance-{}", self.cluster.index());
+        c.savepoint_dir = c.savepoint_dir.take().map(|d| d.join(&slot));
+        c.dir = c.dir.take().map(|d| d.join(&slot));
+        c.url = c.url.take().map(|u| format!("{}/{slot}", u.trim_end_matches('/')));
     }
 
     fn durations(&self) -> Vec<(&'static str, std::time::Duration)> {

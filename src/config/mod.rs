@@ -63,9 +63,75 @@ pub struct JobConfig {
     /// `[metrics]`: the HTTP endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[cluster]`: which of the job's instances this process is.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// The file this was read from, for error messages. Not a config key.
     #[serde(skip)]
     pub file: PathBuf,
+}
+
+/// `[cluster]`: a job split over `instances` processes, this one being `instance`.
+///
+/// Every instance computes the same assignment from `instances` (which input
+/// partitions it reads, which key groups it owns) and keeps its own checkpoints, under
+/// `instance-<k>` of the configured storage; what it commits elsewhere (prepared
+/// transactions, committer rows, transactional ids, markers) carries `<job>.<k>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Instances of the job (1: the whole job in this process).
+    #[serde(default = "defaults::one", deserialize_with = "whole::number")]
+    pub instances: u32,
+    /// This process's instance, `0..instances` (`--instance`, or a StatefulSet pod's
+    /// ordinal through `SLUICE__CLUSTER__INSTANCE`).
+    #[serde(default, deserialize_with = "whole::optional")]
+    pub instance: Option<u32>,
+    /// The checkpoint storage shared by all instances (before this instance's
+    /// `instance-<k>` was appended): where `sluice cluster status` looks. Not a key.
+    #[serde(skip)]
+    pub shared: Option<SharedStorage>,
+}
+
+/// Where every instance's checkpoints live, as configured.
+#[derive(Debug, Clone)]
+pub struct SharedStorage {
+    /// `checkpoint.dir` as configured.
+    pub dir: Option<PathBuf>,
+    /// `checkpoint.url` as configured.
+    pub url: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            instances: 1,
+            instance: None,
+            shared: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// This process's instance (0 when the job is not split).
+    pub fn index(&self) -> u32 {
+        self.instance.unwrap_or(0)
+    }
+
+    /// Whether the job is split over several instances.
+    pub fn is_split(&self) -> bool {
+        self.instances > 1
+    }
+
+    /// What this instance's sink commits carry: the job's name alone for a job that is
+    /// not split (so nothing changes for it), `<job>.<k>` otherwise (`.` is not allowed
+    /// in job names, so no job's name is another's instance).
+    pub fn identity(&self, job: &str) -> String {
+        match self.is_split() {
+            false => job.to_string(),
+            true => format!("{job}.{}", self.index()),
+        }
+    }
 }
 
 /// `[job]`.

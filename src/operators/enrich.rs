@@ -403,6 +403,7 @@ pub fn build(
         },
         output,
         needs_event_time: false,
+        keyed_state: false,
         make: Arc::new(move |_| {
             Ok(Box::new(Enrich::new(spec.clone(), tokio::runtime::Handle::current())) as Box<dyn Operator>)
         }),

@@ -38,6 +38,7 @@ pub fn build(
         partition_key: Vec::new(),
         output,
         needs_event_time: false,
+        keyed_state: false,
         make: Arc::new(|_| Ok(Box::new(KeyBy))),
     })
 }

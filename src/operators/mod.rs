@@ -35,6 +35,9 @@ pub struct BuiltOperator {
     pub output: Schema,
     /// It needs event time and watermarks from the source.
     pub needs_event_time: bool,
+    /// It keeps state by key: a key must reach the subtask that owns its key group,
+    /// across instances too.
+    pub keyed_state: bool,
     /// Makes the operator instance of one subtask.
     pub make: OperatorFactory,
 }

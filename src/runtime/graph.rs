@@ -21,7 +21,7 @@ use super::partition::{custom_partitioner, Partitioner, PartitionerKind};
 use super::sink::Sink;
 use super::source_task::{run_source, Source, SourceIo};
 use super::task::{run_task, NetworkTail, SinkTail, StorageFiles, TaskIo};
-use super::Cancel;
+use super::{Cancel, Slot};
 use crate::checkpoint::coordinator::{CheckpointTiming, Final};
 use crate::checkpoint::{task_name, CheckpointStorage, CompletedCheckpoint, Coordinator, CoordinatorHandle};
 use crate::error::{Error, Result};
@@ -210,6 +210,8 @@ pub struct Attempt<'a> {
     pub job: &'a str,
     /// Key groups of the job (fixed for its life).
     pub max_parallelism: u32,
+    /// Which of the job's instances this is.
+    pub slot: Slot,
     /// Where checkpoints and state go.
     pub storage: &'a Arc<dyn CheckpointStorage>,
     /// The checkpoint restored, if any.
@@ -233,6 +235,7 @@ pub async fn execute(
     let Attempt {
         job,
         max_parallelism: mp,
+        slot,
         storage,
         restored,
         timing,
@@ -256,7 +259,7 @@ pub async fn execute(
         let mut stage_inputs = std::mem::take(&mut inputs[s]);
         let mut stage_outputs = std::mem::take(&mut outputs[s]);
         for j in (0..stage.parallelism as usize).rev() {
-            let chain = build_chain(stage, j, mp, restored, storage)?;
+            let chain = build_chain(stage, j, mp, slot, restored, storage)?;
             let first = chain.infos().next().map(|i| i.operator.clone());
             let io = TaskIo {
                 name: first
@@ -304,7 +307,7 @@ pub async fn execute(
         };
         let mut source = parts.source(i, ps, &running)?;
         source.restore(source_states.clone())?;
-        let chain = build_chain(source_stage, i, mp, restored, storage)?;
+        let chain = build_chain(source_stage, i, mp, slot, restored, storage)?;
         let io = SourceIo {
             name: task_name("source", i),
             outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
@@ -334,6 +337,7 @@ pub async fn execute(
         completed: completed_tx,
         first_id,
         origin: restored.and_then(|c| c.origin.clone()),
+        instances: slot.is_split().then_some(slot.count),
         savepoint_dir,
         stats: stats.clone(),
     };
@@ -479,12 +483,13 @@ fn build_chain(
     stage: &Stage,
     index: usize,
     mp: u32,
+    slot: Slot,
     restored: Option<&CompletedCheckpoint>,
     storage: &Arc<dyn CheckpointStorage>,
 ) -> Result<Chain> {
     let mut chain = Chain::default();
     for (k, op) in stage.ops.iter().enumerate() {
-        let info = SubtaskInfo::new(&op.id, index, stage.parallelism, mp);
+        let info = SubtaskInfo::in_slot(&op.id, index, stage.parallelism, mp, slot);
         let range = info.key_groups;
         chain.push(info, (op.make)(index)?);
         let Some(cp) = restored else { continue };
@@ -681,6 +686,7 @@ mod tests {
         let attempt = Attempt {
             job: "graph-test",
             max_parallelism: 8,
+            slot: Slot::default(),
             storage,
             restored: restored.as_ref(),
             timing: CheckpointTiming {

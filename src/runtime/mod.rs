@@ -19,6 +19,38 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+/// Which of a job's instances this process runs: instance `index` of `count`. Every
+/// instance computes the same assignment from `count`: subtask `i` of a stage with
+/// parallelism `p` is the job's subtask `index * p + i` of `count * p`, which decides the
+/// input partitions it reads and the key groups it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// This instance, `0..count`.
+    pub index: u32,
+    /// Instances of the job.
+    pub count: u32,
+}
+
+impl Default for Slot {
+    /// The whole job in one process.
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl Slot {
+    /// Local subtask `i` of a stage of `parallelism` in this instance, as the job-wide
+    /// (index, parallelism).
+    pub fn global(&self, i: usize, parallelism: u32) -> (usize, u32) {
+        (self.index as usize * parallelism as usize + i, parallelism * self.count)
+    }
+
+    /// Whether the job is split over several instances.
+    pub fn is_split(&self) -> bool {
+        self.count > 1
+    }
+}
+
 /// Cancels every subtask of a job attempt: threads look at the flag, async tasks wait on
 /// the watch.
 #[derive(Clone)]

@@ -112,6 +112,16 @@ impl SubtaskInfo {
         }
     }
 
+    /// The info of local subtask `index` of `operator` in instance `slot`: its key
+    /// groups are those of its job-wide subtask.
+    pub fn in_slot(operator: &str, index: usize, parallelism: u32, max_parallelism: u32, slot: super::Slot) -> Self {
+        let (global, all) = slot.global(index, parallelism);
+        Self {
+            key_groups: KeyGroupRange::for_subtask(global, all, max_parallelism),
+            ..Self::new(operator, index, parallelism, max_parallelism)
+        }
+    }
+
     /// `operator-index`, as in checkpoints and logs.
     pub fn task_name(&self) -> String {
         crate::checkpoint::task_name(&self.operator, self.index)

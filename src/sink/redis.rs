@@ -146,7 +146,7 @@ fn open<'a>(
             crate::config::SinkTarget::Redis(r) => r.command,
             _ => crate::config::RedisCommand::default(),
         };
-        let target = RedisWal::open(&ctx.sink.url, password, ctx.job, spec, command).await?;
+        let target = RedisWal::open(&ctx.sink.url, password, &ctx.job, spec, command).await?;
         Ok(Box::new(target) as Box<dyn Target>)
     })
 }

@@ -429,7 +429,7 @@ impl Target for SqliteTarget {
             Ok(match strategy {
                 Strategy::Wal => {
                     let t = SqliteWal::open(self.pool.clone(), self.table.clone()).await?;
-                    Box::new(super::wal::WalWriter::new(ctx.job, j, t, storage.clone(), stats)) as Box<dyn Sink>
+                    Box::new(super::wal::WalWriter::new(&ctx.job, j, t, storage.clone(), stats)) as Box<dyn Sink>
                 }
                 Strategy::Idempotent => {
                     let t = super::idempotent::SqliteUpsert {

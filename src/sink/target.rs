@@ -25,8 +25,9 @@ pub type TargetFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + '
 /// What a sink target is given: its own section and the little of the job it needs.
 #[derive(Debug, Clone)]
 pub struct SinkContext<'a> {
-    /// The job's name (in transaction ids, markers, connection names).
-    pub job: &'a str,
+    /// The job's name, with this instance's for a job split over instances
+    /// (`<job>.<k>`): in transaction ids, markers, connection names.
+    pub job: String,
     /// The config file, for messages.
     pub file: &'a Path,
     /// `[sink]`.

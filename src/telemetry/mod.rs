@@ -115,6 +115,10 @@ pub(crate) fn describe() {
     describe_gauge!("sluice_lookup_in_flight", "Records waiting for their lookups.");
     describe_gauge!("sluice_build_info", "Always 1; the version of sluice in a label.");
     describe_gauge!(
+        "sluice_instance_info",
+        "Always 1; which of the job's instances this process is (instance of instances)."
+    );
+    describe_gauge!(
         "process_resident_memory_bytes",
         Unit::Bytes,
         "Resident memory of the process."
@@ -182,6 +186,11 @@ pub(crate) fn describe() {
         "sluice_lookup_tier_up",
         "Whether a cache tier is in use (0: its circuit breaker is open and lookups skip it)."
     );
+}
+
+/// Say which of the job's instances this process is (`sluice_instance_info`).
+pub fn instance(index: u32, count: u32) {
+    gauge!("sluice_instance_info", "instance" => index.to_string(), "instances" => count.to_string()).set(1.0);
 }
 
 /// Counters of one subtask, looked up once so the hot path only adds.

@@ -158,6 +158,7 @@ async fn a_restored_offset_beyond_a_re_created_topic_s_end_is_reported_and_read_
                 tasks,
                 checksum: None,
                 origin: None,
+                instances: None,
             })
             .expect("store the old checkpoint");
     }

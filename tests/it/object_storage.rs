@@ -27,6 +27,7 @@ fn cp(id: u64, handle: &str) -> CompletedCheckpoint {
         tasks: [("win-0".to_string(), serde_json::json!({ "handle": handle }))].into(),
         checksum: None,
         origin: None,
+        instances: None,
     }
 }
 

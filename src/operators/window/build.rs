@@ -67,6 +67,7 @@ pub fn build(
         partition_key,
         output,
         needs_event_time,
+        keyed_state: true,
         make,
     })
 }

@@ -49,7 +49,7 @@ async fn open_target(ctx: &SinkContext<'_>, spec: TableSpec) -> Result<KafkaTarg
     KafkaTarget::open(
         client,
         producing,
-        ctx.job,
+        &ctx.job,
         spec,
         ctx.dead_letter_topic.map(str::to_string),
         ctx.checkpoint_interval,
@@ -77,7 +77,7 @@ impl Target for KafkaTarget {
     ) -> TargetFuture<'a, ()> {
         Box::pin(fence_before_recovery(
             self,
-            ctx.job,
+            &ctx.job,
             ctx.sink.parallelism as usize,
             restored,
         ))
@@ -101,7 +101,7 @@ impl Target for KafkaTarget {
                     stats,
                 )?) as Box<dyn Sink>,
                 Strategy::TwoPhase => {
-                    let t = KafkaTransactions::new(ctx.job, j, self.clone(), storage.clone(), stats.clone())?;
+                    let t = KafkaTransactions::new(&ctx.job, j, self.clone(), storage.clone(), stats.clone())?;
                     Box::new(TwoPhase::new(j, t, stats))
                 }
                 other => return Err(unsupported(ctx, other)),
@@ -121,7 +121,7 @@ fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, 
     Box::pin(async move {
         let ctx = admin.ctx;
         let target = open_target(ctx, (admin.spec)()?).await?;
-        let fenced = fence_all(&target, ctx.job, ctx.sink.parallelism as usize).await?;
+        let fenced = fence_all(&target, &ctx.job, ctx.sink.parallelism as usize).await?;
         Ok((0, fenced.len()))
     })
 }
@@ -130,7 +130,7 @@ fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, 
 /// whether they committed; abort by fencing every transactional id of the job.
 fn txn<'a>(admin: &'a Admin<'a>, command: &'a TxnCommand) -> TargetFuture<'a, Vec<String>> {
     Box::pin(async move {
-        let (ctx, job) = (admin.ctx, admin.ctx.job);
+        let (ctx, job) = (admin.ctx, admin.ctx.job.as_str());
         let target = open_target(ctx, (admin.spec)()?).await?;
         match command {
             TxnCommand::List => {

@@ -43,7 +43,7 @@ pub struct PgTarget {
 
 fn open<'a>(ctx: &'a SinkContext<'a>, spec: TableSpec, fence: Option<Fence>) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move {
-        let pool = connect(ctx.sink, ctx.job, ctx.sink.parallelism * 2 + 2).await?;
+        let pool = connect(ctx.sink, &ctx.job, ctx.sink.parallelism * 2 + 2).await?;
         if let Some(crate::config::SqlSinkConfig {
             migrations: Some(dir),
             run_migrations: true,
@@ -77,7 +77,7 @@ impl Target for PgTarget {
         ctx: &'a SinkContext<'a>,
         restored: Option<&'a CompletedCheckpoint>,
     ) -> TargetFuture<'a, ()> {
-        Box::pin(async move { recover(&self.pool, ctx.job, restored).await.map(|_| ()) })
+        Box::pin(async move { recover(&self.pool, &ctx.job, restored).await.map(|_| ()) })
     }
 
     fn subtask<'a>(&'a self, parts: SubtaskParts<'a>) -> TargetFuture<'a, Box<dyn Sink>> {
@@ -90,7 +90,7 @@ impl Target for PgTarget {
                 stats,
                 dead_letters,
             } = parts;
-            let (job, batch) = (ctx.job, ctx.sink.batch_size);
+            let (job, batch) = (&ctx.job, ctx.sink.batch_size);
             Ok(match strategy {
                 Strategy::TwoPhase => {
                     let (table, pool, fence) = (self.table.clone(), self.pool.clone(), self.fence.clone());
@@ -121,15 +121,15 @@ impl Target for PgTarget {
 fn leave_nothing_prepared<'a>(admin: &'a Admin<'a>) -> TargetFuture<'a, (usize, usize)> {
     Box::pin(async move {
         let ctx = admin.ctx;
-        let pool = connect(ctx.sink, ctx.job, 2).await?;
+        let pool = connect(ctx.sink, &ctx.job, 2).await?;
         let latest = (admin.storage)()?.latest()?;
-        recover(&pool, ctx.job, latest.as_ref()).await
+        recover(&pool, &ctx.job, latest.as_ref()).await
     })
 }
 
 fn migrate_dir<'a>(ctx: &'a SinkContext<'a>, dir: &'a Path) -> TargetFuture<'a, ()> {
     Box::pin(async move {
-        let pool = connect(ctx.sink, ctx.job, 1).await?;
+        let pool = connect(ctx.sink, &ctx.job, 1).await?;
         migrate(&pool, dir).await
     })
 }
@@ -138,8 +138,8 @@ fn migrate_dir<'a>(ctx: &'a SinkContext<'a>, dir: &'a Path) -> TargetFuture<'a, 
 fn txn<'a>(admin: &'a Admin<'a>, command: &'a TxnCommand) -> TargetFuture<'a, Vec<String>> {
     Box::pin(async move {
         let ctx = admin.ctx;
-        let pool = connect(ctx.sink, ctx.job, 1).await?;
-        let job = ctx.job;
+        let pool = connect(ctx.sink, &ctx.job, 1).await?;
+        let job = &ctx.job;
         let (gid, all, commit) = match command {
             TxnCommand::List => {
                 let list = list_prepared(&pool, job).await?;

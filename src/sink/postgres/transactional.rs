@@ -225,7 +225,7 @@ pub async fn list_prepared(pool: &PgPool, job: &str) -> Result<Vec<PreparedTxn>>
 pub async fn finish_prepared(conn: &mut PgConnection, gid: &str, commit: bool) -> Result<bool> {
     if !gid
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_'))
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.'))
     {
         return Err(Error::Unsupported(format!("`{gid}` is not a sluice transaction id")));
     }

@@ -1,0 +1,230 @@
+//! One job split over several instances (processes), each told its slot: every input
+//! record reaches the sink exactly once while single instances, and two at once, are
+//! SIGKILLed and restarted; a second process for a running instance is refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::Rng;
+use rdkafka::producer::{BaseRecord, Producer};
+
+use crate::common::*;
+
+const INSTANCES: u32 = 3;
+
+/// A split pass-through job: its topic of 12 partitions, schema, config and logs.
+struct Split {
+    pool: sqlx::PgPool,
+    schema: String,
+    topic: String,
+    job: String,
+    config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Split {
+    async fn new(strategy: &str) -> Split {
+        let pool = pg().await;
+        let schema = schema(&pool, strategy == "idempotent").await;
+        let (topic, job) = (unique("split"), unique("split"));
+        create_topic(&topic, 12).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml = job_toml(&job, &topic, &schema, strategy, &dir.path().join("checkpoints"));
+        let config = write_config(dir.path(), &format!("{toml}\n[cluster]\ninstances = {INSTANCES}\n"));
+        Split {
+            pool,
+            schema,
+            topic,
+            job,
+            config,
+            dir,
+        }
+    }
+
+    fn log(&self, k: u32) -> PathBuf {
+        self.dir.path().join(format!("instance-{k}.log"))
+    }
+
+    fn start(&self, k: u32) -> Sluice {
+        Sluice::start_args(&self.config, &self.log(k), &[], &["--instance", &k.to_string()])
+    }
+
+    fn logs(&self) -> String {
+        (0..INSTANCES)
+            .map(|k| format!("--- instance {k}\n{}", tail_of(&self.log(k))))
+            .collect()
+    }
+
+    /// Prepared transactions any instance left behind.
+    async fn prepared(&self) -> i64 {
+        let mut n = 0;
+        for k in 0..INSTANCES {
+            n += prepared_of(&self.pool, &format!("{}.{k}", self.job)).await;
+        }
+        n
+    }
+}
+
+fn tail_of(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+/// Produce `ids` while the test kills instances: a pause every 2,000 records.
+fn feed(topic: &str, ids: std::ops::Range<u64>) -> std::thread::JoinHandle<()> {
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        let p = producer(&kafka());
+        for id in ids {
+            let (key, payload) = record(id);
+            let payload = payload.unwrap_or_default();
+            while p.send(BaseRecord::to(&topic).key(&key).payload(&payload)).is_err() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if id % 2_000 == 1_999 {
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        }
+        p.flush(Duration::from_secs(60)).expect("flush");
+    })
+}
+
+async fn killed_instances_lose_and_double_nothing(strategy: &str) {
+    const BEFORE: u64 = 30_000;
+    const DURING: u64 = 30_000;
+    const KILLS: usize = 10;
+    let s = Split::new(strategy).await;
+    produce(&s.topic, (0..BEFORE).map(record));
+    let during = feed(&s.topic, BEFORE..BEFORE + DURING);
+    let mut running: Vec<Option<Sluice>> = (0..INSTANCES).map(|k| Some(s.start(k))).collect();
+    let mut rng = rand::rng();
+    let mut kills = Vec::new();
+    for kill in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
+        // Every third kill takes two instances down at once.
+        let first = rng.random_range(0..INSTANCES);
+        let victims = match kill % 3 {
+            2 => vec![first, (first + 1) % INSTANCES],
+            _ => vec![first],
+        };
+        for &k in &victims {
+            if let Some(p) = running[k as usize].take() {
+                p.kill9();
+            }
+        }
+        kills.push((victims.clone(), sink_counts(&s.pool, &s.schema).await.0));
+        for &k in &victims {
+            running[k as usize] = Some(s.start(k));
+        }
+    }
+    during.join().expect("producer thread");
+    let total = (BEFORE + DURING) as i64;
+    let complete = wait_until(Duration::from_secs(180), || async {
+        sink_counts(&s.pool, &s.schema).await.0 >= total
+    })
+    .await;
+    for p in running.iter_mut().filter_map(Option::take) {
+        let status = p.terminate();
+        assert!(status.success(), "an instance exited with {status}:\n{}", s.logs());
+    }
+    let counts = sink_counts(&s.pool, &s.schema).await;
+    assert!(complete, "sink reached {} of {total}:\n{}", counts.0, s.logs());
+    println!("{strategy}: (killed instances, sink rows) {kills:?} of {total}");
+    assert!(
+        kills.iter().any(|(_, n)| *n > 0 && *n < total),
+        "no kill landed mid-stream: {kills:?}"
+    );
+    assert_eq!(counts, (total, total, total, 0, total - 1), "every record exactly once");
+    assert_eq!(s.prepared().await, 0, "prepared transactions left behind");
+    // Each instance read its own share and restored from its own checkpoints.
+    for k in 0..INSTANCES {
+        let log = std::fs::read_to_string(s.log(k)).unwrap_or_default();
+        assert!(
+            log.contains("restoring from checkpoint"),
+            "instance {k} never restored:\n{}",
+            s.logs()
+        );
+        assert!(s.dir.path().join(format!("checkpoints/instance-{k}")).is_dir());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_two_phase_killed_at_random_write_every_record_once() {
+    killed_instances_lose_and_double_nothing("two_phase").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_wal_killed_at_random_write_every_record_once() {
+    killed_instances_lose_and_double_nothing("wal").await;
+}
+
+/// A second process told the slot of a running instance is refused, naming why; the
+/// job's output stays exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_for_a_running_instance_is_refused() {
+    let s = Split::new("two_phase").await;
+    let total = 12_000u64;
+    produce(&s.topic, (0..total).map(record));
+    let first: Vec<Sluice> = (0..INSTANCES).map(|k| s.start(k)).collect();
+    let ready = wait_until(Duration::from_secs(30), || async {
+        std::fs::read_to_string(s.log(1))
+            .unwrap_or_default()
+            .contains("reading partition")
+    })
+    .await;
+    assert!(ready, "instance 1 did not start:\n{}", s.logs());
+    let second_log = s.dir.path().join("second.log");
+    let mut second = Sluice::start_args(&s.config, &second_log, &[], &["--instance", "1"]);
+    let exit = second.wait_exit(Duration::from_secs(30));
+    let said = std::fs::read_to_string(&second_log).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the second process kept running: {said}"
+    );
+    assert!(
+        said.contains("in use by another sluice process") && said.contains("instance-1"),
+        "the second process did not say why: {said}"
+    );
+    let done = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&s.pool, &s.schema).await.0 >= total as i64
+    })
+    .await;
+    for p in first {
+        assert!(p.terminate().success());
+    }
+    let t = total as i64;
+    assert!(done, "{}", s.logs());
+    assert_eq!(sink_counts(&s.pool, &s.schema).await, (t, t, t, 0, t - 1));
+    assert_eq!(s.prepared().await, 0);
+    // Each instance read a share of the partitions, none all of them.
+    for k in 0..INSTANCES {
+        let log = std::fs::read_to_string(s.log(k)).unwrap_or_default();
+        let read = log.matches("reading partition").count();
+        assert!((1..12).contains(&read), "instance {k} read {read} of 12 partitions");
+    }
+    // Another number of instances would own other partitions: refused, naming both
+    // numbers, for an instance with checkpoints (0), one without (3 of 4), and the job
+    // run whole in one process again.
+    for (args, case) in [
+        (vec!["--instance", "0", "--instances", "2"], "instance 0 of 2"),
+        (vec!["--instance", "3", "--instances", "4"], "instance 3 of 4"),
+        (vec!["--instances", "1"], "one process"),
+    ] {
+        let log = s.dir.path().join("rescaled.log");
+        let _ = std::fs::remove_file(&log);
+        let mut p = Sluice::start_args(&s.config, &log, &[], &args);
+        let exit = p.wait_exit(Duration::from_secs(30));
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(exit.is_some_and(|e| !e.success()), "{case}: kept running: {said}");
+        assert!(
+            said.contains("split over 3 instance(s)") && said.contains("cluster.instances = 3"),
+            "{case}: did not say why: {said}"
+        );
+    }
+    assert_eq!(
+        sink_counts(&s.pool, &s.schema).await.0,
+        t,
+        "nothing written by refused starts"
+    );
+}
