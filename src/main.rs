@@ -62,6 +62,11 @@ enum Command {
         #[arg(long)]
         stop: bool,
     },
+    /// A job split over instances, as its shared checkpoint storage shows it.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Show the checkpoints and savepoints a job has stored.
     Checkpoints {
         #[command(subcommand)]
@@ -128,6 +133,19 @@ enum CheckpointsAction {
     Inspect {
         /// A `chk-<id>.json` file or a savepoint's directory.
         path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// One line per instance: its newest checkpoint and its age, the input partitions
+    /// it holds offsets of and their lag, and the process holding its slot.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -232,6 +250,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Savepoint { config, stop } => savepoint(&load(&config)?, stop).await,
         Command::Checkpoints { action } => checkpoints(action),
+        Command::Cluster {
+            action: ClusterAction::Status { config, json },
+        } => {
+            // Any instance's view will do: the command reads them all.
+            let cfg = load_slot(&config, Some(0), None)?;
+            let rows = tokio::task::spawn_blocking(move || sluice::app::cluster::status(&cfg)).await??;
+            match json {
+                true => say!("{}", serde_json::to_string_pretty(&rows)?),
+                false => say!("{}", sluice::app::cluster::table(&rows).trim_end()),
+            }
+            Ok(())
+        }
         Command::Check { config } => {
             let cfg = load(&config)?;
             let plan = sluice::app::plan(&cfg, &Arc::new(sluice::telemetry::JobStats::default()))?;

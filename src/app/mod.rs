@@ -6,6 +6,7 @@
 //! Layers below know nothing of this file: the runtime drives sources, operators and
 //! sinks through their traits; this is where concrete ones are chosen.
 
+pub mod cluster;
 mod parts;
 mod plan;
 mod storage;

@@ -65,6 +65,17 @@ impl Split {
     }
 }
 
+/// `sluice cluster status --json`.
+fn cluster_status(config: &Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["cluster", "status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .expect("run sluice cluster status");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("cluster status JSON")
+}
+
 fn tail_of(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -190,9 +201,28 @@ async fn a_second_process_for_a_running_instance_is_refused() {
         sink_counts(&s.pool, &s.schema).await.0 >= total as i64
     })
     .await;
+    // `sluice cluster status` sees every instance from the shared storage: a
+    // checkpoint, its share of the 12 partitions, the process holding its slot.
+    let rows = cluster_status(&s.config);
+    assert_eq!(rows.len(), INSTANCES as usize, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["checkpoint"].is_u64() && r["holder"].as_str().is_some_and(|h| h.starts_with("pid "))),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.iter().map(|r| r["partitions"].as_u64().unwrap_or(0)).sum::<u64>(),
+        12,
+        "{rows:?}"
+    );
     for p in first {
         assert!(p.terminate().success());
     }
+    let rows = cluster_status(&s.config);
+    assert!(
+        rows.iter().all(|r| r["holder"].is_null() && r["lag"] == 0),
+        "stopped, caught up: {rows:?}"
+    );
     let t = total as i64;
     assert!(done, "{}", s.logs());
     assert_eq!(sink_counts(&s.pool, &s.schema).await, (t, t, t, 0, t - 1));

@@ -508,3 +508,28 @@ fn kafka_sink_options_are_checked() {
         );
     }
 }
+
+#[test]
+fn a_split_job_is_checked() {
+    let split = |lines: &str| format!("{}\n[cluster]\n{lines}\n", base());
+    let (ok, stderr) = check(&split("instances = 3\ninstance = 2"), &[]);
+    assert!(ok, "{stderr}");
+    // The slot may come from the environment (a StatefulSet pod's ordinal).
+    let (ok, stderr) = check(&split("instances = 3"), &[("SLUICE__CLUSTER__INSTANCE", "1")]);
+    assert!(ok, "{stderr}");
+    rejected(&split("instances = 3"), &[], "cluster.instance");
+    rejected(&split("instances = 3\ninstance = 3"), &[], "cluster.instance");
+    rejected(&split("instances = 0"), &[], "cluster.instances");
+    rejected(
+        &split("instances = 3\ninstance = 0").replace("storage = \"filesystem\"", "storage = \"memory\""),
+        &[],
+        "checkpoint.storage",
+    );
+    // A window keeps keyed state: its keys cannot cross instances yet.
+    let w = format!("{}\n[cluster]\ninstances = 2\ninstance = 0\n", windowed());
+    let (ok, stderr) = check(&w, &[]);
+    assert!(
+        !ok && stderr.contains("cannot yet route keys across instances"),
+        "{stderr}"
+    );
+}
