@@ -785,3 +785,80 @@ async fn records_choose_topic_partition_and_headers_and_bad_choices_are_dead_let
     want.sort_unstable();
     assert_eq!(seen, want, "every other record once, where it asked to go");
 }
+
+/// The Kafka two-phase sink of a job split over three instances, single instances
+/// SIGKILLed at random while input arrives: each commits through transactional ids and
+/// a commit topic of its own (`<job>.<k>`), and the output holds every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_into_kafka_two_phase_killed_at_random_are_exactly_once() {
+    let j = kafka_job("k2k_split", "500ms").await;
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = 3\n")).expect("config");
+    const TOTAL: u64 = 30_000;
+    let input = j.input.clone();
+    let feeder = std::thread::spawn(move || {
+        for part in 0..15 {
+            produce(&input, (part * 2_000..(part + 1) * 2_000).map(record));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let start = |k: u32| Sluice::start_args(&j.config, &j.log, &[], &["--instance", &k.to_string()]);
+    let mut running: Vec<Option<Sluice>> = (0..3).map(|k| Some(start(k))).collect();
+    let mut rng = rand::rng();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_500))).await;
+        let k = rng.random_range(0..3usize);
+        if let Some(p) = running[k].take() {
+            p.kill9();
+        }
+        running[k] = Some(start(k as u32));
+    }
+    feeder.join().expect("feeder");
+    let (out, n) = (j.output.clone(), TOTAL as usize);
+    let done = wait_until(Duration::from_secs(120), || {
+        let out = out.clone();
+        async move {
+            tokio::task::spawn_blocking(move || committed_ids(&out, 2).len() >= n)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    for p in running.iter_mut().filter_map(Option::take) {
+        assert!(p.terminate().success(), "{}", log_without(&j.log, "reading partition"));
+    }
+    assert!(
+        done,
+        "not every record arrived: {}",
+        log_without(&j.log, "reading partition")
+    );
+    let out = j.output.clone();
+    let mut ids = tokio::task::spawn_blocking(move || committed_ids(&out, 2))
+        .await
+        .expect("read");
+    ids.sort_unstable();
+    let len = ids.len();
+    ids.dedup();
+    assert_eq!(len, ids.len(), "records doubled in the committed output");
+    assert_eq!(ids, (0..TOTAL as i64).collect::<Vec<_>>(), "records lost");
+    // Each instance committed through a commit topic of its own.
+    let job = j.job.clone();
+    let topics: Vec<String> = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka())
+            .create()
+            .expect("consumer");
+        let md = c.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+        md.topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|t| t.starts_with(&format!("sluice.{job}.")))
+            .collect()
+    })
+    .await
+    .expect("metadata");
+    for k in 0..3 {
+        let own = format!("sluice.{}.{k}.commits", j.job);
+        assert!(topics.contains(&own), "no {own} among {topics:?}");
+    }
+}
