@@ -16,7 +16,7 @@ pub use plan::{plan, Plan};
 pub use storage::object_config;
 pub use storage::open_storage;
 
-use parts::AppParts;
+use parts::{AppParts, OpenHop};
 use plan::source_time;
 use storage::{refuse_other_instance_count, refuse_silent_fresh_start, Guard};
 
@@ -286,6 +286,7 @@ async fn attempt(
             .check_unknown_state(cp, cfg.checkpoint.allow_non_restored_state)?;
     }
     target.recover(&ctx, restored.as_ref()).await?;
+    let hops = open_hops(cfg, plan, bootstrap, restored.as_ref()).await?;
     let parts = AppParts {
         cfg,
         bootstrap,
@@ -294,6 +295,7 @@ async fn attempt(
         stats,
         keep_payload: plan.table.columns.iter().any(|c| c.source == ValueSource::Payload),
         time: source_time(cfg, plan),
+        hops: &hops,
     };
     let attempt = Attempt {
         job: &cfg.job.name,
@@ -327,6 +329,37 @@ pub(crate) fn reads_input(cfg: &JobConfig, topic: &str, partition: i32) -> bool 
     let (first, all) = slot(cfg).global(0, ps);
     let owner = crate::runtime::partition::source_owner(topic, partition, all) as usize;
     (first..first + ps as usize).contains(&owner)
+}
+
+/// The hops of a split job, each with its topic checked (or created) and the
+/// transactions a crashed attempt left open aborted before any writer recovers.
+async fn open_hops(
+    cfg: &JobConfig,
+    plan: &Plan,
+    bootstrap: &str,
+    restored: Option<&crate::checkpoint::CompletedCheckpoint>,
+) -> Result<Vec<OpenHop>> {
+    let mut open = Vec::new();
+    for hop in &plan.hops {
+        let job = format!("{}.{}", cfg.cluster.identity(&cfg.job.name), hop.operator);
+        let target = sink::kafka::hop::open(
+            crate::source::producer_config(cfg, bootstrap),
+            &job,
+            &hop.topic,
+            cfg.job.max_parallelism,
+            cfg.checkpoint.interval,
+            cfg.checkpoint.timeout,
+        )
+        .await?;
+        let states = sink::two_phase::restored_states_of(restored, &hop.writer())?;
+        sink::kafka::fence_before_recovery_of(&target, &job, hop.writers as usize, states).await?;
+        open.push(OpenHop {
+            hop: hop.clone(),
+            job,
+            target,
+        });
+    }
+    Ok(open)
 }
 
 /// A receiver that turns true when either does (a dropped sender counts as true, as

@@ -4,17 +4,23 @@
 
 use std::sync::Arc;
 
+use super::plan::Hop;
 use crate::checkpoint::CheckpointStorage;
 use crate::config::{DeadLetterKind, JobConfig};
 use crate::error::{Error, Result};
 use crate::format::Decoder;
-use crate::runtime::graph::{self, Running};
+use crate::runtime::graph::{self, Running, SINK, SOURCE};
 use crate::runtime::sink::Sink;
 use crate::runtime::source_task::Source;
 use crate::sink::dead_letter::KafkaDeadLetters;
+use crate::sink::kafka::hop::HopEncoder;
+use crate::sink::kafka::{KafkaTarget, KafkaTransactions};
 use crate::sink::switch;
 use crate::sink::target::{SubtaskParts, Target};
+use crate::sink::two_phase::TwoPhase;
+use crate::source::hop::HopSource;
 use crate::source::{consumer_config, producer_config, KafkaSource, SourceTimeConfig};
+use crate::state::KeyGroupRange;
 use crate::telemetry::JobStats;
 
 /// The concrete sources and sinks of a job's subtasks, for the executor.
@@ -27,10 +33,75 @@ pub(super) struct AppParts<'a> {
     /// A sink column wants the raw payload.
     pub(super) keep_payload: bool,
     pub(super) time: Option<SourceTimeConfig>,
+    /// The hops of a job split over instances, each with its target and the name its
+    /// transactions carry.
+    pub(super) hops: &'a [OpenHop],
+}
+
+/// A hop between instances, opened for an attempt.
+pub(super) struct OpenHop {
+    pub(super) hop: Hop,
+    /// What its transactions are named after: `<job>.<k>.<operator>`.
+    pub(super) job: String,
+    pub(super) target: KafkaTarget,
+}
+
+impl AppParts<'_> {
+    fn hop_reader(&self, name: &str, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>> {
+        let cfg = self.cfg;
+        let open = self.hop(name, Hop::reader)?;
+        let slot = super::slot(cfg);
+        let (global, all) = slot.global(index, parallelism);
+        Ok(Box::new(HopSource::new(
+            &open.hop.topic,
+            consumer_config(cfg, self.bootstrap),
+            KeyGroupRange::for_subtask(global, all, cfg.job.max_parallelism),
+            open.hop.writers * slot.count,
+            cfg.source.batch_size,
+            cfg.time.watermark_interval,
+            Some(cfg.time.idle_timeout),
+            running.cancel.clone(),
+        )))
+    }
+
+    async fn hop_writer(
+        &self,
+        name: &str,
+        index: usize,
+        restored: u64,
+        states: Vec<serde_json::Value>,
+    ) -> Result<Box<dyn Sink>> {
+        let cfg = self.cfg;
+        let open = self.hop(name, Hop::writer)?;
+        let slot = super::slot(cfg);
+        let (writer, writers) = slot.global(index, open.hop.writers);
+        let encoder = HopEncoder::new(open.hop.key.clone(), cfg.job.max_parallelism, writer as u32, writers);
+        let t = KafkaTransactions::hop(
+            &open.job,
+            index,
+            open.target.clone(),
+            self.storage.clone(),
+            self.stats.clone(),
+            encoder,
+        )?;
+        let mut sink: Box<dyn Sink> = Box::new(TwoPhase::new(index, t, self.stats.clone()));
+        sink.recover(restored, states).await?;
+        Ok(sink)
+    }
+
+    fn hop(&self, name: &str, named: fn(&Hop) -> String) -> Result<&OpenHop> {
+        self.hops
+            .iter()
+            .find(|h| named(&h.hop) == name)
+            .ok_or_else(|| Error::Internal(format!("the plan names `{name}`, which is neither a source nor a sink")))
+    }
 }
 
 impl graph::Parts for AppParts<'_> {
-    fn source(&self, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>> {
+    fn source(&self, name: &str, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>> {
+        if name != SOURCE {
+            return self.hop_reader(name, index, parallelism, running);
+        }
         let cfg = self.cfg;
         // The partitions a subtask reads are those of its job-wide index.
         let (index, parallelism) = super::slot(cfg).global(index, parallelism);
@@ -56,7 +127,16 @@ impl graph::Parts for AppParts<'_> {
         )))
     }
 
-    async fn sink(&self, index: usize, restored: u64, states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>> {
+    async fn sink(
+        &self,
+        name: &str,
+        index: usize,
+        restored: u64,
+        states: Vec<serde_json::Value>,
+    ) -> Result<Box<dyn Sink>> {
+        if name != SINK {
+            return self.hop_writer(name, index, restored, states).await;
+        }
         let parts = SinkParts {
             bootstrap: self.bootstrap,
             target: self.target,

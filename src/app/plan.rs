@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::operators::{self, BuiltOperator};
 use crate::record::{Field, Schema, ValueSource};
 pub use crate::runtime::graph::Edge;
-use crate::runtime::graph::{ChainedOperator, PhysicalPlan, Stage};
+use crate::runtime::graph::{ChainedOperator, PhysicalPlan, Stage, SINK, SOURCE};
 use crate::runtime::partition::{custom_partitioner, CUSTOM_PARTITIONERS};
 use crate::sink::TableSpec;
 use crate::source::SourceTimeConfig;
@@ -27,6 +27,35 @@ pub struct Plan {
     /// Whether an operator needs event time (then the source stamps records and emits
     /// watermarks per partition).
     pub needs_event_time: bool,
+    /// The key-group edges that cross instances (a job split over instances only).
+    pub hops: Vec<Hop>,
+}
+
+/// A key-group edge of a job split over instances: it crosses through an internal
+/// Kafka topic, written by the stage before it (a sink named [`Hop::writer`]) and read
+/// by the stage it leads into (a source named [`Hop::reader`]).
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// The operator the edge leads into.
+    pub operator: String,
+    /// `sluice.<job>.<operator>`, one partition per key group.
+    pub topic: String,
+    /// The edge's key, over the schema that crosses.
+    pub key: Vec<ValueSource>,
+    /// Subtasks writing, per instance.
+    pub writers: u32,
+}
+
+impl Hop {
+    /// The writer's name (its state in checkpoints).
+    pub fn writer(&self) -> String {
+        format!("{}.out", self.operator)
+    }
+
+    /// The reader's name.
+    pub fn reader(&self) -> String {
+        format!("{}.in", self.operator)
+    }
 }
 
 /// What the runtime keeps of a built operator.
@@ -60,9 +89,11 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
     let mut stages = vec![Stage {
         parallelism: cfg.source.parallelism,
         input: None,
+        source: Some(SOURCE.to_string()),
         ops: Vec::new(),
-        sink: false,
+        sink: None,
     }];
+    let mut hops = Vec::new();
     let mut schema = source_schema.clone();
     let mut needs_event_time = false;
     for (i, op_cfg) in cfg.operators.iter().enumerate() {
@@ -74,14 +105,38 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         let edge = edge_into(built.partitioner, built.partition_key.clone(), None)
             .map_err(|m| fail(&format!("operators[{i}].partitioner"), m))?;
         if cfg.cluster.is_split() && edge.kind == PartitionerKind::KeyHash && built.keyed_state {
-            return Err(fail(
-                &format!("operators[{i}]"),
-                format!(
-                    "`{}` keeps keyed state, and a job split over instances (cluster.instances = {}) cannot yet \
-                     route keys across instances",
-                    built.id, cfg.cluster.instances
-                ),
-            ));
+            let hop = Hop {
+                topic: format!("sluice.{}.{}", cfg.job.name, built.id),
+                operator: built.id.clone(),
+                key: edge.key.clone(),
+                writers: upstream,
+            };
+            // The pipeline so far ends in the hop's writer: in the last stage, or in a
+            // stage of its own behind a source (a source's task ends in an edge).
+            match stages.last_mut() {
+                Some(last) if last.source.is_none() => last.sink = Some(hop.writer()),
+                _ => stages.push(Stage {
+                    parallelism: upstream,
+                    input: Some(Edge {
+                        kind: PartitionerKind::Forward,
+                        key: Vec::new(),
+                        custom: None,
+                    }),
+                    source: None,
+                    ops: Vec::new(),
+                    sink: Some(hop.writer()),
+                }),
+            }
+            stages.push(Stage {
+                parallelism,
+                input: None,
+                source: Some(hop.reader()),
+                ops: vec![chained(built)],
+                sink: None,
+            });
+            hops.push(hop);
+            schema = next_schema;
+            continue;
         }
         match (edge.kind, parallelism == upstream) {
             (PartitionerKind::Forward, false) => {
@@ -101,8 +156,9 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
             _ => stages.push(Stage {
                 parallelism,
                 input: Some(edge),
+                source: None,
                 ops: vec![chained(built)],
-                sink: false,
+                sink: None,
             }),
         }
         schema = next_schema;
@@ -112,7 +168,8 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
     let edge = edge_into(cfg.sink.partitioner, key, cfg.sink.custom_partitioner.clone())
         .map_err(|m| fail("sink.custom_partitioner", m))?;
     let upstream = stages.last().map_or(1, |s| s.parallelism);
-    let chain_into_last = edge.kind == PartitionerKind::Forward && stages.len() > 1;
+    // A source's task ends in an edge, never in a sink.
+    let chain_into_last = edge.kind == PartitionerKind::Forward && stages.last().is_some_and(|s| s.source.is_none());
     if edge.kind == PartitionerKind::Forward && cfg.sink.parallelism != upstream {
         return Err(fail(
             "sink.partitioner",
@@ -124,14 +181,15 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
     }
     if chain_into_last {
         if let Some(s) = stages.last_mut() {
-            s.sink = true;
+            s.sink = Some(SINK.to_string());
         }
     } else {
         stages.push(Stage {
             parallelism: cfg.sink.parallelism,
             input: Some(edge),
+            source: None,
             ops: Vec::new(),
-            sink: true,
+            sink: Some(SINK.to_string()),
         });
     }
     if needs_event_time {
@@ -152,6 +210,7 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         source_schema,
         table,
         needs_event_time,
+        hops,
     })
 }
 

@@ -3,7 +3,9 @@
 //! nothing here knows either.
 //!
 //! - [`json`]: JSON objects, in one pass and without building a JSON tree.
+//! - [`hop`]: records, dead letters and watermarks crossing between instances.
 
+pub mod hop;
 pub mod json;
 
 pub use json::Decoder;

@@ -56,16 +56,27 @@ pub struct ChainedOperator {
 pub struct Stage {
     /// Subtasks of this stage.
     pub parallelism: u32,
-    /// The edge into the stage (`None` for the source stage).
+    /// The edge into the stage from the one before; `None` for a stage headed by a
+    /// source.
     pub input: Option<Edge>,
+    /// The source heading the stage (its name: its state in checkpoints, and what
+    /// [`Parts::source`] is asked for), when `input` is `None`.
+    pub source: Option<String>,
     /// The operators chained in each subtask, in order.
     pub ops: Vec<ChainedOperator>,
-    /// The stage ends in the sink.
-    pub sink: bool,
+    /// The sink the stage ends in (its name, as for the source), if it does.
+    pub sink: Option<String>,
 }
 
-/// A job's physical plan: stage 0 is the source (with the operators chained into it);
-/// the last one ends in the sink.
+/// The name of a job's own source and sink (a job split over instances has more: the
+/// hops of its key-group edges).
+pub const SOURCE: &str = "source";
+/// See [`SOURCE`].
+pub const SINK: &str = "sink";
+
+/// A job's physical plan: one or more pipelines, each a stage headed by a source,
+/// the stages its edges lead to, and a last one ending in a sink. Stages are listed
+/// pipeline after pipeline, in the order records flow.
 #[derive(Default)]
 pub struct PhysicalPlan {
     /// The stages, in the order records flow.
@@ -76,15 +87,11 @@ impl PhysicalPlan {
     /// Tasks that acknowledge every checkpoint.
     pub fn tasks(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (s, stage) in self.stages.iter().enumerate() {
+        for stage in &self.stages {
             for i in 0..stage.parallelism as usize {
-                if s == 0 {
-                    out.push(task_name("source", i));
-                }
+                out.extend(stage.source.iter().map(|name| task_name(name, i)));
                 out.extend(stage.ops.iter().map(|op| task_name(&op.id, i)));
-                if stage.sink {
-                    out.push(task_name("sink", i));
-                }
+                out.extend(stage.sink.iter().map(|name| task_name(name, i)));
             }
         }
         out
@@ -95,8 +102,14 @@ impl PhysicalPlan {
     pub fn operator_ids(&self) -> std::collections::HashSet<String> {
         self.stages
             .iter()
-            .flat_map(|s| s.ops.iter().map(|o| o.id.clone()))
-            .chain(["source".to_string(), "sink".to_string()])
+            .flat_map(|s| {
+                s.ops
+                    .iter()
+                    .map(|o| o.id.clone())
+                    .chain(s.source.clone())
+                    .chain(s.sink.clone())
+            })
+            .chain([SOURCE.to_string(), SINK.to_string()])
             .collect()
     }
 
@@ -104,13 +117,13 @@ impl PhysicalPlan {
     fn names(&self, s: usize, decode: &str) -> Vec<String> {
         let stage = &self.stages[s];
         let mut names: Vec<String> = Vec::new();
-        if s == 0 {
-            names.extend(["source".to_string(), decode.to_string()]);
+        match stage.source.as_deref() {
+            Some(SOURCE) => names.extend([SOURCE.to_string(), decode.to_string()]),
+            Some(other) => names.push(other.to_string()),
+            None => {}
         }
         names.extend(stage.ops.iter().map(|o| o.id.clone()));
-        if stage.sink {
-            names.push("sink".into());
-        }
+        names.extend(stage.sink.clone());
         names
     }
 
@@ -133,7 +146,7 @@ impl PhysicalPlan {
         let mut lines = Vec::new();
         for (s, stage) in self.stages.iter().enumerate() {
             let mut names = self.names(s, "decode");
-            if s == 0 {
+            if stage.source.as_deref() == Some(SOURCE) {
                 names.splice(0..2, ["source → decode".to_string()]);
             }
             let edge = match &stage.input {
@@ -196,12 +209,18 @@ pub struct Running {
 /// What the executor cannot make itself: the concrete source and sink of a subtask.
 #[allow(async_fn_in_trait)] // Called on the composition root's one concrete type.
 pub trait Parts {
-    /// Source subtask `index` of `parallelism` (restored by the executor).
-    fn source(&self, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>>;
+    /// Subtask `index` of `parallelism` of the source `name` (restored by the executor).
+    fn source(&self, name: &str, index: usize, parallelism: u32, running: &Running) -> Result<Box<dyn Source>>;
 
-    /// Sink subtask `index`, recovered from its share of the restored sink states
-    /// (those of checkpoint `restored`, 0 if none).
-    async fn sink(&self, index: usize, restored: u64, states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>>;
+    /// Subtask `index` of the sink `name`, recovered from its share of the restored
+    /// states of that sink (those of checkpoint `restored`, 0 if none).
+    async fn sink(
+        &self,
+        name: &str,
+        index: usize,
+        restored: u64,
+        states: Vec<serde_json::Value>,
+    ) -> Result<Box<dyn Sink>>;
 }
 
 /// What one attempt runs with.
@@ -244,7 +263,6 @@ pub async fn execute(
     } = attempt;
     let last_id = restored.map_or(0, |c| c.id);
     let first_id = storage.next_id(restored)?;
-    let sink_states = restored.map(|c| c.subtask_states("sink")).unwrap_or_default();
 
     let (mut inputs, mut outputs) = channels(plan);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -254,17 +272,25 @@ pub async fn execute(
     let mut tasks = JoinSet::new();
 
     // Downstream first, so that every channel has a reader before anything is sent.
-    for s in (1..plan.stages.len()).rev() {
+    for s in (0..plan.stages.len()).rev() {
         let stage = &plan.stages[s];
+        if stage.input.is_none() {
+            continue;
+        }
+        let sink_states = match (&stage.sink, restored) {
+            (Some(name), Some(cp)) => cp.subtask_states(name),
+            _ => Vec::new(),
+        };
         let mut stage_inputs = std::mem::take(&mut inputs[s]);
         let mut stage_outputs = std::mem::take(&mut outputs[s]);
         for j in (0..stage.parallelism as usize).rev() {
             let chain = build_chain(stage, j, mp, slot, restored, storage)?;
             let first = chain.infos().next().map(|i| i.operator.clone());
+            let sink_name = stage.sink.as_deref().unwrap_or(SINK);
             let io = TaskIo {
                 name: first
                     .as_deref()
-                    .map_or_else(|| task_name("sink", j), |op| task_name(op, j)),
+                    .map_or_else(|| task_name(sink_name, j), |op| task_name(op, j)),
                 gate: InputGate::new(stage_inputs.pop().unwrap_or_default()),
                 events: events_tx.clone(),
                 completed: completed_rx.clone(),
@@ -274,56 +300,68 @@ pub async fn execute(
                 stats: stats.clone(),
                 metrics: first.as_deref().map(|op| stats.subtask_metrics(op, j)),
             };
-            if stage.sink {
-                let mine = super::sink::states_for(&sink_states, j, stage.parallelism as usize);
-                let sink = parts.sink(j, last_id, mine).await?;
-                let stats = stats.clone();
-                tasks.spawn(run_task(chain, SinkTail { sink, index: j, stats }, io));
-            } else {
-                let next = &plan.stages[s + 1];
-                let tail = NetworkTail {
-                    partitioner: partitioner(next, j, stage.parallelism, mp),
-                    outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
-                    metrics: stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
-                };
-                tasks.spawn(run_task(chain, tail, io));
+            match &stage.sink {
+                Some(name) => {
+                    let mine = super::sink::states_for(&sink_states, j, stage.parallelism as usize);
+                    let sink = parts.sink(name, j, last_id, mine).await?;
+                    let tail = SinkTail {
+                        sink,
+                        name: name.clone(),
+                        index: j,
+                        stats: stats.clone(),
+                    };
+                    tasks.spawn(run_task(chain, tail, io));
+                }
+                None => {
+                    let tail = NetworkTail {
+                        partitioner: partitioner(next_stage(plan, s)?, j, stage.parallelism, mp),
+                        outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
+                        metrics: stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
+                    };
+                    tasks.spawn(run_task(chain, tail, io));
+                }
             }
         }
     }
 
-    let source_stage = &plan.stages[0];
-    let ps = source_stage.parallelism;
-    let source_states: Vec<serde_json::Value> = restored
-        .map(|cp| cp.operator_states("source").cloned().collect())
-        .unwrap_or_default();
-    let mut triggers = Vec::with_capacity(ps as usize);
-    let mut source_outputs = std::mem::take(&mut outputs[0]);
-    for i in (0..ps as usize).rev() {
-        let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-        triggers.push(trigger_tx);
-        let running = Running {
-            completed: completed_rx.clone(),
-            cancel: cancel.flag(),
-        };
-        let mut source = parts.source(i, ps, &running)?;
-        source.restore(source_states.clone())?;
-        let chain = build_chain(source_stage, i, mp, slot, restored, storage)?;
-        let io = SourceIo {
-            name: task_name("source", i),
-            outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
-            partitioner: partitioner(&plan.stages[1], i, ps, mp),
-            triggers: trigger_rx,
-            events: events_tx.clone(),
-            cancel: cancel.flag(),
-            completed: completed_rx.clone(),
-            storage: storage.clone(),
-            clock,
-            stats: stats.clone(),
-            metrics: stats.subtask_metrics("source", i),
-        };
-        tasks.spawn_blocking(move || run_source(source, chain, io));
+    // Every source of every pipeline, each injecting the coordinator's barriers.
+    let mut triggers = Vec::new();
+    for (s, stage) in plan.stages.iter().enumerate() {
+        let Some(name) = &stage.source else { continue };
+        let ps = stage.parallelism;
+        let source_states: Vec<serde_json::Value> = restored
+            .map(|cp| cp.operator_states(name).cloned().collect())
+            .unwrap_or_default();
+        let mut source_outputs = std::mem::take(&mut outputs[s]);
+        let mut stage_triggers = Vec::with_capacity(ps as usize);
+        for i in (0..ps as usize).rev() {
+            let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+            stage_triggers.push(trigger_tx);
+            let running = Running {
+                completed: completed_rx.clone(),
+                cancel: cancel.flag(),
+            };
+            let mut source = parts.source(name, i, ps, &running)?;
+            source.restore(source_states.clone())?;
+            let chain = build_chain(stage, i, mp, slot, restored, storage)?;
+            let io = SourceIo {
+                name: task_name(name, i),
+                outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
+                partitioner: partitioner(next_stage(plan, s)?, i, ps, mp),
+                triggers: trigger_rx,
+                events: events_tx.clone(),
+                cancel: cancel.flag(),
+                completed: completed_rx.clone(),
+                storage: storage.clone(),
+                clock,
+                stats: stats.clone(),
+                metrics: stats.subtask_metrics(name, i),
+            };
+            tasks.spawn_blocking(move || run_source(source, chain, io));
+        }
+        stage_triggers.reverse();
+        triggers.extend(stage_triggers);
     }
-    triggers.reverse();
     drop(events_tx);
 
     let (handle, stop_rx) = CoordinatorHandle::new();
@@ -440,7 +478,7 @@ fn channels(
         let p = stage.parallelism as usize;
         inputs.push((0..p).map(|_| Vec::new()).collect());
         outputs.push((0..p).map(|_| Vec::new()).collect());
-        if s == 0 {
+        if stage.input.is_none() {
             continue;
         }
         for up in outputs[s - 1].iter_mut() {
@@ -452,6 +490,15 @@ fn channels(
         }
     }
     (inputs, outputs)
+}
+
+/// The stage a stage's records flow into: a stage that ends in no sink must have one
+/// after it taking its output.
+fn next_stage(plan: &PhysicalPlan, s: usize) -> Result<&Stage> {
+    plan.stages
+        .get(s + 1)
+        .filter(|next| next.input.is_some() && plan.stages[s].sink.is_none())
+        .ok_or_else(|| Error::Internal(format!("stage {s} of the plan leads nowhere")))
 }
 
 /// How long cancelled subtasks get to stop before they are aborted.
@@ -632,7 +679,7 @@ mod tests {
     }
 
     impl Parts for TestParts {
-        fn source(&self, index: usize, _parallelism: u32, _running: &Running) -> Result<Box<dyn Source>> {
+        fn source(&self, _name: &str, index: usize, _parallelism: u32, _running: &Running) -> Result<Box<dyn Source>> {
             Ok(Box::new(Counting {
                 index,
                 next: 0,
@@ -640,7 +687,13 @@ mod tests {
             }))
         }
 
-        async fn sink(&self, _index: usize, _restored: u64, _states: Vec<serde_json::Value>) -> Result<Box<dyn Sink>> {
+        async fn sink(
+            &self,
+            _name: &str,
+            _index: usize,
+            _restored: u64,
+            _states: Vec<serde_json::Value>,
+        ) -> Result<Box<dyn Sink>> {
             Ok(Box::new(Collect {
                 pending: Vec::new(),
                 epochs: Vec::new(),
@@ -655,8 +708,9 @@ mod tests {
                 Stage {
                     parallelism: 2,
                     input: None,
+                    source: Some(SOURCE.into()),
                     ops: Vec::new(),
-                    sink: false,
+                    sink: None,
                 },
                 Stage {
                     parallelism: 1,
@@ -665,8 +719,9 @@ mod tests {
                         key: Vec::new(),
                         custom: None,
                     }),
+                    source: None,
                     ops: Vec::new(),
-                    sink: true,
+                    sink: Some(SINK.into()),
                 },
             ],
         }

@@ -36,6 +36,13 @@ pub trait Sink: Send + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Event time reached the sink: `Some(w)`, every record after this is later than
+    /// `w` (or late); `None`, every input is idle. A sink that carries event time on
+    /// (a hop between instances) writes it with its next epoch; others ignore it.
+    fn on_watermark(&mut self, watermark: Option<i64>) {
+        let _ = watermark;
+    }
+
     /// No input for a while: a strategy that may write before the checkpoint flushes a
     /// partly filled buffer now, so the last records do not wait for the next one.
     fn on_quiet(&mut self) -> SinkFuture<'_, ()> {

@@ -114,6 +114,8 @@ impl Tail for NetworkTail {
 pub struct SinkTail {
     /// The sink.
     pub sink: Box<dyn Sink>,
+    /// Its name (its state in checkpoints).
+    pub name: String,
     /// The sink subtask's index.
     pub index: usize,
     /// Where the sink's calls are marked busy (a long one makes the job unready).
@@ -123,11 +125,13 @@ pub struct SinkTail {
 impl Tail for SinkTail {
     async fn emit(&mut self, items: &mut Vec<Emit>) -> Result<()> {
         for item in items.drain(..) {
-            if let Emit::Batch(b) = item {
-                if !b.is_empty() {
+            match item {
+                Emit::Batch(b) if b.is_empty() => {}
+                Emit::Batch(b) => {
                     let _busy = self.stats.sink_busy(self.index);
                     self.sink.write(b).await?;
                 }
+                Emit::Watermark(w) => self.sink.on_watermark(Some(w)),
             }
         }
         Ok(())
@@ -143,6 +147,7 @@ impl Tail for SinkTail {
     }
 
     async fn idle(&mut self) -> Result<()> {
+        self.sink.on_watermark(None);
         Ok(())
     }
 
@@ -152,7 +157,7 @@ impl Tail for SinkTail {
             self.sink.pre_commit(b.id).await?
         };
         crate::telemetry::sink_pending_epochs(self.index, self.sink.pending_epochs());
-        Ok(Some((task_name("sink", self.index), state)))
+        Ok(Some((task_name(&self.name, self.index), state)))
     }
 
     async fn end_of_stream(&mut self) -> Result<()> {
@@ -579,6 +584,7 @@ mod tests {
         };
         let tail = SinkTail {
             sink: Box::new(Null),
+            name: "sink".into(),
             index: 0,
             stats,
         };

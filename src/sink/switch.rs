@@ -53,6 +53,10 @@ impl Sink for Tagged {
         self.inner.commit(checkpoint)
     }
 
+    fn on_watermark(&mut self, watermark: Option<i64>) {
+        self.inner.on_watermark(watermark)
+    }
+
     fn recover(&mut self, checkpoint: u64, states: Vec<serde_json::Value>) -> SinkFuture<'_, ()> {
         self.inner.recover(checkpoint, states)
     }

@@ -44,11 +44,16 @@ fn parse_state(state: &serde_json::Value) -> std::result::Result<Option<TwoPhase
 
 /// The two-phase sink states of a checkpoint, one per old sink subtask that had one.
 pub fn restored_states(restored: Option<&CompletedCheckpoint>) -> Result<Vec<TwoPhaseState>> {
+    restored_states_of(restored, "sink")
+}
+
+/// [`restored_states`] of the sink named `name` (a hop's writer).
+pub fn restored_states_of(restored: Option<&CompletedCheckpoint>, name: &str) -> Result<Vec<TwoPhaseState>> {
     let Some(cp) = restored else {
         return Ok(Vec::new());
     };
     let mut states = Vec::new();
-    for s in cp.operator_states("sink") {
+    for s in cp.operator_states(name) {
         states.extend(parse_state(s).map_err(|e| Error::CorruptCheckpoint {
             path: format!("checkpoint {}", cp.id).into(),
             message: format!("two-phase sink state: {e}"),
@@ -80,6 +85,11 @@ pub trait TransactionalTarget: Send + 'static {
     /// be committed (or written again) after a crash. `None`: nothing was written since
     /// the last prepare.
     fn prepare(&mut self, checkpoint: u64) -> SinkFuture<'_, Option<Prepared>>;
+
+    /// Event time reached the sink (see [`crate::runtime::sink::Sink::on_watermark`]).
+    fn on_watermark(&mut self, watermark: Option<i64>) {
+        let _ = watermark;
+    }
 
     /// Checkpoint `checkpoint` is complete: commit its prepared epoch `id`.
     fn commit<'a>(&'a mut self, checkpoint: u64, id: &'a str) -> SinkFuture<'a, ()>;
@@ -198,6 +208,10 @@ impl<T: TransactionalTarget> TwoPhase<T> {
 impl<T: TransactionalTarget> Sink for TwoPhase<T> {
     fn pending_epochs(&self) -> usize {
         self.pending.len()
+    }
+
+    fn on_watermark(&mut self, watermark: Option<i64>) {
+        self.target.on_watermark(watermark);
     }
 
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {

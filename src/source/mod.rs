@@ -1,6 +1,7 @@
 //! The Kafka source and its embedded stand-in.
 
 pub mod embedded;
+pub mod hop;
 pub mod kafka;
 
 use rdkafka::config::ClientConfig;

@@ -69,6 +69,33 @@ impl WatermarkGenerator for BoundedOutOfOrderness {
     }
 }
 
+/// A watermark announced rather than derived: the value passed to `on_event` is a
+/// watermark someone upstream computed (a writer of a hop between instances), taken as
+/// it is and never moved back.
+#[derive(Debug, Clone, Default)]
+pub struct Announced {
+    max: Option<i64>,
+}
+
+impl WatermarkGenerator for Announced {
+    fn on_event(&mut self, watermark: i64) -> Option<i64> {
+        self.max = Some(self.max.map_or(watermark, |m| m.max(watermark)));
+        self.max
+    }
+
+    fn on_periodic(&mut self) -> Option<i64> {
+        self.max
+    }
+
+    fn max_timestamp(&self) -> Option<i64> {
+        self.max
+    }
+
+    fn restore(&mut self, max_timestamp: Option<i64>) {
+        self.max = max_timestamp;
+    }
+}
+
 /// The one rule by which a source combines its partitions and an operator its inputs:
 /// the watermark is the minimum over the live ones and never goes back; when none is
 /// live, what the quiet ones delivered (the minimum of their own watermarks, where they

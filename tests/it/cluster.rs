@@ -258,3 +258,106 @@ async fn a_second_process_for_a_running_instance_is_refused() {
         "nothing written by refused starts"
     );
 }
+
+/// A windowed job split over three instances whose `key_by` field is not the Kafka
+/// message key, so every key crosses the hop to the instance owning its key group: 12
+/// input partitions, out-of-order events on hot and cold keys, ten SIGKILLs of single
+/// instances and of two at once while input arrives. Every window equals the batch
+/// computation, none is written twice, no record is late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_windowed_instances_killed_at_random_equal_a_batch_computation() {
+    use crate::windows::{
+        clone_event, events, produce_events, produce_flush, reference, result_rows, results, WindowJob, BASE,
+    };
+    let j = WindowJob::new("splitwin", "two_phase", 12).await;
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = {INSTANCES}\n")).expect("config");
+    let input = events(120_000, 1_000, 23);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let (before, during) = input.split_at(60_000);
+    let before: Vec<_> = before.iter().map(clone_event).collect();
+    let during: Vec<_> = during.iter().map(clone_event).collect();
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || produce_events(&topic, &before, None, None))
+        .await
+        .expect("producer");
+    let topic = j.topic.clone();
+    let feeder =
+        std::thread::spawn(move || produce_events(&topic, &during, Some((3_000, Duration::from_millis(500))), None));
+    let log = |k: u32| j.dir.path().join(format!("instance-{k}.log"));
+    let start = |k: u32| Sluice::start_args(&j.config, &log(k), &[], &["--instance", &k.to_string()]);
+    let logs = || {
+        (0..INSTANCES)
+            .map(|k| format!("--- instance {k}\n{}", tail_of(&log(k))))
+            .collect::<String>()
+    };
+    let mut running: Vec<Option<Sluice>> = (0..INSTANCES).map(|k| Some(start(k))).collect();
+    let mut rng = rand::rng();
+    let mut kills = Vec::new();
+    for kill in 0..10 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
+        let first = rng.random_range(0..INSTANCES);
+        let victims = match kill % 3 {
+            2 => vec![first, (first + 1) % INSTANCES],
+            _ => vec![first],
+        };
+        for &k in &victims {
+            if let Some(p) = running[k as usize].take() {
+                p.kill9();
+            }
+        }
+        kills.push((victims.clone(), result_rows(&j.pool, &j.schema).await));
+        for &k in &victims {
+            running[k as usize] = Some(start(k));
+        }
+    }
+    feeder.join().expect("producer thread");
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || produce_flush(&topic, 0..12, last))
+        .await
+        .expect("flush");
+    let want = expected.len() as i64;
+    let done = wait_until(Duration::from_secs(300), || async {
+        result_rows(&j.pool, &j.schema).await >= want
+    })
+    .await;
+    for p in running.iter_mut().filter_map(Option::take) {
+        let status = p.terminate();
+        assert!(status.success(), "an instance exited with {status}:\n{}", logs());
+    }
+    let written = result_rows(&j.pool, &j.schema).await;
+    assert!(done, "only {written} of {want} windows written:\n{}", logs());
+    println!("split windows: (killed instances, window rows) {kills:?} of {want}");
+    let late = count(&j.pool, &format!("SELECT count(*) FROM {}.dead", j.schema)).await;
+    assert_eq!(
+        late, 0,
+        "records went to the late output; the input was within the bound"
+    );
+    let got = results(&j.pool, &j.schema).await;
+    let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && wrong.is_empty() && got.len() == expected.len(),
+        "{} windows expected, {} written; missing {missing:?}; wrong {wrong:?}",
+        expected.len(),
+        got.len()
+    );
+    for k in 0..INSTANCES {
+        assert_eq!(
+            prepared_of(&j.pool, &format!("{}.{k}", j.job)).await,
+            0,
+            "prepared transactions left"
+        );
+        let text = std::fs::read_to_string(log(k)).unwrap_or_default();
+        assert!(
+            text.contains("reading hop partitions"),
+            "instance {k} read no hop:\n{}",
+            logs()
+        );
+    }
+}

@@ -74,7 +74,7 @@ pub(crate) fn reference(events: &[Event]) -> Table {
 
 /// The job's results, without the flush records' account; also checks that each
 /// window has one row and that its bounds are right.
-async fn results(pool: &PgPool, schema: &str) -> Table {
+pub(crate) async fn results(pool: &PgPool, schema: &str) -> Table {
     let rows = sqlx::query(&format!(
         "SELECT account, window_start, window_end, n, total, lo, hi, firing FROM {schema}.win \
          WHERE account <> '~flush'"

@@ -31,6 +31,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 
+pub mod hop;
 mod message;
 pub mod target;
 mod transactional;
@@ -513,7 +514,16 @@ pub async fn fence_before_recovery(
     parallelism: usize,
     restored: Option<&crate::checkpoint::CompletedCheckpoint>,
 ) -> Result<()> {
-    let states = restored_states(restored)?;
+    fence_before_recovery_of(target, job, parallelism, restored_states(restored)?).await
+}
+
+/// [`fence_before_recovery`] of a sink whose restored states are `states` (a hop's).
+pub async fn fence_before_recovery_of(
+    target: &KafkaTarget,
+    job: &str,
+    parallelism: usize,
+    states: Vec<super::two_phase::TwoPhaseState>,
+) -> Result<()> {
     if states.iter().all(|s| s.pending.is_empty()) {
         return Ok(());
     }

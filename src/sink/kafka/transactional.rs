@@ -15,6 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::hop::HopEncoder;
 use super::message::{encode_epoch, send, Dest, Messages, Msg};
 use super::{
     blocking, commit_marker, commit_topic, is_fenced, load_epoch, marker_key, transactional_id, KafkaTarget,
@@ -27,6 +28,12 @@ use crate::runtime::sink::SinkFuture;
 use crate::sink::two_phase::{Prepared, TransactionalTarget, TwoPhaseState};
 use crate::telemetry::JobStats;
 
+/// How records become messages: the sink's table spec, or a hop's key groups.
+enum Encode {
+    Table(Box<Messages>),
+    Hop(HopEncoder),
+}
+
 /// The Kafka transactions of one sink subtask.
 pub struct KafkaTransactions {
     job: String,
@@ -34,7 +41,7 @@ pub struct KafkaTransactions {
     target: KafkaTarget,
     producers: Vec<Arc<ThreadedProducer<DefaultProducerContext>>>,
     storage: Arc<dyn CheckpointStorage>,
-    builder: Messages,
+    encode: Encode,
     /// The open epoch: its slot (once a record came) and its messages.
     open: Option<usize>,
     messages: Vec<Msg>,
@@ -55,17 +62,40 @@ impl KafkaTransactions {
         storage: Arc<dyn CheckpointStorage>,
         stats: Arc<JobStats>,
     ) -> Result<Self> {
+        let encode = Encode::Table(Box::new(target.messages(false)));
+        Self::with(job, subtask, target, storage, stats, encode)
+    }
+
+    /// The transactions of subtask `subtask` of a hop's writer.
+    pub fn hop(
+        job: &str,
+        subtask: usize,
+        target: KafkaTarget,
+        storage: Arc<dyn CheckpointStorage>,
+        stats: Arc<JobStats>,
+        encoder: HopEncoder,
+    ) -> Result<Self> {
+        Self::with(job, subtask, target, storage, stats, Encode::Hop(encoder))
+    }
+
+    fn with(
+        job: &str,
+        subtask: usize,
+        target: KafkaTarget,
+        storage: Arc<dyn CheckpointStorage>,
+        stats: Arc<JobStats>,
+        encode: Encode,
+    ) -> Result<Self> {
         let producers = (0..SLOTS)
             .map(|slot| target.producer(&transactional_id(job, subtask, slot)))
             .collect::<Result<Vec<_>>>()?;
-        let builder = target.messages(false);
         Ok(Self {
             job: job.to_string(),
             subtask,
             target,
             producers,
             storage,
-            builder,
+            encode,
             open: None,
             messages: Vec::new(),
             records: 0,
@@ -86,37 +116,50 @@ impl KafkaTransactions {
             })
     }
 
+    /// The open epoch's slot, beginning a transaction if none is open.
+    async fn open_slot(&mut self) -> Result<usize> {
+        if let Some(slot) = self.open {
+            return Ok(slot);
+        }
+        let slot = self.free_slot()?;
+        let p = self.producers[slot].clone();
+        blocking("begin a transaction", move || p.begin_transaction()).await?;
+        self.open = Some(slot);
+        Ok(slot)
+    }
+
     async fn take(&mut self, batch: Batch) -> Result<()> {
-        let slot = match self.open {
-            Some(slot) => slot,
-            None => {
-                let slot = self.free_slot()?;
-                let p = self.producers[slot].clone();
-                blocking("begin a transaction", move || p.begin_transaction()).await?;
-                self.open = Some(slot);
-                slot
-            }
-        };
+        let slot = self.open_slot().await?;
         let producer = self.producers[slot].clone();
         let output = self.target.topic(Dest::Output).to_string();
         let dead_letters = self.target.topic(Dest::DeadLetters).to_string();
         let mut sent = 0;
         for r in &batch.records {
-            let msg = match self.builder.message(r).await? {
-                Ok(msg) => {
-                    sent += 1;
-                    msg
-                }
-                Err(reason) => self.builder.dead_letter(&self.builder.refused(r, reason)),
+            let msg = match &mut self.encode {
+                Encode::Hop(hop) => hop.record(r),
+                Encode::Table(builder) => match builder.message(r).await? {
+                    Ok(msg) => msg,
+                    Err(reason) => builder.dead_letter(&builder.refused(r, reason)),
+                },
             };
+            if msg.to == Dest::Output {
+                sent += 1;
+            }
             let topic = if msg.to == Dest::Output { &output } else { &dead_letters };
             send(&producer, topic, &msg).await?;
             self.messages.push(msg);
         }
-        self.records += sent;
+        // Records crossing a hop are not rows written: the job's sink counts those.
+        if matches!(self.encode, Encode::Table(_)) {
+            self.records += sent;
+        }
         for d in &batch.dead {
-            let msg = self.builder.dead_letter(d);
-            send(&producer, &dead_letters, &msg).await?;
+            let msg = match &self.encode {
+                Encode::Hop(hop) => hop.dead(d),
+                Encode::Table(builder) => builder.dead_letter(d),
+            };
+            let topic = if msg.to == Dest::Output { &output } else { &dead_letters };
+            send(&producer, topic, &msg).await?;
             self.messages.push(msg);
         }
         Ok(())
@@ -133,6 +176,21 @@ impl KafkaTransactions {
 
     /// The commit marker into the open transaction, flushed, and its messages stored.
     async fn prepare_open(&mut self, checkpoint: u64) -> Result<Option<Prepared>> {
+        // A hop's writer tells every partition its watermark with each epoch, also an
+        // epoch without records: the readers' event time depends on it.
+        let marks = match &self.encode {
+            Encode::Hop(hop) => hop.watermarks(),
+            Encode::Table(_) => Vec::new(),
+        };
+        if !marks.is_empty() {
+            let slot = self.open_slot().await?;
+            let producer = self.producers[slot].clone();
+            let output = self.target.topic(Dest::Output).to_string();
+            for m in marks {
+                send(&producer, &output, &m).await?;
+                self.messages.push(m);
+            }
+        }
         let Some(slot) = self.open.take() else {
             return Ok(None);
         };
@@ -241,6 +299,12 @@ impl KafkaTransactions {
 impl TransactionalTarget for KafkaTransactions {
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
         Box::pin(self.take(batch))
+    }
+
+    fn on_watermark(&mut self, watermark: Option<i64>) {
+        if let Encode::Hop(hop) = &mut self.encode {
+            hop.on_watermark(watermark);
+        }
     }
 
     fn prepare(&mut self, checkpoint: u64) -> SinkFuture<'_, Option<Prepared>> {
