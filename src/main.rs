@@ -38,9 +38,11 @@ enum Command {
         #[arg(long)]
         fresh_start: bool,
         /// Restore this savepoint (its directory) instead of starting anew; a restart
-        /// later resumes from the job's own checkpoints taken since.
+        /// later resumes from the job's own checkpoints taken since. A split job is
+        /// rescaled by giving the savepoint of each of its old instances, the option
+        /// once per savepoint.
         #[arg(long)]
-        from_savepoint: Option<PathBuf>,
+        from_savepoint: Vec<PathBuf>,
         /// Start even if the restored state holds operators the job no longer has
         /// (their state is dropped).
         #[arg(long)]
@@ -243,8 +245,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let mut cfg = load_slot(&config, instance, instances)?;
             cfg.source.fresh_start |= fresh_start;
             cfg.checkpoint.allow_non_restored_state |= allow_non_restored_state;
-            if from_savepoint.is_some() {
-                cfg.checkpoint.from_savepoint = from_savepoint;
+            let mut given = from_savepoint.into_iter();
+            if let Some(first) = given.next() {
+                cfg.checkpoint.from_savepoint = Some(first);
+                cfg.checkpoint.with_savepoints = given.collect();
             }
             run(cfg).await
         }

@@ -9,6 +9,7 @@
 pub mod cluster;
 mod parts;
 mod plan;
+mod rescale;
 mod storage;
 
 pub use plan::{plan, Plan};
@@ -81,7 +82,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     let bootstrap = embedded.as_ref().map_or(cfg.source.bootstrap_servers.clone(), |e| {
         e.bootstrap_servers().to_string()
     });
-    let storage = open_storage(&cfg)?;
+    let (storage, union) = storage::open_storage_rescaling(&cfg)?;
     refuse_other_instance_count(&cfg, storage.latest()?.as_ref())?;
     if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {
         stats.set_state(JobState::Finished);
@@ -102,7 +103,8 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         let result = match owned {
             Ok(()) => {
                 let fence = owner.as_ref().and_then(JobLock::fence);
-                attempt(&cfg, &plan, &bootstrap, &storage, &stats, fence, shutdown.clone()).await
+                let (storage, union) = (&storage, union.as_deref());
+                attempt(&cfg, &plan, &bootstrap, storage, union, &stats, fence, shutdown.clone()).await
             }
             Err(e) => Err(e),
         };
@@ -256,17 +258,19 @@ async fn leave_nothing_prepared(
 
 /// One attempt: restore, run, and return when stopped (its final checkpoint, and whether
 /// the savepoint asked of it failed) or on the first failure.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     cfg: &Arc<JobConfig>,
     plan: &Plan,
     bootstrap: &str,
     storage: &Arc<dyn CheckpointStorage>,
+    union: Option<&crate::checkpoint::union::Union>,
     stats: &Arc<JobStats>,
     fence: Option<Fence>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Final> {
     let ctx = sink_context(cfg);
-    let target = sink::target::open(&ctx, plan.table.clone(), fence).await?;
+    let target = sink::target::open(&ctx, plan.table.clone(), fence.clone()).await?;
     let restored = storage.latest()?;
     stats.restored(restored.as_ref().map(|c| c.id));
     if let Some(cp) = &restored {
@@ -284,6 +288,9 @@ async fn attempt(
         );
         plan.graph
             .check_unknown_state(cp, cfg.checkpoint.allow_non_restored_state)?;
+    }
+    if let Some(union) = union.filter(|u| rescale::is_union(Some(u), restored.as_ref())) {
+        rescale::finish_old_instances(cfg, plan, bootstrap, storage, stats, union, fence).await?;
     }
     target.recover(&ctx, restored.as_ref()).await?;
     let hops = open_hops(cfg, plan, bootstrap, restored.as_ref()).await?;

@@ -57,6 +57,7 @@ impl AppParts<'_> {
             consumer_config(cfg, self.bootstrap),
             KeyGroupRange::for_subtask(global, all, cfg.job.max_parallelism),
             open.hop.writers * slot.count,
+            slot.count,
             cfg.source.batch_size,
             cfg.time.watermark_interval,
             Some(cfg.time.idle_timeout),
@@ -75,7 +76,13 @@ impl AppParts<'_> {
         let open = self.hop(name, Hop::writer)?;
         let slot = super::slot(cfg);
         let (writer, writers) = slot.global(index, open.hop.writers);
-        let encoder = HopEncoder::new(open.hop.key.clone(), cfg.job.max_parallelism, writer as u32, writers);
+        let encoder = HopEncoder::new(
+            open.hop.key.clone(),
+            cfg.job.max_parallelism,
+            writer as u32,
+            writers,
+            slot.count,
+        );
         let t = KafkaTransactions::hop(
             &open.job,
             index,
@@ -148,17 +155,17 @@ impl graph::Parts for AppParts<'_> {
 }
 
 /// What every sink subtask is built from.
-struct SinkParts<'a> {
-    bootstrap: &'a str,
-    target: &'a dyn Target,
-    storage: &'a Arc<dyn CheckpointStorage>,
-    stats: Arc<JobStats>,
+pub(super) struct SinkParts<'a> {
+    pub(super) bootstrap: &'a str,
+    pub(super) target: &'a dyn Target,
+    pub(super) storage: &'a Arc<dyn CheckpointStorage>,
+    pub(super) stats: Arc<JobStats>,
 }
 
 /// Sink subtask `j`, recovered from its share `restored` of checkpoint `checkpoint`:
 /// first what a sink of another strategy left there is finished by that strategy (see
 /// [`switch`]), then the configured sink recovers its own states.
-async fn open_sink(
+pub(super) async fn open_sink(
     cfg: &JobConfig,
     parts: &SinkParts<'_>,
     j: usize,

@@ -58,6 +58,13 @@ impl Hop {
     }
 }
 
+/// Whether the task state named `name` (an operator's name in checkpoints) is a sink's:
+/// the job's sink, or a hop's writer. A sink's state is what it committed under its
+/// instance's name, not to be handed to another instance.
+pub fn is_sink_state(name: &str) -> bool {
+    name == SINK || name.ends_with(".out")
+}
+
 /// What the runtime keeps of a built operator.
 fn chained(built: BuiltOperator) -> ChainedOperator {
     ChainedOperator {

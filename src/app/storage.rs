@@ -5,12 +5,23 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::checkpoint::savepoint::{FromSavepoint, Savepoint};
+use crate::checkpoint::union::Union;
 use crate::checkpoint::{CheckpointStorage, DirectoryStorage, MemoryStorage};
 use crate::config::{JobConfig, StorageKind};
 use crate::error::{Error, Result};
 
 /// Open the checkpoint storage a config names.
 pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
+    Ok(open_storage_rescaling(cfg)?.0)
+}
+
+/// Checkpoint storage, and the union of savepoints it restores when rescaling.
+pub(super) type Opened = (Arc<dyn CheckpointStorage>, Option<Arc<Union>>);
+
+/// [`open_storage`], and when the job is restored from the savepoints of a split job
+/// with another number of instances, their union: what the old instances' sinks left
+/// is finished under their names before the new sinks start.
+pub(super) fn open_storage_rescaling(cfg: &JobConfig) -> Result<Opened> {
     let storage: Arc<dyn CheckpointStorage> = match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
         (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
         #[cfg(feature = "s3")]
@@ -20,8 +31,48 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
         _ => Arc::new(MemoryStorage::new(cfg.checkpoint.retain)),
     };
     let Some(path) = &cfg.checkpoint.from_savepoint else {
-        return Ok(storage);
+        return Ok((storage, None));
     };
+    let mut savepoints = Vec::new();
+    for path in std::iter::once(path).chain(&cfg.checkpoint.with_savepoints) {
+        savepoints.push(open_savepoint(cfg, path)?);
+    }
+    let instances = |s: &Savepoint| s.meta.checkpoint.instances.unwrap_or(1);
+    if savepoints.len() == 1 && instances(&savepoints[0]) == cfg.cluster.instances {
+        let savepoint = savepoints.remove(0);
+        return Ok((Arc::new(FromSavepoint::new(storage, savepoint)), None));
+    }
+    let from = instances(&savepoints[0]);
+    let union = Arc::new(Union::new(
+        storage,
+        savepoints,
+        cfg.cluster.instances,
+        &super::plan::is_sink_state,
+    )?);
+    // Records a hop's writers committed and its readers had not read yet are in its
+    // topic, not in any savepoint: only readers of the hop find them.
+    let in_flight = union
+        .merged()
+        .tasks
+        .keys()
+        .find(|t| crate::checkpoint::task_operator(t).ends_with(".in"));
+    if let (false, Some(task)) = (cfg.cluster.is_split(), in_flight) {
+        return Err(Error::Unsupported(format!(
+            "the savepoints were taken of a job split over {from} instances whose keys cross instances \
+             (`{task}` reads a hop's topic): records in flight in that topic would be lost by a job run as \
+             one process, which reads no hop. Run it as 2 or more instances (cluster.instances)"
+        )));
+    }
+    tracing::info!(
+        from,
+        to = cfg.cluster.instances,
+        "restoring the savepoints of every old instance, to run with another number of instances"
+    );
+    Ok((union.clone(), Some(union)))
+}
+
+/// The savepoint at `path`, of this job, every file checked.
+fn open_savepoint(cfg: &JobConfig, path: &std::path::Path) -> Result<Savepoint> {
     let savepoint = Savepoint::open(path)?;
     if savepoint.meta.job != cfg.job.name {
         return Err(Error::Unsupported(format!(
@@ -41,7 +92,7 @@ pub fn open_storage(cfg: &JobConfig) -> Result<Arc<dyn CheckpointStorage>> {
         bytes,
         "savepoint checked"
     );
-    Ok(Arc::new(FromSavepoint::new(storage, savepoint)))
+    Ok(savepoint)
 }
 
 /// The bucket of `[checkpoint]`, credentials from the environment.

@@ -105,7 +105,7 @@ impl PendingCheckpoint {
 
     /// The completed checkpoint of `job`, with every task's snapshot, descending from
     /// the savepoint `origin` names (if the job started from one).
-    pub fn into_completed(self, job: &str, origin: Option<String>, instances: Option<u32>) -> CompletedCheckpoint {
+    pub fn into_completed(self, job: &str, origin: Option<String>, slot: Option<(u32, u32)>) -> CompletedCheckpoint {
         CompletedCheckpoint {
             format_version: FORMAT_VERSION,
             job: job.to_string(),
@@ -114,7 +114,8 @@ impl PendingCheckpoint {
             tasks: self.states,
             checksum: None,
             origin,
-            instances,
+            instance: slot.map(|(k, _)| k),
+            instances: slot.map(|(_, n)| n),
         }
     }
 }
@@ -150,8 +151,9 @@ pub struct Coordinator {
     pub first_id: u64,
     /// The savepoint the job's state descends from, recorded in every checkpoint.
     pub origin: Option<String>,
-    /// Instances of a split job, recorded in every checkpoint (`None`: one).
-    pub instances: Option<u32>,
+    /// (instance, instances) of a split job, recorded in every checkpoint (`None`: the
+    /// job is one process).
+    pub slot: Option<(u32, u32)>,
     /// Where savepoints asked for are written (none: they are refused).
     pub savepoint_dir: Option<std::path::PathBuf>,
     /// Job-wide counters for the status line.
@@ -345,7 +347,7 @@ impl Coordinator {
                 let barrier = p.barrier;
                 let started = p.triggered_at;
                 let savepoint = p.savepoint;
-                let completed = p.into_completed(&self.job, self.origin.clone(), self.instances);
+                let completed = p.into_completed(&self.job, self.origin.clone(), self.slot);
                 let copy = savepoint.then(|| completed.clone());
                 crate::failpoint::crash_if("before_store", barrier.id);
                 // Written before it is announced: a sink commits only what a restore
@@ -434,7 +436,7 @@ mod tests {
             completed: ctx,
             first_id: 1,
             origin: None,
-            instances: None,
+            slot: None,
             savepoint_dir: None,
             stats: Arc::new(JobStats::default()),
         };

@@ -229,6 +229,7 @@ mod tests {
             checksum: None,
             origin: None,
             instances: None,
+            instance: None,
         };
         storage.store(&cp).unwrap();
         let sp = savepoint::write(&dir.path().join("sp"), &cp, &storage).unwrap();

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod object;
 pub mod savepoint;
 pub mod storage;
+pub mod union;
 
 use std::collections::BTreeMap;
 
@@ -47,6 +48,9 @@ pub struct CompletedCheckpoint {
     /// decides which partitions and key groups it owns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<u32>,
+    /// The instance that took it, of a job split over several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
 }
 
 impl CompletedCheckpoint {

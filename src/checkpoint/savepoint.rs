@@ -393,6 +393,7 @@ mod tests {
             checksum: None,
             origin: None,
             instances: None,
+            instance: None,
         }
     }
 

@@ -405,6 +405,7 @@ mod tests {
             checksum: None,
             origin: None,
             instances: None,
+            instance: None,
         }
     }
 

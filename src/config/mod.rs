@@ -463,6 +463,11 @@ pub struct CheckpointConfig {
     /// Start from this savepoint (`sluice run --from-savepoint`) unless the job has
     /// checkpoints of its own that descend from it.
     pub from_savepoint: Option<PathBuf>,
+    /// The savepoints of a split job's other instances, restored together with
+    /// `from_savepoint` to run the job with another number of instances
+    /// (`--from-savepoint` given once per old instance). Not a key.
+    #[serde(skip)]
+    pub with_savepoints: Vec<PathBuf>,
     /// Start even though the restored state holds operators this job no longer has
     /// (their state is dropped); refused otherwise.
     #[serde(default)]
@@ -492,6 +497,7 @@ impl Default for CheckpointConfig {
             retain: defaults::retain(),
             savepoint_dir: None,
             from_savepoint: None,
+            with_savepoints: Vec::new(),
             allow_non_restored_state: false,
         }
     }

@@ -21,13 +21,17 @@ pub enum HopMessage {
     Record(Record),
     /// A dead letter on its way to the sink.
     Dead(DeadLetter),
-    /// Writer `writer` (of `writers`, job-wide) promises that what it writes to this
-    /// partition after this message is later than `watermark` (or late).
+    /// Writer `writer` (of `writers`, job-wide, in a job of `instances`) promises that
+    /// what it writes to this partition after this message is later than `watermark`
+    /// (or late). After a rescale, marks of the old layout name other writers: a reader
+    /// ignores those whose layout is not its own.
     Watermark {
         /// The writing subtask, job-wide.
         writer: u32,
         /// Writing subtasks, job-wide.
         writers: u32,
+        /// Instances of the job.
+        instances: u32,
         /// Its event time.
         watermark: i64,
     },
@@ -37,6 +41,7 @@ pub enum HopMessage {
 struct Mark {
     writer: u32,
     writers: u32,
+    instances: u32,
     watermark: i64,
 }
 
@@ -57,12 +62,13 @@ pub fn encode_dead(d: &DeadLetter) -> Vec<u8> {
 }
 
 /// A writer's watermark.
-pub fn encode_watermark(writer: u32, writers: u32, watermark: i64) -> Vec<u8> {
+pub fn encode_watermark(writer: u32, writers: u32, instances: u32, watermark: i64) -> Vec<u8> {
     framed(
         WATERMARK,
         &Mark {
             writer,
             writers,
+            instances,
             watermark,
         },
     )
@@ -88,6 +94,7 @@ pub fn decode(bytes: &[u8]) -> Result<HopMessage, String> {
             .map(|m| HopMessage::Watermark {
                 writer: m.writer,
                 writers: m.writers,
+                instances: m.instances,
                 watermark: m.watermark,
             })
             .map_err(bad),
@@ -129,10 +136,11 @@ mod tests {
         assert_eq!(decode(&encode_record(&record)), Ok(HopMessage::Record(record)));
         assert_eq!(decode(&encode_dead(&dead)), Ok(HopMessage::Dead(dead)));
         assert_eq!(
-            decode(&encode_watermark(4, 6, -3)),
+            decode(&encode_watermark(4, 6, 3, -3)),
             Ok(HopMessage::Watermark {
                 writer: 4,
                 writers: 6,
+                instances: 3,
                 watermark: -3
             })
         );

@@ -375,7 +375,7 @@ pub async fn execute(
         completed: completed_tx,
         first_id,
         origin: restored.and_then(|c| c.origin.clone()),
-        instances: slot.is_split().then_some(slot.count),
+        slot: slot.is_split().then_some((slot.index, slot.count)),
         savepoint_dir,
         stats: stats.clone(),
     };

@@ -40,6 +40,8 @@ pub struct HopSource {
     owned: KeyGroupRange,
     /// Writing subtasks, job-wide: each holds the watermark back.
     writers: u32,
+    /// Instances of the job: with `writers`, the layout whose marks count.
+    instances: u32,
     batch_size: usize,
     interval: Duration,
     cancel: Arc<AtomicBool>,
@@ -55,13 +57,14 @@ pub struct HopSource {
 
 impl HopSource {
     /// The reader of `topic`'s partitions in `owned` (key groups), whose watermark is
-    /// the minimum over `writers` writers.
+    /// the minimum over `writers` writers of a job of `instances`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         topic: &str,
         mut client: ClientConfig,
         owned: KeyGroupRange,
         writers: u32,
+        instances: u32,
         batch_size: usize,
         interval: Duration,
         idle_timeout: Option<Duration>,
@@ -79,6 +82,7 @@ impl HopSource {
             client,
             owned,
             writers,
+            instances,
             batch_size,
             interval,
             cancel,
@@ -154,9 +158,16 @@ impl Source for HopSource {
             match decode(msg.payload().unwrap_or_default()) {
                 Ok(HopMessage::Record(r)) => batch.records.push(r),
                 Ok(HopMessage::Dead(d)) => batch.dead.push(d),
-                Ok(HopMessage::Watermark { writer, watermark, .. }) => {
+                // Marks of another layout (before a rescale) name other writers.
+                Ok(HopMessage::Watermark {
+                    writer,
+                    writers,
+                    instances,
+                    watermark,
+                }) if (writers, instances) == (self.writers, self.instances) => {
                     self.marks.on_record(&(partition, writer), watermark, Instant::now())
                 }
+                Ok(HopMessage::Watermark { .. }) => {}
                 // Only sluice writes the hop: a message it cannot read is kept, with why,
                 // where the job's dead letters go.
                 Err(reason) => batch.dead.push(DeadLetter {

@@ -361,3 +361,167 @@ async fn three_windowed_instances_killed_at_random_equal_a_batch_computation() {
         );
     }
 }
+
+const TOKEN: &str = "cluster-test-token";
+
+/// `sluice savepoint --stop` against instance `k` of `n`: the savepoint's directory,
+/// once the instance has exited.
+fn stop_instance(config: &Path, k: u32, n: u32, listen: &str, p: &mut Sluice) -> PathBuf {
+    // Asked while restoring (not yet running), a savepoint is refused.
+    let ready = (0..600).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        http(listen, "GET", "/ready", None).is_some_and(|(code, _)| code == 200)
+    });
+    assert!(ready, "instance {k} never ready: {}", p.log_tail());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["savepoint", "--stop", "--config"])
+        .arg(config)
+        .env("SLUICE_API_TOKEN", TOKEN)
+        .env("SLUICE__CLUSTER__INSTANCE", k.to_string())
+        .env("SLUICE__CLUSTER__INSTANCES", n.to_string())
+        .env("SLUICE__METRICS__LISTEN", listen)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice savepoint");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "savepoint of instance {k} failed: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.log_tail()
+    );
+    let status = p
+        .wait_exit(Duration::from_secs(60))
+        .expect("the instance stops after its savepoint");
+    assert!(status.success(), "instance {k} exited with {status}: {}", p.log_tail());
+    PathBuf::from(stdout)
+}
+
+/// A windowed job split over 3 instances (keys crossing through the hop), stopped with
+/// a savepoint of each mid-stream and restored as 2 instances, stopped again and
+/// restored as 4: every window equals the batch computation, none doubled, none late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
+    use crate::windows::{
+        clone_event, events, produce_events, produce_flush, reference, result_rows, results, WindowJob, BASE,
+    };
+    let j = WindowJob::new("splitsp", "two_phase", 12).await;
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = 3\n")).expect("config");
+    let input = events(90_000, 1_000, 29);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let mut thirds = input
+        .chunks(30_000)
+        .map(|c| c.iter().map(clone_event).collect::<Vec<_>>());
+    let produce = |events: Vec<crate::windows::Event>| {
+        let topic = j.topic.clone();
+        tokio::task::spawn_blocking(move || produce_events(&topic, &events, None, None))
+    };
+    let listen: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let log = |k: u32| j.dir.path().join(format!("instance-{k}.log"));
+    let logs = || {
+        (0..4)
+            .map(|k| format!("--- instance {k}\n{}", tail_of(&log(k))))
+            .collect::<String>()
+    };
+    let start = |k: u32, n: u32, from: &[PathBuf]| {
+        let mut args = vec![
+            "--instance".to_string(),
+            k.to_string(),
+            "--instances".into(),
+            n.to_string(),
+        ];
+        for sp in from {
+            args.push("--from-savepoint".into());
+            args.push(sp.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env = [
+            ("SLUICE_API_TOKEN", TOKEN),
+            ("SLUICE__METRICS__LISTEN", listen[k as usize].as_str()),
+        ];
+        Sluice::start_args(&j.config, &log(k), &env, &args)
+    };
+    // 3 instances.
+    produce(thirds.next().expect("input")).await.expect("producer");
+    let mut run: Vec<Sluice> = (0..3).map(|k| start(k, 3, &[])).collect();
+    let rows = grow_past(&j, 0, &logs).await;
+    let three: Vec<PathBuf> = (0..3u32)
+        .map(|k| stop_instance(&j.config, k, 3, &listen[k as usize], &mut run[k as usize]))
+        .collect();
+
+    // 2 instances from the 3 savepoints.
+    produce(thirds.next().expect("input")).await.expect("producer");
+    let mut run: Vec<Sluice> = (0..2).map(|k| start(k, 2, &three)).collect();
+    let rows = grow_past(&j, rows, &logs).await;
+    let two: Vec<PathBuf> = (0..2u32)
+        .map(|k| stop_instance(&j.config, k, 2, &listen[k as usize], &mut run[k as usize]))
+        .collect();
+
+    // 4 instances from the 2 savepoints, to the end of the input.
+    produce(thirds.next().expect("input")).await.expect("producer");
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || produce_flush(&topic, 0..12, last))
+        .await
+        .expect("flush");
+    let run: Vec<Sluice> = (0..4).map(|k| start(k, 4, &two)).collect();
+    let want = expected.len() as i64;
+    let done = wait_until(Duration::from_secs(240), || async {
+        result_rows(&j.pool, &j.schema).await >= want
+    })
+    .await;
+    for p in run {
+        let status = p.terminate();
+        assert!(status.success(), "an instance exited with {status}:\n{}", logs());
+    }
+    assert!(
+        done,
+        "only {} of {want} windows (after {rows} before the last rescale):\n{}",
+        result_rows(&j.pool, &j.schema).await,
+        logs()
+    );
+    let late = count(&j.pool, &format!("SELECT count(*) FROM {}.dead", j.schema)).await;
+    assert_eq!(
+        late, 0,
+        "records went to the late output; the input was within the bound"
+    );
+    let got = results(&j.pool, &j.schema).await;
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty() && got.len() == expected.len(),
+        "{} windows expected, {} written; missing or wrong: {wrong:?}",
+        expected.len(),
+        got.len()
+    );
+    for k in 0..4 {
+        assert_eq!(
+            prepared_of(&j.pool, &format!("{}.{k}", j.job)).await,
+            0,
+            "prepared transactions left"
+        );
+    }
+    let all: String = (0..4)
+        .map(|k| std::fs::read_to_string(log(k)).unwrap_or_default())
+        .collect();
+    assert!(
+        all.matches("finished what the old instance's sinks left").count() >= 5,
+        "the old instances' sinks were not all finished (3 then 2):\n{}",
+        logs()
+    );
+}
+
+/// Wait until the job has written more than `above` windows; how many it has.
+async fn grow_past(j: &crate::windows::WindowJob, above: i64, logs: &dyn Fn() -> String) -> i64 {
+    use crate::windows::result_rows;
+    let grew = wait_until(Duration::from_secs(120), || async {
+        result_rows(&j.pool, &j.schema).await > above
+    })
+    .await;
+    assert!(grew, "no windows written past {above}:\n{}", logs());
+    result_rows(&j.pool, &j.schema).await
+}

@@ -159,6 +159,7 @@ async fn a_restored_offset_beyond_a_re_created_topic_s_end_is_reported_and_read_
                 checksum: None,
                 origin: None,
                 instances: None,
+                instance: None,
             })
             .expect("store the old checkpoint");
     }

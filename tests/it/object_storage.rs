@@ -28,6 +28,7 @@ fn cp(id: u64, handle: &str) -> CompletedCheckpoint {
         checksum: None,
         origin: None,
         instances: None,
+        instance: None,
     }
 }
 

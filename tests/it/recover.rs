@@ -52,6 +52,7 @@ async fn commits_the_restored_epochs_and_rolls_back_the_rest() {
         checksum: None,
         origin: None,
         instances: None,
+        instance: None,
     };
     assert_eq!(recover(&pool, &job, Some(&cp)).await.expect("recover"), (2, 1));
     assert_eq!(prepared_of(&pool, &job).await, 0);

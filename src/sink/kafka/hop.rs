@@ -38,19 +38,21 @@ pub struct HopEncoder {
     partitions: u32,
     writer: u32,
     writers: u32,
+    instances: u32,
     watermark: Option<i64>,
     idle: bool,
 }
 
 impl HopEncoder {
-    /// The encoder of writer `writer` (job-wide) of `writers`, routing by `key` into
-    /// `partitions` key groups.
-    pub fn new(key: Vec<ValueSource>, partitions: u32, writer: u32, writers: u32) -> Self {
+    /// The encoder of writer `writer` (job-wide) of `writers` in a job of `instances`,
+    /// routing by `key` into `partitions` key groups.
+    pub fn new(key: Vec<ValueSource>, partitions: u32, writer: u32, writers: u32, instances: u32) -> Self {
         Self {
             key,
             partitions,
             writer,
             writers,
+            instances,
             watermark: None,
             idle: false,
         }
@@ -85,7 +87,7 @@ impl HopEncoder {
     pub(super) fn watermarks(&self) -> Vec<Msg> {
         match (self.watermark, self.idle) {
             (Some(w), false) => (0..self.partitions)
-                .map(|p| Self::message(p, encode_watermark(self.writer, self.writers, w)))
+                .map(|p| Self::message(p, encode_watermark(self.writer, self.writers, self.instances, w)))
                 .collect(),
             _ => Vec::new(),
         }
