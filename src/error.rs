@@ -73,6 +73,21 @@ pub enum Error {
         /// The generation in the owners table now (`None`: its row is gone).
         current: Option<i64>,
     },
+    /// The lease on this process's instance slot ran out unrenewed (the process was
+    /// stopped or cut off) and another process took the slot: this one must stop
+    /// without writing. Never retryable.
+    #[error(
+        "this process lost instance {slot} of the job: its lease (generation {generation}) ran out unrenewed and \
+         the slot is now held by {holder}; it stops without writing anything more"
+    )]
+    SlotLost {
+        /// The instance.
+        slot: u32,
+        /// The lease generation this process held.
+        generation: u64,
+        /// Who holds the slot now (and with which generation).
+        holder: String,
+    },
     /// A newer process of the same job initialised this job's Kafka transactional ids:
     /// this process must stop (restarting would fence the newer one in turn). Never
     /// retryable.
@@ -194,7 +209,7 @@ impl Error {
             Error::State { .. } => "state_backend",
             Error::CorruptCheckpoint { .. } => "corrupt_checkpoint",
             Error::Unsupported(_) => "unsupported",
-            Error::Fenced { .. } | Error::ProducerFenced { .. } => "fenced",
+            Error::Fenced { .. } | Error::ProducerFenced { .. } | Error::SlotLost { .. } => "fenced",
             Error::Lookup(_) => "lookup",
             Error::Sink { .. } => "sink",
             Error::Internal(_) | Error::Task { .. } => "internal",

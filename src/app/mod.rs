@@ -6,6 +6,7 @@
 //! Layers below know nothing of this file: the runtime drives sources, operators and
 //! sinks through their traits; this is where concrete ones are chosen.
 
+mod claim;
 pub mod cluster;
 mod parts;
 mod plan;
@@ -59,7 +60,11 @@ pub fn sink_context(cfg: &JobConfig) -> SinkContext<'_> {
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
 /// it fails past what its restart strategy allows.
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
-    let cfg = Arc::new(cfg);
+    let (cfg, lease) = match claim::claim(cfg, shutdown.clone()).await? {
+        claim::Claimed::Slot(cfg, lease) => (Arc::new(*cfg), lease),
+        claim::Claimed::Stopped => return Ok(()),
+    };
+    let mut lost = lease.clone().map(claim::keep);
     // The metrics recorder first: operators built by the plan register their metrics.
     let api = crate::api::ApiConfig {
         listen: cfg.metrics.listen.clone(),
@@ -83,15 +88,25 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         e.bootstrap_servers().to_string()
     });
     let (storage, union) = storage::open_storage_rescaling(&cfg)?;
+    // A claimed slot's storage writes nothing once its lease has run out.
+    let storage: Arc<dyn CheckpointStorage> = match &lease {
+        Some(held) => Arc::new(crate::checkpoint::lease::LeasedStorage::new(storage, held.clone())),
+        None => storage,
+    };
     refuse_other_instance_count(&cfg, storage.latest()?.as_ref())?;
     if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {
         stats.set_state(JobState::Finished);
         return Ok(());
     }
     let target_kind = sink::target::target_kind(cfg.sink.kind())?;
-    let mut owner = target_kind
-        .owner_lock
-        .then(|| JobLock::new(&cfg.cluster.identity(&cfg.job.name), &cfg.sink.table));
+    let mut owner = target_kind.owner_lock.then(|| {
+        let lock = JobLock::new(&cfg.cluster.identity(&cfg.job.name), &cfg.sink.table);
+        // A slot taken over by lease: the old holder's lock session is ended.
+        match lease.is_some() {
+            true => lock.taking_over(),
+            false => lock,
+        }
+    });
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut shutdown_wait = shutdown.clone();
     loop {
@@ -104,7 +119,13 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
             Ok(()) => {
                 let fence = owner.as_ref().and_then(JobLock::fence);
                 let (storage, union) = (&storage, union.as_deref());
-                attempt(&cfg, &plan, &bootstrap, storage, union, &stats, fence, shutdown.clone()).await
+                let run = attempt(&cfg, &plan, &bootstrap, storage, union, &stats, fence, shutdown.clone());
+                tokio::select! {
+                    result = run => result,
+                    () = claim::lost(&mut lost) => Err(lease
+                        .as_ref()
+                        .map_or_else(|| Error::Internal("lease lost".into()), |h| h.lost_now())),
+                }
             }
             Err(e) => Err(e),
         };
@@ -112,7 +133,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         // new owner's to resolve.
         let fenced = matches!(
             result.as_ref().map_err(Error::root),
-            Err(Error::Fenced { .. } | Error::ProducerFenced { .. })
+            Err(Error::Fenced { .. } | Error::ProducerFenced { .. } | Error::SlotLost { .. })
         );
         // A target without an owner lock (Kafka fences by transactional id) is owned
         // until a newer process fences this one.

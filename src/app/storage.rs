@@ -23,6 +23,9 @@ pub(super) type Opened = (Arc<dyn CheckpointStorage>, Option<Arc<Union>>);
 /// is finished under their names before the new sinks start.
 pub(super) fn open_storage_rescaling(cfg: &JobConfig) -> Result<Opened> {
     let storage: Arc<dyn CheckpointStorage> = match (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
+        (StorageKind::Filesystem, Some(dir)) if cfg.cluster.leased => {
+            Arc::new(DirectoryStorage::open_leased(dir, cfg.checkpoint.retain)?)
+        }
         (StorageKind::Filesystem, Some(dir)) => Arc::new(DirectoryStorage::open(dir, cfg.checkpoint.retain)?),
         #[cfg(feature = "s3")]
         (StorageKind::S3, _) => Arc::new(crate::checkpoint::object::ObjectStorage::open(&object_config(

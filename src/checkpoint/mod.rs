@@ -3,6 +3,7 @@
 
 pub mod coordinator;
 pub mod inspect;
+pub mod lease;
 #[cfg(feature = "s3")]
 pub mod object;
 pub mod savepoint;

@@ -172,7 +172,7 @@ pub struct DirectoryStorage {
     retain: usize,
     /// `LOCK`, exclusively locked for as long as this storage is open: one process
     /// per checkpoint directory (the kernel releases it when the process dies).
-    _lock: fs::File,
+    _lock: Option<fs::File>,
 }
 
 impl DirectoryStorage {
@@ -206,7 +206,19 @@ impl DirectoryStorage {
         Ok(Self {
             dir: dir.to_path_buf(),
             retain: retain.max(1),
-            _lock: lock,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Open `dir` without its file lock, for an instance slot held by a lease: a holder
+    /// that was stopped keeps its file lock, and the lease (checked before every write,
+    /// see `lease::LeasedStorage`) is what keeps it from writing once the slot was taken.
+    pub fn open_leased(dir: &Path, retain: usize) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            retain: retain.max(1),
+            _lock: None,
         })
     }
 

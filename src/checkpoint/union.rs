@@ -274,13 +274,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let inner: Arc<dyn CheckpointStorage> = Arc::new(MemoryStorage::new(3));
         let only = vec![savepoint_of(dir.path(), 0, 2, b"zero")];
-        let e = Union::new(inner.clone(), only, 3, &|_| false).err().expect("refused");
+        let Err(e) = Union::new(inner.clone(), only, 3, &|_| false) else {
+            panic!("a set missing instance 1 was accepted");
+        };
         assert!(e.to_string().contains("give one savepoint of each"), "{e}");
         let twice = vec![
             savepoint_of(dir.path(), 0, 2, b"a"),
             savepoint_of(&dir.path().join("b"), 0, 2, b"b"),
         ];
-        let e = Union::new(inner, twice, 3, &|_| false).err().expect("refused");
+        let Err(e) = Union::new(inner, twice, 3, &|_| false) else {
+            panic!("a set with instance 0 twice was accepted");
+        };
         assert!(e.to_string().contains("instances [0, 0]"), "{e}");
     }
 }

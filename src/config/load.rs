@@ -353,14 +353,19 @@ impl JobConfig {
                     ),
                 )
             }
-            None if c.is_split() => {
+            // Claimed by a lease kept beside the checkpoints, in a directory for now.
+            None if c.is_split() && self.checkpoint.storage == StorageKind::S3 => {
                 return fail(
                     "cluster.instance",
-                    "is required when cluster.instances > 1: give each process its slot (`sluice run --instance k`, \
-                     SLUICE__CLUSTER__INSTANCE, or a StatefulSet pod's ordinal through the downward API)",
+                    "is required with checkpoints in S3: slots are claimed by leases in a checkpoint directory \
+                     only, so far; give each process its slot (`sluice run --instance k`, SLUICE__CLUSTER__INSTANCE, \
+                     or a StatefulSet pod's ordinal through the downward API)",
                 )
             }
             _ => {}
+        }
+        if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(600)).contains(&c.lease_ttl) {
+            return fail("cluster.lease_ttl", "must be between 1s and 10m");
         }
         if !c.is_split() {
             return Ok(());
@@ -381,16 +386,29 @@ impl JobConfig {
         Ok(())
     }
 
+    /// Become instance `k` (a slot this process claimed): its share of the checkpoint
+    /// storage, as if `cluster.instance = k` had been configured.
+    pub fn claimed(&mut self, k: u32) {
+        self.cluster.instance = Some(k);
+        self.cluster.leased = true;
+        self.cluster.shared = None;
+        self.localize_instance();
+    }
+
     /// Point this instance at its own share of the checkpoint storage:
     /// `<dir>/instance-<k>` (savepoints under it too), `<url>/instance-<k>`. A job that
     /// is not split keeps the layout it always had.
     fn localize_instance(&mut self) {
+        if self.cluster.shared.is_some() {
+            return;
+        }
         let c = &mut self.checkpoint;
         self.cluster.shared = Some(SharedStorage {
             dir: c.dir.clone(),
             url: c.url.clone(),
         });
-        if !self.cluster.is_split() {
+        // A slot to be claimed is localized once claimed.
+        if !self.cluster.is_split() || self.cluster.instance.is_none() {
             return;
         }
         let slot = format!("instance-{}", self.cluster.index());

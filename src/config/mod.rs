@@ -84,9 +84,17 @@ pub struct ClusterConfig {
     #[serde(default = "defaults::one", deserialize_with = "whole::number")]
     pub instances: u32,
     /// This process's instance, `0..instances` (`--instance`, or a StatefulSet pod's
-    /// ordinal through `SLUICE__CLUSTER__INSTANCE`).
+    /// ordinal through `SLUICE__CLUSTER__INSTANCE`). Not given in a split job: the
+    /// process claims a free slot by a lease, or waits as a spare until one is free.
     #[serde(default, deserialize_with = "whole::optional")]
     pub instance: Option<u32>,
+    /// How long a claimed slot's lease lasts unrenewed: a process stopped or cut off
+    /// for longer loses its slot to a spare (taken over after 1.5 × this).
+    #[serde(default = "defaults::lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This process claimed its slot by a lease (set when it did). Not a key.
+    #[serde(skip)]
+    pub leased: bool,
     /// The checkpoint storage shared by all instances (before this instance's
     /// `instance-<k>` was appended): where `sluice cluster status` looks. Not a key.
     #[serde(skip)]
@@ -107,6 +115,8 @@ impl Default for ClusterConfig {
         Self {
             instances: 1,
             instance: None,
+            lease_ttl: defaults::lease_ttl(),
+            leased: false,
             shared: None,
         }
     }
@@ -988,6 +998,10 @@ mod defaults {
     pub fn status_interval() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn lease_ttl() -> Duration {
+        Duration::from_secs(15)
+    }
+
     pub fn one() -> u32 {
         1
     }

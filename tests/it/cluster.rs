@@ -525,3 +525,99 @@ async fn grow_past(j: &crate::windows::WindowJob, above: i64, logs: &dyn Fn() ->
     assert!(grew, "no windows written past {above}:\n{}", logs());
     result_rows(&j.pool, &j.schema).await
 }
+
+/// Three processes of a job of two instances started without slots: two claim one
+/// each, the third waits as a spare. The holder of instance 0 is frozen (SIGSTOP) past
+/// its lease: the spare takes the slot and goes on; the frozen one, resumed (SIGCONT),
+/// finds itself fenced and stops. Every record once, no prepared transaction left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_is_taken_over_by_a_spare_and_stops_when_resumed() {
+    let s = Split::new("two_phase").await;
+    let toml = std::fs::read_to_string(&s.config).expect("config");
+    std::fs::write(&s.config, format!("{toml}lease_ttl = \"2s\"\n")).expect("config");
+    const BEFORE: u64 = 20_000;
+    const DURING: u64 = 20_000;
+    produce(&s.topic, (0..BEFORE).map(record));
+    let log = |p: usize| s.dir.path().join(format!("process-{p}.log"));
+    let text = |p: usize| std::fs::read_to_string(log(p)).unwrap_or_default();
+    let mut procs: Vec<Option<Sluice>> = Vec::new();
+    for p in 0..3 {
+        procs.push(Some(Sluice::start_args(&s.config, &log(p), &[], &["--instances", "2"])));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all = || {
+        (0..3)
+            .map(|p| format!("--- process {p}\n{}", tail_of(&log(p))))
+            .collect::<String>()
+    };
+    let settled = wait_until(Duration::from_secs(30), || async {
+        (0..3).filter(|p| text(*p).contains("claimed an instance slot")).count() == 2
+            && (0..3).any(|p| text(p).contains("waiting as a spare"))
+    })
+    .await;
+    assert!(settled, "two claims and a spare expected:\n{}", all());
+    let holder = (0..3)
+        .find(|p| text(*p).contains("claimed an instance slot instance=0"))
+        .expect("a holder of instance 0");
+    let spare = (0..3)
+        .find(|p| text(*p).contains("waiting as a spare"))
+        .expect("a spare");
+    let during = feed(&s.topic, BEFORE..BEFORE + DURING);
+    let pid = procs[holder].as_ref().map(Sluice::pid).expect("holder").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    signal("-STOP");
+    // Taken over once the lease has run out (1.5 × 2 s), within a few seconds.
+    let taken = wait_until(Duration::from_secs(15), || async {
+        text(spare).contains("claimed an instance slot instance=0")
+    })
+    .await;
+    assert!(taken, "the spare did not take instance 0:\n{}", all());
+    let before = sink_counts(&s.pool, &s.schema).await.0;
+    let grew = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&s.pool, &s.schema).await.0 > before
+    })
+    .await;
+    signal("-CONT");
+    assert!(grew, "nothing written after the takeover:\n{}", all());
+    let exit = procs[holder]
+        .as_mut()
+        .and_then(|p| p.wait_exit(Duration::from_secs(30)));
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the resumed holder kept running:\n{}",
+        all()
+    );
+    assert!(
+        text(holder).contains("lost instance 0"),
+        "the resumed holder did not say why it stopped:\n{}",
+        all()
+    );
+    procs[holder] = None;
+    during.join().expect("producer thread");
+    let total = (BEFORE + DURING) as i64;
+    let complete = wait_until(Duration::from_secs(120), || async {
+        sink_counts(&s.pool, &s.schema).await.0 >= total
+    })
+    .await;
+    for p in procs.iter_mut().filter_map(Option::take) {
+        let status = p.terminate();
+        assert!(status.success(), "a process exited with {status}:\n{}", all());
+    }
+    let counts = sink_counts(&s.pool, &s.schema).await;
+    assert!(complete, "sink reached {} of {total}:\n{}", counts.0, all());
+    assert_eq!(counts, (total, total, total, 0, total - 1), "every record exactly once");
+    for k in 0..2 {
+        assert_eq!(
+            prepared_of(&s.pool, &format!("{}.{k}", s.job)).await,
+            0,
+            "prepared transactions left"
+        );
+    }
+}

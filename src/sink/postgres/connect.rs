@@ -49,6 +49,7 @@ pub struct JobLock {
     owners_table: String,
     sink_table: String,
     generation: i64,
+    take_over: bool,
 }
 
 /// The fencing token of an owner: the generation it took in the owners table when it
@@ -109,7 +110,16 @@ impl JobLock {
             owners_table,
             sink_table: table.to_string(),
             generation: 0,
+            take_over: false,
         }
+    }
+
+    /// This process holds the job's instance slot by a lease that it took over: a
+    /// lock still held is the old holder's (stopped, or cut off), whose session is
+    /// ended to free it. The generation taken then fences the old holder.
+    pub fn taking_over(mut self) -> Self {
+        self.take_over = true;
+        self
     }
 
     /// The fencing token of the current ownership (`None` until the lock is held).
@@ -184,11 +194,38 @@ impl JobLock {
             .connect()
             .await
             .map_err(Error::db(format!("connect to {}", redact_url(&cfg.url))))?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let mut got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(self.key)
             .fetch_one(&mut conn)
             .await
             .map_err(Error::db("take the job's advisory lock"))?;
+        for _ in 0..50 {
+            if got || !self.take_over {
+                break;
+            }
+            let ended: Vec<(i32, bool)> = sqlx::query_as(
+                "SELECT l.pid, pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' \
+                 AND l.granted AND l.classid = (($1 >> 32) & 4294967295)::oid AND l.objid = ($1 & 4294967295)::oid",
+            )
+            .bind(self.key)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(Error::db("end the old holder's session"))?;
+            for (pid, done) in ended {
+                tracing::warn!(
+                    job = self.job,
+                    backend = pid,
+                    ended = done,
+                    "ended the session of the slot's old holder, which held the job's lock"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            got = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(self.key)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(Error::db("take the job's advisory lock"))?;
+        }
         if !got {
             let holder: Option<(i32, Option<String>, Option<String>)> = sqlx::query_as(
                 "SELECT a.pid, a.client_addr::text, a.backend_start::text FROM pg_locks l \
