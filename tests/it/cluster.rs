@@ -20,6 +20,8 @@ struct Split {
     job: String,
     config: PathBuf,
     dir: tempfile::TempDir,
+    /// Checkpoints in this bucket prefix (`s3://…`) instead of a directory.
+    bucket: Option<String>,
 }
 
 impl Split {
@@ -38,6 +40,36 @@ impl Split {
             job,
             config,
             dir,
+            bucket: None,
+        }
+    }
+
+    /// The same with every instance's checkpoints in a bucket of the S3 test server.
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    async fn in_s3(strategy: &str) -> Split {
+        let mut s = Split::new(strategy).await;
+        let bucket = unique("split").replace('_', "-");
+        create_bucket(&bucket);
+        let url = format!("s3://{bucket}/{}", s.job);
+        let toml = std::fs::read_to_string(&s.config).expect("config");
+        let dir = format!(
+            "storage = \"filesystem\"\ndir = \"{}\"",
+            s.dir.path().join("checkpoints").display()
+        );
+        assert!(toml.contains(&dir));
+        let toml = toml.replace(
+            &dir,
+            &format!("storage = \"s3\"\nurl = \"{url}\"\nendpoint = \"{}\"", s3_endpoint()),
+        );
+        std::fs::write(&s.config, toml).expect("config");
+        s.bucket = Some(url);
+        s
+    }
+
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        match self.bucket {
+            Some(_) => vec![("AWS_ACCESS_KEY_ID", S3_KEY.0), ("AWS_SECRET_ACCESS_KEY", S3_KEY.1)],
+            None => Vec::new(),
         }
     }
 
@@ -46,7 +78,7 @@ impl Split {
     }
 
     fn start(&self, k: u32) -> Sluice {
-        Sluice::start_args(&self.config, &self.log(k), &[], &["--instance", &k.to_string()])
+        Sluice::start_args(&self.config, &self.log(k), &self.env(), &["--instance", &k.to_string()])
     }
 
     fn logs(&self) -> String {
@@ -67,9 +99,15 @@ impl Split {
 
 /// `sluice cluster status --json`.
 fn cluster_status(config: &Path) -> Vec<serde_json::Value> {
+    cluster_status_with(config, &[])
+}
+
+/// [`cluster_status`] with environment variables (S3 credentials).
+fn cluster_status_with(config: &Path, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["cluster", "status", "--json", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .output()
         .expect("run sluice cluster status");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -101,11 +139,10 @@ fn feed(topic: &str, ids: std::ops::Range<u64>) -> std::thread::JoinHandle<()> {
     })
 }
 
-async fn killed_instances_lose_and_double_nothing(strategy: &str) {
+async fn killed_instances_lose_and_double_nothing(s: Split, strategy: &str) {
     const BEFORE: u64 = 30_000;
     const DURING: u64 = 30_000;
     const KILLS: usize = 10;
-    let s = Split::new(strategy).await;
     produce(&s.topic, (0..BEFORE).map(record));
     let during = feed(&s.topic, BEFORE..BEFORE + DURING);
     let mut running: Vec<Option<Sluice>> = (0..INSTANCES).map(|k| Some(s.start(k))).collect();
@@ -148,7 +185,8 @@ async fn killed_instances_lose_and_double_nothing(strategy: &str) {
     );
     assert_eq!(counts, (total, total, total, 0, total - 1), "every record exactly once");
     assert_eq!(s.prepared().await, 0, "prepared transactions left behind");
-    // Each instance read its own share and restored from its own checkpoints.
+    // Each instance read its own share and restored from its own checkpoints, kept
+    // under instance-<k> of the storage.
     for k in 0..INSTANCES {
         let log = std::fs::read_to_string(s.log(k)).unwrap_or_default();
         assert!(
@@ -156,18 +194,35 @@ async fn killed_instances_lose_and_double_nothing(strategy: &str) {
             "instance {k} never restored:\n{}",
             s.logs()
         );
-        assert!(s.dir.path().join(format!("checkpoints/instance-{k}")).is_dir());
+    }
+    let rows = cluster_status_with(&s.config, &s.env());
+    for (k, row) in rows.iter().enumerate() {
+        let storage = row["storage"].as_str().unwrap_or_default();
+        assert!(
+            storage.ends_with(&format!("instance-{k}")) && row["checkpoint"].is_u64(),
+            "{rows:?}"
+        );
+        if let Some(url) = &s.bucket {
+            assert!(storage.starts_with(url.as_str()), "{rows:?}");
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_two_phase_killed_at_random_write_every_record_once() {
-    killed_instances_lose_and_double_nothing("two_phase").await;
+    killed_instances_lose_and_double_nothing(Split::new("two_phase").await, "two_phase").await;
+}
+
+/// The same with every instance's checkpoints in S3 (the test server).
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_with_checkpoints_in_s3_killed_at_random_write_every_record_once() {
+    killed_instances_lose_and_double_nothing(Split::in_s3("two_phase").await, "two_phase").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_wal_killed_at_random_write_every_record_once() {
-    killed_instances_lose_and_double_nothing("wal").await;
+    killed_instances_lose_and_double_nothing(Split::new("wal").await, "wal").await;
 }
 
 /// A second process told the slot of a running instance is refused, naming why; the
