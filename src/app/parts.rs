@@ -62,6 +62,7 @@ impl AppParts<'_> {
             cfg.time.watermark_interval,
             Some(cfg.time.idle_timeout),
             running.cancel.clone(),
+            self.stats.clone(),
         )))
     }
 

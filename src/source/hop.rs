@@ -20,12 +20,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::kafka::WatermarkContext;
 use super::{PartitionOffset, SourceState};
 use crate::error::{Error, Result};
 use crate::format::hop::{decode, HopMessage};
 use crate::record::{Batch, DeadLetter, Origin};
 use crate::runtime::source_task::{Source, SourcePoll};
 use crate::state::KeyGroupRange;
+use crate::telemetry::{self, JobStats};
 use crate::time::watermark::Announced;
 use crate::time::PartitionWatermarks;
 
@@ -46,7 +48,10 @@ pub struct HopSource {
     interval: Duration,
     cancel: Arc<AtomicBool>,
     restored: HashMap<i32, i64>,
-    consumer: Option<BaseConsumer>,
+    consumer: Option<BaseConsumer<WatermarkContext>>,
+    context: WatermarkContext,
+    stats: Arc<JobStats>,
+    lag: BTreeMap<i32, metrics::Gauge>,
     /// Next offset per partition (`None`: from the beginning).
     next: BTreeMap<i32, Option<i64>>,
     /// Watermark per (partition, writer).
@@ -69,6 +74,7 @@ impl HopSource {
         interval: Duration,
         idle_timeout: Option<Duration>,
         cancel: Arc<AtomicBool>,
+        stats: Arc<JobStats>,
     ) -> Self {
         // What was committed only: an epoch the writer did not commit is replayed by it.
         client
@@ -88,6 +94,9 @@ impl HopSource {
             cancel,
             restored: HashMap::new(),
             consumer: None,
+            context: WatermarkContext::new(true),
+            stats,
+            lag: BTreeMap::new(),
             next: BTreeMap::new(),
             marks: PartitionWatermarks::new(idle_timeout),
             last_interval: Instant::now(),
@@ -95,9 +104,9 @@ impl HopSource {
     }
 
     fn connect(&mut self) -> Result<()> {
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<WatermarkContext> = self
             .client
-            .create()
+            .create_with_context(self.context.clone())
             .map_err(Error::kafka("create the hop's consumer"))?;
         let mut tpl = TopicPartitionList::new();
         let now = Instant::now();
@@ -107,6 +116,7 @@ impl HopSource {
             tpl.add_partition_offset(&self.topic, p, next.map_or(Offset::Beginning, Offset::Offset))
                 .map_err(Error::kafka("build the hop's assignment"))?;
             self.next.insert(p, next);
+            self.lag.insert(p, telemetry::consumer_lag(&self.topic, p));
             for w in 0..self.writers {
                 self.marks.add((p, w), Box::new(Announced::default()), now);
             }
@@ -224,7 +234,18 @@ impl Source for HopSource {
         Ok(())
     }
 
+    /// The hop's lag (records committed to its partitions and not read yet) beside the
+    /// input's, and what holds the watermark back.
     fn report(&mut self) -> Option<String> {
+        for (p, next) in &self.next {
+            if let Some(end) = self.context.end_of(&self.topic, *p) {
+                let lag = (end - next.unwrap_or(0)).max(0);
+                if let Some(g) = self.lag.get(p) {
+                    g.set(lag as f64);
+                }
+                self.stats.set_partition_lag(&self.topic, *p, next.unwrap_or(0), lag);
+            }
+        }
         match self.marks.holding_back() {
             Some((p, w)) => Some(format!("{}/{p} (writer {w})", self.topic)),
             None => Some("idle".into()),

@@ -59,6 +59,22 @@ impl ClientContext for WatermarkContext {
 
 impl ConsumerContext for WatermarkContext {}
 
+impl WatermarkContext {
+    /// A context reporting the end of each partition as a reader at `read_committed`
+    /// (the last stable offset) or not (the high watermark) sees it.
+    pub fn new(read_committed: bool) -> Self {
+        Self {
+            high: Arc::default(),
+            read_committed,
+        }
+    }
+
+    /// The end of `topic`/`partition` as last reported.
+    pub fn end_of(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.high.lock().ok()?.get(&(topic.to_string(), partition)).copied()
+    }
+}
+
 struct PartitionState {
     next: Option<i64>,
     /// The Kafka timestamp of the record at `next - 1`.

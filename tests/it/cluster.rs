@@ -502,6 +502,20 @@ async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
     produce(thirds.next().expect("input")).await.expect("producer");
     let mut run: Vec<Sluice> = (0..3).map(|k| start(k, 3, &[])).collect();
     let rows = grow_past(&j, 0, &logs).await;
+    // /status says which instance it is, and shows the hop's partitions it reads (their
+    // lag) beside its input partitions.
+    let hop = format!("sluice.{}.per_account/", j.job);
+    let seen = wait_until(Duration::from_secs(30), || async {
+        get_json(&listen[1], "/status").await.is_some_and(|st| {
+            st["instance"] == 1
+                && st["instances"] == 3
+                && st["partitions"]
+                    .as_object()
+                    .is_some_and(|p| p.keys().any(|k| k.starts_with(&hop)))
+        })
+    })
+    .await;
+    assert!(seen, "{:?}", get_json(&listen[1], "/status").await);
     let three: Vec<PathBuf> = (0..3u32)
         .map(|k| stop_instance(&j.config, k, 3, &listen[k as usize], &mut run[k as usize]))
         .collect();
