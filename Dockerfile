@@ -13,7 +13,7 @@ ENV ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches tests/it \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && for b in checkpoint e2e enrich hot_path latency state window; do echo 'fn main() {}' > "benches/$b.rs"; done \
+    && for b in checkpoint cluster e2e enrich hot_path latency state window; do echo 'fn main() {}' > "benches/$b.rs"; done \
     && touch tests/it/main.rs \
     && cargo build --release --locked --features rocksdb,s3 --bin sluice \
     && rm -rf src benches tests

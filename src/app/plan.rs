@@ -111,7 +111,8 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         let next_schema = built.output.clone();
         let edge = edge_into(built.partitioner, built.partition_key.clone(), None)
             .map_err(|m| fail(&format!("operators[{i}].partitioner"), m))?;
-        if cfg.cluster.is_split() && edge.kind == PartitionerKind::KeyHash && built.keyed_state {
+        let across = cfg.cluster.is_split() || cfg.cluster.force_hops;
+        if across && edge.kind == PartitionerKind::KeyHash && built.keyed_state {
             let hop = Hop {
                 topic: format!("sluice.{}.{}", cfg.job.name, built.id),
                 operator: built.id.clone(),

@@ -92,6 +92,11 @@ pub struct ClusterConfig {
     /// for longer loses its slot to a spare (taken over after 1.5 × this).
     #[serde(default = "defaults::lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// Route key-group edges into keyed operators through Kafka even when the job is
+    /// one process: what the hop costs against the in-process edge, measured
+    /// (`benches/cluster.rs`). Off by default; it changes the plan, so a job keeps it.
+    #[serde(default)]
+    pub force_hops: bool,
     /// This process claimed its slot by a lease (set when it did). Not a key.
     #[serde(skip)]
     pub leased: bool,
@@ -116,6 +121,7 @@ impl Default for ClusterConfig {
             instances: 1,
             instance: None,
             lease_ttl: defaults::lease_ttl(),
+            force_hops: false,
             leased: false,
             shared: None,
         }
