@@ -142,22 +142,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         // from its last completed checkpoint (the sinks committed what it holds), as
         // after a restart, and counted as one only if the attempt failed. A signal's
         // stop stands.
-        let stop_failed = match &result {
-            Ok(Final {
-                savepoint_failed: None, ..
-            }) => None,
-            Ok(Final {
-                id,
-                savepoint_failed: Some(why),
-            }) => Some((
-                format!("checkpoint {id} completed, but its savepoint could not be written: {why}"),
-                true,
-            )),
-            Err(e) => Some((
-                format!("the job failed before its final checkpoint: {e}"),
-                e.is_retryable(),
-            )),
-        };
+        let stop_failed = stop_failed(&result);
         if let Some((why, may_run_on)) = stop_failed {
             if stats
                 .control
@@ -217,6 +202,28 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
                 return Err(err);
             }
         }
+    }
+}
+
+/// Why a stop meant to follow a savepoint did not happen as asked, and whether the job
+/// may run on instead (an attempt that failed for a reason a restart cannot mend may
+/// not): `None` when the attempt ended as asked.
+fn stop_failed(result: &Result<Final>) -> Option<(String, bool)> {
+    match result {
+        Ok(Final {
+            savepoint_failed: None, ..
+        }) => None,
+        Ok(Final {
+            id,
+            savepoint_failed: Some(why),
+        }) => Some((
+            format!("checkpoint {id} completed, but its savepoint could not be written: {why}"),
+            true,
+        )),
+        Err(e) => Some((
+            format!("the job failed before its final checkpoint: {e}"),
+            e.is_retryable(),
+        )),
     }
 }
 

@@ -119,29 +119,7 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
                 key: edge.key.clone(),
                 writers: upstream,
             };
-            // The pipeline so far ends in the hop's writer: in the last stage, or in a
-            // stage of its own behind a source (a source's task ends in an edge).
-            match stages.last_mut() {
-                Some(last) if last.source.is_none() => last.sink = Some(hop.writer()),
-                _ => stages.push(Stage {
-                    parallelism: upstream,
-                    input: Some(Edge {
-                        kind: PartitionerKind::Forward,
-                        key: Vec::new(),
-                        custom: None,
-                    }),
-                    source: None,
-                    ops: Vec::new(),
-                    sink: Some(hop.writer()),
-                }),
-            }
-            stages.push(Stage {
-                parallelism,
-                input: None,
-                source: Some(hop.reader()),
-                ops: vec![chained(built)],
-                sink: None,
-            });
+            split_at(&mut stages, &hop, chained(built), parallelism);
             hops.push(hop);
             schema = next_schema;
             continue;
@@ -220,6 +198,34 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         needs_event_time,
         hops,
     })
+}
+
+/// End the pipeline of `stages` in `hop`'s writer (in the last stage, or in a stage of
+/// its own behind a source, whose task ends in an edge), and start a pipeline headed by
+/// its reader, with `op` (of `parallelism`) chained to it.
+fn split_at(stages: &mut Vec<Stage>, hop: &Hop, op: ChainedOperator, parallelism: u32) {
+    let upstream = stages.last().map_or(1, |s| s.parallelism);
+    match stages.last_mut() {
+        Some(last) if last.source.is_none() => last.sink = Some(hop.writer()),
+        _ => stages.push(Stage {
+            parallelism: upstream,
+            input: Some(Edge {
+                kind: PartitionerKind::Forward,
+                key: Vec::new(),
+                custom: None,
+            }),
+            source: None,
+            ops: Vec::new(),
+            sink: Some(hop.writer()),
+        }),
+    }
+    stages.push(Stage {
+        parallelism,
+        input: None,
+        source: Some(hop.reader()),
+        ops: vec![op],
+        sink: None,
+    });
 }
 
 fn edge_into(

@@ -268,101 +268,36 @@ pub async fn execute(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (completed_tx, completed_rx) = watch::channel(last_id);
     let cancel = Cancel::default();
-    let clock = Clock::default();
+    let wiring = Wiring {
+        events: events_tx,
+        completed: completed_rx,
+        cancel: cancel.clone(),
+        clock: Clock::default(),
+        stats,
+        storage,
+        mp,
+        slot,
+        restored,
+    };
     let mut tasks = JoinSet::new();
 
     // Downstream first, so that every channel has a reader before anything is sent.
     for s in (0..plan.stages.len()).rev() {
-        let stage = &plan.stages[s];
-        if stage.input.is_none() {
-            continue;
-        }
-        let sink_states = match (&stage.sink, restored) {
-            (Some(name), Some(cp)) => cp.subtask_states(name),
-            _ => Vec::new(),
-        };
-        let mut stage_inputs = std::mem::take(&mut inputs[s]);
-        let mut stage_outputs = std::mem::take(&mut outputs[s]);
-        for j in (0..stage.parallelism as usize).rev() {
-            let chain = build_chain(stage, j, mp, slot, restored, storage)?;
-            let first = chain.infos().next().map(|i| i.operator.clone());
-            let sink_name = stage.sink.as_deref().unwrap_or(SINK);
-            let io = TaskIo {
-                name: first
-                    .as_deref()
-                    .map_or_else(|| task_name(sink_name, j), |op| task_name(op, j)),
-                gate: InputGate::new(stage_inputs.pop().unwrap_or_default()),
-                events: events_tx.clone(),
-                completed: completed_rx.clone(),
-                cancel: cancel.subscribe(),
-                storage: storage.clone(),
-                clock,
-                stats: stats.clone(),
-                metrics: first.as_deref().map(|op| stats.subtask_metrics(op, j)),
-            };
-            match &stage.sink {
-                Some(name) => {
-                    let mine = super::sink::states_for(&sink_states, j, stage.parallelism as usize);
-                    let sink = parts.sink(name, j, last_id, mine).await?;
-                    let tail = SinkTail {
-                        sink,
-                        name: name.clone(),
-                        index: j,
-                        stats: stats.clone(),
-                    };
-                    tasks.spawn(run_task(chain, tail, io));
-                }
-                None => {
-                    let tail = NetworkTail {
-                        partitioner: partitioner(next_stage(plan, s)?, j, stage.parallelism, mp),
-                        outputs: Outputs::new(stage_outputs.pop().unwrap_or_default()),
-                        metrics: stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
-                    };
-                    tasks.spawn(run_task(chain, tail, io));
-                }
-            }
+        if plan.stages[s].input.is_some() {
+            let (ins, outs) = (std::mem::take(&mut inputs[s]), std::mem::take(&mut outputs[s]));
+            spawn_stage(plan, s, parts, &wiring, ins, outs, &mut tasks).await?;
         }
     }
-
     // Every source of every pipeline, each injecting the coordinator's barriers.
     let mut triggers = Vec::new();
-    for (s, stage) in plan.stages.iter().enumerate() {
-        let Some(name) = &stage.source else { continue };
-        let ps = stage.parallelism;
-        let source_states: Vec<serde_json::Value> = restored
-            .map(|cp| cp.operator_states(name).cloned().collect())
-            .unwrap_or_default();
-        let mut source_outputs = std::mem::take(&mut outputs[s]);
-        let mut stage_triggers = Vec::with_capacity(ps as usize);
-        for i in (0..ps as usize).rev() {
-            let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-            stage_triggers.push(trigger_tx);
-            let running = Running {
-                completed: completed_rx.clone(),
-                cancel: cancel.flag(),
-            };
-            let mut source = parts.source(name, i, ps, &running)?;
-            source.restore(source_states.clone())?;
-            let chain = build_chain(stage, i, mp, slot, restored, storage)?;
-            let io = SourceIo {
-                name: task_name(name, i),
-                outputs: Outputs::new(source_outputs.pop().unwrap_or_default()),
-                partitioner: partitioner(next_stage(plan, s)?, i, ps, mp),
-                triggers: trigger_rx,
-                events: events_tx.clone(),
-                cancel: cancel.flag(),
-                completed: completed_rx.clone(),
-                storage: storage.clone(),
-                clock,
-                stats: stats.clone(),
-                metrics: stats.subtask_metrics(name, i),
-            };
-            tasks.spawn_blocking(move || run_source(source, chain, io));
+    for (s, outs) in outputs.iter_mut().enumerate() {
+        if plan.stages[s].source.is_some() {
+            let outs = std::mem::take(outs);
+            triggers.extend(spawn_sources(plan, s, parts, &wiring, outs, &mut tasks)?);
         }
-        stage_triggers.reverse();
-        triggers.extend(stage_triggers);
     }
-    drop(events_tx);
+    // The coordinator sees the end of events once every subtask is gone.
+    drop(wiring);
 
     let (handle, stop_rx) = CoordinatorHandle::new();
     let coordinator = Coordinator {
@@ -385,6 +320,130 @@ pub async fn execute(
     }
 
     supervise(coordinator, handle, tasks, cancel, stats, shutdown).await
+}
+
+/// What every subtask of an attempt is wired to.
+struct Wiring<'a> {
+    events: mpsc::UnboundedSender<crate::checkpoint::TaskEvent>,
+    completed: watch::Receiver<u64>,
+    cancel: Cancel,
+    clock: Clock,
+    stats: &'a Arc<JobStats>,
+    storage: &'a Arc<dyn CheckpointStorage>,
+    mp: u32,
+    slot: Slot,
+    restored: Option<&'a CompletedCheckpoint>,
+}
+
+/// The input receivers of each subtask of a stage.
+type Receivers = Vec<Vec<mpsc::Receiver<StreamElement>>>;
+/// The output senders of each subtask of a stage.
+type Senders = Vec<Vec<mpsc::Sender<StreamElement>>>;
+
+/// Spawn the subtasks of stage `s`, fed by an edge: its chained operators, ending in
+/// its sink or in the edge to the next stage.
+async fn spawn_stage(
+    plan: &PhysicalPlan,
+    s: usize,
+    parts: &impl Parts,
+    w: &Wiring<'_>,
+    mut inputs: Receivers,
+    mut outputs: Senders,
+    tasks: &mut JoinSet<Result<()>>,
+) -> Result<()> {
+    let stage = &plan.stages[s];
+    let last_id = w.restored.map_or(0, |c| c.id);
+    let sink_states = match (&stage.sink, w.restored) {
+        (Some(name), Some(cp)) => cp.subtask_states(name),
+        _ => Vec::new(),
+    };
+    for j in (0..stage.parallelism as usize).rev() {
+        let chain = build_chain(stage, j, w.mp, w.slot, w.restored, w.storage)?;
+        let first = chain.infos().next().map(|i| i.operator.clone());
+        let sink_name = stage.sink.as_deref().unwrap_or(SINK);
+        let io = TaskIo {
+            name: first
+                .as_deref()
+                .map_or_else(|| task_name(sink_name, j), |op| task_name(op, j)),
+            gate: InputGate::new(inputs.pop().unwrap_or_default()),
+            events: w.events.clone(),
+            completed: w.completed.clone(),
+            cancel: w.cancel.subscribe(),
+            storage: w.storage.clone(),
+            clock: w.clock,
+            stats: w.stats.clone(),
+            metrics: first.as_deref().map(|op| w.stats.subtask_metrics(op, j)),
+        };
+        match &stage.sink {
+            Some(name) => {
+                let mine = super::sink::states_for(&sink_states, j, stage.parallelism as usize);
+                let sink = parts.sink(name, j, last_id, mine).await?;
+                let tail = SinkTail {
+                    sink,
+                    name: name.clone(),
+                    index: j,
+                    stats: w.stats.clone(),
+                };
+                tasks.spawn(run_task(chain, tail, io));
+            }
+            None => {
+                let tail = NetworkTail {
+                    partitioner: partitioner(next_stage(plan, s)?, j, stage.parallelism, w.mp),
+                    outputs: Outputs::new(outputs.pop().unwrap_or_default()),
+                    metrics: w.stats.subtask_metrics(first.as_deref().unwrap_or("operator"), j),
+                };
+                tasks.spawn(run_task(chain, tail, io));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Spawn the source subtasks heading stage `s`, restored; their barrier triggers, in
+/// subtask order.
+fn spawn_sources(
+    plan: &PhysicalPlan,
+    s: usize,
+    parts: &impl Parts,
+    w: &Wiring<'_>,
+    mut outputs: Senders,
+    tasks: &mut JoinSet<Result<()>>,
+) -> Result<Vec<mpsc::UnboundedSender<crate::record::Barrier>>> {
+    let stage = &plan.stages[s];
+    let name = stage.source.as_deref().unwrap_or(SOURCE);
+    let ps = stage.parallelism;
+    let states: Vec<serde_json::Value> = w
+        .restored
+        .map(|cp| cp.operator_states(name).cloned().collect())
+        .unwrap_or_default();
+    let mut triggers = Vec::with_capacity(ps as usize);
+    for i in (0..ps as usize).rev() {
+        let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+        triggers.push(trigger_tx);
+        let running = Running {
+            completed: w.completed.clone(),
+            cancel: w.cancel.flag(),
+        };
+        let mut source = parts.source(name, i, ps, &running)?;
+        source.restore(states.clone())?;
+        let chain = build_chain(stage, i, w.mp, w.slot, w.restored, w.storage)?;
+        let io = SourceIo {
+            name: task_name(name, i),
+            outputs: Outputs::new(outputs.pop().unwrap_or_default()),
+            partitioner: partitioner(next_stage(plan, s)?, i, ps, w.mp),
+            triggers: trigger_rx,
+            events: w.events.clone(),
+            cancel: w.cancel.flag(),
+            completed: w.completed.clone(),
+            storage: w.storage.clone(),
+            clock: w.clock,
+            stats: w.stats.clone(),
+            metrics: w.stats.subtask_metrics(name, i),
+        };
+        tasks.spawn_blocking(move || run_source(source, chain, io));
+    }
+    triggers.reverse();
+    Ok(triggers)
 }
 
 /// Wait for the coordinator's final checkpoint, a subtask's failure or a stop; on a
@@ -465,15 +524,9 @@ async fn supervise(
 
 /// Channels between consecutive stages, every upstream subtask to every downstream
 /// one: per stage, per subtask, its input receivers and its output senders.
-#[allow(clippy::type_complexity)] // Stage × subtask × peer, built and taken apart here only.
-fn channels(
-    plan: &PhysicalPlan,
-) -> (
-    Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>>,
-    Vec<Vec<Vec<mpsc::Sender<StreamElement>>>>,
-) {
-    let mut inputs: Vec<Vec<Vec<mpsc::Receiver<StreamElement>>>> = Vec::new();
-    let mut outputs: Vec<Vec<Vec<mpsc::Sender<StreamElement>>>> = Vec::new();
+fn channels(plan: &PhysicalPlan) -> (Vec<Receivers>, Vec<Senders>) {
+    let mut inputs: Vec<Receivers> = Vec::new();
+    let mut outputs: Vec<Senders> = Vec::new();
     for (s, stage) in plan.stages.iter().enumerate() {
         let p = stage.parallelism as usize;
         inputs.push((0..p).map(|_| Vec::new()).collect());
