@@ -376,25 +376,37 @@ async fn open_hops(
 ) -> Result<Vec<OpenHop>> {
     let mut open = Vec::new();
     for hop in &plan.hops {
-        let job = format!("{}.{}", cfg.cluster.identity(&cfg.job.name), hop.operator);
-        let target = sink::kafka::hop::open(
-            crate::source::producer_config(cfg, bootstrap),
-            &job,
-            &hop.topic,
-            cfg.job.max_parallelism,
-            cfg.checkpoint.interval,
-            cfg.checkpoint.timeout,
-        )
-        .await?;
-        let states = sink::two_phase::restored_states_of(restored, &hop.writer())?;
-        sink::kafka::fence_before_recovery_of(&target, &job, hop.writers as usize, states).await?;
-        open.push(OpenHop {
-            hop: hop.clone(),
-            job,
-            target,
-        });
+        open.push(open_hop(cfg, bootstrap, hop, &cfg.cluster.identity(&cfg.job.name), restored).await?);
     }
     Ok(open)
+}
+
+/// `hop`'s topic checked (or created) and its target opened, its transactions named
+/// after instance `identity`, and what that instance's writers left open aborted.
+async fn open_hop(
+    cfg: &JobConfig,
+    bootstrap: &str,
+    hop: &plan::Hop,
+    identity: &str,
+    restored: Option<&crate::checkpoint::CompletedCheckpoint>,
+) -> Result<OpenHop> {
+    let job = format!("{identity}.{}", hop.operator);
+    let target = sink::kafka::hop::open(
+        crate::source::producer_config(cfg, bootstrap),
+        &job,
+        &hop.topic,
+        cfg.job.max_parallelism,
+        cfg.checkpoint.interval,
+        cfg.checkpoint.timeout,
+    )
+    .await?;
+    let states = sink::two_phase::restored_states_of(restored, &hop.writer())?;
+    sink::kafka::fence_before_recovery_of(&target, &job, hop.writers as usize, states).await?;
+    Ok(OpenHop {
+        hop: hop.clone(),
+        job,
+        target,
+    })
 }
 
 /// A receiver that turns true when either does (a dropped sender counts as true, as

@@ -75,18 +75,8 @@ pub(super) async fn finish_old_instances(
             sink.finish().await?;
         }
         for hop in &plan.hops {
-            let job = format!("{}.{}", ctx.job, hop.operator);
-            let target = sink::kafka::hop::open(
-                crate::source::producer_config(cfg, bootstrap),
-                &job,
-                &hop.topic,
-                cfg.job.max_parallelism,
-                cfg.checkpoint.interval,
-                cfg.checkpoint.timeout,
-            )
-            .await?;
-            let states = sink::two_phase::restored_states_of(Some(old), &hop.writer())?;
-            sink::kafka::fence_before_recovery_of(&target, &job, hop.writers as usize, states).await?;
+            let super::parts::OpenHop { job, target, .. } =
+                super::open_hop(cfg, bootstrap, hop, &ctx.job, Some(old)).await?;
             for (i, state) in old.subtask_states(&hop.writer()) {
                 // Recovery rewrites stored messages as they were: the encoder is unused.
                 let encoder = HopEncoder::new(hop.key.clone(), cfg.job.max_parallelism, 0, 1, 1);

@@ -120,6 +120,23 @@ fn tail_of(log: &Path) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
+/// SIGKILL kill number `kill`'s victims among `running`: one instance, and two at once
+/// every third kill. Returns who.
+fn kill_some(running: &mut [Option<Sluice>], kill: usize, rng: &mut impl Rng) -> Vec<u32> {
+    let n = running.len() as u32;
+    let first = rng.random_range(0..n);
+    let victims = match kill % 3 {
+        2 => vec![first, (first + 1) % n],
+        _ => vec![first],
+    };
+    for &k in &victims {
+        if let Some(p) = running[k as usize].take() {
+            p.kill9();
+        }
+    }
+    victims
+}
+
 /// Produce `ids` while the test kills instances: a pause every 2,000 records.
 fn feed(topic: &str, ids: std::ops::Range<u64>) -> std::thread::JoinHandle<()> {
     let topic = topic.to_string();
@@ -150,17 +167,7 @@ async fn killed_instances_lose_and_double_nothing(s: Split, strategy: &str) {
     let mut kills = Vec::new();
     for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
-        // Every third kill takes two instances down at once.
-        let first = rng.random_range(0..INSTANCES);
-        let victims = match kill % 3 {
-            2 => vec![first, (first + 1) % INSTANCES],
-            _ => vec![first],
-        };
-        for &k in &victims {
-            if let Some(p) = running[k as usize].take() {
-                p.kill9();
-            }
-        }
+        let victims = kill_some(&mut running, kill, &mut rng);
         kills.push((victims.clone(), sink_counts(&s.pool, &s.schema).await.0));
         for &k in &victims {
             running[k as usize] = Some(s.start(k));
@@ -321,9 +328,7 @@ async fn a_second_process_for_a_running_instance_is_refused() {
 /// computation, none is written twice, no record is late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_windowed_instances_killed_at_random_equal_a_batch_computation() {
-    use crate::windows::{
-        clone_event, events, produce_events, produce_flush, reference, result_rows, results, WindowJob, BASE,
-    };
+    use crate::windows::{clone_event, events, produce_events, produce_flush, reference, result_rows, WindowJob, BASE};
     let j = WindowJob::new("splitwin", "two_phase", 12).await;
     let toml = std::fs::read_to_string(&j.config).expect("config");
     std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = {INSTANCES}\n")).expect("config");
@@ -352,16 +357,7 @@ async fn three_windowed_instances_killed_at_random_equal_a_batch_computation() {
     let mut kills = Vec::new();
     for kill in 0..10 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
-        let first = rng.random_range(0..INSTANCES);
-        let victims = match kill % 3 {
-            2 => vec![first, (first + 1) % INSTANCES],
-            _ => vec![first],
-        };
-        for &k in &victims {
-            if let Some(p) = running[k as usize].take() {
-                p.kill9();
-            }
-        }
+        let victims = kill_some(&mut running, kill, &mut rng);
         kills.push((victims.clone(), result_rows(&j.pool, &j.schema).await));
         for &k in &victims {
             running[k as usize] = Some(start(k));
@@ -384,24 +380,7 @@ async fn three_windowed_instances_killed_at_random_equal_a_batch_computation() {
     let written = result_rows(&j.pool, &j.schema).await;
     assert!(done, "only {written} of {want} windows written:\n{}", logs());
     println!("split windows: (killed instances, window rows) {kills:?} of {want}");
-    let late = count(&j.pool, &format!("SELECT count(*) FROM {}.dead", j.schema)).await;
-    assert_eq!(
-        late, 0,
-        "records went to the late output; the input was within the bound"
-    );
-    let got = results(&j.pool, &j.schema).await;
-    let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
-    let wrong: Vec<_> = expected
-        .iter()
-        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-        .take(5)
-        .collect();
-    assert!(
-        missing.is_empty() && wrong.is_empty() && got.len() == expected.len(),
-        "{} windows expected, {} written; missing {missing:?}; wrong {wrong:?}",
-        expected.len(),
-        got.len()
-    );
+    crate::windows::assert_windows(&j.pool, &j.schema, &expected, 0).await;
     for k in 0..INSTANCES {
         assert_eq!(
             prepared_of(&j.pool, &format!("{}.{k}", j.job)).await,
@@ -457,9 +436,7 @@ fn stop_instance(config: &Path, k: u32, n: u32, listen: &str, p: &mut Sluice) ->
 /// restored as 4: every window equals the batch computation, none doubled, none late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
-    use crate::windows::{
-        clone_event, events, produce_events, produce_flush, reference, result_rows, results, WindowJob, BASE,
-    };
+    use crate::windows::{clone_event, events, produce_events, produce_flush, reference, result_rows, WindowJob, BASE};
     let j = WindowJob::new("splitsp", "two_phase", 12).await;
     let toml = std::fs::read_to_string(&j.config).expect("config");
     std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = 3\n")).expect("config");
@@ -550,23 +527,7 @@ async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
         result_rows(&j.pool, &j.schema).await,
         logs()
     );
-    let late = count(&j.pool, &format!("SELECT count(*) FROM {}.dead", j.schema)).await;
-    assert_eq!(
-        late, 0,
-        "records went to the late output; the input was within the bound"
-    );
-    let got = results(&j.pool, &j.schema).await;
-    let wrong: Vec<_> = expected
-        .iter()
-        .filter(|(k, v)| got.get(*k) != Some(*v))
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty() && got.len() == expected.len(),
-        "{} windows expected, {} written; missing or wrong: {wrong:?}",
-        expected.len(),
-        got.len()
-    );
+    crate::windows::assert_windows(&j.pool, &j.schema, &expected, 0).await;
     for k in 0..4 {
         assert_eq!(
             prepared_of(&j.pool, &format!("{}.{k}", j.job)).await,

@@ -74,7 +74,7 @@ pub(crate) fn reference(events: &[Event]) -> Table {
 
 /// The job's results, without the flush records' account; also checks that each
 /// window has one row and that its bounds are right.
-pub(crate) async fn results(pool: &PgPool, schema: &str) -> Table {
+async fn results(pool: &PgPool, schema: &str) -> Table {
     let rows = sqlx::query(&format!(
         "SELECT account, window_start, window_end, n, total, lo, hi, firing FROM {schema}.win \
          WHERE account <> '~flush'"
@@ -305,30 +305,36 @@ impl WindowJob {
             "sluice exited with {status}; log tail:\n{}",
             tail(&log)
         );
-        let late = count(&self.pool, &format!("SELECT count(*) FROM {}.dead", self.schema)).await;
-        assert_eq!(
-            late, dead,
-            "records went to the late output; the input was within the bound"
-        );
-        let got = results(&self.pool, &self.schema).await;
-        let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
-        let wrong: Vec<_> = expected
-            .iter()
-            .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-            .take(5)
-            .collect();
-        assert!(
-            missing.is_empty() && wrong.is_empty() && got.len() == expected.len(),
-            "{} windows expected, {} written; missing {missing:?}; wrong {wrong:?}",
-            expected.len(),
-            got.len()
-        );
+        assert_windows(&self.pool, &self.schema, expected, dead).await;
         assert_eq!(
             prepared_of(&self.pool, &self.job).await,
             0,
             "prepared transactions left"
         );
     }
+}
+
+/// The window table of `schema` equals `expected` (each window once), and `dead`
+/// records went to the dead-letter (late) output.
+pub(crate) async fn assert_windows(pool: &PgPool, schema: &str, expected: &Table, dead: i64) {
+    let late = count(pool, &format!("SELECT count(*) FROM {schema}.dead")).await;
+    assert_eq!(
+        late, dead,
+        "records went to the late output; the input was within the bound"
+    );
+    let got = results(pool, schema).await;
+    let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && wrong.is_empty() && got.len() == expected.len(),
+        "{} windows expected, {} written; missing {missing:?}; wrong {wrong:?}",
+        expected.len(),
+        got.len()
+    );
 }
 
 pub(crate) fn tail(text: &str) -> String {
