@@ -547,13 +547,18 @@ async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
 
 /// Wait until the job has written more than `above` windows; how many it has.
 async fn grow_past(j: &crate::windows::WindowJob, above: i64, logs: &dyn Fn() -> String) -> i64 {
+    grow_past_rows(&j.pool, &j.schema, above, logs).await
+}
+
+/// Wait until the window table of `schema` holds more than `above` rows; how many.
+pub(crate) async fn grow_past_rows(pool: &sqlx::PgPool, schema: &str, above: i64, logs: &dyn Fn() -> String) -> i64 {
     use crate::windows::result_rows;
     let grew = wait_until(Duration::from_secs(120), || async {
-        result_rows(&j.pool, &j.schema).await > above
+        result_rows(pool, schema).await > above
     })
     .await;
     assert!(grew, "no windows written past {above}:\n{}", logs());
-    result_rows(&j.pool, &j.schema).await
+    result_rows(pool, schema).await
 }
 
 /// Three processes of a job of two instances started without slots: two claim one
@@ -646,6 +651,134 @@ async fn a_frozen_instance_is_taken_over_by_a_spare_and_stops_when_resumed() {
     for k in 0..2 {
         assert_eq!(
             prepared_of(&s.pool, &format!("{}.{k}", s.job)).await,
+            0,
+            "prepared transactions left"
+        );
+    }
+}
+
+/// A windowed job of two claimed instances and a spare. The holder of instance 0 is
+/// frozen (SIGSTOP): the other instance's windows wait on its watermark, which its
+/// `/status` names (the hop writer holding it back); the spare takes the slot once the
+/// lease has run out; the frozen process, resumed, stops. Every window equals the batch
+/// computation, none doubled, none late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_windowed_instance_holds_the_watermark_until_a_spare_takes_its_slot() {
+    use crate::windows::{
+        assert_windows, clone_event, events, produce_events, produce_flush, reference, result_rows, WindowJob, BASE,
+    };
+    let j = WindowJob::new("splitfrz", "two_phase", 12).await;
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    std::fs::write(
+        &j.config,
+        format!("{toml}\n[cluster]\ninstances = 2\nlease_ttl = \"2s\"\n"),
+    )
+    .expect("config");
+    let input = events(80_000, 1_000, 31);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let (before, during) = input.split_at(40_000);
+    let (before, during): (Vec<_>, Vec<_>) = (
+        before.iter().map(clone_event).collect(),
+        during.iter().map(clone_event).collect(),
+    );
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || produce_events(&topic, &before, None, None))
+        .await
+        .expect("producer");
+    let listen: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let log = |p: usize| j.dir.path().join(format!("process-{p}.log"));
+    let text = |p: usize| std::fs::read_to_string(log(p)).unwrap_or_default();
+    let all = || {
+        (0..3)
+            .map(|p| format!("--- process {p}\n{}", tail_of(&log(p))))
+            .collect::<String>()
+    };
+    let mut procs: Vec<Option<Sluice>> = Vec::new();
+    for p in 0..3 {
+        let env = [("SLUICE__METRICS__LISTEN", listen[p].as_str())];
+        procs.push(Some(Sluice::start_args(
+            &j.config,
+            &log(p),
+            &env,
+            &["--instances", "2"],
+        )));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let holder_of = |k: u32| (0..3).find(|p| text(*p).contains(&format!("claimed an instance slot instance={k}")));
+    let settled = wait_until(Duration::from_secs(30), || async {
+        holder_of(0).is_some() && holder_of(1).is_some()
+    })
+    .await;
+    assert!(settled, "two claims expected:\n{}", all());
+    let (frozen, other) = (holder_of(0).expect("holder"), holder_of(1).expect("holder"));
+    let spare = (0..3).find(|p| *p != frozen && *p != other).expect("a spare");
+    let rows = crate::cluster::grow_past_rows(&j.pool, &j.schema, 0, &all).await;
+    let pid = procs[frozen].as_ref().map(Sluice::pid).expect("holder").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    let topic = j.topic.clone();
+    let feeder = std::thread::spawn(move || {
+        produce_events(&topic, &during, Some((5_000, Duration::from_millis(200))), None);
+        produce_flush(&topic, 0..12, last);
+    });
+    // Instance 1's windows wait on the frozen instance's writers, and its /status says so.
+    let held = wait_until(Duration::from_secs(20), || async {
+        get_json(&listen[other], "/status").await.is_some_and(|st| {
+            st["watermarks"].as_object().is_some_and(|w| {
+                w.iter().any(|(task, m)| {
+                    task.starts_with("per_account.in-")
+                        && m["held_back_by"]
+                            .as_str()
+                            .is_some_and(|h| h.contains("(writer 0)") || h.contains("(writer 1)"))
+                })
+            })
+        })
+    })
+    .await;
+    assert!(held, "{:?}", get_json(&listen[other], "/status").await);
+    let taken = wait_until(Duration::from_secs(15), || async {
+        text(spare).contains("claimed an instance slot instance=0")
+    })
+    .await;
+    assert!(taken, "the spare did not take instance 0:\n{}", all());
+    signal("-CONT");
+    let exit = procs[frozen]
+        .as_mut()
+        .and_then(|p| p.wait_exit(Duration::from_secs(30)));
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the resumed holder kept running:\n{}",
+        all()
+    );
+    assert!(text(frozen).contains("lost instance 0"), "{}", all());
+    procs[frozen] = None;
+    feeder.join().expect("producer thread");
+    let want = expected.len() as i64;
+    let done = wait_until(Duration::from_secs(240), || async {
+        result_rows(&j.pool, &j.schema).await >= want
+    })
+    .await;
+    for p in procs.iter_mut().filter_map(Option::take) {
+        let status = p.terminate();
+        assert!(status.success(), "a process exited with {status}:\n{}", all());
+    }
+    assert!(
+        done,
+        "only {} of {want} windows ({rows} before the freeze):\n{}",
+        result_rows(&j.pool, &j.schema).await,
+        all()
+    );
+    assert_windows(&j.pool, &j.schema, &expected, 0).await;
+    for k in 0..2 {
+        assert_eq!(
+            prepared_of(&j.pool, &format!("{}.{k}", j.job)).await,
             0,
             "prepared transactions left"
         );
