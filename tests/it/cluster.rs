@@ -695,8 +695,8 @@ async fn a_frozen_windowed_instance_holds_the_watermark_until_a_spare_takes_its_
             .collect::<String>()
     };
     let mut procs: Vec<Option<Sluice>> = Vec::new();
-    for p in 0..3 {
-        let env = [("SLUICE__METRICS__LISTEN", listen[p].as_str())];
+    for (p, listen) in listen.iter().enumerate() {
+        let env = [("SLUICE__METRICS__LISTEN", listen.as_str())];
         procs.push(Some(Sluice::start_args(
             &j.config,
             &log(p),
