@@ -217,6 +217,19 @@ fn load(path: &Path) -> anyhow::Result<JobConfig> {
     Ok(config::load(path)?)
 }
 
+/// [`load`] for a command about one instance's checkpoints or transactions: a split
+/// job's instance must be named (a process claiming its slot has none in the file).
+fn load_instance(path: &Path) -> anyhow::Result<JobConfig> {
+    let cfg = load(path)?;
+    anyhow::ensure!(
+        !cfg.cluster.is_split() || cfg.cluster.instance.is_some(),
+        "the job is split over {} instances: name the one this is about with SLUICE__CLUSTER__INSTANCE=k \
+         (`sluice cluster status` shows them all)",
+        cfg.cluster.instances
+    );
+    Ok(cfg)
+}
+
 /// [`load`] with the command line's `--instance` and `--instances` over the file and the
 /// environment (checked like any other key).
 fn load_slot(path: &Path, instance: Option<u32>, instances: Option<u32>) -> anyhow::Result<JobConfig> {
@@ -252,7 +265,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             run(cfg).await
         }
-        Command::Savepoint { config, stop } => savepoint(&load(&config)?, stop).await,
+        Command::Savepoint { config, stop } => savepoint(&load_instance(&config)?, stop).await,
         Command::Checkpoints { action } => checkpoints(action),
         Command::Cluster {
             action: ClusterAction::Status { config, json },
@@ -403,7 +416,7 @@ fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {
     };
     match action {
         CheckpointsAction::List { config, json } => {
-            let cfg = load(&config)?;
+            let cfg = load_instance(&config)?;
             let savepoints = cfg.checkpoint.savepoints();
             let all = inspect::list(cfg.checkpoint.dir.as_deref(), savepoints.as_deref())?;
             #[cfg(feature = "s3")]
@@ -540,7 +553,7 @@ async fn txn(action: TxnAction) -> anyhow::Result<()> {
             },
         ),
     };
-    let cfg = load(&config)?;
+    let cfg = load_instance(&config)?;
     let Some(txn) = target_kind(cfg.sink.kind())?.txn else {
         anyhow::bail!(
             "a {} sink has no transactions to resolve (prepared transactions exist in a postgres sink, Kafka \

@@ -527,6 +527,22 @@ fn a_split_job_is_checked() {
         "cluster.instance",
     );
     rejected(&split("instances = 3\nlease_ttl = \"100ms\""), &[], "cluster.lease_ttl");
+    // Commands about one instance's transactions or checkpoints must be told which.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), &split("instances = 3"));
+    for args in [["txn", "list"], ["checkpoints", "list"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run sluice");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("SLUICE__CLUSTER__INSTANCE"),
+            "{args:?}: {said}"
+        );
+    }
     rejected(&split("instances = 3\ninstance = 3"), &[], "cluster.instance");
     rejected(&split("instances = 0"), &[], "cluster.instances");
     rejected(
