@@ -89,8 +89,8 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     let ready = stats.is_ready(s.sink_stall);
     Json(json!({
         "job": &*s.job,
-        "instance": s.slot.index,
-        "instances": s.slot.count,
+        "instance": stats.instance().map(|(k, _)| k),
+        "instances": stats.instance().map_or(1, |(_, n)| n),
         "state": stats.state(),
         "ready": ready.is_ok(),
         "not_ready_because": ready.err(),

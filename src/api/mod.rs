@@ -60,7 +60,6 @@ impl Drop for ApiServer {
 #[derive(Clone)]
 struct AppState {
     job: Arc<str>,
-    slot: crate::runtime::Slot,
     stats: Arc<JobStats>,
     metrics: Option<PrometheusHandle>,
     token: Option<Arc<SecretString>>,
@@ -78,8 +77,6 @@ pub struct ApiConfig {
     pub probe_listen: String,
     /// The job's name.
     pub job: String,
-    /// Which of the job's instances this process is.
-    pub slot: crate::runtime::Slot,
     /// `/ready` is 503 while a sink call has been running this long.
     pub sink_stall: Duration,
     /// How long `POST /checkpoints` waits for the checkpoint it asked for.
@@ -109,7 +106,6 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
     let sink_stall = cfg.sink_stall;
     if handle.is_some() {
         telemetry::describe();
-        telemetry::instance(cfg.slot.index, cfg.slot.count);
     }
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -131,7 +127,6 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
     }
     let state = AppState {
         job: cfg.job.into(),
-        slot: cfg.slot,
         stats,
         metrics: handle,
         token,

@@ -25,17 +25,34 @@ pub(super) enum Claimed {
     Stopped,
 }
 
-/// The shared checkpoint directory of a split job, where leases live.
-fn leases_of(cfg: &JobConfig) -> Option<Leases> {
-    let dir = cfg.cluster.shared.as_ref()?.dir.clone()?;
-    (cfg.cluster.is_split() && cfg.checkpoint.storage == StorageKind::Filesystem)
-        .then(|| Leases::new(&dir, cfg.cluster.lease_ttl))
+/// Where a split job's leases live: beside its instances' checkpoints, in the shared
+/// directory or bucket.
+fn leases_of(cfg: &JobConfig) -> Result<Option<Leases>> {
+    let (shared, ttl) = (cfg.cluster.shared.clone().unwrap_or_default(), cfg.cluster.lease_ttl);
+    if !cfg.cluster.is_split() {
+        return Ok(None);
+    }
+    match (cfg.checkpoint.storage, shared.dir, shared.url) {
+        (StorageKind::Filesystem, Some(dir), _) => Ok(Some(Leases::in_dir(&dir, ttl))),
+        #[cfg(feature = "s3")]
+        (StorageKind::S3, _, Some(url)) => {
+            let mut c = cfg.checkpoint.clone();
+            c.url = Some(url);
+            let bucket = crate::checkpoint::object::ObjectStorage::open(&super::object_config(&c))?;
+            Ok(Some(Leases::new(Arc::new(bucket), ttl)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Claim a slot for `cfg` if it names none (waiting as a spare while every slot is
 /// held); a slot it names is checked against the claimers' leases.
 pub(super) async fn claim(mut cfg: JobConfig, mut shutdown: watch::Receiver<bool>) -> Result<Claimed> {
-    let Some(leases) = leases_of(&cfg) else {
+    let c = cfg.clone();
+    let found = tokio::task::spawn_blocking(move || leases_of(&c))
+        .await
+        .map_err(|e| Error::Internal(format!("lease: {e}")))??;
+    let Some(leases) = found else {
         return Ok(Claimed::Slot(Box::new(cfg), None));
     };
     if let Some(k) = cfg.cluster.instance {

@@ -60,21 +60,22 @@ pub fn sink_context(cfg: &JobConfig) -> SinkContext<'_> {
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
 /// it fails past what its restart strategy allows.
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
+    // The metrics recorder first: operators built by the plan register their metrics.
+    // Before a slot is claimed, so that a spare answers its probes while it waits.
+    let api = crate::api::ApiConfig {
+        listen: cfg.metrics.listen.clone(),
+        probe_listen: cfg.metrics.probe_listen.clone(),
+        job: cfg.job.name.clone(),
+        sink_stall: cfg.metrics.ready_sink_stall,
+        checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,
+    };
+    let _api = crate::api::start(api, stats.clone()).await?;
     let (cfg, lease) = match claim::claim(cfg, shutdown.clone()).await? {
         claim::Claimed::Slot(cfg, lease) => (Arc::new(*cfg), lease),
         claim::Claimed::Stopped => return Ok(()),
     };
     let mut lost = lease.clone().map(claim::keep);
-    // The metrics recorder first: operators built by the plan register their metrics.
-    let api = crate::api::ApiConfig {
-        listen: cfg.metrics.listen.clone(),
-        probe_listen: cfg.metrics.probe_listen.clone(),
-        job: cfg.job.name.clone(),
-        slot: slot(&cfg),
-        sink_stall: cfg.metrics.ready_sink_stall,
-        checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,
-    };
-    let _api = crate::api::start(api, stats.clone()).await?;
+    stats.set_instance(cfg.cluster.index(), cfg.cluster.instances);
     let plan = plan(&cfg, &stats)?;
     tracing::info!("job graph:\n{}", plan.graph.describe());
     stats.set_graph(plan.graph.graph());

@@ -3,11 +3,12 @@
 //! spares wait for one, and a slot whose holder froze or lost its machine is taken over
 //! once the holder has not renewed it for its time to live.
 //!
-//! A lease is a small JSON file per slot (`<dir>/instance-<k>/LEASE`): holder,
-//! generation, when it was last renewed, its time to live. Every take raises the
-//! generation; a holder that finds another generation on renewal has been taken over.
-//! Reads and writes happen under a short lock of `<dir>/LEASES.lock`, and a file is
-//! replaced by rename, so a reader never sees half of one.
+//! A lease is a small JSON record per slot (`instance-<k>/LEASE` in a shared checkpoint
+//! directory or bucket): holder, generation, when it was last renewed, its time to
+//! live. Every take raises the generation; a holder that finds another generation on
+//! renewal has been taken over. A record is only ever replaced if it is still the
+//! version read ([`LeaseStore::swap`]: under a short file lock in a directory, by a
+//! conditional write in S3), so two processes never both take one slot.
 //!
 //! A holder counts its lease valid for `ttl - ttl/4` after its last successful renewal
 //! by its own monotonic clock, which keeps counting while the process is stopped;
@@ -39,38 +40,36 @@ pub struct LeaseRecord {
     pub ttl_ms: u64,
 }
 
-/// The lease files of a split job's slots, under its shared checkpoint directory.
+/// Where a split job's leases are kept: one small record per slot, replaced only if it
+/// is still the version read (compare and swap), so that two processes taking one slot
+/// at once cannot both succeed.
+pub trait LeaseStore: Send + Sync {
+    /// The lease of `slot` and its version, if it has one.
+    fn read(&self, slot: u32) -> Result<Option<(LeaseRecord, String)>>;
+
+    /// Write `lease` for `slot` if its version is still `expected` (`None`: it has no
+    /// lease); `false` if another process changed it first.
+    fn swap(&self, slot: u32, expected: Option<&str>, lease: &LeaseRecord) -> Result<bool>;
+
+    /// Who holds `slot` without a lease (a process told its slot), if the store can
+    /// tell.
+    fn held_without_lease(&self, slot: u32) -> Option<String> {
+        let _ = slot;
+        None
+    }
+}
+
+/// Leases as files under a shared checkpoint directory (`instance-<k>/LEASE`), swapped
+/// under a short lock of `LEASES.lock`.
 #[derive(Debug, Clone)]
-pub struct Leases {
+pub struct DirLeases {
     dir: PathBuf,
-    ttl: Duration,
 }
 
-/// A slot this process holds.
-#[derive(Debug)]
-pub struct Held {
-    leases: Leases,
-    /// The slot.
-    pub slot: u32,
-    /// The generation this process took.
-    pub generation: u64,
-    holder: String,
-    renewed: Mutex<Instant>,
-}
-
-/// Who this process is, in a lease.
-pub fn me() -> String {
-    let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
-    format!("pid {} on {}", std::process::id(), host.trim())
-}
-
-impl Leases {
-    /// The leases kept under `dir` (the job's shared checkpoint directory).
-    pub fn new(dir: &Path, ttl: Duration) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            ttl,
-        }
+impl DirLeases {
+    /// The leases under `dir` (the job's shared checkpoint directory).
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf() }
     }
 
     fn file(&self, slot: u32) -> PathBuf {
@@ -107,50 +106,102 @@ impl Leases {
         f()
     }
 
-    /// The lease of `slot`, if it has one.
-    pub fn read(&self, slot: u32) -> Result<Option<LeaseRecord>> {
+    fn read_file(&self, slot: u32) -> Result<Option<(LeaseRecord, String)>> {
         let path = self.file(slot);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::CorruptCheckpoint {
+            Ok(bytes) => {
+                let lease = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
                     path: path.clone(),
                     message: e.to_string(),
-                }),
+                })?;
+                Ok(Some((lease, String::from_utf8_lossy(&bytes).into_owned())))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::storage(format!("read {}", path.display()))(e)),
         }
     }
+}
 
-    fn write(&self, slot: u32, lease: &LeaseRecord) -> Result<()> {
-        let path = self.file(slot);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
-        }
-        let tmp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec(lease).map_err(|e| Error::Internal(format!("lease: {e}")))?;
-        fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(Error::storage(format!("write {}", path.display())))
+impl LeaseStore for DirLeases {
+    fn read(&self, slot: u32) -> Result<Option<(LeaseRecord, String)>> {
+        self.locked(|| self.read_file(slot))
     }
 
-    /// The lease of `slot` if one is held and not run out, or a told process holds the
-    /// slot's checkpoint directory (its lock).
-    pub fn read_live(&self, slot: u32) -> Result<Option<LeaseRecord>> {
-        let now = crate::time::wall_clock_ms();
-        Ok(self.read(slot)?.filter(|l| !Self::expired(l, now)))
+    fn swap(&self, slot: u32, expected: Option<&str>, lease: &LeaseRecord) -> Result<bool> {
+        self.locked(|| {
+            let now = self.read_file(slot)?;
+            if now.as_ref().map(|(_, v)| v.as_str()) != expected {
+                return Ok(false);
+            }
+            let path = self.file(slot);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
+            }
+            let tmp = path.with_extension("tmp");
+            let bytes = serde_json::to_vec(lease).map_err(|e| Error::Internal(format!("lease: {e}")))?;
+            fs::File::create(&tmp)
+                .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+                .and_then(|()| fs::rename(&tmp, &path))
+                .map_err(Error::storage(format!("write {}", path.display())))?;
+            Ok(true)
+        })
     }
 
-    /// Whether a process told its slot holds `slot`'s checkpoint directory: its lock
-    /// file is locked (claimers open the directory without it).
-    fn told_holds(&self, slot: u32) -> Option<String> {
+    /// A process told its slot holds the slot's checkpoint directory lock (claimers open
+    /// the directory without it).
+    fn held_without_lease(&self, slot: u32) -> Option<String> {
         let path = self.dir.join(format!("instance-{slot}")).join("LOCK");
         let file = fs::OpenOptions::new().read(true).write(true).open(&path).ok()?;
         match file.try_lock() {
             Ok(()) => None,
             Err(_) => Some(fs::read_to_string(&path).unwrap_or_default().trim().to_string()),
         }
+    }
+}
+
+/// The leases of a split job's slots.
+#[derive(Clone)]
+pub struct Leases {
+    store: Arc<dyn LeaseStore>,
+    ttl: Duration,
+}
+
+/// A slot this process holds.
+pub struct Held {
+    leases: Leases,
+    /// The slot.
+    pub slot: u32,
+    /// The generation this process took.
+    pub generation: u64,
+    holder: String,
+    renewed: Mutex<Instant>,
+}
+
+/// Who this process is, in a lease.
+pub fn me() -> String {
+    let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
+    format!("pid {} on {}", std::process::id(), host.trim())
+}
+
+impl Leases {
+    /// The leases kept in `store`, lasting `ttl` unrenewed.
+    pub fn new(store: Arc<dyn LeaseStore>, ttl: Duration) -> Self {
+        Self { store, ttl }
+    }
+
+    /// The leases under the shared checkpoint directory `dir`.
+    pub fn in_dir(dir: &Path, ttl: Duration) -> Self {
+        Self::new(Arc::new(DirLeases::new(dir)), ttl)
+    }
+
+    /// The lease of `slot` if one is held and has not run out.
+    pub fn read_live(&self, slot: u32) -> Result<Option<LeaseRecord>> {
+        let now = crate::time::wall_clock_ms();
+        Ok(self
+            .store
+            .read(slot)?
+            .map(|(l, _)| l)
+            .filter(|l| !Self::expired(l, now)))
     }
 
     /// Whether `lease` may be taken now by another process: its holder has not renewed
@@ -163,69 +214,70 @@ impl Leases {
     /// Take the first of `slots` slots that is free (no lease, or one expired), as
     /// `holder`; `None` if every one is held.
     pub fn claim(&self, slots: u32, holder: &str) -> Result<Option<Held>> {
-        self.locked(|| {
-            let now = crate::time::wall_clock_ms();
-            for slot in 0..slots {
-                let old = self.read(slot)?;
-                if old.as_ref().is_some_and(|l| !Self::expired(l, now)) {
-                    continue;
-                }
-                if let Some(holder) = self.told_holds(slot) {
-                    tracing::debug!(slot, holder, "a process told its slot holds it");
-                    continue;
-                }
-                let generation = old.as_ref().map_or(0, |l| l.generation) + 1;
-                let lease = LeaseRecord {
-                    holder: holder.to_string(),
-                    generation,
-                    renewed_at_ms: now,
-                    ttl_ms: self.ttl.as_millis() as u64,
-                };
-                self.write(slot, &lease)?;
-                if let Some(old) = old {
-                    tracing::warn!(
-                        slot,
-                        from = %old.holder,
-                        generation,
-                        "took over an instance whose holder has not renewed its lease"
-                    );
-                }
-                return Ok(Some(Held {
-                    leases: self.clone(),
-                    slot,
-                    generation,
-                    holder: holder.to_string(),
-                    renewed: Mutex::new(Instant::now()),
-                }));
+        let now = crate::time::wall_clock_ms();
+        for slot in 0..slots {
+            let old = self.store.read(slot)?;
+            if old.as_ref().is_some_and(|(l, _)| !Self::expired(l, now)) {
+                continue;
             }
-            Ok(None)
-        })
+            if let Some(holder) = self.store.held_without_lease(slot) {
+                tracing::debug!(slot, holder, "a process told its slot holds it");
+                continue;
+            }
+            let generation = old.as_ref().map_or(0, |(l, _)| l.generation) + 1;
+            let lease = LeaseRecord {
+                holder: holder.to_string(),
+                generation,
+                renewed_at_ms: now,
+                ttl_ms: self.ttl.as_millis() as u64,
+            };
+            // Another process may take it between the read and the write: then it is
+            // theirs.
+            if !self.store.swap(slot, old.as_ref().map(|(_, v)| v.as_str()), &lease)? {
+                continue;
+            }
+            if let Some((old, _)) = old {
+                tracing::warn!(
+                    slot,
+                    from = %old.holder,
+                    generation,
+                    "took over an instance whose holder has not renewed its lease"
+                );
+            }
+            return Ok(Some(Held {
+                leases: self.clone(),
+                slot,
+                generation,
+                holder: holder.to_string(),
+                renewed: Mutex::new(Instant::now()),
+            }));
+        }
+        Ok(None)
     }
 }
 
 impl Held {
     /// Renew the lease; an error says it was taken over (or cannot be written).
     pub fn renew(&self) -> Result<()> {
-        let leases = &self.leases;
-        leases.locked(|| {
-            let now = crate::time::wall_clock_ms();
-            match leases.read(self.slot)? {
-                Some(l) if l.generation == self.generation && l.holder == self.holder => {
-                    leases.write(
-                        self.slot,
-                        &LeaseRecord {
-                            renewed_at_ms: now,
-                            ..l
-                        },
-                    )?;
-                    if let Ok(mut r) = self.renewed.lock() {
-                        *r = Instant::now();
-                    }
-                    Ok(())
+        let store = &self.leases.store;
+        let now = crate::time::wall_clock_ms();
+        match store.read(self.slot)? {
+            Some((l, version)) if l.generation == self.generation && l.holder == self.holder => {
+                let renewed = LeaseRecord {
+                    renewed_at_ms: now,
+                    ..l
+                };
+                if !store.swap(self.slot, Some(&version), &renewed)? {
+                    // Changed since the read: by a process taking the slot over.
+                    return Err(self.lost_now());
                 }
-                other => Err(self.lost(other.as_ref())),
+                if let Ok(mut r) = self.renewed.lock() {
+                    *r = Instant::now();
+                }
+                Ok(())
             }
-        })
+            other => Err(self.lost(other.map(|(l, _)| l).as_ref())),
+        }
     }
 
     /// Whether this process may still act as the slot's holder: its last renewal is
@@ -254,7 +306,8 @@ impl Held {
 
     /// The error of a holder that lost its slot, naming who holds it now.
     pub fn lost_now(&self) -> Error {
-        self.lost(self.leases.read(self.slot).ok().flatten().as_ref())
+        let now = self.leases.store.read(self.slot).ok().flatten().map(|(l, _)| l);
+        self.lost(now.as_ref())
     }
 
     /// Fail unless the lease is still valid.
@@ -322,7 +375,7 @@ mod tests {
     #[test]
     fn slots_are_claimed_once_renewed_and_taken_over_only_after_they_run_out() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let leases = Leases::new(dir.path(), Duration::from_millis(400));
+        let leases = Leases::in_dir(dir.path(), Duration::from_millis(400));
         let a = leases.claim(2, "a").expect("claim").expect("a slot");
         let b = leases.claim(2, "b").expect("claim").expect("a slot");
         assert_eq!((a.slot, b.slot), (0, 1));

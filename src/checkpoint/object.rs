@@ -226,6 +226,54 @@ impl ObjectStorage {
     }
 }
 
+/// Leases of a split job's slots as objects `instance-<k>/LEASE` under the shared
+/// prefix, replaced by conditional writes (`If-None-Match: *` to create, `If-Match`
+/// with the version read to replace), which S3 and its compatible servers check.
+impl super::lease::LeaseStore for ObjectStorage {
+    fn read(&self, slot: u32) -> Result<Option<(super::lease::LeaseRecord, String)>> {
+        let path = self.path(&format!("instance-{slot}/LEASE"));
+        let (store, p) = (self.store.clone(), path.clone());
+        let got = self.run(async move {
+            match store.get(&p).await {
+                Ok(got) => {
+                    let tag = got.meta.e_tag.clone().unwrap_or_default();
+                    got.bytes().await.map(|b| Some((b.to_vec(), tag)))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })?;
+        let Some((bytes, tag)) = got.map_err(io(format!("get {}/{path}", self.url)))? else {
+            return Ok(None);
+        };
+        let lease = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
+            path: format!("{}/{path}", self.url).into(),
+            message: e.to_string(),
+        })?;
+        Ok(Some((lease, tag)))
+    }
+
+    fn swap(&self, slot: u32, expected: Option<&str>, lease: &super::lease::LeaseRecord) -> Result<bool> {
+        use object_store::{PutMode, UpdateVersion};
+        let path = self.path(&format!("instance-{slot}/LEASE"));
+        let bytes = serde_json::to_vec(lease).map_err(|e| Error::Internal(format!("lease: {e}")))?;
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(tag) => PutMode::Update(UpdateVersion {
+                e_tag: Some(tag.to_string()),
+                version: None,
+            }),
+        };
+        let (store, p) = (self.store.clone(), path.clone());
+        let put = self.run(async move { store.put_opts(&p, PutPayload::from(bytes), mode.into()).await })?;
+        match put {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(io(format!("put {}/{path}", self.url))(e)),
+        }
+    }
+}
+
 impl ObjectStorage {
     /// Every stored checkpoint (oldest first) with the size of its object, for
     /// `sluice checkpoints list`; one that cannot be read is an `Err` in its place.

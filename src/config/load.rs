@@ -353,15 +353,6 @@ impl JobConfig {
                     ),
                 )
             }
-            // Claimed by a lease kept beside the checkpoints, in a directory for now.
-            None if c.is_split() && self.checkpoint.storage == StorageKind::S3 => {
-                return fail(
-                    "cluster.instance",
-                    "is required with checkpoints in S3: slots are claimed by leases in a checkpoint directory \
-                     only, so far; give each process its slot (`sluice run --instance k`, SLUICE__CLUSTER__INSTANCE, \
-                     or a StatefulSet pod's ordinal through the downward API)",
-                )
-            }
             _ => {}
         }
         if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(600)).contains(&c.lease_ttl) {

@@ -107,7 +107,7 @@ pub struct ClusterConfig {
 }
 
 /// Where every instance's checkpoints live, as configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SharedStorage {
     /// `checkpoint.dir` as configured.
     pub dir: Option<PathBuf>,

@@ -205,6 +205,8 @@ pub struct JobStats {
     sink_busy: Mutex<BTreeMap<usize, Instant>>,
     /// Watermark per operator subtask, and the partition holding a source back.
     watermarks: Mutex<BTreeMap<String, WatermarkStatus>>,
+    /// (instance, instances) once this process knows its slot.
+    instance: Mutex<Option<(u32, u32)>>,
 }
 
 impl Default for JobStats {
@@ -233,6 +235,7 @@ impl Default for JobStats {
             history: Mutex::default(),
             sink_busy: Mutex::default(),
             watermarks: Mutex::default(),
+            instance: Mutex::default(),
         }
     }
 }
@@ -450,6 +453,20 @@ impl JobStats {
             |_| BTreeMap::new(),
             |m| m.iter().map(|((t, p), l)| (format!("{t}/{p}"), *l)).collect(),
         )
+    }
+
+    /// This process is instance `index` of `count` (a claimed slot is known only once
+    /// claimed): for `/status` and `sluice_instance_info`.
+    pub fn set_instance(&self, index: u32, count: u32) {
+        if let Ok(mut i) = self.instance.lock() {
+            *i = Some((index, count));
+        }
+        super::instance(index, count);
+    }
+
+    /// (instance, instances), once known.
+    pub fn instance(&self) -> Option<(u32, u32)> {
+        self.instance.lock().ok().and_then(|i| *i)
     }
 
     /// Record a subtask's watermark (`task` as `operator-subtask`).

@@ -567,7 +567,17 @@ pub(crate) async fn grow_past_rows(pool: &sqlx::PgPool, schema: &str, above: i64
 /// finds itself fenced and stops. Every record once, no prepared transaction left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_instance_is_taken_over_by_a_spare_and_stops_when_resumed() {
-    let s = Split::new("two_phase").await;
+    frozen_instance_taken_over(Split::new("two_phase").await).await;
+}
+
+/// The same with the checkpoints and the leases in S3 (conditional writes).
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_with_leases_in_s3_is_taken_over_by_a_spare() {
+    frozen_instance_taken_over(Split::in_s3("two_phase").await).await;
+}
+
+async fn frozen_instance_taken_over(s: Split) {
     let toml = std::fs::read_to_string(&s.config).expect("config");
     std::fs::write(&s.config, format!("{toml}lease_ttl = \"2s\"\n")).expect("config");
     const BEFORE: u64 = 20_000;
@@ -577,7 +587,12 @@ async fn a_frozen_instance_is_taken_over_by_a_spare_and_stops_when_resumed() {
     let text = |p: usize| std::fs::read_to_string(log(p)).unwrap_or_default();
     let mut procs: Vec<Option<Sluice>> = Vec::new();
     for p in 0..3 {
-        procs.push(Some(Sluice::start_args(&s.config, &log(p), &[], &["--instances", "2"])));
+        procs.push(Some(Sluice::start_args(
+            &s.config,
+            &log(p),
+            &s.env(),
+            &["--instances", "2"],
+        )));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let all = || {
@@ -713,6 +728,9 @@ async fn a_frozen_windowed_instance_holds_the_watermark_until_a_spare_takes_its_
     assert!(settled, "two claims expected:\n{}", all());
     let (frozen, other) = (holder_of(0).expect("holder"), holder_of(1).expect("holder"));
     let spare = (0..3).find(|p| *p != frozen && *p != other).expect("a spare");
+    // A spare answers its probes while it waits: alive, not ready.
+    assert_eq!(http(&listen[spare], "GET", "/health", None).map(|(c, _)| c), Some(200));
+    assert_eq!(http(&listen[spare], "GET", "/ready", None).map(|(c, _)| c), Some(503));
     let rows = crate::cluster::grow_past_rows(&j.pool, &j.schema, 0, &all).await;
     let pid = procs[frozen].as_ref().map(Sluice::pid).expect("holder").to_string();
     let signal = |sig: &str| {
