@@ -89,8 +89,9 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     let ready = stats.is_ready(s.sink_stall);
     Json(json!({
         "job": &*s.job,
-        "instance": stats.instance().map(|(k, _)| k),
-        "instances": stats.instance().map_or(1, |(_, n)| n),
+        "instance": stats.instance().map(|i| i.index),
+        "instances": stats.instance().map_or(1, |i| i.count),
+        "key_groups": stats.instance().map(|i| json!({ "start": i.first_key_group, "end": i.end_key_group })),
         "state": stats.state(),
         "ready": ready.is_ok(),
         "not_ready_because": ready.err(),

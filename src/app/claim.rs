@@ -27,7 +27,7 @@ pub(super) enum Claimed {
 
 /// Where a split job's leases live: beside its instances' checkpoints, in the shared
 /// directory or bucket.
-fn leases_of(cfg: &JobConfig) -> Result<Option<Leases>> {
+pub(super) fn leases_of(cfg: &JobConfig) -> Result<Option<Leases>> {
     let (shared, ttl) = (cfg.cluster.shared.clone().unwrap_or_default(), cfg.cluster.lease_ttl);
     if !cfg.cluster.is_split() {
         return Ok(None);

@@ -28,7 +28,8 @@ pub struct InstanceStatus {
     /// Records in those partitions after the checkpoint's offsets (what a restart of
     /// it would read again, plus what it has not read yet); `None`: Kafka did not say.
     pub lag: Option<i64>,
-    /// Which process holds its slot (the checkpoint directory's lock), if one does.
+    /// Which process holds its slot (its lease, or the checkpoint directory's lock of a
+    /// process told its slot), if one does.
     pub holder: Option<String>,
     /// What could not be read.
     pub problem: Option<String>,
@@ -44,6 +45,7 @@ pub fn status(cfg: &JobConfig) -> Result<Vec<InstanceStatus>> {
         .create()
         .ok();
     let now = crate::time::wall_clock_ms().max(0) as u64;
+    let leases = super::claim::leases_of(cfg).ok().flatten();
     let mut rows = Vec::new();
     for k in 0..cfg.cluster.instances {
         let part = format!("instance-{k}");
@@ -89,6 +91,11 @@ pub fn status(cfg: &JobConfig) -> Result<Vec<InstanceStatus>> {
                 Some(sum + (high - o.next.unwrap_or(low)).max(0))
             })
         });
+        let leased = leases
+            .as_ref()
+            .and_then(|l| l.read_live(k).ok().flatten())
+            .map(|l| format!("{} (lease {})", l.holder, l.generation));
+        let holder = leased.or(holder);
         rows.push(InstanceStatus {
             instance: k,
             storage,

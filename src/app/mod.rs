@@ -75,7 +75,17 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         claim::Claimed::Stopped => return Ok(()),
     };
     let mut lost = lease.clone().map(claim::keep);
-    stats.set_instance(cfg.cluster.index(), cfg.cluster.instances);
+    let owned = crate::state::KeyGroupRange::for_subtask(
+        cfg.cluster.index() as usize,
+        cfg.cluster.instances,
+        cfg.job.max_parallelism,
+    );
+    stats.set_instance(crate::telemetry::status::InstanceInfo {
+        index: cfg.cluster.index(),
+        count: cfg.cluster.instances,
+        first_key_group: owned.start,
+        end_key_group: owned.end,
+    });
     let plan = plan(&cfg, &stats)?;
     tracing::info!("job graph:\n{}", plan.graph.describe());
     stats.set_graph(plan.graph.graph());

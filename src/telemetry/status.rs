@@ -205,8 +205,8 @@ pub struct JobStats {
     sink_busy: Mutex<BTreeMap<usize, Instant>>,
     /// Watermark per operator subtask, and the partition holding a source back.
     watermarks: Mutex<BTreeMap<String, WatermarkStatus>>,
-    /// (instance, instances) once this process knows its slot.
-    instance: Mutex<Option<(u32, u32)>>,
+    /// Which instance this process is, once it knows its slot.
+    instance: Mutex<Option<InstanceInfo>>,
 }
 
 impl Default for JobStats {
@@ -238,6 +238,19 @@ impl Default for JobStats {
             instance: Mutex::default(),
         }
     }
+}
+
+/// Which of a job's instances a process is, as `/status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    /// The instance, `0..count`.
+    pub index: u32,
+    /// Instances of the job.
+    pub count: u32,
+    /// The first key group it owns.
+    pub first_key_group: u32,
+    /// One past the last key group it owns.
+    pub end_key_group: u32,
 }
 
 /// Event time of one subtask, as `/status` shows it.
@@ -455,17 +468,17 @@ impl JobStats {
         )
     }
 
-    /// This process is instance `index` of `count` (a claimed slot is known only once
-    /// claimed): for `/status` and `sluice_instance_info`.
-    pub fn set_instance(&self, index: u32, count: u32) {
+    /// This process is `info`'s instance (a claimed slot is known only once claimed):
+    /// for `/status` and `sluice_instance_info`.
+    pub fn set_instance(&self, info: InstanceInfo) {
         if let Ok(mut i) = self.instance.lock() {
-            *i = Some((index, count));
+            *i = Some(info);
         }
-        super::instance(index, count);
+        super::instance(info.index, info.count);
     }
 
-    /// (instance, instances), once known.
-    pub fn instance(&self) -> Option<(u32, u32)> {
+    /// Which instance this process is, once known.
+    pub fn instance(&self) -> Option<InstanceInfo> {
         self.instance.lock().ok().and_then(|i| *i)
     }
 

@@ -484,8 +484,10 @@ async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
     let hop = format!("sluice.{}.per_account/", j.job);
     let seen = wait_until(Duration::from_secs(30), || async {
         get_json(&listen[1], "/status").await.is_some_and(|st| {
+            // 64 key groups over 3 instances: instance 1 owns 22..43.
             st["instance"] == 1
                 && st["instances"] == 3
+                && st["key_groups"] == serde_json::json!({ "start": 22, "end": 43 })
                 && st["partitions"]
                     .as_object()
                     .is_some_and(|p| p.keys().any(|k| k.starts_with(&hop)))
@@ -629,6 +631,10 @@ async fn frozen_instance_taken_over(s: Split) {
     })
     .await;
     assert!(taken, "the spare did not take instance 0:\n{}", all());
+    // `sluice cluster status` names the new holder by its lease.
+    let rows = cluster_status_with(&s.config, &s.env());
+    let named = rows[0]["holder"].as_str().unwrap_or_default();
+    assert!(named.contains("(lease 2)"), "{rows:?}");
     let before = sink_counts(&s.pool, &s.schema).await.0;
     let grew = wait_until(Duration::from_secs(60), || async {
         sink_counts(&s.pool, &s.schema).await.0 > before
