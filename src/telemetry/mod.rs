@@ -338,32 +338,16 @@ pub fn sink_commit(subtask: usize, took: Duration) {
     histogram!("sluice_sink_commit_duration_seconds", "subtask" => subtask.to_string()).record(took.as_secs_f64());
 }
 
-/// The process's memory, CPU time and open file descriptors, from `/proc` (Linux; on
-/// other systems nothing is recorded), under Prometheus's standard process metric names.
+/// The process's own figures (`process_start_time_seconds`, CPU, memory, file
+/// descriptors, threads), read from /proc by `metrics-process`: the start time is what
+/// a crash-loop alert counts restarts by, across processes.
 pub fn process_metrics() {
-    // The page size of x86_64 and most arm64 kernels.
-    let page = 4096.0;
-    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
-        if let Some(rss) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()) {
-            gauge!("process_resident_memory_bytes").set(rss * page);
-        }
-    }
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the command name (which may hold spaces, in parentheses).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-            .sum();
-        // A counter of whole seconds (the metrics crate counts in integers).
-        counter!("process_cpu_seconds_total").absolute((ticks / 100.0) as u64);
-    }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauge!("process_open_fds").set(fds.count() as f64);
-    }
+    static COLLECTOR: std::sync::LazyLock<metrics_process::Collector> = std::sync::LazyLock::new(|| {
+        let c = metrics_process::Collector::default();
+        c.describe();
+        c
+    });
+    COLLECTOR.collect();
 }
 
 /// A row refused as a duplicate of its Kafka coordinates (see the two-phase sink).

@@ -116,6 +116,8 @@ async fn the_default_config_runs_without_any_service() {
         "process_resident_memory_bytes",
         "process_open_fds",
         "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_threads",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }

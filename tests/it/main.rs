@@ -21,7 +21,7 @@ mod migrate;
 mod object_storage;
 mod owners;
 mod pg_copy;
-// Its one test needs a failpoint (a failed checkpoint).
+// Its restart test needs a failpoint (a failed checkpoint).
 #[cfg(feature = "failpoints")]
 mod prometheus;
 mod recover;

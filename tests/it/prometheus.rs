@@ -75,6 +75,86 @@ fn dashboard_queries() -> Vec<String> {
     out
 }
 
+/// A real Prometheus scraping sluice at `addr` every second with the shipped alert
+/// rules, evaluated every second: the process (killed when dropped), its address and
+/// its directory.
+fn start_prometheus(addr: &str) -> (Killed, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prom_addr = format!("127.0.0.1:{}", free_port());
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+    let prom_cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n\
+             scrape_configs:\n  - job_name: sluice\n    static_configs:\n      - targets: [\"{addr}\"]\n"
+        ),
+    )
+    .expect("prometheus.yml");
+    let prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("prometheus.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("start prometheus (Debian: apt install prometheus)"),
+    );
+    (prometheus, prom_addr, dir)
+}
+
+/// Whether alert `name` is firing.
+async fn firing(prom: &str, name: &str) -> bool {
+    !query(prom, &format!("ALERTS{{alertname=\"{name}\",alertstate=\"firing\"}}"))
+        .await
+        .is_empty()
+}
+
+/// The shipped rules see what the job's own series cannot: a process restarted again
+/// and again (each start has a new `process_start_time_seconds`) fires the crash-loop
+/// alert; a job killed and kept down fires the dead-job alert once `up` has been 0 for
+/// the rule's minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_and_a_dead_job_fire_their_alerts() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let (topic, job) = (unique("promdead"), unique("promdead"));
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..2_000).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let toml = job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp"))
+        .replace("listen = \"\"", &format!("listen = \"{addr}\""));
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let (_prometheus, prom, _pdir) = start_prometheus(&addr);
+    let started = || async { scalar(&prom, "process_start_time_seconds{job=\"sluice\"}").await };
+    let mut s = Sluice::start(&config, &log);
+    let up = wait_until(Duration::from_secs(60), || async { started().await.is_some() }).await;
+    assert!(up, "Prometheus never scraped the job: {}", s.log_tail());
+    // Two more processes, each seen by a scrape.
+    for _ in 0..2 {
+        let before = started().await;
+        s.kill9();
+        s = Sluice::start(&config, &log);
+        let seen = wait_until(Duration::from_secs(60), || async {
+            started().await.is_some_and(|t| Some(t) != before)
+        })
+        .await;
+        assert!(seen, "the new process was not scraped: {}", s.log_tail());
+    }
+    let looping = wait_until(Duration::from_secs(30), || firing(&prom, "SluiceCrashLoop")).await;
+    assert!(looping, "SluiceCrashLoop did not fire");
+    assert!(!firing(&prom, "SluiceDown").await, "SluiceDown fired while the job ran");
+    // Down for good: `up` is 0 from the next scrape, the alert fires after its minute.
+    s.kill9();
+    let down = wait_until(Duration::from_secs(120), || firing(&prom, "SluiceDown")).await;
+    assert!(down, "SluiceDown did not fire within two minutes of the kill");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_sees_a_restart_and_a_failed_checkpoint_and_every_dashboard_query_has_data() {
     let j = WindowJob::new("prom", "two_phase", 2).await;
@@ -89,30 +169,7 @@ async fn prometheus_sees_a_restart_and_a_failed_checkpoint_and_every_dashboard_q
         .replace("listen = \"\"", &format!("listen = \"{addr}\""));
     std::fs::write(&j.config, toml).expect("write config");
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let prom_addr = format!("127.0.0.1:{}", free_port());
-    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
-    let prom_cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n\
-             scrape_configs:\n  - job_name: sluice\n    static_configs:\n      - targets: [\"{addr}\"]\n"
-        ),
-    )
-    .expect("prometheus.yml");
-    let _prometheus = Killed(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", prom_cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address={prom_addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("prometheus.log")).expect("log"),
-            ))
-            .spawn()
-            .expect("start prometheus (Debian: apt install prometheus)"),
-    );
+    let (_prometheus, prom_addr, _dir) = start_prometheus(&addr);
 
     // Events stamped with the wall clock, until the test ends.
     let stop = Arc::new(AtomicBool::new(false));
