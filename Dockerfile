@@ -37,7 +37,8 @@ COPY migrations /usr/share/sluice/migrations
 # A fixed numeric user: Kubernetes' runAsNonRoot can check it, volumes can be owned by it.
 USER 10001:10001
 WORKDIR /var/lib/sluice
-ENV SLUICE__METRICS__LISTEN=0.0.0.0:9464
+# No ENV for config keys: an environment override would silently win over the file's
+# `metrics.listen` (the shipped container configs listen on 0.0.0.0 themselves).
 EXPOSE 9464
 # sluice answers its own health check: no curl in the image.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["sluice", "health"]

@@ -554,3 +554,22 @@ fn a_split_job_is_checked() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_shipped_configs_are_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in [
+        "deploy/kubernetes/job.toml",
+        "config/docker.toml",
+        "config/docker-two-phase.toml",
+        "config/docker-cluster.toml",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["check", "--config"])
+            .arg(format!("{root}/{file}"))
+            .env("SLUICE__CLUSTER__INSTANCE", "0")
+            .output()
+            .expect("run sluice check");
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
