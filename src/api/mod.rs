@@ -98,6 +98,16 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
         .set_buckets(&[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
         ])
+        // Freshness is compared with the flush interval (1 s by default) and checkpoint
+        // intervals: finer steps around a second.
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("sluice_sink_freshness_seconds".into()),
+                &[
+                    0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ],
+            )
+        })
         .ok()
         .and_then(|b| b.install_recorder().ok());
     let mut tasks = Vec::new();

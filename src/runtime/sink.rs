@@ -49,6 +49,13 @@ pub trait Sink: Send + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// When a partly filled buffer is due to be written ([`Sink::on_quiet`] is called
+    /// then): its first record's arrival plus the flush interval; `None` when nothing
+    /// waits, or the strategy writes only at checkpoints.
+    fn flush_due(&self) -> Option<std::time::Instant> {
+        None
+    }
+
     /// Epochs prepared (two-phase) or kept in the log (write-ahead) and not yet known
     /// to be committed: the `sluice_sink_pending_epochs` gauge. Usually 0 or 1; more
     /// means commits are falling behind.

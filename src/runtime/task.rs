@@ -46,9 +46,15 @@ pub trait Tail: Send {
     fn report(&mut self, interval: Duration) {
         let _ = interval;
     }
-    /// Called about once a second, after `report`: a sink may flush what waits.
+    /// Called about once a second, after `report`, and when [`Tail::due`] comes: a
+    /// sink may flush what waits.
     fn tick(&mut self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
+    }
+    /// When the tail wants a [`Tail::tick`] before the next second (a sink's partly
+    /// filled buffer reaching its flush interval).
+    fn due(&self) -> Option<std::time::Instant> {
+        None
     }
 }
 
@@ -140,6 +146,10 @@ impl Tail for SinkTail {
     async fn tick(&mut self) -> Result<()> {
         let _busy = self.stats.sink_busy(self.index);
         self.sink.on_quiet().await
+    }
+
+    fn due(&self) -> Option<std::time::Instant> {
+        self.sink.flush_due()
     }
 
     async fn finish(&mut self) -> Result<()> {
@@ -242,6 +252,15 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                 Some(_) => {}
             }
         }
+        // A sink's buffer flushes when its first record has waited the flush interval,
+        // not at the next once-a-second tick after that.
+        let flush_due = tail.due();
+        let flush_due = async {
+            match flush_due {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let next_timer = chain.next_processing_timer();
         let timer_due = async {
             match next_timer {
@@ -287,6 +306,7 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                 chain.on_processing_time(io.clock.now_ms(), &mut out)?;
                 tail.emit(&mut out).await?;
             }
+            _ = flush_due => tail.tick().await?,
             item = io.gate.next(), if !inputs_done => {
                 let Some(item) = item else {
                     inputs_done = true;

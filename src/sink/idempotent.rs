@@ -82,6 +82,7 @@ pub struct IdempotentWriter<T> {
     /// When the oldest buffered record came in.
     waiting_since: Option<Instant>,
     flush_interval: std::time::Duration,
+    freshness: metrics::Histogram,
 }
 
 impl<T: UpsertTarget> IdempotentWriter<T> {
@@ -102,6 +103,7 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
             metrics,
             waiting_since: None,
             flush_interval: std::time::Duration::from_secs(1),
+            freshness: telemetry::freshness(),
         }
     }
 
@@ -122,6 +124,8 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
         if !rejected.is_empty() {
             self.target.write_dead(&rejected).await?;
         }
+        // Upserts are committed as they are written.
+        telemetry::committed(&self.freshness, &batch.records);
         let n = batch.records.len() as u64;
         self.metrics.records_out.increment(n);
         self.stats.rows_written.fetch_add(n, Ordering::Relaxed);
@@ -171,5 +175,11 @@ impl<T: UpsertTarget> Sink for IdempotentWriter<T> {
 
     fn on_quiet(&mut self) -> SinkFuture<'_, ()> {
         Box::pin(self.flush_stale())
+    }
+
+    fn flush_due(&self) -> Option<Instant> {
+        self.waiting_since
+            .filter(|_| !self.buffer.is_empty())
+            .map(|t| t + self.flush_interval)
     }
 }

@@ -57,6 +57,10 @@ impl Sink for Tagged {
         self.inner.on_watermark(watermark)
     }
 
+    fn flush_due(&self) -> Option<std::time::Instant> {
+        self.inner.flush_due()
+    }
+
     fn recover(&mut self, checkpoint: u64, states: Vec<serde_json::Value>) -> SinkFuture<'_, ()> {
         self.inner.recover(checkpoint, states)
     }

@@ -114,6 +114,11 @@ pub(crate) fn describe() {
     );
     describe_gauge!("sluice_lookup_in_flight", "Records waiting for their lookups.");
     describe_gauge!("sluice_build_info", "Always 1; the version of sluice in a label.");
+    describe_histogram!(
+        "sluice_sink_freshness_seconds",
+        Unit::Seconds,
+        "Time from a record's Kafka timestamp to its commit in the target (idempotent sinks)."
+    );
     describe_gauge!(
         "sluice_instance_info",
         "Always 1; which of the job's instances this process is (instance of instances)."
@@ -331,6 +336,23 @@ pub fn checkpoint_completed(took: Duration, bytes: u64) {
     gauge!("sluice_last_checkpoint_timestamp_seconds").set(crate::time::wall_clock_ms() as f64 / 1000.0);
     histogram!("sluice_checkpoint_duration_seconds").record(took.as_secs_f64());
     gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
+}
+
+/// `sluice_sink_freshness_seconds`: how long records took from their Kafka timestamp
+/// (append time, or the producer's create time) to being committed in the target.
+pub fn freshness() -> Histogram {
+    histogram!("sluice_sink_freshness_seconds")
+}
+
+/// Record the freshness of `records` committed now. Records an operator made (window
+/// results) have no Kafka timestamp of their own and are left out.
+pub fn committed(freshness: &Histogram, records: &[crate::record::Record]) {
+    let now = crate::clock::wall_clock_ms();
+    for r in records {
+        if r.origin.partition >= 0 && r.origin.timestamp_ms > 0 {
+            freshness.record((now - r.origin.timestamp_ms).max(0) as f64 / 1000.0);
+        }
+    }
 }
 
 /// Record a sink subtask's pre-commit or commit duration.
