@@ -223,9 +223,11 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
     let mut inputs_done = false;
     let mut coordinator_gone = false;
     let mut out = Vec::new();
-    let watermark_gauges: Vec<_> = chain
+    // Each gauge is registered with its first watermark: a gauge at 0 until then would
+    // read as a watermark 56 years behind (a pending stalled-watermark alert at start).
+    let mut watermark_gauges: Vec<_> = chain
         .infos()
-        .map(|i| (i.task_name(), crate::telemetry::watermark(&i.operator, i.index)))
+        .map(|i| (i.task_name(), i.operator.clone(), i.index, None))
         .collect();
     let report_every = Duration::from_secs(1);
     let mut report = tokio::time::interval(report_every);
@@ -295,9 +297,11 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                 tail.report(report_every);
                 tail.tick().await?;
                 let w = time.current();
-                for (task, gauge) in &watermark_gauges {
+                for (task, operator, index, gauge) in &mut watermark_gauges {
                     if w != i64::MIN {
-                        gauge.set(w as f64 / 1000.0);
+                        gauge
+                            .get_or_insert_with(|| crate::telemetry::watermark(operator, *index))
+                            .set(w as f64 / 1000.0);
                     }
                     io.stats.set_watermark(task, w, None);
                 }
