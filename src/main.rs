@@ -196,7 +196,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command));
+    // A blocking call still running (a Kafka poll, a file write) must not keep the
+    // process from exiting once the job is over.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // A shipper parses the last word too; a person reads it plainly.
         Err(e) if json => {

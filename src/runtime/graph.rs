@@ -268,6 +268,9 @@ pub async fn execute(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (completed_tx, completed_rx) = watch::channel(last_id);
     let cancel = Cancel::default();
+    // An attempt dropped before it ends (its process lost its slot) stops its subtasks:
+    // the source threads would otherwise read on, and keep the process from exiting.
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
     let wiring = Wiring {
         events: events_tx,
         completed: completed_rx,
@@ -320,6 +323,15 @@ pub async fn execute(
     }
 
     supervise(coordinator, handle, tasks, cancel, stats, shutdown).await
+}
+
+/// Cancels an attempt's subtasks when dropped.
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 /// What every subtask of an attempt is wired to.

@@ -328,10 +328,8 @@ async fn a_second_process_for_a_running_instance_is_refused() {
 /// computation, none is written twice, no record is late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_windowed_instances_killed_at_random_equal_a_batch_computation() {
-    use crate::windows::{clone_event, events, produce_events, produce_flush, reference, result_rows, WindowJob, BASE};
-    let j = WindowJob::new("splitwin", "two_phase", 12).await;
-    let toml = std::fs::read_to_string(&j.config).expect("config");
-    std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = {INSTANCES}\n")).expect("config");
+    use crate::windows::{clone_event, events, produce_events, produce_flush, reference, result_rows, BASE};
+    let j = split_window_job("splitwin", &format!("instances = {INSTANCES}")).await;
     let input = events(120_000, 1_000, 23);
     let expected = reference(&input);
     let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
@@ -436,10 +434,8 @@ fn stop_instance(config: &Path, k: u32, n: u32, listen: &str, p: &mut Sluice) ->
 /// restored as 4: every window equals the batch computation, none doubled, none late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
-    use crate::windows::{clone_event, events, produce_events, produce_flush, reference, result_rows, WindowJob, BASE};
-    let j = WindowJob::new("splitsp", "two_phase", 12).await;
-    let toml = std::fs::read_to_string(&j.config).expect("config");
-    std::fs::write(&j.config, format!("{toml}\n[cluster]\ninstances = 3\n")).expect("config");
+    use crate::windows::{clone_event, events, produce_events, produce_flush, reference, result_rows, BASE};
+    let j = split_window_job("splitsp", "instances = 3").await;
     let input = events(90_000, 1_000, 29);
     let expected = reference(&input);
     let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
@@ -545,6 +541,15 @@ async fn a_split_windowed_job_rescales_3_2_4_through_savepoints_exactly() {
         "the old instances' sinks were not all finished (3 then 2):\n{}",
         logs()
     );
+}
+
+/// The windowed job of `crate::windows` on 12 partitions, split as `cluster` (the lines
+/// of its `[cluster]` section) says.
+async fn split_window_job(prefix: &str, cluster: &str) -> crate::windows::WindowJob {
+    let j = crate::windows::WindowJob::new(prefix, "two_phase", 12).await;
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    std::fs::write(&j.config, format!("{toml}\n[cluster]\n{cluster}\n")).expect("config");
+    j
 }
 
 /// Wait until the job has written more than `above` windows; how many it has.
@@ -686,15 +691,9 @@ async fn frozen_instance_taken_over(s: Split) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_windowed_instance_holds_the_watermark_until_a_spare_takes_its_slot() {
     use crate::windows::{
-        assert_windows, clone_event, events, produce_events, produce_flush, reference, result_rows, WindowJob, BASE,
+        assert_windows, clone_event, events, produce_events, produce_flush, reference, result_rows, BASE,
     };
-    let j = WindowJob::new("splitfrz", "two_phase", 12).await;
-    let toml = std::fs::read_to_string(&j.config).expect("config");
-    std::fs::write(
-        &j.config,
-        format!("{toml}\n[cluster]\ninstances = 2\nlease_ttl = \"2s\"\n"),
-    )
-    .expect("config");
+    let j = split_window_job("splitfrz", "instances = 2\nlease_ttl = \"2s\"").await;
     let input = events(80_000, 1_000, 31);
     let expected = reference(&input);
     let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);

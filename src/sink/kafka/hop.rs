@@ -162,12 +162,25 @@ async fn ensure_topic(client: &ClientConfig, topic: &str, partitions: u32) -> Re
     let found = {
         let (admin, topic) = (std::sync::Arc::new(admin), topic.to_string());
         let a = admin.clone();
+        // Created a moment ago by another instance starting at the same time: the topic
+        // exists, its partitions may not be in the metadata yet.
         let count = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let md = a
-                .inner()
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(Error::kafka("read the hop topic's metadata"))?;
-            Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let md = a
+                    .inner()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .map_err(Error::kafka("read the hop topic's metadata"))?;
+                let count = md
+                    .topics()
+                    .first()
+                    .filter(|t| t.error().is_none())
+                    .map_or(0, |t| t.partitions().len());
+                if count > 0 || std::time::Instant::now() >= deadline {
+                    return Ok(count);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         })
         .await
         .map_err(|e| Error::Internal(format!("metadata task: {e}")))??;
