@@ -124,3 +124,31 @@ async fn kill_windowed_with_checkpoints_in_object_storage() {
     ];
     kill_windowed_job(j, &["rocksdb", "heap"]).await;
 }
+
+/// Leases in a bucket, by conditional writes: a slot is claimed once, a spare finds
+/// none free, a lease left unrenewed is taken over with the next generation, and its
+/// old holder learns it on its next renewal, naming the new one.
+#[test]
+fn leases_in_a_bucket_are_claimed_once_and_taken_over_only_when_unrenewed() {
+    use sluice::checkpoint::lease::Leases;
+    use std::time::Duration;
+    let bucket = unique("lease").replace('_', "-");
+    create_bucket(&bucket);
+    let store = ObjectStorage::open(&config(&format!("s3://{bucket}/job"), 2)).expect("open");
+    let leases = Leases::new(std::sync::Arc::new(store), Duration::from_secs(2));
+    let a = leases.claim(2, "a").expect("claim").expect("a slot");
+    let b = leases.claim(2, "b").expect("claim").expect("a slot");
+    assert_eq!((a.slot, b.slot), (0, 1));
+    assert!(leases.claim(2, "spare").expect("claim").is_none(), "every slot is held");
+    // a renews, b does not: past 1.5 × its time to live, b's slot is free.
+    let until = std::time::Instant::now() + Duration::from_millis(3_600);
+    while std::time::Instant::now() < until {
+        a.renew().expect("renew");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let spare = leases.claim(2, "spare").expect("claim").expect("b's slot");
+    assert_eq!((spare.slot, spare.generation), (1, 2));
+    let e = b.renew().expect_err("b was taken over");
+    assert!(e.to_string().contains("now held by spare (generation 2)"), "{e}");
+    a.renew().expect("a still holds its slot");
+}
