@@ -196,7 +196,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli.command));
+    let result = runtime.block_on(dispatch(cli.command, cli.log_format));
     // A blocking call still running (a Kafka poll, a file write) must not keep the
     // process from exiting once the job is over.
     runtime.shutdown_timeout(std::time::Duration::from_secs(10));
@@ -211,7 +211,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {}", sluice::config::redact_urls_in(&format!("{e:#}")));
+            // Not eprintln!: a session job's stderr is a pipe its server may have closed.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                sluice::config::redact_urls_in(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -249,7 +255,7 @@ fn load_slot(path: &Path, instance: Option<u32>, instances: Option<u32>) -> anyh
     Ok(config::load_with_env(path, &env)?)
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, log_format: sluice::logging::LogFormat) -> anyhow::Result<()> {
     match command {
         Command::Run {
             config,
@@ -309,7 +315,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 tracing::info!("signal: stopping every job after its final checkpoint");
                 stop_tx.send_replace(true);
             });
-            Ok(sluice::session::serve(cfg, stop_rx).await?)
+            Ok(sluice::session::serve(cfg, log_format, stop_rx).await?)
         }
         Command::Generate {
             bootstrap_servers,

@@ -5,9 +5,12 @@
 //! memory takes nothing else with it, and each has its own checkpoints (its config's),
 //! its own API on a loopback port, and its own metrics, which the server's `/metrics`
 //! gathers under a `sluice_job` label. A job process that crashes (ends by a signal) is
-//! started again from its last checkpoint, up to [`CRASH_RESTARTS`] times; one that
-//! gives up by itself (its restart strategy exhausted, a config the target refuses) is
-//! marked failed with its error. Job processes get SIGTERM if the server dies.
+//! started again from its last checkpoint after a growing wait, until it crashes
+//! `server.max_crashes` times in a row; one that gives up by itself (its restart strategy
+//! exhausted, a config the target refuses) is marked failed with its last error. Job
+//! processes get SIGTERM if the server dies; a server started again resumes the jobs it
+//! ran (each from its checkpoints) from its registry (`registry`). Every line a job logs
+//! reaches the server's stderr in the server's format, and its own rotated `job.log`.
 //!
 //! A job does not act as the server: its process starts with an empty environment
 //! (a path, its own directory as home and temp dir, the log filter) plus the secrets its
@@ -19,8 +22,11 @@
 //! token (`SLUICE_API_TOKEN`) or, for reads, the read token (`SLUICE_API_READ_TOKEN`).
 
 mod isolate;
+mod logs;
 mod metrics;
 mod process;
+mod registry;
+mod resume;
 mod server;
 
 pub use metrics::merge_expositions;
@@ -29,6 +35,7 @@ pub use server::{load, ServerConfig, ServerFile};
 use isolate::{confine, is_job_secret_var, job_dir, job_env};
 use metrics::metrics;
 use process::{free_loopback_port, supervise};
+use resume::resume_all;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,28 +55,46 @@ use tokio::sync::watch;
 
 use crate::api::handlers::refuse_without_token;
 use crate::error::{Error, Result};
-
-/// Crashes of one job process that are restarted before the job is marked failed.
-pub const CRASH_RESTARTS: u32 = 3;
+use crate::logging::LogFormat;
 
 /// The environment variable of the read-only token.
 pub const READ_TOKEN_ENV: &str = "SLUICE_API_READ_TOKEN";
 
 /// Where a submitted job is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum JobPhase {
     /// Its process runs (its own `/status` says more).
     Running,
+    /// Its process crashed: started again from its last checkpoint after a wait.
+    Restarting {
+        /// Crashes in a row so far.
+        in_a_row: u32,
+        /// When it starts again (Unix ms).
+        at_ms: i64,
+    },
     /// Asked to stop: taking its final checkpoint.
     Stopping,
     /// Stopped after a final checkpoint.
     Finished,
-    /// Gave up, or crashed more than [`CRASH_RESTARTS`] times.
+    /// Gave up, or crashed `server.max_crashes` times in a row.
     Failed {
-        /// The end of its log.
+        /// Its last error line (or the end of its log).
         error: String,
     },
+    /// Was running when the server stopped, and had secrets given by value, which are
+    /// never written: it waits to be submitted again with them (and `resume`).
+    AwaitingSecrets {
+        /// The variables it was given.
+        secrets: Vec<String>,
+    },
+}
+
+impl JobPhase {
+    /// Whether the job holds its place: a process runs or will run again.
+    fn is_live(&self) -> bool {
+        matches!(self, Self::Running | Self::Stopping | Self::Restarting { .. })
+    }
 }
 
 struct Entry {
@@ -85,7 +110,23 @@ struct Entry {
     subtasks: u32,
     /// The secrets its process gets, kept for restarts after a crash; never shown.
     secrets: Arc<Vec<(String, SecretString)>>,
+    /// Of those, the ones named from `[server.secrets]` (variable → name), kept.
+    secret_refs: BTreeMap<String, String>,
+    /// Of those, the variables given by value (their values are never written).
+    secret_vars: Vec<String>,
     stop: watch::Sender<bool>,
+}
+
+impl Entry {
+    fn record(&self) -> registry::Record {
+        registry::Record {
+            phase: self.phase.clone(),
+            pid: self.pid,
+            crashes: self.crashes,
+            secret_refs: self.secret_refs.clone(),
+            secret_vars: self.secret_vars.clone(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -95,22 +136,33 @@ struct Server {
     token: Option<Arc<SecretString>>,
     read_token: Option<Arc<SecretString>>,
     http: reqwest::Client,
+    /// The server's own log format, which its jobs' lines take too.
+    log_format: LogFormat,
+    /// When this server process started (Unix seconds).
+    started: f64,
 }
 
 impl Server {
     fn any_running(&self) -> bool {
-        self.jobs.lock().is_ok_and(|j| {
-            j.values()
-                .any(|e| matches!(e.phase, JobPhase::Running | JobPhase::Stopping))
-        })
+        self.jobs.lock().is_ok_and(|j| j.values().any(|e| e.phase.is_live()))
+    }
+
+    /// Change job `name`: `f` on its entry, then its record written.
+    fn update(&self, name: &str, f: impl FnOnce(&mut Entry)) {
+        let record = self.jobs.lock().ok().and_then(|mut j| {
+            let e = j.get_mut(name)?;
+            f(e);
+            Some(e.record())
+        });
+        if let Some(record) = record {
+            if let Err(e) = registry::save(&self.cfg.dir, name, &record) {
+                tracing::warn!(job = name, error = %e, "the job's record cannot be written: a server restart may not resume it");
+            }
+        }
     }
 
     fn set_phase(&self, name: &str, phase: JobPhase) {
-        if let Ok(mut j) = self.jobs.lock() {
-            if let Some(e) = j.get_mut(name) {
-                e.phase = phase;
-            }
-        }
+        self.update(name, |e| e.phase = phase);
     }
 
     fn api_of(&self, name: &str) -> Option<(String, JobPhase)> {
@@ -133,8 +185,9 @@ impl Server {
 }
 
 /// Run the session server until `shutdown` turns true; then stop every job (each after
-/// a final checkpoint) and return.
-pub async fn serve(cfg: ServerConfig, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+/// a final checkpoint) and return. Jobs it ran before it stopped or died are resumed
+/// first; its jobs log in `log_format`, as it does.
+pub async fn serve(cfg: ServerConfig, log_format: LogFormat, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     std::fs::create_dir_all(cfg.dir.join("jobs"))
         .map_err(|e| Error::Unsupported(format!("server.dir: cannot create {}: {e}", cfg.dir.display())))?;
     // Absolute, so that a job's directory means the same to the server and to the job
@@ -157,13 +210,18 @@ pub async fn serve(cfg: ServerConfig, mut shutdown: watch::Receiver<bool>) -> Re
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?,
+        log_format,
+        started: crate::clock::wall_clock_ms() as f64 / 1000.0,
     };
     if server.token.is_none() {
         tracing::warn!("SLUICE_API_TOKEN is not set: jobs cannot be submitted or cancelled");
     }
+    // Before the API answers: `/ready` and `/jobs` mean the jobs it ran are back.
+    resume_all(&server);
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(|| async { "ready\n" }))
+        .route("/jobs/{name}/log", get(log))
         .route("/jobs", get(list).post(submit))
         .route("/jobs/{name}", get(status).delete(cancel))
         .route("/jobs/{name}/checkpoints", get(checkpoints))
@@ -250,6 +308,7 @@ async fn submit(
         }
     };
     let mut secrets: Vec<(String, SecretString)> = Vec::new();
+    let secret_vars: Vec<String> = submission.secrets.keys().cloned().collect();
     for (var, value) in &submission.secrets {
         if !is_job_secret_var(var) {
             return error(
@@ -321,7 +380,7 @@ async fn submit(
         let Ok(mut jobs) = s.jobs.lock() else {
             return refuse(StatusCode::INTERNAL_SERVER_ERROR, "job table unavailable".into());
         };
-        let live = |e: &&Entry| matches!(e.phase, JobPhase::Running | JobPhase::Stopping);
+        let live = |e: &&Entry| e.phase.is_live();
         if jobs.get(&name).is_some_and(|e| live(&e)) {
             return refuse(StatusCode::CONFLICT, format!("job `{name}` is already running"));
         }
@@ -360,12 +419,15 @@ async fn submit(
                 crashes: 0,
                 subtasks,
                 secrets: Arc::new(secrets),
+                secret_refs: submission.secret_refs.clone(),
+                secret_vars,
                 stop,
             },
         );
     }
+    s.update(&name, |_| ());
     tracing::info!(job = name, api, subtasks, "job submitted");
-    tokio::spawn(supervise(s.clone(), name.clone(), stop_rx));
+    tokio::spawn(supervise(s.clone(), name.clone(), stop_rx, None));
     (
         StatusCode::CREATED,
         Json(json!({ "job": name, "api": api, "dir": dir, "log": log })),
@@ -419,6 +481,29 @@ async fn checkpoints(State(s): State<Server>, headers: HeaderMap, UrlPath(name):
         return refused;
     }
     proxy(&s, &name, "/checkpoints").await
+}
+
+/// `GET /jobs/{name}/log`: the end of the job's log (its last 64 KiB).
+async fn log(State(s): State<Server>, headers: HeaderMap, UrlPath(name): UrlPath<String>) -> Response {
+    if let Some(refused) = s.refuse_read(&headers) {
+        return refused;
+    }
+    let Some(path) = s.jobs.lock().ok().and_then(|j| j.get(&name).map(|e| e.log.clone())) else {
+        return error(StatusCode::NOT_FOUND, format!("no job `{name}`"));
+    };
+    let tail = || -> std::io::Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match tail() {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, format!("job `{name}` has no log yet: {e}")),
+    }
 }
 
 async fn cancel(State(s): State<Server>, headers: HeaderMap, UrlPath(name): UrlPath<String>) -> Response {

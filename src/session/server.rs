@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -38,6 +39,42 @@ pub struct ServerConfig {
     /// of the server that holds it. No other secret of the server reaches a job.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Crashes in a row (a process ended by a signal) after which a job is failed; a
+    /// process that ran `crash_reset` before it crashed starts the count again.
+    #[serde(default = "default_max_crashes")]
+    pub max_crashes: u32,
+    /// The wait before a crashed job's first restart; doubled at each crash in a row.
+    #[serde(default = "default_restart_backoff", with = "humantime_serde")]
+    pub restart_backoff: Duration,
+    /// The longest wait before a restart.
+    #[serde(default = "default_restart_backoff_max", with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+    /// How long a process must run for its crash to count as the first in a row.
+    #[serde(default = "default_crash_reset", with = "humantime_serde")]
+    pub crash_reset: Duration,
+    /// A job's `job.log` is rotated past this size (one older file, `job.log.1`, kept).
+    #[serde(default = "default_job_log_max_bytes")]
+    pub job_log_max_bytes: u64,
+}
+
+fn default_max_crashes() -> u32 {
+    10
+}
+
+fn default_restart_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_restart_backoff_max() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_crash_reset() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_job_log_max_bytes() -> u64 {
+    16 << 20
 }
 
 fn default_listen() -> String {
@@ -77,6 +114,18 @@ pub fn load(path: &Path) -> Result<ServerConfig> {
             "server.max_jobs",
             "max_jobs, max_parallelism and max_subtasks must be at least 1".into(),
         ));
+    }
+    if file.server.max_crashes == 0 {
+        return Err(fail("server.max_crashes", "must be at least 1".into()));
+    }
+    if file.server.restart_backoff.is_zero() || file.server.restart_backoff_max < file.server.restart_backoff {
+        return Err(fail(
+            "server.restart_backoff",
+            "must be above 0 and at most server.restart_backoff_max".into(),
+        ));
+    }
+    if file.server.job_log_max_bytes < 4096 {
+        return Err(fail("server.job_log_max_bytes", "must be at least 4096".into()));
     }
     Ok(file.server)
 }

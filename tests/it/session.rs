@@ -397,3 +397,128 @@ async fn a_session_job_gets_no_server_secret_no_foreign_path_and_no_more_than_ad
 
     stop_server(server);
 }
+
+/// The server killed with SIGKILL and started again over its directory: the job it ran
+/// resumes from its checkpoints and writes every record once; a job that had secrets
+/// given by value (never written) waits for them and resumes once submitted again with
+/// them; every job's lines reach the server's stderr in its (JSON) format; the server's
+/// own series say which job is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_session_server_resumes_its_jobs_exactly_once() {
+    let pool = pg().await;
+    let (first_schema, second_schema) = (schema(&pool, false).await, schema(&pool, false).await);
+    let topic = unique("resume");
+    create_topic(&topic, 2).await;
+    produce(&topic, (0..2_000).map(record));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [("SLUICE_LOG_FORMAT", "json"), ("SERVER_PG_SECRET", "unused-with-trust")];
+    let extra = "[server.secrets]\npg = \"SERVER_PG_SECRET\"";
+    let (server, addr) = start_server(dir.path(), extra, &env).await;
+
+    let (by_ref, by_value) = (unique("byref"), unique("byvalue"));
+    let cp = std::path::Path::new("cp");
+    let by_ref_toml = job_toml(&by_ref, &topic, &first_schema, "two_phase", cp);
+    let by_value_toml = job_toml(&by_value, &topic, &second_schema, "two_phase", cp);
+    let submissions = [
+        serde_json::json!({ "config": by_ref_toml, "secret_refs": { "PGPASSWORD": "pg" } }),
+        serde_json::json!({ "config": by_value_toml, "secrets": { "PGPASSWORD": "given-pg-secret" } }),
+    ];
+    for sub in submissions {
+        let a = addr.clone();
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            post_typed(&a, "/jobs", Some(TOKEN), "application/json", &sub.to_string())
+        })
+        .await
+        .expect("join");
+        assert_eq!(code, 201, "{body}");
+    }
+    let (first, second) = (
+        format!("SELECT count(*) FROM {first_schema}.events"),
+        format!("SELECT count(*) FROM {second_schema}.events"),
+    );
+    assert!(
+        count_reaches(&pool, &first, 1, Duration::from_secs(60)).await,
+        "the first job wrote nothing"
+    );
+    assert!(
+        count_reaches(&pool, &second, 1, Duration::from_secs(60)).await,
+        "the second job wrote nothing"
+    );
+
+    // SIGKILL: no goodbye from the server; its jobs get SIGTERM from the kernel.
+    let mut server = server;
+    server.kill().expect("kill");
+    let _ = server.wait();
+    produce(&topic, (2_000..4_000).map(record));
+    let (server, addr) = start_server(dir.path(), extra, &env).await;
+    let listed = json(&addr, "/jobs").await;
+    let phase_of = |listed: &serde_json::Value, name: &str| {
+        listed["jobs"]
+            .as_array()
+            .and_then(|j| j.iter().find(|j| j["job"] == name).cloned())
+            .map_or(serde_json::Value::Null, |j| j["phase"].clone())
+    };
+    assert_eq!(phase_of(&listed, &by_ref)["state"], "running", "{listed}");
+    assert_eq!(phase_of(&listed, &by_value)["state"], "awaiting_secrets", "{listed}");
+    assert_eq!(phase_of(&listed, &by_value)["secrets"][0], "PGPASSWORD", "{listed}");
+    assert!(
+        count_reaches(&pool, &first, 4_000, Duration::from_secs(90)).await,
+        "after the server's restart the first job wrote {}",
+        count(&pool, &first).await
+    );
+    let a = addr.clone();
+    let metrics = tokio::task::spawn_blocking(move || http(&a, "GET", "/metrics", Some(READ_TOKEN)))
+        .await
+        .expect("join")
+        .expect("metrics")
+        .1;
+    assert!(
+        metrics.contains(&format!("sluice_server_job_up{{sluice_job=\"{by_value}\"}} 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("sluice_server_job_up{{sluice_job=\"{by_ref}\"}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_server_jobs{phase=\"awaiting_secrets\"} 1"),
+        "{metrics}"
+    );
+
+    // Submitted again with its secret, resuming: it goes on from its checkpoints.
+    let sub =
+        serde_json::json!({ "config": by_value_toml, "secrets": { "PGPASSWORD": "given-pg-secret" }, "resume": true });
+    let a = addr.clone();
+    let (code, body) =
+        tokio::task::spawn_blocking(move || post_typed(&a, "/jobs", Some(TOKEN), "application/json", &sub.to_string()))
+            .await
+            .expect("join");
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        count_reaches(&pool, &second, 4_000, Duration::from_secs(90)).await,
+        "the second job wrote {}",
+        count(&pool, &second).await
+    );
+    stop_server(server);
+    for schema in [&first_schema, &second_schema] {
+        assert_eq!(
+            count(&pool, &format!("SELECT count(*) FROM {schema}.events")).await,
+            4_000,
+            "{schema}"
+        );
+        assert_eq!(
+            count(&pool, &format!("SELECT count(DISTINCT id) FROM {schema}.events")).await,
+            4_000,
+            "records doubled in {schema}"
+        );
+    }
+    // The jobs' lines reached the server's stderr as JSON, with their job.
+    let log = std::fs::read_to_string(dir.path().join("server.log")).expect("server log");
+    let job_lines = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["job"] == by_ref.as_str())
+        .count();
+    assert!(job_lines > 3, "{log}");
+    assert!(!log.contains("given-pg-secret"), "a secret reached the log");
+}
