@@ -100,6 +100,8 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "uptime_seconds": stats.uptime().as_secs(),
         "restarts": load(&stats.restarts),
         "last_failure": stats.last_failure(),
+        "failures": stats.failures(),
+        "process_starts": load(&stats.process_starts),
         "records_in": load(&stats.records_in),
         "rows_written": load(&stats.rows_written),
         "dead_letters": load(&stats.dead_letters),

@@ -8,6 +8,7 @@
 
 mod claim;
 pub mod cluster;
+pub mod history;
 mod parts;
 mod plan;
 mod rescale;
@@ -88,7 +89,15 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
     });
     let plan = plan(&cfg, &stats)?;
     tracing::info!("job graph:\n{}", plan.graph.describe());
-    stats.set_graph(plan.graph.graph());
+    let graph = plan.graph.graph();
+    let mut operators: Vec<&str> = graph
+        .iter()
+        .flat_map(|s| s.operators.iter().map(String::as_str))
+        .collect();
+    operators.sort_unstable();
+    operators.dedup();
+    telemetry::errors_at_zero(operators);
+    stats.set_graph(graph);
     let signal = shutdown;
     let mut shutdown = either(signal.clone(), stats.control.stop_requested());
     let embedded = match cfg.is_embedded() {
@@ -105,6 +114,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         None => storage,
     };
     refuse_other_instance_count(&cfg, storage.latest()?.as_ref())?;
+    history::take_up(&storage, &stats);
     if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {
         stats.set_state(JobState::Finished);
         return Ok(());
@@ -186,18 +196,22 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         stats.failed(&err.to_string());
         // Said once here, redacted: a driver's message may quote a URL with its secret.
         let said = crate::config::redact_urls_in(&err.to_string());
+        stats.abandon_in_flight(&format!("abandoned: the attempt failed: {said}"));
         telemetry::attempt_failed(&err);
         if !err.is_retryable() || *shutdown.borrow() {
             stats.set_state(JobState::Failed);
+            history::save(&storage, &stats);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         }
         let Some(wait) = policy.on_failure(Instant::now()) else {
             tracing::error!(error = %said, "job failed; the restart strategy allows no more restarts");
             stats.set_state(JobState::Failed);
+            history::save(&storage, &stats);
             return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
         };
         stats.set_state(JobState::Restarting);
         let restart = stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        history::save(&storage, &stats);
         tracing::warn!(
             error = %said,
             restart,

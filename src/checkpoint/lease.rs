@@ -366,6 +366,15 @@ impl CheckpointStorage for LeasedStorage {
     fn next_id(&self, restored: Option<&CompletedCheckpoint>) -> Result<u64> {
         self.inner.next_id(restored)
     }
+
+    fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.read_record(name)
+    }
+
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.lease.check()?;
+        self.inner.write_record(name, bytes)
+    }
 }
 
 #[cfg(test)]

@@ -415,6 +415,26 @@ impl CheckpointStorage for ObjectStorage {
         Ok(handle)
     }
 
+    fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let store = self.store.clone();
+        let path = self.path(name);
+        let ctx = format!("get {}/{path}", self.url);
+        match self.run(async move { store.get(&path).await })? {
+            Ok(got) => {
+                let store_ctx = ctx.clone();
+                self.run(async move { got.bytes().await })?
+                    .map(|b| Some(b.to_vec()))
+                    .map_err(io(store_ctx))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(io(ctx)(e)),
+        }
+    }
+
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.put(self.path(name), bytes.to_vec())
+    }
+
     fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
         if !is_handle(handle) {
             return Err(Error::CorruptCheckpoint {

@@ -331,6 +331,14 @@ impl CheckpointStorage for FromSavepoint {
         }
     }
 
+    fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.read_record(name)
+    }
+
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.inner.write_record(name, bytes)
+    }
+
     fn write_state(&self, checkpoint: u64, name: &str, bytes: &[u8]) -> Result<String> {
         self.inner.write_state(checkpoint, name, bytes)
     }

@@ -32,6 +32,18 @@ pub trait CheckpointStorage: Send + Sync {
     fn next_id(&self, restored: Option<&CompletedCheckpoint>) -> Result<u64> {
         Ok(restored.map_or(0, |c| c.id) + 1)
     }
+    /// A small document kept beside the checkpoints under `name` (the job's restarts
+    /// and failures across its processes), if one was written. Storage that keeps none
+    /// (memory) answers `None`.
+    fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let _ = name;
+        Ok(None)
+    }
+    /// Replace document `name` whole (a reader sees the old or the new).
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let _ = (name, bytes);
+        Ok(())
+    }
 }
 
 /// Checkpoint id a state handle belongs to (`chk-<id>/<name>`).
@@ -333,6 +345,39 @@ impl CheckpointStorage for DirectoryStorage {
         Ok(handle)
     }
 
+    fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.dir.join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::storage(format!("read {}", self.dir.join(name).display()))(e)),
+        }
+    }
+
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let (target, tmp) = (self.dir.join(name), self.dir.join(format!(".{name}.tmp")));
+        let ctx = |what: &str| format!("{what} {}", tmp.display());
+        let mut f = fs::File::create(&tmp).map_err(Error::storage(ctx("create")))?;
+        f.write_all(bytes).map_err(Error::storage(ctx("write")))?;
+        f.sync_all().map_err(Error::storage(ctx("fsync")))?;
+        fs::rename(&tmp, &target).map_err(Error::storage(ctx("rename")))
+    }
+
+    /// After the restored checkpoint, and after any begun since (its state written, the
+    /// checkpoint never completed): an id is never given to two checkpoints, so the
+    /// history and the logs never show one twice.
+    fn next_id(&self, restored: Option<&CompletedCheckpoint>) -> Result<u64> {
+        let begun = fs::read_dir(self.dir.join("state"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("chk-")?.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        Ok(restored.map_or(0, |c| c.id).max(begun) + 1)
+    }
+
     fn read_state(&self, handle: &str) -> Result<Vec<u8>> {
         if handle.contains("..") || handle.starts_with('/') {
             return Err(Error::CorruptCheckpoint {
@@ -543,6 +588,19 @@ mod tests {
         assert!(m.read_state("shared/y.sst").is_ok());
         m.store(&cp_sharing(2, &[])).unwrap();
         assert!(m.read_state("shared/y.sst").is_err());
+    }
+
+    #[test]
+    fn an_id_begun_and_never_completed_is_not_given_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = DirectoryStorage::open(dir.path(), 2).expect("open");
+        s.store(&cp(5)).expect("store");
+        // Checkpoint 7 wrote its state; its attempt failed before it completed.
+        s.write_state(7, "source-0", b"x").expect("state");
+        assert_eq!(s.next_id(Some(&cp(5))).expect("id"), 8);
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let f = DirectoryStorage::open(fresh.path(), 2).expect("open");
+        assert_eq!(f.next_id(None).expect("id"), 1);
     }
 
     #[test]

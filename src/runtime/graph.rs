@@ -262,7 +262,8 @@ pub async fn execute(
         stats,
     } = attempt;
     let last_id = restored.map_or(0, |c| c.id);
-    let first_id = storage.next_id(restored)?;
+    // Above any id an earlier attempt of this process began, so that no id is reused.
+    let first_id = storage.next_id(restored)?.max(stats.next_checkpoint_id());
 
     let (mut inputs, mut outputs) = channels(plan);
     let (events_tx, events_rx) = mpsc::unbounded_channel();

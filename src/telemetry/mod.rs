@@ -377,6 +377,31 @@ pub fn possible_replay() {
     counter!("sluice_possible_replays_total").increment(1);
 }
 
+/// The causes `sluice_errors_total` counts by (see [`crate::error::Error::cause`]).
+const CAUSES: [&str; 11] = [
+    "config",
+    "kafka",
+    "database",
+    "checkpoint_storage",
+    "state_backend",
+    "corrupt_checkpoint",
+    "unsupported",
+    "fenced",
+    "lookup",
+    "sink",
+    "internal",
+];
+
+/// `sluice_errors_total` at 0 for every operator and cause from the start: a series
+/// that first appears at 1 is missed by `increase()`, and so the first error by an alert.
+pub fn errors_at_zero<'a>(operators: impl IntoIterator<Item = &'a str>) {
+    for operator in operators.into_iter().chain(["job"]) {
+        for cause in CAUSES {
+            counter!("sluice_errors_total", "operator" => operator.to_string(), "cause" => cause).absolute(0);
+        }
+    }
+}
+
 /// Count an attempt's failure by the operator that raised it and its cause.
 pub fn attempt_failed(err: &crate::error::Error) {
     let operator = err.operator().unwrap_or("job").to_string();
@@ -408,6 +433,11 @@ pub fn event_time_ahead() {
 /// `sluice_sink_pending_epochs{subtask}`: epochs a sink subtask holds uncommitted.
 pub fn sink_pending_epochs(subtask: usize, n: usize) {
     gauge!("sluice_sink_pending_epochs", "subtask" => subtask.to_string()).set(n as f64);
+}
+
+/// `sluice_restarts_total` from the restarts earlier processes of the job counted.
+pub fn restarts_so_far(n: u64) {
+    counter!("sluice_restarts_total").absolute(n);
 }
 
 /// Count a restart of the job.

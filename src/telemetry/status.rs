@@ -67,8 +67,11 @@ impl JobState {
     }
 }
 
-/// The job's last failure.
-#[derive(Debug, Clone, Serialize)]
+/// Failures kept (in memory, and beside the checkpoints across processes).
+pub const FAILURES_KEPT: usize = 20;
+
+/// A failure that ended an attempt of the job.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Failure {
     /// When (epoch ms).
     pub at_ms: u64,
@@ -182,9 +185,13 @@ pub struct JobStats {
     pub checkpoints_failed: AtomicU64,
     /// Id of the newest completed checkpoint.
     pub last_checkpoint: AtomicU64,
+    /// The highest checkpoint id triggered in this process: the next attempt's ids
+    /// start above it.
+    last_triggered: AtomicU64,
     /// When it completed (epoch ms).
     pub last_checkpoint_at_ms: AtomicU64,
-    /// Restarts of the job inside this process (after failures).
+    /// Restarts of the job after failures, counted across its processes (from the
+    /// history kept beside its checkpoints).
     pub restarts: AtomicU64,
     /// Window results emitted.
     pub windows_fired: AtomicU64,
@@ -195,7 +202,10 @@ pub struct JobStats {
     state: AtomicU8,
     started: Instant,
     started_at_ms: u64,
-    last_failure: Mutex<Option<Failure>>,
+    /// The last failures, oldest first (kept across processes by the app's history).
+    failures: Mutex<VecDeque<Failure>>,
+    /// Processes that have run this job (this one included), once known.
+    pub process_starts: AtomicU64,
     restored_from: Mutex<Option<u64>>,
     graph: Mutex<Vec<StageInfo>>,
     subtasks: Mutex<BTreeMap<(String, usize), Arc<SubtaskCounters>>>,
@@ -218,6 +228,7 @@ impl Default for JobStats {
             checkpoints: AtomicU64::new(0),
             checkpoints_failed: AtomicU64::new(0),
             last_checkpoint: AtomicU64::new(0),
+            last_triggered: AtomicU64::new(0),
             last_checkpoint_at_ms: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             windows_fired: AtomicU64::new(0),
@@ -226,7 +237,8 @@ impl Default for JobStats {
             state: AtomicU8::new(JobState::Created as u8),
             started: Instant::now(),
             started_at_ms: now_ms(),
-            last_failure: Mutex::default(),
+            failures: Mutex::default(),
+            process_starts: AtomicU64::new(1),
             restored_from: Mutex::default(),
             graph: Mutex::default(),
             subtasks: Mutex::default(),
@@ -342,18 +354,42 @@ impl JobStats {
 
     /// Note the failure that ended an attempt.
     pub fn failed(&self, error: &str) {
-        if let Ok(mut f) = self.last_failure.lock() {
-            *f = Some(Failure {
+        if let Ok(mut f) = self.failures.lock() {
+            f.push_back(Failure {
                 at_ms: now_ms(),
                 // Shown in /status and the status line: never a URL's secret.
                 error: crate::redact::redact_urls_in(error),
             });
+            while f.len() > FAILURES_KEPT {
+                f.pop_front();
+            }
         }
     }
 
     /// The failure that ended the last failed attempt.
     pub fn last_failure(&self) -> Option<Failure> {
-        self.last_failure.lock().ok()?.clone()
+        self.failures.lock().ok()?.back().cloned()
+    }
+
+    /// The last failures, newest first.
+    pub fn failures(&self) -> Vec<Failure> {
+        self.failures
+            .lock()
+            .map(|f| f.iter().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Take up the failures earlier processes of the job saw (oldest first), before
+    /// this one's.
+    pub fn earlier_failures(&self, earlier: impl IntoIterator<Item = Failure>) {
+        if let Ok(mut f) = self.failures.lock() {
+            let mine: Vec<Failure> = f.drain(..).collect();
+            f.extend(earlier);
+            f.extend(mine);
+            while f.len() > FAILURES_KEPT {
+                f.pop_front();
+            }
+        }
     }
 
     /// Note the checkpoint an attempt restored (`None`: a fresh start).
@@ -502,6 +538,7 @@ impl JobStats {
 
     /// Note that checkpoint `id` was triggered.
     pub fn checkpoint_triggered(&self, id: u64, is_final: bool) {
+        self.last_triggered.fetch_max(id, Ordering::Relaxed);
         self.push_history(CheckpointInfo {
             id,
             status: CheckpointStatus::InProgress,
@@ -538,6 +575,30 @@ impl JobStats {
             c.failure = Some(reason.to_string());
         });
         self.control.checkpoints.failed(id, reason);
+    }
+
+    /// The id below which this process has triggered every checkpoint it has: the next
+    /// attempt starts at it or above.
+    pub fn next_checkpoint_id(&self) -> u64 {
+        self.last_triggered.load(Ordering::Relaxed) + 1
+    }
+
+    /// Note that the attempt ended while checkpoints were in progress: each failed
+    /// (counted, and answered to whoever waits on it) with `reason`.
+    pub fn abandon_in_flight(&self, reason: &str) {
+        let ids: Vec<u64> = self
+            .history
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .filter(|c| c.status == CheckpointStatus::InProgress)
+                    .map(|c| c.id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in ids {
+            self.checkpoint_failed(id, reason);
+        }
     }
 
     /// The checkpoint history, newest first.

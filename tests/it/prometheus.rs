@@ -149,6 +149,17 @@ async fn a_crash_loop_and_a_dead_job_fire_their_alerts() {
     let looping = wait_until(Duration::from_secs(30), || firing(&prom, "SluiceCrashLoop")).await;
     assert!(looping, "SluiceCrashLoop did not fire");
     assert!(!firing(&prom, "SluiceDown").await, "SluiceDown fired while the job ran");
+    // The job counts its processes across them (kept beside its checkpoints), and its
+    // error counters exist at 0 before any error, so that `increase()` sees the first.
+    let a = addr.clone();
+    let status = tokio::task::spawn_blocking(move || http(&a, "GET", "/status", None))
+        .await
+        .expect("join")
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
+    assert_eq!(status["process_starts"], 3, "{status}");
+    let zero = scalar(&prom, "sluice_errors_total{job=\"sluice\",operator=\"sink\",cause=\"database\"}").await;
+    assert_eq!(zero, Some(0.0), "sluice_errors_total is not there at 0");
     // Down for good: `up` is 0 from the next scrape, the alert fires after its minute.
     s.kill9();
     let down = wait_until(Duration::from_secs(120), || firing(&prom, "SluiceDown")).await;
