@@ -113,6 +113,8 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         Some(held) => Arc::new(crate::checkpoint::lease::LeasedStorage::new(storage, held.clone())),
         None => storage,
     };
+    // Measured, so that a checkpoint's size is its state's, not its metadata's.
+    let storage: Arc<dyn CheckpointStorage> = Arc::new(crate::checkpoint::metered::Metered::new(storage));
     refuse_other_instance_count(&cfg, storage.latest()?.as_ref())?;
     history::take_up(&storage, &stats);
     if refuse_silent_fresh_start(&cfg, &bootstrap, &storage, shutdown.clone()).await? == Guard::Stopped {

@@ -4,6 +4,7 @@
 pub mod coordinator;
 pub mod inspect;
 pub mod lease;
+pub mod metered;
 #[cfg(feature = "s3")]
 pub mod object;
 pub mod savepoint;

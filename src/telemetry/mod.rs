@@ -51,7 +51,7 @@ pub(crate) fn describe() {
     describe_gauge!(
         "sluice_checkpoint_size_bytes",
         Unit::Bytes,
-        "Size of the last checkpoint's metadata."
+        "Whole size of the last completed checkpoint: metadata and every state and shared file it refers to."
     );
     describe_gauge!("sluice_last_checkpoint_id", "Id of the newest completed checkpoint.");
     describe_histogram!(
@@ -63,7 +63,18 @@ pub(crate) fn describe() {
         "sluice_backpressure_ratio",
         "Share of the last second a subtask spent blocked on a full output channel."
     );
-    describe_counter!("sluice_restarts_total", "Restarts of the job after failures.");
+    describe_counter!(
+        "sluice_restarts_total",
+        "Restarts of the job after failures, across its processes."
+    );
+    describe_gauge!(
+        "sluice_checkpoint_written_bytes",
+        "Bytes the last completed checkpoint wrote anew (metadata, state, new shared files)."
+    );
+    describe_gauge!(
+        "sluice_checkpoint_state_bytes",
+        "State bytes the last completed checkpoint holds, by operator."
+    );
     describe_counter!(
         "sluice_possible_replays_total",
         "Rows refused because their Kafka coordinates were already in the sink table: records written twice by something outside the checkpoints."
@@ -336,6 +347,15 @@ pub fn checkpoint_completed(took: Duration, bytes: u64) {
     gauge!("sluice_last_checkpoint_timestamp_seconds").set(crate::time::wall_clock_ms() as f64 / 1000.0);
     histogram!("sluice_checkpoint_duration_seconds").record(took.as_secs_f64());
     gauge!("sluice_checkpoint_size_bytes").set(bytes as f64);
+}
+
+/// What the last checkpoint wrote anew, and its state by operator (its whole size is
+/// `sluice_checkpoint_size_bytes`).
+pub fn checkpoint_measured(written: u64, operators: &std::collections::BTreeMap<String, u64>) {
+    gauge!("sluice_checkpoint_written_bytes").set(written as f64);
+    for (operator, bytes) in operators {
+        gauge!("sluice_checkpoint_state_bytes", "operator" => operator.clone()).set(*bytes as f64);
+    }
 }
 
 /// `sluice_sink_freshness_seconds`: how long records took from their Kafka timestamp

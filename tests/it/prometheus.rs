@@ -158,7 +158,11 @@ async fn a_crash_loop_and_a_dead_job_fire_their_alerts() {
         .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
         .unwrap_or_default();
     assert_eq!(status["process_starts"], 3, "{status}");
-    let zero = scalar(&prom, "sluice_errors_total{job=\"sluice\",operator=\"sink\",cause=\"database\"}").await;
+    let zero = scalar(
+        &prom,
+        "sluice_errors_total{job=\"sluice\",operator=\"sink\",cause=\"database\"}",
+    )
+    .await;
     assert_eq!(zero, Some(0.0), "sluice_errors_total is not there at 0");
     // Down for good: `up` is 0 from the next scrape, the alert fires after its minute.
     s.kill9();

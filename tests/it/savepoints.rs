@@ -125,6 +125,30 @@ async fn savepoints_rescale_4_2_3_and_move_between_backends_exactly_once() {
     })
     .await;
     assert!(own, "no checkpoint after the restore; log:\n{}", s.log_tail());
+    // The size the job reports is what the checkpoint holds on disk (metadata, state
+    // and shared files), not its metadata alone.
+    let latest = http(&listen, "GET", "/checkpoints", None)
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|v| v["latest_completed"].clone())
+        .unwrap_or_default();
+    let (id, reported) = (latest["id"].as_u64(), latest["size_bytes"].as_u64());
+    if let (Some(id), Some(reported)) = (id, reported) {
+        let file = j.dir.path().join("checkpoints").join(format!("chk-{id}.json"));
+        let (ok, inspected) = cli(&["checkpoints", "inspect", file.to_str().expect("utf-8 path")]);
+        // Retention may have removed it since: then there is nothing to compare.
+        if ok {
+            let json = &inspected[inspected.find('{').unwrap_or(0)..=inspected.rfind('}').unwrap_or(0)];
+            let stored = serde_json::from_str::<serde_json::Value>(json).expect("inspect json")["bytes"]
+                .as_u64()
+                .expect("bytes");
+            assert!(
+                reported >= stored * 9 / 10 && reported <= stored * 11 / 10,
+                "checkpoint {id}: reported {reported} bytes, {stored} stored"
+            );
+        }
+    } else {
+        panic!("no completed checkpoint in /checkpoints: {latest}");
+    }
     s.kill9();
     let s = Sluice::start_args(&j.config, &j.log, &env, &from_first);
     let ready = wait_until(Duration::from_secs(60), || async {
