@@ -21,6 +21,10 @@ use crate::telemetry::{self, JobStats, SubtaskMetrics};
 
 /// A target that can upsert a batch on its key.
 pub trait UpsertTarget: Send + Sync + 'static {
+    /// What it writes to (`postgres`, `sqlite`, `redis`, `kafka`, `hop`): the `target`
+    /// label of `sluice_sink_freshness_seconds`.
+    fn target(&self) -> &'static str;
+
     /// Upsert `records` and write `dead`; returns the rows the target rejected for
     /// their data, as dead letters not yet written anywhere.
     fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
@@ -38,6 +42,10 @@ pub struct PgUpsert {
 }
 
 impl UpsertTarget for PgUpsert {
+    fn target(&self) -> &'static str {
+        "postgres"
+    }
+
     async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<Vec<DeadLetter>> {
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         let rows = last_per_key(records, &self.table.spec);
@@ -61,6 +69,10 @@ pub struct SqliteUpsert {
 }
 
 impl UpsertTarget for SqliteUpsert {
+    fn target(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<Vec<DeadLetter>> {
         let rows = last_per_key(records, &self.table.spec);
         let (_, refused) = self.table.upsert(&self.pool, &rows, dead).await?;
@@ -95,6 +107,7 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
         stats: Arc<JobStats>,
     ) -> Self {
         let metrics = stats.subtask_metrics("sink", subtask);
+        let freshness = telemetry::freshness(target.target(), "idempotent");
         Self {
             target,
             buffer: WriteBuffer::new(batch_size, dead_letters),
@@ -103,7 +116,7 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
             metrics,
             waiting_since: None,
             flush_interval: std::time::Duration::from_secs(1),
-            freshness: telemetry::freshness(),
+            freshness,
         }
     }
 
@@ -126,6 +139,7 @@ impl<T: UpsertTarget> IdempotentWriter<T> {
         }
         // Upserts are committed as they are written.
         telemetry::committed(&self.freshness, &batch.records);
+        telemetry::sink_committed_now();
         let n = batch.records.len() as u64;
         self.metrics.records_out.increment(n);
         self.stats.rows_written.fetch_add(n, Ordering::Relaxed);

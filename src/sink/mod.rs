@@ -23,6 +23,7 @@
 
 pub mod buffer;
 pub mod dead_letter;
+pub mod freshness;
 pub mod idempotent;
 mod isolate;
 mod json;

@@ -333,6 +333,10 @@ pub fn dead_letter_stream(job: &str) -> String {
 }
 
 impl WalTarget for RedisWal {
+    fn target(&self) -> &'static str {
+        "redis"
+    }
+
     fn write_epoch<'a>(
         &'a self,
         job: &'a str,

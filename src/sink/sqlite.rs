@@ -290,6 +290,10 @@ impl SqliteWal {
 }
 
 impl super::wal::WalTarget for SqliteWal {
+    fn target(&self) -> &'static str {
+        "sqlite"
+    }
+
     fn write_epoch<'a>(
         &'a self,
         job: &'a str,

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::freshness::Ages;
 use crate::checkpoint::CompletedCheckpoint;
 use crate::error::{Error, Result};
 use crate::record::Batch;
@@ -77,6 +78,10 @@ pub struct Prepared {
 /// and from `sluice txn`: [`crate::sink::target::Target::recover`], and per target
 /// `postgres::{list_prepared, finish_prepared}`, `kafka::{pending_epochs, fence_all}`.
 pub trait TransactionalTarget: Send + 'static {
+    /// What it writes to (`postgres`, `sqlite`, `redis`, `kafka`, `hop`): the `target`
+    /// label of `sluice_sink_freshness_seconds`.
+    fn target(&self) -> &'static str;
+
     /// Write `batch` into the open transaction, beginning one if none is open. May
     /// buffer; what was taken is in the transaction once [`Self::prepare`] returns.
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()>;
@@ -118,6 +123,8 @@ struct Pending {
     checkpoint: u64,
     id: String,
     records: u64,
+    /// Its records' Kafka timestamps, for their freshness at the commit.
+    ages: Ages,
 }
 
 /// The two-phase strategy of one sink subtask over target `T`.
@@ -127,34 +134,43 @@ pub struct TwoPhase<T> {
     pending: Vec<Pending>,
     stats: Arc<JobStats>,
     metrics: SubtaskMetrics,
+    /// The open epoch's records' Kafka timestamps.
+    ages: Ages,
+    freshness: metrics::Histogram,
 }
 
 impl<T: TransactionalTarget> TwoPhase<T> {
     /// Sink subtask `subtask` writing through `target`.
     pub fn new(subtask: usize, target: T, stats: Arc<JobStats>) -> Self {
         let metrics = stats.subtask_metrics("sink", subtask);
+        let freshness = telemetry::freshness(target.target(), "two_phase");
         Self {
             subtask,
             target,
             pending: Vec::new(),
             stats,
             metrics,
+            ages: Ages::default(),
+            freshness,
         }
     }
 
     async fn take(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.increment(batch.len() as u64);
+        self.ages.note(&batch.records);
         self.target.write(batch).await
     }
 
     async fn prepare(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
+        let ages = std::mem::take(&mut self.ages);
         if let Some(p) = self.target.prepare(checkpoint).await? {
             crate::failpoint::crash_if("after_prepare", checkpoint);
             self.pending.push(Pending {
                 checkpoint,
                 id: p.id,
                 records: p.records,
+                ages,
             });
         }
         for i in 0..self.pending.len() {
@@ -186,6 +202,8 @@ impl<T: TransactionalTarget> TwoPhase<T> {
             self.target.commit(p.checkpoint, &p.id).await?;
             crate::failpoint::crash_if("after_commit", p.checkpoint);
             let p = self.pending.remove(0);
+            p.ages.committed(&self.freshness, crate::clock::wall_clock_ms());
+            telemetry::sink_committed_now();
             self.metrics.records_out.increment(p.records);
             self.stats.rows_written.fetch_add(p.records, Ordering::Relaxed);
         }

@@ -28,6 +28,10 @@ const KEEP_EPOCHS: u64 = 100;
 
 /// A target that writes an epoch atomically with its committer record.
 pub trait WalTarget: Send + Sync + 'static {
+    /// What it writes to (`postgres`, `sqlite`, `redis`, `kafka`, `hop`): the `target`
+    /// label of `sluice_sink_freshness_seconds`.
+    fn target(&self) -> &'static str;
+
     /// In one transaction: if no committer record (job, subtask, checkpoint) exists,
     /// write it, the records and the dead letters, and return the rows written; if it
     /// exists, write nothing and return `None` (the epoch was written before).
@@ -85,6 +89,7 @@ pub struct WalWriter<T> {
     /// What the last stored epoch took, to size the next one's buffers.
     stored_bytes: usize,
     stored_records: usize,
+    freshness: metrics::Histogram,
 }
 
 impl<T: WalTarget> WalWriter<T> {
@@ -97,6 +102,7 @@ impl<T: WalTarget> WalWriter<T> {
         stats: Arc<JobStats>,
     ) -> Self {
         let metrics = stats.subtask_metrics("sink", subtask);
+        let freshness = telemetry::freshness(target.target(), "wal");
         Self {
             job: job.to_string(),
             subtask,
@@ -112,6 +118,7 @@ impl<T: WalTarget> WalWriter<T> {
             metrics,
             stored_bytes: 0,
             stored_records: 0,
+            freshness,
         }
     }
 
@@ -204,6 +211,7 @@ impl<T: WalTarget> WalWriter<T> {
             .map(|p| (p.checkpoint, p.epoch.clone()))
             .collect();
         let (target, job, subtask) = (self.target.clone(), self.job.clone(), self.subtask);
+        let freshness = self.freshness.clone();
         self.writing = Some(tokio::spawn(async move {
             let started = Instant::now();
             let mut written = Vec::with_capacity(epochs.len());
@@ -212,6 +220,10 @@ impl<T: WalTarget> WalWriter<T> {
                     .write_epoch(&job, subtask, n, &epoch.records, &epoch.dead)
                     .await?;
                 crate::failpoint::crash_if("after_commit", n);
+                if rows.is_some() {
+                    telemetry::committed(&freshness, &epoch.records);
+                    telemetry::sink_committed_now();
+                }
                 written.push((n, rows, epoch.records.len() as u64));
                 if n > KEEP_EPOCHS {
                     target.prune(&job, subtask, n - KEEP_EPOCHS).await?;

@@ -128,7 +128,12 @@ pub(crate) fn describe() {
     describe_histogram!(
         "sluice_sink_freshness_seconds",
         Unit::Seconds,
-        "Time from a record's Kafka timestamp to its commit in the target (idempotent sinks)."
+        "Time from a record's Kafka timestamp to its commit in the target, by target and strategy."
+    );
+    describe_gauge!(
+        "sluice_sink_last_commit_timestamp_seconds",
+        Unit::Seconds,
+        "When a sink subtask last committed records (Unix seconds)."
     );
     describe_gauge!(
         "sluice_instance_info",
@@ -360,8 +365,8 @@ pub fn checkpoint_measured(written: u64, operators: &std::collections::BTreeMap<
 
 /// `sluice_sink_freshness_seconds`: how long records took from their Kafka timestamp
 /// (append time, or the producer's create time) to being committed in the target.
-pub fn freshness() -> Histogram {
-    histogram!("sluice_sink_freshness_seconds")
+pub fn freshness(target: &'static str, strategy: &'static str) -> Histogram {
+    histogram!("sluice_sink_freshness_seconds", "target" => target, "strategy" => strategy)
 }
 
 /// Record the freshness of `records` committed now. Records an operator made (window
@@ -373,6 +378,11 @@ pub fn committed(freshness: &Histogram, records: &[crate::record::Record]) {
             freshness.record((now - r.origin.timestamp_ms).max(0) as f64 / 1000.0);
         }
     }
+}
+
+/// `sluice_sink_last_commit_timestamp_seconds`: a sink subtask committed records now.
+pub fn sink_committed_now() {
+    gauge!("sluice_sink_last_commit_timestamp_seconds").set(crate::time::wall_clock_ms() as f64 / 1000.0);
 }
 
 /// Record a sink subtask's pre-commit or commit duration.

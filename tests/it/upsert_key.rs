@@ -217,16 +217,23 @@ async fn at_a_trickle_records_are_committed_within_the_flush_interval() {
     .await;
     assert!(all, "{}", s.log_tail());
     let (_, metrics) = http(&listen, "GET", "/metrics", None).expect("/metrics");
-    let value = |prefix: &str| {
+    let value = |prefix: &str, with: &str| {
         metrics
             .lines()
-            .find(|l| l.starts_with(prefix))
+            .find(|l| l.starts_with(prefix) && l.contains(with))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(-1.0)
     };
-    let count = value("sluice_sink_freshness_seconds_count");
-    let within = value("sluice_sink_freshness_seconds_bucket{le=\"0.75\"}");
-    let late = value("sluice_sink_freshness_seconds_bucket{le=\"1.25\"}");
+    let idempotent = "target=\"postgres\",strategy=\"idempotent\"";
+    let count = value("sluice_sink_freshness_seconds_count{", idempotent);
+    let within = value(
+        "sluice_sink_freshness_seconds_bucket{",
+        &format!("{idempotent},le=\"0.75\""),
+    );
+    let late = value(
+        "sluice_sink_freshness_seconds_bucket{",
+        &format!("{idempotent},le=\"1.25\""),
+    );
     assert!(s.terminate().success());
     assert_eq!(count, 60.0, "{metrics}");
     // The first records may wait for the sink's first statement to be prepared, and a

@@ -297,6 +297,13 @@ impl KafkaTransactions {
 }
 
 impl TransactionalTarget for KafkaTransactions {
+    fn target(&self) -> &'static str {
+        match self.encode {
+            Encode::Table(_) => "kafka",
+            Encode::Hop(_) => "hop",
+        }
+    }
+
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
         Box::pin(self.take(batch))
     }

@@ -126,6 +126,10 @@ impl PgTransactions {
 }
 
 impl TransactionalTarget for PgTransactions {
+    fn target(&self) -> &'static str {
+        "postgres"
+    }
+
     fn write(&mut self, batch: Batch) -> SinkFuture<'_, ()> {
         Box::pin(self.take(batch))
     }

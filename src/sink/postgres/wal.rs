@@ -38,6 +38,10 @@ impl PgWal {
 }
 
 impl crate::sink::wal::WalTarget for PgWal {
+    fn target(&self) -> &'static str {
+        "postgres"
+    }
+
     fn write_epoch<'a>(
         &'a self,
         job: &'a str,
