@@ -58,6 +58,12 @@ pub enum Error {
     /// transactions disabled).
     #[error("{0}")]
     Unsupported(String),
+    /// The target does not have what the job is set up for (its table, a column, its
+    /// topic): an operator's fix, not a restart's. Refused at the first start; a job
+    /// that ran before backs off and retries until it is mended (see
+    /// [`Error::is_setup_fault`]).
+    #[error("{0}")]
+    TargetSetup(String),
     /// Another process took this job over (its owner generation is newer than this
     /// process's): this process must stop without committing. Never retryable.
     #[error(
@@ -199,10 +205,22 @@ impl Error {
         }
     }
 
+    /// Whether the error is a fault of the job's setup in its target that an operator
+    /// mends outside sluice (a table, column, schema or topic missing, a privilege or a
+    /// password refused): a restart cannot help at once, but may once it is mended.
+    pub fn is_setup_fault(&self) -> bool {
+        match self {
+            Error::Task { source, .. } => source.is_setup_fault(),
+            Error::TargetSetup(_) => true,
+            Error::Database { source, .. } => DbFault::of_sqlx(source) == DbFault::Permanent,
+            _ => false,
+        }
+    }
+
     /// What kind of failure this is, as the `cause` label of `sluice_errors_total`.
     pub fn cause(&self) -> &'static str {
         match self.root() {
-            Error::Config { .. } => "config",
+            Error::Config { .. } | Error::TargetSetup(_) => "config",
             Error::Kafka { .. } => "kafka",
             Error::Database { .. } | Error::Migrate(_) => "database",
             Error::Storage { .. } => "checkpoint_storage",

@@ -84,6 +84,11 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also reach the source, the sink's target and the checkpoint storage, and check
+        /// what the job needs there (topics, the table and its columns, privileges),
+        /// changing nothing.
+        #[arg(long)]
+        connect: bool,
     },
     /// Apply the sink's migrations (`sink.migrations`).
     Migrate {
@@ -289,7 +294,7 @@ async fn dispatch(command: Command, log_format: sluice::logging::LogFormat) -> a
             }
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check { config, connect } => {
             let cfg = load(&config)?;
             let plan = sluice::app::plan(&cfg, &Arc::new(sluice::telemetry::JobStats::default()))?;
             say!("{}: ok", config.display());
@@ -302,6 +307,23 @@ async fn dispatch(command: Command, log_format: sluice::logging::LogFormat) -> a
                 columns.join(", "),
                 key.join(", ")
             );
+            if connect {
+                let mut faults = 0;
+                for p in sluice::app::probe::probe(&cfg).await {
+                    match p.result {
+                        Ok(found) => say!("  {}: ok: {found}", p.what),
+                        Err(why) => {
+                            faults += 1;
+                            say!("  {}: FAULT: {why}", p.what);
+                        }
+                    }
+                }
+                anyhow::ensure!(
+                    faults == 0,
+                    "{}: {faults} fault(s) found by --connect",
+                    config.display()
+                );
+            }
             Ok(())
         }
         Command::Migrate { config } => migrate(load(&config)?).await,

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod history;
 mod parts;
 mod plan;
+pub mod probe;
 mod rescale;
 mod storage;
 
@@ -131,6 +132,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         }
     });
     let mut policy = RestartPolicy::new(cfg.restart.clone());
+    let mut setup_waits = SetupBackoff::default();
     let mut shutdown_wait = shutdown.clone();
     loop {
         stats.set_state(JobState::Restoring);
@@ -200,6 +202,33 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         let said = crate::config::redact_urls_in(&err.to_string());
         stats.abandon_in_flight(&format!("abandoned: the attempt failed: {said}"));
         telemetry::attempt_failed(&err);
+        // A fault of the target's setup (a table renamed, a privilege revoked) in a job
+        // that has run before: the operator mends it while the job waits, slowly and
+        // saying so, without spending the restart strategy's attempts. At the first
+        // start it is refused instead: someone is there to read it.
+        let ran_before =
+            stats.restored_from().is_some() || stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        if err.is_setup_fault() && ran_before && !*shutdown.borrow() {
+            let wait = setup_waits.next(stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed));
+            stats.set_state(JobState::Restarting);
+            stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            history::save(&storage, &stats);
+            tracing::error!(
+                error = %said,
+                wait_s = wait.as_secs(),
+                "the target refuses what the job is set up for; retrying from the last completed checkpoint \
+                 after the wait (mend the target and the job goes on; nothing is lost meanwhile)"
+            );
+            telemetry::restarted();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown_wait.changed() => {
+                    stats.set_state(JobState::Failed);
+                    return Err(err);
+                }
+            }
+            continue;
+        }
         if !err.is_retryable() || *shutdown.borrow() {
             stats.set_state(JobState::Failed);
             history::save(&storage, &stats);
@@ -229,6 +258,30 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
                 return Err(err);
             }
         }
+    }
+}
+
+/// Waits before retrying a job whose target refuses its setup: 5 s, doubled up to
+/// 5 minutes, and back to 5 s once a checkpoint has completed since the last wait.
+#[derive(Default)]
+struct SetupBackoff {
+    next: Option<std::time::Duration>,
+    checkpoints: u64,
+}
+
+impl SetupBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// The wait before the next try, `checkpoints` having completed so far.
+    fn next(&mut self, checkpoints: u64) -> std::time::Duration {
+        if checkpoints != self.checkpoints {
+            self.next = None;
+            self.checkpoints = checkpoints;
+        }
+        let wait = self.next.unwrap_or(Self::FIRST);
+        self.next = Some((wait * 2).min(Self::LONGEST));
+        wait
     }
 }
 

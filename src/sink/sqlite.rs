@@ -65,7 +65,7 @@ impl SqliteTable {
     pub async fn open(pool: &SqlitePool, spec: TableSpec) -> Result<Self> {
         let names = columns(pool, &spec.table).await?;
         if let Some(c) = spec.columns.iter().find(|c| !names.contains(&c.name)) {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::TargetSetup(format!(
                 "sink.columns: table {} has no column `{}`",
                 spec.table, c.name
             )));
@@ -255,7 +255,7 @@ async fn columns(pool: &SqlitePool, table: &str) -> Result<Vec<String>> {
         .await
         .map_err(Error::db(format!("describe table {table}")))?;
     if rows.is_empty() {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::TargetSetup(format!(
             "table {table} does not exist in the sink's database (create it with migrations)"
         )));
     }

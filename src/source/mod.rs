@@ -74,6 +74,34 @@ pub fn producer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
     c
 }
 
+/// The partitions of each configured topic on the source's cluster, for `sluice check
+/// --connect`: a topic the cluster does not have is an error naming it. Blocking.
+pub fn topic_partitions(cfg: &JobConfig, bootstrap: &str) -> crate::Result<Vec<(String, usize)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::time::Duration;
+    let consumer: BaseConsumer = consumer_config(cfg, bootstrap)
+        .create()
+        .map_err(crate::Error::kafka("create consumer"))?;
+    let mut out = Vec::new();
+    for topic in &cfg.source.topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(crate::Error::kafka(format!("read metadata of {topic}")))?;
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(crate::Error::TargetSetup(format!(
+                "source.topics: topic `{topic}` does not exist on {bootstrap} (or has no partitions)"
+            )));
+        }
+        out.push((topic.clone(), partitions));
+    }
+    Ok(out)
+}
+
 /// Offsets the job's consumer group (`sluice-<job>`) holds for the configured topics:
 /// the trace of an earlier run. Blocking (metadata and an offset fetch).
 pub fn committed_group_offsets(cfg: &JobConfig, bootstrap: &str) -> crate::Result<Vec<(String, i32, i64)>> {

@@ -409,7 +409,10 @@ async fn the_freshness_histogram_agrees_with_a_reader_of_the_table() {
         let measured = seen[((seen.len() - 1) as f64 * q) as usize];
         let i = buckets.iter().position(|b| b.1 >= q * total).expect("bucket");
         let (low, high) = (if i == 0 { 0.0 } else { buckets[i - 1].0 }, buckets[i].0);
-        println!("p{}: a reader saw {measured:.3} s; the histogram's bucket ({low}, {high}]", q * 100.0);
+        println!(
+            "p{}: a reader saw {measured:.3} s; the histogram's bucket ({low}, {high}]",
+            q * 100.0
+        );
         assert!(
             measured >= low - 0.05 && measured <= high + 0.05,
             "p{}: a reader saw {measured:.3} s, the histogram puts it in ({low}, {high}]",

@@ -117,3 +117,72 @@ async fn a_job_that_gives_up_leaves_no_prepared_transaction() {
     let (rows, distinct, ..) = sink_counts(&pool, &schema).await;
     assert!(rows > 0 && rows == distinct, "rows {rows}, distinct {distinct}");
 }
+
+/// Rename `from` to `to` in `schema`, waiting out the locks a prepared epoch holds.
+async fn rename(pool: &sqlx::PgPool, schema: &str, from: &str, to: &str) {
+    for _ in 0..100 {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = '200ms'")
+            .execute(&mut *tx)
+            .await
+            .expect("lock_timeout");
+        let renamed = sqlx::query(&format!("ALTER TABLE {schema}.{from} RENAME TO {to}"))
+            .execute(&mut *tx)
+            .await;
+        if renamed.is_ok() && tx.commit().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not rename {schema}.{from}");
+}
+
+/// The sink's table renamed away for 8 seconds under a running two-phase job (its
+/// restart strategy would allow it; before, the fault was taken as final and the process
+/// exited for good): the job says what is wrong, waits and tries again, slowly, without
+/// spending its restart attempts, and goes on once the table is back; every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_renamed_for_a_while_is_waited_for() {
+    let pool = pg().await;
+    let schema = schema(&pool, false).await;
+    let (topic, job) = (unique("renamed"), unique("renamed"));
+    create_topic(&topic, 2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = job_toml(&job, &topic, &schema, "two_phase", &dir.path().join("cp")).replace(
+        "strategy = \"fixed_delay\"\nattempts = 100\ndelay = \"500ms\"",
+        "strategy = \"fixed_delay\"\nattempts = 1\ndelay = \"500ms\"",
+    );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let mut s = Sluice::start(&config, &log);
+    produce(&topic, (0..2_000).map(record));
+    let first = wait_until(Duration::from_secs(60), || async {
+        sink_counts(&pool, &schema).await.0 >= 2_000
+    })
+    .await;
+    assert!(first, "{}", s.log_tail());
+    rename(&pool, &schema, "events", "events_away").await;
+    produce(&topic, (2_000..4_000).map(record));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        s.wait_exit(Duration::from_millis(100)).is_none(),
+        "the job exited while its table was away: {}",
+        s.log_tail()
+    );
+    rename(&pool, &schema, "events_away", "events").await;
+    let all = wait_until(Duration::from_secs(90), || async {
+        sink_counts(&pool, &schema).await.0 >= 4_000
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        all,
+        "{} rows once the table was back: {text}",
+        sink_counts(&pool, &schema).await.0
+    );
+    assert!(text.contains("the target refuses what the job is set up for"), "{text}");
+    assert!(s.terminate().success());
+    let (rows, distinct, ids, min, max) = sink_counts(&pool, &schema).await;
+    assert_eq!((rows, distinct, ids, min, max), (4_000, 4_000, 4_000, 0, 3_999));
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}

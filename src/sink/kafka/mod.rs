@@ -148,7 +148,7 @@ impl KafkaTarget {
             .map_err(|e| Error::Internal(format!("metadata task: {e}")))??
         };
         if !topics_found[0] {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::TargetSetup(format!(
                 "sink topic `{topic}` does not exist on the sink's cluster; create it (sluice does not create output topics)"
             )));
         }

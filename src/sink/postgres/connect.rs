@@ -144,7 +144,7 @@ impl JobLock {
             if let Err(e) = conn.execute(create.as_str()).await {
                 if let sqlx::Error::Database(d) = &e {
                     if d.code().as_deref() == Some("3F000") {
-                        return Err(Error::Unsupported(format!(
+                        return Err(Error::TargetSetup(format!(
                             "table {} does not exist in the sink's database ({}; create it, e.g. with \
                              migrations and `sluice migrate`)",
                             self.sink_table,

@@ -36,10 +36,18 @@ impl PgTable {
     /// `upsert`: the idempotent strategy will use it (else plain inserts).
     pub async fn open(pool: &PgPool, spec: TableSpec, upsert: bool, max_record_attempts: u32) -> Result<Self> {
         let types = column_types(pool, &spec.table).await?;
+        let mut needed = vec![(spec.table.as_str(), "INSERT")];
+        if upsert {
+            needed.push((spec.table.as_str(), "UPDATE"));
+        }
+        if let Some(dead) = &spec.dead_letter_table {
+            needed.push((dead.as_str(), "INSERT"));
+        }
+        check_privileges(pool, &needed).await?;
         let mut exprs = Vec::new();
         for (i, c) in spec.columns.iter().enumerate() {
             let Some((_, target)) = types.iter().find(|(n, _)| n == &c.name) else {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::TargetSetup(format!(
                     "sink.columns: table {} has no column `{}` (it has: {})",
                     spec.table,
                     c.name,
@@ -130,7 +138,7 @@ impl PgTable {
             q = bind_column(q, c, &[]);
         }
         if let Err(e) = conn.execute(q).await {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::TargetSetup(format!(
                 "sink table {} does not fit sink.columns / sink.key: {e}",
                 self.spec.table
             )));
@@ -145,7 +153,7 @@ impl PgTable {
                 .bind(Vec::<&str>::new())
                 .bind(Vec::<&[u8]>::new());
             if let Err(e) = conn.execute(q).await {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::TargetSetup(format!(
                     "dead-letter table does not fit (topic, partition, offset, kafka_timestamp, reason, payload) \
                      with a unique key on (topic, partition, offset): {e}"
                 )));
@@ -499,7 +507,7 @@ async fn column_types(pool: &PgPool, table: &str) -> Result<Vec<(String, String)
     .await
     .map_err(Error::db(format!("describe table {table}")))?;
     if rows.is_empty() {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::TargetSetup(format!(
             "table {table} does not exist in the sink's database (create it, e.g. with migrations and `sluice migrate`)"
         )));
     }
@@ -507,6 +515,27 @@ async fn column_types(pool: &PgPool, table: &str) -> Result<Vec<(String, String)
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<std::result::Result<_, sqlx::Error>>()
         .map_err(Error::db(format!("describe table {table}")))
+}
+
+/// The sink's role may do what the job will do to each table: refused at open, naming
+/// the table, the privilege and the role (rather than a failed write later).
+async fn check_privileges(pool: &PgPool, needed: &[(&str, &str)]) -> Result<()> {
+    for (table, privilege) in needed {
+        let row: Option<(Option<bool>, String)> = sqlx::query_as(
+            "SELECT has_table_privilege(to_regclass($1), $2), current_user::text WHERE to_regclass($1) IS NOT NULL",
+        )
+        .bind(quote_name(table))
+        .bind(privilege)
+        .fetch_optional(pool)
+        .await
+        .map_err(Error::db(format!("check privileges on {table}")))?;
+        if let Some((Some(false), role)) = row {
+            return Err(Error::TargetSetup(format!(
+                "the sink's role `{role}` may not {privilege} table {table} (GRANT {privilege} ON {table} TO {role})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn array_type(c: &Column) -> &'static str {
