@@ -27,13 +27,15 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/status", get(status))
+        .route("/history", get(history))
+        .route("/config", get(config))
         .route("/checkpoints", get(checkpoints).post(trigger_checkpoint))
         .route("/savepoints", post(trigger_savepoint))
         .route("/stop", post(stop))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                "try /, /metrics, /health, /ready, /status, /checkpoints, /savepoints or /openapi.yaml\n",
+                "try /, /metrics, /health, /ready, /status, /history, /config, /checkpoints, /savepoints or /openapi.yaml\n",
             )
         })
         .with_state(state)
@@ -119,7 +121,21 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "windows_fired": load(&stats.windows_fired),
         "late_records_dropped": load(&stats.late_dropped),
         "watermarks": stats.watermarks(),
+        "subtasks": stats.subtasks(),
     }))
+}
+
+/// The last half hour, one sample every 2 s.
+async fn history(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "samples": s.stats.series() }))
+}
+
+async fn config(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        s.config.to_string(),
+    )
+        .into_response()
 }
 
 async fn checkpoints(State(s): State<AppState>) -> Json<serde_json::Value> {

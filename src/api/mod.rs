@@ -65,6 +65,7 @@ struct AppState {
     token: Option<Arc<SecretString>>,
     sink_stall: Duration,
     checkpoint_wait: Duration,
+    config: Arc<str>,
 }
 
 /// What the API needs to know of the job's configuration.
@@ -81,6 +82,9 @@ pub struct ApiConfig {
     pub sink_stall: Duration,
     /// How long `POST /checkpoints` waits for the checkpoint it asked for.
     pub checkpoint_wait: Duration,
+    /// The job's config as the page shows it (the file, URLs' secrets redacted, and the
+    /// names of the keys the environment overrides; the file holds no secret).
+    pub config: String,
 }
 
 /// Install the metrics recorder and serve the API (nothing if `listen` is empty). In a
@@ -142,6 +146,7 @@ pub async fn start(cfg: ApiConfig, stats: Arc<JobStats>) -> Result<Option<ApiSer
         token,
         sink_stall: cfg.sink_stall,
         checkpoint_wait: cfg.checkpoint_wait,
+        config: cfg.config.into(),
     };
     if !cfg.probe_listen.is_empty() {
         let probes = tokio::net::TcpListener::bind(&cfg.probe_listen).await.map_err(|e| {

@@ -59,6 +59,26 @@ pub fn sink_context(cfg: &JobConfig) -> SinkContext<'_> {
     }
 }
 
+/// The job's config as the live page shows it: its file (which holds no secret; a URL's
+/// password is redacted all the same) and the names, not the values, of the keys the
+/// environment overrides.
+fn config_view(cfg: &JobConfig) -> String {
+    let text = std::fs::read_to_string(&cfg.file).unwrap_or_default();
+    let mut overridden: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("SLUICE__"))
+        .collect();
+    overridden.sort();
+    let mut view = format!("# {}\n{}", cfg.file.display(), crate::config::redact_urls_in(&text));
+    if !overridden.is_empty() {
+        view.push_str(&format!(
+            "\n# overridden by the environment: {}\n",
+            overridden.join(", ")
+        ));
+    }
+    view
+}
+
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
 /// it fails past what its restart strategy allows.
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
@@ -70,6 +90,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         job: cfg.job.name.clone(),
         sink_stall: cfg.metrics.ready_sink_stall,
         checkpoint_wait: cfg.checkpoint.interval + cfg.checkpoint.timeout,
+        config: config_view(&cfg),
     };
     let _api = crate::api::start(api, stats.clone()).await?;
     let (cfg, lease) = match claim::claim(cfg, shutdown.clone()).await? {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 pub mod control;
+pub mod series;
 pub mod status;
 
 pub use control::JobControl;

@@ -131,6 +131,23 @@ pub struct SubtaskCounters {
     backpressure: AtomicU64,
 }
 
+/// One subtask's figures, for `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubtaskStatus {
+    /// Its operator.
+    pub operator: String,
+    /// Its index.
+    pub subtask: usize,
+    /// Records it took in.
+    pub records_in: u64,
+    /// Records it passed on (or wrote, for a sink).
+    pub records_out: u64,
+    /// Records it dead-lettered.
+    pub dead_letters: u64,
+    /// The share of the last second it was blocked on its output.
+    pub backpressure: f64,
+}
+
 /// A Prometheus counter that also adds to a counter of ours.
 struct TeeCounter(Counter, Arc<SubtaskCounters>, fn(&SubtaskCounters) -> &AtomicU64);
 
@@ -217,6 +234,8 @@ pub struct JobStats {
     watermarks: Mutex<BTreeMap<String, WatermarkStatus>>,
     /// Which instance this process is, once it knows its slot.
     instance: Mutex<Option<InstanceInfo>>,
+    /// The last half hour, for the live page.
+    series: Mutex<super::series::Series>,
 }
 
 impl Default for JobStats {
@@ -248,6 +267,7 @@ impl Default for JobStats {
             sink_busy: Mutex::default(),
             watermarks: Mutex::default(),
             instance: Mutex::default(),
+            series: Mutex::default(),
         }
     }
 }
@@ -472,6 +492,22 @@ impl JobStats {
     /// Update the input rates (called every few seconds by the API's upkeep).
     pub fn sample(&self) {
         let now = Instant::now();
+        let figures = self.operators();
+        let checkpoint_ms = self
+            .checkpoint_history()
+            .iter()
+            .find(|c| c.status == CheckpointStatus::Completed)
+            .and_then(|c| c.duration_ms);
+        if let Ok(mut s) = self.series.lock() {
+            s.push(super::series::Now {
+                at_ms: now_ms(),
+                records_in: self.records_in.load(Ordering::Relaxed),
+                rows_written: self.rows_written.load(Ordering::Relaxed),
+                lag: self.lag(),
+                backpressure: figures.values().map(|o| o.backpressure).fold(0.0, f64::max),
+                checkpoint_ms,
+            });
+        }
         let totals: BTreeMap<String, u64> = self.operators().into_iter().map(|(op, o)| (op, o.records_in)).collect();
         if let Ok(mut r) = self.rates.lock() {
             for (op, total) in totals {
@@ -482,6 +518,30 @@ impl JobStats {
                 }
             }
         }
+    }
+
+    /// The last half hour, oldest first.
+    pub fn series(&self) -> Vec<super::series::Sample> {
+        self.series.lock().map(|s| s.samples()).unwrap_or_default()
+    }
+
+    /// Every subtask's own figures (skew between subtasks shows here, not in the sums).
+    pub fn subtasks(&self) -> Vec<SubtaskStatus> {
+        self.subtasks
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|((op, i), c)| SubtaskStatus {
+                        operator: op.clone(),
+                        subtask: *i,
+                        records_in: c.records_in.load(Ordering::Relaxed),
+                        records_out: c.records_out.load(Ordering::Relaxed),
+                        dead_letters: c.dead_letters.load(Ordering::Relaxed),
+                        backpressure: f64::from_bits(c.backpressure.load(Ordering::Relaxed)),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Record the consumer's position and lag in one partition.

@@ -301,6 +301,23 @@ async fn the_live_page_renders_in_a_headless_browser() {
     })
     .await;
     assert!(checkpointed, "no checkpoint completed");
+    // Some history under load: the charts draw the samples the job kept.
+    let a = addr.clone();
+    let sampled = wait_until(Duration::from_secs(60), || {
+        let a = a.clone();
+        async move {
+            get_json(&a, "/history").await.is_some_and(|h| {
+                h["samples"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .filter(|x| x["records_in_per_second"].as_f64() > Some(0.0))
+                        .count()
+                        >= 5
+                })
+            })
+        }
+    })
+    .await;
+    assert!(sampled, "the job kept no history of its throughput");
     let url = format!("http://{addr}/");
     let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
@@ -341,6 +358,26 @@ async fn the_live_page_renders_in_a_headless_browser() {
         "no completed checkpoint: {dom}"
     );
     assert!(dom.contains("rec/s in"), "{dom}");
+    // Charts with lines of several points, per-subtask rows, the config.
+    let points = |name: &str| {
+        dom.split("<polyline")
+            .skip(1)
+            .find(|p| p.contains(&format!("data-name=\"{name}\"")))
+            .and_then(|p| {
+                p.split("data-points=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    for line in ["records read", "rows written", "records", "last completed"] {
+        assert!(points(line) >= 3, "the chart of `{line}` is empty: {dom}");
+    }
+    assert!(dom.contains("data-subtask=\"sink-0\""), "no per-subtask figures: {dom}");
+    assert!(dom.contains("[source]"), "the config is not shown: {dom}");
     let png = std::fs::read(&shot).unwrap_or_else(|e| {
         panic!(
             "no screenshot at {}: {e}; {}",
