@@ -75,7 +75,7 @@ enum Command {
         action: CheckpointsAction,
     },
     /// Run a session service: jobs are submitted, listed and cancelled over its HTTP
-    /// API, each in a process of its own (see the README's "Session mode").
+    /// API, each in a process of its own (see docs/session-mode.md).
     Serve {
         #[arg(long, short)]
         config: PathBuf,

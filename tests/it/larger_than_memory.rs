@@ -96,7 +96,7 @@ async fn rocksdb_runs_a_state_the_heap_cannot_hold_in_its_memory_cap() {
             let toml = std::fs::read_to_string(&j.config)
             .expect("config")
             // Each run its own checkpoints: the heap's last snapshot is most of the
-            // state in rows, and a restore decodes a part whole (see the README).
+            // state in rows, and a restore decodes a part whole (see docs/state-and-savepoints.md).
             .replace(
                 &checkpoints.display().to_string(),
                 &format!("{}-{backend}", checkpoints.display()),

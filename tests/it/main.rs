@@ -9,6 +9,7 @@ mod broker_faults;
 mod cluster;
 mod config_errors;
 mod discovery;
+mod docs;
 mod embedded;
 mod enrich;
 mod kafka_dead_letters;
