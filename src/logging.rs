@@ -14,6 +14,14 @@ use tracing_subscriber::registry::LookupSpan;
 
 static JOB: OnceLock<String> = OnceLock::new();
 
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// Whether the process logs JSON lines (then everything it says goes through the log,
+/// the status line included, so that a collector reads one format).
+pub fn is_json() -> bool {
+    FORMAT.get() == Some(&LogFormat::Json)
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -45,6 +53,7 @@ pub fn set_job(name: &str) {
 /// statement echo (whole multi-row INSERTs at debug) stays off unless the filter names
 /// sqlx itself.
 pub fn init(format: LogFormat, rust_log: Option<&str>) {
+    let _ = FORMAT.set(format);
     let filter = match rust_log {
         Some(f) if f.contains("sqlx") => f.to_string(),
         Some(f) if !f.trim().is_empty() => format!("{f},sqlx::query=warn"),

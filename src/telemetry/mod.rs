@@ -36,7 +36,7 @@ pub(crate) fn describe() {
     describe_counter!("sluice_records_out_total", "Records a subtask passed on or wrote.");
     describe_counter!("sluice_dead_letters_total", "Records that could not be decoded.");
     describe_gauge!(
-        "sluice_consumer_lag",
+        "sluice_consumer_lag_records",
         "Records in the partition after the next offset to read."
     );
     describe_counter!("sluice_checkpoints_completed_total", "Checkpoints completed.");
@@ -81,7 +81,7 @@ pub(crate) fn describe() {
         "Rows refused because their Kafka coordinates were already in the sink table: records written twice by something outside the checkpoints."
     );
     describe_gauge!(
-        "sluice_watermark_seconds",
+        "sluice_watermark_timestamp_seconds",
         "Current event-time watermark of an operator subtask, in epoch seconds."
     );
     describe_counter!(
@@ -94,7 +94,7 @@ pub(crate) fn describe() {
     );
     describe_counter!("sluice_window_firings_total", "Window results emitted.");
     describe_gauge!(
-        "sluice_partition_watermark_seconds",
+        "sluice_partition_watermark_timestamp_seconds",
         "Watermark of one Kafka partition, in epoch seconds (the lowest live one holds its source back)."
     );
     describe_gauge!("sluice_open_windows", "Keys holding window state.");
@@ -245,7 +245,7 @@ impl SubtaskMetrics {
 /// The current watermark of an operator subtask, in epoch seconds (Prometheus's base
 /// unit; the millisecond is kept as a fraction).
 pub fn watermark(operator: &str, subtask: usize) -> Gauge {
-    gauge!("sluice_watermark_seconds", "operator" => operator.to_string(), "subtask" => subtask.to_string())
+    gauge!("sluice_watermark_timestamp_seconds", "operator" => operator.to_string(), "subtask" => subtask.to_string())
 }
 
 /// Counters of a window operator subtask.
@@ -334,7 +334,7 @@ impl LookupMetrics {
 /// The watermark of one Kafka partition, in epoch seconds: the lowest of a source's live
 /// partitions is the one holding its watermark back.
 pub fn partition_watermark(topic: &str, partition: i32) -> Gauge {
-    gauge!("sluice_partition_watermark_seconds", "topic" => topic.to_string(), "partition" => partition.to_string())
+    gauge!("sluice_partition_watermark_timestamp_seconds", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
 /// `sluice_consumer_position{topic,partition}`: the next offset the source reads.
@@ -342,9 +342,9 @@ pub fn consumer_position(topic: &str, partition: i32) -> Gauge {
     gauge!("sluice_consumer_position", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
-/// `sluice_consumer_lag` of a partition.
+/// `sluice_consumer_lag_records` of a partition.
 pub fn consumer_lag(topic: &str, partition: i32) -> Gauge {
-    gauge!("sluice_consumer_lag", "topic" => topic.to_string(), "partition" => partition.to_string())
+    gauge!("sluice_consumer_lag_records", "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
 /// Count a completed checkpoint, its duration and size.
@@ -500,6 +500,20 @@ pub async fn print_status(stats: Arc<JobStats>, every: Duration, where_to_look: 
                 format!("#{cp} {:.1}s ago", wall.saturating_sub(at) as f64 / 1000.0)
             }
         };
+        if crate::logging::is_json() {
+            // One format on the collector: the status as a log event, not a text line
+            // among JSON lines.
+            tracing::info!(
+                records_per_second = rate.round(),
+                read = records,
+                rows_written = stats.rows_written.load(Ordering::Relaxed),
+                dead_letters = stats.dead_letters.load(Ordering::Relaxed),
+                lag = stats.lag(),
+                last_checkpoint = cp,
+                "status"
+            );
+            continue;
+        }
         // A closed stdout must not stop the job: the line is lost, nothing else.
         let _ = writeln!(
             std::io::stdout(),

@@ -96,14 +96,14 @@ async fn the_default_config_runs_without_any_service() {
         "sluice_records_in_total",
         "sluice_records_out_total",
         "sluice_dead_letters_total",
-        "sluice_consumer_lag",
+        "sluice_consumer_lag_records",
         "sluice_checkpoints_completed_total",
         "sluice_checkpoint_duration_seconds",
         "sluice_sink_commit_duration_seconds",
         "sluice_backpressure_ratio",
-        "sluice_watermark_seconds",
+        "sluice_watermark_timestamp_seconds",
         "sluice_window_firings_total",
-        "sluice_partition_watermark_seconds",
+        "sluice_partition_watermark_timestamp_seconds",
         "sluice_lookup_hits_total",
         "sluice_lookup_store_queries_total",
         "sluice_lookup_in_flight",
@@ -293,4 +293,44 @@ fn probe(addr: &str, path: &str) -> bool {
     }
     let mut head = [0u8; 12];
     s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// With `--log-format json` everything the job says is a JSON line on stderr, its status
+/// line included (an event `status` with its figures as fields), and nothing is left on
+/// stdout to interleave with the log (compose printed a text line among JSON lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_logs_the_status_is_a_log_event_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("demo.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--log-format", "json", "run", "--config", "config/default.toml"])
+        .env("SLUICE__SINK__URL", format!("sqlite://{}", db.display()))
+        .env("SLUICE__METRICS__LISTEN", "")
+        .env("SLUICE__JOB__STATUS_INTERVAL", "1s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait"))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let status = events
+        .iter()
+        .find(|e| e["message"] == "status")
+        .unwrap_or_else(|| panic!("no status event: {stderr}"));
+    assert!(status["read"].as_u64().is_some() && status["job"] == "demo", "{status}");
 }
