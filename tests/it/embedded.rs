@@ -302,7 +302,7 @@ fn probe(addr: &str, path: &str) -> bool {
 async fn with_json_logs_the_status_is_a_log_event_too() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("demo.db");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["--log-format", "json", "run", "--config", "config/default.toml"])
         .env("SLUICE__SINK__URL", format!("sqlite://{}", db.display()))
