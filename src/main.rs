@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         action: CheckpointsAction,
     },
+    /// List or delete the job's savepoints (in `checkpoint.savepoint_dir`).
+    Savepoints {
+        #[command(subcommand)]
+        action: SavepointsAction,
+    },
     /// Run a session service: jobs are submitted, listed and cancelled over its HTTP
     /// API, each in a process of its own (see docs/session-mode.md).
     Serve {
@@ -140,6 +145,33 @@ enum CheckpointsAction {
     Inspect {
         /// A `chk-<id>.json` file or a savepoint's directory.
         path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SavepointsAction {
+    /// The savepoints in the job's savepoint directory, oldest first, each checked.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete savepoints: those named, or all but the newest `--keep N`. A savepoint the
+    /// job would restore at its next start (`checkpoint.from_savepoint`, no checkpoint of
+    /// its own since) is kept unless `--force`.
+    Delete {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Savepoint directories to delete.
+        paths: Vec<PathBuf>,
+        /// Keep the newest N savepoints, delete the older ones.
+        #[arg(long)]
+        keep: Option<usize>,
+        /// Delete even a savepoint the job would restore at its next start.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -282,6 +314,7 @@ async fn dispatch(command: Command, log_format: sluice::logging::LogFormat) -> a
         }
         Command::Savepoint { config, stop } => savepoint(&load_instance(&config)?, stop).await,
         Command::Checkpoints { action } => checkpoints(action),
+        Command::Savepoints { action } => savepoints(action),
         Command::Cluster {
             action: ClusterAction::Status { config, json },
         } => {
@@ -439,6 +472,77 @@ async fn savepoint(cfg: &JobConfig, stop: bool) -> anyhow::Result<()> {
         "savepoint written: restore it with `sluice run --config ... --from-savepoint {path}`"
     );
     Ok(())
+}
+
+fn savepoints(action: SavepointsAction) -> anyhow::Result<()> {
+    use sluice::checkpoint::inspect;
+    let listed = |cfg: &JobConfig| -> anyhow::Result<Vec<inspect::Entry>> {
+        let dir = cfg
+            .checkpoint
+            .savepoints()
+            .ok_or_else(|| anyhow::anyhow!("the job has no savepoint directory (checkpoint.savepoint_dir)"))?;
+        Ok(inspect::list(None, Some(&dir))?)
+    };
+    match action {
+        SavepointsAction::List { config, json } => {
+            let cfg = load_instance(&config)?;
+            let all = listed(&cfg)?;
+            for e in &all {
+                match json {
+                    true => say!("{}", serde_json::to_string(e)?),
+                    false => say!(
+                        "{:>16} {:<20} {:>12}  {}{}",
+                        e.id,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.triggered_at_ms)
+                        ),
+                        e.bytes,
+                        e.path.display(),
+                        e.problem
+                            .as_deref()
+                            .map(|p| format!("  PROBLEM: {p}"))
+                            .unwrap_or_default()
+                    ),
+                }
+            }
+            if all.is_empty() && !json {
+                say!("(no savepoint)");
+            }
+            Ok(())
+        }
+        SavepointsAction::Delete {
+            config,
+            paths,
+            keep,
+            force,
+        } => {
+            let cfg = load_instance(&config)?;
+            anyhow::ensure!(
+                paths.is_empty() != keep.is_none(),
+                "name the savepoints to delete, or give --keep N (not both)"
+            );
+            let targets: Vec<PathBuf> = match keep {
+                Some(n) => {
+                    let all = listed(&cfg)?;
+                    let older = all.len().saturating_sub(n);
+                    all.into_iter().take(older).map(|e| e.path).collect()
+                }
+                None => paths,
+            };
+            let in_use = sluice::app::savepoint_in_use(&cfg)?;
+            let mut freed = 0;
+            for path in &targets {
+                let same = |p: &Path| std::fs::canonicalize(p).ok() == std::fs::canonicalize(path).ok();
+                if let Some(why) = in_use.iter().find(|(p, _)| same(p)).map(|(_, why)| why) {
+                    anyhow::ensure!(force, "{}: kept: {why} (--force deletes it anyway)", path.display());
+                }
+                freed += sluice::checkpoint::savepoint::delete(path)?;
+                say!("deleted {}", path.display());
+            }
+            say!("{} savepoint(s) deleted, {freed} bytes of state", targets.len());
+            Ok(())
+        }
+    }
 }
 
 fn checkpoints(action: CheckpointsAction) -> anyhow::Result<()> {

@@ -18,7 +18,7 @@ mod storage;
 pub use plan::{plan, Plan};
 #[cfg(feature = "s3")]
 pub use storage::object_config;
-pub use storage::open_storage;
+pub use storage::{open_storage, savepoint_in_use};
 
 use parts::{AppParts, OpenHop};
 use plan::source_time;

@@ -260,3 +260,41 @@ async fn stop_asked(shutdown: &mut watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+/// The savepoints `cfg` would restore at its next start (`checkpoint.from_savepoint`,
+/// the savepoints of a rescale) that the job has no checkpoint of its own descending
+/// from yet, each with why it is needed: deleting one would fail that start.
+pub fn savepoint_in_use(cfg: &JobConfig) -> Result<Vec<(std::path::PathBuf, String)>> {
+    let mut origins: Vec<String> = Vec::new();
+    if let (StorageKind::Filesystem, Some(dir)) = (cfg.checkpoint.storage, &cfg.checkpoint.dir) {
+        origins.extend(
+            crate::checkpoint::inspect::list(Some(dir), None)?
+                .into_iter()
+                .filter_map(|e| e.origin),
+        );
+    }
+    #[cfg(feature = "s3")]
+    if cfg.checkpoint.storage == StorageKind::S3 {
+        let storage = crate::checkpoint::object::ObjectStorage::open(&object_config(&cfg.checkpoint))?;
+        origins.extend(storage.stored()?.into_iter().filter_map(|(_, cp)| cp.ok()?.origin));
+    }
+    let mut out = Vec::new();
+    for path in cfg
+        .checkpoint
+        .from_savepoint
+        .iter()
+        .chain(&cfg.checkpoint.with_savepoints)
+    {
+        let Ok(savepoint) = Savepoint::open(path) else {
+            continue;
+        };
+        if !origins.contains(&savepoint.meta.identity) {
+            out.push((
+                path.clone(),
+                "the job restores it at its next start (checkpoint.from_savepoint) and has no checkpoint of its own since"
+                    .to_string(),
+            ));
+        }
+    }
+    Ok(out)
+}

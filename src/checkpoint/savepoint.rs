@@ -179,6 +179,27 @@ pub fn write(root: &Path, cp: &CompletedCheckpoint, storage: &dyn CheckpointStor
     result
 }
 
+/// Delete the savepoint at `path` (its directory): only a directory that opens as a
+/// savepoint (its metadata's format and checksum) is deleted, never another. It is
+/// renamed aside first, so that a reader sees it whole or not at all, then removed.
+/// Returns the bytes its state files held.
+pub fn delete(path: &Path) -> Result<u64> {
+    let savepoint = Savepoint::open(path)?;
+    let bytes = savepoint.meta.files.iter().map(|f| f.bytes).sum();
+    let dir = savepoint.dir;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Unsupported(format!("{}: not a savepoint's directory", dir.display())))?;
+    let aside = dir.with_file_name(format!(".deleting-{name}"));
+    fs::rename(&dir, &aside).map_err(Error::storage(format!("rename {}", dir.display())))?;
+    fs::remove_dir_all(&aside).map_err(Error::storage(format!("delete {}", aside.display())))?;
+    if let Some(parent) = aside.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(bytes)
+}
+
 /// A savepoint opened for restore.
 #[derive(Debug, Clone)]
 pub struct Savepoint {
@@ -433,6 +454,25 @@ mod tests {
         storage.store(&c).unwrap();
         let written = write(&dir.join("sp"), &c, &storage).unwrap();
         (storage, h, written)
+    }
+
+    #[test]
+    fn only_a_savepoint_is_deleted_and_it_goes_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_storage, _h, written) = saved(dir.path());
+        // Not a savepoint: refused, left as it is.
+        let other = dir.path().join("not-a-savepoint");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("precious"), b"x").unwrap();
+        assert!(delete(&other).is_err());
+        assert!(other.join("precious").exists());
+        let freed = delete(&written.path).unwrap();
+        assert_eq!(freed, b"window state".len() as u64);
+        assert!(!written.path.exists());
+        assert!(
+            fs::read_dir(dir.path().join("sp")).unwrap().next().is_none(),
+            "something was left behind"
+        );
     }
 
     #[test]

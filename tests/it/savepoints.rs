@@ -211,6 +211,33 @@ async fn savepoints_rescale_4_2_3_and_move_between_backends_exactly_once() {
 
     // Run 3: parallelism 3 on the heap from the second savepoint, to the end.
     j.finish_with(&expected, &from_second).await;
+
+    // The savepoints, listed and deleted: one the job would restore at its next start
+    // (its config names it, and no checkpoint of its own descends from it) is kept
+    // unless forced; the other goes whole.
+    let (ok, listing) = cli(&["savepoints", "list", "--config", config]);
+    assert!(
+        ok && listing.lines().filter(|l| l.contains("savepoint-")).count() == 2,
+        "{listing}"
+    );
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    let pinned = toml.replacen(
+        "[checkpoint]\n",
+        &format!("[checkpoint]\nfrom_savepoint = \"{}\"\n", first.display()),
+        1,
+    );
+    assert_ne!(pinned, toml, "the config has no [checkpoint] to pin a savepoint in");
+    std::fs::write(&j.config, pinned).expect("write config");
+    let (ok, refused) = cli(&["savepoints", "delete", "--config", config, "--keep", "1"]);
+    assert!(!ok && refused.contains("from_savepoint") && first.exists(), "{refused}");
+    let (ok, deleted) = cli(&["savepoints", "delete", "--config", config, "--keep", "1", "--force"]);
+    assert!(ok && deleted.contains("1 savepoint(s) deleted"), "{deleted}");
+    assert!(!first.exists() && second.exists());
+    let (ok, listing) = cli(&["savepoints", "list", "--config", config]);
+    assert!(
+        ok && listing.lines().filter(|l| l.contains("savepoint-")).count() == 1,
+        "{listing}"
+    );
 }
 
 /// `sluice savepoint --stop` whose savepoint cannot be written (its directory is a
