@@ -474,6 +474,75 @@ async fn savepoint(cfg: &JobConfig, stop: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sluice savepoints list|delete` when `checkpoint.savepoint_dir` is a bucket
+/// (`s3://…`); `None` when it is a directory.
+#[cfg(feature = "s3")]
+fn bucket_savepoints(action: &SavepointsAction) -> anyhow::Result<Option<()>> {
+    use sluice::checkpoint::object::ObjectStorage;
+    let (SavepointsAction::List { config, .. } | SavepointsAction::Delete { config, .. }) = action;
+    let cfg = load_instance(config)?;
+    let Some(root) = cfg
+        .checkpoint
+        .savepoint_dir
+        .as_ref()
+        .and_then(|d| d.to_str())
+        .filter(|d| d.starts_with("s3://"))
+        .map(|d| d.trim_end_matches('/').to_string())
+    else {
+        return Ok(None);
+    };
+    let mut object = sluice::app::object_config(&cfg.checkpoint);
+    object.url = root.clone();
+    let bucket = ObjectStorage::open(&object)?;
+    let names = bucket.savepoint_names()?;
+    match action {
+        SavepointsAction::List { json, .. } => {
+            for n in &names {
+                match json {
+                    true => say!(
+                        "{}",
+                        serde_json::json!({ "kind": "savepoint", "path": format!("{root}/{n}") })
+                    ),
+                    false => say!("{root}/{n}"),
+                }
+            }
+            if names.is_empty() && !json {
+                say!("(no savepoint)");
+            }
+        }
+        SavepointsAction::Delete { paths, keep, force, .. } => {
+            anyhow::ensure!(
+                paths.is_empty() != keep.is_none(),
+                "name the savepoints to delete, or give --keep N (not both)"
+            );
+            let targets: Vec<String> = match keep {
+                Some(n) => names[..names.len().saturating_sub(*n)].to_vec(),
+                None => paths
+                    .iter()
+                    .map(|p| {
+                        let url = p.display().to_string();
+                        sluice::checkpoint::object::split_savepoint_url(&url)
+                            .filter(|(r, _)| *r == root)
+                            .map(|(_, n)| n.to_string())
+                            .ok_or_else(|| anyhow::anyhow!("{url}: not a savepoint under {root}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            let in_use = sluice::app::savepoint_in_use(&cfg)?;
+            for n in &targets {
+                let url = format!("{root}/{n}");
+                if let Some((_, why)) = in_use.iter().find(|(p, _)| p.to_str() == Some(url.as_str())) {
+                    anyhow::ensure!(*force, "{url}: kept: {why} (--force deletes it anyway)");
+                }
+                bucket.delete_savepoint(n)?;
+                say!("deleted {url}");
+            }
+            say!("{} savepoint(s) deleted", targets.len());
+        }
+    }
+    Ok(Some(()))
+}
+
 fn savepoints(action: SavepointsAction) -> anyhow::Result<()> {
     use sluice::checkpoint::inspect;
     let listed = |cfg: &JobConfig| -> anyhow::Result<Vec<inspect::Entry>> {
@@ -483,6 +552,10 @@ fn savepoints(action: SavepointsAction) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("the job has no savepoint directory (checkpoint.savepoint_dir)"))?;
         Ok(inspect::list(None, Some(&dir))?)
     };
+    #[cfg(feature = "s3")]
+    if let Some(done) = bucket_savepoints(&action)? {
+        return Ok(done);
+    }
     match action {
         SavepointsAction::List { config, json } => {
             let cfg = load_instance(&config)?;

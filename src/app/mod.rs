@@ -444,7 +444,7 @@ async fn attempt(
             timeout: cfg.checkpoint.timeout,
             min_pause: cfg.checkpoint.min_pause,
         },
-        savepoint_dir: cfg.checkpoint.savepoints(),
+        savepoints: storage::savepoint_target(cfg),
         stats,
     };
     graph::execute(&plan.graph, &parts, attempt, shutdown).await

@@ -74,9 +74,40 @@ pub(super) fn open_storage_rescaling(cfg: &JobConfig) -> Result<Opened> {
     Ok((union.clone(), Some(union)))
 }
 
+/// The savepoint at `path` as a local directory: itself, or (`s3://bucket/prefix/name`)
+/// a copy downloaded into the temp dir, which the restore reads as any savepoint
+/// (every file checked against its digest).
+fn local_savepoint(cfg: &JobConfig, path: &std::path::Path) -> Result<std::path::PathBuf> {
+    let Some(url) = path.to_str().filter(|p| p.starts_with("s3://")) else {
+        return Ok(path.to_path_buf());
+    };
+    #[cfg(feature = "s3")]
+    {
+        let (root, name) = crate::checkpoint::object::split_savepoint_url(url).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "checkpoint.from_savepoint `{url}`: name a savepoint, s3://bucket/prefix/savepoint-…"
+            ))
+        })?;
+        let mut object = object_config(&cfg.checkpoint);
+        object.url = root.to_string();
+        let bucket = crate::checkpoint::object::ObjectStorage::open(&object)?;
+        let into = std::env::temp_dir().join(format!("sluice-restore-{}", cfg.job.name));
+        let dir = bucket.download_savepoint(name, &into)?;
+        tracing::info!(savepoint = url, into = %dir.display(), "savepoint downloaded");
+        Ok(dir)
+    }
+    #[cfg(not(feature = "s3"))]
+    {
+        let _ = cfg;
+        Err(Error::Unsupported(format!(
+            "checkpoint.from_savepoint `{url}`: this build has no S3 support (cargo feature `s3`)"
+        )))
+    }
+}
+
 /// The savepoint at `path`, of this job, every file checked.
 fn open_savepoint(cfg: &JobConfig, path: &std::path::Path) -> Result<Savepoint> {
-    let savepoint = Savepoint::open(path)?;
+    let savepoint = Savepoint::open(&local_savepoint(cfg, path)?)?;
     if savepoint.meta.job != cfg.job.name {
         return Err(Error::Unsupported(format!(
             "savepoint {} belongs to job `{}`, not to this job `{}`: sinks know a job's epochs by its name, \
@@ -297,4 +328,18 @@ pub fn savepoint_in_use(cfg: &JobConfig) -> Result<Vec<(std::path::PathBuf, Stri
         }
     }
     Ok(out)
+}
+
+/// Where the job's savepoints go: `checkpoint.savepoint_dir` (default `<dir>/savepoints`),
+/// a directory or (cargo feature `s3`) `s3://bucket/prefix`, reached like the
+/// checkpoints' bucket (`checkpoint.endpoint`, `checkpoint.region`, the same credentials).
+pub(super) fn savepoint_target(cfg: &JobConfig) -> Option<Arc<dyn crate::checkpoint::savepoint::SavepointTarget>> {
+    let dir = cfg.checkpoint.savepoints()?;
+    #[cfg(feature = "s3")]
+    if let Some(url) = dir.to_str().filter(|d| d.starts_with("s3://")) {
+        let mut object = object_config(&cfg.checkpoint);
+        object.url = url.to_string();
+        return Some(Arc::new(crate::checkpoint::object::Bucket(object)));
+    }
+    Some(Arc::new(crate::checkpoint::savepoint::Directory(dir)))
 }

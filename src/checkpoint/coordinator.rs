@@ -155,7 +155,7 @@ pub struct Coordinator {
     /// job is one process).
     pub slot: Option<(u32, u32)>,
     /// Where savepoints asked for are written (none: they are refused).
-    pub savepoint_dir: Option<std::path::PathBuf>,
+    pub savepoints: Option<Arc<dyn super::savepoint::SavepointTarget>>,
     /// Job-wide counters for the status line.
     pub stats: Arc<JobStats>,
 }
@@ -270,14 +270,14 @@ impl Coordinator {
     /// during the copy; a failure fails the savepoint, not the job (returned: why).
     async fn write_savepoint(&self, cp: CompletedCheckpoint) -> Option<String> {
         let id = cp.id;
-        let Some(root) = self.savepoint_dir.clone() else {
+        let Some(target) = self.savepoints.clone() else {
             let why = "no savepoint directory: set checkpoint.savepoint_dir (or checkpoint.dir)".to_string();
             self.stats.control.checkpoints.savepoint_written(id, Err(why.clone()));
             return Some(why);
         };
         let storage = self.storage.clone();
         let started = Instant::now();
-        let written = tokio::task::spawn_blocking(move || super::savepoint::write(&root, &cp, storage.as_ref()))
+        let written = tokio::task::spawn_blocking(move || target.write(&cp, storage.as_ref()))
             .await
             .map_err(|e| format!("savepoint writer: {e}"))
             .and_then(|r| r.map_err(|e| e.to_string()));
@@ -437,7 +437,7 @@ mod tests {
             first_id: 1,
             origin: None,
             slot: None,
-            savepoint_dir: None,
+            savepoints: None,
             stats: Arc::new(JobStats::default()),
         };
         let join = tokio::spawn(coordinator.run(stop));

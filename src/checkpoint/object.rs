@@ -449,3 +449,181 @@ impl CheckpointStorage for ObjectStorage {
             })
     }
 }
+
+/// Savepoints in a bucket (`checkpoint.savepoint_dir = "s3://bucket/prefix"`): each one
+/// the files of a savepoint directory under `<prefix>/<name>/`, its `_metadata.json`
+/// written last and deleted first, so that a savepoint whose metadata is there is whole.
+/// A restore downloads it into a local directory and opens it there, checked as any.
+impl ObjectStorage {
+    /// Upload the savepoint directory `local`; returns its URL.
+    pub fn upload_savepoint(&self, local: &std::path::Path) -> Result<String> {
+        let name = local
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Internal(format!("{}: no savepoint name", local.display())))?
+            .to_string();
+        let mut files = Vec::new();
+        let mut dirs = vec![local.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).map_err(Error::storage(format!("list {}", d.display())))? {
+                let p = e.map_err(Error::storage(format!("list {}", d.display())))?.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        let metadata = super::savepoint::METADATA_FILE;
+        // The metadata last: until it is there, the savepoint is not.
+        files.sort_by_key(|p| p.file_name().is_some_and(|n| n == metadata));
+        for file in files {
+            let rel = file
+                .strip_prefix(local)
+                .map_err(|_| Error::Internal(format!("{} outside the savepoint", file.display())))?;
+            let bytes = std::fs::read(&file).map_err(Error::storage(format!("read {}", file.display())))?;
+            self.put(self.path(&format!("{name}/{}", rel.display())), bytes)?;
+        }
+        Ok(format!("{}/{name}", self.url.trim_end_matches('/')))
+    }
+
+    /// Every object of savepoint `name`, by its path inside the savepoint.
+    fn savepoint_objects(&self, name: &str) -> Result<Vec<(String, Path)>> {
+        let (store, root) = (self.store.clone(), self.path(name));
+        let ctx = format!("list {}/{name}", self.url);
+        let listed = self
+            .run(async move {
+                // Walked by "directories": the listing every S3 server has.
+                let (mut out, mut dirs) = (Vec::new(), vec![root]);
+                while let Some(d) = dirs.pop() {
+                    let l = store.list_with_delimiter(Some(&d)).await?;
+                    out.extend(l.objects);
+                    dirs.extend(l.common_prefixes);
+                }
+                Ok::<_, object_store::Error>(out)
+            })?
+            .map_err(io(ctx))?;
+        let root = self.path(name);
+        Ok(listed
+            .into_iter()
+            .filter_map(|o| {
+                let rel = o
+                    .location
+                    .prefix_match(&root)?
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>();
+                Some((rel.join("/"), o.location))
+            })
+            .collect())
+    }
+
+    /// Download savepoint `name` into `into/<name>`; returns that directory. Refused when
+    /// its metadata is missing (not a savepoint, or one being written or deleted).
+    pub fn download_savepoint(&self, name: &str, into: &std::path::Path) -> Result<std::path::PathBuf> {
+        let objects = self.savepoint_objects(name)?;
+        if !objects.iter().any(|(rel, _)| rel == super::savepoint::METADATA_FILE) {
+            return Err(Error::CorruptCheckpoint {
+                path: format!("{}/{name}", self.url).into(),
+                message: "no savepoint here: its _metadata.json is missing".into(),
+            });
+        }
+        let dir = into.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        for (rel, path) in objects {
+            if rel.split('/').any(|part| part == ".." || part.is_empty()) {
+                return Err(Error::CorruptCheckpoint {
+                    path: format!("{}/{name}/{rel}", self.url).into(),
+                    message: "an object's name leaves the savepoint".into(),
+                });
+            }
+            let bytes = self.get(path)?;
+            let file = dir.join(&rel);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).map_err(Error::storage(format!("create {}", parent.display())))?;
+            }
+            std::fs::write(&file, bytes).map_err(Error::storage(format!("write {}", file.display())))?;
+        }
+        Ok(dir)
+    }
+
+    /// The savepoints under this prefix (names whose metadata is there), oldest first.
+    pub fn savepoint_names(&self) -> Result<Vec<String>> {
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        let ctx = format!("list {}", self.url);
+        let dirs = self
+            .run(async move {
+                let p = (!prefix.as_ref().is_empty()).then_some(prefix);
+                store.list_with_delimiter(p.as_ref()).await
+            })?
+            .map_err(io(ctx))?
+            .common_prefixes;
+        let mut names = Vec::new();
+        for dir in dirs {
+            let Some(name) = dir
+                .filename()
+                .filter(|n| n.starts_with("savepoint-"))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if self
+                .get(self.path(&format!("{name}/{}", super::savepoint::METADATA_FILE)))
+                .is_ok()
+            {
+                names.push(name);
+            }
+        }
+        // Named savepoint-<job>-<id>-<written at>: the time sorts them.
+        names.sort_by_key(|n| n.rsplit('-').next().and_then(|t| t.parse::<u64>().ok()));
+        Ok(names)
+    }
+
+    /// Delete savepoint `name`: its metadata first (from then on it is no savepoint),
+    /// then its state files.
+    pub fn delete_savepoint(&self, name: &str) -> Result<()> {
+        let objects = self.savepoint_objects(name)?;
+        let Some(meta) = objects
+            .iter()
+            .find(|(rel, _)| rel == super::savepoint::METADATA_FILE)
+            .map(|(_, p)| p.clone())
+        else {
+            return Err(Error::Unsupported(format!("{}/{name}: not a savepoint", self.url)));
+        };
+        let delete = |p: Path| {
+            let store = self.store.clone();
+            let ctx = format!("delete {}/{p}", self.url);
+            self.run(async move { store.delete(&p).await })?.map_err(io(ctx))
+        };
+        delete(meta)?;
+        for (rel, p) in objects {
+            if rel != super::savepoint::METADATA_FILE {
+                delete(p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `s3://bucket/prefix/name` as the savepoints' root (`s3://bucket/prefix`) and the name.
+pub fn split_savepoint_url(url: &str) -> Option<(&str, &str)> {
+    let (root, name) = url.trim_end_matches('/').rsplit_once('/')?;
+    (root.len() > "s3://".len() && name.starts_with("savepoint-")).then_some((root, name))
+}
+
+/// Savepoints in a bucket: written to a local directory first (the same code and checks
+/// as a directory's), then uploaded, the local copy removed.
+pub struct Bucket(pub ObjectConfig);
+
+impl super::savepoint::SavepointTarget for Bucket {
+    fn write(&self, cp: &CompletedCheckpoint, storage: &dyn CheckpointStorage) -> Result<super::savepoint::Written> {
+        let scratch = std::env::temp_dir().join(format!("sluice-savepoint-{}-{}", std::process::id(), cp.id));
+        let local = super::savepoint::write(&scratch, cp, storage)?;
+        let uploaded = ObjectStorage::open(&self.0).and_then(|bucket| bucket.upload_savepoint(&local.path));
+        let _ = std::fs::remove_dir_all(&scratch);
+        Ok(super::savepoint::Written {
+            path: uploaded?.into(),
+            bytes: local.bytes,
+        })
+    }
+}

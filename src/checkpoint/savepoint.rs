@@ -179,6 +179,21 @@ pub fn write(root: &Path, cp: &CompletedCheckpoint, storage: &dyn CheckpointStor
     result
 }
 
+/// Where a job's savepoints go: a directory, or (cargo feature `s3`) a bucket.
+pub trait SavepointTarget: Send + Sync {
+    /// Write `cp`, its state read from `storage`, as a new savepoint.
+    fn write(&self, cp: &CompletedCheckpoint, storage: &dyn CheckpointStorage) -> Result<Written>;
+}
+
+/// Savepoints in a directory (`checkpoint.savepoint_dir`).
+pub struct Directory(pub PathBuf);
+
+impl SavepointTarget for Directory {
+    fn write(&self, cp: &CompletedCheckpoint, storage: &dyn CheckpointStorage) -> Result<Written> {
+        write(&self.0, cp, storage)
+    }
+}
+
 /// Delete the savepoint at `path` (its directory): only a directory that opens as a
 /// savepoint (its metadata's format and checksum) is deleted, never another. It is
 /// renamed aside first, so that a reader sees it whole or not at all, then removed.

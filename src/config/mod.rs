@@ -473,11 +473,13 @@ pub struct CheckpointConfig {
     /// Completed checkpoints kept; older ones are deleted.
     #[serde(default = "defaults::retain", deserialize_with = "whole::number")]
     pub retain: usize,
-    /// Where savepoints are written (`sluice savepoint`); default `<dir>/savepoints`.
-    /// Savepoints are kept until someone deletes them.
+    /// Where savepoints are written (`sluice savepoint`): a directory, or (cargo feature
+    /// `s3`) `s3://bucket/prefix`, reached with the checkpoints' `endpoint`, `region` and
+    /// credentials; default `<dir>/savepoints`. Kept until `sluice savepoints delete`.
     pub savepoint_dir: Option<PathBuf>,
-    /// Start from this savepoint (`sluice run --from-savepoint`) unless the job has
-    /// checkpoints of its own that descend from it.
+    /// Start from this savepoint (`sluice run --from-savepoint`; a directory or
+    /// `s3://bucket/prefix/savepoint-…`) unless the job has checkpoints of its own that
+    /// descend from it.
     pub from_savepoint: Option<PathBuf>,
     /// The savepoints of a split job's other instances, restored together with
     /// `from_savepoint` to run the job with another number of instances

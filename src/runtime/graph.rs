@@ -8,7 +8,6 @@
 //! a job split across instances will divide.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -238,7 +237,7 @@ pub struct Attempt<'a> {
     /// When checkpoints are taken.
     pub timing: CheckpointTiming,
     /// Where savepoints asked for are written.
-    pub savepoint_dir: Option<PathBuf>,
+    pub savepoints: Option<Arc<dyn crate::checkpoint::savepoint::SavepointTarget>>,
     /// Job-wide counters and the control of the API.
     pub stats: &'a Arc<JobStats>,
 }
@@ -258,7 +257,7 @@ pub async fn execute(
         storage,
         restored,
         timing,
-        savepoint_dir,
+        savepoints,
         stats,
     } = attempt;
     let last_id = restored.map_or(0, |c| c.id);
@@ -315,7 +314,7 @@ pub async fn execute(
         first_id,
         origin: restored.and_then(|c| c.origin.clone()),
         slot: slot.is_split().then_some((slot.index, slot.count)),
-        savepoint_dir,
+        savepoints,
         stats: stats.clone(),
     };
     let coordinator = tokio::spawn(coordinator.run(stop_rx));
@@ -815,7 +814,7 @@ mod tests {
                 timeout: Duration::from_secs(10),
                 min_pause: Duration::ZERO,
             },
-            savepoint_dir: None,
+            savepoints: None,
             stats: &stats,
         };
         let committed = parts.committed.clone();

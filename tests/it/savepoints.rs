@@ -306,3 +306,94 @@ async fn a_stop_whose_savepoint_fails_leaves_the_job_running() {
     assert!(saved.starts_with(&blocked), "{}", saved.display());
     j.finish_with(&expected, &[]).await;
 }
+
+/// Savepoints in a bucket (`checkpoint.savepoint_dir = "s3://…"`, beside checkpoints in
+/// the same S3 server): the job stopped with one, listed, restored from its URL (the
+/// savepoint downloaded and every file checked), run to the end with exactly the batch
+/// computation's table; then deleted, metadata first, and gone from the list.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_in_a_bucket_are_written_listed_restored_and_deleted() {
+    let mut j = WindowJob::new("winsps3", "two_phase", 2).await;
+    let bucket = unique("sp").replace('_', "-");
+    create_bucket(&bucket);
+    j.object_storage = Some(format!("s3://{bucket}/{}/checkpoints", j.job));
+    j.env = vec![
+        ("AWS_ACCESS_KEY_ID", S3_KEY.0.into()),
+        ("AWS_SECRET_ACCESS_KEY", S3_KEY.1.into()),
+        ("SLUICE_API_TOKEN", TOKEN.into()),
+    ];
+    let listen = format!("127.0.0.1:{}", free_port());
+    let input = events(40_000, 500, 7);
+    let expected = reference(&input);
+    let last = input.iter().map(|e| e.ts).max().unwrap_or(BASE);
+    let mut halves = input
+        .chunks(20_000)
+        .map(|c| c.iter().map(clone_event).collect::<Vec<Event>>());
+    let (first, second) = (halves.next().expect("input"), halves.next().expect("input"));
+    let produce = |events: Vec<Event>| {
+        let topic = j.topic.clone();
+        tokio::task::spawn_blocking(move || produce_events(&topic, &events, None, None))
+    };
+    j.configure_api(2, 2, "heap", &listen);
+    let savepoints = format!("s3://{bucket}/{}/savepoints", j.job);
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    let toml = toml.replacen(
+        "[checkpoint]\n",
+        &format!("[checkpoint]\nsavepoint_dir = \"{savepoints}\"\n"),
+        1,
+    );
+    std::fs::write(&j.config, &toml).expect("config");
+    let env: Vec<(&str, &str)> = j.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s3_cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run sluice");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let config = j.config.to_str().expect("utf-8 path").to_string();
+
+    produce(first).await.expect("producer");
+    let s = j.start(&[]);
+    wait_rows_above(&j, &s, 0).await;
+    let (ok, said) = s3_cli(&["savepoint", "--stop", "--config", &config]);
+    assert!(ok, "{said}");
+    let url = said
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("s3://"))
+        .expect("a savepoint URL")
+        .to_string();
+    assert!(url.starts_with(&format!("{savepoints}/savepoint-")), "{url}");
+    let mut s = s;
+    let status = s.wait_exit(Duration::from_secs(60)).expect("stops after its savepoint");
+    assert!(status.success(), "{}", s.log_tail());
+    let (ok, listing) = s3_cli(&["savepoints", "list", "--config", &config]);
+    assert!(ok && listing.contains(&url), "{listing}");
+
+    // Restored from the bucket, to the end.
+    produce(second).await.expect("producer");
+    let topic = j.topic.clone();
+    let partitions = j.partitions;
+    tokio::task::spawn_blocking(move || produce_flush(&topic, 0..partitions, last))
+        .await
+        .expect("flush");
+    j.finish_with(&expected, &["--from-savepoint", &url]).await;
+    assert!(j.log_text().contains("savepoint downloaded"), "{}", tail(&j.log_text()));
+
+    let (ok, deleted) = s3_cli(&["savepoints", "delete", "--config", &config, &url]);
+    assert!(ok && deleted.contains("1 savepoint(s) deleted"), "{deleted}");
+    let (ok, listing) = s3_cli(&["savepoints", "list", "--config", &config]);
+    assert!(
+        ok && !listing.contains(&url) && listing.contains("(no savepoint)"),
+        "{listing}"
+    );
+}
