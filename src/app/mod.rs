@@ -229,48 +229,39 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         // start it is refused instead: someone is there to read it.
         let ran_before =
             stats.restored_from().is_some() || stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed) > 0;
-        if err.is_setup_fault() && ran_before && !*shutdown.borrow() {
+        let wait = if err.is_setup_fault() && ran_before && !*shutdown.borrow() {
             let wait = setup_waits.next(stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed));
-            stats.set_state(JobState::Restarting);
-            stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            history::save(&storage, &stats);
             tracing::error!(
                 error = %said,
                 wait_s = wait.as_secs(),
                 "the target refuses what the job is set up for; retrying from the last completed checkpoint \
                  after the wait (mend the target and the job goes on; nothing is lost meanwhile)"
             );
-            telemetry::restarted();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown_wait.changed() => {
-                    stats.set_state(JobState::Failed);
-                    return Err(err);
-                }
+            wait
+        } else {
+            if !err.is_retryable() || *shutdown.borrow() {
+                stats.set_state(JobState::Failed);
+                history::save(&storage, &stats);
+                return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
             }
-            continue;
-        }
-        if !err.is_retryable() || *shutdown.borrow() {
-            stats.set_state(JobState::Failed);
-            history::save(&storage, &stats);
-            return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
-        }
-        let Some(wait) = policy.on_failure(Instant::now()) else {
-            tracing::error!(error = %said, "job failed; the restart strategy allows no more restarts");
-            stats.set_state(JobState::Failed);
-            history::save(&storage, &stats);
-            return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
+            let Some(wait) = policy.on_failure(Instant::now()) else {
+                tracing::error!(error = %said, "job failed; the restart strategy allows no more restarts");
+                stats.set_state(JobState::Failed);
+                history::save(&storage, &stats);
+                return Err(leave_nothing_prepared(&cfg, &storage, owns, err).await);
+            };
+            tracing::warn!(
+                error = %said,
+                restart = stats.restarts.load(std::sync::atomic::Ordering::Relaxed) + 1,
+                wait_ms = wait.as_millis() as u64,
+                restored_from = stats.restored_from(),
+                "job failed; restarting from the last completed checkpoint"
+            );
+            wait
         };
         stats.set_state(JobState::Restarting);
-        let restart = stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        stats.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         history::save(&storage, &stats);
-        tracing::warn!(
-            error = %said,
-            restart,
-            wait_ms = wait.as_millis() as u64,
-            restored_from = stats.restored_from(),
-            "job failed; restarting from the last completed checkpoint"
-        );
         telemetry::restarted();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

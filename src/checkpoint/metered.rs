@@ -146,20 +146,6 @@ mod tests {
     use super::*;
     use crate::checkpoint::storage::DirectoryStorage;
 
-    fn checkpoint(id: u64, tasks: BTreeMap<String, serde_json::Value>) -> CompletedCheckpoint {
-        CompletedCheckpoint {
-            format_version: crate::checkpoint::FORMAT_VERSION,
-            job: "j".into(),
-            id,
-            triggered_at_ms: 0,
-            tasks,
-            checksum: None,
-            origin: None,
-            instances: None,
-            instance: None,
-        }
-    }
-
     #[test]
     fn a_checkpoint_measures_its_state_files_not_only_its_metadata() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -172,7 +158,7 @@ mod tests {
         let mut tasks = BTreeMap::new();
         tasks.insert("win-0".to_string(), serde_json::json!({ "handle": h0, "files": [sh] }));
         tasks.insert("source-0".to_string(), serde_json::json!({ "handle": h1 }));
-        let cp = checkpoint(3, tasks);
+        let cp = crate::checkpoint::test_checkpoint(3, tasks);
         let measured = m.store_measured(&cp).expect("store");
         assert!(measured.total > 15_100, "{measured:?}");
         assert_eq!(measured.operators["win"], 15_000);
@@ -182,7 +168,7 @@ mod tests {
         let h2 = m.write_state(4, "win-0", &[0; 1_000]).expect("state");
         let (sh2, new) = m.write_shared("000012.sst", &shared_src).expect("shared");
         assert_eq!(new, 0);
-        let cp4 = checkpoint(
+        let cp4 = crate::checkpoint::test_checkpoint(
             4,
             BTreeMap::from([("win-0".to_string(), serde_json::json!({ "handle": h2, "files": [sh2] }))]),
         );

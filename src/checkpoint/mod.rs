@@ -125,6 +125,22 @@ pub fn task_name(operator: &str, subtask: usize) -> String {
     format!("{operator}-{subtask}")
 }
 
+/// A checkpoint of job `j` with `tasks`, for tests.
+#[cfg(test)]
+pub(crate) fn test_checkpoint(id: u64, tasks: BTreeMap<String, serde_json::Value>) -> CompletedCheckpoint {
+    CompletedCheckpoint {
+        format_version: FORMAT_VERSION,
+        job: "j".into(),
+        id,
+        triggered_at_ms: 0,
+        tasks,
+        checksum: None,
+        origin: None,
+        instances: None,
+        instance: None,
+    }
+}
+
 pub(crate) fn task_operator(name: &str) -> &str {
     name.rsplit_once('-').map_or(name, |(op, _)| op)
 }

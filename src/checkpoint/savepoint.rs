@@ -428,17 +428,7 @@ mod tests {
             "win-0".to_string(),
             serde_json::json!({"handle": handle, "key_groups": {"start": 0, "end": 128}}),
         );
-        CompletedCheckpoint {
-            format_version: FORMAT_VERSION,
-            job: "j".into(),
-            id,
-            triggered_at_ms: 0,
-            tasks,
-            checksum: None,
-            origin: None,
-            instances: None,
-            instance: None,
-        }
+        crate::checkpoint::test_checkpoint(id, tasks)
     }
 
     #[test]

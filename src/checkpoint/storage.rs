@@ -447,23 +447,12 @@ impl DirectoryStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::FORMAT_VERSION;
     use std::collections::BTreeMap;
 
     fn cp(id: u64) -> CompletedCheckpoint {
         let mut tasks = BTreeMap::new();
         tasks.insert("source-0".to_string(), serde_json::json!({"offsets": [[ "t", 0, id ]]}));
-        CompletedCheckpoint {
-            format_version: FORMAT_VERSION,
-            job: "j".into(),
-            id,
-            triggered_at_ms: 0,
-            tasks,
-            checksum: None,
-            origin: None,
-            instances: None,
-            instance: None,
-        }
+        crate::checkpoint::test_checkpoint(id, tasks)
     }
 
     #[test]

@@ -39,10 +39,16 @@ fn stop_with_savepoint(config: &Path) -> PathBuf {
 
 /// A `sluice` command (with the job's API token): whether it succeeded, and what it said.
 fn cli(args: &[&str]) -> (bool, String) {
+    cli_with(args, &[])
+}
+
+/// [`cli`] with more environment (credentials of a bucket).
+fn cli_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .env("SLUICE_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("run sluice");
     let text = format!(
@@ -345,20 +351,7 @@ async fn savepoints_in_a_bucket_are_written_listed_restored_and_deleted() {
     );
     std::fs::write(&j.config, &toml).expect("config");
     let env: Vec<(&str, &str)> = j.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let s3_cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run sluice");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let s3_cli = |args: &[&str]| cli_with(args, &env);
     let config = j.config.to_str().expect("utf-8 path").to_string();
 
     produce(first).await.expect("producer");
