@@ -154,8 +154,9 @@ impl ClusterConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
-    /// Names the job's prepared transactions, checkpoints and metrics; keep it stable
-    /// across restarts of the same job.
+    /// Names the job's prepared transactions (`sluice:<name>:<subtask>:<checkpoint>`),
+    /// checkpoints, metrics and the consumer's `group.id`; keep it stable across restarts
+    /// of the same job.
     pub name: String,
     /// Number of key groups keys are hashed into; fixed for the job's life, it bounds
     /// the parallelism a restored job can have.
@@ -457,7 +458,8 @@ pub struct CheckpointConfig {
     /// Least time between the end of one checkpoint and the start of the next.
     #[serde(default, with = "humantime_serde")]
     pub min_pause: Duration,
-    /// `memory` (lost with the process) or `filesystem`.
+    /// `memory` (lost with the process), `filesystem`, or `s3` (an S3-compatible bucket
+    /// that survives the machine; cargo feature `s3`, in the image).
     #[serde(default)]
     pub storage: StorageKind,
     /// Directory for `storage = "filesystem"`.
@@ -775,21 +777,28 @@ impl From<RawSinkConfig> for SinkConfig {
 struct RawSinkConfig {
     /// The target database.
     kind: SinkKind,
-    /// `postgres://user@host:port/db` or `sqlite://path`. A Postgres password goes in
-    /// the environment (`SLUICE__SINK__PASSWORD` or `PGPASSWORD`), never in the file.
+    /// `postgres://user@host:port/db`, `sqlite://path`, `redis://host:6379/0`, or for a
+    /// Kafka sink its bootstrap servers `host:9092,host:9092`. A password goes in the
+    /// environment (`SLUICE__SINK__PASSWORD`, `PGPASSWORD`, `SLUICE_REDIS_PASSWORD`),
+    /// never in the file.
     url: Url,
     /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
     password: Option<secrecy::SecretString>,
-    /// The table written (`schema.table` or `table`); for a Kafka sink, the topic.
+    /// The table written (`schema.table` or `table`). For a Kafka sink the output topic
+    /// (it must exist; alias `sink.topic`); for Redis the key prefix (keys are
+    /// `<table>:<key columns joined by :>`) or, with `xadd`, the stream.
     #[serde(alias = "topic")]
     table: String,
-    /// How exactly once is reached: `idempotent` upserts or `two_phase` commit.
+    /// How exactly once is reached: `idempotent` (Postgres, SQLite, Kafka), `two_phase`
+    /// (Postgres, Kafka), `wal` (Postgres, SQLite, Redis) or `at_least_once` (Kafka).
     strategy: Strategy,
-    /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every decoded
-    /// field under its own name).
+    /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every field of
+    /// the stream under its own name; after a window: its key, `window_start`,
+    /// `window_end`, the aggregates and `firing`).
     #[serde(default)]
     columns: Vec<ColumnSpec>,
-    /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`).
+    /// Conflict key columns for `idempotent` (default: `topic`, `partition`, `offset`;
+    /// after a window its key and `window_start`); a Kafka sink's message key.
     #[serde(default, deserialize_with = "list::strings")]
     key: Vec<String>,
     /// Sink subtasks (connections writing at once).
@@ -884,7 +893,8 @@ pub struct DeadLetterConfig {
     /// A table in the sink's database, or a Kafka topic.
     #[serde(default)]
     pub kind: DeadLetterKind,
-    /// The dead-letter table (`kind = "table"`).
+    /// The dead-letter table (`kind = "table"`): columns topic, partition, offset,
+    /// kafka_timestamp, reason, payload, unique on (topic, partition, offset).
     #[serde(default = "defaults::dead_letter_table")]
     pub table: String,
     /// Topic for `kind = "kafka"` (on the source's cluster).
