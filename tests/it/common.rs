@@ -505,3 +505,21 @@ pub fn create_bucket(name: &str) {
         "create bucket {name} on {endpoint} (scripts/ensure-s3): {created:?}"
     );
 }
+
+/// Run the `sluice` binary with `args` and extra `env`: whether it succeeded, and all it
+/// printed (stdout, then stderr).
+pub fn sluice_cli<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run sluice");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -44,19 +44,9 @@ fn cli(args: &[&str]) -> (bool, String) {
 
 /// [`cli`] with more environment (credentials of a bucket).
 fn cli_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run sluice");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec![("SLUICE_API_TOKEN", TOKEN), ("RUST_LOG", "warn")];
+    all.extend_from_slice(env);
+    sluice_cli(args, &all)
 }
 
 /// Ids of the checkpoints restored, in the order of the log.

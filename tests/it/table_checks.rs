@@ -58,20 +58,13 @@ async fn a_missing_table_is_refused() {
 
 /// `sluice check --connect <config>`: (passed, everything it printed).
 fn check_connect(config: &std::path::Path) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check", "--connect", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run sluice check");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let args = [
+        std::ffi::OsStr::new("check"),
+        "--connect".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ];
+    sluice_cli(&args, &[("RUST_LOG", "warn")])
 }
 
 /// `sluice check --connect` finds before a start what would stop the job there: a topic

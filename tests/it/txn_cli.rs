@@ -1,28 +1,18 @@
 //! `sluice txn list|commit|abort` shows and resolves this job's prepared transactions.
 
-use std::process::Command;
-
 use sqlx::Executor;
 
 use crate::common::*;
 
 fn txn(args: &[&str], config: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("txn")
-        .args(&args[..1])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .output()
-        .expect("run sluice txn");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let mut all: Vec<&std::ffi::OsStr> = vec![
+        "txn".as_ref(),
+        args[0].as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ];
+    all.extend(args[1..].iter().map(std::ffi::OsStr::new));
+    sluice_cli(&all, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
