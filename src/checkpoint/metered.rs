@@ -57,7 +57,13 @@ impl Metered {
     /// What `cp`, whose metadata took `metadata` bytes, holds. A shared file written
     /// by an earlier process is not known here: counted as 0 (the total is a floor).
     fn measure(&self, cp: &CompletedCheckpoint, metadata: u64) -> Measured {
-        let mut sizes = self.sizes.lock().map(|s| s.clone()).unwrap_or_default();
+        let Ok(mut sizes) = self.sizes.lock() else {
+            return Measured {
+                total: metadata,
+                written: metadata,
+                operators: BTreeMap::new(),
+            };
+        };
         let mut operators: BTreeMap<String, u64> = BTreeMap::new();
         let mut referenced = Vec::new();
         for (task, state) in &cp.tasks {
@@ -78,9 +84,6 @@ impl Metered {
         // Forget what no later checkpoint can refer to: handles of older checkpoints
         // that this one does not refer to.
         sizes.retain(|h, _| referenced.binary_search(h).is_ok() || handle_checkpoint(h).is_some_and(|id| id > cp.id));
-        if let Ok(mut s) = self.sizes.lock() {
-            *s = sizes;
-        }
         Measured {
             total: metadata + state,
             written: metadata + written,

@@ -32,13 +32,25 @@ impl Default for Ages {
 impl Ages {
     /// Note the timestamps of `records` (records an operator made carry none).
     pub fn note(&mut self, records: &[Record]) {
+        // Records of a batch come mostly in time order: one map update per run of a
+        // bucket, not per record (this is on the sink's path).
+        let mut run: Option<(i64, u64)> = None;
         for r in records {
-            if r.origin.partition >= 0 && r.origin.timestamp_ms > 0 {
-                *self
-                    .counts
-                    .entry(r.origin.timestamp_ms.div_euclid(self.width_ms))
-                    .or_default() += 1;
+            if r.origin.partition < 0 || r.origin.timestamp_ms <= 0 {
+                continue;
             }
+            let bucket = r.origin.timestamp_ms.div_euclid(self.width_ms);
+            match &mut run {
+                Some((b, n)) if *b == bucket => *n += 1,
+                _ => {
+                    if let Some((b, n)) = run.replace((bucket, 1)) {
+                        *self.counts.entry(b).or_default() += n;
+                    }
+                }
+            }
+        }
+        if let Some((b, n)) = run {
+            *self.counts.entry(b).or_default() += n;
         }
         while self.counts.len() > MAX_BUCKETS {
             self.width_ms *= 2;

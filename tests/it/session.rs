@@ -45,6 +45,16 @@ async fn json(addr: &str, path: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The server's `/metrics`, read with the read token.
+async fn server_metrics(addr: &str) -> String {
+    let a = addr.to_string();
+    tokio::task::spawn_blocking(move || http(&a, "GET", "/metrics", Some(READ_TOKEN)))
+        .await
+        .expect("join")
+        .expect("metrics")
+        .1
+}
+
 /// Whether `sql` (a count) reaches `n` within `limit`.
 async fn count_reaches(pool: &sqlx::PgPool, sql: &str, n: i64, limit: Duration) -> bool {
     wait_until(limit, || async { count(pool, sql).await >= n }).await
@@ -175,12 +185,7 @@ async fn two_jobs_one_failing_the_other_unharmed_and_exactly_once() {
 
     // The server's /metrics: the running job's series under its name, and a valid
     // exposition as a whole.
-    let a = addr.clone();
-    let metrics = tokio::task::spawn_blocking(move || http(&a, "GET", "/metrics", Some(READ_TOKEN)))
-        .await
-        .expect("join")
-        .expect("metrics")
-        .1;
+    let metrics = server_metrics(&addr).await;
     assert!(
         metrics.contains(&format!("sluice_records_in_total{{sluice_job=\"{good_name}\"")),
         "{metrics}"
@@ -466,12 +471,7 @@ async fn a_killed_session_server_resumes_its_jobs_exactly_once() {
         "after the server's restart the first job wrote {}",
         count(&pool, &first).await
     );
-    let a = addr.clone();
-    let metrics = tokio::task::spawn_blocking(move || http(&a, "GET", "/metrics", Some(READ_TOKEN)))
-        .await
-        .expect("join")
-        .expect("metrics")
-        .1;
+    let metrics = server_metrics(&addr).await;
     assert!(
         metrics.contains(&format!("sluice_server_job_up{{sluice_job=\"{by_value}\"}} 0")),
         "{metrics}"
