@@ -38,8 +38,8 @@ pub use crate::runtime::graph::Edge;
 use crate::runtime::graph::{self, Attempt};
 use crate::runtime::restart::RestartPolicy;
 use crate::sink;
-use crate::sink::postgres::{Fence, JobLock};
 use crate::sink::target::{Admin, SinkContext};
+use crate::sink::target::{Fence, OwnerLock};
 use crate::source::embedded::EmbeddedKafka;
 use crate::telemetry::{self, JobState, JobStats};
 
@@ -144,14 +144,10 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         return Ok(());
     }
     let target_kind = sink::target::target_kind(cfg.sink.kind())?;
-    let mut owner = target_kind.owner_lock.then(|| {
-        let lock = JobLock::new(&cfg.cluster.identity(&cfg.job.name), &cfg.sink.table);
-        // A slot taken over by lease: the old holder's lock session is ended.
-        match lease.is_some() {
-            true => lock.taking_over(),
-            false => lock,
-        }
-    });
+    // A slot taken over by lease: the old holder's lock session is ended.
+    let mut owner: Option<Box<dyn OwnerLock>> = target_kind
+        .owner_lock
+        .map(|lock| lock(&cfg.cluster.identity(&cfg.job.name), &cfg.sink.table, lease.is_some()));
     let mut policy = RestartPolicy::new(cfg.restart.clone());
     let mut setup_waits = SetupBackoff::default();
     let mut shutdown_wait = shutdown.clone();
@@ -163,7 +159,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         };
         let result = match owned {
             Ok(()) => {
-                let fence = owner.as_ref().and_then(JobLock::fence);
+                let fence = owner.as_ref().and_then(|o| o.fence());
                 let (storage, union) = (&storage, union.as_deref());
                 let run = attempt(&cfg, &plan, &bootstrap, storage, union, &stats, fence, shutdown.clone());
                 tokio::select! {
@@ -183,7 +179,7 @@ pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<Job
         );
         // A target without an owner lock (Kafka fences by transactional id) is owned
         // until a newer process fences this one.
-        let owns = !fenced && owner.as_ref().is_none_or(JobLock::is_held);
+        let owns = !fenced && owner.as_ref().is_none_or(|o| o.is_held());
         // A stop meant to follow a savepoint that failed is taken back: the job runs on
         // from its last completed checkpoint (the sinks committed what it holds), as
         // after a restart, and counted as one only if the attempt failed. A signal's

@@ -18,7 +18,7 @@ use crate::runtime::sink::Sink;
 use crate::sink;
 use crate::sink::kafka::hop::HopEncoder;
 use crate::sink::kafka::KafkaTransactions;
-use crate::sink::postgres::{Fence, JobLock};
+use crate::sink::target::Fence;
 use crate::sink::two_phase::TwoPhase;
 use crate::telemetry::JobStats;
 
@@ -54,7 +54,10 @@ pub(super) async fn finish_old_instances(
         // Another instance's name: hold its owner lock while finishing (it proves the
         // old process is gone, and fences it if not).
         let kind = sink::target::target_kind(cfg.sink.kind())?;
-        let mut lock = (kind.owner_lock && !own).then(|| JobLock::new(&ctx.job, &cfg.sink.table));
+        let mut lock = kind
+            .owner_lock
+            .filter(|_| !own)
+            .map(|lock| lock(&ctx.job, &cfg.sink.table, false));
         if let Some(lock) = &mut lock {
             lock.ensure(&cfg.sink).await?;
         }

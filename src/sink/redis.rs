@@ -129,7 +129,7 @@ pub const TARGET: TargetKind = TargetKind {
     kind: crate::config::SinkKind::Redis,
     strategies: &[crate::config::Strategy::Wal],
     open,
-    owner_lock: false,
+    owner_lock: None,
     leave_nothing_prepared: None,
     migrate: None,
     txn: None,
@@ -138,7 +138,7 @@ pub const TARGET: TargetKind = TargetKind {
 fn open<'a>(
     ctx: &'a SinkContext<'a>,
     spec: TableSpec,
-    _fence: Option<super::postgres::Fence>,
+    _fence: Option<super::target::Fence>,
 ) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move {
         let password = ctx.sink.password.as_ref().map(secrecy::ExposeSecret::expose_secret);

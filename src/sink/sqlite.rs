@@ -381,7 +381,7 @@ pub const TARGET: TargetKind = TargetKind {
     kind: crate::config::SinkKind::Sqlite,
     strategies: &[Strategy::Idempotent, Strategy::Wal],
     open,
-    owner_lock: false,
+    owner_lock: None,
     leave_nothing_prepared: None,
     migrate: Some(migrate_dir),
     txn: None,
@@ -396,7 +396,7 @@ pub struct SqliteTarget {
 fn open<'a>(
     ctx: &'a SinkContext<'a>,
     spec: TableSpec,
-    _fence: Option<super::postgres::Fence>,
+    _fence: Option<super::target::Fence>,
 ) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move {
         let pool = connect(&ctx.sink.url).await?;

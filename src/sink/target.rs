@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::dead_letter::KafkaDeadLetters;
-use super::postgres::Fence;
 use super::TableSpec;
 use crate::checkpoint::{CheckpointStorage, CompletedCheckpoint};
 use crate::config::{SinkConfig, SinkKind, Strategy};
@@ -123,6 +122,60 @@ pub struct Admin<'a> {
     pub storage: &'a (dyn Fn() -> Result<Arc<dyn CheckpointStorage>> + Sync),
 }
 
+/// The fencing token of a job's owner: the generation it took in the target's owners
+/// table when it took the job's lock. Every new owner raises it, so an owner that lost
+/// its lock without noticing (its lock connection dropped) finds a newer generation
+/// there before its next commit and stops instead of committing over the new owner.
+/// The target that took it checks it (in its own SQL, on its own connection).
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// The job (with its instance).
+    pub job: String,
+    /// The owners table, quoted for the target's SQL.
+    pub owners_table: String,
+    /// This owner's generation.
+    pub generation: i64,
+}
+
+impl Fence {
+    /// This owner's generation.
+    pub fn generation(&self) -> i64 {
+        self.generation
+    }
+
+    /// [`Error::Fenced`] unless `current` (the owners table's generation now) is ours.
+    pub fn verdict(&self, current: Option<i64>) -> Result<()> {
+        match current {
+            Some(g) if g == self.generation => Ok(()),
+            other => Err(Error::Fenced {
+                job: self.job.clone(),
+                ours: self.generation,
+                current: other,
+            }),
+        }
+    }
+}
+
+/// The job's ownership of its target, held for as long as the job runs: a second process
+/// of the same job (on any machine) cannot take it and refuses to start, so two owners
+/// never write or recover each other's prepared transactions.
+pub trait OwnerLock: Send + Sync {
+    /// Hold the lock (again, if its connection was lost). A lock held by another
+    /// process is a non-retryable error naming the holder.
+    fn ensure<'a>(&'a mut self, sink: &'a SinkConfig) -> TargetFuture<'a, ()>;
+
+    /// Whether this process holds the lock (as of its last check).
+    fn is_held(&self) -> bool;
+
+    /// The fencing token of the current ownership (`None` until the lock is held).
+    fn fence(&self) -> Option<Fence>;
+}
+
+/// A target's owner lock for `job`, not yet taken; `table` is the sink's (its owners
+/// table lives beside it). `taking_over`: the process holds the job's instance slot by a
+/// lease it took over, so a lock still held is the old holder's, whose session is ended.
+pub type LockFn = fn(job: &str, table: &str, taking_over: bool) -> Box<dyn OwnerLock>;
+
 /// Connects, applies migrations if configured, checks the table.
 pub type OpenFn = for<'a> fn(&'a SinkContext<'a>, TableSpec, Option<Fence>) -> TargetFuture<'a, Box<dyn Target>>;
 /// Resolves what a job left prepared: (committed, rolled back or fenced).
@@ -140,9 +193,9 @@ pub struct TargetKind {
     pub strategies: &'static [Strategy],
     /// Connect, apply migrations if configured, check the table.
     pub open: OpenFn,
-    /// Whether a process takes the job's owner lock in the target before it writes
+    /// The job's owner lock in the target, if a process takes one before it writes
     /// (and passes its fence to `open`).
-    pub owner_lock: bool,
+    pub owner_lock: Option<LockFn>,
     /// Resolve what the job left prepared before the process exits on a failure:
     /// (committed, rolled back or fenced).
     pub leave_nothing_prepared: Option<ResolveFn>,

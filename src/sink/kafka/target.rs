@@ -8,7 +8,6 @@ use crate::checkpoint::CompletedCheckpoint;
 use crate::config::{SinkKind, Strategy};
 use crate::error::{Error, Result};
 use crate::runtime::sink::Sink;
-use crate::sink::postgres::Fence;
 use crate::sink::target::{
     unsupported, Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand,
 };
@@ -20,7 +19,7 @@ pub const TARGET: TargetKind = TargetKind {
     kind: SinkKind::Kafka,
     strategies: &[Strategy::TwoPhase, Strategy::Idempotent, Strategy::AtLeastOnce],
     open,
-    owner_lock: false,
+    owner_lock: None,
     leave_nothing_prepared: Some(leave_nothing_prepared),
     migrate: None,
     txn: Some(txn),
@@ -59,7 +58,11 @@ async fn open_target(ctx: &SinkContext<'_>, spec: TableSpec) -> Result<KafkaTarg
     .await
 }
 
-fn open<'a>(ctx: &'a SinkContext<'a>, spec: TableSpec, _fence: Option<Fence>) -> TargetFuture<'a, Box<dyn Target>> {
+fn open<'a>(
+    ctx: &'a SinkContext<'a>,
+    spec: TableSpec,
+    _fence: Option<crate::sink::target::Fence>,
+) -> TargetFuture<'a, Box<dyn Target>> {
     Box::pin(async move { Ok(Box::new(open_target(ctx, spec).await?) as Box<dyn Target>) })
 }
 

@@ -12,6 +12,7 @@ use crate::config::redact_url;
 use crate::config::SinkConfig;
 use crate::error::{Error, Result};
 use crate::sink::quote_name;
+use crate::sink::target::{Fence, OwnerLock, TargetFuture};
 
 /// Connect to the sink's database; the password comes from the environment only. The
 /// connections are named `sluice:<job>` (`application_name`), to be found in
@@ -52,44 +53,43 @@ pub struct JobLock {
     take_over: bool,
 }
 
-/// The fencing token of an owner: the generation it took in the owners table when it
-/// took the job's lock. Every new owner raises it, so an owner that lost its lock
-/// without noticing (its lock connection dropped) finds a newer generation there
-/// before its next commit and stops instead of committing over the new owner.
-#[derive(Debug, Clone)]
-pub struct Fence {
-    job: String,
-    owners_table: String,
-    generation: i64,
+/// Fail with [`Error::Fenced`] when another process has taken the job over since
+/// `fence`'s owner took it. A committer calls it after its checkpoint completed and
+/// before `COMMIT PREPARED`: a new owner raises the generation before it reads the
+/// checkpoint to restore, so either this check sees the new generation, or the new
+/// owner sees this checkpoint (and commits or keeps the same epoch).
+pub async fn check_fence(fence: &Fence, conn: &mut PgConnection) -> Result<()> {
+    let current: Option<i64> =
+        sqlx::query_scalar(&format!("SELECT generation FROM {} WHERE job = $1", fence.owners_table))
+            .bind(&fence.job)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(Error::db("read the job's owner generation"))?;
+    fence.verdict(current)
 }
 
-impl Fence {
-    /// This owner's generation.
-    pub fn generation(&self) -> i64 {
-        self.generation
+impl OwnerLock for JobLock {
+    fn ensure<'a>(&'a mut self, sink: &'a SinkConfig) -> TargetFuture<'a, ()> {
+        Box::pin(self.take(sink))
     }
 
-    /// Fail with [`Error::Fenced`] when another process has taken the job over since
-    /// this owner took it. A committer calls it after its checkpoint completed and
-    /// before `COMMIT PREPARED`: a new owner raises the generation before it reads
-    /// the checkpoint to restore, so either this check sees the new generation, or
-    /// the new owner sees this checkpoint (and commits or keeps the same epoch).
-    pub async fn check(&self, conn: &mut PgConnection) -> Result<()> {
-        let current: Option<i64> =
-            sqlx::query_scalar(&format!("SELECT generation FROM {} WHERE job = $1", self.owners_table))
-                .bind(&self.job)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(Error::db("read the job's owner generation"))?;
-        match current {
-            Some(g) if g == self.generation => Ok(()),
-            other => Err(Error::Fenced {
-                job: self.job.clone(),
-                ours: self.generation,
-                current: other,
-            }),
-        }
+    fn is_held(&self) -> bool {
+        self.conn.is_some()
     }
+
+    fn fence(&self) -> Option<Fence> {
+        self.conn.as_ref().map(|_| Fence {
+            job: self.job.clone(),
+            owners_table: self.owners_table.clone(),
+            generation: self.generation,
+        })
+    }
+}
+
+/// Postgres's [`crate::sink::target::LockFn`].
+pub fn owner_lock(job: &str, table: &str, taking_over: bool) -> Box<dyn OwnerLock> {
+    let lock = JobLock::new(job, table);
+    Box::new(if taking_over { lock.taking_over() } else { lock })
 }
 
 impl JobLock {
@@ -120,15 +120,6 @@ impl JobLock {
     pub fn taking_over(mut self) -> Self {
         self.take_over = true;
         self
-    }
-
-    /// The fencing token of the current ownership (`None` until the lock is held).
-    pub fn fence(&self) -> Option<Fence> {
-        self.conn.as_ref().map(|_| Fence {
-            job: self.job.clone(),
-            owners_table: self.owners_table.clone(),
-            generation: self.generation,
-        })
     }
 
     /// Raise the job's generation in the owners table (created on first use).
@@ -166,14 +157,9 @@ impl JobLock {
         .map_err(Error::db("raise the job's owner generation"))
     }
 
-    /// Whether this process holds the lock (as of its last check).
-    pub fn is_held(&self) -> bool {
-        self.conn.is_some()
-    }
-
     /// Hold the lock (again, if its connection was lost). A lock held by another
     /// session is a non-retryable error naming the holder.
-    pub async fn ensure(&mut self, cfg: &SinkConfig) -> Result<()> {
+    async fn take(&mut self, cfg: &SinkConfig) -> Result<()> {
         if let Some(conn) = &mut self.conn {
             if conn.execute("SELECT 1").await.is_ok() {
                 return Ok(());

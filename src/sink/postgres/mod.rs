@@ -10,7 +10,7 @@ pub mod target;
 pub mod transactional;
 pub mod wal;
 
-pub use connect::{check_prepared_transactions, connect, migrate, Fence, JobLock};
+pub use connect::{check_fence, check_prepared_transactions, connect, migrate, owner_lock, JobLock};
 pub use table::PgTable;
 pub use target::TARGET;
 pub use transactional::{finish_prepared, gid, gid_prefix, list_prepared, recover, PgTransactions, PreparedTxn};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::{
-    check_prepared_transactions, connect, finish_prepared, gid_prefix, list_prepared, migrate, recover, Fence, PgTable,
-    PgTransactions, PgWal,
+    check_prepared_transactions, connect, finish_prepared, gid_prefix, list_prepared, migrate, owner_lock, recover,
+    PgTable, PgTransactions, PgWal,
 };
 use crate::checkpoint::CompletedCheckpoint;
 use crate::config::{SinkKind, Strategy};
@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::runtime::sink::Sink;
 use crate::sink::idempotent::{IdempotentWriter, PgUpsert};
 use crate::sink::target::{
-    unsupported, Admin, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand,
+    unsupported, Admin, Fence, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind, TxnCommand,
 };
 use crate::sink::two_phase::TwoPhase;
 use crate::sink::wal::WalWriter;
@@ -27,7 +27,7 @@ pub const TARGET: TargetKind = TargetKind {
     kind: SinkKind::Postgres,
     strategies: &[Strategy::Idempotent, Strategy::TwoPhase, Strategy::Wal],
     open,
-    owner_lock: true,
+    owner_lock: Some(owner_lock),
     leave_nothing_prepared: Some(leave_nothing_prepared),
     migrate: Some(migrate_dir),
     txn: Some(txn),

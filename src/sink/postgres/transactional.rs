@@ -11,13 +11,14 @@ use std::sync::Arc;
 use sqlx::pool::PoolConnection;
 use sqlx::{Executor, PgConnection, PgPool, Postgres, Row};
 
-use super::{Fence, PgTable};
+use super::{check_fence, PgTable};
 use crate::checkpoint::CompletedCheckpoint;
 use crate::error::{Error, Result};
 use crate::record::Batch;
 use crate::runtime::sink::SinkFuture;
 use crate::sink::buffer::WriteBuffer;
 use crate::sink::dead_letter::KafkaDeadLetters;
+use crate::sink::target::Fence;
 use crate::sink::two_phase::{restored_states, Prepared, TransactionalTarget, TwoPhaseState};
 
 /// The transactions of one sink subtask in the sink's database.
@@ -38,7 +39,7 @@ pub struct PgTransactions {
 
 impl PgTransactions {
     /// The transactions of sink subtask `subtask`, with a connection of its own for the
-    /// open one; `fence` is checked before every prepare and commit (see [`Fence::check`]).
+    /// open one; `fence` is checked before every prepare and commit (see [`check_fence`]).
     pub async fn open(
         job: &str,
         subtask: usize,
@@ -98,7 +99,7 @@ impl PgTransactions {
         // over should not prepare what would then hold row locks until the new owner's
         // next restart.
         if let Some(fence) = &self.fence {
-            fence.check(&mut self.conn).await?;
+            check_fence(fence, &mut self.conn).await?;
         }
         let id = gid(&self.job, self.subtask, checkpoint);
         self.conn
@@ -116,7 +117,7 @@ impl PgTransactions {
         // The epoch connection may be inside the next transaction; commit elsewhere.
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         if let Some(fence) = &self.fence {
-            fence.check(&mut conn).await?;
+            check_fence(fence, &mut conn).await?;
         }
         if !finish_prepared(&mut conn, id, true).await? {
             tracing::warn!(gid = id, "prepared transaction already resolved");
