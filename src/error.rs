@@ -142,7 +142,8 @@ pub enum Error {
     Internal(String),
 }
 
-/// Whose fault a database error is, by its SQLSTATE class: the one place that decides.
+/// Whose fault a database error is, by its SQLSTATE class (and a MySQL error's number):
+/// the one place that decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbFault {
     /// The row's data: isolate the row and dead-letter it (21 cardinality violation:
@@ -180,10 +181,39 @@ impl DbFault {
         }
     }
 
+    /// Classify a MySQL or MariaDB error by its number, where its SQLSTATE says too
+    /// little (`HY000` covers a refused value, a lock wait and a read-only server alike),
+    /// else by the SQLSTATE as [`DbFault::of`] does.
+    pub fn of_mysql(number: u16, sqlstate: Option<&str>) -> DbFault {
+        match number {
+            // A row's data: NULL into NOT NULL (1048), a duplicate key (1062), out of
+            // range (1264, 1690), truncated or wrong (1265, 1292, 1366, 1367, 1406), no
+            // default (1364), a foreign key (1451, 1452), invalid JSON (3140), a CHECK
+            // constraint (MySQL 3819, MariaDB 4025), a row too large (1118).
+            1048 | 1062 | 1118 | 1264 | 1265 | 1292 | 1364 | 1366 | 1367 | 1406 | 1451 | 1452 | 1690 | 3140 | 3819
+            | 4025 => DbFault::Row,
+            // A trigger's or routine's SIGNAL (1644), a statement timeout (MySQL 3024,
+            // MariaDB 1969): perhaps the row's doing.
+            1644 | 3024 | 1969 => DbFault::Suspect,
+            // A lock wait (1205), a deadlock (1213), too many connections (1040), a
+            // server shutting down (1053), a killed connection (1927), a read-only
+            // server mid-failover (1290, 1836).
+            1205 | 1213 | 1040 | 1053 | 1927 | 1290 | 1836 => DbFault::Transient,
+            // The job's setup: access denied (1044, 1045, 1142, 1143, 1227), an unknown
+            // database, table or column (1049, 1146, 1054), safe-update mode (1175).
+            1044 | 1045 | 1049 | 1054 | 1142 | 1143 | 1146 | 1175 | 1227 => DbFault::Permanent,
+            _ if sqlstate == Some("45000") => DbFault::Suspect,
+            _ => DbFault::of(sqlstate),
+        }
+    }
+
     /// Classify a sqlx error.
     pub fn of_sqlx(e: &sqlx::Error) -> DbFault {
         match e {
-            sqlx::Error::Database(d) => DbFault::of(d.code().as_deref()),
+            sqlx::Error::Database(d) => match d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                Some(m) => DbFault::of_mysql(m.number(), d.code().as_deref()),
+                None => DbFault::of(d.code().as_deref()),
+            },
             _ => DbFault::Transient,
         }
     }
@@ -299,6 +329,24 @@ mod tests {
             assert_eq!(DbFault::of(Some(code)), DbFault::Permanent, "{code}");
         }
         assert_eq!(DbFault::of(None), DbFault::Transient);
+        // MySQL: the number decides where the SQLSTATE (HY000) cannot.
+        for (n, state) in [
+            (1366, "HY000"),
+            (4025, "23000"),
+            (1406, "22001"),
+            (1048, "23000"),
+            (1364, "HY000"),
+        ] {
+            assert_eq!(DbFault::of_mysql(n, Some(state)), DbFault::Row, "{n}");
+        }
+        for (n, state) in [(1205, "HY000"), (1213, "40001"), (1290, "HY000"), (2000, "HY000")] {
+            assert_eq!(DbFault::of_mysql(n, Some(state)), DbFault::Transient, "{n}");
+        }
+        for (n, state) in [(1146, "42S02"), (1142, "42000"), (1045, "28000"), (1054, "42S22")] {
+            assert_eq!(DbFault::of_mysql(n, Some(state)), DbFault::Permanent, "{n}");
+        }
+        assert_eq!(DbFault::of_mysql(1644, Some("45000")), DbFault::Suspect);
+        assert_eq!(DbFault::of_mysql(9999, Some("45000")), DbFault::Suspect);
         let no_code = Error::Database {
             context: "x".into(),
             source: sqlx::Error::Protocol("y".into()),

@@ -675,6 +675,12 @@ impl SinkConfig {
             SinkKind::Postgres if !self.url.starts_with("postgres://") && !self.url.starts_with("postgresql://") => {
                 return fail("sink.url", "a postgres sink needs a postgres:// URL");
             }
+            SinkKind::Mysql if !self.url.starts_with("mysql://") && !self.url.starts_with("mariadb://") => {
+                return fail(
+                    "sink.url",
+                    "a mysql sink needs a mysql:// URL (mysql://user@host:3306/database; password: SLUICE__SINK__PASSWORD)",
+                );
+            }
             SinkKind::Sqlite if !self.url.starts_with("sqlite:") => {
                 return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
             }

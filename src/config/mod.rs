@@ -537,6 +537,8 @@ pub enum SinkKind {
     Kafka,
     /// Redis (`wal`): each record under a key built from `table` and the key columns.
     Redis,
+    /// MySQL or MariaDB (`idempotent`, `two_phase`: XA transactions, `wal`).
+    Mysql,
 }
 
 impl SinkKind {
@@ -547,6 +549,7 @@ impl SinkKind {
             SinkKind::Sqlite => "sqlite",
             SinkKind::Kafka => "kafka",
             SinkKind::Redis => "redis",
+            SinkKind::Mysql => "mysql",
         }
     }
 }
@@ -669,9 +672,11 @@ pub enum SinkTarget {
     Kafka(KafkaSinkConfig),
     /// Redis (`wal`).
     Redis(RedisSinkConfig),
+    /// MySQL or MariaDB (`idempotent`, `two_phase`, `wal`).
+    Mysql(SqlSinkConfig),
 }
 
-/// What a SQL sink (Postgres, SQLite) has beside the common keys.
+/// What a SQL sink (Postgres, SQLite, MySQL) has beside the common keys.
 #[derive(Debug, Clone, Default)]
 pub struct SqlSinkConfig {
     /// `sink.migrations`: a directory of sqlx migrations (`<version>_<name>.sql`).
@@ -696,13 +701,14 @@ impl SinkConfig {
             SinkTarget::Sqlite(_) => SinkKind::Sqlite,
             SinkTarget::Kafka(_) => SinkKind::Kafka,
             SinkTarget::Redis(_) => SinkKind::Redis,
+            SinkTarget::Mysql(_) => SinkKind::Mysql,
         }
     }
 
     /// A SQL sink's migrations and whether they run at start.
     pub fn sql(&self) -> Option<&SqlSinkConfig> {
         match &self.target {
-            SinkTarget::Postgres(s) | SinkTarget::Sqlite(s) => Some(s),
+            SinkTarget::Postgres(s) | SinkTarget::Sqlite(s) | SinkTarget::Mysql(s) => Some(s),
             _ => None,
         }
     }
@@ -746,6 +752,7 @@ impl From<RawSinkConfig> for SinkConfig {
         let target = match r.kind {
             SinkKind::Postgres => SinkTarget::Postgres(sql),
             SinkKind::Sqlite => SinkTarget::Sqlite(sql),
+            SinkKind::Mysql => SinkTarget::Mysql(sql),
             SinkKind::Kafka => SinkTarget::Kafka(r.kafka),
             SinkKind::Redis => SinkTarget::Redis(RedisSinkConfig {
                 command: r.redis_command,
@@ -777,10 +784,10 @@ impl From<RawSinkConfig> for SinkConfig {
 struct RawSinkConfig {
     /// The target database.
     kind: SinkKind,
-    /// `postgres://user@host:port/db`, `sqlite://path`, `redis://host:6379/0`, or for a
-    /// Kafka sink its bootstrap servers `host:9092,host:9092`. A password goes in the
-    /// environment (`SLUICE__SINK__PASSWORD`, `PGPASSWORD`, `SLUICE_REDIS_PASSWORD`),
-    /// never in the file.
+    /// `postgres://user@host:port/db`, `sqlite://path`, `redis://host:6379/0`,
+    /// `mysql://user@host:3306/db` (MySQL or MariaDB), or for a Kafka sink its bootstrap
+    /// servers `host:9092,host:9092`. A password goes in the environment
+    /// (`SLUICE__SINK__PASSWORD`, `PGPASSWORD`, `SLUICE_REDIS_PASSWORD`), never in the file.
     url: Url,
     /// The Postgres password; only from the environment. Prints as `[REDACTED]`.
     password: Option<secrecy::SecretString>,
@@ -789,8 +796,9 @@ struct RawSinkConfig {
     /// `<table>:<key columns joined by :>`) or, with `xadd`, the stream.
     #[serde(alias = "topic")]
     table: String,
-    /// How exactly once is reached: `idempotent` (Postgres, SQLite, Kafka), `two_phase`
-    /// (Postgres, Kafka), `wal` (Postgres, SQLite, Redis) or `at_least_once` (Kafka).
+    /// How exactly once is reached: `idempotent` (Postgres, SQLite, MySQL, Kafka),
+    /// `two_phase` (Postgres, MySQL, Kafka), `wal` (Postgres, SQLite, MySQL, Redis) or
+    /// `at_least_once` (Kafka).
     strategy: Strategy,
     /// Columns (default: `topic`, `partition`, `offset` from Kafka, then every field of
     /// the stream under its own name; after a window: its key, `window_start`,

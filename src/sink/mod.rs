@@ -8,11 +8,11 @@
 //!   a replay after a restore rewrites the same rows.
 //! - [`two_phase`]: one transaction per checkpoint and subtask, prepared on the barrier,
 //!   committed when the checkpoint completes, recovered on restore
-//!   ([`two_phase::TransactionalTarget`]: Postgres, Kafka).
+//!   ([`two_phase::TransactionalTarget`]: Postgres, MySQL, Kafka).
 //! - [`wal`]: the epoch kept in checkpoint storage and written once the checkpoint
 //!   completes, with a committer record ([`wal::WalTarget`]: Postgres, SQLite, Redis).
 //!
-//! A target is a module of its own (`postgres/`, `kafka/`, `sqlite`, `redis`) that owns
+//! A target is a module of its own (`postgres/`, `mysql/`, `kafka/`, `sqlite`, `redis`) that owns
 //! its whole life ([`target::TargetKind`]: open, the strategies it supports, a sink
 //! subtask of each, recovery, migrations, transaction admin); [`target::TARGETS`] lists
 //! them, one line each.
@@ -28,6 +28,7 @@ pub mod idempotent;
 mod isolate;
 mod json;
 pub mod kafka;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;

@@ -211,6 +211,7 @@ pub const TARGETS: &[TargetKind] = &[
     super::sqlite::TARGET,
     super::kafka::TARGET,
     super::redis::TARGET,
+    super::mysql::TARGET,
 ];
 
 /// The target of `kind`.
@@ -258,6 +259,7 @@ mod tests {
                     SinkKind::Sqlite => ("sqlite://x.db", "kind = \"table\"\ntable = \"dead\""),
                     SinkKind::Kafka => ("127.0.0.1:9092", "kind = \"kafka\"\ntopic = \"dead\""),
                     SinkKind::Redis => ("redis://127.0.0.1:6379", "kind = \"table\"\ntable = \"dead\""),
+                    SinkKind::Mysql => ("mysql://u@h/db", "kind = \"table\"\ntable = \"dead\""),
                 };
                 let toml = format!(
                     "[job]\nname = \"j\"\n[source]\ntopics = [\"t\"]\nbootstrap_servers = \"127.0.0.1:9092\"\n\
@@ -283,7 +285,13 @@ mod tests {
 
     #[test]
     fn every_sink_kind_has_one_target_with_a_strategy() {
-        for kind in [SinkKind::Postgres, SinkKind::Sqlite, SinkKind::Kafka, SinkKind::Redis] {
+        for kind in [
+            SinkKind::Postgres,
+            SinkKind::Sqlite,
+            SinkKind::Kafka,
+            SinkKind::Redis,
+            SinkKind::Mysql,
+        ] {
             assert_eq!(TARGETS.iter().filter(|t| t.kind == kind).count(), 1, "{kind:?}");
             assert!(!target_kind(kind).expect("listed").strategies.is_empty(), "{kind:?}");
         }

@@ -18,6 +18,7 @@ mod kill;
 #[cfg(feature = "rocksdb")]
 mod larger_than_memory;
 mod migrate;
+mod mysql;
 #[cfg(feature = "s3")]
 mod object_storage;
 mod owners;

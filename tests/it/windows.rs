@@ -342,7 +342,15 @@ pub(crate) fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-fn window_toml(job: &str, topic: &str, schema: &str, strategy: &str, dir: &Path, sources: u32, windows: u32) -> String {
+pub(crate) fn window_toml(
+    job: &str,
+    topic: &str,
+    schema: &str,
+    strategy: &str,
+    dir: &Path,
+    sources: u32,
+    windows: u32,
+) -> String {
     format!(
         r#"
 [job]
