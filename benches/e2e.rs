@@ -2,7 +2,9 @@
 //! checkpoints every second, against two baselines measured in the same run on the same
 //! data: a bare rdkafka consumer reading the topic, and a bare `COPY` of the same rows
 //! into an indexed Postgres table. Then a windowed job on the same data (Kafka → decode
-//! → key by user → 1 s tumbling windows on the Kafka timestamp, count + sum → Postgres). Needs the services of `scripts/test`; run it with
+//! → key by user → 1 s tumbling windows on the Kafka timestamp, count + sum → Postgres),
+//! Kafka and Redis, and MariaDB against a bare batched `INSERT`. Needs the services of
+//! `scripts/test`; run it with
 //! `scripts/bench` (records: `SLUICE_BENCH_RECORDS`, default 1,000,000).
 
 // The allocator of the `sluice` binary, so the bench measures what runs.
@@ -175,6 +177,75 @@ listen = ""
         dir = dir.path().display()
     );
     run_until(&dir, &toml, |s| s.rows_written.load(Ordering::Relaxed) >= n, n).await
+}
+
+/// The bench's MariaDB database (`scripts/ensure-mariadb`), the test user's password.
+const MYSQL: &str = "mysql://sluice:sluice@127.0.0.1:3306/test";
+
+/// `table` in MariaDB, indexed like the COPY baseline's (dropped first).
+async fn my_table(pool: &sqlx::MySqlPool, table: &str) {
+    for sql in [
+        format!("DROP TABLE IF EXISTS {table}"),
+        format!(
+            "CREATE TABLE {table} (topic VARCHAR(255) NOT NULL, `partition` INT NOT NULL, `offset` BIGINT NOT NULL, \
+             id BIGINT, user VARCHAR(64), amount DOUBLE, body TEXT, PRIMARY KEY (topic, `partition`, `offset`)) \
+             ENGINE=InnoDB"
+        ),
+        "CREATE TABLE IF NOT EXISTS bench_dead (topic VARCHAR(255) NOT NULL, `partition` INT NOT NULL, \
+         `offset` BIGINT NOT NULL, kafka_timestamp BIGINT, reason TEXT, payload BLOB, \
+         PRIMARY KEY (topic, `partition`, `offset`))"
+            .to_string(),
+    ] {
+        pool.execute(sql.as_str()).await.expect("create a MariaDB table");
+    }
+}
+
+/// The rows of the topic, inserted the plain way: multi-row `INSERT` statements of
+/// 2,000 rows with bound values, from two connections at once (as the sink's two
+/// subtasks write), autocommitted. Rows/s.
+async fn bare_mysql_insert(pool: &sqlx::MySqlPool, topic: &str, n: u64) -> f64 {
+    my_table(pool, "bench_my_bare").await;
+    let started = Instant::now();
+    let write = |half: u64| {
+        let (pool, topic) = (pool.clone(), topic.to_string());
+        async move {
+            let ids: Vec<u64> = (0..n).filter(|id| id % 2 == half).collect();
+            for chunk in ids.chunks(2_000) {
+                let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(
+                    "INSERT INTO bench_my_bare (topic, `partition`, `offset`, id, user, amount, body) ",
+                );
+                qb.push_values(chunk, |mut row, id| {
+                    row.push_bind(topic.clone())
+                        .push_bind((id % PARTITIONS as u64) as i32)
+                        .push_bind((id / PARTITIONS as u64) as i64)
+                        .push_bind(*id as i64)
+                        .push_bind(format!("user-{}", id % 1000))
+                        .push_bind((id % 500) as f64 + 0.25)
+                        .push_bind(format!("record number {id}"));
+                });
+                qb.build().execute(&pool).await.expect("bare insert");
+            }
+        }
+    };
+    tokio::join!(write(0), write(1));
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The pass-through job into MariaDB with `strategy`, records/s.
+async fn sluice_mysql(pool: &sqlx::MySqlPool, topic: &str, n: u64, strategy: &str) -> f64 {
+    let table = format!("bench_my_{strategy}");
+    my_table(pool, &table).await;
+    let sink = format!(
+        "[sink]\nkind = \"mysql\"\nurl = \"mysql://sluice@127.0.0.1:3306/test\"\ntable = \"{table}\"\n\
+         strategy = \"{strategy}\"\nparallelism = 2\nbatch_size = 10000\n[dead_letter]\ntable = \"bench_dead\""
+    );
+    let rate = sluice_into(topic, n, &format!("my-{strategy}"), &sink).await;
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    assert_eq!(rows as u64, n, "mysql {strategy}: rows in the sink");
+    rate
 }
 
 /// A bare consume-and-produce loop without transactions: every record of `topic` to
@@ -407,6 +478,18 @@ fn main() {
             std::process::id()
         );
         let redis_wal = sluice_into(&topic, n, "redis", &redis_sink).await;
+        // MariaDB (the password as an operator gives it: in the environment).
+        std::env::set_var("SLUICE__SINK__PASSWORD", "sluice");
+        let my = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(4)
+            .connect(MYSQL)
+            .await
+            .expect("MariaDB (scripts/ensure-mariadb)");
+        let my_bare = bare_mysql_insert(&my, &topic, n).await;
+        let my_idem = sluice_mysql(&my, &topic, n, "idempotent").await;
+        let my_two = sluice_mysql(&my, &topic, n, "two_phase").await;
+        let my_wal = sluice_mysql(&my, &topic, n, "wal").await;
+        std::env::remove_var("SLUICE__SINK__PASSWORD");
         let base = consumer.min(copy);
         println!();
         println!("{:<40} {:>12}", "records/s, same data, same run", "");
@@ -450,5 +533,16 @@ fn main() {
             redis_wal,
             100.0 * redis_wal / sets
         );
+        println!("{:<40} {:>12.0}", "bare batched INSERT into MariaDB", my_bare);
+        for (name, rate) in [
+            ("sluice idempotent into MariaDB", my_idem),
+            ("sluice two_phase (XA) into MariaDB", my_two),
+            ("sluice wal into MariaDB", my_wal),
+        ] {
+            println!(
+                "{name:<40} {rate:>12.0}   {:>5.1}% of the bare batched INSERT",
+                100.0 * rate / my_bare
+            );
+        }
     });
 }

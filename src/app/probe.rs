@@ -54,8 +54,8 @@ async fn sink(cfg: &JobConfig) -> std::result::Result<String, String> {
     // Migrations are not applied: a check changes nothing. Without them, a table they
     // would create is missing; said so rather than refused.
     let mut quiet = cfg.clone();
-    let migrations = match &mut quiet.sink.target {
-        crate::config::SinkTarget::Postgres(sql) | crate::config::SinkTarget::Sqlite(sql) if sql.run_migrations => {
+    let migrations = match quiet.sink.sql_mut() {
+        Some(sql) if sql.run_migrations => {
             sql.run_migrations = false;
             sql.migrations.clone()
         }

@@ -713,6 +713,14 @@ impl SinkConfig {
         }
     }
 
+    /// A SQL sink's migrations, to change.
+    pub fn sql_mut(&mut self) -> Option<&mut SqlSinkConfig> {
+        match &mut self.target {
+            SinkTarget::Postgres(s) | SinkTarget::Sqlite(s) | SinkTarget::Mysql(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// `[sink.kafka]` of a Kafka sink.
     pub fn kafka(&self) -> Option<&KafkaSinkConfig> {
         match &self.target {
