@@ -681,6 +681,20 @@ impl SinkConfig {
                     "a mysql sink needs a mysql:// URL (mysql://user@host:3306/database; password: SLUICE__SINK__PASSWORD)",
                 );
             }
+            SinkKind::Files
+                if self.url.contains("://") && !self.url.starts_with("file://") && !self.url.starts_with("s3://") =>
+            {
+                return fail(
+                    "sink.url",
+                    "a files sink's url is a directory (a path or file:///path) or a bucket (s3://bucket/prefix)",
+                );
+            }
+            SinkKind::Files if self.strategy != Strategy::TwoPhase => {
+                return fail(
+                    "sink.strategy",
+                    "a files sink writes two_phase: part files made visible under their final names when the checkpoint completes",
+                );
+            }
             SinkKind::Sqlite if !self.url.starts_with("sqlite:") => {
                 return fail("sink.url", "a sqlite sink needs a sqlite:// URL");
             }
@@ -722,6 +736,24 @@ impl SinkConfig {
                 "a sqlite sink cannot do two_phase (SQLite has no prepared transactions); use idempotent or wal",
             );
         }
+        if let Some(f) = self.files() {
+            if f.max_file_bytes < 1024 {
+                return fail("sink.files.max_file_bytes", "must be at least 1024");
+            }
+            if f.row_group_rows == 0 {
+                return fail("sink.files.row_group_rows", "must be at least 1");
+            }
+            for p in &f.partition_by {
+                if crate::config::PartitionBy::parse(p).is_none() {
+                    return fail(
+                        "sink.files.partition_by",
+                        &format!(
+                            "`{p}` is neither a column name nor name=pattern of the event time (e.g. dt=%Y-%m-%d, hour=%H)"
+                        ),
+                    );
+                }
+            }
+        }
         if self.kind() == SinkKind::Sqlite && self.parallelism != 1 {
             return fail("sink.parallelism", "a sqlite sink takes one writer; set 1");
         }
@@ -742,6 +774,15 @@ impl SinkConfig {
                     "sink.table",
                     "keys under `sluice:` are sluice's own (epoch markers, the dead-letter stream \
                      `sluice:<job>:dead`); records may not write there: choose another prefix",
+                );
+            }
+        } else if self.kind() == SinkKind::Files {
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if self.table.is_empty() || self.table.starts_with(['.', '_']) || !self.table.chars().all(legal) {
+                return fail(
+                    "sink.table",
+                    "a files sink's table is the dataset's directory under sink.url: letters, digits, . _ -, \
+                     not starting with . or _ (readers skip those)",
                 );
             }
         } else if self.kind() == SinkKind::Kafka {

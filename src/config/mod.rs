@@ -539,6 +539,9 @@ pub enum SinkKind {
     Redis,
     /// MySQL or MariaDB (`idempotent`, `two_phase`: XA transactions, `wal`).
     Mysql,
+    /// Parquet or JSON-lines files in a directory or an S3 bucket (`two_phase`: part
+    /// files made visible under their final names when the checkpoint completes).
+    Files,
 }
 
 impl SinkKind {
@@ -550,6 +553,7 @@ impl SinkKind {
             SinkKind::Kafka => "kafka",
             SinkKind::Redis => "redis",
             SinkKind::Mysql => "mysql",
+            SinkKind::Files => "files",
         }
     }
 }
@@ -674,6 +678,99 @@ pub enum SinkTarget {
     Redis(RedisSinkConfig),
     /// MySQL or MariaDB (`idempotent`, `two_phase`, `wal`).
     Mysql(SqlSinkConfig),
+    /// Files in a directory or a bucket (`two_phase`).
+    Files(FilesSinkConfig),
+}
+
+/// How a files sink writes a part file.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// Apache Parquet, columns typed from the stream's schema, Snappy-compressed.
+    #[default]
+    Parquet,
+    /// One JSON object of the sink's columns per line.
+    Jsonl,
+}
+
+/// `[sink.files]`: the part files of a files sink (`sink.url`: a directory, `file:///…`,
+/// or `s3://bucket/prefix`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSinkConfig {
+    /// `parquet` (default) or `jsonl`.
+    #[serde(default)]
+    pub format: FileFormat,
+    /// Hive-style partition directories, outermost first: a field of the stream
+    /// (`country` → `country=DE/`), or a name and a pattern of the record's event time
+    /// in UTC (`dt=%Y-%m-%d`, `hour=%H`; `%Y %m %d %H %M` are known).
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// A part file is closed (and a next one begun) once it holds this many bytes
+    /// (default 128 MiB); each checkpoint closes every open part file too.
+    #[serde(default = "defaults::max_file_bytes", deserialize_with = "whole::number")]
+    pub max_file_bytes: u64,
+    /// Rows per Parquet row group (default 100,000).
+    #[serde(default = "defaults::row_group_rows", deserialize_with = "whole::number")]
+    pub row_group_rows: usize,
+    /// An S3-compatible endpoint (`http://127.0.0.1:9000`) for an `s3://` url; none: AWS.
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    #[serde(default = "defaults::region")]
+    pub region: String,
+}
+
+/// One level of a files sink's partition directories (`sink.files.partition_by`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionBy {
+    /// `column=<value>` of a sink column.
+    Column(String),
+    /// `name=<the event time formatted by the pattern, in UTC>`.
+    Time {
+        /// The directory's name part.
+        name: String,
+        /// `%Y`, `%m`, `%d`, `%H`, `%M` and literal text.
+        pattern: String,
+    },
+}
+
+impl PartitionBy {
+    /// Parse one entry; `None` when it is neither a plain name nor `name=pattern`.
+    pub fn parse(entry: &str) -> Option<PartitionBy> {
+        let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        match entry.split_once('=') {
+            None if plain(entry) => Some(PartitionBy::Column(entry.to_string())),
+            Some((name, pattern)) if plain(name) && pattern.contains('%') => {
+                let mut chars = pattern.chars();
+                while let Some(c) = chars.next() {
+                    if c == '%' && !matches!(chars.next(), Some('Y' | 'm' | 'd' | 'H' | 'M')) {
+                        return None;
+                    }
+                    if c == '/' {
+                        return None;
+                    }
+                }
+                Some(PartitionBy::Time {
+                    name: name.to_string(),
+                    pattern: pattern.to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Default for FilesSinkConfig {
+    fn default() -> Self {
+        Self {
+            format: FileFormat::default(),
+            partition_by: Vec::new(),
+            max_file_bytes: defaults::max_file_bytes(),
+            row_group_rows: defaults::row_group_rows(),
+            endpoint: None,
+            region: defaults::region(),
+        }
+    }
 }
 
 /// What a SQL sink (Postgres, SQLite, MySQL) has beside the common keys.
@@ -702,6 +799,7 @@ impl SinkConfig {
             SinkTarget::Kafka(_) => SinkKind::Kafka,
             SinkTarget::Redis(_) => SinkKind::Redis,
             SinkTarget::Mysql(_) => SinkKind::Mysql,
+            SinkTarget::Files(_) => SinkKind::Files,
         }
     }
 
@@ -717,6 +815,14 @@ impl SinkConfig {
     pub fn sql_mut(&mut self) -> Option<&mut SqlSinkConfig> {
         match &mut self.target {
             SinkTarget::Postgres(s) | SinkTarget::Sqlite(s) | SinkTarget::Mysql(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `[sink.files]` of a files sink.
+    pub fn files(&self) -> Option<&FilesSinkConfig> {
+        match &self.target {
+            SinkTarget::Files(f) => Some(f),
             _ => None,
         }
     }
@@ -749,7 +855,10 @@ impl From<RawSinkConfig> for SinkConfig {
         if r.kind != SinkKind::Redis && r.redis_command != RedisCommand::default() {
             stray.push("sink.redis_command");
         }
-        if matches!(r.kind, SinkKind::Kafka | SinkKind::Redis) {
+        if r.kind != SinkKind::Files && r.files.is_some() {
+            stray.push("sink.files");
+        }
+        if matches!(r.kind, SinkKind::Kafka | SinkKind::Redis | SinkKind::Files) {
             if r.migrations.is_some() {
                 stray.push("sink.migrations");
             }
@@ -761,6 +870,7 @@ impl From<RawSinkConfig> for SinkConfig {
             SinkKind::Postgres => SinkTarget::Postgres(sql),
             SinkKind::Sqlite => SinkTarget::Sqlite(sql),
             SinkKind::Mysql => SinkTarget::Mysql(sql),
+            SinkKind::Files => SinkTarget::Files(r.files.unwrap_or_default()),
             SinkKind::Kafka => SinkTarget::Kafka(r.kafka),
             SinkKind::Redis => SinkTarget::Redis(RedisSinkConfig {
                 command: r.redis_command,
@@ -849,6 +959,8 @@ struct RawSinkConfig {
     /// `[sink.kafka]`: how a Kafka sink builds its messages.
     #[serde(default)]
     kafka: KafkaSinkConfig,
+    /// `[sink.files]`: how a files sink writes its part files.
+    files: Option<FilesSinkConfig>,
 }
 
 /// A Kafka message's value.
@@ -1069,6 +1181,14 @@ mod defaults {
     pub fn retain() -> usize {
         3
     }
+    pub fn max_file_bytes() -> u64 {
+        128 << 20
+    }
+
+    pub fn row_group_rows() -> usize {
+        100_000
+    }
+
     pub fn region() -> String {
         "us-east-1".into()
     }

@@ -12,7 +12,7 @@
 //! - [`wal`]: the epoch kept in checkpoint storage and written once the checkpoint
 //!   completes, with a committer record ([`wal::WalTarget`]: Postgres, SQLite, Redis).
 //!
-//! A target is a module of its own (`postgres/`, `mysql/`, `kafka/`, `sqlite`, `redis`) that owns
+//! A target is a module of its own (`postgres/`, `mysql/`, `files/`, `kafka/`, `sqlite`, `redis`) that owns
 //! its whole life ([`target::TargetKind`]: open, the strategies it supports, a sink
 //! subtask of each, recovery, migrations, transaction admin); [`target::TARGETS`] lists
 //! them, one line each.
@@ -23,6 +23,7 @@
 
 pub mod buffer;
 pub mod dead_letter;
+pub mod files;
 pub mod freshness;
 pub mod idempotent;
 mod isolate;

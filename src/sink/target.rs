@@ -212,6 +212,7 @@ pub const TARGETS: &[TargetKind] = &[
     super::kafka::TARGET,
     super::redis::TARGET,
     super::mysql::TARGET,
+    super::files::TARGET,
 ];
 
 /// The target of `kind`.
@@ -260,6 +261,7 @@ mod tests {
                     SinkKind::Kafka => ("127.0.0.1:9092", "kind = \"kafka\"\ntopic = \"dead\""),
                     SinkKind::Redis => ("redis://127.0.0.1:6379", "kind = \"table\"\ntable = \"dead\""),
                     SinkKind::Mysql => ("mysql://u@h/db", "kind = \"table\"\ntable = \"dead\""),
+                    SinkKind::Files => ("/tmp/lake", "kind = \"table\"\ntable = \"dead\""),
                 };
                 let toml = format!(
                     "[job]\nname = \"j\"\n[source]\ntopics = [\"t\"]\nbootstrap_servers = \"127.0.0.1:9092\"\n\

@@ -12,6 +12,7 @@ mod discovery;
 mod docs;
 mod embedded;
 mod enrich;
+mod files;
 mod kafka_dead_letters;
 mod kafka_sink;
 mod kill;
