@@ -3,7 +3,8 @@
 //! data: a bare rdkafka consumer reading the topic, and a bare `COPY` of the same rows
 //! into an indexed Postgres table. Then a windowed job on the same data (Kafka → decode
 //! → key by user → 1 s tumbling windows on the Kafka timestamp, count + sum → Postgres),
-//! Kafka and Redis, and MariaDB against a bare batched `INSERT`. Needs the services of
+//! Kafka and Redis, MariaDB against a bare batched `INSERT`, and Parquet files against a
+//! bare `ArrowWriter`. Needs the services of
 //! `scripts/test`; run it with
 //! `scripts/bench` (records: `SLUICE_BENCH_RECORDS`, default 1,000,000).
 
@@ -248,6 +249,71 @@ async fn sluice_mysql(pool: &sqlx::MySqlPool, topic: &str, n: u64, strategy: &st
     rate
 }
 
+/// The rows of the topic written the plain way into one Parquet file: Arrow batches of
+/// 8,192 rows through parquet's `ArrowWriter` (Snappy, as the sink writes), no Kafka.
+/// Rows/s.
+fn bare_parquet(topic: &str, n: u64, dir: &std::path::Path) -> f64 {
+    use arrow_array::builder::{Float64Builder, Int32Builder, Int64Builder, StringBuilder};
+    use arrow_array::{ArrayRef, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("topic", DataType::Utf8, true),
+        Field::new("partition", DataType::Int32, true),
+        Field::new("offset", DataType::Int64, true),
+        Field::new("id", DataType::Int64, true),
+        Field::new("user", DataType::Utf8, true),
+        Field::new("amount", DataType::Float64, true),
+        Field::new("body", DataType::Utf8, true),
+    ]));
+    let started = Instant::now();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let file = std::fs::File::create(dir.join("bare.parquet")).expect("create");
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(props)).expect("writer");
+    let ids: Vec<u64> = (0..n).collect();
+    for chunk in ids.chunks(8_192) {
+        let (mut t, mut p, mut o, mut i) = (
+            StringBuilder::new(),
+            Int32Builder::new(),
+            Int64Builder::new(),
+            Int64Builder::new(),
+        );
+        let (mut u, mut a, mut b) = (StringBuilder::new(), Float64Builder::new(), StringBuilder::new());
+        for id in chunk {
+            t.append_value(topic);
+            p.append_value((id % PARTITIONS as u64) as i32);
+            o.append_value((id / PARTITIONS as u64) as i64);
+            i.append_value(*id as i64);
+            u.append_value(format!("user-{}", id % 1000));
+            a.append_value((id % 500) as f64 + 0.25);
+            b.append_value(format!("record number {id}"));
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(t.finish()),
+            Arc::new(p.finish()),
+            Arc::new(o.finish()),
+            Arc::new(i.finish()),
+            Arc::new(u.finish()),
+            Arc::new(a.finish()),
+            Arc::new(b.finish()),
+        ];
+        w.write(&RecordBatch::try_new(schema.clone(), cols).expect("batch")).expect("write");
+    }
+    w.close().expect("close");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The pass-through job into Parquet files in `dir`, records/s.
+async fn sluice_files(topic: &str, n: u64, dir: &std::path::Path) -> f64 {
+    let sink = format!(
+        "[sink]\nkind = \"files\"\nurl = \"{}\"\ntable = \"events\"\nstrategy = \"two_phase\"\n\
+         parallelism = 2\n[sink.files]\nformat = \"parquet\"",
+        dir.display()
+    );
+    sluice_into(topic, n, "files", &sink).await
+}
+
 /// A bare consume-and-produce loop without transactions: every record of `topic` to
 /// `out`, records/s until all are acknowledged.
 fn bare_consume_produce(topic: &str, out: &str, n: u64) -> f64 {
@@ -490,6 +556,14 @@ fn main() {
         let my_two = sluice_mysql(&my, &topic, n, "two_phase").await;
         let my_wal = sluice_mysql(&my, &topic, n, "wal").await;
         std::env::remove_var("SLUICE__SINK__PASSWORD");
+        // Parquet files.
+        let lake = tempfile::tempdir().expect("tempdir");
+        let tp = topic.clone();
+        let path = lake.path().to_path_buf();
+        let parquet_bare = tokio::task::spawn_blocking(move || bare_parquet(&tp, n, &path))
+            .await
+            .expect("bare parquet");
+        let parquet = sluice_files(&topic, n, lake.path()).await;
         let base = consumer.min(copy);
         println!();
         println!("{:<40} {:>12}", "records/s, same data, same run", "");
@@ -544,5 +618,12 @@ fn main() {
                 100.0 * rate / my_bare
             );
         }
+        println!("{:<40} {:>12.0}", "bare ArrowWriter into one Parquet file", parquet_bare);
+        println!(
+            "{:<40} {:>12.0}   {:>5.1}% of the bare Parquet writer",
+            "sluice files (Parquet, two_phase)",
+            parquet,
+            100.0 * parquet / parquet_bare
+        );
     });
 }
