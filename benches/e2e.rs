@@ -298,7 +298,8 @@ fn bare_parquet(topic: &str, n: u64, dir: &std::path::Path) -> f64 {
             Arc::new(a.finish()),
             Arc::new(b.finish()),
         ];
-        w.write(&RecordBatch::try_new(schema.clone(), cols).expect("batch")).expect("write");
+        w.write(&RecordBatch::try_new(schema.clone(), cols).expect("batch"))
+            .expect("write");
     }
     w.close().expect("close");
     n as f64 / started.elapsed().as_secs_f64()
@@ -618,7 +619,10 @@ fn main() {
                 100.0 * rate / my_bare
             );
         }
-        println!("{:<40} {:>12.0}", "bare ArrowWriter into one Parquet file", parquet_bare);
+        println!(
+            "{:<40} {:>12.0}",
+            "bare ArrowWriter into one Parquet file", parquet_bare
+        );
         println!(
             "{:<40} {:>12.0}   {:>5.1}% of the bare Parquet writer",
             "sluice files (Parquet, two_phase)",

@@ -2,7 +2,7 @@
 files under the dataset's directory whose path has no part starting with `_` or `.`
 (pyarrow's own rule) and that end in .parquet or .jsonl. Prints one JSON object:
 the rows (each row's columns and its partition directories as `dir.<name>`), the files
-read, and the staged files left anywhere under the directory.
+read and their sizes, and the staged files left anywhere under the directory.
 
 usage: read_files.py <dir or s3://bucket/prefix> [endpoint]
 """
@@ -25,7 +25,7 @@ def main():
         fs = pafs.LocalFileSystem()
         base = url[len("file://"):] if url.startswith("file://") else url
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    rows, files, staged = [], [], []
+    rows, files, staged, sizes = [], [], [], {}
     for info in infos:
         if info.type != pafs.FileType.File:
             continue
@@ -47,10 +47,11 @@ def main():
         else:
             continue
         files.append(rel)
+        sizes[rel] = info.size
         for r in batch:
             r.update(dirs)
             rows.append(r)
-    json.dump({"rows": rows, "files": sorted(files), "staged": sorted(staged)}, sys.stdout)
+    json.dump({"rows": rows, "files": sorted(files), "staged": sorted(staged), "sizes": sizes}, sys.stdout)
 
 
 main()

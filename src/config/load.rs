@@ -740,6 +740,9 @@ impl SinkConfig {
             if f.max_file_bytes < 1024 {
                 return fail("sink.files.max_file_bytes", "must be at least 1024");
             }
+            if f.min_file_bytes > f.max_file_bytes {
+                return fail("sink.files.min_file_bytes", "must not exceed sink.files.max_file_bytes");
+            }
             if f.row_group_rows == 0 {
                 return fail("sink.files.row_group_rows", "must be at least 1");
             }

@@ -713,6 +713,16 @@ pub struct FilesSinkConfig {
     /// Rows per Parquet row group (default 100,000).
     #[serde(default = "defaults::row_group_rows", deserialize_with = "whole::number")]
     pub row_group_rows: usize,
+    /// A partition directory's file smaller than this at a checkpoint is not published
+    /// yet: it stays staged (listed in the checkpoint) and is merged with the next
+    /// epochs' rows into one file once they reach this size or `max_file_age` (default
+    /// 0: every checkpoint publishes what it has).
+    #[serde(default, deserialize_with = "whole::number")]
+    pub min_file_bytes: u64,
+    /// How long rows may wait for `min_file_bytes` before their file is published
+    /// anyway (default 10 minutes).
+    #[serde(default = "defaults::max_file_age", with = "humantime_serde")]
+    pub max_file_age: Duration,
     /// An S3-compatible endpoint (`http://127.0.0.1:9000`) for an `s3://` url; none: AWS.
     pub endpoint: Option<String>,
     /// The bucket's region.
@@ -767,6 +777,8 @@ impl Default for FilesSinkConfig {
             partition_by: Vec::new(),
             max_file_bytes: defaults::max_file_bytes(),
             row_group_rows: defaults::row_group_rows(),
+            min_file_bytes: 0,
+            max_file_age: defaults::max_file_age(),
             endpoint: None,
             region: defaults::region(),
         }
@@ -1187,6 +1199,10 @@ mod defaults {
 
     pub fn row_group_rows() -> usize {
         100_000
+    }
+
+    pub fn max_file_age() -> Duration {
+        Duration::from_secs(600)
     }
 
     pub fn region() -> String {

@@ -18,6 +18,8 @@ struct Read {
     rows: Vec<serde_json::Value>,
     files: Vec<String>,
     staged: Vec<String>,
+    /// Each file's size.
+    sizes: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Read the dataset at `url` with pyarrow (`scripts/ensure-readers`).
@@ -46,6 +48,7 @@ fn read(url: &str) -> Read {
         rows: v["rows"].as_array().cloned().unwrap_or_default(),
         files: strings("files"),
         staged: strings("staged"),
+        sizes: v["sizes"].as_object().cloned().unwrap_or_default(),
     }
 }
 
@@ -64,6 +67,11 @@ struct FilesJob {
 impl FilesJob {
     /// `format`: parquet or jsonl; `s3`: in a bucket of the test server, else a directory.
     async fn new(format: &str, s3: bool) -> FilesJob {
+        Self::with(format, s3, "").await
+    }
+
+    /// [`FilesJob::new`] with more `[sink.files]` lines.
+    async fn with(format: &str, s3: bool, more: &str) -> FilesJob {
         let dir = tempfile::tempdir().expect("tempdir");
         let (url, files_lines, env) = if s3 {
             let bucket = unique("lake").replace('_', "-");
@@ -87,7 +95,7 @@ impl FilesJob {
                 "[dead_letter]",
                 &format!(
                     "[sink.files]\nformat = \"{format}\"\npartition_by = [\"dt=%Y-%m-%d\", \"hour=%H\"]\n\
-                     max_file_bytes = 200000\n{files_lines}\n[dead_letter]"
+                     max_file_bytes = 2000000\n{files_lines}{more}\n[dead_letter]"
                 ),
             );
         FilesJob {
@@ -208,6 +216,50 @@ impl FilesJob {
         }
         self.finish().await;
     }
+}
+
+/// Files smaller than `min_file_bytes` at a checkpoint are held (staged, listed in the
+/// checkpoint) and merged with later epochs' rows, through SIGKILLs: every record once,
+/// and only files that `max_file_age` let out early are smaller than the minimum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_are_held_and_merged_through_kills() {
+    let min = 300_000u64;
+    let mut j = FilesJob::with(
+        "jsonl",
+        false,
+        &format!("min_file_bytes = {min}\nmax_file_age = \"4s\"\n"),
+    )
+    .await;
+    let feeder = j.feed(30_000);
+    let runs = 3;
+    for _ in 0..runs {
+        let s = j.start_with(&[]);
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_500..3_000))).await;
+        s.kill9();
+    }
+    feeder.join().expect("feeder");
+    j.finish().await;
+    let read = read(&j.dataset());
+    let small: Vec<(&String, u64)> = read
+        .sizes
+        .iter()
+        .filter_map(|(f, s)| Some((f, s.as_u64()?)))
+        .filter(|(_, s)| *s < min)
+        .collect();
+    let total: u64 = read.sizes.values().filter_map(|s| s.as_u64()).sum();
+    println!(
+        "{} files, {} smaller than {min}, {total} bytes",
+        read.files.len(),
+        small.len()
+    );
+    // At most one early file per subtask and partition directory each time the input
+    // paused for max_file_age: at the end of each run and of the input.
+    assert!(small.len() <= 2 * (runs + 2), "{small:?}");
+    assert!(
+        read.files.len() as u64 <= total / min + 2 * (runs as u64 + 2),
+        "{:?}",
+        read.sizes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

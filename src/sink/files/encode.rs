@@ -148,6 +148,34 @@ impl PartFile {
         Ok(())
     }
 
+    /// Add the rows of a closed file of the same schema (its bytes as
+    /// [`PartFile::finish`] gave them): merging small files into one.
+    pub fn append_file(&mut self, bytes: Vec<u8>, rows: u64) -> Result<()> {
+        self.rows += rows;
+        match &mut self.body {
+            Body::Parquet { writer, pending } => {
+                if !pending.is_empty() {
+                    let batch = record_batch(&self.schema, pending)?;
+                    pending.clear();
+                    writer.write(&batch).map_err(parquet_error)?;
+                }
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+                        .and_then(|b| b.build())
+                        .map_err(parquet_error)?;
+                for batch in reader {
+                    let batch = batch.map_err(|e| Error::Sink {
+                        target: "files",
+                        message: format!("read back a staged part file: {e}"),
+                    })?;
+                    writer.write(&batch).map_err(parquet_error)?;
+                }
+            }
+            Body::Jsonl(buf) => buf.extend_from_slice(&bytes),
+        }
+        Ok(())
+    }
+
     /// Close the file: its bytes.
     pub fn finish(self) -> Result<Vec<u8>> {
         match self.body {

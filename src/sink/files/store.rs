@@ -127,6 +127,24 @@ impl Store {
         }
     }
 
+    /// A whole file.
+    pub async fn get(&self, rel: &str) -> Result<Vec<u8>> {
+        match self {
+            Store::Local(dir) => tokio::fs::read(dir.join(rel))
+                .await
+                .map_err(io(format!("read {}", dir.join(rel).display()))),
+            #[cfg(feature = "s3")]
+            Store::Bucket { store, prefix } => {
+                let got = store
+                    .get(&Self::key(prefix, rel))
+                    .await
+                    .map_err(|e| bucket_error(format!("get {rel}"), e))?;
+                let bytes = got.bytes().await.map_err(|e| bucket_error(format!("get {rel}"), e))?;
+                Ok(bytes.to_vec())
+            }
+        }
+    }
+
     /// Make `from` visible as `to`. `Ok(false)`: `from` is gone and `to` is there
     /// (published before). Neither there: an error (the part file is lost).
     pub async fn publish(&self, from: &str, to: &str) -> Result<bool> {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::store::Store;
-use super::txn::{publish, FileTransactions, Layout};
+use super::txn::{held_of, publish, FileTransactions, Layout};
 use crate::checkpoint::CompletedCheckpoint;
 use crate::config::{SinkConfig, SinkKind, Strategy};
 use crate::error::{Error, Result};
@@ -80,7 +80,17 @@ async fn settle(
         .map(|(_, id)| id.as_str())
         .collect();
     let published = publish(store, &ids).await?;
-    let orphans = store.list(&layout.staging(job)).await?;
+    // Files the restored states hold back for `min_file_bytes` stay staged.
+    let mut held = std::collections::BTreeSet::new();
+    for state in &states {
+        held.extend(held_of(state)?.into_iter().map(|h| h.staged));
+    }
+    let orphans: Vec<String> = store
+        .list(&layout.staging(job))
+        .await?
+        .into_iter()
+        .filter(|f| !held.contains(f))
+        .collect();
     for f in &orphans {
         store.delete(f).await?;
     }

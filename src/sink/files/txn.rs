@@ -40,6 +40,10 @@ pub struct Layout {
     pub partitions: Vec<Level>,
     /// A part file is closed once it holds this many bytes.
     pub max_file_bytes: u64,
+    /// Smaller files are held (staged, listed in the checkpoint) until merged.
+    pub min_file_bytes: u64,
+    /// How long a file may be held.
+    pub max_file_age_ms: i64,
 }
 
 /// One partition directory level.
@@ -99,6 +103,8 @@ impl Layout {
             file: Arc::new(FileSchema::new(kept, file.format, file.row_group_rows)),
             partitions,
             max_file_bytes: file.max_file_bytes,
+            min_file_bytes: file.min_file_bytes,
+            max_file_age_ms: i64::try_from(file.max_file_age.as_millis()).unwrap_or(i64::MAX),
         })
     }
 
@@ -161,9 +167,40 @@ pub fn format_time(ms: i64, pattern: &str) -> String {
     out
 }
 
-/// An epoch's files: (staged name, final name), as its id in the checkpoint.
+/// A staged file held back for `sink.files.min_file_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldFile {
+    /// Where it is staged.
+    pub staged: String,
+    /// Its partition directory.
+    pub dir: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Its rows.
+    pub rows: u64,
+    /// When it was staged (epoch ms).
+    pub since_ms: i64,
+}
+
+/// An epoch's files, as its id in the checkpoint.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct EpochFiles(pub Vec<(String, String)>);
+pub struct EpochFiles {
+    /// (staged name, final name) to publish.
+    pub publish: Vec<(String, String)>,
+    /// Held files merged into a published one: deleted once it is published.
+    #[serde(default)]
+    pub delete: Vec<String>,
+    /// Every file the subtask still holds after this epoch.
+    #[serde(default)]
+    pub held: Vec<HeldFile>,
+}
+
+fn parse(id: &str) -> Result<EpochFiles> {
+    serde_json::from_str(id).map_err(|e| Error::CorruptCheckpoint {
+        path: "files sink state".into(),
+        message: format!("an epoch's files: {e}"),
+    })
+}
 
 /// A name never used before for a staged file, by this process or another.
 fn next_staged(subtask: usize) -> String {
@@ -174,21 +211,38 @@ fn next_staged(subtask: usize) -> String {
 }
 
 /// Publish the files of epochs that a checkpoint holds (the restored one at a restart,
-/// or a completed one): `Ok(n)` files made visible now.
+/// or a completed one), then delete the held files merged into them: `Ok(n)` files
+/// made visible now.
 pub async fn publish(store: &Store, epochs: &[&str]) -> Result<usize> {
     let mut published = 0;
     for id in epochs.iter().copied() {
-        let files: EpochFiles = serde_json::from_str(id).map_err(|e| Error::CorruptCheckpoint {
-            path: "files sink state".into(),
-            message: format!("an epoch's files: {e}"),
-        })?;
-        for (staged, final_name) in &files.0 {
+        let files = parse(id)?;
+        for (staged, final_name) in &files.publish {
             if store.publish(staged, final_name).await? {
                 published += 1;
             }
         }
+        for staged in &files.delete {
+            store.delete(staged).await?;
+        }
     }
     Ok(published)
+}
+
+/// The files a subtask's restored state still holds: those its newest epoch lists.
+pub fn held_of(state: &TwoPhaseState) -> Result<Vec<HeldFile>> {
+    match state.pending.iter().max_by_key(|(checkpoint, _)| *checkpoint) {
+        Some((_, id)) => Ok(parse(id)?.held),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A file staged in the open epoch.
+struct Staged {
+    name: String,
+    dir: String,
+    bytes: u64,
+    rows: u64,
 }
 
 /// The files of one sink subtask.
@@ -201,10 +255,10 @@ pub struct FileTransactions {
     open: BTreeMap<String, PartFile>,
     /// Dead letters of the open epoch, as JSON lines.
     dead: Vec<u8>,
-    /// Files staged in the open epoch: (staged name, partition directory).
-    staged: Vec<(String, String)>,
-    /// Rows in the open epoch.
-    rows: u64,
+    /// Files staged in the open epoch.
+    staged: Vec<Staged>,
+    /// Files held back for `min_file_bytes`, by partition directory.
+    held: BTreeMap<String, Vec<HeldFile>>,
     dead_letters: Option<KafkaDeadLetters>,
 }
 
@@ -225,7 +279,7 @@ impl FileTransactions {
             open: BTreeMap::new(),
             dead: Vec::new(),
             staged: Vec::new(),
-            rows: 0,
+            held: BTreeMap::new(),
             dead_letters,
         }
     }
@@ -244,10 +298,17 @@ impl FileTransactions {
         let Some(file) = self.open.remove(dir) else {
             return Ok(());
         };
+        let rows = file.rows();
         let bytes = file.finish()?;
         let name = self.staged_name();
+        let size = bytes.len() as u64;
         self.store.put(&name, bytes).await?;
-        self.staged.push((name, dir.to_string()));
+        self.staged.push(Staged {
+            name,
+            dir: dir.to_string(),
+            bytes: size,
+            rows,
+        });
         Ok(())
     }
 
@@ -264,7 +325,6 @@ impl FileTransactions {
                     .or_insert(PartFile::new(self.layout.file.clone())?),
             };
             file.push(r)?;
-            self.rows += 1;
             if file.bytes() >= self.layout.max_file_bytes {
                 self.stage(&dir).await?;
             }
@@ -295,12 +355,50 @@ impl FileTransactions {
         if let Some(dlq) = &mut self.dead_letters {
             dlq.flush().await?;
         }
-        let mut files = EpochFiles::default();
+        let mut by_dir: BTreeMap<String, Vec<Staged>> = BTreeMap::new();
+        for s in std::mem::take(&mut self.staged) {
+            by_dir.entry(s.dir.clone()).or_default().push(s);
+        }
+        let mut dirs: Vec<String> = by_dir.keys().chain(self.held.keys()).cloned().collect();
+        dirs.sort();
+        dirs.dedup();
+        let now = crate::clock::wall_clock_ms();
         let prefix = format!("part-{}-{:04}-{checkpoint:010}", self.job, self.subtask);
         let ext = self.layout.file.extension();
-        for (n, (staged, dir)) in std::mem::take(&mut self.staged).into_iter().enumerate() {
-            let final_name = format!("{}/{dir}{prefix}-{n:04}.{ext}", self.layout.table);
-            files.0.push((staged, final_name));
+        let mut files = EpochFiles::default();
+        let mut visible = 0;
+        for dir in dirs {
+            let mut group = self.held.remove(&dir).unwrap_or_default();
+            group.extend(by_dir.remove(&dir).unwrap_or_default().into_iter().map(|s| HeldFile {
+                staged: s.name,
+                dir: s.dir,
+                bytes: s.bytes,
+                rows: s.rows,
+                since_ms: now,
+            }));
+            let bytes: u64 = group.iter().map(|h| h.bytes).sum();
+            let oldest = group.iter().map(|h| h.since_ms).min().unwrap_or(now);
+            if bytes < self.layout.min_file_bytes && now - oldest < self.layout.max_file_age_ms {
+                self.held.insert(dir, group);
+                continue;
+            }
+            visible += group.iter().map(|h| h.rows).sum::<u64>();
+            let name = |n: usize| format!("{}/{dir}{prefix}-{n:04}.{ext}", self.layout.table);
+            if group.len() == 1 || bytes > self.layout.max_file_bytes {
+                for h in group {
+                    files.publish.push((h.staged, name(files.publish.len())));
+                }
+                continue;
+            }
+            // Small files of several epochs: one file of them all.
+            let mut merged = PartFile::new(self.layout.file.clone())?;
+            for h in &group {
+                merged.append_file(self.store.get(&h.staged).await?, h.rows)?;
+            }
+            let staged = self.staged_name();
+            self.store.put(&staged, merged.finish()?).await?;
+            files.publish.push((staged, name(files.publish.len())));
+            files.delete.extend(group.into_iter().map(|h| h.staged));
         }
         if !self.dead.is_empty() {
             let staged = format!(
@@ -310,17 +408,15 @@ impl FileTransactions {
             );
             self.store.put(&staged, std::mem::take(&mut self.dead)).await?;
             files
-                .0
+                .publish
                 .push((staged, format!("{}/{prefix}.jsonl", self.layout.dead_table)));
         }
-        if files.0.is_empty() {
+        files.held = self.held.values().flatten().cloned().collect();
+        if files.publish.is_empty() && files.held.is_empty() {
             return Ok(None);
         }
         let id = serde_json::to_string(&files).map_err(|e| Error::Internal(format!("an epoch's files: {e}")))?;
-        Ok(Some(Prepared {
-            id,
-            records: std::mem::take(&mut self.rows),
-        }))
+        Ok(Some(Prepared { id, records: visible }))
     }
 }
 
@@ -341,11 +437,18 @@ impl TransactionalTarget for FileTransactions {
         Box::pin(async move { publish(&self.store, &[id]).await.map(|_| ()) })
     }
 
-    /// Nothing per subtask: the target's recovery published what the restored
-    /// checkpoint holds and deleted the job's other staged files before any subtask
-    /// started.
-    fn recover(&mut self, _states: Vec<TwoPhaseState>) -> SinkFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+    /// The target's recovery published what the restored checkpoint holds and deleted
+    /// the job's other staged files before any subtask started; what the restored
+    /// states still hold back for `min_file_bytes` is this subtask's to merge.
+    fn recover(&mut self, states: Vec<TwoPhaseState>) -> SinkFuture<'_, ()> {
+        Box::pin(async move {
+            for state in &states {
+                for h in held_of(state)? {
+                    self.held.entry(h.dir.clone()).or_default().push(h);
+                }
+            }
+            Ok(())
+        })
     }
 }
 
