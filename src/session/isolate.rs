@@ -74,6 +74,14 @@ pub(super) fn confine(cfg: &crate::config::JobConfig, dir: &Path) -> std::result
             paths.push(("sink.url".into(), p));
         }
     }
+    // A files sink's directory (a bucket is not the server's disk).
+    if cfg.sink.kind() == SinkKind::Files && !cfg.sink.url.starts_with("s3://") {
+        let url: &str = &cfg.sink.url;
+        paths.push((
+            "sink.url".into(),
+            PathBuf::from(url.strip_prefix("file://").unwrap_or(url)),
+        ));
+    }
     for (i, op) in cfg.operators.iter().enumerate() {
         if let OperatorConfig::Enrich(e) = op {
             if e.store.kind() == StoreKind::Sqlite {

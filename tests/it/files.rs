@@ -285,6 +285,41 @@ async fn parquet_files_in_s3_crashed_at_every_narrow_window() {
     FilesJob::new("parquet", true).await.crashed_at_every_window().await;
 }
 
+/// A second process of a running job, with a checkpoint directory of its own, is
+/// refused by the dataset's lock before it could delete the first one's staged files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_writing_the_same_files_is_refused() {
+    let mut j = FilesJob::new("parquet", false).await;
+    let feeder = j.feed(2_000);
+    let first = j.start_with(&[]);
+    let owns = wait_until(Duration::from_secs(30), || async {
+        std::fs::read_to_string(&j.log)
+            .unwrap_or_default()
+            .contains("this process owns the job")
+    })
+    .await;
+    assert!(owns, "{}", first.log_tail());
+    let other = tempfile::tempdir().expect("tempdir");
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    let cp = j._dir.path().join("cp").display().to_string();
+    let config = write_config(
+        other.path(),
+        &toml.replace(&cp, &other.path().join("cp").display().to_string()),
+    );
+    let log = other.path().join("sluice.log");
+    let mut second = Sluice::start(&config, &log);
+    let status = second.wait_exit(Duration::from_secs(30));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.is_some_and(|s| !s.success()), "the second process ran: {said}");
+    assert!(
+        said.contains("is already running") && said.contains("_sluice_owner"),
+        "{said}"
+    );
+    feeder.join().expect("feeder");
+    assert!(first.terminate().success());
+    j.finish().await;
+}
+
 /// Partition directories from a column (its value escaped, null as Hive's default), the
 /// column not repeated in the files, Parquet types from the stream's schema, and
 /// records that do not decode as JSON-lines dead letters published with their epoch.

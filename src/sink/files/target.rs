@@ -18,7 +18,7 @@ pub const TARGET: TargetKind = TargetKind {
     kind: SinkKind::Files,
     strategies: &[Strategy::TwoPhase],
     open,
-    owner_lock: None,
+    owner_lock: Some(super::lock::owner_lock),
     leave_nothing_prepared: Some(leave_nothing_prepared),
     migrate: None,
     txn: None,
