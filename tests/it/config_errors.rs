@@ -573,3 +573,46 @@ fn the_shipped_configs_are_valid() {
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The new targets' own mistakes: a files sink's url, strategy, table, sizes and
+/// partition levels; a MySQL sink's url and a password in it.
+#[test]
+fn mysql_and_files_sink_mistakes_name_the_key() {
+    let files = base()
+        .replace(&format!("url = \"{}\"", pg_url()), "url = \"/tmp/lake\"")
+        .replace("kind = \"postgres\"", "kind = \"files\"")
+        .replace("table = \"s.events\"", "table = \"events\"")
+        .replace("strategy = \"idempotent\"", "strategy = \"two_phase\"");
+    let (ok, stderr) = check(&files, &[]);
+    assert!(ok, "{stderr}");
+    rejected(&files.replace("two_phase", "wal"), &[], "sink.strategy");
+    rejected(&files.replace("/tmp/lake", "ftp://lake"), &[], "sink.url");
+    rejected(
+        &files.replace("table = \"events\"", "table = \"_hidden\""),
+        &[],
+        "sink.table",
+    );
+    let with = |lines: &str| files.replace("[dead_letter]", &format!("[sink.files]\n{lines}\n[dead_letter]"));
+    assert!(check(&with("partition_by = [\"dt=%Y-%m-%d\", \"id\"]"), &[]).0);
+    rejected(&with("partition_by = [\"dt=%Q\"]"), &[], "sink.files.partition_by");
+    rejected(&with("partition_by = [\"a/b\"]"), &[], "sink.files.partition_by");
+    rejected(&with("max_file_bytes = 10"), &[], "sink.files.max_file_bytes");
+    rejected(&with("min_file_bytes = 999999999999"), &[], "sink.files.min_file_bytes");
+    rejected(&with("format = \"csv\""), &[], "format");
+    rejected(
+        &base().replace("[dead_letter]", "[sink.files]\nformat = \"jsonl\"\n[dead_letter]"),
+        &[],
+        "sink.files",
+    );
+    let mysql = base()
+        .replace(&format!("url = \"{}\"", pg_url()), "url = \"mysql://app@db:3306/shop\"")
+        .replace("kind = \"postgres\"", "kind = \"mysql\"");
+    let (ok, stderr) = check(&mysql, &[]);
+    assert!(ok, "{stderr}");
+    rejected(&mysql.replace("mysql://app@db", "postgres://app@db"), &[], "sink.url");
+    rejected(
+        &mysql.replace("mysql://app@db", "mysql://app:secret@db"),
+        &[],
+        "sink.url",
+    );
+}
