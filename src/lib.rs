@@ -46,6 +46,7 @@ pub mod connect;
 pub mod error;
 pub mod failpoint;
 pub mod format;
+pub mod lockfile;
 pub mod logging;
 pub mod lookup;
 pub mod operators;

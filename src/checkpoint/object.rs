@@ -62,6 +62,39 @@ impl Drop for ObjectStorage {
     }
 }
 
+/// A client of an S3 bucket (checkpoints, savepoints, a files sink): the credentials
+/// given, or the environment's (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`, or the instance's role); an endpoint for an S3-compatible server
+/// (path-style requests, plain http allowed); three retries within 30 s.
+pub fn s3_client(
+    bucket: &str,
+    region: &str,
+    endpoint: Option<&str>,
+    credentials: Option<&(String, secrecy::SecretString)>,
+) -> std::result::Result<object_store::aws::AmazonS3, object_store::Error> {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_region(region)
+        .with_retry(object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+            ..Default::default()
+        });
+    if let Some((id, secret)) = credentials {
+        use secrecy::ExposeSecret;
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret.expose_secret());
+    }
+    if let Some(endpoint) = endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    builder.build()
+}
+
 fn io(context: String) -> impl FnOnce(object_store::Error) -> Error {
     move |e| Error::Storage {
         context,
@@ -84,28 +117,7 @@ impl ObjectStorage {
         if bucket.is_empty() {
             return Err(bad("names no bucket"));
         }
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_region(&cfg.region)
-            .with_retry(object_store::RetryConfig {
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(30),
-                ..Default::default()
-            });
-        if let Some((id, secret)) = &cfg.credentials {
-            use secrecy::ExposeSecret;
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret.expose_secret());
-        }
-        if let Some(endpoint) = &cfg.endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"))
-                .with_virtual_hosted_style_request(false);
-        }
-        let store = builder
-            .build()
+        let store = s3_client(bucket, &cfg.region, cfg.endpoint.as_deref(), cfg.credentials.as_ref())
             .map_err(|e| Error::Unsupported(format!("checkpoint.url `{}`: {e}", cfg.url)))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -191,30 +191,12 @@ impl DirectoryStorage {
     /// Open (and lock) `dir`, keeping the newest `retain` checkpoints; another process holding the lock is an error naming it.
     pub fn open(dir: &Path, retain: usize) -> Result<Self> {
         fs::create_dir_all(dir).map_err(Error::storage(format!("create {}", dir.display())))?;
-        let path = dir.join("LOCK");
-        let mut lock = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(Error::storage(format!("open {}", path.display())))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default();
-                return Err(Error::Unsupported(format!(
-                    "checkpoint.dir {} is in use by another sluice process ({}); one process per job",
-                    dir.display(),
-                    holder.trim()
-                )));
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::storage(format!("lock {}", path.display()))(e)),
-        }
-        let me = format!("pid {} since {}", std::process::id(), crate::time::wall_clock_ms());
-        lock.set_len(0)
-            .and_then(|()| lock.write_all(me.as_bytes()))
-            .map_err(Error::storage(format!("write {}", path.display())))?;
+        let lock = crate::lockfile::lock(&dir.join("LOCK"))?.map_err(|holder| {
+            Error::Unsupported(format!(
+                "checkpoint.dir {} is in use by another sluice process ({holder}); one process per job",
+                dir.display(),
+            ))
+        })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             retain: retain.max(1),

@@ -523,3 +523,63 @@ pub fn sluice_cli<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -
         ),
     )
 }
+
+/// Produce ids `from..from + n` ([`record`]) to `topic` in the background, in ten
+/// slices 300 ms apart, so that input keeps arriving while a job is killed.
+pub fn feed_slices(topic: &str, from: u64, n: u64) -> std::thread::JoinHandle<()> {
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        let slice = n.div_ceil(10);
+        let mut next = from;
+        while next < from + n {
+            let to = (next + slice).min(from + n);
+            produce(&topic, (next..to).map(record));
+            next = to;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
+
+/// Start the job `kills` times (with `env`) and SIGKILL it at a random moment 1 to 2.5 s
+/// after each start.
+pub async fn kill_at_random(config: &Path, log: &Path, env: &[(&str, &str)], kills: usize) {
+    use rand::Rng;
+    for _ in 0..kills {
+        let s = Sluice::start_with(config, log, env);
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
+        s.kill9();
+    }
+}
+
+/// Crash the job at each narrow window of a two-phase or write-ahead sink in turn:
+/// after the prepare (or the stored epoch), before the checkpoint is stored, between
+/// "checkpoint complete" and the commit, after the commit. `feed` gives each run records
+/// of its own, so that it has an epoch to crash in; each crash is checked in the log.
+#[cfg(feature = "failpoints")]
+pub fn crash_at_every_window(
+    config: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+    mut feed: impl FnMut() -> std::thread::JoinHandle<()>,
+) {
+    for point in ["after_prepare", "before_store", "before_commit", "after_commit"] {
+        let feeder = feed();
+        let failpoint = format!("{point}:1");
+        let mut env = env.to_vec();
+        env.push(("SLUICE_FAILPOINT", &failpoint));
+        let mut s = Sluice::start_with(config, log, &env);
+        let crashed = s.wait_exit(Duration::from_secs(60));
+        feeder.join().expect("feeder");
+        assert!(
+            crashed.is_some_and(|st| !st.success()),
+            "no crash at {point}: {}",
+            s.log_tail()
+        );
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            text.contains(&format!("failpoint {point}")),
+            "{point}: {}",
+            s.log_tail()
+        );
+    }
+}

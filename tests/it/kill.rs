@@ -411,18 +411,8 @@ impl WalJob {
 
     /// Produce the next `n` ids in the background, in ten slices 300 ms apart.
     fn feed(&mut self, n: u64) -> JoinHandle<()> {
-        let (t, from) = (self.topic.clone(), self.produced);
         self.produced += n;
-        std::thread::spawn(move || {
-            let slice = n.div_ceil(10);
-            let mut next = from;
-            while next < from + n {
-                let to = (next + slice).min(from + n);
-                produce(&t, (next..to).map(record));
-                next = to;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        })
+        feed_slices(&self.topic, self.produced - n, n)
     }
 
     /// Every id that arrived, once per arrival.
@@ -482,11 +472,7 @@ impl WalJob {
     /// SIGKILLed `kills` times at random moments while input arrives, then finished.
     async fn killed(mut self, kills: usize) {
         let feeder = self.feed(20_000);
-        for _ in 0..kills {
-            let s = Sluice::start(&self.config, &self.log);
-            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
-            s.kill9();
-        }
+        kill_at_random(&self.config, &self.log, &[], kills).await;
         feeder.join().expect("feeder");
         self.finish().await;
     }
@@ -495,19 +481,8 @@ impl WalJob {
     /// records of its own so that it has an epoch to crash in, then finished.
     #[cfg(feature = "failpoints")]
     async fn crashed_at_every_window(mut self) {
-        for point in ["after_prepare", "before_store", "before_commit", "after_commit"] {
-            let feeder = self.feed(3_000);
-            let mut s = Sluice::start_with(&self.config, &self.log, &[("SLUICE_FAILPOINT", &format!("{point}:1"))]);
-            let crashed = s.wait_exit(Duration::from_secs(60));
-            feeder.join().expect("feeder");
-            assert!(
-                crashed.is_some_and(|st| !st.success()),
-                "no crash at {point}: {}",
-                s.log_tail()
-            );
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            assert!(log.contains(&format!("failpoint {point}")), "{point}: {}", s.log_tail());
-        }
+        let (config, log) = (self.config.clone(), self.log.clone());
+        crash_at_every_window(&config, &log, &[], || self.feed(3_000));
         self.finish().await;
     }
 }

@@ -138,18 +138,8 @@ impl MyJob {
 
     /// Produce the next `n` ids in the background, in ten slices 300 ms apart.
     fn feed(&mut self, n: u64) -> JoinHandle<()> {
-        let (t, from) = (self.topic.clone(), self.produced);
         self.produced += n;
-        std::thread::spawn(move || {
-            let slice = n.div_ceil(10);
-            let mut next = from;
-            while next < from + n {
-                let to = (next + slice).min(from + n);
-                produce(&t, (next..to).map(record));
-                next = to;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        })
+        feed_slices(&self.topic, self.produced - n, n)
     }
 
     async fn ids(&self) -> Vec<i64> {
@@ -192,36 +182,17 @@ impl MyJob {
     /// SIGKILLed `kills` times at random moments while input arrives, then finished.
     async fn killed(mut self, kills: usize) {
         let feeder = self.feed(20_000);
-        for _ in 0..kills {
-            let s = self.start();
-            tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1_000..2_500))).await;
-            s.kill9();
-        }
+        kill_at_random(&self.config, &self.log, &env(), kills).await;
         feeder.join().expect("feeder");
         self.finish().await;
     }
 
-    /// Crashed at each narrow window in turn (after the prepare or the stored epoch,
-    /// before the checkpoint is stored, between "complete" and the commit, after the
-    /// commit), each run fed records of its own, then finished.
+    /// Crashed at each narrow window in turn, each run fed records of its own, then
+    /// finished.
     #[cfg(feature = "failpoints")]
     async fn crashed_at_every_window(mut self) {
-        for point in ["after_prepare", "before_store", "before_commit", "after_commit"] {
-            let feeder = self.feed(3_000);
-            let failpoint = format!("{point}:1");
-            let mut env = env().to_vec();
-            env.push(("SLUICE_FAILPOINT", &failpoint));
-            let mut s = Sluice::start_with(&self.config, &self.log, &env);
-            let crashed = s.wait_exit(Duration::from_secs(60));
-            feeder.join().expect("feeder");
-            assert!(
-                crashed.is_some_and(|st| !st.success()),
-                "no crash at {point}: {}",
-                s.log_tail()
-            );
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            assert!(log.contains(&format!("failpoint {point}")), "{point}: {}", s.log_tail());
-        }
+        let (config, log) = (self.config.clone(), self.log.clone());
+        crash_at_every_window(&config, &log, &env(), || self.feed(3_000));
         self.finish().await;
     }
 }

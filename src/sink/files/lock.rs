@@ -5,7 +5,6 @@
 //! orphans. In a bucket there is no such lock (see the configuration guide).
 
 use std::fs;
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::config::SinkConfig;
@@ -41,31 +40,14 @@ impl DatasetLock {
         let dir = base.join(&self.table).join("_sluice_owner");
         fs::create_dir_all(&dir).map_err(Error::storage(format!("create {}", dir.display())))?;
         let path = dir.join(format!("{}.lock", self.job));
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(Error::storage(format!("open {}", path.display())))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default();
-                return Err(Error::Unsupported(format!(
-                    "job `{}` is already running: another sluice process writes its files ({}, {}); one process \
-                     per job (stop the other, or give this one another job.name)",
-                    self.job,
-                    holder.trim(),
-                    path.display()
-                )));
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::storage(format!("lock {}", path.display()))(e)),
-        }
-        let me = format!("pid {} since {}", std::process::id(), crate::clock::wall_clock_ms());
-        file.set_len(0)
-            .and_then(|()| file.write_all(me.as_bytes()))
-            .map_err(Error::storage(format!("write {}", path.display())))?;
+        let file = crate::lockfile::lock(&path)?.map_err(|holder| {
+            Error::Unsupported(format!(
+                "job `{}` is already running: another sluice process writes its files ({holder}, {}); one process \
+                 per job (stop the other, or give this one another job.name)",
+                self.job,
+                path.display()
+            ))
+        })?;
         tracing::info!(job = self.job, lock = %path.display(), "this process owns the job");
         self.file = Some(file);
         self.held = true;

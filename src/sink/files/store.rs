@@ -49,27 +49,11 @@ impl Store {
 
     #[cfg(feature = "s3")]
     async fn bucket(url: &str, rest: &str, endpoint: Option<&str>, region: &str) -> Result<Store> {
-        use object_store::aws::AmazonS3Builder;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(Error::TargetSetup(format!("sink.url `{url}` names no bucket")));
         }
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_region(region)
-            .with_retry(object_store::RetryConfig {
-                max_retries: 3,
-                retry_timeout: std::time::Duration::from_secs(30),
-                ..Default::default()
-            });
-        if let Some(endpoint) = endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"))
-                .with_virtual_hosted_style_request(false);
-        }
-        let store = builder
-            .build()
+        let store = crate::checkpoint::object::s3_client(bucket, region, endpoint, None)
             .map_err(|e| Error::TargetSetup(format!("sink.url `{url}`: {e}")))?;
         let prefix = prefix.trim_matches('/').to_string();
         let p = object_store::path::Path::from(prefix.as_str());
