@@ -193,7 +193,8 @@ impl FilesJob {
 
 /// Files smaller than `min_file_bytes` at a checkpoint are held (staged, listed in the
 /// checkpoint) and merged with later epochs' rows, through SIGKILLs: every record once,
-/// and only files that `max_file_age` let out early are smaller than the minimum.
+/// and only files that `max_file_age` or a restart let out early are smaller than the
+/// minimum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_files_are_held_and_merged_through_kills() {
     let min = 300_000u64;

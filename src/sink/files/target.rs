@@ -65,8 +65,11 @@ fn open<'a>(ctx: &'a SinkContext<'a>, spec: TableSpec, _fence: Option<Fence>) ->
     })
 }
 
-/// Publish the epochs the checkpoint holds, then delete every other staged file of the
-/// job (epochs a crash cut off, which will be replayed): (published, deleted).
+/// Publish the epochs the checkpoint holds and the files it still held back for
+/// `min_file_bytes` (as they are: a restart does not go on merging them, so that a
+/// process that restores a state, for a rescale too, never strands one), then delete
+/// every other staged file of the job (epochs a crash cut off, which will be
+/// replayed): (published, deleted).
 async fn settle(
     store: &Store,
     layout: &Layout,
@@ -79,18 +82,24 @@ async fn settle(
         .flat_map(|s| s.pending.iter())
         .map(|(_, id)| id.as_str())
         .collect();
-    let published = publish(store, &ids).await?;
-    // Files the restored states hold back for `min_file_bytes` stay staged.
-    let mut held = std::collections::BTreeSet::new();
+    let mut published = publish(store, &ids).await?;
     for state in &states {
-        held.extend(held_of(state)?.into_iter().map(|h| h.staged));
+        // Named after the newest epoch that held them: the same names if this runs again.
+        let newest = state.pending.iter().map(|(c, _)| *c).max().unwrap_or(0);
+        for (k, h) in held_of(state)?.into_iter().enumerate() {
+            let name = format!(
+                "{}/{}part-{job}-{:04}-{newest:010}-h{k:04}.{}",
+                layout.table,
+                h.dir,
+                state.subtask,
+                layout.file.extension()
+            );
+            if store.publish(&h.staged, &name).await? {
+                published += 1;
+            }
+        }
     }
-    let orphans: Vec<String> = store
-        .list(&layout.staging(job))
-        .await?
-        .into_iter()
-        .filter(|f| !held.contains(f))
-        .collect();
+    let orphans = store.list(&layout.staging(job)).await?;
     for f in &orphans {
         store.delete(f).await?;
     }

@@ -437,18 +437,11 @@ impl TransactionalTarget for FileTransactions {
         Box::pin(async move { publish(&self.store, &[id]).await.map(|_| ()) })
     }
 
-    /// The target's recovery published what the restored checkpoint holds and deleted
-    /// the job's other staged files before any subtask started; what the restored
-    /// states still hold back for `min_file_bytes` is this subtask's to merge.
-    fn recover(&mut self, states: Vec<TwoPhaseState>) -> SinkFuture<'_, ()> {
-        Box::pin(async move {
-            for state in &states {
-                for h in held_of(state)? {
-                    self.held.entry(h.dir.clone()).or_default().push(h);
-                }
-            }
-            Ok(())
-        })
+    /// Nothing per subtask: the target's recovery published what the restored
+    /// checkpoint holds (the files it held back for `min_file_bytes` too) and deleted
+    /// the job's other staged files before any subtask started.
+    fn recover(&mut self, _states: Vec<TwoPhaseState>) -> SinkFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
     }
 }
 
