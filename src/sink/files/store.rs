@@ -111,6 +111,19 @@ impl Store {
         }
     }
 
+    /// Whether a file is there.
+    pub async fn exists(&self, rel: &str) -> Result<bool> {
+        match self {
+            Store::Local(dir) => Ok(tokio::fs::try_exists(dir.join(rel)).await.unwrap_or(false)),
+            #[cfg(feature = "s3")]
+            Store::Bucket { store, prefix } => match store.head(&Self::key(prefix, rel)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(bucket_error(format!("look for {rel}"), e)),
+            },
+        }
+    }
+
     /// A whole file.
     pub async fn get(&self, rel: &str) -> Result<Vec<u8>> {
         match self {

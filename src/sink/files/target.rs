@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 
+use super::encode::PartFile;
 use super::store::Store;
-use super::txn::{held_of, publish, FileTransactions, Layout};
+use super::txn::{held_of, publish, FileTransactions, HeldFile, Layout};
 use crate::checkpoint::CompletedCheckpoint;
 use crate::config::{SinkConfig, SinkKind, Strategy};
 use crate::error::{Error, Result};
 use crate::runtime::sink::Sink;
 use crate::sink::target::{unsupported, Admin, Fence, SinkContext, SubtaskParts, Target, TargetFuture, TargetKind};
-use crate::sink::two_phase::{restored_states, TwoPhase};
+use crate::sink::two_phase::{restored_states, TwoPhase, TwoPhaseState};
 use crate::sink::TableSpec;
 
 /// Files, in [`crate::sink::target::TARGETS`].
@@ -84,20 +85,7 @@ async fn settle(
         .collect();
     let mut published = publish(store, &ids).await?;
     for state in &states {
-        // Named after the newest epoch that held them: the same names if this runs again.
-        let newest = state.pending.iter().map(|(c, _)| *c).max().unwrap_or(0);
-        for (k, h) in held_of(state)?.into_iter().enumerate() {
-            let name = format!(
-                "{}/{}part-{job}-{:04}-{newest:010}-h{k:04}.{}",
-                layout.table,
-                h.dir,
-                state.subtask,
-                layout.file.extension()
-            );
-            if store.publish(&h.staged, &name).await? {
-                published += 1;
-            }
-        }
+        published += publish_held(store, layout, job, state).await?;
     }
     let orphans = store.list(&layout.staging(job)).await?;
     for f in &orphans {
@@ -111,6 +99,61 @@ async fn settle(
         );
     }
     Ok((published, orphans.len()))
+}
+
+/// Publish the files a restored state held for `min_file_bytes`: one file per partition
+/// directory (several merged into one), named after the newest epoch that held them,
+/// so that a second run of this (a crash in the middle) makes the same files.
+async fn publish_held(store: &Store, layout: &Layout, job: &str, state: &TwoPhaseState) -> Result<usize> {
+    let newest = state.pending.iter().map(|(c, _)| *c).max().unwrap_or(0);
+    let mut by_dir: std::collections::BTreeMap<String, Vec<HeldFile>> = Default::default();
+    for h in held_of(state)? {
+        by_dir.entry(h.dir.clone()).or_default().push(h);
+    }
+    let mut published = 0;
+    for (k, (dir, group)) in by_dir.into_iter().enumerate() {
+        let ext = layout.file.extension();
+        let name = format!(
+            "{}/{dir}part-{job}-{:04}-{newest:010}-h{k:04}.{ext}",
+            layout.table, state.subtask
+        );
+        let staged = match group.as_slice() {
+            [one] => one.staged.clone(),
+            _ => {
+                let staged = format!(
+                    "{}/held-{}-{newest}-{k}.{ext}.inprogress",
+                    layout.staging(job),
+                    state.subtask
+                );
+                let mut merged = PartFile::new(layout.file.clone())?;
+                let mut present = 0;
+                for h in &group {
+                    match store.get(&h.staged).await {
+                        Ok(bytes) => {
+                            merged.append_file(bytes, h.rows)?;
+                            present += 1;
+                        }
+                        // Merged and published by an earlier run of this, then deleted.
+                        Err(_) if present == 0 && store.exists(&name).await? => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if present == group.len() {
+                    store.put(&staged, merged.finish()?).await?;
+                }
+                staged
+            }
+        };
+        if store.publish(&staged, &name).await? {
+            published += 1;
+        }
+        if group.len() > 1 {
+            for h in &group {
+                store.delete(&h.staged).await?;
+            }
+        }
+    }
+    Ok(published)
 }
 
 impl Target for FilesTarget {
