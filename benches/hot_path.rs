@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use sluice::config::{FieldSpec, FieldType, PartitionerKind};
-use sluice::format::Decoder;
+use sluice::config::{DecodeConfig, FieldSpec, FieldType, PartitionerKind};
+use sluice::format::{Decoded, Decoder, Message};
 use sluice::record::{Batch, Origin, Record, Value, ValueSource};
 use sluice::runtime::partition::Partitioner;
 
@@ -39,8 +39,24 @@ fn fields() -> Vec<FieldSpec> {
         name: name.into(),
         field_type,
         required: true,
+        path: None,
     })
     .collect()
+}
+
+fn decoder() -> Decoder {
+    let cfg = DecodeConfig {
+        fields: fields(),
+        ..DecodeConfig::default()
+    };
+    Decoder::new(&cfg, false).expect("a valid decoder")
+}
+
+fn message(payload: &[u8]) -> Message<'_> {
+    Message {
+        payload: Some(payload),
+        ..Message::default()
+    }
 }
 
 fn origin(topic: &Arc<str>, offset: i64) -> Origin {
@@ -55,7 +71,7 @@ fn origin(topic: &Arc<str>, offset: i64) -> Origin {
 fn decode(c: &mut Criterion) {
     let data = payloads(1000);
     let topic: Arc<str> = Arc::from("events");
-    let decoder = Decoder::new(fields(), 1 << 20, false);
+    let decoder = decoder();
     let specs = fields();
     let mut g = c.benchmark_group("decode_1000_records");
     g.throughput(Throughput::Elements(data.len() as u64));
@@ -81,8 +97,8 @@ fn decode(c: &mut Criterion) {
     g.bench_function("sluice_decoder", |b| {
         b.iter(|| {
             for (i, p) in data.iter().enumerate() {
-                let r = decoder.decode(origin(&topic, i as i64), Some(p));
-                black_box(r.is_ok());
+                let r = decoder.decode(origin(&topic, i as i64), &message(p));
+                black_box(matches!(r, Ok(Decoded::Record(_))));
             }
         })
     });
@@ -91,12 +107,15 @@ fn decode(c: &mut Criterion) {
 
 fn route(c: &mut Criterion) {
     let topic: Arc<str> = Arc::from("events");
-    let decoder = Decoder::new(fields(), 1 << 20, false);
+    let decoder = decoder();
     let batch = Batch {
         records: payloads(1000)
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| decoder.decode(origin(&topic, i as i64), Some(p)).ok())
+            .filter_map(|(i, p)| match decoder.decode(origin(&topic, i as i64), &message(p)) {
+                Ok(Decoded::Record(r)) => Some(r),
+                _ => None,
+            })
             .collect::<Vec<Record>>(),
         dead: vec![],
     };

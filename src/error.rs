@@ -137,6 +137,10 @@ pub enum Error {
     /// A lookup tier or store failed past its retries.
     #[error("lookup: {0}")]
     Lookup(String),
+    /// The schema registry could not be asked (down, slow, an unreadable answer): the
+    /// attempt restarts from the checkpoint; no record is dead-lettered for it.
+    #[error("{0}")]
+    Registry(String),
     /// A bug or a broken invariant inside the job (a channel closed early, a task died).
     #[error("internal: {0}")]
     Internal(String),
@@ -230,6 +234,7 @@ impl Error {
             | Error::State { .. }
             | Error::Internal(_)
             | Error::Sink { .. }
+            | Error::Registry(_)
             | Error::Lookup(_) => true,
             _ => false,
         }
@@ -259,6 +264,7 @@ impl Error {
             Error::Unsupported(_) => "unsupported",
             Error::Fenced { .. } | Error::ProducerFenced { .. } | Error::SlotLost { .. } => "fenced",
             Error::Lookup(_) => "lookup",
+            Error::Registry(_) => "schema_registry",
             Error::Sink { .. } => "sink",
             Error::Internal(_) | Error::Task { .. } => "internal",
         }

@@ -73,6 +73,27 @@ pub struct Record {
     /// Event time in epoch milliseconds (the configured field, the Kafka timestamp, or
     /// the time of ingestion), [`NO_TIMESTAMP`] when the job has none.
     pub timestamp: i64,
+    /// Whether the record writes its row or deletes it (a tombstone, a change event's
+    /// delete). A delete carries only what names its row: its key's fields.
+    #[serde(default)]
+    pub op: Op,
+}
+
+/// What a record does to the row its key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Op {
+    /// Insert or replace the row.
+    #[default]
+    Upsert,
+    /// Delete the row.
+    Delete,
+}
+
+impl Record {
+    /// Whether this record deletes its row.
+    pub fn is_delete(&self) -> bool {
+        self.op == Op::Delete
+    }
 }
 
 impl Record {
@@ -123,6 +144,7 @@ impl Record {
             values,
             payload: None,
             timestamp: NO_TIMESTAMP,
+            op: Op::Upsert,
         }
     }
 }

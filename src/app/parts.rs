@@ -122,11 +122,11 @@ impl graph::Parts for AppParts<'_> {
             cfg.source.isolation_level,
             cfg.source.batch_size,
             cfg.source.partition_discovery_interval,
-            Decoder::new(
-                cfg.decode.fields.clone(),
-                cfg.decode.max_record_bytes,
-                self.keep_payload,
-            ),
+            Decoder::new(&cfg.decode, self.keep_payload).map_err(|e| Error::Config {
+                file: cfg.file.clone(),
+                key: e.key,
+                message: e.message,
+            })?,
             self.time.clone(),
             self.stats.clone(),
             cfg.source.commit_offsets,

@@ -93,6 +93,22 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         row_key: Vec::new(),
         keyed_by: Vec::new(),
     };
+    crate::format::Decoder::new(&cfg.decode, false).map_err(|e| fail(&e.key, e.message))?;
+    let changelog = cfg.decode.is_changelog();
+    if changelog {
+        if let Some(i) = cfg
+            .operators
+            .iter()
+            .position(|o| matches!(o, crate::config::OperatorConfig::Window(_)))
+        {
+            return Err(fail(
+                &format!("operators[{i}]"),
+                "a window over a change stream would count its deletes (tombstones, Debezium `d` events) as \
+                 records; declare `decode.append_only = true` (deletes then become dead letters) or read no key"
+                    .into(),
+            ));
+        }
+    }
     let mut stages = vec![Stage {
         parallelism: cfg.source.parallelism,
         input: None,
@@ -149,7 +165,28 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         }
         schema = next_schema;
     }
-    let table = TableSpec::resolve(cfg, &schema)?;
+    let mut table = TableSpec::resolve(cfg, &schema)?;
+    if changelog {
+        if !matches!(cfg.sink.kind(), crate::config::SinkKind::Postgres) {
+            return Err(fail(
+                "sink.kind",
+                format!(
+                    "the stream carries deletes (a Debezium envelope, or a tombstone's key), which a {} sink does \
+                     not apply yet; Postgres does, or declare `decode.append_only = true`",
+                    cfg.sink.kind().name()
+                ),
+            ));
+        }
+        if table.key_is_origin || table.key.is_empty() {
+            return Err(fail(
+                "sink.key",
+                "the stream carries deletes, which name their row by its key: the sink's key must be fields of \
+                 the record (from `kafka.key` or the row), not the Kafka coordinates"
+                    .into(),
+            ));
+        }
+        table.changelog = true;
+    }
     let key = table.key_sources();
     let edge = edge_into(cfg.sink.partitioner, key, cfg.sink.custom_partitioner.clone())
         .map_err(|m| fail("sink.custom_partitioner", m))?;

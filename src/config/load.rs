@@ -153,6 +153,20 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
             ));
         }
     }
+    if file.get_string("decode.schema_registry.password").is_ok() {
+        return Err((
+            "decode.schema_registry.password".into(),
+            "secrets may not be written in the file; set SLUICE__DECODE__SCHEMA_REGISTRY__PASSWORD".into(),
+        ));
+    }
+    if let Ok(url) = file.get_string("decode.schema_registry.url") {
+        if url_has_password(&url) {
+            return Err((
+                "decode.schema_registry.url".into(),
+                "the URL holds a password; remove it and set SLUICE__DECODE__SCHEMA_REGISTRY__PASSWORD".into(),
+            ));
+        }
+    }
     for (section, env) in [
         ("source.properties", "SLUICE__SOURCE__PROPERTIES__"),
         ("sink.kafka.properties", "SLUICE__SINK__KAFKA__PROPERTIES__"),

@@ -37,7 +37,7 @@ pub struct JobConfig {
     pub job: JobSection,
     /// `[source]`: the Kafka topics and how they are read.
     pub source: SourceConfig,
-    /// `[decode]`: the JSON fields records are decoded into.
+    /// `[decode]`: the format records arrive in and the fields they are decoded into.
     #[serde(default)]
     pub decode: DecodeConfig,
     /// Event, processing or ingestion time, and how watermarks are made.
@@ -352,6 +352,97 @@ pub struct FieldSpec {
     /// one decodes to null.
     #[serde(default = "defaults::yes")]
     pub required: bool,
+    /// Where the value is read, when not the value's top-level field `name`: a dotted
+    /// path into the value (`customer.address.city`), `kafka.key` (the whole key) or
+    /// `kafka.key.<path>` (a field of a structured key), `kafka.headers.<name>`, or with
+    /// `envelope = "debezium"` `debezium.<path>` into the change event itself
+    /// (`debezium.op`, `debezium.source.ts_ms`, `debezium.source.lsn`).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// How record values (or keys) are encoded.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// JSON objects.
+    #[default]
+    Json,
+    /// Avro: the schema registry's wire format (magic byte, schema id) with
+    /// `schema_registry`, plain datums written with `schema_file` otherwise.
+    Avro,
+    /// Protobuf: the schema registry's wire format with `schema_registry`, plain
+    /// messages of `message` in `schema_file` otherwise.
+    Protobuf,
+    /// UTF-8 text (keys only).
+    String,
+}
+
+impl Format {
+    /// How the config names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+            Format::Protobuf => "protobuf",
+            Format::String => "string",
+        }
+    }
+}
+
+/// What wraps the row in each record.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Envelope {
+    /// The record is the row.
+    #[default]
+    None,
+    /// A Debezium change event: `before`, `after`, `op` (`c`, `r`, `u`, `d`), `source`;
+    /// a delete (and a tombstone) deletes the row by its key.
+    Debezium,
+}
+
+/// `[decode.schema_registry]`: a registry speaking the Confluent Schema Registry API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL (for Apicurio, `http://host:8080/apis/ccompat/v7`).
+    pub url: Url,
+    /// HTTP basic-auth user.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// HTTP basic-auth password (or `SLUICE_DECODE__SCHEMA_REGISTRY__PASSWORD`).
+    #[serde(default)]
+    pub password: Option<secrecy::SecretString>,
+    /// How long one request may take; a registry that does not answer fails the
+    /// attempt (records are not dead-lettered for it), and the restart strategy retries.
+    #[serde(default = "defaults::registry_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for KeyDecodeConfig {
+    fn default() -> Self {
+        Self {
+            format: Format::String,
+            schema_file: None,
+            message: None,
+        }
+    }
+}
+
+/// `[decode.key]`: how message keys are read, for `kafka.key` fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyDecodeConfig {
+    /// `string` (the default), `json`, `avro` or `protobuf`.
+    #[serde(default = "defaults::key_format")]
+    pub format: Format,
+    /// Plain Avro or a .proto file for keys without the registry's header.
+    #[serde(default)]
+    pub schema_file: Option<PathBuf>,
+    /// The Protobuf message type of `schema_file`.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// `[decode]`.
@@ -361,9 +452,45 @@ pub struct DecodeConfig {
     /// Records longer than this are dead-lettered unread.
     #[serde(default = "defaults::max_record_bytes")]
     pub max_record_bytes: usize,
-    /// The fields taken from each JSON record.
+    /// The fields taken from each record.
     #[serde(default)]
     pub fields: Vec<FieldSpec>,
+    /// How values are encoded: `json` (the default), `avro` or `protobuf`.
+    #[serde(default)]
+    pub format: Format,
+    /// Where Avro and Protobuf writer schemas are fetched by the id each record carries.
+    #[serde(default)]
+    pub schema_registry: Option<RegistryConfig>,
+    /// The writer schema of records without the registry's header: an Avro schema
+    /// (`.avsc`) or a `.proto` file.
+    #[serde(default)]
+    pub schema_file: Option<PathBuf>,
+    /// The Protobuf message type (`package.Message`) of `schema_file`.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// `none` (the default) or `debezium`.
+    #[serde(default)]
+    pub envelope: Envelope,
+    /// How keys are read.
+    #[serde(default)]
+    pub key: KeyDecodeConfig,
+    /// The stream only appends: a delete (a tombstone, a Debezium `d` event) is a dead
+    /// letter instead of a delete, and windows may read the stream.
+    #[serde(default)]
+    pub append_only: bool,
+}
+
+impl DecodeConfig {
+    /// Whether records may delete rows: a Debezium envelope, or fields read from the key
+    /// (a tombstone then deletes by them), unless declared append-only.
+    pub fn is_changelog(&self) -> bool {
+        let keyed = self.fields.iter().any(|f| {
+            f.path
+                .as_deref()
+                .is_some_and(|p| p == "kafka.key" || p.starts_with("kafka.key."))
+        });
+        !self.append_only && (self.envelope == Envelope::Debezium || keyed)
+    }
 }
 
 impl Default for DecodeConfig {
@@ -371,6 +498,13 @@ impl Default for DecodeConfig {
         Self {
             max_record_bytes: defaults::max_record_bytes(),
             fields: Vec::new(),
+            format: Format::Json,
+            schema_registry: None,
+            schema_file: None,
+            message: None,
+            envelope: Envelope::None,
+            key: KeyDecodeConfig::default(),
+            append_only: false,
         }
     }
 }
@@ -1183,6 +1317,12 @@ mod defaults {
     }
     pub fn max_record_bytes() -> usize {
         1 << 20
+    }
+    pub fn registry_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn key_format() -> super::Format {
+        super::Format::String
     }
     pub fn checkpoint_interval() -> Duration {
         Duration::from_secs(10)

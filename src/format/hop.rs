@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::record::{DeadLetter, Record};
 
 /// The format of hop messages; a message of another is refused, not misread.
-const FORMAT: u8 = 1;
+/// 2: records carry their op (upsert or delete).
+const FORMAT: u8 = 2;
 const RECORD: u8 = 0;
 const DEAD: u8 = 1;
 const WATERMARK: u8 = 2;
@@ -127,6 +128,7 @@ mod tests {
             ],
             payload: Some("{\"a\":1}".into()),
             timestamp: 1_700_000_000_123,
+            op: crate::record::Op::Delete,
         };
         let dead = DeadLetter {
             origin,

@@ -47,18 +47,10 @@ impl Decoder {
             );
             return Err(dead(origin, reason));
         }
-        let mut values = vec![Value::Null; self.fields.len()];
-        let mut seen = vec![false; self.fields.len()];
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let seed = ObjectSeed {
-            fields: &self.fields,
-            values: &mut values,
-            seen: &mut seen,
+        let (values, seen) = match top_level(&self.fields, bytes) {
+            Ok(read) => read,
+            Err(reason) => return Err(dead(origin, reason)),
         };
-        let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
-        if let Err(e) = parsed {
-            return Err(dead(origin, describe(e)));
-        }
         for (i, f) in self.fields.iter().enumerate() {
             if f.required && values[i] == Value::Null {
                 let what = if seen[i] { "is null" } else { "is missing" };
@@ -78,8 +70,24 @@ impl Decoder {
             values,
             payload,
             timestamp: crate::record::NO_TIMESTAMP,
+            op: crate::record::Op::Upsert,
         })
     }
+}
+
+/// Read the top-level `fields` of a JSON object in one pass, without building a tree:
+/// their values (null when absent) and whether each was present.
+pub fn top_level(fields: &[FieldSpec], bytes: &[u8]) -> Result<(Vec<Value>, Vec<bool>), String> {
+    let mut values = vec![Value::Null; fields.len()];
+    let mut seen = vec![false; fields.len()];
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let seed = ObjectSeed {
+        fields,
+        values: &mut values,
+        seen: &mut seen,
+    };
+    seed.deserialize(&mut de).and_then(|()| de.end()).map_err(describe)?;
+    Ok((values, seen))
 }
 
 /// serde_json's message with the position, or ours for a type mismatch.
@@ -271,6 +279,48 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     }
 }
 
+/// A node of a parsed JSON document, for nested paths, keys and envelopes.
+#[derive(Clone, Copy)]
+pub struct JsonNode<'a>(pub &'a serde_json::Value);
+
+impl super::fields::Node for JsonNode<'_> {
+    fn child(&self, name: &str) -> Option<Self> {
+        self.0.as_object()?.get(name).map(JsonNode)
+    }
+
+    fn convert(&self, field: &FieldSpec) -> Result<Value, String> {
+        use serde_json::Value as J;
+        let mismatch = |found: &str| super::fields::mismatch(field, found);
+        if field.field_type == FieldType::Json {
+            return Ok(match self.0 {
+                J::Null => Value::Null,
+                v => Value::Json(v.to_string()),
+            });
+        }
+        match (self.0, field.field_type) {
+            (J::Null, _) => Ok(Value::Null),
+            (J::Bool(b), FieldType::Bool) => Ok(Value::Bool(*b)),
+            (J::Number(n), FieldType::Int) => match (n.as_i64(), n.as_f64()) {
+                (Some(i), _) => Ok(Value::Int(i)),
+                (None, Some(f)) if f.fract() == 0.0 || n.is_u64() => Err(mismatch("an integer beyond 64-bit range")),
+                _ => Err(mismatch("a fractional number")),
+            },
+            (J::Number(n), FieldType::Float) => n.as_f64().map(Value::Float).ok_or_else(|| mismatch("a number")),
+            (J::String(t), FieldType::String) => Ok(Value::Text(t.clone())),
+            (J::Bool(_), _) => Err(mismatch("a boolean")),
+            (J::Number(_), _) => Err(mismatch("a number")),
+            (J::String(_), _) => Err(mismatch("a string")),
+            (J::Array(_), _) => Err(mismatch("an array")),
+            (J::Object(_), _) => Err(mismatch("an object")),
+        }
+    }
+}
+
+/// Parse a whole JSON document (keys, envelopes, nested paths).
+pub fn parse(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +331,7 @@ mod tests {
             name: name.into(),
             field_type: t,
             required,
+            path: None,
         }
     }
 
@@ -377,6 +428,7 @@ mod fuzz {
             name: name.into(),
             field_type,
             required,
+            path: None,
         };
         Decoder::new(
             vec![

@@ -684,6 +684,7 @@ mod tests {
                     values: Vec::new(),
                     payload: None,
                     timestamp: 0,
+                    op: crate::record::Op::Upsert,
                 })
                 .collect();
             self.next = end;

@@ -97,6 +97,7 @@ mod tests {
             values: Vec::new(),
             payload: None,
             timestamp: ts,
+            op: crate::record::Op::Upsert,
         }
     }
 

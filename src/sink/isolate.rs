@@ -117,6 +117,7 @@ mod tests {
                 values: vec![Value::Int(*v)],
                 payload: None,
                 timestamp: 0,
+                op: crate::record::Op::Upsert,
             })
             .collect()
     }

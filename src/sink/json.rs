@@ -190,6 +190,7 @@ mod tests {
             key: vec![],
             dead_letter_table: None,
             key_is_origin: false,
+            changelog: false,
             message: MessageSpec::default(),
         };
         let row = RowJson::new(&spec);

@@ -83,6 +83,9 @@ pub struct TableSpec {
     /// Whether the key is the record's Kafka coordinates (then a batch never holds two
     /// rows with one key, and no de-duplication is needed).
     pub key_is_origin: bool,
+    /// The stream carries deletes (tombstones, change events): rows are upserted and
+    /// deleted on the key, in order, by every strategy.
+    pub changelog: bool,
     /// How a Kafka sink builds its messages.
     pub message: MessageSpec,
 }
@@ -239,6 +242,7 @@ impl TableSpec {
             dead_letter_table: (cfg.dead_letter.kind == crate::config::DeadLetterKind::Table)
                 .then(|| cfg.dead_letter.table.clone()),
             key_is_origin,
+            changelog: false,
         })
     }
 
@@ -324,6 +328,7 @@ mod tests {
             key,
             dead_letter_table: None,
             key_is_origin,
+            changelog: false,
             message: MessageSpec::default(),
         }
     }

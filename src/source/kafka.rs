@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use rdkafka::message::Headers as _;
+use rdkafka::{ClientContext, Message as _, Offset, Statistics, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{PartitionOffset, SourceState};
 use crate::config::{IsolationLevel, StartFrom};
 use crate::error::{Error, Result};
-use crate::format::Decoder;
+use crate::format::{Decoded, Decoder, Message};
 use crate::record::{Batch, DeadLetter, Origin};
 use crate::runtime::partition::source_owner;
 use crate::runtime::source_task::{Source, SourcePoll};
@@ -392,12 +393,22 @@ impl KafkaSource {
                         offset,
                         timestamp_ms,
                     };
-                    let mut record = match self.decoder.decode(origin, msg.payload()) {
-                        Ok(r) => r,
-                        Err(d) => {
+                    let headers: Vec<(&str, Option<&[u8]>)> = match msg.headers() {
+                        Some(h) if self.decoder.wants_headers() => h.iter().map(|h| (h.key, h.value)).collect(),
+                        _ => Vec::new(),
+                    };
+                    let message = Message {
+                        payload: msg.payload(),
+                        key: msg.key(),
+                        headers: &headers,
+                    };
+                    let mut record = match self.decoder.decode(origin, &message)? {
+                        Decoded::Record(r) => r,
+                        Decoded::Dead(d) => {
                             batch.dead.push(d);
                             continue;
                         }
+                        Decoded::Skip => continue,
                     };
                     match &self.time {
                         None => record.timestamp = now_ms,

@@ -409,7 +409,7 @@ pub fn possible_replay() {
 }
 
 /// The causes `sluice_errors_total` counts by (see [`crate::error::Error::cause`]).
-const CAUSES: [&str; 11] = [
+const CAUSES: [&str; 12] = [
     "config",
     "kafka",
     "database",
@@ -419,6 +419,7 @@ const CAUSES: [&str; 11] = [
     "unsupported",
     "fenced",
     "lookup",
+    "schema_registry",
     "sink",
     "internal",
 ];

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod bad_input;
 mod broker_faults;
+mod changes;
 mod cluster;
 mod config_errors;
 mod discovery;

@@ -34,6 +34,7 @@ fn spec(table: &str) -> TableSpec {
         key: vec![],
         dead_letter_table: None,
         key_is_origin: false,
+        changelog: false,
         message: MessageSpec::default(),
     }
 }

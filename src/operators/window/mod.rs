@@ -350,6 +350,7 @@ impl Fire<'_> {
             values,
             payload: None,
             timestamp: max_timestamp(&ws.window),
+            op: crate::record::Op::Upsert,
         });
         self.fired += 1;
     }

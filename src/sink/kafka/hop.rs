@@ -124,6 +124,7 @@ pub async fn open(
         key: Vec::new(),
         dead_letter_table: None,
         key_is_origin: false,
+        changelog: false,
         message: Default::default(),
     };
     let producing = vec![("linger.ms".to_string(), "5".to_string())];

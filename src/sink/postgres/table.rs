@@ -20,6 +20,8 @@ pub struct PgTable {
     pub spec: TableSpec,
     upsert_sql: String,
     insert_sql: String,
+    /// Deletes by the key, for a change stream (binds the key's columns only).
+    delete_sql: Option<String>,
     dead_sql: Option<String>,
     /// Unique indexes of the table over Kafka coordinates only: a violation of one of
     /// them on a plain insert means the record was written before (a replay).
@@ -37,8 +39,11 @@ impl PgTable {
     pub async fn open(pool: &PgPool, spec: TableSpec, upsert: bool, max_record_attempts: u32) -> Result<Self> {
         let types = column_types(pool, &spec.table).await?;
         let mut needed = vec![(spec.table.as_str(), "INSERT")];
-        if upsert {
+        if upsert || spec.changelog {
             needed.push((spec.table.as_str(), "UPDATE"));
+        }
+        if spec.changelog {
+            needed.push((spec.table.as_str(), "DELETE"));
         }
         if let Some(dead) = &spec.dead_letter_table {
             needed.push((dead.as_str(), "INSERT"));
@@ -98,6 +103,39 @@ impl PgTable {
         } else {
             format!("{insert_sql} ON CONFLICT ({key}) DO UPDATE SET {}", updates.join(", "))
         };
+        let delete_sql = spec.changelog.then(|| {
+            let params: Vec<String> = spec
+                .key
+                .iter()
+                .enumerate()
+                .map(|(j, i)| format!("${}::{}[]", j + 1, array_type(&spec.columns[*i])))
+                .collect();
+            let aliases: Vec<String> = (0..spec.key.len()).map(|j| format!("k{j}")).collect();
+            let matches: Vec<String> = spec
+                .key
+                .iter()
+                .enumerate()
+                .map(|(j, i)| {
+                    let c = &spec.columns[*i];
+                    let target = types
+                        .iter()
+                        .find(|(n, _)| n == &c.name)
+                        .map_or("text", |(_, t)| t.as_str());
+                    format!(
+                        "x.{} = {}",
+                        quote_name(&c.name),
+                        cast_expr(&format!("u.k{j}"), c.value_type, target)
+                    )
+                })
+                .collect();
+            format!(
+                "DELETE FROM {} AS x USING unnest({}) AS u({}) WHERE {}",
+                quote_name(&spec.table),
+                params.join(", "),
+                aliases.join(", "),
+                matches.join(" AND ")
+            )
+        });
         let dead_sql = match &spec.dead_letter_table {
             Some(t) => {
                 column_types(pool, t).await?;
@@ -117,6 +155,7 @@ impl PgTable {
             spec,
             upsert_sql,
             insert_sql,
+            delete_sql,
             dead_sql,
             coordinate_indexes,
             max_record_attempts,
@@ -142,6 +181,19 @@ impl PgTable {
                 "sink table {} does not fit sink.columns / sink.key: {e}",
                 self.spec.table
             )));
+        }
+        if let Some(delete) = &self.delete_sql {
+            let explain = format!("EXPLAIN {delete}");
+            let mut q = sqlx::query(&explain);
+            for i in &self.spec.key {
+                q = bind_column(q, &self.spec.columns[*i], &[]);
+            }
+            if let Err(e) = conn.execute(q).await {
+                return Err(Error::TargetSetup(format!(
+                    "sink table {} cannot be deleted from by sink.key: {e}",
+                    self.spec.table
+                )));
+            }
         }
         if let Some(dead) = &self.dead_sql {
             let explain = format!("EXPLAIN {dead}");
@@ -178,7 +230,41 @@ impl PgTable {
         upsert: bool,
         in_transaction: bool,
     ) -> Result<(u64, Vec<DeadLetter>)> {
+        if let (true, Some(delete_sql)) = (self.spec.changelog, &self.delete_sql) {
+            // A change stream: the last op of each key in this call, upserts and deletes
+            // apart (their keys are disjoint, so their order does not matter); calls run
+            // in order, so an epoch's ops apply in the order they came.
+            let mut last = std::collections::HashMap::with_capacity(records.len());
+            let key = self.spec.key_sources();
+            for (i, r) in records.iter().enumerate() {
+                last.insert(crate::sink::key_bytes(r, &key), i);
+            }
+            let mut keep: Vec<usize> = last.into_values().collect();
+            keep.sort_unstable();
+            let (deletes, upserts): (Vec<&Record>, Vec<&Record>) =
+                keep.into_iter().map(|i| records[i]).partition(|r| r.is_delete());
+            let (mut written, mut rejected) = self
+                .write_with(conn, &upserts, &self.upsert_sql, in_transaction)
+                .await?;
+            let (deleted, refused) = self.write_with(conn, &deletes, delete_sql, in_transaction).await?;
+            written += deleted;
+            rejected.extend(refused);
+            return Ok((written, rejected));
+        }
         let sql = if upsert { &self.upsert_sql } else { &self.insert_sql };
+        self.write_with(conn, records, sql, in_transaction).await
+    }
+
+    async fn write_with(
+        &self,
+        conn: &mut PgConnection,
+        records: &[&Record],
+        sql: &str,
+        in_transaction: bool,
+    ) -> Result<(u64, Vec<DeadLetter>)> {
+        if records.is_empty() {
+            return Ok((0, Vec::new()));
+        }
         let mut statements = Statements {
             table: self,
             conn,
@@ -213,7 +299,9 @@ impl PgTable {
     /// the table, or Postgres refused a row), for [`PgTable::write`] to do it row-aware.
     pub async fn copy(&self, conn: &mut PgConnection, records: &[&Record]) -> Result<Option<u64>> {
         match &self.copy_sql {
-            Some(sql) if !records.is_empty() => copy::copy_in(conn, sql, &self.spec.columns, records).await,
+            Some(sql) if !records.is_empty() && !self.spec.changelog => {
+                copy::copy_in(conn, sql, &self.spec.columns, records).await
+            }
             _ => Ok(None),
         }
     }
@@ -327,8 +415,14 @@ impl PgTable {
             conn.execute("SAVEPOINT sluice_write").await?;
         }
         let mut q = sqlx::query(sql);
-        for c in &self.spec.columns {
-            q = bind_column(q, c, records);
+        if self.delete_sql.as_deref() == Some(sql) {
+            for i in &self.spec.key {
+                q = bind_column(q, &self.spec.columns[*i], records);
+            }
+        } else {
+            for c in &self.spec.columns {
+                q = bind_column(q, c, records);
+            }
         }
         match conn.execute(q).await {
             Ok(done) => {

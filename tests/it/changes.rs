@@ -1,0 +1,559 @@
+//! Formats beyond JSON and change streams: Debezium change events and tombstones
+//! applied to Postgres as upserts and deletes (the table ends equal to the source's
+//! final state, under SIGKILLs), Avro and Protobuf records read with schemas from files,
+//! and the mistakes refused at start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+
+use crate::common::*;
+
+/// A Kafka message: key and value (`None`: a tombstone).
+type Message = (String, Option<String>);
+
+/// Rows by id: name and version.
+type Table = BTreeMap<i64, (String, i64)>;
+
+/// A Debezium-shaped change history over `ids` rows: inserts, updates, deletes (each
+/// followed by its tombstone) and rows created again after a delete, keyed by
+/// `{"id": n}`. Returns the messages in order and the source table's final state.
+fn history(ids: i64, steps: usize, seed: u64) -> (Vec<Message>, Table) {
+    let mut rng = seed;
+    let mut next = move || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng >> 33
+    };
+    let mut table: BTreeMap<i64, (String, i64)> = BTreeMap::new();
+    let mut out = Vec::new();
+    let row =
+        |id: i64, (name, version): &(String, i64)| format!(r#"{{"id":{id},"name":"{name}","version":{version}}}"#);
+    for step in 0..steps {
+        let id = (next() % ids as u64) as i64;
+        let key = format!(r#"{{"id":{id}}}"#);
+        let source = format!(
+            r#"{{"connector":"postgresql","db":"shop","table":"customers","ts_ms":{},"lsn":{step}}}"#,
+            1_700_000_000_000i64 + step as i64
+        );
+        let (op, before, after) = match table.get(&id).cloned() {
+            None => {
+                let new = (format!("n{id}-{step}"), 1);
+                table.insert(id, new.clone());
+                ("c", "null".to_string(), row(id, &new))
+            }
+            Some(old) if next() % 10 < 7 => {
+                let new = (format!("n{id}-{step}"), old.1 + 1);
+                table.insert(id, new.clone());
+                ("u", row(id, &old), row(id, &new))
+            }
+            Some(old) => {
+                table.remove(&id);
+                ("d", row(id, &old), "null".to_string())
+            }
+        };
+        let event = format!(r#"{{"before":{before},"after":{after},"source":{source},"op":"{op}","ts_ms":{step}}}"#);
+        // Every third event as Kafka Connect's JSON converter writes it with schemas on.
+        let payload = match step % 3 {
+            0 => format!(r#"{{"schema":{{"type":"struct","optional":false}},"payload":{event}}}"#),
+            _ => event,
+        };
+        out.push((key.clone(), Some(payload)));
+        if op == "d" {
+            out.push((key, None));
+        }
+    }
+    (out, table)
+}
+
+fn debezium_toml(job: &str, topic: &str, schema: &str, strategy: &str, dir: &Path) -> String {
+    format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+parallelism = 2
+
+[decode]
+envelope = "debezium"
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "name"
+type = "string"
+required = false
+
+[[decode.fields]]
+name = "version"
+type = "int"
+required = false
+
+[[decode.fields]]
+name = "lsn"
+type = "int"
+path = "debezium.source.lsn"
+
+[[decode.fields]]
+name = "op"
+type = "string"
+path = "debezium.op"
+
+[checkpoint]
+interval = "500ms"
+timeout = "20s"
+storage = "filesystem"
+dir = "{cp}"
+
+[restart]
+strategy = "fixed_delay"
+attempts = 100
+delay = "500ms"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.mirror"
+strategy = "{strategy}"
+parallelism = 2
+key = ["id"]
+columns = [
+  {{ name = "id", value = "id" }},
+  {{ name = "name", value = "name" }},
+  {{ name = "version", value = "version" }},
+  {{ name = "lsn", value = "lsn" }},
+  {{ name = "op", value = "op" }},
+]
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        cp = dir.join("cp").display(),
+    )
+}
+
+async fn mirror_schema(pool: &PgPool) -> String {
+    let schema = unique("cdc");
+    for sql in [
+        format!("CREATE SCHEMA {schema}"),
+        format!("CREATE TABLE {schema}.mirror (id bigint PRIMARY KEY, name text, version bigint, lsn bigint, op text)"),
+        format!(
+            "CREATE TABLE {schema}.dead (topic text, partition int, \"offset\" bigint, kafka_timestamp bigint, \
+             reason text, payload bytea, PRIMARY KEY (topic, partition, \"offset\"))"
+        ),
+    ] {
+        sqlx::query(&sql).execute(pool).await.expect("schema");
+    }
+    schema
+}
+
+async fn mirror(pool: &PgPool, schema: &str) -> BTreeMap<i64, (String, i64)> {
+    sqlx::query(&format!("SELECT id, name, version FROM {schema}.mirror"))
+        .fetch_all(pool)
+        .await
+        .expect("read mirror")
+        .into_iter()
+        .map(|r| (r.get::<i64, _>(0), (r.get::<String, _>(1), r.get::<i64, _>(2))))
+        .collect()
+}
+
+/// Produce `messages` in ten slices 300 ms apart, in the background.
+fn feed(topic: &str, messages: Vec<(String, Option<String>)>) -> JoinHandle<()> {
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        let slice = messages.len().div_ceil(10).max(1);
+        for chunk in messages.chunks(slice) {
+            produce(&topic, chunk.iter().cloned());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
+
+/// A change history applied through SIGKILLs: the mirror ends equal to the source's
+/// final state (deleted rows gone, re-created ones back), nothing dead-lettered, no
+/// prepared transaction left.
+async fn changes_survive_kills(strategy: &str) {
+    let pool = pg().await;
+    let schema = mirror_schema(&pool).await;
+    let (topic, job) = (unique("cdc"), unique("cdc"));
+    create_topic(&topic, 3).await;
+    let (messages, expected) = history(400, 6_000, 7);
+    assert!(messages.iter().any(|(_, p)| p.is_none()), "the history has deletes");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &debezium_toml(&job, &topic, &schema, strategy, dir.path()));
+    let log = dir.path().join("sluice.log");
+    let feeder = feed(&topic, messages);
+    kill_at_random(&config, &log, &[], 3).await;
+    feeder.join().expect("feeder");
+    let s = Sluice::start(&config, &log);
+    let done = wait_until(Duration::from_secs(120), || async {
+        mirror(&pool, &schema).await == expected
+    })
+    .await;
+    let got = mirror(&pool, &schema).await;
+    assert!(
+        done,
+        "mirror has {} rows, the source {}: {}\n{}",
+        got.len(),
+        expected.len(),
+        s.log_tail(),
+        log_without(&log, " INFO ")
+    );
+    let status = s.terminate();
+    assert!(status.success(), "{status}");
+    assert_eq!(mirror(&pool, &schema).await, expected);
+    let dead = count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await;
+    assert_eq!(dead, 0, "{}", log_without(&log, " INFO "));
+    // Envelope fields arrive with the row: the last op that wrote each row.
+    let ops = count(
+        &pool,
+        &format!("SELECT count(*) FROM {schema}.mirror WHERE op NOT IN ('c', 'u') OR lsn IS NULL"),
+    )
+    .await;
+    assert_eq!(ops, 0);
+    assert_eq!(prepared_of(&pool, &job).await, 0, "prepared transactions left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_changes_reach_the_final_state_through_kills_idempotent() {
+    changes_survive_kills("idempotent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_changes_reach_the_final_state_through_kills_two_phase() {
+    changes_survive_kills("two_phase").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_changes_reach_the_final_state_through_kills_wal() {
+    changes_survive_kills("wal").await;
+}
+
+/// Plain JSON values with the id in the message key: a tombstone deletes the row, in
+/// order with the upserts of its key; a tombstone without a key is a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_deletes_its_key() {
+    let pool = pg().await;
+    let schema = mirror_schema(&pool).await;
+    let (topic, job) = (unique("tomb"), unique("tomb"));
+    create_topic(&topic, 2).await;
+    let mut messages: Vec<(String, Option<String>)> = Vec::new();
+    for id in 0..100 {
+        messages.push((id.to_string(), Some(format!(r#"{{"name":"a{id}","version":1}}"#))));
+    }
+    for id in (0..100).step_by(3) {
+        messages.push((id.to_string(), None));
+    }
+    for id in (0..100).step_by(9) {
+        messages.push((id.to_string(), Some(format!(r#"{{"name":"b{id}","version":2}}"#))));
+    }
+    produce(&topic, messages);
+    let mut expected = BTreeMap::new();
+    for id in 0..100i64 {
+        if id % 9 == 0 {
+            expected.insert(id, (format!("b{id}"), 2));
+        } else if id % 3 != 0 {
+            expected.insert(id, (format!("a{id}"), 1));
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = debezium_toml(&job, &topic, &schema, "idempotent", dir.path())
+        .replace("envelope = \"debezium\"", "")
+        .replace(
+            "name = \"id\"\ntype = \"int\"",
+            "name = \"id\"\ntype = \"int\"\npath = \"kafka.key\"",
+        )
+        .replace(
+            "path = \"debezium.source.lsn\"",
+            "path = \"kafka.headers.lsn\"\nrequired = false",
+        )
+        .replace(
+            "path = \"debezium.op\"",
+            "path = \"kafka.headers.op\"\nrequired = false",
+        );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let s = Sluice::start(&config, &log);
+    let done = wait_until(Duration::from_secs(60), || async {
+        mirror(&pool, &schema).await == expected
+    })
+    .await;
+    assert!(done, "{:?}\n{}", mirror(&pool, &schema).await.len(), s.log_tail());
+    let status = s.terminate();
+    assert!(status.success(), "{status}");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write schema");
+    p
+}
+
+const ORDER_AVSC: &str = r#"{"type":"record","name":"Order","namespace":"shop","fields":[
+    {"name":"id","type":"long"},
+    {"name":"customer","type":{"type":"record","name":"Customer","fields":[{"name":"name","type":"string"}]}},
+    {"name":"price","type":{"type":"bytes","logicalType":"decimal","precision":9,"scale":2}},
+    {"name":"at","type":{"type":"long","logicalType":"timestamp-micros"}},
+    {"name":"note","type":["null","string"],"default":null}
+]}"#;
+
+fn order_toml(job: &str, topic: &str, schema: &str, dir: &Path, decode: &str) -> String {
+    format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+
+[decode]
+{decode}
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "customer"
+type = "string"
+path = "customer.name"
+
+[[decode.fields]]
+name = "price"
+type = "string"
+
+[[decode.fields]]
+name = "at"
+type = "string"
+
+[checkpoint]
+interval = "500ms"
+storage = "filesystem"
+dir = "{cp}"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.orders"
+strategy = "idempotent"
+key = ["id"]
+columns = [
+  {{ name = "id", value = "id" }},
+  {{ name = "customer", value = "customer" }},
+  {{ name = "price", value = "price" }},
+  {{ name = "at", value = "at" }},
+]
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        cp = dir.join("cp").display(),
+    )
+}
+
+async fn orders_schema(pool: &PgPool) -> String {
+    let schema = unique("fmt");
+    for sql in [
+        format!("CREATE SCHEMA {schema}"),
+        format!(
+            "CREATE TABLE {schema}.orders (id bigint PRIMARY KEY, customer text, price numeric(9,2), at timestamptz)"
+        ),
+        format!(
+            "CREATE TABLE {schema}.dead (topic text, partition int, \"offset\" bigint, kafka_timestamp bigint, \
+             reason text, payload bytea, PRIMARY KEY (topic, partition, \"offset\"))"
+        ),
+    ] {
+        sqlx::query(&sql).execute(pool).await.expect("schema");
+    }
+    schema
+}
+
+/// Run a job over `n` good orders and one garbage record; every order lands with its
+/// nested field, decimal and timestamp, and the garbage is dead-lettered with a reason.
+async fn orders_arrive(pool: &PgPool, schema: &str, config: &Path, log: &Path, n: i64) {
+    let s = Sluice::start(config, log);
+    let sql = format!("SELECT count(*) FROM {schema}.orders");
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let done = wait_until(Duration::from_secs(60), || async {
+        count(pool, &sql).await >= n && count(pool, &dead_sql).await >= 1
+    })
+    .await;
+    assert!(done, "{} orders: {}", count(pool, &sql).await, s.log_tail());
+    let status = s.terminate();
+    assert!(status.success(), "{status}");
+    let row = sqlx::query(&format!(
+        "SELECT customer, price::text, extract(epoch from at)::float8 FROM {schema}.orders WHERE id = 7"
+    ))
+    .fetch_one(pool)
+    .await
+    .expect("order 7");
+    assert_eq!(row.get::<String, _>(0), "c7");
+    assert_eq!(row.get::<String, _>(1), "7.07");
+    assert!((row.get::<f64, _>(2) - 1_700_000_007.000_123).abs() < 1e-6);
+    let reason: String = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
+        .fetch_one(pool)
+        .await
+        .expect("dead letter");
+    assert!(reason.contains("not") || reason.contains("Protobuf"), "{reason}");
+    assert_eq!(count(pool, &sql).await, n);
+}
+
+/// Plain Avro datums written with the schema in a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_with_a_schema_file_arrive_typed() {
+    use apache_avro::types::Value as A;
+    let pool = pg().await;
+    let schema = orders_schema(&pool).await;
+    let (topic, job) = (unique("avro"), unique("avro"));
+    create_topic(&topic, 2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let avsc = write(dir.path(), "order.avsc", ORDER_AVSC);
+    let parsed = apache_avro::Schema::parse_str(ORDER_AVSC).expect("schema");
+    let n = 200i64;
+    let mut messages: Vec<(String, Option<Vec<u8>>)> = (0..n)
+        .map(|id| {
+            let v = A::Record(vec![
+                ("id".into(), A::Long(id)),
+                (
+                    "customer".into(),
+                    A::Record(vec![("name".into(), A::String(format!("c{id}")))]),
+                ),
+                (
+                    "price".into(),
+                    A::Decimal(apache_avro::Decimal::from((id * 101).to_be_bytes().to_vec())),
+                ),
+                ("at".into(), A::TimestampMicros((1_700_000_000 + id) * 1_000_000 + 123)),
+                ("note".into(), A::Union(0, Box::new(A::Null))),
+            ]);
+            (
+                id.to_string(),
+                Some(apache_avro::to_avro_datum(&parsed, v).expect("encode")),
+            )
+        })
+        .collect();
+    messages.push(("bad".into(), Some(vec![0xff; 7])));
+    produce(&topic, messages);
+    let decode = format!("format = \"avro\"\nschema_file = \"{}\"", avsc.display());
+    let config = write_config(dir.path(), &order_toml(&job, &topic, &schema, dir.path(), &decode));
+    orders_arrive(&pool, &schema, &config, &dir.path().join("sluice.log"), n).await;
+}
+
+/// Protobuf messages of a type in a .proto file, with a well-known type imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_records_with_a_proto_file_arrive_typed() {
+    use prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value as P};
+    let pool = pg().await;
+    let schema = orders_schema(&pool).await;
+    let (topic, job) = (unique("proto"), unique("proto"));
+    create_topic(&topic, 2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proto = r#"
+        syntax = "proto3";
+        package shop;
+        import "google/protobuf/timestamp.proto";
+        message Customer { string name = 1; }
+        message Order {
+            int64 id = 1;
+            Customer customer = 2;
+            string price = 3;
+            google.protobuf.Timestamp at = 4;
+        }
+    "#;
+    let file = write(dir.path(), "order.proto", proto);
+    let pool_desc = protox::compile([&file], [dir.path()]).expect("compile");
+    let pool_desc = prost_reflect::DescriptorPool::from_file_descriptor_set(pool_desc).expect("pool");
+    let order = pool_desc.get_message_by_name("shop.Order").expect("Order");
+    let n = 150i64;
+    let mut messages: Vec<(String, Option<Vec<u8>>)> = (0..n)
+        .map(|id| {
+            let mut m = DynamicMessage::new(order.clone());
+            m.set_field_by_name("id", P::I64(id));
+            let mut c = DynamicMessage::new(pool_desc.get_message_by_name("shop.Customer").expect("Customer"));
+            c.set_field_by_name("name", P::String(format!("c{id}")));
+            m.set_field_by_name("customer", P::Message(c));
+            m.set_field_by_name("price", P::String(format!("{}.{:02}", id * 101 / 100, id * 101 % 100)));
+            let mut ts = DynamicMessage::new(pool_desc.get_message_by_name("google.protobuf.Timestamp").expect("ts"));
+            ts.set_field_by_name("seconds", P::I64(1_700_000_000 + id));
+            ts.set_field_by_name("nanos", P::I32(123_000));
+            m.set_field_by_name("at", P::Message(ts));
+            (id.to_string(), Some(m.encode_to_vec()))
+        })
+        .collect();
+    messages.push(("bad".into(), Some(vec![0xff; 7])));
+    produce(&topic, messages);
+    let decode = format!(
+        "format = \"protobuf\"\nschema_file = \"{}\"\nmessage = \"shop.Order\"",
+        file.display()
+    );
+    let config = write_config(dir.path(), &order_toml(&job, &topic, &schema, dir.path(), &decode));
+    orders_arrive(&pool, &schema, &config, &dir.path().join("sluice.log"), n).await;
+}
+
+/// Mistakes in `[decode]` and change streams into what cannot apply them fail at
+/// `sluice check`, naming the key.
+#[test]
+fn format_and_change_stream_mistakes_name_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = debezium_toml("j", "t", "s", "idempotent", dir.path());
+    let check = |toml: &str| {
+        let path = write_config(dir.path(), toml);
+        let (ok, out) = sluice_cli(&["check".as_ref(), "--config".as_ref(), path.as_os_str()], &[]);
+        assert!(!ok, "accepted: {toml}");
+        out
+    };
+    let sqlite = base
+        .replace(&format!("url = \"{}\"", pg_url()), "url = \"sqlite:///tmp/x.db\"")
+        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
+        .replace("parallelism = 2\nkey", "parallelism = 1\nkey");
+    let out = check(&sqlite);
+    assert!(out.contains("sink.kind") && out.contains("deletes"), "{out}");
+    let window = base.replace(
+        "[checkpoint]",
+        "[[operators]]\nkind = \"key_by\"\nfields = [\"id\"]\n\n[[operators]]\nkind = \"window\"\nid = \"w\"\nassigner = \"tumbling\"\nsize = \"1m\"\naggregates = [{ fn = \"count\", as = \"n\" }]\n\n[checkpoint]",
+    );
+    let out = check(&window);
+    assert!(out.contains("operators[1]") && out.contains("append_only"), "{out}");
+    let out = check(&base.replace(
+        "envelope = \"debezium\"",
+        "format = \"protobuf\"\nschema_file = \"/nonexistent.proto\"",
+    ));
+    assert!(out.contains("decode.schema_file"), "{out}");
+    let proto = write(
+        dir.path(),
+        "m.proto",
+        "syntax = \"proto3\"; message M { int64 id = 1; }",
+    );
+    let out = check(&base.replace(
+        "envelope = \"debezium\"",
+        &format!("format = \"protobuf\"\nschema_file = \"{}\"", proto.display()),
+    ));
+    assert!(out.contains("decode.message"), "{out}");
+    let out = check(&base.replace("envelope = \"debezium\"", "format = \"avro\""));
+    assert!(
+        out.contains("decode.format") && out.contains("schema_registry"),
+        "{out}"
+    );
+    let out = check(&base.replace("path = \"debezium.op\"", "path = \"kafka.offset\""));
+    assert!(out.contains("decode.fields.path"), "{out}");
+}
