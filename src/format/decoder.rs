@@ -479,3 +479,79 @@ fn reader(
         },
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const AVSC: &str = r#"{"type":"record","name":"R","fields":[
+        {"name":"id","type":"long"},
+        {"name":"tags","type":{"type":"array","items":"string"}},
+        {"name":"m","type":{"type":"map","values":["null","double"]}},
+        {"name":"d","type":{"type":"bytes","logicalType":"decimal","precision":30,"scale":4}},
+        {"name":"u","type":["null","string",{"type":"record","name":"In","fields":[{"name":"x","type":"int"}]}]}
+    ]}"#;
+
+    const PROTO: &str = r#"syntax = "proto3";
+        message R { int64 id = 1; repeated string tags = 2; map<string, double> m = 3;
+                    R child = 4; bytes b = 5; oneof o { string s = 6; int32 i = 7; } }"#;
+
+    fn decoder(format: Format, file: &str, text: &str) -> (Decoder, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).expect("schema file");
+        let field = |name: &str, field_type, path: Option<&str>| FieldSpec {
+            name: name.into(),
+            field_type,
+            required: false,
+            path: path.map(str::to_string),
+        };
+        let cfg = DecodeConfig {
+            format,
+            schema_file: Some(path),
+            message: Some("R".into()),
+            fields: vec![
+                field("id", FieldType::Int, None),
+                field("d", FieldType::String, None),
+                field("x", FieldType::Int, Some("u.x")),
+                field("m", FieldType::Json, None),
+                field("c", FieldType::Int, Some("child.id")),
+            ],
+            ..DecodeConfig::default()
+        };
+        (Decoder::new(&cfg, true).expect("decoder"), dir)
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any bytes as an Avro datum or a Protobuf message: a record or a dead letter
+        /// with a reason and the payload kept; never a panic, never an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            for (format, file, text) in [(Format::Avro, "r.avsc", AVSC), (Format::Protobuf, "r.proto", PROTO)] {
+                let (d, _dir) = decoder(format, file, text);
+                let msg = Message { payload: Some(&bytes), ..Message::default() };
+                match d.decode(origin(), &msg) {
+                    Ok(Decoded::Record(r)) => prop_assert_eq!(r.values.len(), 5),
+                    Ok(Decoded::Dead(dead)) => {
+                        prop_assert!(!dead.reason.is_empty());
+                        prop_assert_eq!(dead.payload, bytes.clone());
+                    }
+                    Ok(Decoded::Skip) => prop_assert!(false, "skipped a payload"),
+                    Err(e) => prop_assert!(false, "an error for a record: {e}"),
+                }
+            }
+        }
+    }
+}
