@@ -167,12 +167,18 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
     }
     let mut table = TableSpec::resolve(cfg, &schema)?;
     if changelog {
-        if !matches!(cfg.sink.kind(), crate::config::SinkKind::Postgres) {
+        let applies = match &cfg.sink.target {
+            crate::config::SinkTarget::Postgres(_) | crate::config::SinkTarget::Sqlite(_) => true,
+            crate::config::SinkTarget::Redis(r) => r.command != crate::config::RedisCommand::Xadd,
+            _ => false,
+        };
+        if !applies {
             return Err(fail(
                 "sink.kind",
                 format!(
                     "the stream carries deletes (a Debezium envelope, or a tombstone's key), which a {} sink does \
-                     not apply yet; Postgres does, or declare `decode.append_only = true`",
+                     not apply (yet); Postgres, SQLite and Redis `set`/`hset` do, or declare \
+                     `decode.append_only = true`",
                     cfg.sink.kind().name()
                 ),
             ));

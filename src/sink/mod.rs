@@ -291,6 +291,21 @@ pub(crate) fn key_bytes(record: &Record, key: &[ValueSource]) -> Vec<u8> {
     out
 }
 
+/// A change stream's records as the last op of each key, in input order, split into
+/// upserts and deletes. Their keys are disjoint, so the two may be applied in either
+/// order; calls apply in order, so an epoch's ops land as they came.
+pub(crate) fn last_changes<'a>(records: &[&'a Record], spec: &TableSpec) -> (Vec<&'a Record>, Vec<&'a Record>) {
+    let key = spec.key_sources();
+    let mut last = std::collections::HashMap::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        last.insert(key_bytes(r, &key), i);
+    }
+    let mut keep: Vec<usize> = last.into_values().collect();
+    keep.sort_unstable();
+    let (deletes, upserts) = keep.into_iter().map(|i| records[i]).partition(|r| r.is_delete());
+    (upserts, deletes)
+}
+
 /// Keep the last record of each key, in input order: one statement may not touch a row
 /// twice (Postgres refuses `ON CONFLICT DO UPDATE` on a key twice in one statement).
 pub(crate) fn last_per_key<'a>(records: &'a [Record], spec: &TableSpec) -> Vec<&'a Record> {

@@ -246,6 +246,12 @@ impl RedisWal {
     /// The record's command into `pipe`; `buf` is scratch space, kept between records.
     fn add(&self, pipe: &mut redis::Pipeline, r: &Record, buf: &mut Vec<u8>) {
         buf.clear();
+        // A delete of a change stream (a stream entry cannot be one: refused at start).
+        if r.is_delete() && self.command != RedisCommand::Xadd {
+            self.key_of(r, buf);
+            pipe.cmd("DEL").arg(&buf[..]).ignore();
+            return;
+        }
         match self.command {
             RedisCommand::Set => {
                 self.key_of(r, buf);

@@ -155,12 +155,30 @@ impl SqliteTable {
         records: &[&Record],
         upsert: bool,
     ) -> Result<(u64, Vec<DeadLetter>)> {
+        if self.spec.changelog {
+            // A change stream: the last op of each key, upserted or deleted.
+            let (upserts, deletes) = super::last_changes(records, &self.spec);
+            let (mut written, mut refused) = self.write_chunks(tx, &upserts, Write::Upsert).await?;
+            let (deleted, more) = self.write_chunks(tx, &deletes, Write::Delete).await?;
+            written += deleted;
+            refused.extend(more);
+            return Ok((written, refused));
+        }
+        let how = if upsert { Write::Upsert } else { Write::Insert };
+        self.write_chunks(tx, records, how).await
+    }
+
+    async fn write_chunks(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
+        records: &[&Record],
+        how: Write,
+    ) -> Result<(u64, Vec<DeadLetter>)> {
+        if records.is_empty() {
+            return Ok((0, Vec::new()));
+        }
         let per_stmt = (MAX_BINDS / self.spec.columns.len().max(1)).max(1);
-        let mut statements = Statements {
-            table: self,
-            tx,
-            upsert,
-        };
+        let mut statements = Statements { table: self, tx, how };
         let (written, refused) = write_isolating(&mut statements, records.chunks(per_stmt).collect()).await?;
         if !refused.is_empty() {
             tracing::warn!(
@@ -176,28 +194,27 @@ impl SqliteTable {
         &self,
         tx: &mut sqlx::Transaction<'_, Sqlite>,
         rows: &[&Record],
-        upsert: bool,
+        how: Write,
     ) -> std::result::Result<u64, sqlx::Error> {
+        if how == Write::Delete {
+            let key: Vec<String> = self.spec.key.iter().map(|i| quote_name(&self.spec.columns[*i].name)).collect();
+            let head = format!("DELETE FROM {} WHERE ({}) IN (", quote_name(&self.spec.table), key.join(", "));
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head);
+            qb.push_values(rows, |mut row, r| {
+                for i in &self.spec.key {
+                    push_column(&mut row, &self.spec.columns[*i], r);
+                }
+            });
+            qb.push(")");
+            return Ok(qb.build().execute(&mut **tx).await?.rows_affected());
+        }
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(&self.head);
         qb.push_values(rows, |mut row, r| {
             for c in &self.spec.columns {
-                match c.source {
-                    ValueSource::Topic => row.push_bind(r.origin.topic.to_string()),
-                    ValueSource::Partition => row.push_bind(r.origin.partition),
-                    ValueSource::Offset => row.push_bind(r.origin.offset),
-                    ValueSource::Timestamp => row.push_bind(r.origin.timestamp_ms),
-                    ValueSource::Payload => row.push_bind(r.payload.clone()),
-                    ValueSource::Field(i) => match r.values.get(i).unwrap_or(&Value::Null) {
-                        Value::Null => row.push_bind(None::<i64>),
-                        Value::Bool(b) => row.push_bind(*b),
-                        Value::Int(v) => row.push_bind(*v),
-                        Value::Float(v) => row.push_bind(*v),
-                        Value::Text(s) | Value::Json(s) => row.push_bind(s.clone()),
-                    },
-                };
+                push_column(&mut row, c, r);
             }
         });
-        if upsert {
+        if how == Write::Upsert {
             qb.push(&self.conflict);
         }
         Ok(qb.build().execute(&mut **tx).await?.rows_affected())
@@ -244,6 +261,35 @@ impl SqliteTable {
 /// Whether SQLite refused a statement for a row's data: its primary result code (the
 /// low byte of the extended one) is CONSTRAINT (CHECK, NOT NULL, UNIQUE, FOREIGN KEY, a
 /// trigger's `RAISE`), MISMATCH (a STRICT table's type) or TOOBIG.
+/// Bind one column's value of `r` into a row of a multi-row statement.
+fn push_column(row: &mut sqlx::query_builder::Separated<'_, '_, Sqlite, &'static str>, c: &super::Column, r: &Record) {
+    match c.source {
+        ValueSource::Topic => row.push_bind(r.origin.topic.to_string()),
+        ValueSource::Partition => row.push_bind(r.origin.partition),
+        ValueSource::Offset => row.push_bind(r.origin.offset),
+        ValueSource::Timestamp => row.push_bind(r.origin.timestamp_ms),
+        ValueSource::Payload => row.push_bind(r.payload.clone()),
+        ValueSource::Field(i) => match r.values.get(i).unwrap_or(&Value::Null) {
+            Value::Null => row.push_bind(None::<i64>),
+            Value::Bool(b) => row.push_bind(*b),
+            Value::Int(v) => row.push_bind(*v),
+            Value::Float(v) => row.push_bind(*v),
+            Value::Text(s) | Value::Json(s) => row.push_bind(s.clone()),
+        },
+    };
+}
+
+/// What a statement does with its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Plain inserts (a write-ahead-log epoch).
+    Insert,
+    /// Inserts that replace the row of their key.
+    Upsert,
+    /// Deletes by the key.
+    Delete,
+}
+
 fn is_row_error(code: Option<&str>) -> bool {
     code.and_then(|c| c.parse::<i32>().ok())
         .is_some_and(|c| matches!(c & 0xff, 18..=20))
@@ -331,7 +377,7 @@ impl super::wal::WalTarget for SqliteWal {
 struct Statements<'a, 't> {
     table: &'a SqliteTable,
     tx: &'a mut sqlx::Transaction<'t, Sqlite>,
-    upsert: bool,
+    how: Write,
 }
 
 impl Statements<'_, '_> {
@@ -345,7 +391,7 @@ impl RowStatements for Statements<'_, '_> {
 
     async fn write(&mut self, rows: &[&Record]) -> std::result::Result<u64, sqlx::Error> {
         self.savepoint("SAVEPOINT sluice_write").await?;
-        match self.table.insert(self.tx, rows, self.upsert).await {
+        match self.table.insert(self.tx, rows, self.how).await {
             Ok(n) => {
                 self.savepoint("RELEASE sluice_write").await?;
                 Ok(n)

@@ -522,11 +522,11 @@ fn format_and_change_stream_mistakes_name_the_key() {
         assert!(!ok, "accepted: {toml}");
         out
     };
-    let sqlite = base
-        .replace(&format!("url = \"{}\"", pg_url()), "url = \"sqlite:///tmp/x.db\"")
-        .replace("kind = \"postgres\"", "kind = \"sqlite\"")
-        .replace("parallelism = 2\nkey", "parallelism = 1\nkey");
-    let out = check(&sqlite);
+    let files = base
+        .replace(&format!("url = \"{}\"", pg_url()), "url = \"/tmp/sluice-files-check\"")
+        .replace("kind = \"postgres\"", "kind = \"files\"")
+        .replace("strategy = \"idempotent\"", "strategy = \"two_phase\"");
+    let out = check(&files);
     assert!(out.contains("sink.kind") && out.contains("deletes"), "{out}");
     let window = base.replace(
         "[checkpoint]",
@@ -556,4 +556,91 @@ fn format_and_change_stream_mistakes_name_the_key() {
     );
     let out = check(&base.replace("path = \"debezium.op\"", "path = \"kafka.offset\""));
     assert!(out.contains("decode.fields.path"), "{out}");
+}
+
+/// The same history into SQLite (`wal`) and Redis (`wal`, `SET`): deleted rows gone, the
+/// rest at their last version, through kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_changes_reach_sqlite_and_redis_through_kills() {
+    let (messages, expected) = history(150, 2_000, 11);
+    for target in ["sqlite", "redis"] {
+        let (topic, job) = (unique("cdc"), unique("cdc"));
+        create_topic(&topic, 3).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("mirror.db");
+        let table = unique("mirror");
+        let base = debezium_toml(&job, &topic, "x", "wal", dir.path());
+        let toml = match target {
+            "sqlite" => base
+                .replace(&format!("url = \"{}\"", pg_url()), &format!("url = \"sqlite://{}\"", db.display()))
+                .replace("kind = \"postgres\"", "kind = \"sqlite\"")
+                .replace("table = \"x.mirror\"", "table = \"mirror\"")
+                .replace("table = \"x.dead\"", "table = \"dead\"")
+                .replace("parallelism = 2\nkey", "parallelism = 1\nkey"),
+            _ => base
+                .replace(&format!("url = \"{}\"", pg_url()), "url = \"redis://127.0.0.1:6379\"")
+                .replace("kind = \"postgres\"", "kind = \"redis\"")
+                .replace("table = \"x.mirror\"", &format!("table = \"{table}\"")),
+        };
+        let sqlite = match target {
+            "sqlite" => {
+                let url = format!("sqlite://{}?mode=rwc", db.display());
+                let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+                for sql in [
+                    "CREATE TABLE mirror (id INTEGER PRIMARY KEY, name TEXT, version INTEGER, lsn INTEGER, op TEXT)",
+                    "CREATE TABLE dead (topic TEXT, partition INTEGER, \"offset\" INTEGER, kafka_timestamp INTEGER, \
+                     reason TEXT, payload BLOB, PRIMARY KEY (topic, partition, \"offset\"))",
+                ] {
+                    sqlx::query(sql).execute(&pool).await.expect("sqlite schema");
+                }
+                Some(pool)
+            }
+            _ => None,
+        };
+        let read = || async {
+            match &sqlite {
+                Some(pool) => sqlx::query("SELECT id, name, version FROM mirror")
+                    .fetch_all(pool)
+                    .await
+                    .expect("read sqlite")
+                    .into_iter()
+                    .map(|r| (r.get::<i64, _>(0), (r.get::<String, _>(1), r.get::<i64, _>(2))))
+                    .collect::<Table>(),
+                None => {
+                    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+                    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{table}:*"))
+                        .query_async(&mut conn)
+                        .await
+                        .expect("keys");
+                    let mut out = Table::new();
+                    for k in keys {
+                        let v: String = redis::cmd("GET").arg(&k).query_async(&mut conn).await.expect("get");
+                        let row: serde_json::Value = serde_json::from_str(&v).expect("row JSON");
+                        let id = row["id"].as_i64().expect("id");
+                        out.insert(id, (row["name"].as_str().unwrap_or("").to_string(), row["version"].as_i64().unwrap_or(0)));
+                    }
+                    out
+                }
+            }
+        };
+        let config = write_config(dir.path(), &toml);
+        let log = dir.path().join("sluice.log");
+        let feeder = feed(&topic, messages.clone());
+        kill_at_random(&config, &log, &[], 2).await;
+        feeder.join().expect("feeder");
+        let s = Sluice::start(&config, &log);
+        let done = wait_until(Duration::from_secs(90), || async { read().await == expected }).await;
+        assert!(
+            done,
+            "{target}: {} rows, the source {}: {}",
+            read().await.len(),
+            expected.len(),
+            s.log_tail()
+        );
+        let status = s.terminate();
+        assert!(status.success(), "{target}: {status}");
+        assert_eq!(read().await, expected, "{target}");
+    }
 }

@@ -234,15 +234,7 @@ impl PgTable {
             // A change stream: the last op of each key in this call, upserts and deletes
             // apart (their keys are disjoint, so their order does not matter); calls run
             // in order, so an epoch's ops apply in the order they came.
-            let mut last = std::collections::HashMap::with_capacity(records.len());
-            let key = self.spec.key_sources();
-            for (i, r) in records.iter().enumerate() {
-                last.insert(crate::sink::key_bytes(r, &key), i);
-            }
-            let mut keep: Vec<usize> = last.into_values().collect();
-            keep.sort_unstable();
-            let (deletes, upserts): (Vec<&Record>, Vec<&Record>) =
-                keep.into_iter().map(|i| records[i]).partition(|r| r.is_delete());
+            let (upserts, deletes) = crate::sink::last_changes(records, &self.spec);
             let (mut written, mut rejected) = self
                 .write_with(conn, &upserts, &self.upsert_sql, in_transaction)
                 .await?;
