@@ -22,33 +22,73 @@ pub struct ProtoSchema {
     file: String,
 }
 
-/// `.proto` texts by the name an `import` uses.
-struct Sources(HashMap<String, String>);
+/// A schema as a registry or a file holds it: `.proto` text, or (as Confluent's
+/// serializers register it) a base64 `FileDescriptorProto`.
+enum Source {
+    Text(String),
+    Descriptor(Vec<u8>),
+}
+
+impl Source {
+    fn of(text: &str) -> Source {
+        use base64::Engine as _;
+        let looks_encoded = !text.is_empty() && !text.contains(|c: char| c.is_whitespace() || c == ';');
+        match looks_encoded.then(|| base64::engine::general_purpose::STANDARD.decode(text.trim())) {
+            Some(Ok(bytes)) => Source::Descriptor(bytes),
+            _ => Source::Text(text.to_string()),
+        }
+    }
+
+    fn file(&self, name: &str) -> Result<File, protox::Error> {
+        match self {
+            Source::Text(text) => File::from_source(name, text),
+            Source::Descriptor(bytes) => {
+                File::decode_file_descriptor_proto(bytes.as_slice()).map_err(|_| protox::Error::file_not_found(name))
+            }
+        }
+    }
+}
+
+/// Schemas by the name an `import` uses.
+struct Sources(HashMap<String, Source>);
 
 impl FileResolver for Sources {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
         match self.0.get(name) {
-            Some(text) => File::from_source(name, text),
+            Some(source) => source.file(name),
             None => Err(protox::Error::file_not_found(name)),
         }
     }
 }
 
 impl ProtoSchema {
-    /// Compile `text`, with the files it imports by name (`references`: import name,
-    /// text). Google's well-known types are built in.
+    /// Compile `text` (`.proto` source or a base64 `FileDescriptorProto`), with the
+    /// files it imports by name (`references`: import name, schema). Google's
+    /// well-known types are built in.
     pub fn compile(text: &str, references: &[(String, String)]) -> Result<ProtoSchema, String> {
-        let mut sources: HashMap<String, String> = references.iter().cloned().collect();
-        sources.insert(MAIN.to_string(), text.to_string());
+        let mut sources: HashMap<String, Source> = references
+            .iter()
+            .map(|(name, text)| (name.clone(), Source::of(text)))
+            .collect();
+        let main = Source::of(text);
+        // A descriptor names itself; imports of it must find it by that name.
+        let file = match &main {
+            Source::Descriptor(_) => main
+                .file(MAIN)
+                .map(|f| f.name().to_string())
+                .map_err(|_| "Protobuf schema: not a FileDescriptorProto".to_string())?,
+            Source::Text(_) => MAIN.to_string(),
+        };
+        sources.insert(file.clone(), main);
         let mut chain = ChainFileResolver::new();
         chain.add(Sources(sources));
         chain.add(GoogleFileResolver::new());
         let mut compiler = protox::Compiler::with_file_resolver(chain);
         compiler.include_imports(true);
-        compiler.open_file(MAIN).map_err(|e| format!("Protobuf schema: {e}"))?;
+        compiler.open_file(&file).map_err(|e| format!("Protobuf schema: {e}"))?;
         Ok(ProtoSchema {
             pool: compiler.descriptor_pool(),
-            file: MAIN.to_string(),
+            file,
         })
     }
 

@@ -197,8 +197,17 @@ impl SqliteTable {
         how: Write,
     ) -> std::result::Result<u64, sqlx::Error> {
         if how == Write::Delete {
-            let key: Vec<String> = self.spec.key.iter().map(|i| quote_name(&self.spec.columns[*i].name)).collect();
-            let head = format!("DELETE FROM {} WHERE ({}) IN (", quote_name(&self.spec.table), key.join(", "));
+            let key: Vec<String> = self
+                .spec
+                .key
+                .iter()
+                .map(|i| quote_name(&self.spec.columns[*i].name))
+                .collect();
+            let head = format!(
+                "DELETE FROM {} WHERE ({}) IN (",
+                quote_name(&self.spec.table),
+                key.join(", ")
+            );
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(head);
             qb.push_values(rows, |mut row, r| {
                 for i in &self.spec.key {

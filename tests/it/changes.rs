@@ -572,7 +572,10 @@ async fn debezium_changes_reach_sqlite_and_redis_through_kills() {
         let base = debezium_toml(&job, &topic, "x", "wal", dir.path());
         let toml = match target {
             "sqlite" => base
-                .replace(&format!("url = \"{}\"", pg_url()), &format!("url = \"sqlite://{}\"", db.display()))
+                .replace(
+                    &format!("url = \"{}\"", pg_url()),
+                    &format!("url = \"sqlite://{}\"", db.display()),
+                )
                 .replace("kind = \"postgres\"", "kind = \"sqlite\"")
                 .replace("table = \"x.mirror\"", "table = \"mirror\"")
                 .replace("table = \"x.dead\"", "table = \"dead\"")
@@ -619,7 +622,13 @@ async fn debezium_changes_reach_sqlite_and_redis_through_kills() {
                         let v: String = redis::cmd("GET").arg(&k).query_async(&mut conn).await.expect("get");
                         let row: serde_json::Value = serde_json::from_str(&v).expect("row JSON");
                         let id = row["id"].as_i64().expect("id");
-                        out.insert(id, (row["name"].as_str().unwrap_or("").to_string(), row["version"].as_i64().unwrap_or(0)));
+                        out.insert(
+                            id,
+                            (
+                                row["name"].as_str().unwrap_or("").to_string(),
+                                row["version"].as_i64().unwrap_or(0),
+                            ),
+                        );
                     }
                     out
                 }

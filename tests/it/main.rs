@@ -29,6 +29,7 @@ mod pg_copy;
 #[cfg(feature = "failpoints")]
 mod prometheus;
 mod recover;
+mod registry;
 mod restart;
 mod savepoints;
 mod secrets;
