@@ -124,6 +124,33 @@ pub enum OperatorConfig {
     Window(WindowConfig),
     /// Cache-aside lookups that add a row's columns to each record.
     Enrich(super::EnrichConfig),
+    /// Keep only the records for which a CEL expression over their fields is true.
+    Filter {
+        /// The operator's id (default `filter_<n>`).
+        id: Option<String>,
+        /// A CEL expression over the stream's fields (`amount > 100.0 && kind == 'buy'`).
+        expression: String,
+    },
+    /// Add or replace fields, each computed by a CEL expression over the record's fields.
+    Map {
+        /// The operator's id (default `map_<n>`).
+        id: Option<String>,
+        /// The fields computed, in order; a later one sees the earlier ones.
+        fields: Vec<MapField>,
+    },
+}
+
+/// A field a `map` computes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapField {
+    /// The field's name: a new field, or one of the stream's, replaced.
+    pub name: String,
+    /// Its type; a result of another type dead-letters the record.
+    #[serde(rename = "type")]
+    pub field_type: super::FieldType,
+    /// A CEL expression over the record's fields.
+    pub expression: String,
 }
 
 impl OperatorConfig {
@@ -133,6 +160,8 @@ impl OperatorConfig {
             OperatorConfig::KeyBy { id, .. } => id.clone().unwrap_or_else(|| format!("key_by_{position}")),
             OperatorConfig::Window(w) => w.id.clone(),
             OperatorConfig::Enrich(e) => e.id.clone(),
+            OperatorConfig::Filter { id, .. } => id.clone().unwrap_or_else(|| format!("filter_{position}")),
+            OperatorConfig::Map { id, .. } => id.clone().unwrap_or_else(|| format!("map_{position}")),
         }
     }
 
@@ -163,6 +192,24 @@ impl OperatorConfig {
                     return Err((at("parallelism"), format!("must be between 1 and {max_parallelism}")));
                 }
                 e.validate(&at)
+            }
+            OperatorConfig::Filter { expression, .. } if expression.trim().is_empty() => {
+                Err((at("expression"), "must not be empty".into()))
+            }
+            OperatorConfig::Filter { .. } => Ok(()),
+            OperatorConfig::Map { fields, .. } => {
+                if fields.is_empty() {
+                    return Err((at("fields"), "must compute at least one field".into()));
+                }
+                for (i, f) in fields.iter().enumerate() {
+                    if f.name.is_empty() {
+                        return Err((at(&format!("fields[{i}].name")), "must not be empty".into()));
+                    }
+                    if f.expression.trim().is_empty() {
+                        return Err((at(&format!("fields[{i}].expression")), "must not be empty".into()));
+                    }
+                }
+                Ok(())
             }
         }
     }

@@ -19,7 +19,7 @@ pub use crate::record::FieldType;
 
 pub use crate::redact::{redact_url, redact_urls_in};
 pub use dataflow::{
-    AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerConfig, AssignerKind, IntervalClock,
+    AggregateFunction, AggregateFunctionName, AggregateSpec, AssignerConfig, AssignerKind, IntervalClock, MapField,
     OperatorConfig, ProcessSpec, TimeCharacteristic, TimeConfig, TriggerKind, WatermarkStrategy, WindowConfig,
 };
 pub use enrich::{

@@ -4,12 +4,17 @@
 //! - [`enrich`]: cache-aside lookups (Redis, then a row store) adding columns.
 //! - [`window`]: keyed windows, triggers, allowed lateness, aggregates or a full-window
 //!   function.
+//! - [`filter`], [`map`]: keep records by a CEL expression, compute fields by CEL
+//!   expressions ([`expr`]).
 //!
 //! Each operator's builder sits beside it; adding one is one file (or folder) and one
 //! line in [`build`].
 
 pub mod enrich;
+pub mod expr;
+pub mod filter;
 pub mod key_by;
+pub mod map;
 pub mod window;
 
 use std::sync::Arc;
@@ -60,6 +65,8 @@ pub fn build(
         OperatorConfig::KeyBy { fields, .. } => key_by::build(id, fields, input, &fail),
         OperatorConfig::Enrich(e) => enrich::build(id, e, input, job, &fail),
         OperatorConfig::Window(w) => window::build::build(id, w, input, job, stats, &fail),
+        OperatorConfig::Filter { expression, .. } => filter::build(id, expression, input, &fail),
+        OperatorConfig::Map { fields, .. } => map::build(id, fields, input, &fail),
     }
 }
 

@@ -653,3 +653,168 @@ async fn debezium_changes_reach_sqlite_and_redis_through_kills() {
         assert_eq!(read().await, expected, "{target}");
     }
 }
+
+/// `filter` and `map` with CEL: only matching records arrive, with their computed fields;
+/// a record an expression fails on is a dead letter with the reason; a mistake in an
+/// expression fails `sluice check` naming the key and the position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_and_map_expressions_shape_the_stream() {
+    let pool = pg().await;
+    let schema = unique("expr");
+    for sql in [
+        format!("CREATE SCHEMA {schema}"),
+        format!("CREATE TABLE {schema}.out (id bigint PRIMARY KEY, total float8, per_unit bigint, label text)"),
+        format!(
+            "CREATE TABLE {schema}.dead (topic text, partition int, \"offset\" bigint, kafka_timestamp bigint, \
+             reason text, payload bytea, PRIMARY KEY (topic, partition, \"offset\"))"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect("schema");
+    }
+    let (topic, job) = (unique("expr"), unique("expr"));
+    create_topic(&topic, 2).await;
+    let n = 600i64;
+    let input = (0..n).map(|id| {
+        let kind = if id % 3 == 0 { "sell" } else { "buy" };
+        (
+            id.to_string(),
+            Some(format!(
+                r#"{{"id":{id},"amount":{}.5,"qty":{},"kind":"{kind}"}}"#,
+                id % 50,
+                id % 7
+            )),
+        )
+    });
+    produce(&topic, input);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "amount"
+type = "float"
+
+[[decode.fields]]
+name = "qty"
+type = "int"
+
+[[decode.fields]]
+name = "kind"
+type = "string"
+
+[[operators]]
+kind = "filter"
+id = "buys"
+expression = "kind == 'buy' && amount > 10.0"
+
+[[operators]]
+kind = "map"
+id = "totals"
+fields = [
+  {{ name = "total", type = "float", expression = "amount * double(qty)" }},
+  {{ name = "per_unit", type = "int", expression = "int(amount) / qty" }},
+  {{ name = "label", type = "string", expression = "kind + '-' + string(id)" }},
+]
+
+[checkpoint]
+interval = "500ms"
+storage = "filesystem"
+dir = "{cp}"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.out"
+strategy = "idempotent"
+key = ["id"]
+columns = [
+  {{ name = "id", value = "id" }},
+  {{ name = "total", value = "total" }},
+  {{ name = "per_unit", value = "per_unit" }},
+  {{ name = "label", value = "label" }},
+]
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        cp = dir.path().join("cp").display(),
+    );
+    let kept: Vec<i64> = (0..n)
+        .filter(|id| id % 3 != 0 && (id % 50) as f64 + 0.5 > 10.0)
+        .collect();
+    let (good, bad): (Vec<i64>, Vec<i64>) = kept.iter().partition(|id| *id % 7 != 0);
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let s = Sluice::start(&config, &log);
+    let rows_sql = format!("SELECT count(*) FROM {schema}.out");
+    let dead_sql = format!("SELECT count(*) FROM {schema}.dead");
+    let done = wait_until(Duration::from_secs(60), || async {
+        count(&pool, &rows_sql).await >= good.len() as i64 && count(&pool, &dead_sql).await >= bad.len() as i64
+    })
+    .await;
+    assert!(
+        done,
+        "{} rows, {} dead: {}",
+        count(&pool, &rows_sql).await,
+        count(&pool, &dead_sql).await,
+        s.log_tail()
+    );
+    assert!(s.terminate().success());
+    let rows = sqlx::query(&format!(
+        "SELECT id, total, per_unit, label FROM {schema}.out ORDER BY id"
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("out");
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, good);
+    for r in &rows {
+        let id: i64 = r.get(0);
+        let amount = (id % 50) as f64 + 0.5;
+        assert_eq!(r.get::<f64, _>(1), amount * (id % 7) as f64);
+        assert_eq!(r.get::<i64, _>(2), (id % 50) / (id % 7));
+        assert_eq!(r.get::<String, _>(3), format!("buy-{id}"));
+    }
+    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead"))
+        .fetch_all(&pool)
+        .await
+        .expect("dead");
+    assert_eq!(reasons.len(), bad.len());
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.starts_with("map totals:") && r.contains("int(amount) / qty")),
+        "{reasons:?}"
+    );
+
+    let broken = toml.replace("kind == 'buy' && amount > 10.0", "kind == 'buy' &&\\n colour > 1");
+    let (ok, out) = sluice_cli(
+        &[
+            "check",
+            "--config",
+            write_config(dir.path(), &broken).to_str().expect("path"),
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("operators[0].expression") && out.contains("line 2, column 2") && out.contains("`colour`"),
+        "{out}"
+    );
+}
