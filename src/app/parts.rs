@@ -8,7 +8,7 @@ use super::plan::Hop;
 use crate::checkpoint::CheckpointStorage;
 use crate::config::{DeadLetterKind, JobConfig};
 use crate::error::{Error, Result};
-use crate::format::Decoder;
+use crate::format::Decoders;
 use crate::runtime::graph::{self, Running, SINK, SOURCE};
 use crate::runtime::sink::Sink;
 use crate::runtime::source_task::Source;
@@ -117,12 +117,24 @@ impl graph::Parts for AppParts<'_> {
             index,
             parallelism,
             consumer_config(cfg, self.bootstrap),
-            cfg.source.topics.clone(),
-            cfg.source.start_from,
+            crate::source::topics::TopicSelector::new(&cfg.source.topics).map_err(|m| Error::Config {
+                file: cfg.file.clone(),
+                key: "source.topics".into(),
+                message: m,
+            })?,
+            crate::source::kafka::StartPosition {
+                from: cfg.source.start_from,
+                offsets: cfg
+                    .source
+                    .start_offsets
+                    .iter()
+                    .map(|o| ((o.topic.clone(), o.partition), o.offset))
+                    .collect(),
+            },
             cfg.source.isolation_level,
             cfg.source.batch_size,
             cfg.source.partition_discovery_interval,
-            Decoder::new(&cfg.decode, self.keep_payload).map_err(|e| Error::Config {
+            Decoders::new(&cfg.decode, self.keep_payload).map_err(|e| Error::Config {
                 file: cfg.file.clone(),
                 key: e.key,
                 message: e.message,

@@ -93,7 +93,7 @@ pub fn plan(cfg: &JobConfig, stats: &Arc<JobStats>) -> Result<Plan> {
         row_key: Vec::new(),
         keyed_by: Vec::new(),
     };
-    crate::format::Decoder::new(&cfg.decode, false).map_err(|e| fail(&e.key, e.message))?;
+    crate::format::Decoders::new(&cfg.decode, false).map_err(|e| fail(&e.key, e.message))?;
     let changelog = cfg.decode.is_changelog();
     if changelog {
         if let Some(i) = cfg

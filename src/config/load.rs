@@ -128,7 +128,7 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         ("time.characteristic", _) => "event, processing, ingestion",
         ("time.watermark", _) => "bounded_out_of_orderness, monotonous",
         ("time.format", _) => "auto, epoch_millis, epoch_seconds, rfc3339",
-        ("source.start_from", _) => "earliest, latest",
+        ("source.start_from", _) => "earliest, latest, or an RFC 3339 time",
         ("source.isolation_level", _) => "read_committed, read_uncommitted",
         ("checkpoint.storage", _) => "memory, filesystem, s3",
         ("restart", _) | ("restart.strategy", _) => "none, fixed_delay, failure_rate, exponential_backoff",
@@ -531,7 +531,24 @@ impl SourceConfig {
                 return fail(&format!("source.properties.{key}"), &why);
             }
         }
-        if self.bootstrap_servers == "embedded" && self.topics.len() != 1 {
+        let selector =
+            crate::source::topics::TopicSelector::new(&self.topics).map_err(|m| ("source.topics".to_string(), m));
+        let selector = match selector {
+            Ok(s) => s,
+            Err((k, m)) => return fail(&k, &m),
+        };
+        for o in &self.start_offsets {
+            if !selector.matches(&o.topic) {
+                return fail(
+                    "source.start_offsets.topic",
+                    &format!("`{}` is not one of source.topics", o.topic),
+                );
+            }
+            if o.partition < 0 || o.offset < 0 {
+                return fail("source.start_offsets", "partitions and offsets are not negative");
+            }
+        }
+        if self.bootstrap_servers == "embedded" && (self.topics.len() != 1 || selector.has_patterns()) {
             return fail("source.topics", "the embedded broker serves exactly one topic");
         }
         if self.embedded.partitions < 1 {

@@ -167,15 +167,47 @@ pub struct JobSection {
     pub status_interval: Duration,
 }
 
-/// Where offsets start when no checkpoint holds them.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
+/// Where offsets start when no checkpoint holds them: `"earliest"`, `"latest"` or an
+/// RFC 3339 time (`"2026-12-01T00:00:00Z"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StartFrom {
     /// The oldest offset the broker still holds.
     #[default]
     Earliest,
     /// The end of each partition at first start.
     Latest,
+    /// The first record of each partition at or after this time (epoch ms, by the
+    /// records' Kafka timestamps), at first start; the end where none is that new.
+    Timestamp(i64),
+}
+
+impl<'de> Deserialize<'de> for StartFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "earliest" => Ok(StartFrom::Earliest),
+            "latest" => Ok(StartFrom::Latest),
+            t => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map(|at| StartFrom::Timestamp((at.unix_timestamp_nanos() / 1_000_000) as i64))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{t}`: expected earliest, latest or an RFC 3339 time such as 2026-12-01T00:00:00Z"
+                    ))
+                }),
+        }
+    }
+}
+
+/// One partition's offset to start from on a first start (`source.start_offsets`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StartOffset {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The first offset to read.
+    pub offset: i64,
 }
 
 /// Kafka `isolation.level`.
@@ -204,6 +236,11 @@ pub struct SourceConfig {
     /// Where a job without a checkpoint starts reading.
     #[serde(default)]
     pub start_from: StartFrom,
+    /// Offsets to start from for some partitions when no checkpoint holds them (a first
+    /// start): `[{ topic = "orders", partition = 0, offset = 1200 }]`; the others start
+    /// from `start_from`.
+    #[serde(default)]
+    pub start_offsets: Vec<StartOffset>,
     /// Whether aborted transactional records are read.
     #[serde(default)]
     pub isolation_level: IsolationLevel,
@@ -478,6 +515,35 @@ pub struct DecodeConfig {
     /// letter instead of a delete, and windows may read the stream.
     #[serde(default)]
     pub append_only: bool,
+    /// Per-topic differences (`[decode.topics."legacy-orders"] format = "json"`): a topic
+    /// named here (or matched, for a key starting with `^`) is read with these settings
+    /// over the section's; the fields are the job's for every topic.
+    #[serde(default)]
+    pub topics: BTreeMap<String, DecodeOverride>,
+}
+
+/// `[decode.topics.<topic>]`: what one topic reads differently.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeOverride {
+    /// `json`, `avro` or `protobuf`.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// A registry of its own.
+    #[serde(default)]
+    pub schema_registry: Option<RegistryConfig>,
+    /// A schema file of its own.
+    #[serde(default)]
+    pub schema_file: Option<PathBuf>,
+    /// The Protobuf message type of its schema file.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// `none` or `debezium`.
+    #[serde(default)]
+    pub envelope: Option<Envelope>,
+    /// How its keys are read.
+    #[serde(default)]
+    pub key: Option<KeyDecodeConfig>,
 }
 
 impl DecodeConfig {
@@ -489,7 +555,37 @@ impl DecodeConfig {
                 .as_deref()
                 .is_some_and(|p| p == "kafka.key" || p.starts_with("kafka.key."))
         });
-        !self.append_only && (self.envelope == Envelope::Debezium || keyed)
+        let debezium =
+            self.envelope == Envelope::Debezium || self.topics.values().any(|o| o.envelope == Some(Envelope::Debezium));
+        !self.append_only && (debezium || keyed)
+    }
+
+    /// The section as topic `pattern` of `topics` reads it (its override over the rest).
+    pub fn merged(&self, over: &DecodeOverride) -> DecodeConfig {
+        let mut cfg = self.clone();
+        cfg.topics.clear();
+        if let Some(f) = over.format {
+            cfg.format = f;
+            // A format of its own does not inherit the section's schema.
+            cfg.schema_file = None;
+            cfg.message = None;
+        }
+        if over.schema_registry.is_some() {
+            cfg.schema_registry = over.schema_registry.clone();
+        }
+        if over.schema_file.is_some() {
+            cfg.schema_file = over.schema_file.clone();
+        }
+        if over.message.is_some() {
+            cfg.message = over.message.clone();
+        }
+        if let Some(e) = over.envelope {
+            cfg.envelope = e;
+        }
+        if let Some(k) = &over.key {
+            cfg.key = k.clone();
+        }
+        cfg
     }
 }
 
@@ -505,6 +601,7 @@ impl Default for DecodeConfig {
             envelope: Envelope::None,
             key: KeyDecodeConfig::default(),
             append_only: false,
+            topics: BTreeMap::new(),
         }
     }
 }

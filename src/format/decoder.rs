@@ -420,6 +420,58 @@ impl Decoder {
     }
 }
 
+/// The decoders of a job: the section's, and one per `[decode.topics.<topic>]`.
+pub struct Decoders {
+    all: Vec<Decoder>,
+    /// (exact name or pattern, index into `all`), in the config's order.
+    topics: Vec<(TopicMatch, usize)>,
+}
+
+enum TopicMatch {
+    Name(String),
+    Pattern(regex::Regex),
+}
+
+impl Decoders {
+    /// Every decoder of `cfg`, schema files compiled; a mistake names its key.
+    pub fn new(cfg: &DecodeConfig, keep_payload: bool) -> std::result::Result<Decoders, DecodeSetupError> {
+        let mut all = vec![Decoder::new(cfg, keep_payload)?];
+        let mut topics = Vec::new();
+        for (topic, over) in &cfg.topics {
+            let rekey = |e: DecodeSetupError| DecodeSetupError {
+                key: e.key.replacen("decode.", &format!("decode.topics.{topic}."), 1),
+                message: e.message,
+            };
+            let matcher = match topic.starts_with('^') {
+                true => TopicMatch::Pattern(
+                    regex::Regex::new(topic)
+                        .map_err(|e| setup("decode.topics", format!("`{topic}` is not a regular expression: {e}")))?,
+                ),
+                false => TopicMatch::Name(topic.clone()),
+            };
+            all.push(Decoder::new(&cfg.merged(over), keep_payload).map_err(rekey)?);
+            topics.push((matcher, all.len() - 1));
+        }
+        Ok(Decoders { all, topics })
+    }
+
+    /// The decoder of `topic` (its index, kept with the topic).
+    pub fn index_for(&self, topic: &str) -> usize {
+        self.topics
+            .iter()
+            .find(|(m, _)| match m {
+                TopicMatch::Name(n) => n == topic,
+                TopicMatch::Pattern(p) => p.is_match(topic),
+            })
+            .map_or(0, |(_, i)| *i)
+    }
+
+    /// The decoder at `index`.
+    pub fn get(&self, index: usize) -> &Decoder {
+        self.all.get(index).unwrap_or(&self.all[0])
+    }
+}
+
 /// A decoded tree of any format.
 enum Tree<'a> {
     Json(JsonNode<'a>),

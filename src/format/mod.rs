@@ -17,4 +17,4 @@ pub mod json;
 pub mod protobuf;
 pub mod registry;
 
-pub use decoder::{DecodeSetupError, Decoded, Decoder, Message};
+pub use decoder::{DecodeSetupError, Decoded, Decoder, Decoders, Message};

@@ -19,10 +19,11 @@ use rdkafka::message::Headers as _;
 use rdkafka::{ClientContext, Message as _, Offset, Statistics, TopicPartitionList};
 use tokio::sync::watch;
 
+use super::topics::TopicSelector;
 use super::{PartitionOffset, SourceState};
 use crate::config::{IsolationLevel, StartFrom};
 use crate::error::{Error, Result};
-use crate::format::{Decoded, Decoder, Message};
+use crate::format::{Decoded, Decoders, Message};
 use crate::record::{Batch, DeadLetter, Origin};
 use crate::runtime::partition::source_owner;
 use crate::runtime::source_task::{Source, SourcePoll};
@@ -88,6 +89,8 @@ struct PartitionState {
 struct TopicState {
     name: Arc<str>,
     partitions: BTreeMap<i32, PartitionState>,
+    /// Its decoder, in [`Decoders`].
+    decoder: usize,
 }
 
 /// Event time at the source: how records get their timestamp and how each partition
@@ -114,18 +117,18 @@ pub struct KafkaSource {
     pub parallelism: u32,
     /// The consumer's librdkafka properties.
     pub client: ClientConfig,
-    /// Topics to read.
-    pub topics: Vec<String>,
+    /// Topics to read: names and patterns.
+    pub topics: TopicSelector,
     /// Where a partition without a restored offset starts.
-    pub start_from: StartFrom,
+    pub start: StartPosition,
     /// Read committed or uncommitted records.
     pub isolation: IsolationLevel,
     /// Records per batch.
     pub batch_size: usize,
     /// How often new partitions are looked for.
     pub discovery_interval: Duration,
-    /// The decoder chained into the source.
-    pub decoder: Decoder,
+    /// The decoders chained into the source (the section's, and per topic).
+    pub decoders: Decoders,
     /// `None`: processing time (records are stamped with the time they are read).
     pub time: Option<SourceTimeConfig>,
     /// Job-wide counters.
@@ -162,12 +165,12 @@ impl KafkaSource {
         index: usize,
         parallelism: u32,
         client: ClientConfig,
-        topics: Vec<String>,
-        start_from: StartFrom,
+        topics: TopicSelector,
+        start: StartPosition,
         isolation: IsolationLevel,
         batch_size: usize,
         discovery_interval: Duration,
-        decoder: Decoder,
+        decoders: Decoders,
         time: Option<SourceTimeConfig>,
         stats: Arc<JobStats>,
         commit_offsets: bool,
@@ -179,11 +182,11 @@ impl KafkaSource {
             parallelism,
             client,
             topics,
-            start_from,
+            start,
             isolation,
             batch_size,
             discovery_interval,
-            decoder,
+            decoders,
             time,
             stats,
             commit_offsets,
@@ -211,10 +214,12 @@ impl KafkaSource {
             context,
             topics: self
                 .topics
+                .names()
                 .iter()
                 .map(|t| TopicState {
                     name: Arc::from(t.as_str()),
                     partitions: BTreeMap::new(),
+                    decoder: self.decoders.index_for(t),
                 })
                 .collect(),
             first_discovery: true,
@@ -378,6 +383,7 @@ impl KafkaSource {
                         continue;
                     };
                     let t = &mut run.topics[ti];
+                    let decoder = self.decoders.get(t.decoder);
                     let Some(p) = t.partitions.get_mut(&partition) else {
                         continue;
                     };
@@ -394,7 +400,7 @@ impl KafkaSource {
                         timestamp_ms,
                     };
                     let headers: Vec<(&str, Option<&[u8]>)> = match msg.headers() {
-                        Some(h) if self.decoder.wants_headers() => h.iter().map(|h| (h.key, h.value)).collect(),
+                        Some(h) if decoder.wants_headers() => h.iter().map(|h| (h.key, h.value)).collect(),
                         _ => Vec::new(),
                     };
                     let message = Message {
@@ -402,7 +408,7 @@ impl KafkaSource {
                         key: msg.key(),
                         headers: &headers,
                     };
-                    let mut record = match self.decoder.decode(origin, &message)? {
+                    let mut record = match decoder.decode(origin, &message)? {
                         Decoded::Record(r) => r,
                         Decoded::Dead(d) => {
                             batch.dead.push(d);
@@ -494,6 +500,34 @@ impl KafkaSource {
     /// Read topic metadata and take on partitions this subtask owns and does not read yet.
     fn discover(&mut self, run: &mut Running) -> Result<()> {
         let mut added = false;
+        if self.topics.has_patterns() {
+            match run.consumer.fetch_metadata(None, Duration::from_secs(5)) {
+                Ok(md) => {
+                    let existing: Vec<&str> = md
+                        .topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| t.name())
+                        .collect();
+                    for name in self.topics.resolve(existing) {
+                        if !run.topics.iter().any(|t| *t.name == *name) {
+                            tracing::info!(subtask = self.index, topic = %name, "reading a new topic that matches source.topics");
+                            run.topics.push(TopicState {
+                                decoder: self.decoders.index_for(&name),
+                                name: Arc::from(name.as_str()),
+                                partitions: BTreeMap::new(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    if run.last_warning.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "cannot list the cluster's topics (retrying)");
+                        run.last_warning = Some(Instant::now());
+                    }
+                }
+            }
+        }
         for (ti, t) in run.topics.iter_mut().enumerate() {
             let md = match run.consumer.fetch_metadata(Some(&t.name), Duration::from_secs(5)) {
                 Ok(md) => md,
@@ -528,16 +562,7 @@ impl KafkaSource {
                             check_restored_offset(&run.consumer, &self.client, &t.name, id, next, last_timestamp)?
                         }
                         Some(None) => None,
-                        // Partitions that appear after the first look start at the beginning, so
-                        // nothing written to them is missed.
-                        None if run.first_discovery && self.start_from == StartFrom::Latest => {
-                            let (_, high) = run
-                                .consumer
-                                .fetch_watermarks(&t.name, id, Duration::from_secs(10))
-                                .map_err(Error::kafka(format!("read watermarks of {}/{id}", t.name)))?;
-                            Some(high)
-                        }
-                        None => None,
+                        None => self.start.of(&run.consumer, &t.name, id, run.first_discovery)?,
                     };
                     tracing::info!(subtask = self.index, topic = &*t.name, partition = id, next = ?next, "reading partition");
                     t.partitions.insert(
@@ -589,6 +614,65 @@ impl KafkaSource {
                     s.lag.set(lag as f64);
                     s.position.set(s.next.unwrap_or(0) as f64);
                     self.stats.set_partition_lag(&t.name, *p, s.next.unwrap_or(0), lag);
+                }
+            }
+        }
+    }
+}
+
+/// Where partitions that no checkpoint holds an offset for start.
+#[derive(Debug, Clone, Default)]
+pub struct StartPosition {
+    /// For every partition of the first look (`source.start_from`).
+    pub from: StartFrom,
+    /// For named partitions (`source.start_offsets`).
+    pub offsets: HashMap<(String, i32), i64>,
+}
+
+impl StartPosition {
+    /// The first offset to read of `topic`/`partition` (`None`: its beginning). Partitions
+    /// that appear after the first look start at their beginning, so nothing written to
+    /// them is missed.
+    fn of<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        partition: i32,
+        first_look: bool,
+    ) -> Result<Option<i64>> {
+        let watermarks = || {
+            consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .map_err(Error::kafka(format!("read watermarks of {topic}/{partition}")))
+        };
+        if let Some(&offset) = self.offsets.get(&(topic.to_string(), partition)) {
+            let (low, high) = watermarks()?;
+            if offset < low || offset > high {
+                return Err(Error::TargetSetup(format!(
+                    "source.start_offsets: {topic}/{partition} offset {offset} is outside what the partition holds                      ({low} to {high})"
+                )));
+            }
+            return Ok(Some(offset));
+        }
+        if !first_look {
+            return Ok(None);
+        }
+        match self.from {
+            StartFrom::Earliest => Ok(None),
+            StartFrom::Latest => Ok(Some(watermarks()?.1)),
+            StartFrom::Timestamp(ms) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(topic, partition, Offset::Offset(ms))
+                    .map_err(Error::kafka("build an offsets-for-times query"))?;
+                let found = consumer
+                    .offsets_for_times(tpl, Duration::from_secs(10))
+                    .map_err(Error::kafka(format!(
+                        "find the offset of {topic}/{partition} at {ms} ms"
+                    )))?;
+                match found.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Ok(Some(o)),
+                    // No record that new: start at the end.
+                    _ => Ok(Some(watermarks()?.1)),
                 }
             }
         }

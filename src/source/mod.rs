@@ -3,6 +3,7 @@
 pub mod embedded;
 pub mod hop;
 pub mod kafka;
+pub mod topics;
 
 use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -83,7 +84,7 @@ pub fn topic_partitions(cfg: &JobConfig, bootstrap: &str) -> crate::Result<Vec<(
         .create()
         .map_err(crate::Error::kafka("create consumer"))?;
     let mut out = Vec::new();
-    for topic in &cfg.source.topics {
+    for topic in &selected_topics(cfg, &consumer)? {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(crate::Error::kafka(format!("read metadata of {topic}")))?;
@@ -102,6 +103,23 @@ pub fn topic_partitions(cfg: &JobConfig, bootstrap: &str) -> crate::Result<Vec<(
     Ok(out)
 }
 
+/// The topics `source.topics` names, with those its patterns match on the cluster now.
+fn selected_topics(cfg: &JobConfig, consumer: &rdkafka::consumer::BaseConsumer) -> crate::Result<Vec<String>> {
+    use rdkafka::consumer::Consumer;
+    let selector = topics::TopicSelector::new(&cfg.source.topics).map_err(|m| crate::Error::Config {
+        file: cfg.file.clone(),
+        key: "source.topics".into(),
+        message: m,
+    })?;
+    if !selector.has_patterns() {
+        return Ok(selector.names().to_vec());
+    }
+    let md = consumer
+        .fetch_metadata(None, std::time::Duration::from_secs(10))
+        .map_err(crate::Error::kafka("list the cluster's topics"))?;
+    Ok(selector.resolve(md.topics().iter().map(|t| t.name())))
+}
+
 /// Offsets the job's consumer group (`sluice-<job>`) holds for the configured topics:
 /// the trace of an earlier run. Blocking (metadata and an offset fetch).
 pub fn committed_group_offsets(cfg: &JobConfig, bootstrap: &str) -> crate::Result<Vec<(String, i32, i64)>> {
@@ -111,7 +129,7 @@ pub fn committed_group_offsets(cfg: &JobConfig, bootstrap: &str) -> crate::Resul
         .create()
         .map_err(crate::Error::kafka("create consumer"))?;
     let mut tpl = rdkafka::TopicPartitionList::new();
-    for topic in &cfg.source.topics {
+    for topic in &selected_topics(cfg, &consumer)? {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(crate::Error::kafka(format!("read metadata of {topic}")))?;

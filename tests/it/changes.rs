@@ -818,3 +818,190 @@ listen = ""
         "{out}"
     );
 }
+
+/// A minimal job of `decode` and `source` lines into `{schema}.seen (id, name)`.
+fn seen_toml(job: &str, source: &str, decode: &str, schema: &str, dir: &Path) -> String {
+    format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+partition_discovery_interval = "1s"
+{source}
+
+[decode]
+{decode}
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "name"
+type = "string"
+
+[checkpoint]
+interval = "500ms"
+storage = "filesystem"
+dir = "{cp}"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.seen"
+strategy = "idempotent"
+key = ["id"]
+columns = [{{ name = "id", value = "id" }}, {{ name = "name", value = "name" }}]
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        cp = dir.join("cp").display(),
+    )
+}
+
+async fn seen_schema(pool: &PgPool) -> String {
+    let schema = unique("src");
+    for sql in [
+        format!("CREATE SCHEMA {schema}"),
+        format!("CREATE TABLE {schema}.seen (id bigint PRIMARY KEY, name text)"),
+        format!(
+            "CREATE TABLE {schema}.dead (topic text, partition int, \"offset\" bigint, kafka_timestamp bigint, \
+             reason text, payload bytea, PRIMARY KEY (topic, partition, \"offset\"))"
+        ),
+    ] {
+        sqlx::query(&sql).execute(pool).await.expect("schema");
+    }
+    schema
+}
+
+async fn seen_ids(pool: &PgPool, schema: &str) -> Vec<i64> {
+    sqlx::query_scalar(&format!("SELECT id FROM {schema}.seen ORDER BY id"))
+        .fetch_all(pool)
+        .await
+        .expect("seen")
+}
+
+fn json_rows(ids: std::ops::Range<i64>) -> Vec<(String, Option<String>)> {
+    ids.map(|id| (id.to_string(), Some(format!(r#"{{"id":{id},"name":"n{id}"}}"#))))
+        .collect()
+}
+
+/// Topics by pattern, one of them Avro by a per-topic decode section, and a matching
+/// topic created while the job runs: every record of every topic arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_by_pattern_with_a_format_each() {
+    let pool = pg().await;
+    let schema = seen_schema(&pool).await;
+    let prefix = unique("pat");
+    let (json_topic, avro_topic, late_topic) = (
+        format!("{prefix}-json"),
+        format!("{prefix}-avro"),
+        format!("{prefix}-late"),
+    );
+    create_topic(&json_topic, 2).await;
+    create_topic(&avro_topic, 2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let avsc_text =
+        r#"{"type":"record","name":"Row","fields":[{"name":"id","type":"long"},{"name":"name","type":"string"}]}"#;
+    let avsc = write(dir.path(), "row.avsc", avsc_text);
+    let avro = apache_avro::Schema::parse_str(avsc_text).expect("schema");
+    produce(&json_topic, json_rows(0..100));
+    let avro_rows: Vec<(String, Option<Vec<u8>>)> = (100..200i64)
+        .map(|id| {
+            let v = apache_avro::types::Value::Record(vec![
+                ("id".into(), apache_avro::types::Value::Long(id)),
+                ("name".into(), apache_avro::types::Value::String(format!("n{id}"))),
+            ]);
+            (
+                id.to_string(),
+                Some(apache_avro::to_avro_datum(&avro, v).expect("encode")),
+            )
+        })
+        .collect();
+    produce(&avro_topic, avro_rows);
+    let source = format!("topics = [\"^{prefix}-.*\"]");
+    let decode = format!(
+        "format = \"json\"\n\n[decode.topics.\"{avro_topic}\"]\nformat = \"avro\"\nschema_file = \"{}\"",
+        avsc.display()
+    );
+    let config = write_config(
+        dir.path(),
+        &seen_toml(&unique("pat"), &source, &decode, &schema, dir.path()),
+    );
+    let log = dir.path().join("sluice.log");
+    let s = Sluice::start(&config, &log);
+    let first = wait_until(Duration::from_secs(60), || async {
+        seen_ids(&pool, &schema).await.len() >= 200
+    })
+    .await;
+    assert!(
+        first,
+        "{} of 200: {}",
+        seen_ids(&pool, &schema).await.len(),
+        s.log_tail()
+    );
+    create_topic(&late_topic, 1).await;
+    produce(&late_topic, json_rows(200..300));
+    let all = wait_until(Duration::from_secs(60), || async {
+        seen_ids(&pool, &schema).await.len() >= 300
+    })
+    .await;
+    assert!(all, "the new topic was not read: {}", s.log_tail());
+    assert!(s.terminate().success());
+    assert_eq!(seen_ids(&pool, &schema).await, (0..300).collect::<Vec<_>>());
+    assert_eq!(count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await, 0);
+}
+
+/// A first start from a time reads only what was written since; from explicit offsets,
+/// only what lies from them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_from_a_time_or_from_offsets() {
+    let pool = pg().await;
+    let topic = unique("from");
+    create_topic(&topic, 1).await;
+    produce(&topic, json_rows(0..100));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let since = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    produce(&topic, json_rows(100..200));
+    let since = since
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format");
+    for (source, want) in [
+        (
+            format!("topics = [\"{topic}\"]\nstart_from = \"{since}\""),
+            (100..200).collect::<Vec<i64>>(),
+        ),
+        (
+            format!("topics = [\"{topic}\"]\nstart_offsets = [{{ topic = \"{topic}\", partition = 0, offset = 150 }}]"),
+            (150..200).collect(),
+        ),
+    ] {
+        let schema = seen_schema(&pool).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(
+            dir.path(),
+            &seen_toml(&unique("from"), &source, "", &schema, dir.path()),
+        );
+        let log = dir.path().join("sluice.log");
+        let s = Sluice::start(&config, &log);
+        let done = wait_until(Duration::from_secs(30), || async {
+            seen_ids(&pool, &schema).await.len() >= want.len()
+        })
+        .await;
+        // A moment more: nothing before the start may arrive late.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(done, "{source}: {}", s.log_tail());
+        assert!(s.terminate().success());
+        assert_eq!(seen_ids(&pool, &schema).await, want, "{source}");
+    }
+}
