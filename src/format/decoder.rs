@@ -152,7 +152,7 @@ impl Decoder {
                 payload: msg.payload.map(<[u8]>::to_vec).unwrap_or_default(),
             })
         };
-        let mut values = vec![Value::Null; self.plans.len()];
+        let mut values = Slots::new(self.plans.len());
         if self.reads_key {
             if let Some(key) = msg.key {
                 if let Err(reason) = self.read_key(key, &mut values)? {
@@ -170,7 +170,7 @@ impl Decoder {
                     .map_err(|_| format!("header `{name}` is not UTF-8"))
                     .and_then(|text| fields::from_text(text, &p.spec));
                 match read {
-                    Ok(v) => values[i] = v,
+                    Ok(v) => values.set(i, v),
                     Err(reason) => return Ok(dead(origin, reason)),
                 }
             }
@@ -210,21 +210,22 @@ impl Decoder {
         for (i, p) in self.plans.iter().enumerate() {
             // A delete names its row by its key; the row's other fields may be absent.
             let checked = op == Op::Upsert || p.from != From::Row;
-            if checked && p.spec.required && values[i] == Value::Null {
-                let reason = format!("required field `{}` is missing or null", p.spec.name);
+            if checked && p.spec.required && values.values[i] == Value::Null {
+                let what = if values.seen[i] { "is null" } else { "is missing" };
+                let reason = format!("required field `{}` {what}", p.spec.name);
                 return Ok(dead(origin, reason));
             }
         }
         Ok(Decoded::Record(Record {
             origin,
-            values,
+            values: values.values,
             payload: payload_text,
             timestamp: NO_TIMESTAMP,
             op,
         }))
     }
 
-    fn read_key(&self, key: &[u8], values: &mut [Value]) -> Result<std::result::Result<(), String>> {
+    fn read_key(&self, key: &[u8], values: &mut Slots) -> Result<std::result::Result<(), String>> {
         let plans = || self.plans.iter().enumerate().filter(|(_, p)| p.from == From::Key);
         Ok(match &self.key {
             Reader::Text => {
@@ -236,7 +237,7 @@ impl Decoder {
                         return Ok(Err(format!("field `{}` reads a path into a `string` key", p.spec.name)));
                     }
                     match fields::from_text(text, &p.spec) {
-                        Ok(v) => values[i] = v,
+                        Ok(v) => values.set(i, v),
                         Err(e) => return Ok(Err(e)),
                     }
                 }
@@ -253,10 +254,10 @@ impl Decoder {
     }
 
     /// Fill the key's fields from the key's root.
-    fn fill_from<N: Node + Clone>(&self, root: N, values: &mut [Value]) -> std::result::Result<(), String> {
+    fn fill_from<N: Node + Clone>(&self, root: N, values: &mut Slots) -> std::result::Result<(), String> {
         for (i, p) in self.plans.iter().enumerate().filter(|(_, p)| p.from == From::Key) {
             if let Some(node) = fields::walk(root.clone(), &p.segments) {
-                values[i] = node.convert(&p.spec)?;
+                values.set(i, node.convert(&p.spec)?);
             }
         }
         Ok(())
@@ -266,16 +267,17 @@ impl Decoder {
     fn read_value(
         &self,
         bytes: &[u8],
-        values: &mut [Value],
+        values: &mut Slots,
         payload_text: &mut Option<String>,
     ) -> Result<std::result::Result<Option<Op>, String>> {
         if let Some((specs, slots)) = &self.fast_json {
-            let (read, _) = match json::top_level(specs, bytes) {
+            let (read, seen) = match json::top_level(specs, bytes) {
                 Ok(read) => read,
                 Err(reason) => return Ok(Err(reason)),
             };
-            for (v, slot) in read.into_iter().zip(slots) {
-                values[*slot] = v;
+            for ((v, seen), slot) in read.into_iter().zip(seen).zip(slots) {
+                values.values[*slot] = v;
+                values.seen[*slot] = seen;
             }
             if self.keep_payload {
                 match std::str::from_utf8(bytes) {
@@ -318,7 +320,7 @@ impl Decoder {
 
     /// Fill the row's and the envelope's fields from the value's root; the op the
     /// value stands for (`None`: nothing to apply).
-    fn fill_row<N: Node + Clone>(&self, root: N, values: &mut [Value]) -> std::result::Result<Option<Op>, String> {
+    fn fill_row<N: Node + Clone>(&self, root: N, values: &mut Slots) -> std::result::Result<Option<Op>, String> {
         let (row, op, envelope) = match self.envelope {
             Envelope::None => (Some(root.clone()), Op::Upsert, None),
             Envelope::Debezium => {
@@ -357,7 +359,7 @@ impl Decoder {
                 _ => continue,
             };
             if let Some(node) = start.and_then(|n| fields::walk(n, &p.segments)) {
-                values[i] = node.convert(&p.spec)?;
+                values.set(i, node.convert(&p.spec)?);
             }
         }
         Ok(Some(op))
@@ -469,6 +471,26 @@ impl Decoders {
     /// The decoder at `index`.
     pub fn get(&self, index: usize) -> &Decoder {
         self.all.get(index).unwrap_or(&self.all[0])
+    }
+}
+
+/// The values read so far, and which fields were present (a null one was).
+struct Slots {
+    values: Vec<Value>,
+    seen: Vec<bool>,
+}
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            values: vec![Value::Null; n],
+            seen: vec![false; n],
+        }
+    }
+
+    fn set(&mut self, i: usize, v: Value) {
+        self.values[i] = v;
+        self.seen[i] = true;
     }
 }
 

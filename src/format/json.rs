@@ -1,7 +1,6 @@
-//! JSON decoding into typed fields, in one pass and without building a JSON tree.
-//!
-//! A record that is not a JSON object, lacks a required field, or has a field of the
-//! wrong type becomes a [`DeadLetter`] carrying the reason; decoding never fails the job.
+//! JSON decoding into typed fields: top-level fields in one pass without building a JSON
+//! tree ([`top_level`]), nested paths, keys and envelopes through a parsed tree
+//! ([`JsonNode`]). What does not fit is the reason of a dead letter, never a failed job.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -10,70 +9,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 use serde_json::value::RawValue;
 
 use crate::config::{FieldSpec, FieldType};
-use crate::record::{DeadLetter, Origin, Record, Value};
-
-/// Turns JSON payloads into records of the configured fields, or dead letters with the reason.
-pub struct Decoder {
-    fields: Vec<FieldSpec>,
-    max_bytes: usize,
-    keep_payload: bool,
-}
-
-impl Decoder {
-    /// `keep_payload`: keep the raw JSON text on the record (a sink column wants it).
-    pub fn new(fields: Vec<FieldSpec>, max_bytes: usize, keep_payload: bool) -> Self {
-        Self {
-            fields,
-            max_bytes,
-            keep_payload,
-        }
-    }
-
-    /// Decode one payload; a record that does not fit the fields comes back as a dead letter.
-    pub fn decode(&self, origin: Origin, payload: Option<&[u8]>) -> Result<Record, DeadLetter> {
-        let dead = |origin: Origin, reason: String| DeadLetter {
-            origin,
-            reason,
-            payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
-        };
-        let Some(bytes) = payload else {
-            return Err(dead(origin, "empty payload (tombstone)".into()));
-        };
-        if bytes.len() > self.max_bytes {
-            let reason = format!(
-                "record of {} bytes exceeds decode.max_record_bytes = {}",
-                bytes.len(),
-                self.max_bytes
-            );
-            return Err(dead(origin, reason));
-        }
-        let (values, seen) = match top_level(&self.fields, bytes) {
-            Ok(read) => read,
-            Err(reason) => return Err(dead(origin, reason)),
-        };
-        for (i, f) in self.fields.iter().enumerate() {
-            if f.required && values[i] == Value::Null {
-                let what = if seen[i] { "is null" } else { "is missing" };
-                return Err(dead(origin, format!("required field `{}` {what}", f.name)));
-            }
-        }
-        let payload = if self.keep_payload {
-            match std::str::from_utf8(bytes) {
-                Ok(s) => Some(s.to_string()),
-                Err(_) => return Err(dead(origin, "payload is not UTF-8".into())),
-            }
-        } else {
-            None
-        };
-        Ok(Record {
-            origin,
-            values,
-            payload,
-            timestamp: crate::record::NO_TIMESTAMP,
-            op: crate::record::Op::Upsert,
-        })
-    }
-}
+use crate::record::Value;
+#[cfg(test)]
+use crate::record::{DeadLetter, Origin, Record};
 
 /// Read the top-level `fields` of a JSON object in one pass, without building a tree:
 /// their values (null when absent) and whether each was present.
@@ -319,6 +257,38 @@ impl super::fields::Node for JsonNode<'_> {
 /// Parse a whole JSON document (keys, envelopes, nested paths).
 pub fn parse(bytes: &[u8]) -> Result<serde_json::Value, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+/// The job's decoder as the old JSON-only one was called, for the tests below.
+#[cfg(test)]
+struct Decoder {
+    fields: Vec<FieldSpec>,
+    inner: super::Decoder,
+}
+
+#[cfg(test)]
+impl Decoder {
+    fn new(fields: Vec<FieldSpec>, max_bytes: usize, keep_payload: bool) -> Decoder {
+        let cfg = crate::config::DecodeConfig {
+            fields: fields.clone(),
+            max_record_bytes: max_bytes,
+            ..crate::config::DecodeConfig::default()
+        };
+        let inner = super::Decoder::new(&cfg, keep_payload).expect("a JSON decoder");
+        Decoder { fields, inner }
+    }
+
+    fn decode(&self, origin: Origin, payload: Option<&[u8]>) -> Result<Record, DeadLetter> {
+        let msg = super::Message {
+            payload,
+            ..super::Message::default()
+        };
+        match self.inner.decode(origin, &msg).expect("no registry") {
+            super::Decoded::Record(r) => Ok(r),
+            super::Decoded::Dead(d) => Err(d),
+            super::Decoded::Skip => panic!("a JSON record skipped"),
+        }
+    }
 }
 
 #[cfg(test)]
