@@ -1023,6 +1023,8 @@ pub struct SqlSinkConfig {
     pub migrations: Option<PathBuf>,
     /// `sink.run_migrations`: apply them at start (otherwise run `sluice migrate`).
     pub run_migrations: bool,
+    /// `sink.table_field`: the string field naming each record's table (Postgres).
+    pub table_field: Option<String>,
 }
 
 /// What a Redis sink has beside the common keys.
@@ -1090,6 +1092,7 @@ impl From<RawSinkConfig> for SinkConfig {
         let sql = SqlSinkConfig {
             migrations: r.migrations.clone(),
             run_migrations: r.run_migrations,
+            table_field: r.table_field.clone(),
         };
         let mut stray = Vec::new();
         if r.kind != SinkKind::Kafka && kafka_set {
@@ -1100,6 +1103,9 @@ impl From<RawSinkConfig> for SinkConfig {
         }
         if r.kind != SinkKind::Files && r.files.is_some() {
             stray.push("sink.files");
+        }
+        if r.kind != SinkKind::Postgres && r.table_field.is_some() {
+            stray.push("sink.table_field");
         }
         if matches!(r.kind, SinkKind::Kafka | SinkKind::Redis | SinkKind::Files) {
             if r.migrations.is_some() {
@@ -1199,6 +1205,12 @@ struct RawSinkConfig {
     /// Apply `migrations` at start (otherwise run `sluice migrate`).
     #[serde(default)]
     run_migrations: bool,
+    /// A Postgres sink writes each record into the table this string field names
+    /// (`table` or `schema.table`, letters, digits and `_`), each table checked at its
+    /// first record; records with the field null go to `table`, and a record naming a
+    /// table that does not exist or does not fit is a dead letter. The database user's
+    /// privileges decide which tables can be named.
+    table_field: Option<String>,
     /// `[sink.kafka]`: how a Kafka sink builds its messages.
     #[serde(default)]
     kafka: KafkaSinkConfig,

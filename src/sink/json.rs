@@ -191,6 +191,7 @@ mod tests {
             dead_letter_table: None,
             key_is_origin: false,
             changelog: false,
+            route: None,
             message: MessageSpec::default(),
         };
         let row = RowJson::new(&spec);

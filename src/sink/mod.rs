@@ -88,6 +88,8 @@ pub struct TableSpec {
     pub changelog: bool,
     /// How a Kafka sink builds its messages.
     pub message: MessageSpec,
+    /// Where each record's table comes from (`sink.table_field`; `None`: `table`).
+    pub route: Option<ValueSource>,
 }
 
 /// How a Kafka sink builds a message from a record (`[sink.kafka]`, resolved against
@@ -243,6 +245,21 @@ impl TableSpec {
                 .then(|| cfg.dead_letter.table.clone()),
             key_is_origin,
             changelog: false,
+            route: cfg
+                .sink
+                .sql()
+                .and_then(|s| s.table_field.as_deref())
+                .map(|v| {
+                    let source = source_of("sink.table_field", v)?;
+                    match source {
+                        ValueSource::Field(i) if schema.fields[i].field_type == FieldType::String => Ok(source),
+                        _ => Err(fail(
+                            "sink.table_field",
+                            format!("`{v}` is not a string field of the stream"),
+                        )),
+                    }
+                })
+                .transpose()?,
         })
     }
 
@@ -344,6 +361,7 @@ mod tests {
             dead_letter_table: None,
             key_is_origin,
             changelog: false,
+            route: None,
             message: MessageSpec::default(),
         }
     }

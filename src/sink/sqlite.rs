@@ -458,6 +458,7 @@ fn open<'a>(
         if let Some(crate::config::SqlSinkConfig {
             migrations: Some(dir),
             run_migrations: true,
+            ..
         }) = ctx.sink.sql()
         {
             migrate(&pool, dir).await?;

@@ -1005,3 +1005,128 @@ async fn a_first_start_from_a_time_or_from_offsets() {
         assert_eq!(seen_ids(&pool, &schema).await, want, "{source}");
     }
 }
+
+/// `sink.table_field` routes each record to the table it names, exactly once across
+/// tables through kills (one prepared transaction holds them all); a table that does
+/// not exist or a name that is not one dead-letters its records; no name: `table`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_choose_their_table_exactly_once() {
+    let pool = pg().await;
+    let schema = unique("route");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .expect("schema");
+    for t in ["events", "ev_eu", "ev_us"] {
+        let sql = format!("CREATE TABLE {schema}.{t} (id bigint PRIMARY KEY, region text)");
+        sqlx::query(&sql).execute(&pool).await.expect("table");
+    }
+    let dead = format!(
+        "CREATE TABLE {schema}.dead (topic text, partition int, \"offset\" bigint, kafka_timestamp bigint, \
+         reason text, payload bytea, PRIMARY KEY (topic, partition, \"offset\"))"
+    );
+    sqlx::query(&dead).execute(&pool).await.expect("dead");
+    let (topic, job) = (unique("route"), unique("route"));
+    create_topic(&topic, 3).await;
+    let n = 5_000i64;
+    let region = |id: i64| match id % 5 {
+        0 => r#""target":"SCHEMA.ev_eu","region":"eu""#.replace("SCHEMA", &schema),
+        1 => r#""target":"SCHEMA.ev_us","region":"us""#.replace("SCHEMA", &schema),
+        2 => r#""target":"SCHEMA.ev_xx","region":"xx""#.replace("SCHEMA", &schema),
+        3 => r#""region":"none""#.to_string(),
+        _ => r#""target":"x; DROP TABLE y","region":"bad""#.to_string(),
+    };
+    let messages: Vec<(String, Option<String>)> = (0..n)
+        .map(|id| (id.to_string(), Some(format!(r#"{{"id":{id},{}}}"#, region(id)))))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+parallelism = 2
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "region"
+type = "string"
+
+[[decode.fields]]
+name = "target"
+type = "string"
+required = false
+
+[checkpoint]
+interval = "500ms"
+timeout = "20s"
+storage = "filesystem"
+dir = "{cp}"
+
+[restart]
+strategy = "fixed_delay"
+attempts = 100
+delay = "500ms"
+
+[sink]
+kind = "postgres"
+url = "{pg}"
+table = "{schema}.events"
+table_field = "target"
+strategy = "two_phase"
+parallelism = 2
+columns = [{{ name = "id", value = "id" }}, {{ name = "region", value = "region" }}]
+
+[dead_letter]
+table = "{schema}.dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        pg = pg_url(),
+        cp = dir.path().join("cp").display(),
+    );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let feeder = feed(&topic, messages);
+    kill_at_random(&config, &log, &[], 3).await;
+    feeder.join().expect("feeder");
+    let s = Sluice::start(&config, &log);
+    let total = || async {
+        let mut sum = 0;
+        for t in ["events", "ev_eu", "ev_us", "dead"] {
+            sum += count(&pool, &format!("SELECT count(*) FROM {schema}.{t}")).await;
+        }
+        sum
+    };
+    let done = wait_until(Duration::from_secs(120), || async { total().await >= n }).await;
+    assert!(done, "{} of {n}: {}", total().await, s.log_tail());
+    assert!(s.terminate().success());
+    for (t, rest) in [("ev_eu", 0), ("ev_us", 1), ("events", 3)] {
+        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {schema}.{t} ORDER BY id"))
+            .fetch_all(&pool)
+            .await
+            .expect("ids");
+        assert_eq!(ids, (0..n).filter(|id| id % 5 == rest).collect::<Vec<_>>(), "{t}");
+    }
+    let reasons: Vec<String> = sqlx::query_scalar(&format!("SELECT reason FROM {schema}.dead ORDER BY \"offset\""))
+        .fetch_all(&pool)
+        .await
+        .expect("dead");
+    assert_eq!(reasons.len() as i64, 2 * n / 5);
+    assert!(
+        reasons.iter().all(|r| r.starts_with("sink.table_field")),
+        "{:?}",
+        &reasons[..3]
+    );
+    assert!(reasons.iter().any(|r| r.contains("ev_xx")) && reasons.iter().any(|r| r.contains("is not a table name")));
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}

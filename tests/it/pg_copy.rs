@@ -35,6 +35,7 @@ fn spec(table: &str) -> TableSpec {
         dead_letter_table: None,
         key_is_origin: false,
         changelog: false,
+        route: None,
         message: MessageSpec::default(),
     }
 }

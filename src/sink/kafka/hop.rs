@@ -125,6 +125,7 @@ pub async fn open(
         dead_letter_table: None,
         key_is_origin: false,
         changelog: false,
+        route: None,
         message: Default::default(),
     };
     let producing = vec![("linger.ms".to_string(), "5".to_string())];

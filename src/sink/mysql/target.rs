@@ -50,6 +50,7 @@ fn open<'a>(ctx: &'a SinkContext<'a>, spec: TableSpec, fence: Option<Fence>) -> 
         if let Some(crate::config::SqlSinkConfig {
             migrations: Some(dir),
             run_migrations: true,
+            ..
         }) = ctx.sink.sql()
         {
             migrate(&pool, dir).await?;

@@ -30,6 +30,65 @@ pub struct PgTable {
     max_record_attempts: u32,
     /// `COPY` into the table, where it writes what the insert does.
     copy_sql: Option<String>,
+    /// The tables records name (`sink.table_field`), opened at their first record.
+    routed: Option<Routed>,
+}
+
+/// Tables chosen per record, each opened (looked up, checked) at its first use.
+#[derive(Debug)]
+struct Routed {
+    pool: PgPool,
+    upsert: bool,
+    max_record_attempts: u32,
+    /// By name: the table, or why records naming it are dead letters (asked again after
+    /// [`RETRY_REFUSED`], so a table created meanwhile is found).
+    tables: tokio::sync::Mutex<
+        std::collections::HashMap<String, (std::result::Result<std::sync::Arc<PgTable>, String>, std::time::Instant)>,
+    >,
+}
+
+/// How long a table that could not be used is not asked about again.
+const RETRY_REFUSED: Duration = Duration::from_secs(60);
+
+impl Routed {
+    /// The table `name`, opened at its first use. Inner `Err`: why records naming it are
+    /// dead letters; outer: a failure that is not the name's (the job restarts).
+    async fn table(
+        &self,
+        base: &TableSpec,
+        name: &str,
+    ) -> Result<std::result::Result<std::sync::Arc<PgTable>, String>> {
+        let part = |p: &str| !p.is_empty() && p.len() <= 63 && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let parts: Vec<&str> = name.split('.').collect();
+        if parts.len() > 2 || !parts.iter().all(|p| part(p)) {
+            return Ok(Err(format!(
+                "sink.table_field: `{name}` is not a table name (`table` or `schema.table`, letters, digits, _)"
+            )));
+        }
+        let mut tables = self.tables.lock().await;
+        if let Some((found, at)) = tables.get(name) {
+            if found.is_ok() || at.elapsed() < RETRY_REFUSED {
+                return Ok(found.clone());
+            }
+        }
+        let mut spec = base.clone();
+        spec.table = name.to_string();
+        spec.route = None;
+        let opened = match PgTable::open(&self.pool, spec, self.upsert, self.max_record_attempts).await {
+            Ok(t) => Ok(std::sync::Arc::new(t)),
+            Err(e) if e.is_setup_fault() => Err(format!("sink.table_field: table `{name}`: {e}")),
+            Err(e) => return Err(e),
+        };
+        if let Err(reason) = &opened {
+            tracing::warn!(
+                table = name,
+                reason,
+                "records naming a table that cannot be written are dead-lettered"
+            );
+        }
+        tables.insert(name.to_string(), (opened.clone(), std::time::Instant::now()));
+        Ok(opened)
+    }
 }
 
 impl PgTable {
@@ -150,7 +209,14 @@ impl PgTable {
         };
         let coordinate_indexes = coordinate_indexes(pool, &spec).await?;
         let copy_sql = copy::statement(pool, &spec, &types, &cols).await?;
+        let routed = spec.route.map(|_| Routed {
+            pool: pool.clone(),
+            upsert,
+            max_record_attempts,
+            tables: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+        });
         let table = Self {
+            routed,
             copy_sql,
             spec,
             upsert_sql,
@@ -230,6 +296,54 @@ impl PgTable {
         upsert: bool,
         in_transaction: bool,
     ) -> Result<(u64, Vec<DeadLetter>)> {
+        let (Some(routed), Some(ValueSource::Field(field))) = (&self.routed, self.spec.route) else {
+            return self.write_here(conn, records, upsert, in_transaction).await;
+        };
+        // Records by the table they name, each table's in their order (a table's rows
+        // never depend on another's, so the groups may go one after the other).
+        let mut groups: Vec<(Option<&str>, Vec<&Record>)> = Vec::new();
+        for r in records {
+            let name = match r.values.get(field) {
+                Some(Value::Text(t)) if !t.is_empty() => Some(t.as_str()),
+                _ => None,
+            };
+            match groups.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, rows)) => rows.push(r),
+                None => groups.push((name, vec![r])),
+            }
+        }
+        let (mut written, mut dead) = (0, Vec::new());
+        for (name, rows) in groups {
+            let (w, d) = match name {
+                None => self.write_here(conn, &rows, upsert, in_transaction).await?,
+                Some(name) => match routed.table(&self.spec, name).await? {
+                    Ok(table) => table.write_here(conn, &rows, upsert, in_transaction).await?,
+                    Err(reason) => (
+                        0,
+                        rows.iter()
+                            .map(|r| DeadLetter {
+                                payload: self.rejected(r, "").payload,
+                                origin: r.origin.clone(),
+                                reason: reason.clone(),
+                            })
+                            .collect(),
+                    ),
+                },
+            };
+            written += w;
+            dead.extend(d);
+        }
+        Ok((written, dead))
+    }
+
+    /// [`PgTable::write`] into this table.
+    async fn write_here(
+        &self,
+        conn: &mut PgConnection,
+        records: &[&Record],
+        upsert: bool,
+        in_transaction: bool,
+    ) -> Result<(u64, Vec<DeadLetter>)> {
         if let (true, Some(delete_sql)) = (self.spec.changelog, &self.delete_sql) {
             // A change stream: the last op of each key in this call, upserts and deletes
             // apart (their keys are disjoint, so their order does not matter); calls run
@@ -291,7 +405,7 @@ impl PgTable {
     /// the table, or Postgres refused a row), for [`PgTable::write`] to do it row-aware.
     pub async fn copy(&self, conn: &mut PgConnection, records: &[&Record]) -> Result<Option<u64>> {
         match &self.copy_sql {
-            Some(sql) if !records.is_empty() && !self.spec.changelog => {
+            Some(sql) if !records.is_empty() && !self.spec.changelog && self.routed.is_none() => {
                 copy::copy_in(conn, sql, &self.spec.columns, records).await
             }
             _ => Ok(None),
