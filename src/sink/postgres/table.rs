@@ -42,10 +42,11 @@ struct Routed {
     max_record_attempts: u32,
     /// By name: the table, or why records naming it are dead letters (asked again after
     /// [`RETRY_REFUSED`], so a table created meanwhile is found).
-    tables: tokio::sync::Mutex<
-        std::collections::HashMap<String, (std::result::Result<std::sync::Arc<PgTable>, String>, std::time::Instant)>,
-    >,
+    tables: tokio::sync::Mutex<std::collections::HashMap<String, (Opened, std::time::Instant)>>,
 }
+
+/// A routed table, or why records naming it are dead letters.
+type Opened = std::result::Result<std::sync::Arc<PgTable>, String>;
 
 /// How long a table that could not be used is not asked about again.
 const RETRY_REFUSED: Duration = Duration::from_secs(60);
