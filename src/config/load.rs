@@ -153,11 +153,19 @@ fn refuse_secrets_in_file(file: &Config) -> std::result::Result<(), (String, Str
             ));
         }
     }
-    if file.get_string("decode.schema_registry.password").is_ok() {
-        return Err((
-            "decode.schema_registry.password".into(),
-            "secrets may not be written in the file; set SLUICE__DECODE__SCHEMA_REGISTRY__PASSWORD".into(),
-        ));
+    for (key, env) in [
+        (
+            "decode.schema_registry.password",
+            "SLUICE__DECODE__SCHEMA_REGISTRY__PASSWORD",
+        ),
+        (
+            "sink.kafka.schema_registry.password",
+            "SLUICE__SINK__KAFKA__SCHEMA_REGISTRY__PASSWORD",
+        ),
+    ] {
+        if file.get_string(key).is_ok() {
+            return Err((key.into(), format!("secrets may not be written in the file; set {env}")));
+        }
     }
     if let Ok(url) = file.get_string("decode.schema_registry.url") {
         if url_has_password(&url) {

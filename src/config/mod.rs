@@ -1088,6 +1088,7 @@ impl From<RawSinkConfig> for SinkConfig {
             || !k.headers.is_empty()
             || k.topic_field.is_some()
             || k.partition_field.is_some()
+            || k.schema_registry.is_some()
             || !k.properties.is_empty();
         let sql = SqlSinkConfig {
             migrations: r.migrations.clone(),
@@ -1228,6 +1229,9 @@ pub enum KafkaValue {
     /// The input record's payload as it was read (records an operator made have none:
     /// they become dead letters).
     Payload,
+    /// An Avro record of the sink's columns in the schema registry's wire format,
+    /// registered under `<topic>-value` in `[sink.kafka.schema_registry]`.
+    Avro,
 }
 
 /// `[sink.kafka]`: the messages of a Kafka sink. Fields are named as a column's
@@ -1255,6 +1259,9 @@ pub struct KafkaSinkConfig {
     /// `acks`, `bootstrap.servers`) is refused.
     #[serde(default)]
     pub properties: Properties,
+    /// The registry `value = "avro"` registers its schema in and writes ids of.
+    #[serde(default)]
+    pub schema_registry: Option<RegistryConfig>,
 }
 
 /// Where dead letters go.

@@ -160,6 +160,49 @@ impl Registry {
         })
     }
 
+    /// Register `text` (of `kind`: `AVRO`, `PROTOBUF`) under `subject`, or find it there:
+    /// its id. A schema the subject's compatibility refuses is a setup fault naming it.
+    pub async fn register(&self, subject: &str, text: &str, kind: &str) -> Result<u32> {
+        let path = format!("/subjects/{}/versions", encode(subject));
+        let shown = crate::config::redact_url(&self.url);
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .body(serde_json::json!({"schema": text, "schemaType": kind}).to_string())
+            .timeout(self.timeout);
+        if let Some(user) = &self.username {
+            req = req.basic_auth(user, self.password.as_ref().map(|p| p.expose_secret().to_string()));
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::Registry(format!("schema registry {shown}: POST {path}: {e}")))?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::Registry(format!("schema registry {shown}: POST {path}: {e}")))?;
+        let text = String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned();
+        if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(Error::TargetSetup(format!(
+                "schema registry {shown} refused the schema for subject `{subject}`: {status} {text}"
+            )));
+        }
+        if !status.is_success() {
+            return Err(Error::Registry(format!(
+                "schema registry {shown}: POST {path}: {status} {text}"
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Registered {
+            id: u32,
+        }
+        serde_json::from_slice::<Registered>(&body)
+            .map(|r| r.id)
+            .map_err(|e| Error::Registry(format!("schema registry {shown}: POST {path}: unreadable answer: {e}")))
+    }
+
     /// GET `path`: the schema, `None` for a 404, `Err` when the registry cannot answer.
     async fn get(&self, path: &str) -> Result<Option<SchemaResponse>> {
         let unreachable =

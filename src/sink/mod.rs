@@ -218,6 +218,12 @@ impl TableSpec {
                 "`payload`: records made by an operator (window results) have no payload; use `json`".into(),
             ));
         }
+        if k.value == crate::config::KafkaValue::Avro && k.schema_registry.is_none() {
+            return Err(fail(
+                "sink.kafka.schema_registry",
+                "value = \"avro\" needs a registry to register its schema in".into(),
+            ));
+        }
         let message = MessageSpec {
             payload_value: k.value == crate::config::KafkaValue::Payload,
             headers: k

@@ -293,3 +293,118 @@ async fn an_unreachable_registry_dead_letters_nothing() {
     assert!(s.terminate().success());
     assert_eq!(count(&pool, &sql).await, 200);
 }
+
+/// Read `topic`'s committed Avro values with Confluent's deserializer.
+fn read_through_registry(topic: &str, count: usize) -> Vec<serde_json::Value> {
+    let python = format!(
+        "{}/readers/bin/python",
+        std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_registry.py");
+    let out = std::process::Command::new(&python)
+        .args([script, &kafka(), &registry_url(), topic, &count.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e}"));
+    assert!(
+        out.status.success(),
+        "read_registry.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// A Kafka sink writes Avro through the registry (its schema registered under the
+/// topic's value subject), exactly once through kills: Confluent's deserializer reads
+/// every record once, with its fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_writes_avro_through_the_registry_exactly_once() {
+    let (input, output, job, dlq) = (unique("avin"), unique("avout"), unique("avout"), unique("avdlq"));
+    create_topic(&input, 3).await;
+    create_topic(&output, 2).await;
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{input}"]
+parallelism = 2
+
+[[decode.fields]]
+name = "id"
+type = "int"
+
+[[decode.fields]]
+name = "body"
+type = "string"
+
+[checkpoint]
+interval = "500ms"
+timeout = "20s"
+storage = "filesystem"
+dir = "{cp}"
+
+[restart]
+strategy = "fixed_delay"
+attempts = 100
+delay = "500ms"
+
+[sink]
+kind = "kafka"
+url = "{kafka}"
+topic = "{output}"
+strategy = "two_phase"
+parallelism = 2
+key = ["id"]
+columns = [{{ name = "id", value = "id" }}, {{ name = "body", value = "body" }}, {{ name = "part", value = "kafka.partition" }}]
+
+[sink.kafka]
+value = "avro"
+
+[sink.kafka.schema_registry]
+url = "{registry}"
+
+[dead_letter]
+kind = "kafka"
+topic = "{dlq}"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        registry = registry_url(),
+        cp = dir.path().join("cp").display(),
+    );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let feeder = feed_slices(&input, 0, 6_000);
+    kill_at_random(&config, &log, &[], 3).await;
+    feeder.join().expect("feeder");
+    let s = Sluice::start(&config, &log);
+    let out = output.clone();
+    let done = wait_until(Duration::from_secs(120), || {
+        let out = out.clone();
+        async move {
+            tokio::task::spawn_blocking(move || read_through_registry(&out, 6_000).len() >= 6_000)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(done, "{}", s.log_tail());
+    assert!(s.terminate().success());
+    let values = read_through_registry(&output, 7_000);
+    let mut ids: Vec<i64> = values.iter().filter_map(|v| v["id"].as_i64()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..6_000).collect::<Vec<_>>(), "records lost or written twice");
+    assert!(values
+        .iter()
+        .all(|v| v["body"].as_str() == Some(&format!("record number {}", v["id"])) && v["part"].is_i64()));
+}

@@ -238,6 +238,8 @@ pub(super) struct Messages {
     /// Partitions per topic, as of `asked`.
     partitions: HashMap<String, i32>,
     asked: Option<Instant>,
+    /// Avro values through a schema registry, instead of JSON.
+    avro: Option<Arc<super::avro::AvroOut>>,
 }
 
 impl Messages {
@@ -249,6 +251,7 @@ impl Messages {
         limits: SizeLimits,
         keyed_by_origin: bool,
         client: ClientConfig,
+        avro: Option<Arc<super::avro::AvroOut>>,
     ) -> Self {
         Self {
             default_topic: spec.table.clone(),
@@ -262,6 +265,7 @@ impl Messages {
             metadata: None,
             partitions: HashMap::new(),
             asked: None,
+            avro,
         }
     }
 
@@ -281,6 +285,12 @@ impl Messages {
                     ))
                 }
             }
+        } else if let Some(avro) = &self.avro {
+            let topic = match m.topic.map(|s| source_json(s, r)) {
+                Some(serde_json::Value::String(s)) if !s.is_empty() && legal_topic(&s) => s,
+                _ => self.default_topic.clone(),
+            };
+            avro.encode(&topic, &self.spec, r).await?
         } else {
             self.value(r)
         };

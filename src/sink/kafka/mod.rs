@@ -31,6 +31,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 
+pub mod avro;
 pub mod hop;
 mod message;
 pub mod target;
@@ -106,6 +107,8 @@ pub struct KafkaTarget {
     commits: String,
     /// The largest message each topic takes.
     limits: SizeLimits,
+    /// Avro values through a schema registry (`sink.kafka.value = "avro"`).
+    pub avro: Option<Arc<avro::AvroOut>>,
 }
 
 impl KafkaTarget {
@@ -171,6 +174,7 @@ impl KafkaTarget {
             transaction_timeout,
             commits,
             limits,
+            avro: None,
         };
         if !transactional {
             return Ok(target);
@@ -234,6 +238,7 @@ impl KafkaTarget {
             self.limits.clone(),
             keyed_by_origin,
             self.producer_config(),
+            self.avro.clone(),
         )
     }
 

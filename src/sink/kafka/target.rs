@@ -45,7 +45,27 @@ async fn open_target(ctx: &SinkContext<'_>, spec: TableSpec) -> Result<KafkaTarg
             .map(|k| crate::config::flatten_properties(&k.properties))
             .unwrap_or_default(),
     );
-    KafkaTarget::open(
+    let avro = match ctx.sink.kafka() {
+        Some(k) if k.value == crate::config::KafkaValue::Avro => {
+            let Some(registry) = &k.schema_registry else {
+                return Err(Error::Config {
+                    file: ctx.file.to_path_buf(),
+                    key: "sink.kafka.schema_registry".into(),
+                    message: "value = \"avro\" needs a registry to register its schema in".into(),
+                });
+            };
+            let out = super::avro::AvroOut::new(&spec, registry).map_err(|m| Error::Config {
+                file: ctx.file.to_path_buf(),
+                key: "sink.columns".into(),
+                message: m,
+            })?;
+            // Registered now, so a registry that refuses the schema stops the start.
+            out.id_for(&spec.table).await?;
+            Some(std::sync::Arc::new(out))
+        }
+        _ => None,
+    };
+    let mut target = KafkaTarget::open(
         client,
         producing,
         &ctx.job,
@@ -55,7 +75,9 @@ async fn open_target(ctx: &SinkContext<'_>, spec: TableSpec) -> Result<KafkaTarg
         ctx.checkpoint_timeout,
         ctx.sink.strategy == Strategy::TwoPhase,
     )
-    .await
+    .await?;
+    target.avro = avro;
+    Ok(target)
 }
 
 fn open<'a>(
