@@ -2,6 +2,11 @@
 (confluent-kafka's AvroSerializer and ProtobufSerializer), for sluice's registry tests.
 
 usage: produce_registry.py BOOTSTRAP REGISTRY_URL TOPIC avro|protobuf FIRST COUNT VERSION
+       produce_registry.py BOOTSTRAP REGISTRY_URL TOPIC debezium FILE
+
+The second form reads change events as JSON lines `[key, event or null]` (Debezium's JSON
+shape) and writes them in Debezium's Avro shape (an `Envelope` record of `before`,
+`after`, `source`, `op`, `ts_ms`), a null event as a tombstone.
 
 Records carry ids FIRST..FIRST+COUNT-1, keyed by the id. VERSION 1 writes the first
 schema; VERSION 2 an evolution of it (a field added with a default), registered as the
@@ -74,7 +79,51 @@ def proto_class(version):
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("shop.Order"))
 
 
+DEBEZIUM = """{"type":"record","name":"Envelope","namespace":"shop.public.customers","fields":[
+    {"name":"before","type":["null",{"type":"record","name":"Value","fields":[
+        {"name":"id","type":"long"},{"name":"name","type":"string"},{"name":"version","type":"long"}]}],
+     "default":null},
+    {"name":"after","type":["null","Value"],"default":null},
+    {"name":"source","type":{"type":"record","name":"Source","namespace":"io.debezium.connector.postgresql",
+     "fields":[{"name":"connector","type":"string"},{"name":"ts_ms","type":"long"},
+               {"name":"lsn","type":["null","long"],"default":null}]}},
+    {"name":"op","type":"string"},
+    {"name":"ts_ms","type":["null","long"],"default":null}]}"""
+
+
+def debezium(bootstrap, url, topic, path):
+    import json
+
+    registry = SchemaRegistryClient({"url": url})
+    serialize = AvroSerializer(registry, DEBEZIUM, lambda obj, ctx: obj)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    with open(path) as f:
+        for line in f:
+            key, event = json.loads(line)
+            value = None
+            if event is not None:
+                event = event.get("payload", event) if "schema" in event else event
+                src = event["source"]
+                value = serialize(
+                    {
+                        "before": event["before"],
+                        "after": event["after"],
+                        "source": {"connector": src["connector"], "ts_ms": src["ts_ms"], "lsn": src["lsn"]},
+                        "op": event["op"],
+                        "ts_ms": event["ts_ms"],
+                    },
+                    ctx,
+                )
+            producer.produce(topic, key=key.encode(), value=value)
+            producer.poll(0)
+    producer.flush(60)
+
+
 def main():
+    if sys.argv[4] == "debezium":
+        debezium(*sys.argv[1:4], sys.argv[5])
+        return
     bootstrap, url, topic, fmt, first, count, version = sys.argv[1:8]
     first, count, version = int(first), int(count), int(version)
     registry = SchemaRegistryClient({"url": url})

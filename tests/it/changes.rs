@@ -21,7 +21,7 @@ type Table = BTreeMap<i64, (String, i64)>;
 /// A Debezium-shaped change history over `ids` rows: inserts, updates, deletes (each
 /// followed by its tombstone) and rows created again after a delete, keyed by
 /// `{"id": n}`. Returns the messages in order and the source table's final state.
-fn history(ids: i64, steps: usize, seed: u64) -> (Vec<Message>, Table) {
+pub(crate) fn history(ids: i64, steps: usize, seed: u64) -> (Vec<Message>, Table) {
     let mut rng = seed;
     let mut next = move || {
         rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -68,7 +68,7 @@ fn history(ids: i64, steps: usize, seed: u64) -> (Vec<Message>, Table) {
     (out, table)
 }
 
-fn debezium_toml(job: &str, topic: &str, schema: &str, strategy: &str, dir: &Path) -> String {
+pub(crate) fn debezium_toml(job: &str, topic: &str, schema: &str, strategy: &str, dir: &Path) -> String {
     format!(
         r#"
 [job]
@@ -145,7 +145,7 @@ listen = ""
     )
 }
 
-async fn mirror_schema(pool: &PgPool) -> String {
+pub(crate) async fn mirror_schema(pool: &PgPool) -> String {
     let schema = unique("cdc");
     for sql in [
         format!("CREATE SCHEMA {schema}"),
@@ -160,7 +160,7 @@ async fn mirror_schema(pool: &PgPool) -> String {
     schema
 }
 
-async fn mirror(pool: &PgPool, schema: &str) -> BTreeMap<i64, (String, i64)> {
+pub(crate) async fn mirror(pool: &PgPool, schema: &str) -> BTreeMap<i64, (String, i64)> {
     sqlx::query(&format!("SELECT id, name, version FROM {schema}.mirror"))
         .fetch_all(pool)
         .await

@@ -408,3 +408,76 @@ listen = ""
         .iter()
         .all(|v| v["body"].as_str() == Some(&format!("record number {}", v["id"])) && v["part"].is_i64()));
 }
+
+/// Debezium change events in Debezium's Avro shape, through the registry, applied to
+/// Postgres with `two_phase` through kills: the mirror equals the source's final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_avro_changes_reach_the_final_state_through_kills() {
+    use crate::changes::{debezium_toml, history, mirror, mirror_schema};
+    let pool = pg().await;
+    let schema = mirror_schema(&pool).await;
+    let (topic, job) = (unique("dbzavro"), unique("dbzavro"));
+    create_topic(&topic, 3).await;
+    let (messages, expected) = history(300, 4_000, 23);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = dir.path().join("events.jsonl");
+    let lines: Vec<String> = messages
+        .iter()
+        .map(|(k, v)| {
+            let event = v
+                .as_deref()
+                .map_or(serde_json::Value::Null, |t| serde_json::from_str(t).expect("event"));
+            serde_json::json!([k, event]).to_string()
+        })
+        .collect();
+    std::fs::write(&events, lines.join("\n")).expect("events");
+    let toml = debezium_toml(&job, &topic, &schema, "two_phase", dir.path()).replace(
+        "envelope = \"debezium\"",
+        &format!(
+            "envelope = \"debezium\"\nformat = \"avro\"\n\n[decode.schema_registry]\nurl = \"{}\"",
+            registry_url()
+        ),
+    );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let feeder = {
+        let (topic, events) = (topic.clone(), events.clone());
+        std::thread::spawn(move || {
+            let python = format!(
+                "{}/readers/bin/python",
+                std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
+            );
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/produce_registry.py");
+            let out = std::process::Command::new(&python)
+                .args([
+                    script,
+                    &kafka(),
+                    &registry_url(),
+                    &topic,
+                    "debezium",
+                    &events.display().to_string(),
+                ])
+                .output()
+                .expect("python");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        })
+    };
+    kill_at_random(&config, &log, &[], 3).await;
+    feeder.join().expect("feeder");
+    let s = Sluice::start(&config, &log);
+    let done = wait_until(Duration::from_secs(120), || async {
+        mirror(&pool, &schema).await == expected
+    })
+    .await;
+    assert!(
+        done,
+        "{} rows of {}: {}",
+        mirror(&pool, &schema).await.len(),
+        expected.len(),
+        s.log_tail()
+    );
+    assert!(s.terminate().success());
+    assert_eq!(mirror(&pool, &schema).await, expected);
+    assert_eq!(count(&pool, &format!("SELECT count(*) FROM {schema}.dead")).await, 0);
+    assert_eq!(prepared_of(&pool, &job).await, 0);
+}
