@@ -183,7 +183,10 @@ fn encoded(n: usize, proto: &prost_reflect::MessageDescriptor) -> (Vec<Vec<u8>>,
             meta.set_field_by_name("ua", P::String("x".into()));
             meta.set_field_by_name("ref", P::List(vec![P::I64(1), P::I64(2), P::I64(3)]));
             m.set_field_by_name("meta", P::Message(meta));
-            (apache_avro::to_avro_datum(&schema, avro).expect("encode"), m.encode_to_vec())
+            (
+                apache_avro::to_avro_datum(&schema, avro).expect("encode"),
+                m.encode_to_vec(),
+            )
         })
         .unzip()
 }
