@@ -314,17 +314,23 @@ pub(crate) fn key_bytes(record: &Record, key: &[ValueSource]) -> Vec<u8> {
     out
 }
 
-/// A change stream's records as the last op of each key, in input order, split into
-/// upserts and deletes. Their keys are disjoint, so the two may be applied in either
-/// order; calls apply in order, so an epoch's ops land as they came.
-pub(crate) fn last_changes<'a>(records: &[&'a Record], spec: &TableSpec) -> (Vec<&'a Record>, Vec<&'a Record>) {
+/// The positions of the last record of each key among `records`, in input order.
+fn last_of_each_key<'a>(records: impl Iterator<Item = &'a Record>, spec: &TableSpec) -> Vec<usize> {
     let key = spec.key_sources();
-    let mut last = std::collections::HashMap::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
+    let mut last = std::collections::HashMap::new();
+    for (i, r) in records.enumerate() {
         last.insert(key_bytes(r, &key), i);
     }
     let mut keep: Vec<usize> = last.into_values().collect();
     keep.sort_unstable();
+    keep
+}
+
+/// A change stream's records as the last op of each key, in input order, split into
+/// upserts and deletes. Their keys are disjoint, so the two may be applied in either
+/// order; calls apply in order, so an epoch's ops land as they came.
+pub(crate) fn last_changes<'a>(records: &[&'a Record], spec: &TableSpec) -> (Vec<&'a Record>, Vec<&'a Record>) {
+    let keep = last_of_each_key(records.iter().copied(), spec);
     let (deletes, upserts) = keep.into_iter().map(|i| records[i]).partition(|r| r.is_delete());
     (upserts, deletes)
 }
@@ -335,13 +341,7 @@ pub(crate) fn last_per_key<'a>(records: &'a [Record], spec: &TableSpec) -> Vec<&
     if spec.key_is_origin || spec.key.is_empty() {
         return records.iter().collect();
     }
-    let key = spec.key_sources();
-    let mut last = std::collections::HashMap::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        last.insert(key_bytes(r, &key), i);
-    }
-    let mut keep: Vec<usize> = last.into_values().collect();
-    keep.sort_unstable();
+    let keep = last_of_each_key(records.iter(), spec);
     keep.into_iter().map(|i| &records[i]).collect()
 }
 

@@ -524,6 +524,14 @@ pub fn sluice_cli<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -
     )
 }
 
+/// The Python of `scripts/ensure-readers`' venv (pyarrow, confluent-kafka).
+pub fn readers_python() -> String {
+    format!(
+        "{}/readers/bin/python",
+        std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
+    )
+}
+
 /// Produce ids `from..from + n` ([`record`]) to `topic` in the background, in ten
 /// slices 300 ms apart, so that input keeps arriving while a job is killed.
 pub fn feed_slices(topic: &str, from: u64, n: u64) -> std::thread::JoinHandle<()> {

@@ -24,10 +24,7 @@ struct Read {
 
 /// Read the dataset at `url` with pyarrow (`scripts/ensure-readers`).
 fn read(url: &str) -> Read {
-    let python = format!(
-        "{}/readers/bin/python",
-        std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
-    );
+    let python = readers_python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_files.py");
     let out = std::process::Command::new(&python)
         .args([script, url, &s3_endpoint()])

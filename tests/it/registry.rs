@@ -17,10 +17,7 @@ fn registry_url() -> String {
 
 /// Produce ids `first..first + count` with schema `version` through the registry.
 fn produce_through_registry(topic: &str, format: &str, first: u64, count: u64, version: u32) {
-    let python = format!(
-        "{}/readers/bin/python",
-        std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
-    );
+    let python = readers_python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/produce_registry.py");
     let out = std::process::Command::new(&python)
         .args([
@@ -296,10 +293,7 @@ async fn an_unreachable_registry_dead_letters_nothing() {
 
 /// Read `topic`'s committed Avro values with Confluent's deserializer.
 fn read_through_registry(topic: &str, count: usize) -> Vec<serde_json::Value> {
-    let python = format!(
-        "{}/readers/bin/python",
-        std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
-    );
+    let python = readers_python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_registry.py");
     let out = std::process::Command::new(&python)
         .args([script, &kafka(), &registry_url(), topic, &count.to_string()])
@@ -443,10 +437,7 @@ async fn debezium_avro_changes_reach_the_final_state_through_kills() {
     let feeder = {
         let (topic, events) = (topic.clone(), events.clone());
         std::thread::spawn(move || {
-            let python = format!(
-                "{}/readers/bin/python",
-                std::env::var("SLUICE_TOOLS").unwrap_or_else(|_| "/var/tmp/sluice-tools".into())
-            );
+            let python = readers_python();
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/produce_registry.py");
             let out = std::process::Command::new(&python)
                 .args([
