@@ -1105,7 +1105,7 @@ impl From<RawSinkConfig> for SinkConfig {
         if r.kind != SinkKind::Files && r.files.is_some() {
             stray.push("sink.files");
         }
-        if r.kind != SinkKind::Postgres && r.table_field.is_some() {
+        if !matches!(r.kind, SinkKind::Postgres | SinkKind::Sqlite) && r.table_field.is_some() {
             stray.push("sink.table_field");
         }
         if matches!(r.kind, SinkKind::Kafka | SinkKind::Redis | SinkKind::Files) {

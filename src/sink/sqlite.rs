@@ -3,9 +3,12 @@
 //! a trigger's `RAISE`, a type a STRICT table refuses) is halved under a savepoint until
 //! the refused rows stand alone; they become dead letters and the rest is written.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite};
@@ -58,7 +61,16 @@ pub struct SqliteTable {
     conflict: String,
     /// A refused row's dead-letter payload: the row as JSON.
     row: RowJson,
+    /// The tables records name (`sink.table_field`), opened before the transaction that
+    /// writes their first records.
+    routed: Option<std::sync::Mutex<HashMap<String, (Opened, Instant)>>>,
 }
+
+/// A routed table, or why records naming it are dead letters.
+type Opened = std::result::Result<Arc<SqliteTable>, String>;
+
+/// How long a table that could not be used is not asked about again.
+const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
 impl SqliteTable {
     /// Look the table up and build the statements; a missing table or column is an error naming it.
@@ -92,11 +104,71 @@ impl SqliteTable {
         };
         let row = RowJson::new(&spec);
         Ok(Self {
+            routed: spec.route.map(|_| std::sync::Mutex::new(HashMap::new())),
             spec,
             head,
             conflict,
             row,
         })
+    }
+
+    /// The table `r` names (`None`: this one).
+    fn route_of<'r>(&self, r: &'r Record) -> Option<&'r str> {
+        match (self.spec.route, self.routed.is_some()) {
+            (Some(ValueSource::Field(i)), true) => match r.values.get(i) {
+                Some(Value::Text(t)) if !t.is_empty() => Some(t.as_str()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Open the tables `records` name that are not open yet, before a transaction
+    /// takes a connection. A name that is not one, or a table that does not exist or
+    /// does not fit, is remembered as the reason its records are dead letters.
+    async fn open_routes(&self, pool: &SqlitePool, records: &[&Record]) -> Result<()> {
+        let Some(routed) = &self.routed else { return Ok(()) };
+        let mut names: Vec<&str> = records.iter().filter_map(|r| self.route_of(r)).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let known = routed
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(name)
+                .map(|(o, at)| o.is_ok() || at.elapsed() < RETRY_REFUSED);
+            if known == Some(true) {
+                continue;
+            }
+            let valid =
+                !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let opened = if !valid {
+                Err(format!(
+                    "sink.table_field: `{name}` is not a table name (letters, digits, _)"
+                ))
+            } else {
+                let mut spec = self.spec.clone();
+                spec.table = name.to_string();
+                spec.route = None;
+                match SqliteTable::open(pool, spec).await {
+                    Ok(t) => Ok(Arc::new(t)),
+                    Err(e) if e.is_setup_fault() => Err(format!("sink.table_field: table `{name}`: {e}")),
+                    Err(e) => return Err(e),
+                }
+            };
+            if let Err(reason) = &opened {
+                tracing::warn!(
+                    table = name,
+                    reason,
+                    "records naming a table that cannot be written are dead-lettered"
+                );
+            }
+            routed
+                .lock()
+                .map_err(|_| poisoned())?
+                .insert(name.to_string(), (opened, Instant::now()));
+        }
+        Ok(())
     }
 
     /// Upsert records and insert dead letters in one transaction. Returns the rows
@@ -107,6 +179,7 @@ impl SqliteTable {
         records: &[&Record],
         dead: &[DeadLetter],
     ) -> Result<(u64, Vec<DeadLetter>)> {
+        self.open_routes(pool, records).await?;
         let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
         let (written, refused) = self.write_rows(&mut tx, records, true).await?;
         self.write_dead(&mut tx, dead).await?;
@@ -125,6 +198,7 @@ impl SqliteTable {
         records: &[&Record],
         dead: &[DeadLetter],
     ) -> Result<Option<u64>> {
+        self.open_routes(pool, records).await?;
         let mut tx = pool.begin().await.map_err(Error::db("begin"))?;
         let marked = sqlx::query(&format!(
             "INSERT OR IGNORE INTO {committer} (job, subtask, checkpoint) VALUES (?, ?, ?)"
@@ -150,6 +224,53 @@ impl SqliteTable {
     /// a statement refused for its rows' data is halved until the refused rows stand
     /// alone. Returns the rows written and the refused rows as dead letters.
     async fn write_rows(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
+        records: &[&Record],
+        upsert: bool,
+    ) -> Result<(u64, Vec<DeadLetter>)> {
+        let Some(routed) = &self.routed else {
+            return self.write_here(tx, records, upsert).await;
+        };
+        // Records by the table they name, each table's in their order.
+        let mut groups: Vec<(Option<&str>, Vec<&Record>)> = Vec::new();
+        for r in records {
+            let name = self.route_of(r);
+            match groups.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, rows)) => rows.push(r),
+                None => groups.push((name, vec![r])),
+            }
+        }
+        let (mut written, mut refused) = (0, Vec::new());
+        for (name, rows) in groups {
+            let table = match name {
+                None => None,
+                Some(n) => Some(match routed.lock().map_err(|_| poisoned())?.get(n) {
+                    Some((opened, _)) => opened.clone(),
+                    None => Err(format!("sink.table_field: table `{n}` was not opened")),
+                }),
+            };
+            let (w, d) = match table {
+                None => self.write_here(tx, &rows, upsert).await?,
+                Some(Ok(t)) => t.write_here(tx, &rows, upsert).await?,
+                Some(Err(reason)) => (
+                    0,
+                    rows.iter()
+                        .map(|r| DeadLetter {
+                            reason: reason.clone(),
+                            ..self.refused(r, "")
+                        })
+                        .collect(),
+                ),
+            };
+            written += w;
+            refused.extend(d);
+        }
+        Ok((written, refused))
+    }
+
+    /// [`SqliteTable::write_rows`] into this table.
+    async fn write_here(
         &self,
         tx: &mut sqlx::Transaction<'_, Sqlite>,
         records: &[&Record],
@@ -297,6 +418,10 @@ enum Write {
     Upsert,
     /// Deletes by the key.
     Delete,
+}
+
+fn poisoned() -> Error {
+    Error::Internal("the routed tables' lock was poisoned".into())
 }
 
 fn is_row_error(code: Option<&str>) -> bool {

@@ -1130,3 +1130,154 @@ listen = ""
     assert!(reasons.iter().any(|r| r.contains("ev_xx")) && reasons.iter().any(|r| r.contains("is not a table name")));
     assert_eq!(prepared_of(&pool, &job).await, 0);
 }
+
+/// Fields from a JSON key and from headers, and a SQLite sink choosing each record's
+/// table by a header: each table gets its records, a table that does not exist
+/// dead-letters its records, no header: `table`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_and_header_fields_route_records_into_sqlite_tables() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer};
+    let (topic, job) = (unique("hdr"), unique("hdr"));
+    create_topic(&topic, 2).await;
+    let n = 400i64;
+    let p = producer(&kafka());
+    for id in 0..n {
+        let key = format!(r#"{{"id":{id}}}"#);
+        let value = format!(r#"{{"name":"n{id}"}}"#);
+        let table = ["ev_eu", "ev_us", "ev_xx"].get((id % 4) as usize).copied();
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "region",
+            value: Some("r".repeat(1 + (id % 3) as usize).as_str()),
+        });
+        if let Some(t) = table {
+            headers = headers.insert(Header {
+                key: "table",
+                value: Some(t),
+            });
+        }
+        let mut rec = BaseRecord::to(&topic).key(&key).payload(&value).headers(headers);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("routed.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let lite = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    for t in ["events", "ev_eu", "ev_us"] {
+        let sql = format!("CREATE TABLE {t} (id INTEGER PRIMARY KEY, name TEXT, region TEXT)");
+        sqlx::query(&sql).execute(&lite).await.expect("table");
+    }
+    sqlx::query(
+        "CREATE TABLE dead (topic TEXT, partition INTEGER, \"offset\" INTEGER, kafka_timestamp INTEGER, reason TEXT, \
+         payload BLOB, PRIMARY KEY (topic, partition, \"offset\"))",
+    )
+    .execute(&lite)
+    .await
+    .expect("dead");
+    let toml = format!(
+        r#"
+[job]
+name = "{job}"
+status_interval = "0s"
+
+[source]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+
+[decode.key]
+format = "json"
+
+[[decode.fields]]
+name = "id"
+type = "int"
+path = "kafka.key.id"
+
+[[decode.fields]]
+name = "name"
+type = "string"
+
+[[decode.fields]]
+name = "region"
+type = "string"
+path = "kafka.headers.region"
+
+[[decode.fields]]
+name = "target"
+type = "string"
+path = "kafka.headers.table"
+required = false
+
+[checkpoint]
+interval = "500ms"
+storage = "filesystem"
+dir = "{cp}"
+
+[sink]
+kind = "sqlite"
+url = "sqlite://{db}"
+table = "events"
+table_field = "target"
+strategy = "idempotent"
+key = ["id"]
+columns = [{{ name = "id", value = "id" }}, {{ name = "name", value = "name" }}, {{ name = "region", value = "region" }}]
+
+[dead_letter]
+table = "dead"
+
+[metrics]
+listen = ""
+"#,
+        kafka = kafka(),
+        cp = dir.path().join("cp").display(),
+        db = db.display(),
+    );
+    let config = write_config(dir.path(), &toml);
+    let log = dir.path().join("sluice.log");
+    let s = Sluice::start(&config, &log);
+    let total = || async {
+        let mut sum = 0i64;
+        for t in ["events", "ev_eu", "ev_us", "dead"] {
+            let c: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
+                .fetch_one(&lite)
+                .await
+                .expect("count");
+            sum += c;
+        }
+        sum
+    };
+    let done = wait_until(Duration::from_secs(60), || async { total().await >= n }).await;
+    assert!(done, "{} of {n}: {}", total().await, s.log_tail());
+    assert!(s.terminate().success());
+    for (t, rest) in [("ev_eu", 0), ("ev_us", 1), ("events", 3)] {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(&format!("SELECT id, name, region FROM {t} ORDER BY id"))
+            .fetch_all(&lite)
+            .await
+            .expect("rows");
+        let want: Vec<(i64, String, String)> = (0..n)
+            .filter(|id| id % 4 == rest)
+            .map(|id| (id, format!("n{id}"), "r".repeat(1 + (id % 3) as usize)))
+            .collect();
+        assert_eq!(rows, want, "{t}");
+    }
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM dead")
+        .fetch_all(&lite)
+        .await
+        .expect("dead");
+    assert_eq!(reasons.len() as i64, n / 4);
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("sink.table_field") && r.contains("ev_xx")),
+        "{:?}",
+        reasons.first()
+    );
+}
