@@ -52,6 +52,8 @@ impl AvroSchema {
 
     /// Decode one datum; the reason when the bytes are not one.
     pub fn decode(&self, mut bytes: &[u8]) -> Result<Avro, String> {
+        // Before anything decodes: a bound of its own if the job set none.
+        limit_lengths(1 << 20);
         let value = if self.references.is_empty() {
             apache_avro::from_avro_datum(&self.schema, &mut bytes, None)
         } else {
@@ -72,6 +74,15 @@ impl AvroSchema {
             names: &self.names,
         }
     }
+}
+
+/// Bound every length and item count an Avro datum may declare to `max` (the job's
+/// `decode.max_record_bytes`: no datum that long or with that many items can be read,
+/// since longer records are dead letters unread). Without it `apache-avro` reserves room
+/// for as many items as hostile bytes declare (a 26 GB allocation, seen by the property
+/// test, aborts the process). Process-wide; the first call wins.
+pub fn limit_lengths(max: usize) {
+    apache_avro::util::max_allocation_bytes(max.max(1));
 }
 
 /// Parse a schema file's text into a shared schema.
@@ -319,6 +330,25 @@ mod tests {
             .unwrap_err()
             .contains("expected a string, found an integer"));
         assert!(matches!(get(&["customer"], FieldType::Json), Some(Ok(Value::Json(_)))));
+    }
+
+    /// An array declaring 2^40 null items (nulls take no bytes) in a 7-byte datum: the
+    /// count is refused against the length bound, never reserved (it aborted the process
+    /// with a 26 GB allocation before the bound).
+    #[test]
+    fn a_declared_count_beyond_the_bound_is_refused_not_allocated() {
+        limit_lengths(1 << 20);
+        let schema = AvroSchema::parse(r#"{"type":"array","items":"null"}"#, &[]).unwrap();
+        let count: i64 = 1 << 40;
+        let mut zigzag = ((count << 1) ^ (count >> 63)) as u64;
+        let mut bytes = Vec::new();
+        while zigzag >= 0x80 {
+            bytes.push((zigzag as u8) | 0x80);
+            zigzag >>= 7;
+        }
+        bytes.push(zigzag as u8);
+        bytes.push(0);
+        assert!(schema.decode(&bytes).is_err());
     }
 
     #[test]

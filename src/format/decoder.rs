@@ -83,6 +83,7 @@ impl Decoder {
     /// (a sink column wants `kafka.payload`).
     pub fn new(cfg: &DecodeConfig, keep_payload: bool) -> std::result::Result<Decoder, DecodeSetupError> {
         let envelope = cfg.envelope == Envelope::Debezium;
+        super::avro::limit_lengths(cfg.max_record_bytes);
         let plans = cfg
             .fields
             .iter()
@@ -607,7 +608,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(5000))]
 
         /// Any bytes as an Avro datum or a Protobuf message: a record or a dead letter
         /// with a reason and the payload kept; never a panic, never an error.
