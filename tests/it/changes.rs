@@ -619,7 +619,9 @@ async fn debezium_changes_reach_sqlite_and_redis_through_kills() {
                         .expect("keys");
                     let mut out = Table::new();
                     for k in keys {
-                        let v: String = redis::cmd("GET").arg(&k).query_async(&mut conn).await.expect("get");
+                        // The job may delete the key between KEYS and GET.
+                        let v: Option<String> = redis::cmd("GET").arg(&k).query_async(&mut conn).await.expect("get");
+                        let Some(v) = v else { continue };
                         let row: serde_json::Value = serde_json::from_str(&v).expect("row JSON");
                         let id = row["id"].as_i64().expect("id");
                         out.insert(
