@@ -153,7 +153,15 @@ impl Decoder {
                 payload: msg.payload.map(<[u8]>::to_vec).unwrap_or_default(),
             })
         };
-        let mut values = Slots::new(self.plans.len());
+        // When the one-pass JSON read fills every field, its vectors become the record's.
+        let mut values = match self
+            .fast_json
+            .as_ref()
+            .is_some_and(|(_, slots)| slots.len() == self.plans.len())
+        {
+            true => Slots::default(),
+            false => Slots::new(self.plans.len()),
+        };
         if self.reads_key {
             if let Some(key) = msg.key {
                 if let Err(reason) = self.read_key(key, &mut values)? {
@@ -276,9 +284,13 @@ impl Decoder {
                 Ok(read) => read,
                 Err(reason) => return Ok(Err(reason)),
             };
-            for ((v, seen), slot) in read.into_iter().zip(seen).zip(slots) {
-                values.values[*slot] = v;
-                values.seen[*slot] = seen;
+            if slots.len() == self.plans.len() {
+                *values = Slots { values: read, seen };
+            } else {
+                for ((v, seen), slot) in read.into_iter().zip(seen).zip(slots) {
+                    values.values[*slot] = v;
+                    values.seen[*slot] = seen;
+                }
             }
             if self.keep_payload {
                 match std::str::from_utf8(bytes) {
@@ -476,6 +488,7 @@ impl Decoders {
 }
 
 /// The values read so far, and which fields were present (a null one was).
+#[derive(Default)]
 struct Slots {
     values: Vec<Value>,
     seen: Vec<bool>,

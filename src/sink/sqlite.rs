@@ -69,6 +69,9 @@ pub struct SqliteTable {
 /// A routed table, or why records naming it are dead letters.
 type Opened = std::result::Result<Arc<SqliteTable>, String>;
 
+/// Tables (and refused names) remembered at most; refusals are forgotten first.
+const MAX_ROUTED: usize = 1_000;
+
 /// How long a table that could not be used is not asked about again.
 const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
@@ -163,10 +166,12 @@ impl SqliteTable {
                     "records naming a table that cannot be written are dead-lettered"
                 );
             }
-            routed
-                .lock()
-                .map_err(|_| poisoned())?
-                .insert(name.to_string(), (opened, Instant::now()));
+            let mut tables = routed.lock().map_err(|_| poisoned())?;
+            // Names come from records: a flood of distinct bad ones must not grow this forever.
+            if tables.len() >= MAX_ROUTED {
+                tables.retain(|_, (t, _)| t.is_ok());
+            }
+            tables.insert(name.to_string(), (opened, Instant::now()));
         }
         Ok(())
     }

@@ -48,6 +48,9 @@ struct Routed {
 /// A routed table, or why records naming it are dead letters.
 type Opened = std::result::Result<std::sync::Arc<PgTable>, String>;
 
+/// Tables (and refused names) remembered at most; refusals are forgotten first.
+const MAX_ROUTED: usize = 1_000;
+
 /// How long a table that could not be used is not asked about again.
 const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
@@ -86,6 +89,10 @@ impl Routed {
                 reason,
                 "records naming a table that cannot be written are dead-lettered"
             );
+        }
+        // Names come from records: a flood of distinct bad ones must not grow this forever.
+        if tables.len() >= MAX_ROUTED {
+            tables.retain(|_, (t, _)| t.is_ok());
         }
         tables.insert(name.to_string(), (opened.clone(), std::time::Instant::now()));
         Ok(opened)
