@@ -33,7 +33,9 @@
 //! - [`record`]: what flows between operators.
 //! - [`redact`]: URLs and secret names kept out of every message.
 //! - [`error`]: errors by domain, and whether a restart can help.
-//! - [`failpoint`]: crash points for the exactly-once tests (compiled out by default).
+//! - [`verify`]: `sluice verify`, exactly-once proven on a user's own deployment.
+//! - [`failpoint`]: crash points in the exactly-once protocol, armed by `sluice verify`
+//!   and the tests.
 
 #![warn(missing_docs)]
 
@@ -59,5 +61,6 @@ pub mod source;
 pub mod state;
 pub mod telemetry;
 pub mod time;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -82,6 +82,12 @@ fn config_view(cfg: &JobConfig) -> String {
 /// Run a job until `shutdown` turns true (then stop after a final checkpoint) or until
 /// it fails past what its restart strategy allows.
 pub async fn run(cfg: JobConfig, shutdown: watch::Receiver<bool>, stats: Arc<JobStats>) -> Result<()> {
+    if let Some(point) = crate::failpoint::armed_point() {
+        tracing::warn!(
+            failpoint = %point,
+            "a crash point is armed (SLUICE_FAILPOINT, as `sluice verify` sets it): this process will abort on purpose"
+        );
+    }
     // The metrics recorder first: operators built by the plan register their metrics.
     // Before a slot is claimed, so that a spare answers its probes while it waits.
     let api = crate::api::ApiConfig {

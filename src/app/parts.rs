@@ -193,6 +193,9 @@ pub(super) async fn open_sink(
     let sink = build_sink(cfg, parts, j).await?;
     let mut sink: Box<dyn Sink> = Box::new(switch::Tagged::new(sink, tag));
     sink.recover(checkpoint, own).await?;
+    if checkpoint > 0 {
+        crate::failpoint::crash_if("during_restore", checkpoint);
+    }
     Ok(sink)
 }
 

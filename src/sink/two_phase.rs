@@ -164,7 +164,15 @@ impl<T: TransactionalTarget> TwoPhase<T> {
     async fn prepare(&mut self, checkpoint: u64) -> Result<serde_json::Value> {
         let started = Instant::now();
         let ages = std::mem::take(&mut self.ages);
-        if let Some(p) = self.target.prepare(checkpoint).await? {
+        let prepared = self.target.prepare(checkpoint).await?;
+        let prepared = match prepared {
+            Some(p) if crate::failpoint::sabotage("commit_early") => {
+                self.target.commit(checkpoint, &p.id).await?;
+                None
+            }
+            p => p,
+        };
+        if let Some(p) = prepared {
             crate::failpoint::crash_if("after_prepare", checkpoint);
             self.pending.push(Pending {
                 checkpoint,
@@ -218,6 +226,9 @@ impl<T: TransactionalTarget> TwoPhase<T> {
                 parse_state(s)
                     .map_err(|e| Error::Internal(format!("sink-{}: restored sink state: {e}", self.subtask)))?,
             );
+        }
+        if crate::failpoint::sabotage("skip_restore_commit") {
+            parsed.clear();
         }
         self.target.recover(parsed).await
     }

@@ -414,6 +414,9 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
                 if self.assigned.is_empty() {
                     self.metrics.dropped.increment(1);
                     self.stats.late_dropped.fetch_add(1, Ordering::Relaxed);
+                    if crate::failpoint::sabotage("drop_late") {
+                        continue;
+                    }
                     let dead = self.late_record(r, ts, wm);
                     ctx.out.dead_letter(dead);
                     continue;
