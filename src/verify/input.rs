@@ -141,7 +141,10 @@ pub fn generate(job: &Job, plan: &Plan, dims: &[crate::verify::dimension::Row]) 
                 .iter()
                 .filter_map(|k| job.fields.iter().find(|(n, _)| n == k).cloned())
                 .collect(),
-            Some((p.field.clone(), p.field_type)),
+            match &p.carrier {
+                super::shape::Carrier::Field { field, field_type, .. } => Some((field.clone(), *field_type)),
+                super::shape::Carrier::Origin { .. } => None,
+            },
         ),
         Shape::Windowed(w) => (w.key_fields.clone(), None),
     };

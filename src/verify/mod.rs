@@ -148,6 +148,19 @@ fn start_embedded(topics: Vec<(String, i32)>) -> Result<Embedded> {
     }
 }
 
+/// The environment key of `sink.table`: a Kafka sink's file may name it `topic`, and
+/// the override must be the name the file uses (both would be a duplicate).
+fn table_key(file: &std::path::Path) -> &'static str {
+    let uses_topic = config::Config::builder()
+        .add_source(config::File::from(file).format(config::FileFormat::Toml))
+        .build()
+        .is_ok_and(|c| c.get_string("sink.topic").is_ok());
+    match uses_topic {
+        true => "SLUICE__SINK__TOPIC",
+        false => "SLUICE__SINK__TABLE",
+    }
+}
+
 /// The overrides that point a copy of the job at what verify created.
 fn overrides(user: &JobConfig, n: &Names, bootstrap: Option<&str>, api_port: u16) -> Result<Vec<(String, String)>> {
     if user.checkpoint.from_savepoint.is_some() || !user.checkpoint.with_savepoints.is_empty() {
@@ -166,7 +179,7 @@ fn overrides(user: &JobConfig, n: &Names, bootstrap: Option<&str>, api_port: u16
         ("SLUICE__JOB__NAME", n.job.clone()),
         ("SLUICE__SOURCE__TOPICS", n.topic.clone()),
         ("SLUICE__SOURCE__START_FROM", "earliest".into()),
-        ("SLUICE__SINK__TABLE", n.table.clone()),
+        (table_key(&user.file), n.table.clone()),
         ("SLUICE__DEAD_LETTER__TABLE", n.dead_table.clone()),
         ("SLUICE__METRICS__LISTEN", format!("127.0.0.1:{api_port}")),
         ("SLUICE__METRICS__PROBE_LISTEN", String::new()),
@@ -283,16 +296,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         }
         let like = &user.sink.table;
         let like_dead = &user.dead_letter.table;
-        match (&embedded, cfg.dead_letter.kind) {
-            // The embedded cluster made the dead-letter topic with the input's.
-            (Some(_), DeadLetterKind::Kafka) => {
-                let mut c = cfg.clone();
-                c.dead_letter.kind = DeadLetterKind::Table;
-                c.dead_letter.table = user.dead_letter.table.clone();
-                target::create(&c, like, like_dead, &cluster).await?;
-            }
-            _ => target::create(&cfg, like, like_dead, &cluster).await?,
-        }
+        target::create(&cfg, like, like_dead, &cluster, embedded.is_some()).await?;
         created_topics.extend(n.dead_topic.iter().cloned());
         exercise(opts, &cfg, &job, &n, &env, &cluster, partitions, &mut report).await
     }
@@ -301,6 +305,14 @@ pub async fn run(opts: &Options) -> Result<Report> {
         report.problems.push(format!("verify could not finish: {e}"));
     }
     if !opts.keep {
+        // The job's log outlives a failed verification: it is where to look next.
+        if outcome.is_err() || !report.passed {
+            let kept = std::env::temp_dir().join(format!("sluice-verify-{}.log", n.id));
+            if std::fs::copy(n.work.join("job.log"), &kept).is_ok() {
+                report.log = kept.display().to_string();
+                report.notes.push(format!("the job's log is kept in {}", report.log));
+            }
+        }
         report.cleanup_failed = target::remove(&cfg, &cluster).await;
         if embedded.is_none() {
             if let Err(e) = cluster.delete(&created_topics).await {
@@ -416,6 +428,7 @@ async fn exercise(
         let failpoint = (point != "sigkill").then(|| format!("{point}:{from}"));
         feeding = chain(feeding, producer.clone(), n.topic.clone(), slice, pause);
         let run_started = Instant::now();
+        let fired_before = fired(&log, point);
         let mut child = Child::start(&config, env, failpoint.as_deref(), &log, &api)?;
         let mut last_status = None;
         let reached = match point {
@@ -441,8 +454,7 @@ async fn exercise(
                 let deadline = Instant::now() + Duration::from_secs(45) + interval * 4;
                 loop {
                     if let Some(st) = child.exited() {
-                        let text = std::fs::read_to_string(&log).unwrap_or_default();
-                        if !text.contains(&format!("failpoint {point} at checkpoint")) {
+                        if fired(&log, point) <= fired_before {
                             return Err(job_died(&log, st));
                         }
                         break true;
@@ -563,6 +575,14 @@ async fn exercise(
     Ok(())
 }
 
+/// How often the job's log says failpoint `point` fired.
+fn fired(log: &PathBuf, point: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(&format!("failpoint {point} at checkpoint"))
+        .count()
+}
+
 fn job_died(log: &PathBuf, status: std::process::ExitStatus) -> Error {
     Error::Unsupported(format!(
         "the job exited ({status}) on its own, not at a planned crash; the end of its log:\n{}",
@@ -626,7 +646,10 @@ async fn compare(
     let rows = target::rows(cfg, cluster).await?;
     report.rows = rows.len() as u64;
     match &job.shape {
-        Shape::PassThrough(p) => pass_through(p, input, &rows, report),
+        Shape::PassThrough(p) => {
+            let by_origin: HashMap<(i64, i64), u64> = placed.iter().map(|(r, p, o)| ((*p as i64, *o), r.seq)).collect();
+            pass_through(p, input, &rows, &by_origin, report)
+        }
         Shape::Windowed(w) => report.windows = Some(windows(w, input, &rows)),
     }
     // Dead letters: every bad and late record once, no good record.
@@ -665,16 +688,28 @@ async fn compare(
     Ok(())
 }
 
-/// The sequence number a row carries in `column`.
-fn seq_of(row: &Map<String, Value>, column: &str) -> Option<u64> {
-    match row.get(column)? {
-        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)),
+/// The sequence number a row carries.
+fn seq_of(row: &Map<String, Value>, carrier: &shape::Carrier, by_origin: &HashMap<(i64, i64), u64>) -> Option<u64> {
+    let int = |v: &Value| match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
         Value::String(s) => s.strip_prefix("seq-").unwrap_or(s).parse().ok(),
         _ => None,
+    };
+    match carrier {
+        shape::Carrier::Field { column, .. } => int(row.get(column)?).and_then(|n| u64::try_from(n).ok()),
+        shape::Carrier::Origin { partition, offset } => by_origin
+            .get(&(int(row.get(partition)?)?, int(row.get(offset)?)?))
+            .copied(),
     }
 }
 
-fn pass_through(p: &shape::PassThrough, input: &Input, rows: &[Map<String, Value>], report: &mut Report) {
+fn pass_through(
+    p: &shape::PassThrough,
+    input: &Input,
+    rows: &[Map<String, Value>],
+    by_origin: &HashMap<(i64, i64), u64>,
+    report: &mut Report,
+) {
     let records: BTreeMap<u64, &Rec> = input
         .main
         .iter()
@@ -687,7 +722,7 @@ fn pass_through(p: &shape::PassThrough, input: &Input, rows: &[Map<String, Value
     report.corrupted = Default::default();
     report.unexpected = Default::default();
     for row in rows {
-        match seq_of(row, &p.column).filter(|s| records.contains_key(s)) {
+        match seq_of(row, &p.carrier, by_origin).filter(|s| records.contains_key(s)) {
             Some(seq) => {
                 *counts.entry(seq).or_default() += 1;
                 let rec = records[&seq];

@@ -22,13 +22,30 @@ pub enum Shape {
 
 /// Where a pass-through row carries its record's sequence number.
 #[derive(Debug, Clone)]
+pub enum Carrier {
+    /// A decoded field holds it.
+    Field {
+        /// The decoded field the sequence number is written into.
+        field: String,
+        /// Its type (an int is the number; a string is `seq-<n>`).
+        field_type: FieldType,
+        /// The sink column it reaches.
+        column: String,
+    },
+    /// The row's Kafka coordinates name its record (a job writing the raw payload).
+    Origin {
+        /// The column of `kafka.partition`.
+        partition: String,
+        /// The column of `kafka.offset`.
+        offset: String,
+    },
+}
+
+/// What a pass-through job's rows are checked by.
+#[derive(Debug, Clone)]
 pub struct PassThrough {
-    /// The decoded field the sequence number is written into.
-    pub field: String,
-    /// Its type (an int is the number; a string is `seq-<n>`).
-    pub field_type: FieldType,
-    /// The sink column it reaches.
-    pub column: String,
+    /// Where a row carries its record's sequence number.
+    pub carrier: Carrier,
     /// Decoded fields in the sink's key: each gets a value unique to the record, so
     /// that an upsert never merges two input records.
     pub key_fields: Vec<String>,
@@ -338,7 +355,8 @@ pub fn of(cfg: &JobConfig) -> Result<Job> {
 /// Whether the sink keeps one row per key (a later row replaces an earlier one).
 pub fn upserts(cfg: &JobConfig) -> bool {
     match cfg.sink.kind() {
-        SinkKind::Kafka | SinkKind::Files => false,
+        SinkKind::Kafka => cfg.sink.strategy == crate::config::Strategy::Idempotent,
+        SinkKind::Files => false,
         SinkKind::Redis => matches!(
             &cfg.sink.target,
             crate::config::SinkTarget::Redis(r) if r.command != crate::config::RedisCommand::Xadd
@@ -416,25 +434,44 @@ fn pass_through(cfg: &JobConfig, fields: &[(String, FieldType)], lookup_key: Opt
             && column_of(cfg, n).is_some()
     };
     // The key's own field first: then the row a record makes is found by its key.
-    let carrier = fields
+    let field = fields
         .iter()
         .filter(usable)
         .find(|(n, _)| key_fields.contains(n))
-        .or_else(|| fields.iter().find(usable))
-        .ok_or_else(|| {
-            refuse(
-                "no int or string field reaches a sink column, so the rows cannot carry the records' sequence numbers",
-            )
-        })?;
-    let column = column_of(cfg, &carrier.0).unwrap_or_default();
+        .or_else(|| fields.iter().find(usable));
+    let kafka_column = |value: &str, default: &str| match cfg.sink.columns.is_empty() {
+        true => Some(default.to_string()),
+        false => cfg
+            .sink
+            .columns
+            .iter()
+            .find(|c| c.value == value)
+            .map(|c| c.name.clone()),
+    };
+    let carrier =
+        match field {
+            Some((name, t)) => Carrier::Field {
+                field: name.clone(),
+                field_type: *t,
+                column: column_of(cfg, name).unwrap_or_default(),
+            },
+            None => match (
+                kafka_column("kafka.partition", "partition"),
+                kafka_column("kafka.offset", "offset"),
+            ) {
+                (Some(partition), Some(offset)) => Carrier::Origin { partition, offset },
+                _ => return Err(refuse(
+                    "no int or string field reaches a sink column, nor do kafka.partition and kafka.offset, so the \
+                     rows cannot be told apart",
+                )),
+            },
+        };
     let columns = fields
         .iter()
         .filter_map(|(f, _)| Some((column_of(cfg, f)?, f.clone())))
         .collect();
     Ok(PassThrough {
-        field: carrier.0.clone(),
-        field_type: carrier.1,
-        column,
+        carrier,
         key_fields,
         columns,
     })

@@ -126,7 +126,15 @@ fn files_root(cfg: &JobConfig) -> Result<PathBuf> {
 /// Make the verification table (a copy of the structure of `like`) and dead-letter
 /// table: refused, saying why, when the user's tables are missing or the user may not
 /// create tables.
-pub async fn create(cfg: &JobConfig, like: &str, like_dead: &str, kafka: &Cluster) -> Result<()> {
+/// `dead_topic_made`: the dead-letter topic exists already (the embedded cluster made
+/// it with the input's).
+pub async fn create(
+    cfg: &JobConfig,
+    like: &str,
+    like_dead: &str,
+    kafka: &Cluster,
+    dead_topic_made: bool,
+) -> Result<()> {
     let table = &cfg.sink.table;
     let dead = &cfg.dead_letter.table;
     let dead_in_db = cfg.dead_letter.kind == DeadLetterKind::Table;
@@ -201,7 +209,14 @@ pub async fn create(cfg: &JobConfig, like: &str, like_dead: &str, kafka: &Cluste
                 sqlx::query(&sql).execute(&mut c).await.map_err(|e| refuse(copy, &e))?;
             }
         }
-        SinkKind::Kafka => kafka.create_fresh(table, 4).await?,
+        SinkKind::Kafka => {
+            // The sink's own cluster (`sink.url`), with the source's security settings.
+            let sink = Cluster {
+                bootstrap: cfg.sink.url.to_string_unredacted(),
+                properties: kafka.properties.clone(),
+            };
+            sink.create_fresh(table, 4).await?;
+        }
         SinkKind::Redis => {
             let mut c = redis_conn(cfg).await?;
             let keys: Vec<String> = redis::cmd("KEYS")
@@ -225,9 +240,16 @@ pub async fn create(cfg: &JobConfig, like: &str, like_dead: &str, kafka: &Cluste
             }
         }
     }
-    if cfg.dead_letter.kind == DeadLetterKind::Kafka {
+    if (cfg.dead_letter.kind == DeadLetterKind::Kafka || cfg.sink.kind() == SinkKind::Kafka) && !dead_topic_made {
         if let Some(t) = &cfg.dead_letter.topic {
-            kafka.create_fresh(t, 1).await?;
+            let cluster = match cfg.sink.kind() {
+                SinkKind::Kafka => Cluster {
+                    bootstrap: cfg.sink.url.to_string_unredacted(),
+                    properties: kafka.properties.clone(),
+                },
+                _ => kafka.clone(),
+            };
+            cluster.create_fresh(t, 1).await?;
         }
     }
     Ok(())
@@ -325,6 +347,18 @@ pub async fn rows(cfg: &JobConfig, kafka: &Cluster) -> Result<Vec<Row_>> {
             })
             .await
             .map_err(|e| Error::Internal(format!("verify: reader: {e}")))??;
+            // With `idempotent` a message's key is its row's identity and a later message
+            // replaces an earlier one (as compaction keeps it): the last per key counts.
+            let reads: Vec<&super::kafka::Read> = match cfg.sink.strategy {
+                crate::config::Strategy::Idempotent => {
+                    let mut last: std::collections::HashMap<&str, &super::kafka::Read> = Default::default();
+                    for r in &reads {
+                        last.insert(r.key.as_deref().unwrap_or_default(), r);
+                    }
+                    last.into_values().collect()
+                }
+                _ => reads.iter().collect(),
+            };
             reads
                 .iter()
                 .filter_map(|r| r.payload.as_deref())
@@ -578,7 +612,7 @@ pub async fn open_transactions(cfg: &JobConfig) -> Result<u64> {
             Ok(rows
                 .iter()
                 .filter(|r| {
-                    r.try_get::<Vec<u8>, _>("data")
+                    r.try_get_unchecked::<Vec<u8>, _>(3)
                         .map(|d| String::from_utf8_lossy(&d).starts_with(&prefix))
                         .unwrap_or(false)
                 })

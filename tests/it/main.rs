@@ -39,4 +39,5 @@ mod txn_cli;
 mod unreachable;
 mod upsert_key;
 mod upstream_transactions;
+mod verify;
 mod windows;

@@ -155,10 +155,13 @@ impl TransactionalTarget for PgTransactions {
 /// restored checkpoint holds, roll back all others (epochs after it, which will be
 /// replayed). Returns (committed, rolled back).
 pub async fn recover(pool: &PgPool, job: &str, restored: Option<&CompletedCheckpoint>) -> Result<(usize, usize)> {
-    let to_commit: BTreeSet<String> = restored_states(restored)?
+    let mut to_commit: BTreeSet<String> = restored_states(restored)?
         .into_iter()
         .flat_map(|s| s.pending.into_iter().map(|(_, id)| id))
         .collect();
+    if crate::failpoint::sabotage("skip_restore_commit") {
+        to_commit.clear();
+    }
     let mut conn = pool.acquire().await.map_err(Error::db("acquire a connection"))?;
     let (mut committed, mut rolled_back) = (0, 0);
     for txn in list_prepared(pool, job).await? {
