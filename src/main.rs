@@ -383,7 +383,16 @@ async fn dispatch(command: Command, log_format: sluice::logging::LogFormat) -> a
                 timeout,
                 at,
             };
-            let report = sluice::verify::run(&opts).await?;
+            let report = match sluice::verify::run(&opts).await {
+                Ok(r) => r,
+                // A pipeline reading --json gets an answer it can parse either way.
+                Err(e) if json => {
+                    let error = sluice::config::redact_urls_in(&format!("{e:#}"));
+                    say!("{}", serde_json::json!({ "passed": false, "error": error }));
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             match json {
                 true => say!("{}", serde_json::to_string_pretty(&report)?),
                 false => say!("{}", report.text().trim_end()),

@@ -12,11 +12,13 @@
 //! - [`reference`]: windows computed the plain way
 //! - [`kafka`]: the topic, producing, reading back
 //! - [`target`]: the verification table and reading it
+//! - [`files`]: a files sink's part files read back, from a directory or S3
 //! - [`child`]: the job as a child process
 //! - [`report`]: the findings
 
 pub mod child;
 pub mod dimension;
+pub mod files;
 pub mod input;
 pub mod kafka;
 pub mod reference;

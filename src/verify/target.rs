@@ -5,7 +5,6 @@
 //! It reads each target with its own client, not through the sink's code: a fault in a
 //! sink must not be able to hide itself from the check.
 
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use secrecy::ExposeSecret;
@@ -108,19 +107,6 @@ async fn redis_conn(cfg: &JobConfig) -> Result<redis::aio::MultiplexedConnection
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| setup(format!("verify cannot reach the sink's Redis ({}): {e}", cfg.sink.url)))
-}
-
-/// The files sink's directory (local only; an `s3://` url is refused).
-fn files_root(cfg: &JobConfig) -> Result<PathBuf> {
-    let url = cfg.sink.url.to_string_unredacted();
-    if url.starts_with("s3://") {
-        return Err(Error::Unsupported(
-            "sluice verify reads a files sink's output from a local directory; point sink.url of a copy of the job \
-             at one (the S3 store itself is checked by the tests, not by verify)"
-                .into(),
-        ));
-    }
-    Ok(PathBuf::from(url.strip_prefix("file://").unwrap_or(&url)))
 }
 
 /// Make the verification table (a copy of the structure of `like`) and dead-letter
@@ -231,11 +217,10 @@ pub async fn create(
             }
         }
         SinkKind::Files => {
-            let dir = files_root(cfg)?.join(table);
-            if dir.exists() {
+            if super::files::exists(&super::files::place(cfg)?, table).await? {
                 return Err(Error::Unsupported(format!(
-                    "{} exists already: verify writes only into a directory it creates",
-                    dir.display()
+                    "{table} exists already under the files sink's url: verify writes only into a directory it \
+                     creates"
                 )));
             }
         }
@@ -409,12 +394,7 @@ pub async fn rows(cfg: &JobConfig, kafka: &Cluster) -> Result<Vec<Row_>> {
                 }
             }
         }
-        SinkTarget::Files(_) => {
-            let dir = files_root(cfg)?.join(table);
-            tokio::task::spawn_blocking(move || files_rows(&dir))
-                .await
-                .map_err(|e| Error::Internal(format!("verify: reader: {e}")))?
-        }
+        SinkTarget::Files(_) => super::files::rows(&super::files::place(cfg)?, table).await,
     }
 }
 
@@ -432,79 +412,6 @@ async fn mysql_columns(c: &mut sqlx::MySqlConnection, table: &str) -> Result<Vec
     .fetch_all(c)
     .await
     .map_err(db("reading the table's columns"))
-}
-
-/// Rows of every published part file under `dir` (staged files, under `_`-prefixed
-/// directories, are not published).
-fn files_rows(dir: &Path) -> Result<Vec<Row_>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let io = |e: std::io::Error| Error::Internal(format!("verify: reading the files sink's directory: {e}"));
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries {
-            let path = e.map_err(io)?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if name.starts_with('_') || name.starts_with('.') {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else if name.ends_with(".parquet") {
-                out.extend(parquet_rows(&path)?);
-            } else if name.ends_with(".jsonl") || name.ends_with(".json") {
-                let text = std::fs::read_to_string(&path).map_err(io)?;
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    if let Ok(Value::Object(m)) = serde_json::from_str(line) {
-                        out.push(m);
-                    }
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn parquet_rows(path: &Path) -> Result<Vec<Row_>> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
-    use arrow_schema::DataType;
-    let fail = |e: &dyn std::fmt::Display| Error::Internal(format!("verify: reading {}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| fail(&e))?
-        .build()
-        .map_err(|e| fail(&e))?;
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| fail(&e))?;
-        let schema = batch.schema();
-        let mut rows = vec![Map::new(); batch.num_rows()];
-        for (i, field) in schema.fields().iter().enumerate() {
-            let col = batch.column(i);
-            for (r, row) in rows.iter_mut().enumerate() {
-                let v = if col.is_null(r) {
-                    Value::Null
-                } else {
-                    match field.data_type() {
-                        DataType::Int64 => Value::from(col.as_primitive::<Int64Type>().value(r)),
-                        DataType::Int32 => Value::from(col.as_primitive::<Int32Type>().value(r)),
-                        DataType::Float64 => Value::from(col.as_primitive::<Float64Type>().value(r)),
-                        DataType::Float32 => Value::from(col.as_primitive::<Float32Type>().value(r) as f64),
-                        DataType::Boolean => Value::from(col.as_boolean().value(r)),
-                        DataType::Utf8 => Value::from(col.as_string::<i32>().value(r)),
-                        DataType::LargeUtf8 => Value::from(col.as_string::<i64>().value(r)),
-                        _ => Value::Null,
-                    }
-                };
-                row.insert(field.name().clone(), v);
-            }
-        }
-        out.extend(rows);
-    }
-    Ok(out)
 }
 
 /// The dead letters the job wrote for the verification input.
@@ -578,10 +485,7 @@ pub async fn dead_letters(cfg: &JobConfig, kafka: &Cluster) -> Result<Vec<DeadRe
                 .collect())
         }
         SinkKind::Files => {
-            let dir = files_root(cfg)?.join(dead);
-            let rows = tokio::task::spawn_blocking(move || files_rows(&dir))
-                .await
-                .map_err(|e| Error::Internal(format!("verify: reader: {e}")))??;
+            let rows = super::files::rows(&super::files::place(cfg)?, dead).await?;
             Ok(rows.iter().filter_map(from_row).collect())
         }
         SinkKind::Kafka => Ok(Vec::new()),
@@ -701,18 +605,16 @@ pub async fn remove(cfg: &JobConfig, kafka: &Cluster) -> Vec<String> {
             }
             Err(e) => note(e.to_string()),
         },
-        SinkKind::Files => {
-            if let Ok(root) = files_root(cfg) {
+        SinkKind::Files => match super::files::place(cfg) {
+            Ok(place) => {
                 for d in [table, dead] {
-                    let dir = root.join(d);
-                    if dir.exists() {
-                        if let Err(e) = std::fs::remove_dir_all(&dir) {
-                            note(format!("{}: {e}", dir.display()));
-                        }
+                    if let Err(e) = super::files::remove(&place, d).await {
+                        note(format!("{d}: {e}"));
                     }
                 }
             }
-        }
+            Err(e) => note(e.to_string()),
+        },
     }
     if cfg.dead_letter.kind == DeadLetterKind::Kafka {
         if let Some(t) = &cfg.dead_letter.topic {

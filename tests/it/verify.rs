@@ -236,6 +236,16 @@ listen = ""
     )
 }
 
+/// Kafka `idempotent`: a replayed record is written again under the same key, and the
+/// last message per key (what compaction keeps) is each record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_kafka_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &kafka_toml("idempotent", dir.path()));
+    let (ok, report, stderr) = verify(&config, &["--records", "1200", "--kills", "3"], &[]);
+    assert_passed(ok, &report, &stderr);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_passes_kafka_two_phase() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -280,10 +290,18 @@ async fn verify_reports_kafka_at_least_once_as_such() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_passes_redis_wal() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = redis_job_toml(&unique("v"), "unused", &dir.path().join("cp"), "events", "");
-    let config = write_config(dir.path(), &toml);
-    let (ok, report, stderr) = verify(&config, &["--records", "1200", "--kills", "3"], &[]);
-    assert_passed(ok, &report, &stderr);
+    for command in ["set", "hset"] {
+        let toml = redis_job_toml(
+            &unique("v"),
+            "unused",
+            &dir.path().join(command),
+            "events",
+            &format!("redis_command = \"{command}\""),
+        );
+        let config = write_config(dir.path(), &toml);
+        let (ok, report, stderr) = verify(&config, &["--records", "1200", "--kills", "3"], &[]);
+        assert_passed(ok, &report, &stderr);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,6 +324,39 @@ async fn verify_passes_files_two_phase() {
         .map(|d| d.flatten().collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "verify left files behind: {left:?}");
+}
+
+/// The files sink in an S3 bucket (moto): published part files read back from the
+/// bucket, staged ones not; everything verify wrote there removed.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_files_two_phase_in_s3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bucket = unique("vlake").replace('_', "-");
+    create_bucket(&bucket);
+    let toml = job_toml(&unique("v"), "unused", "x", "two_phase", &dir.path().join("cp"))
+        .replace(
+            &format!("url = \"{}\"", pg_url()),
+            &format!("url = \"s3://{bucket}/lake\""),
+        )
+        .replace("kind = \"postgres\"", "kind = \"files\"")
+        .replace("table = \"x.events\"", "table = \"events\"")
+        .replace("table = \"x.dead\"", "table = \"dead\"")
+        .replace(
+            "[dead_letter]",
+            &format!(
+                "[sink.files]\nformat = \"jsonl\"\nendpoint = \"{}\"\n\n[dead_letter]",
+                s3_endpoint()
+            ),
+        );
+    let config = write_config(dir.path(), &toml);
+    let (ok, report, stderr) = verify(
+        &config,
+        &["--records", "1200", "--kills", "3"],
+        &[("AWS_ACCESS_KEY_ID", S3_KEY.0), ("AWS_SECRET_ACCESS_KEY", S3_KEY.1)],
+    );
+    assert_passed(ok, &report, &stderr);
+    assert_eq!(n(&report, "/rows"), 1200);
 }
 
 /// Windows into Postgres: every window equal to the reference computation through
