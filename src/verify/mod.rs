@@ -278,6 +278,9 @@ pub async fn run(opts: &Options) -> Result<Report> {
         cluster.create_fresh(&n.topic, partitions).await?;
     }
     let mut created_topics = vec![n.topic.clone()];
+    // The producer tasks: stopped before the topic is deleted, or their records would
+    // make the broker create it again.
+    let feeders = std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new());
     let outcome = async {
         // A job that makes its own tables at start (sink.run_migrations) may not have run
         // yet: its migrations are what `sluice run` would apply first. Verify's copies are
@@ -300,9 +303,26 @@ pub async fn run(opts: &Options) -> Result<Report> {
         let like_dead = &user.dead_letter.table;
         target::create(&cfg, like, like_dead, &cluster, embedded.is_some()).await?;
         created_topics.extend(n.dead_topic.iter().cloned());
-        exercise(opts, &cfg, &job, &n, &env, &cluster, partitions, &mut report).await
+        // An operator's Ctrl-C (or a SIGTERM) ends the run, not the cleanup: the job is
+        // killed with its future, and what verify made is removed below.
+        tokio::select! {
+            r = exercise(opts, &cfg, &job, &n, &env, &cluster, partitions, &mut report, &feeders) => r,
+            () = interrupted() => Err(Error::Unsupported(
+                "interrupted (Ctrl-C or SIGTERM): the job was stopped and what verify made is removed".into(),
+            )),
+        }
     }
     .await;
+    for f in feeders
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .drain(..)
+    {
+        f.abort();
+    }
+    // Aborted tasks drop their producers (which purge what they queued) at their next
+    // await point.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     if let Err(e) = &outcome {
         report.problems.push(format!("verify could not finish: {e}"));
     }
@@ -340,6 +360,7 @@ async fn exercise(
     cluster: &Cluster,
     partitions: i32,
     report: &mut Report,
+    feeders: &std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 ) -> Result<()> {
     let seed = opts.seed.unwrap_or_else(|| fastrand::u64(..));
     report
@@ -429,6 +450,10 @@ async fn exercise(
         };
         let failpoint = (point != "sigkill").then(|| format!("{point}:{from}"));
         feeding = chain(feeding, producer.clone(), n.topic.clone(), slice, pause);
+        feeders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(feeding.abort_handle());
         let run_started = Instant::now();
         let fired_before = fired(&log, point);
         let mut child = Child::start(&config, env, failpoint.as_deref(), &log, &api)?;
@@ -490,6 +515,10 @@ async fn exercise(
     // once it caught up, then until the target is right or the time is up.
     let rest: Vec<Rec> = chunks.flat_map(<[Rec]>::to_vec).collect();
     let feeding = chain(feeding, producer.clone(), n.topic.clone(), rest, pause);
+    feeders
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(feeding.abort_handle());
     let mut child = Child::start(&config, env, None, &log, &api)?;
     report.restarts = opts.kills as u64;
     let fed = feeding
@@ -575,6 +604,22 @@ async fn exercise(
     report.open_transactions = target::open_transactions(cfg).await?;
     report.judge();
     Ok(())
+}
+
+/// A Ctrl-C or a SIGTERM to verify itself.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
 
 /// How often the job's log says failpoint `point` fired.

@@ -526,57 +526,105 @@ pub async fn open_transactions(cfg: &JobConfig) -> Result<u64> {
     }
 }
 
+/// The job's XA transactions in `XA RECOVER`: (formatID, global id, branch qualifier).
+async fn xa_of_job(c: &mut sqlx::MySqlConnection, job: &str) -> Result<Vec<(i64, Vec<u8>, Vec<u8>)>> {
+    // The sink names a job's transactions by this global id (a long job name hashed).
+    let gtrid = crate::sink::mysql::xa::gtrid(job).into_bytes();
+    let rows = sqlx::query("XA RECOVER").fetch_all(c).await.map_err(db("XA RECOVER"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let format: i64 = r.try_get(0).ok()?;
+            let g_len: i64 = r.try_get(1).ok()?;
+            let data: Vec<u8> = r.try_get_unchecked(3).ok()?;
+            let (g, b) = data.split_at(usize::try_from(g_len).ok().filter(|n| *n <= data.len())?);
+            (g == gtrid.as_slice()).then(|| (format, g.to_vec(), b.to_vec()))
+        })
+        .collect())
+}
+
+/// Roll back the verification job's prepared transactions: it is dead and its table is
+/// about to go, and a prepared transaction's locks would block the `DROP` for ever.
+async fn abandon(cfg: &JobConfig) -> Result<()> {
+    let job = &cfg.job.name;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    match cfg.sink.kind() {
+        SinkKind::Postgres => {
+            let mut c = pg(cfg).await?;
+            let gids: Vec<String> = sqlx::query_scalar("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE $1")
+                .bind(format!("sluice:{job}:%"))
+                .fetch_all(&mut c)
+                .await
+                .map_err(db("listing prepared transactions"))?;
+            for gid in gids {
+                let sql = format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"));
+                sqlx::query(&sql)
+                    .execute(&mut c)
+                    .await
+                    .map_err(db("ROLLBACK PREPARED"))?;
+            }
+        }
+        SinkKind::Mysql => {
+            let mut c = mysql(cfg).await?;
+            for (format, g, b) in xa_of_job(&mut c, job).await? {
+                let sql = format!("XA ROLLBACK X'{}',X'{}',{format}", hex(&g), hex(&b));
+                sqlx::query(&sql).execute(&mut c).await.map_err(db("XA ROLLBACK"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Remove what verify created in the target (failures are returned for the report).
 pub async fn remove(cfg: &JobConfig, kafka: &Cluster) -> Vec<String> {
     let mut failed = Vec::new();
     let table = &cfg.sink.table;
     let dead = &cfg.dead_letter.table;
     let dead_in_db = cfg.dead_letter.kind == DeadLetterKind::Table;
+    if let Err(e) = abandon(cfg).await {
+        failed.push(e.to_string());
+    }
     let mut note = |what: String| failed.push(what);
+    let tables: Vec<&String> = [Some(table), dead_in_db.then_some(dead)]
+        .into_iter()
+        .flatten()
+        .collect();
+    // Each table dropped on its own, every failure noted: one that cannot be dropped
+    // must not keep the others.
+    macro_rules! drop_all {
+        ($conn:expr, $sql:expr, $wait:expr) => {
+            match $conn.await {
+                Ok(mut c) => {
+                    // A lock still held (a transaction verify does not know of) fails the
+                    // drop, named in the report, rather than hanging it.
+                    let _ = sqlx::query($wait).execute(&mut c).await;
+                    for t in &tables {
+                        if let Err(e) = sqlx::query(&$sql(t.as_str())).execute(&mut c).await {
+                            note(format!("{t}: {e}"));
+                        }
+                    }
+                }
+                Err(e) => note(e.to_string()),
+            }
+        };
+    }
     match cfg.sink.kind() {
-        SinkKind::Postgres => match pg(cfg).await {
-            Ok(mut c) => {
-                for (t, wanted) in [(table, true), (dead, dead_in_db)] {
-                    if wanted {
-                        if let Err(e) = sqlx::query(&format!("DROP TABLE IF EXISTS {}", quote_name(t)))
-                            .execute(&mut c)
-                            .await
-                        {
-                            note(format!("{t}: {e}"));
-                        }
-                    }
-                }
-            }
-            Err(e) => note(e.to_string()),
-        },
-        SinkKind::Mysql => match mysql(cfg).await {
-            Ok(mut c) => {
-                for (t, wanted) in [(table, true), (dead, dead_in_db)] {
-                    if wanted {
-                        if let Err(e) = sqlx::query(&format!("DROP TABLE IF EXISTS {}", mysql_name(t)))
-                            .execute(&mut c)
-                            .await
-                        {
-                            note(format!("{t}: {e}"));
-                        }
-                    }
-                }
-            }
-            Err(e) => note(e.to_string()),
-        },
-        SinkKind::Sqlite => match sqlite(cfg).await {
-            Ok(mut c) => {
-                for (t, wanted) in [(table, true), (dead, dead_in_db)] {
-                    if wanted {
-                        let sql = format!("DROP TABLE IF EXISTS \"{}\"", bare(t).replace('"', "\"\""));
-                        if let Err(e) = sqlx::query(&sql).execute(&mut c).await {
-                            note(format!("{t}: {e}"));
-                        }
-                    }
-                }
-            }
-            Err(e) => note(e.to_string()),
-        },
+        SinkKind::Postgres => drop_all!(
+            pg(cfg),
+            |t: &str| format!("DROP TABLE IF EXISTS {}", quote_name(t)),
+            "SET lock_timeout = '20s'"
+        ),
+        SinkKind::Mysql => drop_all!(
+            mysql(cfg),
+            |t: &str| format!("DROP TABLE IF EXISTS {}", mysql_name(t)),
+            "SET SESSION lock_wait_timeout = 20"
+        ),
+        SinkKind::Sqlite => drop_all!(
+            sqlite(cfg),
+            |t: &str| format!("DROP TABLE IF EXISTS \"{}\"", bare(t).replace('"', "\"\"")),
+            "PRAGMA busy_timeout = 20000"
+        ),
         SinkKind::Kafka => {
             let sink = Cluster {
                 bootstrap: cfg.sink.url.to_string_unredacted(),

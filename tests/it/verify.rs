@@ -524,18 +524,28 @@ async fn verify_passes_the_embedded_default() {
 
 // --- Broken builds: verify must fail them with the right numbers. ---
 
+/// The report of a verification of a build broken by `sabotage`, which must fail.
+#[cfg(feature = "failpoints")]
+fn sabotaged(config: &Path, args: &[&str], sabotage: &str) -> Value {
+    let (ok, report, stderr) = verify(config, args, &[("SLUICE_SABOTAGE", sabotage)]);
+    assert!(
+        !ok && report["passed"] == false,
+        "verify passed a build broken by {sabotage}: {report}\n{stderr}"
+    );
+    report
+}
+
 /// A two-phase sink that commits when it prepares: a crash before the checkpoint is
 /// stored replays committed records, and verify counts them as duplicates.
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_catches_a_commit_before_the_checkpoint_completes() {
     let (_dir, config, _) = pg_job("two_phase").await;
-    let (ok, report, _) = verify(
+    let report = sabotaged(
         &config,
         &["--records", "2000", "--kills", "2", "--at", "before_store"],
-        &[("SLUICE_SABOTAGE", "commit_early")],
+        "commit_early",
     );
-    assert!(!ok && report["passed"] == false, "{report}");
     assert!(n(&report, "/duplicated/count") > 0, "{report}");
     assert_eq!(n(&report, "/missing/count"), 0, "{report}");
     let problems = report["problems"].to_string();
@@ -547,7 +557,7 @@ async fn verify_catches_a_commit_before_the_checkpoint_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_catches_a_restore_that_skips_the_commit() {
     let (_dir, config, _) = pg_job("two_phase").await;
-    let (ok, report, _) = verify(
+    let report = sabotaged(
         &config,
         &[
             "--records",
@@ -559,9 +569,8 @@ async fn verify_catches_a_restore_that_skips_the_commit() {
             "--timeout",
             "30s",
         ],
-        &[("SLUICE_SABOTAGE", "skip_restore_commit")],
+        "skip_restore_commit",
     );
-    assert!(!ok && report["passed"] == false, "{report}");
     assert!(n(&report, "/missing/count") > 0, "{report}");
     assert_eq!(n(&report, "/duplicated/count"), 0, "{report}");
     assert!(report["missing"]["first"].as_array().is_some_and(|f| !f.is_empty()));
@@ -581,12 +590,11 @@ async fn verify_catches_a_dropped_late_record() {
         dir.path(),
     );
     let config = write_config(dir.path(), &toml);
-    let (ok, report, _) = verify(
+    let report = sabotaged(
         &config,
         &["--records", "2000", "--kills", "1", "--timeout", "60s"],
-        &[("SLUICE_SABOTAGE", "drop_late")],
+        "drop_late",
     );
-    assert!(!ok && report["passed"] == false, "{report}");
     assert_eq!(
         n(&report, "/dead_letters/missing/count"),
         n(&report, "/late_records"),
@@ -655,4 +663,68 @@ async fn verify_refuses_bad_use_clearly() {
     let (ok, _, stderr) = verify(&config, &["--at", "somewhere"], &[]);
     assert!(!ok);
     assert!(stderr.contains("--at somewhere"), "{stderr}");
+}
+
+/// An operator's Ctrl-C mid-run stops the job and removes what verify made: the topic,
+/// the table copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_interrupted_cleans_up() {
+    let (_dir, config, schema) = pg_job("two_phase").await;
+    let topic = unique("vint");
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "verify",
+            "--json",
+            "--records",
+            "3000",
+            "--kills",
+            "3",
+            "--topic",
+            &topic,
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start verify");
+    let pool = pg().await;
+    let copies = || async {
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' \
+                 AND table_name LIKE '%\\_verify\\_%'"
+            ),
+        )
+        .await
+    };
+    let made = wait_until(std::time::Duration::from_secs(60), || async { copies().await == 2 }).await;
+    assert!(made, "verify never made its tables");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("verify exits");
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(report["error"].to_string().contains("interrupted"), "{report}");
+    assert_eq!(copies().await, 0, "verify left its tables behind");
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("consumer");
+    // A deletion reaches the metadata a moment after it is acknowledged.
+    let gone = wait_until(std::time::Duration::from_secs(15), || async {
+        let md = rdkafka::consumer::Consumer::fetch_metadata(&consumer, None, std::time::Duration::from_secs(10))
+            .expect("metadata");
+        !md.topics().iter().any(|t| t.name() == topic)
+    })
+    .await;
+    assert!(gone, "verify left its topic {topic} behind");
 }
