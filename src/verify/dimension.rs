@@ -40,6 +40,15 @@ pub async fn rows(e: &Enrich, key_type: FieldType) -> Result<Vec<Row>> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // One JSON object per row, built by the database: `json_build_object` in Postgres,
+    // `json_object` in SQLite.
+    let select = |object: &str| {
+        format!(
+            "SELECT CAST({object}({}) AS TEXT) FROM {} ORDER BY 1 LIMIT {ROWS}",
+            pairs(&quote_ident),
+            quote_name(&e.table)
+        )
+    };
     let texts: Vec<String> = match e.kind {
         StoreKind::Postgres => {
             let mut o = sqlx::postgres::PgConnectOptions::from_str(&e.url).map_err(|x| fail(e, x))?;
@@ -47,11 +56,7 @@ pub async fn rows(e: &Enrich, key_type: FieldType) -> Result<Vec<Row>> {
                 o = o.password(p.expose_secret());
             }
             let mut c = sqlx::PgConnection::connect_with(&o).await.map_err(|x| fail(e, x))?;
-            let sql = format!(
-                "SELECT json_build_object({})::text FROM {} ORDER BY 1 LIMIT {ROWS}",
-                pairs(&quote_ident),
-                quote_name(&e.table)
-            );
+            let sql = select("json_build_object");
             sqlx::query_scalar(&sql)
                 .fetch_all(&mut c)
                 .await
@@ -62,11 +67,7 @@ pub async fn rows(e: &Enrich, key_type: FieldType) -> Result<Vec<Row>> {
                 .map_err(|x| fail(e, x))?
                 .read_only(true);
             let mut c = sqlx::SqliteConnection::connect_with(&o).await.map_err(|x| fail(e, x))?;
-            let sql = format!(
-                "SELECT json_object({}) FROM {} ORDER BY 1 LIMIT {ROWS}",
-                pairs(&quote_ident),
-                quote_name(&e.table)
-            );
+            let sql = select("json_object");
             sqlx::query_scalar(&sql)
                 .fetch_all(&mut c)
                 .await

@@ -447,22 +447,24 @@ async fn window_schema(keyed: bool) -> String {
     schema
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_passes_tumbling_windows_upserted() {
-    let schema = window_schema(true).await;
+/// Verify a windowed job into a `win` table (keyed: upserted; else appended) with
+/// `assigner`; the report, which passed.
+async fn windows_verified(keyed: bool, strategy: &str, assigner: &str, args: &[&str]) -> Value {
+    let schema = window_schema(keyed).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = window_job(
-        &schema,
-        "idempotent",
-        "assigner = \"tumbling\"\nsize = \"5s\"",
-        dir.path(),
-    );
-    let config = write_config(dir.path(), &toml);
-    let (ok, report, stderr) = verify(&config, &["--records", "3000", "--kills", "3"], &[]);
+    let config = write_config(dir.path(), &window_job(&schema, strategy, assigner, dir.path()));
+    let (ok, report, stderr) = verify(&config, args, &[]);
     assert_passed(ok, &report, &stderr);
     assert_eq!(report["check"], "windows");
-    assert!(n(&report, "/windows/expected") > 50, "{report}");
     assert_eq!(n(&report, "/windows/matched"), n(&report, "/windows/expected"));
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_tumbling_windows_upserted() {
+    let assigner = "assigner = \"tumbling\"\nsize = \"5s\"";
+    let report = windows_verified(true, "idempotent", assigner, &["--records", "3000", "--kills", "3"]).await;
+    assert!(n(&report, "/windows/expected") > 50, "{report}");
     assert!(n(&report, "/late_records") > 0);
 }
 
@@ -470,33 +472,15 @@ async fn verify_passes_tumbling_windows_upserted() {
 /// window's on-time row must be there exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_passes_sliding_windows_appended_two_phase() {
-    let schema = window_schema(false).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let toml = window_job(
-        &schema,
-        "two_phase",
-        "assigner = \"sliding\"\nsize = \"6s\"\nslide = \"2s\"",
-        dir.path(),
-    );
-    let config = write_config(dir.path(), &toml);
-    let (ok, report, stderr) = verify(&config, &["--records", "2000", "--kills", "3"], &[]);
-    assert_passed(ok, &report, &stderr);
+    let assigner = "assigner = \"sliding\"\nsize = \"6s\"\nslide = \"2s\"";
+    let report = windows_verified(false, "two_phase", assigner, &["--records", "2000", "--kills", "3"]).await;
     assert_eq!(n(&report, "/windows/fired_twice_count"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_passes_session_windows() {
-    let schema = window_schema(true).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let toml = window_job(
-        &schema,
-        "idempotent",
-        "assigner = \"session\"\ngap = \"3s\"",
-        dir.path(),
-    );
-    let config = write_config(dir.path(), &toml);
-    let (ok, report, stderr) = verify(&config, &["--records", "2000", "--kills", "2"], &[]);
-    assert_passed(ok, &report, &stderr);
+    let assigner = "assigner = \"session\"\ngap = \"3s\"";
+    windows_verified(true, "idempotent", assigner, &["--records", "2000", "--kills", "2"]).await;
 }
 
 /// The README's main job, as shipped (embedded Kafka, enrichment from SQLite, windows
