@@ -1,17 +1,28 @@
-//! End-to-end benchmark: a pass-through job from the local Kafka broker into Postgres,
-//! checkpoints every second, against two baselines measured in the same run on the same
-//! data: a bare rdkafka consumer reading the topic, and a bare `COPY` of the same rows
-//! into an indexed Postgres table. Then a windowed job on the same data (Kafka → decode
-//! → key by user → 1 s tumbling windows on the Kafka timestamp, count + sum → Postgres),
-//! Kafka and Redis, MariaDB against a bare batched `INSERT`, and Parquet files against a
-//! bare `ArrowWriter`. Needs the services of
-//! `scripts/test`; run it with
-//! `scripts/bench` (records: `SLUICE_BENCH_RECORDS`, default 1,000,000).
+//! End-to-end benchmark, one table: every job of sluice against its baseline measured in
+//! the same run on the same data, with each one's peak RSS. Each job and each baseline
+//! runs in a child process of this bench (the bench re-executes itself), so its peak
+//! RSS (`VmHWM`) is its own.
+//!
+//! The data: `SLUICE_BENCH_RECORDS` JSON records (default 1,000,000) in 4 partitions of
+//! the local Kafka broker, event time two records per millisecond; the last record of
+//! each partition lies far ahead in event time, so every window of the others closes.
+//!
+//! - Pass-through into Postgres (`idempotent`, `two_phase`, `wal`) against a bare
+//!   rdkafka consumer that decodes the same JSON, and a bare `COPY` of the same rows
+//!   into the same indexed table.
+//! - Windowed jobs (key_by → 1 s tumbling windows, count + sum → Postgres upsert) over
+//!   100 keys (window-bound: 0.05 rows per event) and 10,000 keys (sink-bound), with and
+//!   without the memory budget, and on RocksDB (with `--features rocksdb`): each must
+//!   write exactly the window rows a batch computation expects.
+//! - Kafka, Redis, MariaDB and Parquet files against their bare loops.
+//!
+//! Needs the services of `scripts/test`; run it with `scripts/bench`.
 
 // The allocator of the `sluice` binary, so the bench measures what runs.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,13 +39,53 @@ use support::{kafka, pg_url, send_waiting};
 mod support;
 
 const PARTITIONS: i32 = 4;
+/// Event time of the first record (epoch ms).
+const BASE_MS: i64 = 1_700_000_000_000;
 
-fn payload(id: u64) -> String {
+/// Whether record `id` of `n` is the last of its partition (record `id` goes to
+/// partition `id % PARTITIONS`).
+fn is_flush(id: u64, n: u64) -> bool {
+    id + PARTITIONS as u64 >= n
+}
+
+/// Event time of record `id`: two per millisecond; a partition's last record an hour
+/// ahead, closing every window before it.
+fn event_time(id: u64, n: u64) -> i64 {
+    if is_flush(id, n) {
+        BASE_MS + (n / 2) as i64 + 3_600_000
+    } else {
+        BASE_MS + (id / 2) as i64
+    }
+}
+
+/// The windowed jobs' keys: `user` has 10,000 values, `grp` 100.
+fn payload(id: u64, n: u64) -> String {
     format!(
-        r#"{{"id": {id}, "user": "user-{}", "amount": {}.25, "body": "record number {id}"}}"#,
-        id % 1000,
+        r#"{{"id": {id}, "user": "user-{}", "grp": "g-{}", "ts": {}, "amount": {}.25, "body": "record number {id}"}}"#,
+        id % 10_000,
+        id % 100,
+        event_time(id, n),
         id % 500
     )
+}
+
+/// The rows a 1 s tumbling window over `keys` keys writes: one per (key, window) with
+/// a record, the partitions' last records (whose windows never close) aside.
+fn window_rows(n: u64, keys: u64) -> u64 {
+    // Event time grows with the id, so each window is a run of ids: the keys of one run
+    // at a time, not a set of every (key, window) (which would weigh on the peak RSS of
+    // the job measured in this process).
+    let (mut rows, mut window, mut seen) = (0, i64::MIN, HashSet::new());
+    for id in (0..n).filter(|id| !is_flush(*id, n)) {
+        let w = event_time(id, n).div_euclid(1000);
+        if w != window {
+            rows += seen.len() as u64;
+            seen.clear();
+            window = w;
+        }
+        seen.insert(id % keys);
+    }
+    rows + seen.len() as u64
 }
 
 fn produce(topic: &str, n: u64) {
@@ -47,36 +98,59 @@ fn produce(topic: &str, n: u64) {
         .create()
         .expect("producer");
     for id in 0..n {
-        let (key, value) = (id.to_string(), payload(id));
-        send_waiting(&p, BaseRecord::to(topic).key(&key).payload(&value));
+        let (key, value) = (id.to_string(), payload(id, n));
+        let partition = (id % PARTITIONS as u64) as i32;
+        send_waiting(&p, BaseRecord::to(topic).key(&key).payload(&value).partition(partition));
     }
     p.flush(Duration::from_secs(120)).expect("flush");
 }
 
+/// The fields every job decodes, as the bare consumer decodes them.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    id: i64,
+    #[serde(borrow)]
+    user: std::borrow::Cow<'a, str>,
+    amount: f64,
+    #[serde(borrow)]
+    body: std::borrow::Cow<'a, str>,
+}
+
+/// Bare rdkafka consumers reading the topic and decoding each record's JSON into the
+/// fields the jobs decode, two threads over two partitions each as the jobs' two source
+/// subtasks read: the fair baseline of a pass-through job.
 fn bare_consumer(topic: &str, n: u64) -> f64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", "sluice-bench-bare")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
-    }
-    c.assign(&tpl).expect("assign");
-    let (mut seen, mut bytes) = (0u64, 0usize);
     let started = Instant::now();
-    while seen < n {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            bytes += rdkafka::Message::payload(&m).map_or(0, |p| p.len());
-            seen += 1;
+    std::thread::scope(|s| {
+        for half in 0..2 {
+            s.spawn(move || {
+                let c: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", kafka())
+                    .set("group.id", "sluice-bench-bare")
+                    .set("enable.auto.commit", "false")
+                    .set("isolation.level", "read_committed")
+                    .create()
+                    .expect("consumer");
+                let mut tpl = TopicPartitionList::new();
+                for p in (0..PARTITIONS).filter(|p| p % 2 == half) {
+                    tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+                }
+                c.assign(&tpl).expect("assign");
+                let (mut seen, mut sum) = (0u64, 0f64);
+                while seen < n / 2 {
+                    if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                        let bytes = rdkafka::Message::payload(&m).unwrap_or_default();
+                        if let Ok(e) = serde_json::from_slice::<Event<'_>>(bytes) {
+                            sum += e.amount + e.id as f64 + (e.user.len() + e.body.len()) as f64;
+                        }
+                        seen += 1;
+                    }
+                }
+                std::hint::black_box(sum);
+            });
         }
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    std::hint::black_box(bytes);
-    rate
+    });
+    n as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn bare_copy(pool: &PgPool, topic: &str, n: u64) -> f64 {
@@ -95,7 +169,7 @@ async fn bare_copy(pool: &PgPool, topic: &str, n: u64) -> f64 {
             "{topic}\t{}\t{}\t{id}\tuser-{}\t{}.25\trecord number {id}",
             id % PARTITIONS as u64,
             id / PARTITIONS as u64,
-            id % 1000,
+            id % 10_000,
             id % 500
         );
     }
@@ -111,7 +185,7 @@ async fn bare_copy(pool: &PgPool, topic: &str, n: u64) -> f64 {
 
 async fn sluice_job(pool: &PgPool, topic: &str, n: u64, strategy: &str) -> f64 {
     let table = format!("bench_{strategy}");
-    // Indexed like the COPY baseline's table, for both strategies.
+    // Indexed like the COPY baseline's table, for every strategy.
     let pk = ", PRIMARY KEY (topic, partition, \"offset\")";
     pool.execute(
         format!(
@@ -220,7 +294,7 @@ async fn bare_mysql_insert(pool: &sqlx::MySqlPool, topic: &str, n: u64) -> f64 {
                         .push_bind((id % PARTITIONS as u64) as i32)
                         .push_bind((id / PARTITIONS as u64) as i64)
                         .push_bind(*id as i64)
-                        .push_bind(format!("user-{}", id % 1000))
+                        .push_bind(format!("user-{}", id % 10_000))
                         .push_bind((id % 500) as f64 + 0.25)
                         .push_bind(format!("record number {id}"));
                 });
@@ -285,7 +359,7 @@ fn bare_parquet(topic: &str, n: u64, dir: &std::path::Path) -> f64 {
             p.append_value((id % PARTITIONS as u64) as i32);
             o.append_value((id / PARTITIONS as u64) as i64);
             i.append_value(*id as i64);
-            u.append_value(format!("user-{}", id % 1000));
+            u.append_value(format!("user-{}", id % 10_000));
             a.append_value((id % 500) as f64 + 0.25);
             b.append_value(format!("record number {id}"));
         }
@@ -365,7 +439,10 @@ async fn bare_redis_sets(n: u64) -> f64 {
     for chunk in ids.chunks(1_000) {
         let mut pipe = redis::pipe();
         for id in chunk {
-            pipe.cmd("SET").arg(format!("{prefix}:{id}")).arg(payload(*id)).ignore();
+            pipe.cmd("SET")
+                .arg(format!("{prefix}:{id}"))
+                .arg(payload(*id, n))
+                .ignore();
         }
         pipe.query_async::<()>(&mut conn).await.expect("SETs");
     }
@@ -397,50 +474,70 @@ async fn run_until(
     rate
 }
 
-/// The windowed job: events/s until every record has gone through the window operator.
-async fn sluice_windowed(pool: &PgPool, topic: &str, n: u64) -> (f64, i64) {
+/// A windowed job's shape: the key field (`user`: 10,000 keys, `grp`: 100), the state
+/// backend, and whether the memory budget is left at its default (`false`: librdkafka's
+/// own queue limits).
+struct Windowed<'a> {
+    key: &'a str,
+    keys: u64,
+    backend: &'a str,
+    budget: bool,
+}
+
+/// The windowed job: events/s until every window row a batch computation expects is
+/// written; the rows in the table are counted and must be exactly those.
+async fn sluice_windowed(pool: &PgPool, topic: &str, n: u64, w: &Windowed<'_>) -> (f64, u64) {
     let table = format!("bench_win_{}", std::process::id());
     pool.execute(
         format!(
-            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (\"user\" text, window_start bigint, \
-             window_end bigint, n bigint, total float8, firing text, PRIMARY KEY (\"user\", window_start))"
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (\"{key}\" text, window_start bigint, \
+             window_end bigint, n bigint, total float8, firing text, PRIMARY KEY (\"{key}\", window_start))",
+            key = w.key
         )
         .as_str(),
     )
     .await
     .expect("create window table");
+    let expected = window_rows(n, w.keys);
     let dir = tempfile::tempdir().expect("tempdir");
+    let budget = if w.budget { "" } else { "buffer_memory_bytes = 0" };
     let toml = format!(
         r#"
 [job]
 name = "bench_win_{stamp}"
 status_interval = "0s"
+{budget}
 [source]
 bootstrap_servers = "{kafka}"
 topics = ["{topic}"]
 parallelism = 2
 batch_size = 2000
 [[decode.fields]]
-name = "id"
-type = "int"
-[[decode.fields]]
-name = "user"
+name = "{key}"
 type = "string"
 [[decode.fields]]
 name = "amount"
 type = "float"
+[[decode.fields]]
+name = "ts"
+type = "int"
 [time]
+characteristic = "event"
+field = "ts"
 max_out_of_orderness = "1s"
 [[operators]]
 kind = "key_by"
-fields = ["user"]
+fields = ["{key}"]
 [[operators]]
 kind = "window"
-id = "per_user"
+id = "per_key"
 parallelism = 2
 assigner = "tumbling"
 size = "1s"
 aggregates = [ {{ fn = "count", as = "n" }}, {{ fn = "sum", field = "amount", as = "total" }} ]
+[state]
+backend = "{backend}"
+dir = "{dir}/state"
 [checkpoint]
 interval = "1s"
 storage = "filesystem"
@@ -460,25 +557,184 @@ listen = ""
         stamp = std::process::id(),
         kafka = kafka(),
         pg = pg_url(),
+        key = w.key,
+        backend = w.backend,
         dir = dir.path().display()
     );
-    let rate = run_until(&dir, &toml, |s| s.records_in.load(Ordering::Relaxed) >= n, n).await;
+    let rate = run_until(&dir, &toml, |s| s.rows_written.load(Ordering::Relaxed) >= expected, n).await;
     let rows: i64 = sqlx::query(&format!("SELECT count(*) FROM {table}"))
         .fetch_one(pool)
         .await
         .expect("count")
         .get(0);
-    (rate, rows)
+    assert_eq!(rows as u64, expected, "window rows in the table");
+    let _ = pool.execute(format!("DROP TABLE {table}").as_str()).await;
+    (rate, expected)
+}
+
+/// This process's peak resident memory, MiB (`VmHWM`).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Run one job or baseline (a child process's work): its records/s and a count it
+/// reports (window rows), or `None` where the job is not built in.
+async fn run_job(job: &str, topic: &str, n: u64) -> Option<(f64, u64)> {
+    let pg = || async {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&pg_url())
+            .await
+            .expect("postgres")
+    };
+    let my = || async {
+        sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(4)
+            .connect(MYSQL)
+            .await
+            .expect("MariaDB (scripts/ensure-mariadb)")
+    };
+    // The password as an operator gives it: in the environment.
+    std::env::set_var("SLUICE__SINK__PASSWORD", "sluice");
+    let win = |key, keys, backend, budget| Windowed {
+        key,
+        keys,
+        backend,
+        budget,
+    };
+    let rate = match job {
+        "consumer" => {
+            let tp = topic.to_string();
+            tokio::task::spawn_blocking(move || bare_consumer(&tp, n)).await.ok()?
+        }
+        "copy" => bare_copy(&pg().await, topic, n).await,
+        "idempotent" | "two_phase" | "wal" => {
+            std::env::remove_var("SLUICE__SINK__PASSWORD");
+            sluice_job(&pg().await, topic, n, job).await
+        }
+        "win-few" | "win-many" | "win-many-unbounded" | "win-few-rocksdb" => {
+            std::env::remove_var("SLUICE__SINK__PASSWORD");
+            let shape = match job {
+                "win-few" => win("grp", 100, "heap", true),
+                "win-many" => win("user", 10_000, "heap", true),
+                "win-many-unbounded" => win("user", 10_000, "heap", false),
+                _ if cfg!(feature = "rocksdb") => win("grp", 100, "rocksdb", true),
+                _ => return None,
+            };
+            let (rate, rows) = sluice_windowed(&pg().await, topic, n, &shape).await;
+            return Some((rate, rows));
+        }
+        "consume-produce" | "kafka" => {
+            let out = format!("{topic}_{job}_{}", std::process::id());
+            let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+                .set("bootstrap.servers", kafka())
+                .create()
+                .expect("admin");
+            let topics = [out.clone(), format!("{out}_dlq")];
+            admin
+                .create_topics(
+                    &topics.each_ref().map(|t| {
+                        rdkafka::admin::NewTopic::new(t, PARTITIONS, rdkafka::admin::TopicReplication::Fixed(1))
+                    }),
+                    &rdkafka::admin::AdminOptions::new(),
+                )
+                .await
+                .expect("create output topics");
+            if job == "consume-produce" {
+                let tp = topic.to_string();
+                tokio::task::spawn_blocking(move || bare_consume_produce(&tp, &out, n))
+                    .await
+                    .ok()?
+            } else {
+                let sink = format!(
+                    "[sink]\nkind = \"kafka\"\nurl = \"{}\"\ntopic = \"{out}\"\nstrategy = \"two_phase\"\n\
+                     parallelism = 2\n[dead_letter]\nkind = \"kafka\"\ntopic = \"{out}_dlq\"",
+                    kafka()
+                );
+                sluice_into(topic, n, "k2k", &sink).await
+            }
+        }
+        "sets" => bare_redis_sets(n).await,
+        "redis" => {
+            let sink = format!(
+                "[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\ntable = \"bench-wal-{}\"\n\
+                 strategy = \"wal\"\nparallelism = 2",
+                std::process::id()
+            );
+            sluice_into(topic, n, "redis", &sink).await
+        }
+        "mariadb-bare" => bare_mysql_insert(&my().await, topic, n).await,
+        "mariadb-idempotent" => sluice_mysql(&my().await, topic, n, "idempotent").await,
+        "mariadb-two_phase" => sluice_mysql(&my().await, topic, n, "two_phase").await,
+        "mariadb-wal" => sluice_mysql(&my().await, topic, n, "wal").await,
+        "parquet-bare" => {
+            let lake = tempfile::tempdir().expect("tempdir");
+            let tp = topic.to_string();
+            tokio::task::spawn_blocking(move || bare_parquet(&tp, n, lake.path()))
+                .await
+                .ok()?
+        }
+        "files" => {
+            let lake = tempfile::tempdir().expect("tempdir");
+            sluice_files(topic, n, lake.path()).await
+        }
+        other => panic!("no bench job {other}"),
+    };
+    Some((rate, 0))
+}
+
+/// One job's figures, as its child process reported them.
+#[derive(Clone, Copy)]
+struct Measured {
+    rate: f64,
+    rows: u64,
+    rss: f64,
+}
+
+/// Run `job` in a child process of this bench.
+fn measure(job: &str, topic: &str, n: u64) -> Option<Measured> {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let out = std::process::Command::new(exe)
+        .env("SLUICE_BENCH_CHILD", format!("{job} {topic} {n}"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run a bench job");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("SLUICE_BENCH_RESULT "));
+    assert!(out.status.success(), "bench job {job} failed: {text}");
+    let fields: Vec<&str> = line?.split_whitespace().collect();
+    let m = Measured {
+        rate: fields.first()?.parse().ok()?,
+        rows: fields.get(1)?.parse().ok()?,
+        rss: fields.get(2)?.parse().ok()?,
+    };
+    eprintln!("{job:<22} {:>10.0} records/s  peak RSS {:>6.0} MiB", m.rate, m.rss);
+    Some(m)
 }
 
 fn main() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    if let Ok(spec) = std::env::var("SLUICE_BENCH_CHILD") {
+        let parts: Vec<&str> = spec.split(' ').collect();
+        let (job, topic, n) = (parts[0], parts[1], parts[2].parse().expect("records"));
+        if let Some((rate, rows)) = rt.block_on(run_job(job, topic, n)) {
+            println!("SLUICE_BENCH_RESULT {rate} {rows} {}", peak_rss_mib());
+        }
+        return;
+    }
     let n: u64 = std::env::var("SLUICE_BENCH_RECORDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let topic = format!("bench_{}", std::process::id());
     rt.block_on(async {
-        let topic = format!("bench_{}_{}", std::process::id(), Instant::now().elapsed().as_nanos());
         let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
             .set("bootstrap.servers", kafka())
             .create()
@@ -494,140 +750,70 @@ fn main() {
             )
             .await
             .expect("create topic");
-        let t = Instant::now();
-        let tp = topic.clone();
-        tokio::task::spawn_blocking(move || produce(&tp, n))
-            .await
-            .expect("produce");
-        println!("produced {n} records to {topic} in {:.1}s", t.elapsed().as_secs_f64());
-
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&pg_url())
-            .await
-            .expect("postgres");
-        let tp = topic.clone();
-        let consumer = tokio::task::spawn_blocking(move || bare_consumer(&tp, n))
-            .await
-            .expect("consumer");
-        let copy = bare_copy(&pool, &topic, n).await;
-        let idem = sluice_job(&pool, &topic, n, "idempotent").await;
-        let two = sluice_job(&pool, &topic, n, "two_phase").await;
-        let (win, win_rows) = sluice_windowed(&pool, &topic, n).await;
-        let wal = sluice_job(&pool, &topic, n, "wal").await;
-        // Kafka to Kafka.
-        let out_bare = format!("{topic}_bare_out");
-        let out_txn = format!("{topic}_txn_out");
-        let dlq = format!("{topic}_dlq");
-        admin
-            .create_topics(
-                &[&out_bare, &out_txn, &dlq]
-                    .map(|t| rdkafka::admin::NewTopic::new(t, PARTITIONS, rdkafka::admin::TopicReplication::Fixed(1))),
-                &rdkafka::admin::AdminOptions::new(),
-            )
-            .await
-            .expect("create output topics");
-        let (tp, ob) = (topic.clone(), out_bare.clone());
-        let bare_cp = tokio::task::spawn_blocking(move || bare_consume_produce(&tp, &ob, n))
-            .await
-            .expect("consume-produce");
-        let kafka_sink = format!(
-            "[sink]\nkind = \"kafka\"\nurl = \"{}\"\ntopic = \"{out_txn}\"\nstrategy = \"two_phase\"\nparallelism = 2\n\
-             [dead_letter]\nkind = \"kafka\"\ntopic = \"{dlq}\"",
-            kafka()
-        );
-        let k2k = sluice_into(&topic, n, "k2k", &kafka_sink).await;
-        // Redis.
-        let sets = bare_redis_sets(n).await;
-        let redis_sink = format!(
-            "[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\ntable = \"bench-wal-{}\"\n\
-             strategy = \"wal\"\nparallelism = 2",
-            std::process::id()
-        );
-        let redis_wal = sluice_into(&topic, n, "redis", &redis_sink).await;
-        // MariaDB (the password as an operator gives it: in the environment).
-        std::env::set_var("SLUICE__SINK__PASSWORD", "sluice");
-        let my = sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(4)
-            .connect(MYSQL)
-            .await
-            .expect("MariaDB (scripts/ensure-mariadb)");
-        let my_bare = bare_mysql_insert(&my, &topic, n).await;
-        let my_idem = sluice_mysql(&my, &topic, n, "idempotent").await;
-        let my_two = sluice_mysql(&my, &topic, n, "two_phase").await;
-        let my_wal = sluice_mysql(&my, &topic, n, "wal").await;
-        std::env::remove_var("SLUICE__SINK__PASSWORD");
-        // Parquet files.
-        let lake = tempfile::tempdir().expect("tempdir");
-        let tp = topic.clone();
-        let path = lake.path().to_path_buf();
-        let parquet_bare = tokio::task::spawn_blocking(move || bare_parquet(&tp, n, &path))
-            .await
-            .expect("bare parquet");
-        let parquet = sluice_files(&topic, n, lake.path()).await;
-        let base = consumer.min(copy);
-        println!();
-        println!("{:<40} {:>12}", "records/s, same data, same run", "");
-        println!("{:<40} {:>12.0}", "bare rdkafka consumer", consumer);
-        println!("{:<40} {:>12.0}", "bare COPY into Postgres (indexed)", copy);
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of the slower baseline (target 50%)",
-            "sluice idempotent",
-            idem,
-            100.0 * idem / base
-        );
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of the slower baseline (target 40%)",
-            "sluice two_phase",
-            two,
-            100.0 * two / base
-        );
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of the slower baseline; {win_rows} window rows written",
-            "sluice windowed (key_by, 1 s windows)",
-            win,
-            100.0 * win / base
-        );
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of two_phase (target: within 20%)",
-            "sluice wal into Postgres",
-            wal,
-            100.0 * wal / two
-        );
-        println!("{:<40} {:>12.0}", "bare consume-and-produce (no txn)", bare_cp);
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of the bare loop (target 60%)",
-            "sluice Kafka -> Kafka two_phase",
-            k2k,
-            100.0 * k2k / bare_cp
-        );
-        println!("{:<40} {:>12.0}", "pipelined SETs (redis crate)", sets);
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of pipelined SETs (target 50%)",
-            "sluice wal into Redis (SET)",
-            redis_wal,
-            100.0 * redis_wal / sets
-        );
-        println!("{:<40} {:>12.0}", "bare batched INSERT into MariaDB", my_bare);
-        for (name, rate) in [
-            ("sluice idempotent into MariaDB", my_idem),
-            ("sluice two_phase (XA) into MariaDB", my_two),
-            ("sluice wal into MariaDB", my_wal),
-        ] {
-            println!(
-                "{name:<40} {rate:>12.0}   {:>5.1}% of the bare batched INSERT",
-                100.0 * rate / my_bare
-            );
-        }
-        println!(
-            "{:<40} {:>12.0}",
-            "bare ArrowWriter into one Parquet file", parquet_bare
-        );
-        println!(
-            "{:<40} {:>12.0}   {:>5.1}% of the bare Parquet writer",
-            "sluice files (Parquet, two_phase)",
-            parquet,
-            100.0 * parquet / parquet_bare
-        );
     });
+    let t = Instant::now();
+    produce(&topic, n);
+    println!("produced {n} records to {topic} in {:.1}s", t.elapsed().as_secs_f64());
+    let only: Option<Vec<String>> = std::env::var("SLUICE_BENCH_JOBS")
+        .ok()
+        .map(|s| s.split(',').map(str::to_string).collect());
+    let wanted = |job: &str| only.as_ref().is_none_or(|o| o.iter().any(|j| j == job));
+    // (job, baseline, target ratio in %, what it shows).
+    let rows: &[(&str, &str, f64, &str)] = &[
+        ("consumer", "", 0.0, "bare rdkafka consumer, decoding the JSON"),
+        ("copy", "", 0.0, "bare COPY into Postgres (indexed)"),
+        ("idempotent", "copy", 70.0, "idempotent upsert into Postgres"),
+        ("idempotent", "consumer", 90.0, "idempotent upsert into Postgres"),
+        ("two_phase", "consumer", 90.0, "two_phase into Postgres"),
+        ("wal", "two_phase", 80.0, "wal into Postgres"),
+        ("win-few", "consumer", 90.0, "windows, 100 keys (window-bound)"),
+        ("win-many", "consumer", 0.0, "windows, 10,000 keys (sink-bound)"),
+        ("win-many-unbounded", "consumer", 0.0, "the same, no memory budget"),
+        ("win-many", "win-many-unbounded", 95.0, "budgeted against unbounded"),
+        ("win-few-rocksdb", "win-few", 30.0, "windows, 100 keys, RocksDB"),
+        ("consume-produce", "", 0.0, "bare consume-and-produce (no txn)"),
+        ("kafka", "consume-produce", 60.0, "Kafka -> Kafka two_phase"),
+        ("sets", "", 0.0, "pipelined Redis SETs"),
+        ("redis", "sets", 50.0, "wal into Redis (SET)"),
+        ("mariadb-bare", "", 0.0, "bare batched INSERT into MariaDB"),
+        ("mariadb-idempotent", "mariadb-bare", 0.0, "idempotent into MariaDB"),
+        ("mariadb-two_phase", "mariadb-bare", 0.0, "two_phase (XA) into MariaDB"),
+        ("mariadb-wal", "mariadb-bare", 0.0, "wal into MariaDB"),
+        ("parquet-bare", "", 0.0, "bare ArrowWriter, one Parquet file"),
+        ("files", "parquet-bare", 0.0, "files (Parquet, two_phase)"),
+    ];
+    let mut done: Vec<(&str, Option<Measured>)> = Vec::new();
+    for (job, _, _, _) in rows {
+        if wanted(job) && !done.iter().any(|(j, _)| j == job) {
+            done.push((job, measure(job, &topic, n)));
+        }
+    }
+    let get = |job: &str| done.iter().find(|(j, _)| *j == job).and_then(|(_, m)| *m);
+    println!();
+    println!("{n} records, 4 partitions; each job in its own process, baselines in the same run");
+    println!(
+        "{:<20} {:<36} {:>10} {:>9} {:<20} {:>7} {:>7}",
+        "job", "what", "records/s", "peak MiB", "baseline", "ratio", "target"
+    );
+    for (job, base, target, what) in rows {
+        let Some(m) = get(job) else { continue };
+        let what = if m.rows > 0 {
+            format!("{what}; {} rows", m.rows)
+        } else {
+            what.to_string()
+        };
+        let (ratio, base) = match get(base) {
+            Some(b) => (format!("{:.1}%", 100.0 * m.rate / b.rate), *base),
+            None => (String::new(), ""),
+        };
+        let target = if *target > 0.0 {
+            format!("{target:.0}%")
+        } else {
+            String::new()
+        };
+        println!(
+            "{job:<20} {what:<36} {:>10.0} {:>9.0} {base:<20} {ratio:>7} {target:>7}",
+            m.rate, m.rss
+        );
+    }
 }

@@ -165,6 +165,14 @@ pub struct JobSection {
     /// How often the console status line is printed (`"0s"` turns it off).
     #[serde(default = "defaults::status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
+    /// Bytes for records read and not yet processed: librdkafka's pre-fetch queues
+    /// (divided over the source subtasks) are held within it, so a job reading a backlog
+    /// over many partitions stays in a known footprint (default 64 MiB; `0`: librdkafka's
+    /// own limits, 64 MiB per consumer queue and up to 50 MiB per fetch). Batches in flight
+    /// between stages are bounded apart from it, by `source.batch_size` records per batch
+    /// and eight batches per channel.
+    #[serde(default = "defaults::buffer_memory_bytes", deserialize_with = "whole::number")]
+    pub buffer_memory_bytes: u64,
 }
 
 /// Where offsets start when no checkpoint holds them: `"earliest"`, `"latest"` or an
@@ -1405,6 +1413,9 @@ mod defaults {
     }
     pub fn status_interval() -> Duration {
         Duration::from_secs(5)
+    }
+    pub fn buffer_memory_bytes() -> u64 {
+        64 << 20
     }
     pub fn lease_ttl() -> Duration {
         Duration::from_secs(15)

@@ -49,7 +49,10 @@ impl UpsertTarget for PgUpsert {
     async fn upsert(&self, records: &[Record], dead: &[DeadLetter]) -> Result<Vec<DeadLetter>> {
         let mut conn = self.pool.acquire().await.map_err(Error::db("acquire a connection"))?;
         let rows = last_per_key(records, &self.table.spec);
-        let (_, rejected) = self.table.write(&mut conn, &rows, true, false).await?;
+        let rejected = match self.table.upsert_staged(&mut conn, &rows).await? {
+            Some(_) => Vec::new(),
+            None => self.table.write(&mut conn, &rows, true, false).await?.1,
+        };
         self.table.write_dead(&mut conn, dead).await?;
         Ok(rejected)
     }

@@ -56,6 +56,17 @@ pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
                 IsolationLevel::ReadUncommitted => "read_uncommitted",
             },
         );
+    if cfg.job.buffer_memory_bytes > 0 {
+        // Each source subtask has its own consumer: the budget is divided over them.
+        let share = cfg.job.buffer_memory_bytes / u64::from(cfg.source.parallelism.max(1));
+        // A fetch response lands in the queue whole, so a quarter of the share per fetch
+        // keeps the queue within it; librdkafka refuses a fetch limit below the largest
+        // message it sends (`message.max.bytes`, 1,000,000 by default).
+        let fetch = (share / 4).clamp(1 << 20, 50 << 20);
+        let queued_kb = (share.saturating_sub(fetch) / 1024).max(1024);
+        c.set("queued.max.messages.kbytes", queued_kb.to_string())
+            .set("fetch.max.bytes", fetch.to_string());
+    }
     for (k, v) in flatten_properties_of(cfg) {
         c.set(k, v);
     }

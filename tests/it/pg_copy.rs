@@ -167,3 +167,101 @@ async fn copy_writes_what_insert_writes_and_steps_aside_for_refused_rows() {
     let total = count(&pool, &format!("SELECT count(*) FROM {s}.by_copy")).await;
     assert_eq!(total, records.len() as i64 + 1);
 }
+
+/// The idempotent strategy upserts through a staging table filled by `COPY`: the rows it
+/// leaves must be exactly those of the `unnest` upsert, over inserts and over updates of
+/// rows already there, and a refused row must send the batch to the row-aware path.
+/// Both ways of the optimistic first attempt are covered: `COPY` straight into the table,
+/// and (a timestamp column, which COPY would read otherwise than the insert's cast) the
+/// staging table and a plain insert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_upsert_writes_what_the_unnest_upsert_writes() {
+    let pool = pg().await;
+    for with_time in [false, true] {
+        staged_against_unnest(&pool, with_time).await;
+    }
+}
+
+async fn staged_against_unnest(pool: &sqlx::PgPool, with_time: bool) {
+    let pool = pool.clone();
+    let s = schema(&pool, false).await;
+    let at = if with_time { "timestamptz" } else { "bigint" };
+    for t in ["by_stage", "by_unnest"] {
+        sqlx::query(&format!(
+            "CREATE TABLE {s}.{t} (topic text, partition int, \"offset\" bigint, i bigint, i4 integer, n numeric, \
+             f double precision, b boolean, t text, v varchar(50), j jsonb, p json, at {at}, \
+             PRIMARY KEY (topic, partition, \"offset\"))"
+        ))
+        .execute(&pool)
+        .await
+        .expect("create table");
+    }
+    let keyed = |table: &str| {
+        let mut spec = spec(table);
+        spec.columns.push(Column {
+            name: "at".into(),
+            source: ValueSource::Timestamp,
+            value_type: ValueType::Int8,
+        });
+        spec.key = vec![0, 1, 2];
+        spec
+    };
+    let by_stage = PgTable::open(&pool, keyed(&format!("{s}.by_stage")), true, 3)
+        .await
+        .expect("open");
+    let by_unnest = PgTable::open(&pool, keyed(&format!("{s}.by_unnest")), true, 3)
+        .await
+        .expect("open");
+    let first = records();
+    // The second round updates every other row with other values (and adds none).
+    let second: Vec<Record> = first
+        .iter()
+        .step_by(2)
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            r.values[..4].rotate_left(1 + i % 3);
+            r.origin.timestamp_ms += 1_000;
+            r
+        })
+        .collect();
+    let mut conn = pool.acquire().await.expect("conn");
+    for round in [&first, &second] {
+        let rows: Vec<&Record> = round.iter().collect();
+        let staged = by_stage.upsert_staged(&mut conn, &rows).await.expect("staged upsert");
+        assert!(staged.is_some(), "the staging table was not used");
+        let (_, rejected) = by_unnest.write(&mut conn, &rows, true, false).await.expect("upsert");
+        assert!(rejected.is_empty());
+    }
+    let cols = "topic, partition, \"offset\", i, i4, n, f, b, t, v, j, p::text, at";
+    for (a, b) in [("by_stage", "by_unnest"), ("by_unnest", "by_stage")] {
+        let differ = count(
+            &pool,
+            &format!("SELECT count(*) FROM (SELECT {cols} FROM {s}.{a} EXCEPT ALL SELECT {cols} FROM {s}.{b}) d"),
+        )
+        .await;
+        assert_eq!(differ, 0, "rows of {a} not in {b}");
+    }
+    let total = count(&pool, &format!("SELECT count(*) FROM {s}.by_stage")).await;
+    assert_eq!(total, first.len() as i64);
+
+    // A row Postgres refuses: nothing is written, the connection is usable, and the
+    // row-aware upsert writes the good row and dead-letters the bad one.
+    let mut bad = first[0].clone();
+    bad.origin.offset = 10_000;
+    bad.values[4] = Value::Text("not json".into());
+    let mut good = first[1].clone();
+    good.origin.offset = 10_001;
+    let staged = by_stage
+        .upsert_staged(&mut conn, &[&good, &bad])
+        .await
+        .expect("staged upsert");
+    assert_eq!(staged, None);
+    let (_, rejected) = by_stage
+        .write(&mut conn, &[&good, &bad], true, false)
+        .await
+        .expect("upsert");
+    assert_eq!(rejected.len(), 1);
+    let total = count(&pool, &format!("SELECT count(*) FROM {s}.by_stage")).await;
+    assert_eq!(total, first.len() as i64 + 1);
+}

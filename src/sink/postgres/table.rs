@@ -30,6 +30,8 @@ pub struct PgTable {
     max_record_attempts: u32,
     /// `COPY` into the table, where it writes what the insert does.
     copy_sql: Option<String>,
+    /// Upserts through a staging table filled by `COPY` (an upserting table's).
+    staging: Option<copy::Staging>,
     /// The tables records name (`sink.table_field`), opened at their first record.
     routed: Option<Routed>,
 }
@@ -145,11 +147,15 @@ impl PgTable {
             .map(|i| format!("c{i}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let insert_sql = format!(
-            "INSERT INTO {} ({cols}) SELECT {} FROM unnest({params}) AS u({aliases})",
-            quote_name(&spec.table),
-            exprs.join(", ")
-        );
+        let from_arrays = format!("unnest({params}) AS u({aliases})");
+        let insert_from = |from: &str| {
+            format!(
+                "INSERT INTO {} ({cols}) SELECT {} FROM {from}",
+                quote_name(&spec.table),
+                exprs.join(", ")
+            )
+        };
+        let insert_sql = insert_from(&from_arrays);
         let key = spec
             .key
             .iter()
@@ -163,13 +169,23 @@ impl PgTable {
             .filter(|(i, _)| !spec.key.contains(i))
             .map(|(_, c)| format!("{0} = EXCLUDED.{0}", quote_name(&c.name)))
             .collect();
-        let upsert_sql = if spec.key.is_empty() {
-            insert_sql.clone()
-        } else if updates.is_empty() {
-            format!("{insert_sql} ON CONFLICT ({key}) DO NOTHING")
-        } else {
-            format!("{insert_sql} ON CONFLICT ({key}) DO UPDATE SET {}", updates.join(", "))
+        let upsert_from = |from: &str| {
+            let insert = insert_from(from);
+            if spec.key.is_empty() {
+                insert
+            } else if updates.is_empty() {
+                format!("{insert} ON CONFLICT ({key}) DO NOTHING")
+            } else {
+                format!("{insert} ON CONFLICT ({key}) DO UPDATE SET {}", updates.join(", "))
+            }
         };
+        let upsert_sql = upsert_from(&from_arrays);
+        let coordinate_indexes = coordinate_indexes(pool, &spec).await?;
+        let copy_sql = copy::statement(pool, &spec, &types, &cols).await?;
+        let staging = (upsert && !spec.changelog && spec.route.is_none()).then(|| {
+            let types: Vec<&str> = spec.columns.iter().map(array_type).collect();
+            copy::Staging::new(&spec.table, &types, insert_from, upsert_from, copy_sql.clone())
+        });
         let delete_sql = spec.changelog.then(|| {
             let params: Vec<String> = spec
                 .key
@@ -215,8 +231,6 @@ impl PgTable {
             }
             None => None,
         };
-        let coordinate_indexes = coordinate_indexes(pool, &spec).await?;
-        let copy_sql = copy::statement(pool, &spec, &types, &cols).await?;
         let routed = spec.route.map(|_| Routed {
             pool: pool.clone(),
             upsert,
@@ -226,6 +240,7 @@ impl PgTable {
         let table = Self {
             routed,
             copy_sql,
+            staging,
             spec,
             upsert_sql,
             insert_sql,
@@ -406,6 +421,19 @@ impl PgTable {
             );
         }
         Ok((written, rejected))
+    }
+
+    /// Upsert records through the staging table (`COPY`, then one upsert), in a
+    /// transaction of its own: the fast path of the idempotent strategy. `Ok(None)`: not
+    /// written (Postgres refused a row, or the table does not stage), for
+    /// [`PgTable::write`] to do it row-aware.
+    pub async fn upsert_staged(&self, conn: &mut PgConnection, records: &[&Record]) -> Result<Option<u64>> {
+        match &self.staging {
+            Some(staging) if !records.is_empty() => {
+                copy::upsert_staged(conn, staging, &self.spec.columns, records).await
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Write records with `COPY` inside the caller's transaction, where no row may

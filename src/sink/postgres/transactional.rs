@@ -73,7 +73,12 @@ impl PgTransactions {
         }
         let batch = self.buffer.take();
         let rows: Vec<_> = batch.records.iter().collect();
-        let (written, rejected) = self.table.write(&mut self.conn, &rows, false, true).await?;
+        // COPY where it writes what the insert would; a refused row sends the batch
+        // through the row-aware insert, which dead-letters it.
+        let (written, rejected) = match self.table.copy(&mut self.conn, &rows).await? {
+            Some(written) => (written, Vec::new()),
+            None => self.table.write(&mut self.conn, &rows, false, true).await?,
+        };
         self.table.write_dead(&mut self.conn, &batch.dead).await?;
         let rejected = self.buffer.route_dead(rejected).await?;
         self.table.write_dead(&mut self.conn, &rejected).await?;
