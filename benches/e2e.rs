@@ -127,6 +127,9 @@ fn bare_consumer(topic: &str, n: u64) -> f64 {
                 let c: BaseConsumer = ClientConfig::new()
                     .set("bootstrap.servers", kafka())
                     .set("group.id", "sluice-bench-bare")
+                    // As sluice's consumers fetch (librdkafka's default pauses a
+                    // partition's fetches for a second whenever its queue is full).
+                    .set("fetch.queue.backoff.ms", sluice::source::FETCH_QUEUE_BACKOFF_MS)
                     .set("enable.auto.commit", "false")
                     .set("isolation.level", "read_committed")
                     .create()
@@ -464,10 +467,15 @@ async fn run_until(
     let (stop, rx) = watch::channel(false);
     let started = Instant::now();
     let job = tokio::spawn(sluice::app::run(cfg, rx, stats.clone()));
+    let mut first = None;
     while !done(&stats) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(!job.is_finished(), "the job stopped early");
+        if first.is_none() && stats.records_in.load(Ordering::Relaxed) > 0 {
+            first = Some(started.elapsed());
+        }
     }
+    eprintln!("first record after {:?}, done after {:?}", first, started.elapsed());
     let rate = n as f64 / started.elapsed().as_secs_f64();
     stop.send_replace(true);
     job.await.expect("join").expect("job");
