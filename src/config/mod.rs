@@ -657,6 +657,12 @@ pub struct StateSection {
     /// (default 32 MiB).
     #[serde(default, deserialize_with = "whole::optional")]
     pub write_buffer_bytes: Option<usize>,
+    /// Write-back cache of each RocksDB state's hot entries, bytes (estimated), per state
+    /// and operator subtask (default 16 MiB; `0`: every access reads and writes RocksDB).
+    /// Changes are written to RocksDB in one batch at each checkpoint and whenever the
+    /// cache is full.
+    #[serde(default, deserialize_with = "whole::optional")]
+    pub cache_bytes: Option<usize>,
     /// RocksDB checkpoints upload only the SST files not stored yet (default true);
     /// false: every checkpoint writes the whole state in the portable row format.
     #[serde(default = "defaults::yes")]
@@ -669,6 +675,7 @@ impl Default for StateSection {
             backend: StateBackendKind::default(),
             dir: None,
             block_cache_bytes: None,
+            cache_bytes: None,
             write_buffer_bytes: None,
             incremental: true,
         }

@@ -13,6 +13,8 @@
 pub mod heap;
 #[cfg(feature = "rocksdb")]
 pub mod rocks;
+#[cfg(feature = "rocksdb")]
+mod write_back;
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;

@@ -27,6 +27,7 @@ use rocksdb::{
 
 use serde::{Deserialize, Serialize};
 
+use super::write_back::{Cached, Flush, WriteBack};
 use super::{
     decode, encode, is_incremental, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SharedFiles, SnapshotFn,
     SnapshotRow, StateBackend, StateConfig, StateValue, INCREMENTAL_MAGIC,
@@ -47,6 +48,9 @@ pub struct RocksOptions {
     /// Snapshots as RocksDB checkpoints whose SST files are shared between
     /// checkpoints (uploaded once), instead of the whole state in rows every time.
     pub incremental: bool,
+    /// Write-back cache of each state's hot entries, bytes (estimated), per state and
+    /// operator subtask; 0: every access goes to RocksDB.
+    pub cache_bytes: usize,
 }
 
 impl Default for RocksOptions {
@@ -55,6 +59,7 @@ impl Default for RocksOptions {
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 32 << 20,
             incremental: true,
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -69,6 +74,8 @@ struct Instance {
     /// repeat across databases, never within one).
     instance: String,
     incremental: bool,
+    /// Each table's write-back cache, bytes.
+    cache_bytes: usize,
     next_snapshot: AtomicU64,
     /// Options of every column family: the configured memtable size, the shared block
     /// cache, bloom filters, LZ4.
@@ -187,6 +194,7 @@ impl RocksBackend {
                 snapshots,
                 instance,
                 incremental: options.incremental,
+                cache_bytes: options.cache_bytes,
                 next_snapshot: AtomicU64::new(0),
             }),
         })
@@ -405,6 +413,7 @@ impl StateBackend for RocksBackend {
             broken,
             key_buf: RefCell::new(Vec::new()),
             blind: false,
+            cache: (self.inner.cache_bytes > 0).then(|| RefCell::new(WriteBack::new(self.inner.cache_bytes))),
             _v: PhantomData,
         }
     }
@@ -427,6 +436,8 @@ pub struct RocksTable<V> {
     key_buf: RefCell<Vec<u8>>,
     /// A blind write happened: `len` is RocksDB's estimate from then on.
     blind: bool,
+    /// Hot entries, changed in memory and flushed at snapshots and when it is full.
+    cache: Option<RefCell<WriteBack<V>>>,
     _v: PhantomData<V>,
 }
 
@@ -506,6 +517,88 @@ impl<V: StateValue> RocksTable<V> {
         }
     }
 
+    /// [`RocksTable::read`] for the cache: the entry, and its encoded size (0: absent).
+    fn read_entry(&self, k: &[u8]) -> (Cached<V>, usize) {
+        let bytes = match self.backend.db().get_pinned_cf(self.cf(), k) {
+            Ok(b) => b,
+            Err(e) => self.fatal("get", e),
+        };
+        match bytes {
+            None => (Cached::read(None), 0),
+            Some(bytes) => match decode::<(i64, V)>(&bytes, &self.name) {
+                Ok(v) => (Cached::read(Some(v)), bytes.len()),
+                Err(e) => self.fatal("decode", e),
+            },
+        }
+    }
+
+    /// Run `f` on the cached entry of `k`, reading it from RocksDB first if the cache
+    /// does not hold it; then keep the cache within its budget.
+    fn with_cached<R>(&self, cache: &RefCell<WriteBack<V>>, k: &[u8], f: impl FnOnce(&mut Cached<V>) -> R) -> R {
+        let size = std::cell::Cell::new(0);
+        let r = {
+            let mut c = cache.borrow_mut();
+            let r = c.with(
+                k,
+                || {
+                    let (e, n) = self.read_entry(k);
+                    size.set(n);
+                    e
+                },
+                f,
+            );
+            if size.get() > 0 {
+                c.sized(size.get());
+            }
+            r
+        };
+        self.keep_in_budget();
+        r
+    }
+
+    /// Write what the cache changed to RocksDB, in one batch.
+    fn flush(&self) {
+        let Some(cache) = &self.cache else { return };
+        let mut cache = cache.borrow_mut();
+        if !cache.has_dirty() {
+            return;
+        }
+        let cf = self.cf();
+        let mut batch = WriteBatch::default();
+        let written = cache.flush(|op| {
+            match op {
+                Flush::Put(k, v) => batch.put_cf(cf, k, encode(v)?),
+                Flush::Delete(k) => batch.delete_cf(cf, k),
+            }
+            Ok::<_, Error>(())
+        });
+        if let Err(e) = written {
+            self.fatal("encode", e);
+        }
+        if let Err(e) = self.backend.db().write_opt(batch, &self.write) {
+            self.fatal("write the cache", e);
+        }
+    }
+
+    /// Keep the cache within its budget: flush, then drop what was not used lately.
+    fn keep_in_budget(&self) {
+        let over = self.cache.as_ref().is_some_and(|c| c.borrow().over_budget());
+        if over {
+            self.flush();
+            if let Some(cache) = &self.cache {
+                cache.borrow_mut().evict();
+            }
+        }
+    }
+
+    /// Flush and forget the cache, before RocksDB is read or changed behind it.
+    fn flush_and_clear(&self) {
+        self.flush();
+        if let Some(cache) = &self.cache {
+            cache.borrow_mut().clear();
+        }
+    }
+
     fn live(&self, written_ms: i64) -> bool {
         self.ttl_ms
             .is_none_or(|ttl| self.now_ms.saturating_sub(written_ms) <= ttl)
@@ -557,6 +650,13 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     fn get(&self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V> {
         let mut k = self.key_buf.take();
         db_key_into(kg, key, ns, &mut k);
+        if let Some(cache) = &self.cache {
+            let got = self.with_cached(cache, &k, |e| {
+                e.value.as_ref().filter(|(w, _)| self.live(*w)).map(|(_, v)| v.clone())
+            });
+            self.key_buf.replace(k);
+            return got;
+        }
         let read = self.read(&k);
         self.key_buf.replace(k);
         let (written, v) = read?;
@@ -566,6 +666,25 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     fn put(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, value: V) {
         let mut k = self.key_buf.take();
         db_key_into(kg, key, ns, &mut k);
+        if let Some(cache) = &self.cache {
+            let now = self.now_ms;
+            // Not read: whether RocksDB holds the key is unknown, as for a blind write.
+            cache.borrow_mut().with(
+                &k,
+                || Cached {
+                    in_db: true,
+                    ..Cached::read(None)
+                },
+                |e| {
+                    e.value = Some((now, value));
+                    e.dirty = true;
+                },
+            );
+            self.blind = true;
+            self.key_buf.replace(k);
+            self.keep_in_budget();
+            return;
+        }
         // No read, not even of the bloom filters (that cost a third of a write): after
         // a blind write the count is RocksDB's estimate (see `len`).
         self.put_raw(&k, &(self.now_ms, value));
@@ -576,6 +695,26 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R {
         let mut k = self.key_buf.take();
         db_key_into(kg, key, ns, &mut k);
+        if let Some(cache) = &self.cache {
+            let now = self.now_ms;
+            let (r, delta) = self.with_cached(cache, &k, |e| {
+                let existed = e.value.is_some();
+                let mut slot = e.value.take().filter(|(w, _)| self.live(*w)).map(|(_, v)| v);
+                let r = f(&mut slot);
+                let delta: isize = match (existed, slot.is_some()) {
+                    (false, true) => 1,
+                    (true, false) => -1,
+                    _ => 0,
+                };
+                // A look that finds nothing and leaves nothing changes nothing.
+                e.dirty |= existed || slot.is_some();
+                e.value = slot.map(|v| (now, v));
+                (r, delta)
+            });
+            self.len = self.len.saturating_add_signed(delta);
+            self.key_buf.replace(k);
+            return r;
+        }
         let old = self.read(&k);
         let existed = old.is_some();
         let mut slot = old.filter(|(w, _)| self.live(*w)).map(|(_, v)| v);
@@ -596,6 +735,10 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     }
 
     fn remove(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V> {
+        if self.cache.is_some() {
+            // As below: the entry goes, expired or not; only a live value is returned.
+            return self.update(kg, key, ns, Option::take);
+        }
         let k = db_key(kg, key, ns);
         let (written, v) = self.read(&k)?;
         self.delete(&k);
@@ -620,11 +763,14 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.flush_and_clear();
         let dropped = self.drop_unless(&mut keep);
         self.len = self.len.saturating_sub(dropped);
     }
 
     fn snapshot(&mut self) -> SnapshotFn {
+        // What only the cache holds goes into RocksDB before it is snapshotted.
+        self.flush();
         // Expired entries go at compaction (the TTL filter) and read as absent until
         // then: no scan of the whole state at every checkpoint.
         if let Some(snapshot) = self.backend.incremental_snapshot() {
@@ -640,6 +786,7 @@ impl<V: StateValue> KeyedTable<V> for RocksTable<V> {
     }
 
     fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<usize> {
+        self.flush_and_clear();
         let fail = |e: String| Error::State {
             context: format!("restore state `{}`", self.name),
             message: e,
@@ -981,6 +1128,101 @@ pub(crate) mod tests {
         );
     }
 
+    /// The write-back cache under a budget far too small for the keys (evicting and
+    /// flushing all the time) and under one that holds them all: every read, the count,
+    /// and a snapshot taken mid-way (row and incremental, restored into the heap)
+    /// are what the heap backend holds after the same operations.
+    #[test]
+    fn the_write_back_cache_reads_counts_and_snapshots_what_the_heap_does() {
+        for cache_bytes in [2_000, 16 << 20] {
+            for incremental in [false, true] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let options = RocksOptions {
+                    incremental,
+                    cache_bytes,
+                    ..RocksOptions::default()
+                };
+                let b = RocksBackend::open(dir.path(), "op-0", options).expect("open RocksDB");
+                let mut rocks: RocksTable<u64> = b.table("t", StateConfig::default());
+                let mut heap = HeapBackend.table::<u64>("t", StateConfig::default());
+                let shared = Shared::default();
+                let mut snapshot = None;
+                let mut x: u64 = 12345;
+                for step in 0..20_000u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let key = (x % 300).to_be_bytes();
+                    // A key's group follows from the key, as the runtime hashes it.
+                    let kg = (x % 300 % 7) as KeyGroup;
+                    match x % 5 {
+                        0 => assert_eq!(
+                            rocks.remove(kg, &key, Namespace::GLOBAL),
+                            heap.remove(kg, &key, Namespace::GLOBAL)
+                        ),
+                        1 => {
+                            rocks.put(kg, &key, Namespace::GLOBAL, step);
+                            heap.put(kg, &key, Namespace::GLOBAL, step);
+                        }
+                        2 => assert_eq!(
+                            rocks.get(kg, &key, Namespace::GLOBAL),
+                            heap.get(kg, &key, Namespace::GLOBAL)
+                        ),
+                        _ => {
+                            let bump = |slot: &mut Option<u64>| {
+                                *slot = match *slot {
+                                    Some(v) if v % 3 == 0 => None,
+                                    Some(v) => Some(v + 1),
+                                    None => Some(step),
+                                };
+                                slot.is_some()
+                            };
+                            assert_eq!(
+                                rocks.update(kg, &key, Namespace::GLOBAL, bump),
+                                heap.update(kg, &key, Namespace::GLOBAL, bump),
+                                "step {step}, cache {cache_bytes}"
+                            );
+                        }
+                    }
+                    assert_eq!(
+                        rocks.get(kg, &key, Namespace::GLOBAL),
+                        heap.get(kg, &key, Namespace::GLOBAL),
+                        "step {step} op {} cache {cache_bytes}",
+                        x % 5
+                    );
+                    if step == 10_000 {
+                        snapshot = Some((
+                            rocks.snapshot()(&shared).expect("snapshot"),
+                            heap.snapshot()(&shared).expect("snapshot"),
+                        ));
+                    }
+                }
+                let (from_rocks, from_heap) = snapshot.expect("taken");
+                let mut a = HeapBackend.table::<u64>("t", StateConfig::default());
+                let mut h = HeapBackend.table::<u64>("t", StateConfig::default());
+                a.restore(&from_rocks, KeyGroupRange::all(128), &shared)
+                    .expect("restore");
+                h.restore(&from_heap, KeyGroupRange::all(128), &crate::state::NoSharedFiles)
+                    .expect("restore");
+                for k in 0..300u64 {
+                    {
+                        let (key, kg) = (k.to_be_bytes(), (k % 7) as KeyGroup);
+                        assert_eq!(
+                            a.get(kg, &key, Namespace::GLOBAL),
+                            h.get(kg, &key, Namespace::GLOBAL),
+                            "snapshot, cache {cache_bytes}, incremental {incremental}"
+                        );
+                        assert_eq!(
+                            rocks.get(kg, &key, Namespace::GLOBAL),
+                            heap.get(kg, &key, Namespace::GLOBAL)
+                        );
+                    }
+                }
+                assert_eq!(a.len(), h.len());
+            }
+        }
+    }
+
     #[test]
     fn compaction_drops_entries_past_their_ttl_that_nobody_reads() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -996,6 +1238,7 @@ pub(crate) mod tests {
         }
         t.set_time(now);
         t.put(0, b"fresh", Namespace::GLOBAL, 7);
+        t.flush();
         let db = b.db();
         let cf = t.cf().clone();
         db.flush_cf(&cf).expect("flush");

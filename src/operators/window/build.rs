@@ -45,6 +45,7 @@ pub fn build(
                 block_cache_bytes: job.state.block_cache_bytes.unwrap_or(defaults.block_cache_bytes),
                 write_buffer_bytes: job.state.write_buffer_bytes.unwrap_or(defaults.write_buffer_bytes),
                 incremental: job.state.incremental,
+                cache_bytes: job.state.cache_bytes.unwrap_or(defaults.cache_bytes),
             };
             let op = id.clone();
             Arc::new(move |i| super::rocks_operator(spec.clone(), i, stats.clone(), &root, &op, options))
