@@ -658,7 +658,7 @@ pub struct StateSection {
     #[serde(default, deserialize_with = "whole::optional")]
     pub write_buffer_bytes: Option<usize>,
     /// Write-back cache of each RocksDB state's hot entries, bytes (estimated), per state
-    /// and operator subtask (default 16 MiB; `0`: every access reads and writes RocksDB).
+    /// and operator subtask (default 4 MiB; `0`: every access reads and writes RocksDB).
     /// Changes are written to RocksDB in one batch at each checkpoint and whenever the
     /// cache is full.
     #[serde(default, deserialize_with = "whole::optional")]

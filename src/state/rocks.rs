@@ -59,7 +59,7 @@ impl Default for RocksOptions {
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 32 << 20,
             incremental: true,
-            cache_bytes: 16 << 20,
+            cache_bytes: 4 << 20,
         }
     }
 }

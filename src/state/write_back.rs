@@ -45,8 +45,9 @@ pub(crate) enum Flush<'a, V> {
     Delete(&'a [u8]),
 }
 
-/// The cache of one table, within a byte budget (estimated: keys exactly, values by
-/// the running mean of their encoded size, times two for their decoded form).
+/// The cache of one table, within a byte budget (estimated, on the high side: a decoded
+/// value takes several times its compact encoding, in allocations of its own, and a
+/// key is held twice, in the map and in RocksDB's write batch at a flush).
 #[derive(Debug)]
 pub(crate) struct WriteBack<V> {
     entries: HashMap<Vec<u8>, Cached<V>>,
@@ -57,8 +58,12 @@ pub(crate) struct WriteBack<V> {
     value_bytes: usize,
 }
 
-/// Bookkeeping per entry beyond its key and value (hash table slot, struct).
-const OVERHEAD: usize = 64;
+/// Bookkeeping per entry beyond its key and value (hash table slot, the entry, the
+/// allocator's rounding).
+const OVERHEAD: usize = 160;
+/// A decoded value against its encoding (a window's accumulators in vectors of their
+/// own, enums, allocator rounding): estimated at 5–7 for session windows, rounded up.
+const DECODED_PER_ENCODED: usize = 8;
 
 impl<V> WriteBack<V> {
     /// An empty cache of `budget` bytes.
@@ -112,7 +117,7 @@ impl<V> WriteBack<V> {
 
     /// Estimated bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.key_bytes + self.entries.len() * (OVERHEAD + 2 * self.value_bytes)
+        2 * self.key_bytes + self.entries.len() * (OVERHEAD + DECODED_PER_ENCODED * self.value_bytes)
     }
 
     /// Whether the cache holds more than its budget.
