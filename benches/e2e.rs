@@ -452,6 +452,36 @@ async fn bare_redis_sets(n: u64) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Remove the bench's keys under `prefix` from Redis (a million keys left behind made
+/// every `KEYS` of the tests sharing the server time out).
+async fn unlink_prefix(prefix: &str) {
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("UNLINK");
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
 /// Run the job of `toml` until `done`, stop it (final checkpoint); returns `n` per
 /// second of the time until `done`.
 async fn run_until(
@@ -678,14 +708,20 @@ async fn run_job(job: &str, topic: &str, n: u64) -> Option<(f64, u64)> {
                 sluice_into(topic, n, "k2k", &sink).await
             }
         }
-        "sets" => bare_redis_sets(n).await,
+        "sets" => {
+            let rate = bare_redis_sets(n).await;
+            unlink_prefix(&format!("bench-bare-{}", std::process::id())).await;
+            rate
+        }
         "redis" => {
+            let prefix = format!("bench-wal-{}", std::process::id());
             let sink = format!(
-                "[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\ntable = \"bench-wal-{}\"\n\
-                 strategy = \"wal\"\nparallelism = 2",
-                std::process::id()
+                "[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\ntable = \"{prefix}\"\n\
+                 strategy = \"wal\"\nparallelism = 2"
             );
-            sluice_into(topic, n, "redis", &sink).await
+            let rate = sluice_into(topic, n, "redis", &sink).await;
+            unlink_prefix(&prefix).await;
+            rate
         }
         "mariadb-bare" => bare_mysql_insert(&my().await, topic, n).await,
         "mariadb-idempotent" => sluice_mysql(&my().await, topic, n, "idempotent").await,

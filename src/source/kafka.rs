@@ -371,21 +371,27 @@ impl KafkaSource {
         let now_ms = crate::time::wall_clock_ms();
         let now = Instant::now();
         let deadline = now + LINGER;
-        let (mut wait, mut polled_n) = (LINGER, 0u32);
+        let mut since_clock = 0u32;
         while batch.len() < self.batch_size {
-            // The clock is read every 64 messages, not per message: at these rates the
-            // reads cost more than a message's own work. `wait` may be a little stale;
-            // it only bounds how long an empty queue is waited on.
-            polled_n = polled_n.wrapping_add(1);
-            if polled_n % 64 == 0 {
-                let t = Instant::now();
-                if t >= deadline {
+            // The clock is read when the queue is empty (a wait follows anyway) and
+            // every 64 messages, not twice per message: at a backlog's rates the reads
+            // cost more than a message's own work. A wait never outlasts the deadline.
+            since_clock += 1;
+            if since_clock >= 64 {
+                since_clock = 0;
+                if Instant::now() >= deadline {
                     break;
                 }
-                wait = deadline - t;
             }
-            let Some(polled) = run.consumer.poll(wait) else {
-                break;
+            let polled = match run.consumer.poll(Duration::ZERO) {
+                Some(polled) => polled,
+                None => {
+                    let t = Instant::now();
+                    let Some(polled) = (t < deadline).then(|| run.consumer.poll(deadline - t)).flatten() else {
+                        break;
+                    };
+                    polled
+                }
             };
             match polled {
                 Ok(msg) => {
