@@ -85,26 +85,39 @@ pub(super) async fn copy_in(
     conn.execute("SAVEPOINT sluice_copy")
         .await
         .map_err(Error::db("savepoint"))?;
-    let mut copy = conn.copy_in_raw(sql).await.map_err(Error::db("begin COPY"))?;
-    for chunk in text.as_bytes().chunks(1 << 20) {
-        // A failed send leaves the connection unusable; the transaction fails with it.
-        copy.send(chunk).await.map_err(Error::db("COPY"))?;
-    }
-    match copy.finish().await {
+    // A failed send leaves the connection unusable; the transaction fails with it.
+    let copied = copy_text(conn, sql, &text).await;
+    settle(
+        conn,
+        copied,
+        "RELEASE SAVEPOINT sluice_copy",
+        "ROLLBACK TO SAVEPOINT sluice_copy",
+        "COPY",
+    )
+    .await
+}
+
+/// End an attempt at writing by COPY: `keep` runs when it worked; where Postgres refused
+/// a row, `undo` runs and the answer is `Ok(None)`, for the row-aware path to take over;
+/// any other failure (the connection) is an error.
+async fn settle(
+    conn: &mut PgConnection,
+    attempt: Result<u64, sqlx::Error>,
+    keep: &str,
+    undo: &str,
+    what: &'static str,
+) -> Result<Option<u64>> {
+    match attempt {
         Ok(rows) => {
-            conn.execute("RELEASE SAVEPOINT sluice_copy")
-                .await
-                .map_err(Error::db("release savepoint"))?;
+            conn.execute(keep).await.map_err(Error::db(format!("{what}: {keep}")))?;
             Ok(Some(rows))
         }
         Err(sqlx::Error::Database(e)) => {
-            tracing::debug!(error = %e, "COPY refused a row; the epoch goes through INSERT");
-            conn.execute("ROLLBACK TO SAVEPOINT sluice_copy")
-                .await
-                .map_err(Error::db("roll back to savepoint"))?;
+            tracing::debug!(error = %e, "{what} was refused; the rows go through the row-aware path");
+            conn.execute(undo).await.map_err(Error::db(format!("{what}: {undo}")))?;
             Ok(None)
         }
-        Err(e) => Err(Error::db("COPY")(e)),
+        Err(e) => Err(Error::db(what)(e)),
     }
 }
 
@@ -209,22 +222,7 @@ pub(super) async fn upsert_staged(
         Err(None) => upsert_from_stage(conn, staging, &text).await,
         Err(Some(e)) => Err(e),
     };
-    match done {
-        Ok(rows) => {
-            conn.execute("COMMIT")
-                .await
-                .map_err(Error::db("commit a staged upsert"))?;
-            Ok(Some(rows))
-        }
-        Err(sqlx::Error::Database(e)) => {
-            tracing::debug!(error = %e, "the staged upsert was refused; the batch goes through unnest");
-            conn.execute("ROLLBACK")
-                .await
-                .map_err(Error::db("roll back a staged upsert"))?;
-            Ok(None)
-        }
-        Err(e) => Err(Error::db("staged upsert")(e)),
-    }
+    settle(conn, done, "COMMIT", "ROLLBACK", "staged upsert").await
 }
 
 /// The plain insert of step 1. `Err(None)`: a key was there already (rolled back to the
