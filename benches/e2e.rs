@@ -498,6 +498,7 @@ async fn run_until(
     let started = Instant::now();
     let job = tokio::spawn(sluice::app::run(cfg, rx, stats.clone()));
     let mut first = None;
+    let (trace, mut last_trace) = (std::env::var_os("SLUICE_BENCH_TRACE").is_some(), Instant::now());
     while !done(&stats) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(!job.is_finished(), "the job stopped early");
@@ -510,6 +511,17 @@ async fn run_until(
         );
         if first.is_none() && stats.records_in.load(Ordering::Relaxed) > 0 {
             first = Some(started.elapsed());
+        }
+        // SLUICE_BENCH_TRACE=1: what the job has read and written, every half second.
+        if trace && last_trace.elapsed() >= Duration::from_millis(500) {
+            last_trace = Instant::now();
+            eprintln!(
+                "  {:>5.1} s: read {:>8}, written {:>8}, windows fired {:>8}",
+                started.elapsed().as_secs_f64(),
+                stats.records_in.load(Ordering::Relaxed),
+                stats.rows_written.load(Ordering::Relaxed),
+                stats.windows_fired.load(Ordering::Relaxed)
+            );
         }
     }
     eprintln!(
