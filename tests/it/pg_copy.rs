@@ -265,3 +265,79 @@ async fn staged_against_unnest(pool: &sqlx::PgPool, with_time: bool) {
     let total = count(&pool, &format!("SELECT count(*) FROM {s}.by_stage")).await;
     assert_eq!(total, first.len() as i64 + 1);
 }
+
+/// A sink role that may not create temporary tables (no TEMPORARY privilege on the
+/// database) still upserts: the staging table is given up with a warning and every
+/// batch goes through `unnest`, as before staging existed; nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upserts_without_the_temporary_privilege_go_the_unnest_way() {
+    let pool = pg().await;
+    // A database of its own: taking TEMPORARY from PUBLIC on the shared one would
+    // change what every test running beside this one may do.
+    let db = unique("notemp");
+    let role = format!("{db}_role");
+    for sql in [
+        format!("CREATE DATABASE {db}"),
+        format!("REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC"),
+        format!("CREATE ROLE {role} LOGIN"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect(&sql);
+    }
+    let admin_url = format!("{}/{db}", pg_url().rsplit_once('/').expect("a database in the URL").0);
+    let admin = sqlx::PgPool::connect(&admin_url)
+        .await
+        .expect("connect to the new database");
+    for sql in [
+        "CREATE TABLE t (topic text, partition int, \"offset\" bigint, PRIMARY KEY (topic, partition, \"offset\"))"
+            .to_string(),
+        format!("GRANT SELECT, INSERT, UPDATE ON t TO {role}"),
+    ] {
+        sqlx::query(&sql).execute(&admin).await.expect(&sql);
+    }
+    let url = admin_url.replacen("postgres@", &format!("{role}@"), 1);
+    let restricted = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect as the restricted role");
+    let col = |name: &str, source| Column {
+        name: name.into(),
+        source,
+        value_type: if name == "topic" {
+            ValueType::Text
+        } else {
+            ValueType::Int8
+        },
+    };
+    let spec = TableSpec {
+        table: "t".into(),
+        columns: vec![
+            col("topic", ValueSource::Topic),
+            col("partition", ValueSource::Partition),
+            col("offset", ValueSource::Offset),
+        ],
+        key: vec![0, 1, 2],
+        dead_letter_table: None,
+        key_is_origin: true,
+        changelog: false,
+        route: None,
+        message: MessageSpec::default(),
+    };
+    let table = PgTable::open(&restricted, spec, true, 3).await.expect("open");
+    let records = records();
+    let rows: Vec<&Record> = records.iter().collect();
+    let mut conn = restricted.acquire().await.expect("conn");
+    let staged = table.upsert_staged(&mut conn, &rows).await.expect("no error");
+    assert_eq!(staged, None, "staging needs TEMPORARY");
+    let (_, rejected) = table.write(&mut conn, &rows, true, false).await.expect("upsert");
+    assert!(rejected.is_empty());
+    let again = table.upsert_staged(&mut conn, &rows).await.expect("no error");
+    assert_eq!(again, None, "given up for the table's life, without asking again");
+    assert_eq!(count(&admin, "SELECT count(*) FROM t").await, records.len() as i64);
+    drop(conn);
+    restricted.close().await;
+    admin.close().await;
+    for sql in [format!("DROP DATABASE {db} WITH (FORCE)"), format!("DROP ROLE {role}")] {
+        let _ = sqlx::query(&sql).execute(&pool).await;
+    }
+}

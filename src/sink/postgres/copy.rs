@@ -149,6 +149,8 @@ pub(super) struct Staging {
     direct: Option<String>,
     /// Batches that go straight to the upsert (after a conflict).
     skip_optimistic: std::sync::atomic::AtomicU32,
+    /// The role may not create temporary tables: every batch goes the `unnest` way.
+    unavailable: std::sync::atomic::AtomicBool,
 }
 
 /// Batches that skip the optimistic insert after one met a key already there.
@@ -182,6 +184,7 @@ impl Staging {
             upsert: upsert_from(&format!("pg_temp.{name} AS u")),
             direct,
             skip_optimistic: std::sync::atomic::AtomicU32::new(0),
+            unavailable: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -207,9 +210,29 @@ pub(super) async fn upsert_staged(
     for r in records {
         encode_row(columns, r, &mut text);
     }
-    conn.execute(format!("BEGIN; {}", staging.create).as_str())
+    if staging.unavailable.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    conn.execute("BEGIN")
         .await
         .map_err(Error::db("begin a staged upsert"))?;
+    match conn.execute(staging.create.as_str()).await {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) => {
+            // A role without the TEMPORARY privilege on the database: upserts go the
+            // row-aware way, as they did before staging, rather than fail the job.
+            tracing::warn!(
+                error = %e,
+                "cannot create the temporary staging table for upserts (GRANT TEMPORARY ON DATABASE …                  to the sink's role makes upserts faster); writing with unnest instead"
+            );
+            staging.unavailable.store(true, Ordering::Relaxed);
+            conn.execute("ROLLBACK")
+                .await
+                .map_err(Error::db("roll back a staged upsert"))?;
+            return Ok(None);
+        }
+        Err(e) => return Err(Error::db("create the staging table")(e)),
+    }
     let skip = staging.skip_optimistic.load(Ordering::Relaxed);
     let optimistic = if skip > 0 {
         staging.skip_optimistic.store(skip - 1, Ordering::Relaxed);
