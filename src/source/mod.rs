@@ -63,21 +63,69 @@ pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
     // `queued.min.messages`; its default (1 s) left a job reading a backlog idle half
     // the time, at half the rate of the same consumer with a short pause.
     c.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+    let user = flatten_properties_of(cfg);
     if cfg.job.buffer_memory_bytes > 0 {
         // Each source subtask has its own consumer: the budget is divided over them.
         let share = cfg.job.buffer_memory_bytes / u64::from(cfg.source.parallelism.max(1));
         // A fetch response lands in the queue whole, so a quarter of the share per fetch
         // keeps the queue within it; librdkafka refuses a fetch limit below the largest
         // message it sends (`message.max.bytes`, 1,000,000 by default).
-        let fetch = (share / 4).clamp(1 << 20, 50 << 20);
+        let largest = user
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(1_000_000);
+        let fetch = (share / 4).clamp(1 << 20, 50 << 20).max(largest);
         let queued_kb = (share.saturating_sub(fetch) / 1024).max(1024);
         c.set("queued.max.messages.kbytes", queued_kb.to_string())
             .set("fetch.max.bytes", fetch.to_string());
     }
-    for (k, v) in flatten_properties_of(cfg) {
+    for (k, v) in user {
         c.set(k, v);
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> JobConfig {
+        let toml = format!(
+            "[job]\nname = \"t\"\n{extra}\n[source]\nbootstrap_servers = \"embedded\"\ntopics = [\"in\"]\n\
+             parallelism = 2\n[sink]\nkind = \"sqlite\"\nurl = \"sqlite::memory:\"\ntable = \"t\"\nstrategy = \"idempotent\"\n"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, toml).expect("write");
+        crate::config::load(&path).expect("config")
+    }
+
+    #[test]
+    fn the_budget_sets_the_queue_limits_and_a_consumer_can_be_made() {
+        let c = consumer_config(&config(""), "127.0.0.1:1");
+        // 64 MiB over two subtasks: a quarter of each share per fetch, the rest queued.
+        assert_eq!(c.get("fetch.max.bytes"), Some("8388608"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("24576"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some(FETCH_QUEUE_BACKOFF_MS));
+        let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
+        assert!(made.is_ok(), "librdkafka refused the settings");
+        let unbounded = consumer_config(&config("buffer_memory_bytes = 0"), "127.0.0.1:1");
+        assert_eq!(unbounded.get("fetch.max.bytes"), None, "librdkafka's own limits");
+    }
+
+    #[test]
+    fn a_users_larger_messages_raise_the_fetch_limit_so_librdkafka_accepts_it() {
+        let mut cfg = config("buffer_memory_bytes = 4194304");
+        cfg.source.properties.0.insert(
+            "message.max.bytes".into(),
+            crate::config::PropertyValue::Int(20_000_000),
+        );
+        let c = consumer_config(&cfg, "127.0.0.1:1");
+        assert_eq!(c.get("fetch.max.bytes"), Some("20000000"));
+        let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
+        assert!(made.is_ok(), "librdkafka refused the settings: {:?}", made.err());
+    }
 }
 
 /// librdkafka settings for producers on the source's cluster (dead letters).
