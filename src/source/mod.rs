@@ -86,48 +86,6 @@ pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
     c
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(extra: &str) -> JobConfig {
-        let toml = format!(
-            "[job]\nname = \"t\"\n{extra}\n[source]\nbootstrap_servers = \"embedded\"\ntopics = [\"in\"]\n\
-             parallelism = 2\n[sink]\nkind = \"sqlite\"\nurl = \"sqlite::memory:\"\ntable = \"t\"\nstrategy = \"idempotent\"\n"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("job.toml");
-        std::fs::write(&path, toml).expect("write");
-        crate::config::load(&path).expect("config")
-    }
-
-    #[test]
-    fn the_budget_sets_the_queue_limits_and_a_consumer_can_be_made() {
-        let c = consumer_config(&config(""), "127.0.0.1:1");
-        // 64 MiB over two subtasks: a quarter of each share per fetch, the rest queued.
-        assert_eq!(c.get("fetch.max.bytes"), Some("8388608"));
-        assert_eq!(c.get("queued.max.messages.kbytes"), Some("24576"));
-        assert_eq!(c.get("fetch.queue.backoff.ms"), Some(FETCH_QUEUE_BACKOFF_MS));
-        let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
-        assert!(made.is_ok(), "librdkafka refused the settings");
-        let unbounded = consumer_config(&config("buffer_memory_bytes = 0"), "127.0.0.1:1");
-        assert_eq!(unbounded.get("fetch.max.bytes"), None, "librdkafka's own limits");
-    }
-
-    #[test]
-    fn a_users_larger_messages_raise_the_fetch_limit_so_librdkafka_accepts_it() {
-        let mut cfg = config("buffer_memory_bytes = 4194304");
-        cfg.source.properties.0.insert(
-            "message.max.bytes".into(),
-            crate::config::PropertyValue::Int(20_000_000),
-        );
-        let c = consumer_config(&cfg, "127.0.0.1:1");
-        assert_eq!(c.get("fetch.max.bytes"), Some("20000000"));
-        let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
-        assert!(made.is_ok(), "librdkafka refused the settings: {:?}", made.err());
-    }
-}
-
 /// librdkafka settings for producers on the source's cluster (dead letters).
 pub fn producer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -219,4 +177,46 @@ pub fn committed_group_offsets(cfg: &JobConfig, bootstrap: &str) -> crate::Resul
             _ => None,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> JobConfig {
+        let toml = format!(
+            "[job]\nname = \"t\"\n{extra}\n[source]\nbootstrap_servers = \"embedded\"\ntopics = [\"in\"]\n\
+             parallelism = 2\n[sink]\nkind = \"sqlite\"\nurl = \"sqlite::memory:\"\ntable = \"t\"\nstrategy = \"idempotent\"\n"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, toml).expect("write");
+        crate::config::load(&path).expect("config")
+    }
+
+    #[test]
+    fn the_budget_sets_the_queue_limits_and_a_consumer_can_be_made() {
+        let c = consumer_config(&config(""), "127.0.0.1:1");
+        // 64 MiB over two subtasks: a quarter of each share per fetch, the rest queued.
+        assert_eq!(c.get("fetch.max.bytes"), Some("8388608"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("24576"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some(FETCH_QUEUE_BACKOFF_MS));
+        let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
+        assert!(made.is_ok(), "librdkafka refused the settings");
+        let unbounded = consumer_config(&config("buffer_memory_bytes = 0"), "127.0.0.1:1");
+        assert_eq!(unbounded.get("fetch.max.bytes"), None, "librdkafka's own limits");
+    }
+
+    #[test]
+    fn a_users_larger_messages_raise_the_fetch_limit_so_librdkafka_accepts_it() {
+        let mut cfg = config("buffer_memory_bytes = 4194304");
+        cfg.source.properties.0.insert(
+            "message.max.bytes".into(),
+            crate::config::PropertyValue::Int(20_000_000),
+        );
+        let c = consumer_config(&cfg, "127.0.0.1:1");
+        assert_eq!(c.get("fetch.max.bytes"), Some("20000000"));
+        let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
+        assert!(made.is_ok(), "librdkafka refused the settings: {:?}", made.err());
+    }
 }
