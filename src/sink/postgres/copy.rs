@@ -78,10 +78,7 @@ pub(super) async fn copy_in(
     columns: &[Column],
     records: &[&Record],
 ) -> Result<Option<u64>> {
-    let mut text = String::with_capacity(records.len() * 64);
-    for r in records {
-        encode_row(columns, r, &mut text);
-    }
+    let text = encode_rows(columns, records);
     conn.execute("SAVEPOINT sluice_copy")
         .await
         .map_err(Error::db("savepoint"))?;
@@ -206,13 +203,10 @@ pub(super) async fn upsert_staged(
     records: &[&Record],
 ) -> Result<Option<u64>> {
     use std::sync::atomic::Ordering;
-    let mut text = String::with_capacity(records.len() * 64);
-    for r in records {
-        encode_row(columns, r, &mut text);
-    }
     if staging.unavailable.load(Ordering::Relaxed) {
         return Ok(None);
     }
+    let text = encode_rows(columns, records);
     conn.execute("BEGIN")
         .await
         .map_err(Error::db("begin a staged upsert"))?;
@@ -294,6 +288,15 @@ async fn copy_text(conn: &mut PgConnection, sql: &str, text: &str) -> Result<u64
         copy.send(chunk).await?;
     }
     copy.finish().await
+}
+
+/// Rows in COPY's text format.
+fn encode_rows(columns: &[Column], records: &[&Record]) -> String {
+    let mut text = String::with_capacity(records.len() * 64);
+    for r in records {
+        encode_row(columns, r, &mut text);
+    }
+    text
 }
 
 /// One row in COPY's text format: tab-separated, `\N` for NULL, values escaped.
