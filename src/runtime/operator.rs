@@ -14,6 +14,14 @@
 //! collect every result in memory before the first one moved on. The runtime emits each
 //! slice, back-pressured like any output, before it asks for the next
 //! ([`Chain::pending`], [`Chain::resume`]).
+//!
+//! An operator that says so ([`Operator::interruptible_timers`]) takes records and
+//! barriers between those slices (Flink's interruptible timers): a checkpoint then waits
+//! for one slice, not for a million windows, and reading goes on while they fire. Such
+//! an operator sees [`Context::firing`] and fires a key's due timers before it changes
+//! that key's state, so every key sees what it would have seen had the firing ended
+//! first; only the order of results across keys differs. A snapshot taken mid-firing
+//! holds the watermark whose timers still fire, and a restore resumes the firing.
 
 use std::collections::BTreeMap;
 
@@ -136,6 +144,12 @@ pub struct Context<'a> {
     pub timers: &'a mut TimerService,
     /// The operator's current watermark (event time up to which input is complete).
     pub watermark: i64,
+    /// Event-time timers up to `watermark` are still being fired, a slice at a time: a
+    /// key's due timers may not have fired yet. Only an operator whose
+    /// [`Operator::interruptible_timers`] is true is called with records meanwhile; it
+    /// fires the key's due timers (found with `timers.remove_event`) before it changes
+    /// the key's state.
+    pub firing: bool,
     /// Processing time now, epoch ms.
     pub processing_time: i64,
     /// Which subtask this is.
@@ -197,6 +211,12 @@ pub trait Operator: Send + 'static {
         Ok(Vec::new())
     }
 
+    /// Whether records may reach this operator while the timers of a watermark are still
+    /// being fired (see [`Context::firing`] for what that asks of it).
+    fn interruptible_timers(&self) -> bool {
+        false
+    }
+
     /// Where this operator's timers are to be kept, if not on the heap (an operator
     /// with state in RocksDB keeps them there too). Asked once, when it is chained.
     fn timer_queue(&mut self) -> Option<Box<dyn crate::time::timers::TimerQueue>> {
@@ -232,6 +252,8 @@ pub struct Chained {
     /// Event-time timers up to `watermark` are still being fired; the watermark moves on
     /// when they are done.
     firing: bool,
+    /// What [`Operator::interruptible_timers`] said when it was chained.
+    interruptible: bool,
     out: Output,
 }
 
@@ -293,6 +315,10 @@ pub fn decode_parts(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Vec<u8>
 }
 
 const TIMERS: &str = "timers";
+/// The watermark whose timers were still firing at the snapshot.
+const FIRING: &str = "firing";
+/// Timers held back at the snapshot (see [`TimerService::hold`]).
+const HELD: &str = "held timers";
 
 /// Timers one operator fires before its output moves on.
 pub const FIRE_PER_STEP: usize = 512;
@@ -301,12 +327,14 @@ impl Chain {
     /// Append an operator to the chain.
     pub fn push(&mut self, info: SubtaskInfo, mut op: Box<dyn Operator>) {
         let timers = op.timer_queue().map(TimerService::new).unwrap_or_default();
+        let interruptible = op.interruptible_timers();
         self.ops.push(Chained {
             info,
             op,
             timers,
             watermark: MIN_WATERMARK,
             firing: false,
+            interruptible,
             out: Output::default(),
         });
     }
@@ -335,10 +363,13 @@ impl Chain {
     /// Run an element into the chain; a watermark fires at most [`FIRE_PER_STEP`]
     /// timers per operator, and the rest wait for [`Chain::resume`]. What comes out of
     /// the last operator is appended to `out`. Work still pending from an earlier
-    /// element is finished first: order is never given up.
+    /// element is finished first, unless every operator with timers pending takes
+    /// elements between slices ([`Chain::interruptible`]).
     pub fn feed(&mut self, input: Emit, now_ms: i64, out: &mut Vec<Emit>) -> Result<()> {
-        while self.pending() {
-            self.resume(now_ms, out)?;
+        if !self.interruptible() {
+            while self.pending() {
+                self.resume(now_ms, out)?;
+            }
         }
         self.run_from(0, vec![input], now_ms, out)
     }
@@ -346,6 +377,12 @@ impl Chain {
     /// Whether an operator has timers of its watermark still to fire.
     pub fn pending(&self) -> bool {
         self.ops.iter().any(|c| c.firing)
+    }
+
+    /// Whether every operator with timers pending takes records, watermarks and
+    /// barriers between its slices (true when none is pending).
+    pub fn interruptible(&self) -> bool {
+        self.ops.iter().filter(|c| c.firing).all(|c| c.interruptible)
     }
 
     /// Fire the next slice of the first operator with timers pending and run its output
@@ -365,8 +402,9 @@ impl Chain {
             while let Some(item) = items_in.next() {
                 c.handle(item, now_ms)?;
                 // A watermark is the last of what an operator emits at once, so this
-                // is only for safety: what follows it must not overtake its timers.
-                while c.firing && items_in.peek().is_some() {
+                // is only for safety: what follows it must not overtake its timers
+                // (unless the operator takes it between slices).
+                while c.firing && !c.interruptible && items_in.peek().is_some() {
                     c.fire_event_timers(now_ms)?;
                 }
             }
@@ -427,6 +465,14 @@ impl Chain {
             if !c.timers.is_empty() {
                 parts.push((TIMERS.to_string(), c.timers.snapshot()));
             }
+            if c.firing {
+                let w = c.watermark;
+                parts.push((FIRING.to_string(), Box::new(move |_| encode(&w))));
+            }
+            if !c.timers.held().is_empty() {
+                let held = c.timers.held().to_vec();
+                parts.push((HELD.to_string(), Box::new(move |_| encode(&held))));
+            }
             all.push(PendingSnapshot {
                 info: c.info.clone(),
                 parts,
@@ -446,6 +492,17 @@ impl Chain {
         };
         for bytes in state.parts(TIMERS) {
             c.timers.restore(bytes, c.info.key_groups, shared)?;
+        }
+        // Every subtask had the same watermark at the barrier (each input's watermarks
+        // reach every subtask before its barrier does), so the files agree.
+        for bytes in state.parts(FIRING) {
+            let w: i64 = decode(bytes, "firing watermark")?;
+            c.watermark = c.watermark.max(w);
+            c.firing = true;
+        }
+        for bytes in state.parts(HELD) {
+            let held: Vec<Timer> = decode(bytes, "held timers")?;
+            c.timers.restore_held(held, c.info.key_groups);
         }
         c.op.restore(&state)
     }
@@ -474,6 +531,7 @@ impl Chained {
             out: &mut self.out,
             timers: &mut self.timers,
             watermark,
+            firing: self.firing,
             processing_time: now_ms,
             info: &self.info,
         };
@@ -484,14 +542,29 @@ impl Chained {
         match item {
             Emit::Batch(batch) => {
                 let wm = self.watermark;
-                self.call(wm, now_ms, |op, ctx| op.process_batch(batch, ctx))
+                let hold = self.firing && self.interruptible;
+                if hold {
+                    self.timers.hold(Some(wm));
+                }
+                let r = self.call(wm, now_ms, |op, ctx| op.process_batch(batch, ctx));
+                if hold {
+                    self.timers.hold(None);
+                }
+                r
             }
             Emit::Watermark(w) if w <= self.watermark => {
-                // Not an advance: an input saying it is active again. Pass it on.
-                self.out.watermark(self.watermark);
+                // Not an advance: an input saying it is active again. Pass it on,
+                // unless the timers of the current one are still firing: it goes out
+                // after them.
+                if !self.firing {
+                    self.out.watermark(self.watermark);
+                }
                 Ok(())
             }
             Emit::Watermark(w) => {
+                // Timers held back during this firing belong to the next watermark's:
+                // this one.
+                self.timers.release_held();
                 self.watermark = w;
                 self.fire_event_timers(now_ms)
             }
@@ -505,6 +578,7 @@ impl Chained {
         for _ in 0..FIRE_PER_STEP {
             let Some(t) = self.timers.pop_event(w) else {
                 self.firing = false;
+                self.timers.release_held();
                 self.call(w, now_ms, |op, ctx| op.on_watermark(w, ctx))?;
                 self.out.watermark(w);
                 return Ok(());

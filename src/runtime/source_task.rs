@@ -131,16 +131,8 @@ fn drive<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result
         if io.cancel.load(Ordering::Relaxed) {
             return Ok(());
         }
-        while let Ok(barrier) = io.triggers.try_recv() {
-            chain.before_barrier(barrier.id, io.clock.now_ms(), &mut out)?;
-            emit(&mut io, &mut out)?;
-            checkpoint(&mut source, &mut chain, &io, barrier)?;
-            if barrier.is_final {
-                send_all(&io, &StreamElement::EndOfStream)?;
-                source.on_stop(barrier.id);
-                chain.close()?;
-                return Ok(());
-            }
+        if barriers(&mut source, &mut chain, &mut io, &mut out)? {
+            return Ok(());
         }
         if io.completed.has_changed().unwrap_or(false) {
             let done = *io.completed.borrow_and_update();
@@ -163,9 +155,13 @@ fn drive<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result
                 SourceTime::Watermark(w) => {
                     watermark = w;
                     chain.feed(Emit::Watermark(w), now, &mut out)?;
-                    // Timers beyond the first slice go out slice by slice.
+                    // Timers beyond the first slice go out slice by slice, and a barrier
+                    // passes between two of them if the chain allows.
                     while chain.pending() {
                         emit(&mut io, &mut out)?;
+                        if chain.interruptible() && barriers(&mut source, &mut chain, &mut io, &mut out)? {
+                            return Ok(());
+                        }
                         chain.resume(now, &mut out)?;
                     }
                 }
@@ -191,6 +187,29 @@ fn drive<S: Source>(mut source: S, mut chain: Chain, mut io: SourceIo) -> Result
             last_report = Instant::now();
         }
     }
+}
+
+/// Take the barriers the coordinator has asked for; true after the final one (the
+/// subtask is done). A stop's barrier comes after every timer pending has fired.
+fn barriers<S: Source>(source: &mut S, chain: &mut Chain, io: &mut SourceIo, out: &mut Vec<Emit>) -> Result<bool> {
+    while let Ok(barrier) = io.triggers.try_recv() {
+        if barrier.is_final {
+            while chain.pending() {
+                chain.resume(io.clock.now_ms(), out)?;
+                emit(io, out)?;
+            }
+        }
+        chain.before_barrier(barrier.id, io.clock.now_ms(), out)?;
+        emit(io, out)?;
+        checkpoint(source, chain, io, barrier)?;
+        if barrier.is_final {
+            send_all(io, &StreamElement::EndOfStream)?;
+            source.on_stop(barrier.id);
+            chain.close()?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn index_of(name: &str) -> usize {

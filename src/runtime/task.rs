@@ -229,6 +229,9 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
         .infos()
         .map(|i| (i.task_name(), i.operator.clone(), i.index, None))
         .collect();
+    // While timers fire in slices, a slice and an input element take turns.
+    let mut slice_next = false;
+    let mut last_yield = std::time::Instant::now();
     let report_every = Duration::from_secs(1);
     let mut report = tokio::time::interval(report_every);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,6 +249,7 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                     return Ok(());
                 }
                 Some(f) if *io.completed.borrow() >= f => {
+                    drain(&mut chain, &mut tail, &io, &mut out).await?;
                     tail.commit(f).await?;
                     tail.finish().await?;
                     chain.close()?;
@@ -254,6 +258,21 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                 Some(_) => {}
             }
         }
+        // A subtask with input always waiting (a backlog) would otherwise keep its
+        // worker thread for as long as tokio's budget lasts, and the sinks and the
+        // coordinator on the same threads would wait: barriers late, checkpoints
+        // timed out.
+        if last_yield.elapsed() >= YIELD_EVERY {
+            tokio::task::yield_now().await;
+            last_yield = std::time::Instant::now();
+        }
+        if chain.pending() && std::mem::replace(&mut slice_next, false) {
+            chain.resume(io.clock.now_ms(), &mut out)?;
+            tail.emit(&mut out).await?;
+            continue;
+        }
+        slice_next = true;
+        let firing = chain.pending();
         // A sink's buffer flushes when its first record has waited the flush interval,
         // not at the next once-a-second tick after that.
         let flush_due = tail.due();
@@ -363,6 +382,10 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                     }
                 };
                 if let Some(b) = aligned {
+                    if b.is_final {
+                        // A stop's checkpoint comes after every window its watermark closed.
+                        drain(&mut chain, &mut tail, &io, &mut out).await?;
+                    }
                     checkpoint(&mut chain, &mut tail, &io, b).await?;
                     io.gate.unblock_all();
                     if b.is_final {
@@ -371,8 +394,17 @@ async fn drive<T: Tail>(mut chain: Chain, mut tail: T, mut io: TaskIo) -> Result
                 }
                 if aligner.all_ended() && !inputs_done {
                     inputs_done = true;
+                    drain(&mut chain, &mut tail, &io, &mut out).await?;
                     tail.end_of_stream().await?;
                 }
+            }
+            // Nothing else to do: the next slice, after a yield. The gate may only
+            // look empty because this task used up tokio's cooperative budget (the
+            // slices' sends spend it without ever waiting); a yield renews it, or
+            // input would starve until the firing ended.
+            _ = std::future::ready(()), if firing => {
+                slice_next = true;
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -396,14 +428,31 @@ async fn advance<T: Tail>(
     }
 }
 
+/// How long a subtask works before it lets the others on its worker thread run.
+const YIELD_EVERY: Duration = Duration::from_millis(5);
+
 /// Run `input` through the chain into the tail. The timers a watermark fires go out in
 /// slices, each emitted (and so held back by a slow downstream) before the next fires:
-/// memory holds one slice of results, however many windows the watermark closes.
+/// memory holds one slice of results, however many windows the watermark closes. When
+/// the chain takes input between slices, the driver's loop fires the rest, taking turns
+/// with input and barriers; otherwise they all go out here.
 async fn run<T: Tail>(chain: &mut Chain, tail: &mut T, input: Emit, now: i64, out: &mut Vec<Emit>) -> Result<()> {
     chain.feed(input, now, out)?;
     tail.emit(out).await?;
+    if !chain.interruptible() {
+        while chain.pending() {
+            chain.resume(now, out)?;
+            tail.emit(out).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Fire every timer still pending, slice by slice (before the end of input or a stop's
+/// checkpoint, which must follow them).
+async fn drain<T: Tail>(chain: &mut Chain, tail: &mut T, io: &TaskIo, out: &mut Vec<Emit>) -> Result<()> {
     while chain.pending() {
-        chain.resume(now, out)?;
+        chain.resume(io.clock.now_ms(), out)?;
         tail.emit(out).await?;
     }
     Ok(())
@@ -421,15 +470,18 @@ async fn checkpoint<T: Tail>(chain: &mut Chain, tail: &mut T, io: &TaskIo, b: Ba
         decline(io, b.id, &io.name, &e);
         return Err(e);
     }
-    let snapshots = match chain.snapshot(b.id) {
-        Ok(s) => s,
+    // The barrier goes on first: downstream aligns and snapshots while this subtask
+    // takes its own copy (a RocksDB checkpoint flushes its memtables). Nothing is
+    // processed between the two, so both are of the same point.
+    let own = match tail.barrier(b).await {
+        Ok(own) => own,
         Err(e) => {
             decline(io, b.id, &io.name, &e);
             return Err(e);
         }
     };
-    let own = match tail.barrier(b).await {
-        Ok(own) => own,
+    let snapshots = match chain.snapshot(b.id) {
+        Ok(s) => s,
         Err(e) => {
             decline(io, b.id, &io.name, &e);
             return Err(e);

@@ -204,6 +204,29 @@ impl TimerQueue for RocksTimers {
         Some(t)
     }
 
+    fn remove(&mut self, d: TimeDomain, t: TimerRef<'_>) -> bool {
+        let i = usize::from(domain_byte(d));
+        let mut k = std::mem::take(&mut self.scratch);
+        timer_key(d, t, &mut k);
+        let there = match self.backend.db().get_pinned_cf(&self.cf, &k) {
+            Ok(v) => v.is_some(),
+            Err(e) => Self::fatal("get", e),
+        };
+        if there {
+            if let Err(e) = self.backend.db().delete_cf_opt(&self.cf, &k, &self.write) {
+                Self::fatal("delete", e);
+            }
+            let slot = self.recent_slot(&k);
+            if self.recent[slot].as_deref() == Some(k.as_slice()) {
+                self.recent[slot] = None;
+            }
+            // It may have been the earliest: found again on the next ask.
+            self.next[i] = None;
+        }
+        self.scratch = k;
+        there
+    }
+
     fn next_time(&mut self, d: TimeDomain) -> Option<i64> {
         let i = usize::from(domain_byte(d));
         if let Some(n) = self.next[i] {

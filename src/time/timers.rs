@@ -16,7 +16,7 @@ pub struct Timer {
     /// The key's group.
     pub key_group: KeyGroup,
     /// The key's encoded bytes.
-    pub key: Box<[u8]>,
+    pub key: std::sync::Arc<[u8]>,
     /// The namespace (e.g. the window).
     pub namespace: Namespace,
 }
@@ -76,6 +76,8 @@ pub trait TimerQueue: Send {
     fn insert(&mut self, domain: TimeDomain, timer: TimerRef<'_>);
     /// The earliest timer of `domain` at or before `upto`, removed.
     fn pop_due(&mut self, domain: TimeDomain, upto: i64) -> Option<Timer>;
+    /// Remove one timer; whether it was there.
+    fn remove(&mut self, domain: TimeDomain, timer: TimerRef<'_>) -> bool;
     /// When the earliest timer of `domain` is due.
     fn next_time(&mut self, domain: TimeDomain) -> Option<i64>;
     /// Timers held (an estimate where the store cannot count cheaply).
@@ -124,6 +126,10 @@ impl TimerQueue for HeapTimers {
             Some(t) if t.time <= upto => set.pop_first(),
             _ => None,
         }
+    }
+
+    fn remove(&mut self, domain: TimeDomain, timer: TimerRef<'_>) -> bool {
+        self.set(domain).remove(&timer.to_timer())
     }
 
     fn next_time(&mut self, domain: TimeDomain) -> Option<i64> {
@@ -183,6 +189,9 @@ fn restore_incremental(_: &mut dyn TimerQueue, _: &[u8], _: KeyGroupRange, _: &d
 /// The timers of one operator subtask.
 pub struct TimerService {
     queue: Box<dyn TimerQueue>,
+    /// See [`TimerService::hold`].
+    hold_upto: Option<i64>,
+    held: Vec<Timer>,
 }
 
 impl Default for TimerService {
@@ -200,7 +209,11 @@ impl std::fmt::Debug for TimerService {
 impl TimerService {
     /// Timers in `queue`.
     pub fn new(queue: Box<dyn TimerQueue>) -> Self {
-        Self { queue }
+        Self {
+            queue,
+            hold_upto: None,
+            held: Vec::new(),
+        }
     }
 
     /// Register a timer; registering the same one twice keeps one.
@@ -211,12 +224,54 @@ impl TimerService {
             key,
             namespace,
         };
+        if domain == TimeDomain::EventTime && self.hold_upto.is_some_and(|w| time <= w) {
+            self.held.push(t.to_timer());
+            return;
+        }
         self.queue.insert(domain, t);
+    }
+
+    /// From now on, hold back event-time timers registered at or before `upto` (`None`:
+    /// stop); returns what was set. A record taken while the timers of watermark `upto`
+    /// still fire comes, in the stream's order, after that firing: a timer it registers
+    /// in the past waits for the next watermark, not for the next slice.
+    pub fn hold(&mut self, upto: Option<i64>) -> Option<i64> {
+        std::mem::replace(&mut self.hold_upto, upto)
+    }
+
+    /// The firing the held timers waited for is over: they join the queue.
+    pub fn release_held(&mut self) {
+        for t in std::mem::take(&mut self.held) {
+            self.queue.insert(TimeDomain::EventTime, t.as_ref());
+        }
+    }
+
+    /// The timers held back (for a snapshot taken mid-firing).
+    pub fn held(&self) -> &[Timer] {
+        &self.held
+    }
+
+    /// Held timers of a snapshot, those of `range` kept.
+    pub fn restore_held(&mut self, timers: Vec<Timer>, range: KeyGroupRange) {
+        self.held
+            .extend(timers.into_iter().filter(|t| range.contains(t.key_group)));
     }
 
     /// The earliest event-time timer at or before `watermark`, removed.
     pub fn pop_event(&mut self, watermark: i64) -> Option<Timer> {
         self.queue.pop_due(TimeDomain::EventTime, watermark)
+    }
+
+    /// Remove the event-time timer at `time` of (key group, key, namespace), before the
+    /// watermark reaches it; whether it was registered.
+    pub fn remove_event(&mut self, time: i64, key_group: KeyGroup, key: &[u8], namespace: Namespace) -> bool {
+        let t = TimerRef {
+            time,
+            key_group,
+            key,
+            namespace,
+        };
+        self.queue.remove(TimeDomain::EventTime, t)
     }
 
     /// The earliest processing-time timer at or before `now`, removed.
@@ -231,10 +286,10 @@ impl TimerService {
 
     /// Timers registered.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.held.len()
     }
 
-    /// Whether no timer is registered.
+    /// Whether no timer is registered (in the queue: held ones are snapshotted apart).
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

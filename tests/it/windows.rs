@@ -673,3 +673,138 @@ async fn kill_windowed_two_phase() {
 async fn kill_windowed_on_rocksdb_switching_backends() {
     kill_windowed("two_phase", &["rocksdb", "heap"]).await;
 }
+
+/// A watermark that closes a million windows at once (one per key) while records keep
+/// arriving for the same keys: checkpoints every second each complete within two
+/// seconds, because a barrier passes between the slices of the firing instead of
+/// waiting behind all of it; the records that arrive meanwhile are processed between
+/// slices too; and the table still equals the batch computation. On RocksDB, whose
+/// incremental checkpoints keep up with a million windows every second; the heap's
+/// full snapshots of that state take longer than the interval by themselves.
+#[cfg(feature = "rocksdb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barriers_pass_between_the_slices_of_a_million_windows_firing() {
+    let n: u64 = std::env::var("SLUICE_TEST_FIRING_WINDOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut j = WindowJob::new("winslice", "idempotent", 2).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let backend = std::env::var("SLUICE_TEST_FIRING_BACKEND").unwrap_or_else(|_| "rocksdb".into());
+    j.configure_api(2, 2, &backend, &listen);
+    let toml = std::fs::read_to_string(&j.config).expect("config");
+    assert!(toml.contains("interval = \"500ms\"\ntimeout = \"30s\""));
+    std::fs::write(
+        &j.config,
+        toml.replace(
+            "interval = \"500ms\"\ntimeout = \"30s\"",
+            "interval = \"1s\"\ntimeout = \"2s\"",
+        ),
+    )
+    .expect("config");
+    j.env.push((
+        "RUST_LOG",
+        "info,sqlx=warn,sluice::checkpoint::coordinator=debug".into(),
+    ));
+    let mut rng = StdRng::seed_from_u64(41);
+    // Every key's first window closes with the first flush; the second round of the
+    // same keys arrives while those windows fire.
+    let first: Vec<Event> = (0..n)
+        .map(|id| Event {
+            id,
+            account: format!("k{id}"),
+            amount: rng.random_range(-1000..1000),
+            ts: BASE + (id % 5_000) as i64,
+        })
+        .collect();
+    let second: Vec<Event> = (0..n / 10)
+        .map(|i| Event {
+            id: n + i,
+            account: format!("k{}", i * 7 % n),
+            amount: rng.random_range(-1000..1000),
+            ts: BASE + 3_610_000 + (i % 5_000) as i64,
+        })
+        .collect();
+    let expected = {
+        let mut all = reference(&first);
+        all.extend(reference(&second));
+        all
+    };
+    // All of it in the topic first: the job then reads the second round from its
+    // backlog while the first windows fire, as fast as it can.
+    let topic = j.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        produce_events(&topic, &first, None, None);
+        produce_flush(&topic, 0..2, BASE);
+        produce_events(&topic, &second, None, None);
+        produce_flush(&topic, 0..2, BASE + 3_620_000);
+    })
+    .await
+    .expect("producer");
+    let s = j.start(&[]);
+    // Sample the rows written and the checkpoints completed while the first windows fire.
+    let mut samples: Vec<(std::time::Instant, i64, u64)> = Vec::new();
+    let want = expected.len() as i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows = result_rows(&j.pool, &j.schema).await;
+        let done = get_json(&listen, "/status")
+            .await
+            .and_then(|s| s["checkpoints_completed"].as_u64())
+            .unwrap_or(0);
+        samples.push((std::time::Instant::now(), rows, done));
+        if rows >= want || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t0 = samples[0].0;
+    for (at, rows, done) in samples.iter().step_by(5) {
+        eprintln!("{:>6.1} s: {rows} rows, {done} checkpoints", (*at - t0).as_secs_f64());
+    }
+    let status = s.terminate();
+    let log = j.log_text();
+    let _ = std::fs::write(format!("{}/{}.log", env!("CARGO_TARGET_TMPDIR"), j.job), &log);
+    assert!(
+        status.success(),
+        "sluice exited with {status}; log tail:\n{}",
+        tail(&log)
+    );
+    assert_windows(&j.pool, &j.schema, &expected, 0).await;
+    let timed_out = log.lines().filter(|l| l.contains("checkpoint timed out")).count();
+    let took_ms: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("coordinator: checkpoint complete"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("ms=")))
+        .filter_map(|ms| ms.parse().ok())
+        .collect();
+    let slow = took_ms.iter().filter(|ms| **ms > 2_000).count();
+    println!("checkpoints (ms): {took_ms:?}; {timed_out} timed out");
+    // How long the first million windows took to reach the table, and how many
+    // checkpoints completed meanwhile.
+    let started = samples.iter().find(|s| s.1 > 0).expect("rows were written");
+    let ended = samples
+        .iter()
+        .find(|s| s.1 >= n as i64)
+        .expect("the first windows were written");
+    let took = ended.0 - started.0;
+    let completed = ended.2 - started.2;
+    println!("{n} windows fired in {took:?}; {completed} checkpoints completed meanwhile");
+    assert!(
+        took >= Duration::from_secs(3),
+        "the firing took only {took:?}: too short to show anything; raise SLUICE_TEST_FIRING_WINDOWS"
+    );
+    assert!(
+        completed as f64 >= took.as_secs_f64() / 2.5,
+        "{completed} checkpoints completed while {n} windows fired for {took:?}"
+    );
+    // Within twice the interval, all but the odd one: at the start of the firing the
+    // sink (Postgres upserts, sharing two cores with everything else) is the bound,
+    // and a barrier waits behind the rows already on their way to it. Before barriers
+    // passed between slices, every checkpoint during the firing timed out.
+    assert!(
+        (timed_out + slow) * 10 <= took_ms.len(),
+        "{timed_out} checkpoints timed out and {slow} took longer than 2 s of {}: {took_ms:?}",
+        took_ms.len() + timed_out
+    );
+}

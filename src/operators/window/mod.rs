@@ -366,6 +366,59 @@ impl Fire<'_> {
 }
 
 impl<B: StateBackend> WindowOperator<B> {
+    /// The watermark's timers still fire in slices and a record of this key (in
+    /// `key_buf`) came in between: fire the key's due timers first, earliest first as
+    /// the slices would, so the record meets the windows it would have met had the
+    /// firing ended before it. A window's timers are its end, its cleanup and its
+    /// trigger's mark; timers of windows merged away do nothing when they fire.
+    fn catch_up(&mut self, kg: KeyGroup, ctx: &mut Context<'_>) -> Result<()> {
+        let wm = ctx.watermark;
+        let mut due: Vec<(i64, Window)> = Vec::new();
+        loop {
+            let Some(kw) = self.table.get(kg, &self.key_buf, Namespace::GLOBAL) else {
+                return Ok(());
+            };
+            due.clear();
+            for ws in &kw.windows {
+                let w = ws.window;
+                if w.end == i64::MAX {
+                    continue;
+                }
+                let end = max_timestamp(&w);
+                let cleanup = end.saturating_add(self.spec.allowed_lateness);
+                let mark = (ws.trigger.mark != 0).then_some(ws.trigger.mark);
+                due.extend(
+                    [Some(end), Some(cleanup), mark]
+                        .into_iter()
+                        .flatten()
+                        .filter(|t| *t <= wm)
+                        .map(|t| (t, w)),
+                );
+            }
+            due.sort_unstable();
+            due.dedup();
+            let key = &self.key_buf;
+            let Some((time, namespace)) = due
+                .iter()
+                .copied()
+                .find(|(t, w)| ctx.timers.remove_event(*t, kg, key, *w))
+            else {
+                return Ok(());
+            };
+            let timer = Timer {
+                time,
+                key_group: kg,
+                key: self.key_buf.as_slice().into(),
+                namespace,
+            };
+            // What the timer registers belongs to the firing, as it would have.
+            let hold = ctx.timers.hold(None);
+            let fired = self.on_timer(timer, TimeDomain::EventTime, ctx);
+            ctx.timers.hold(hold);
+            fired?;
+        }
+    }
+
     fn late_record(&self, r: Record, ts: i64, watermark: i64) -> DeadLetter {
         let spec = &*self.spec;
         let mut last = Vec::new();
@@ -427,6 +480,9 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
             }
             r.key_bytes_into(&spec.key, &mut self.key_buf);
             let kg = key_group(hash_key_bytes(&self.key_buf), max_parallelism);
+            if ctx.firing {
+                self.catch_up(kg, ctx)?;
+            }
             let mut fire = Fire {
                 spec: &spec,
                 topic: &self.topic,
@@ -530,6 +586,11 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
 
     fn timer_queue(&mut self) -> Option<Box<dyn crate::time::timers::TimerQueue>> {
         self.timers.take()
+    }
+
+    fn interruptible_timers(&self) -> bool {
+        // Keyed state and timers only: `catch_up` keeps each key's order.
+        true
     }
 
     fn snapshot(&mut self, _checkpoint: u64) -> Result<SnapshotParts> {

@@ -590,3 +590,179 @@ fn a_key_whose_last_window_is_gone_leaves_the_state_without_a_sweep() {
         "every window fired and was cleaned up: no key may stay behind"
     );
 }
+
+/// A stream whose first watermark closes thousands of windows (more than one slice),
+/// followed by records that arrive while they fire: late ones within allowed lateness
+/// for keys whose windows are still due, and on-time ones.
+fn firing_stream(seed: u64) -> Vec<Emit> {
+    let mut x = seed;
+    let mut next = move |n: u64| {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    let mut offset = 0;
+    let mut batch = |records: Vec<(String, i64, i64)>| {
+        Emit::Batch(Batch {
+            records: records
+                .into_iter()
+                .map(|(u, a, ts)| {
+                    offset += 1;
+                    rec(offset, &u, a, ts)
+                })
+                .collect(),
+            dead: vec![],
+        })
+    };
+    let mut stream = Vec::new();
+    for _ in 0..20 {
+        let b = (0..300)
+            .map(|_| (format!("u{}", next(400)), next(100) as i64, next(100) as i64))
+            .collect();
+        stream.push(batch(b));
+    }
+    stream.push(Emit::Watermark(150));
+    for _ in 0..30 {
+        let b = (0..40)
+            .map(|_| {
+                let ts = if next(2) == 0 { next(100) } else { 160 + next(50) } as i64;
+                (format!("u{}", next(400)), next(100) as i64, ts)
+            })
+            .collect();
+        stream.push(batch(b));
+    }
+    stream.push(Emit::Watermark(260));
+    stream.push(Emit::Watermark(i64::MAX));
+    stream
+}
+
+/// Each key's results in the order they came out.
+fn by_key(out: &[Emit]) -> std::collections::BTreeMap<String, Vec<Row>> {
+    let mut m: std::collections::BTreeMap<String, Vec<Row>> = std::collections::BTreeMap::new();
+    for r in rows(out) {
+        m.entry(r.0.clone()).or_default().push(r);
+    }
+    m
+}
+
+/// Every element run to its end before the next: the order records and timers meet in.
+fn sequential(s: &Arc<WindowSpec>, stream: &[Emit]) -> Vec<Emit> {
+    let mut chain = chain_of(s, 0, 1);
+    let mut out = Vec::new();
+    for e in stream {
+        chain.process(clone_emit(e), 0, &mut out).unwrap();
+    }
+    out
+}
+
+fn clone_emit(e: &Emit) -> Emit {
+    match e {
+        Emit::Batch(b) => Emit::Batch(b.clone()),
+        Emit::Watermark(w) => Emit::Watermark(*w),
+    }
+}
+
+fn specs_with_due_timers() -> Vec<Arc<WindowSpec>> {
+    vec![
+        spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 1_000),
+        spec(
+            WindowAssigner::Sliding {
+                size: 20,
+                slide: 10,
+                offset: 0,
+            },
+            Box::new(EventTimeTrigger),
+            TimeDomain::EventTime,
+            30,
+        ),
+        spec(
+            WindowAssigner::Session { gap: 7 },
+            Box::new(EventTimeTrigger),
+            TimeDomain::EventTime,
+            1_000,
+        ),
+        spec(
+            tumbling(40),
+            Box::new(ContinuousTrigger {
+                interval: 5,
+                clock: TimeDomain::EventTime,
+                end: Box::new(EventTimeTrigger),
+            }),
+            TimeDomain::EventTime,
+            100,
+        ),
+    ]
+}
+
+#[test]
+fn records_taken_between_firing_slices_meet_their_keys_as_after_the_firing() {
+    for s in specs_with_due_timers() {
+        for seed in 1..4 {
+            let stream = firing_stream(seed);
+            let expected = sequential(&s, &stream);
+            // The runtime's way: a slice, then an element, in turns.
+            let mut chain = chain_of(&s, 0, 1);
+            let mut out = Vec::new();
+            let mut interleaved = 0;
+            for (i, e) in stream.iter().enumerate() {
+                if chain.pending() {
+                    interleaved += 1;
+                }
+                chain.feed(clone_emit(e), 0, &mut out).unwrap();
+                if chain.pending() && i % 4 == 0 {
+                    chain.resume(0, &mut out).unwrap();
+                }
+            }
+            while chain.pending() {
+                chain.resume(0, &mut out).unwrap();
+            }
+            assert!(
+                interleaved > 5,
+                "{:?}: records came between slices only {interleaved} times",
+                s.assigner
+            );
+            let (want, got) = (by_key(&expected), by_key(&out));
+            for (k, rows) in &want {
+                assert_eq!(got.get(k), Some(rows), "{:?} seed {seed}: key {k}", s.assigner);
+            }
+            assert_eq!(want.len(), got.len());
+            assert_eq!(dead(&expected).len(), dead(&out).len(), "late output");
+        }
+    }
+}
+
+#[test]
+fn a_snapshot_taken_mid_firing_resumes_the_firing_on_restore() {
+    let s = specs_with_due_timers().remove(0);
+    let stream = firing_stream(7);
+    let expected = sequential(&s, &stream);
+    let w = stream.iter().position(|e| matches!(e, Emit::Watermark(_))).unwrap();
+    let mut chain = chain_of(&s, 0, 1);
+    let mut out = Vec::new();
+    for e in &stream[..=w] {
+        chain.feed(clone_emit(e), 0, &mut out).unwrap();
+    }
+    chain.feed(clone_emit(&stream[w + 1]), 0, &mut out).unwrap();
+    assert!(chain.pending(), "the watermark's timers are still firing");
+    let blob = chain
+        .snapshot(1)
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap()
+        .encode(&crate::state::NoSharedFiles)
+        .unwrap()
+        .unwrap();
+    let files = vec![decode_parts(&blob, "w").unwrap()];
+    // The rest of the stream after a restart, in a new chain: the firing goes on first.
+    let mut restored = chain_of(&s, 0, 1);
+    restored.restore(0, &files, &crate::state::NoSharedFiles).unwrap();
+    assert!(restored.pending(), "the restore resumes the firing");
+    for e in &stream[w + 2..] {
+        restored.process(clone_emit(e), 0, &mut out).unwrap();
+    }
+    let (want, got) = (by_key(&expected), by_key(&out));
+    for (k, rows) in &want {
+        assert_eq!(got.get(k), Some(rows), "key {k}");
+    }
+    assert_eq!(want.len(), got.len());
+}
