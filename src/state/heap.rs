@@ -3,6 +3,14 @@
 //!
 //! Entries are laid out by namespace, then key, so that state of one window is found
 //! without scanning others, and keys are looked up by their bytes without allocating.
+//!
+//! Keys and entries are shared (`Arc`), so the copy a snapshot takes is of pointers: a
+//! million entries cost milliseconds at the barrier, not a deep copy of every value.
+//! An entry changed while a snapshot still holds it is copied then, once (Flink's
+//! copy-on-write state map): memory grows by what changes before the encoding ends,
+//! not by the whole state.
+
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -47,9 +55,12 @@ pub struct HeapTable<V> {
     name: String,
     ttl_ms: Option<i64>,
     now_ms: i64,
-    map: FxHashMap<Namespace, FxHashMap<Box<[u8]>, Entry<V>>>,
+    map: FxHashMap<Namespace, Keys<V>>,
     len: usize,
 }
+
+/// The entries of one namespace, by key; both shared with the snapshots that hold them.
+type Keys<V> = FxHashMap<Arc<[u8]>, Arc<Entry<V>>>;
 
 impl<V> HeapTable<V> {
     fn expired(&self, e: &Entry<V>) -> bool {
@@ -72,6 +83,8 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         let ttl = self.ttl_ms;
         let keys = self.map.entry(ns).or_default();
         if let Some(e) = keys.get_mut(key) {
+            // Copied here if a snapshot still holds it.
+            let e = Arc::make_mut(e);
             let live = ttl.is_none_or(|ttl| now.saturating_sub(e.written_ms) <= ttl);
             // Take the value out so `f` can own it, then put back what it leaves.
             let mut slot = if live { e.value.take() } else { None };
@@ -97,11 +110,11 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
             Some(value) => {
                 keys.insert(
                     key.into(),
-                    Entry {
+                    Arc::new(Entry {
                         kg,
                         value: Some(value),
                         written_ms: now,
-                    },
+                    }),
                 );
                 self.len += 1;
             }
@@ -120,7 +133,7 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         if keys.is_empty() {
             self.map.remove(&ns);
         }
-        e.value
+        Arc::unwrap_or_clone(e).value
     }
 
     fn len(&self) -> usize {
@@ -158,7 +171,8 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
             });
             self.len -= dropped;
         }
-        // The copy is the only work on the processing path; encoding happens later.
+        // The copy (of pointers) is the only work on the processing path; encoding
+        // happens later.
         let copy = self.map.clone();
         Box::new(move |_| {
             let rows: Vec<SnapshotRow<&V>> = copy
@@ -199,12 +213,12 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
 impl<V: StateValue> HeapTable<V> {
     fn insert_row(&mut self, row: SnapshotRow<V>) {
         let keys = self.map.entry(row.ns).or_default();
-        let entry = Entry {
+        let entry = Arc::new(Entry {
             kg: row.kg,
             value: Some(row.value),
             written_ms: row.written_ms,
-        };
-        if keys.insert(row.key.into_boxed_slice(), entry).is_none() {
+        });
+        if keys.insert(row.key.into(), entry).is_none() {
             self.len += 1;
         }
     }
