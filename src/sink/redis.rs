@@ -284,7 +284,13 @@ impl RedisWal {
 
 impl RedisWal {
     /// Queue an epoch's commands and its marker inside the open `MULTI`, a slice per
-    /// round trip.
+    /// round trip. Returns how many records each queued command carries, in order (the
+    /// replies of `EXEC` are matched to records by it).
+    ///
+    /// A run of `SET`s goes as one `MSET`: Redis queues and replies to one command
+    /// instead of one per record, which was most of what the transaction cost beside
+    /// plain pipelined `SET`s. `MSET` sets its keys in order and never refuses one, so
+    /// the result is that of the `SET`s.
     async fn queue(
         &self,
         conn: &mut MultiplexedConnection,
@@ -292,12 +298,33 @@ impl RedisWal {
         dead_stream: &str,
         records: &[Record],
         dead: &[DeadLetter],
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<Vec<usize>> {
         let mut buf = Vec::with_capacity(256);
+        let mut spans = Vec::new();
         for slice in records.chunks(SLICE) {
             let mut pipe = redis::pipe();
+            let mut mset: Option<(redis::Cmd, usize)> = None;
             for r in slice {
+                if self.command == RedisCommand::Set && !r.is_delete() {
+                    buf.clear();
+                    self.key_of(r, &mut buf);
+                    let key_len = buf.len();
+                    self.row.write(&self.spec, r, &mut buf);
+                    let (cmd, n) = mset.get_or_insert_with(|| (redis::cmd("MSET"), 0));
+                    cmd.arg(&buf[..key_len]).arg(&buf[key_len..]);
+                    *n += 1;
+                    continue;
+                }
+                if let Some((cmd, n)) = mset.take() {
+                    pipe.add_command(cmd).ignore();
+                    spans.push(n);
+                }
                 self.add(&mut pipe, r, &mut buf);
+                spans.push(1);
+            }
+            if let Some((cmd, n)) = mset.take() {
+                pipe.add_command(cmd).ignore();
+                spans.push(n);
             }
             pipe.query_async::<()>(conn).await?;
         }
@@ -309,7 +336,8 @@ impl RedisWal {
             .arg("PX")
             .arg(MARKER_TTL.as_millis() as u64)
             .ignore();
-        pipe.query_async::<()>(conn).await
+        pipe.query_async::<()>(conn).await?;
+        Ok(spans)
     }
 }
 
@@ -400,13 +428,15 @@ impl WalTarget for RedisWal {
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| fail("begin an epoch", e))?;
-            let queued = self.queue(&mut conn, &key, &dead_stream, records, dead).await;
-            if let Err(e) = queued {
-                // Best effort: a connection still in MULTI must not carry it into the
-                // next epoch (a broken one is replaced with the restart).
-                let _ = redis::cmd("DISCARD").query_async::<()>(&mut conn).await;
-                return Err(fail("write an epoch", e));
-            }
+            let spans = match self.queue(&mut conn, &key, &dead_stream, records, dead).await {
+                Ok(spans) => spans,
+                Err(e) => {
+                    // Best effort: a connection still in MULTI must not carry it into the
+                    // next epoch (a broken one is replaced with the restart).
+                    let _ = redis::cmd("DISCARD").query_async::<()>(&mut conn).await;
+                    return Err(fail("write an epoch", e));
+                }
+            };
             // The raw reply: `query_async` would turn one refused command into an
             // error for the whole epoch, which Redis applied nonetheless.
             let done = conn
@@ -434,7 +464,7 @@ impl WalTarget for RedisWal {
             // sluice's own commands (dead letters, the marker) follow the records'; with
             // the stream's type checked none should be refused, but a refusal there would
             // lose what it carried, so it is never passed over in silence.
-            if let Some(e) = replies.iter().skip(records.len()).find_map(|r| match r {
+            if let Some(e) = replies.iter().skip(spans.len()).find_map(|r| match r {
                 redis::Value::ServerError(e) => Some(e.clone()),
                 _ => None,
             }) {
@@ -449,22 +479,22 @@ impl WalTarget for RedisWal {
             // Redis does not roll a transaction back: a command refused inside it (a key
             // of another type) is the only one not applied, and the epoch's marker is.
             // Its record becomes a dead letter, so it is not lost without a trace.
-            let refused: Vec<DeadLetter> = replies
-                .iter()
-                .zip(records)
-                .filter_map(|(reply, r)| match reply {
-                    redis::Value::ServerError(e) => Some(DeadLetter {
-                        origin: r.origin.clone(),
-                        reason: format!("refused by redis: {e}"),
-                        payload: {
-                            let mut row = Vec::new();
-                            self.row.write(&self.spec, r, &mut row);
-                            row
-                        },
-                    }),
-                    _ => None,
-                })
-                .collect();
+            let mut refused: Vec<DeadLetter> = Vec::new();
+            let mut first = 0;
+            for (reply, n) in replies.iter().zip(&spans) {
+                let of = records.get(first..first + n).unwrap_or(&[]);
+                first += n;
+                let redis::Value::ServerError(e) = reply else { continue };
+                refused.extend(of.iter().map(|r| DeadLetter {
+                    origin: r.origin.clone(),
+                    reason: format!("refused by redis: {e}"),
+                    payload: {
+                        let mut row = Vec::new();
+                        self.row.write(&self.spec, r, &mut row);
+                        row
+                    },
+                }));
+            }
             if !refused.is_empty() {
                 tracing::warn!(
                     records = refused.len(),
