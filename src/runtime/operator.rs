@@ -309,6 +309,14 @@ impl PendingSnapshot {
     }
 }
 
+/// Checkpoint `chain`'s first operator and decode its snapshot as a restore reads it.
+#[cfg(test)]
+pub(crate) fn snapshot_files(chain: &mut Chain) -> Vec<BTreeMap<String, Vec<u8>>> {
+    let first = chain.snapshot(1).unwrap().into_iter().next().unwrap();
+    let blob = first.encode(&crate::state::NoSharedFiles).unwrap().unwrap();
+    vec![decode_parts(&blob, "test").unwrap()]
+}
+
 /// Decode a blob written by [`PendingSnapshot::encode`].
 pub fn decode_parts(bytes: &[u8], what: &str) -> Result<BTreeMap<String, Vec<u8>>> {
     decode(bytes, what)
@@ -741,15 +749,7 @@ mod tests {
         let mut chain = Chain::default();
         chain.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(0)));
         chain.process(batch(1), 0, &mut Vec::new()).unwrap();
-        let snaps = chain.snapshot(1).unwrap();
-        let blob = snaps
-            .into_iter()
-            .next()
-            .unwrap()
-            .encode(&crate::state::NoSharedFiles)
-            .unwrap()
-            .unwrap();
-        let files = vec![decode_parts(&blob, "t").unwrap()];
+        let files = snapshot_files(&mut chain);
         let mut restored = Chain::default();
         restored.push(SubtaskInfo::new("count", 0, 1, 8), Box::new(Counter(5)));
         restored.restore(0, &files, &crate::state::NoSharedFiles).unwrap();

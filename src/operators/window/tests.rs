@@ -10,7 +10,7 @@ use super::trigger::{ContinuousTrigger, CountTrigger, EventTimeTrigger, Processi
 use super::*;
 use crate::config::AggregateFunction;
 use crate::record::{Batch, Field, FieldType, Record, Schema, Value, ValueSource};
-use crate::runtime::operator::{decode_parts, Chain, Emit, SubtaskInfo};
+use crate::runtime::operator::{snapshot_files, Chain, Emit, SubtaskInfo};
 
 /// Input: (user: string, amount: int); key: user.
 fn input_fields() -> Vec<Field> {
@@ -355,15 +355,7 @@ fn state_restores_by_key_group_range_into_another_parallelism() {
     for (i, u) in users.iter().enumerate() {
         single.send(u, i as i64, i as i64 % 10);
     }
-    let snaps = single.chain.snapshot(1).unwrap();
-    let blob = snaps
-        .into_iter()
-        .next()
-        .unwrap()
-        .encode(&crate::state::NoSharedFiles)
-        .unwrap()
-        .unwrap();
-    let files = vec![decode_parts(&blob, "w").unwrap()];
+    let files = snapshot_files(&mut single.chain);
     single.watermark(9);
     let mut expected = rows(&single.take());
     expected.sort();
@@ -540,17 +532,7 @@ fn state_of_another_key_or_aggregate_layout_is_refused_by_name() {
     let s = spec(tumbling(10), Box::new(EventTimeTrigger), TimeDomain::EventTime, 0);
     let mut h = Harness::new(&s);
     h.send("a", 1, 1);
-    let blob = h
-        .chain
-        .snapshot(1)
-        .unwrap()
-        .into_iter()
-        .next()
-        .unwrap()
-        .encode(&crate::state::NoSharedFiles)
-        .unwrap()
-        .unwrap();
-    let files = vec![decode_parts(&blob, "w").unwrap()];
+    let files = snapshot_files(&mut h.chain);
     let mut same = chain_of(&s, 0, 1);
     same.restore(0, &files, &crate::state::NoSharedFiles).unwrap();
     let mut other = spec_parts(&s);
@@ -567,9 +549,7 @@ fn state_of_another_key_or_aggregate_layout_is_refused_by_name() {
 
 /// The encoded window state of a chain's only operator.
 fn window_state_bytes(chain: &mut Chain) -> Vec<u8> {
-    let snap = chain.snapshot(1).unwrap().into_iter().next().unwrap();
-    let blob = snap.encode(&crate::state::NoSharedFiles).unwrap().unwrap();
-    decode_parts(&blob, "w").unwrap().remove(WINDOWS).unwrap()
+    snapshot_files(chain).remove(0).remove(WINDOWS).unwrap()
 }
 
 #[test]
@@ -743,16 +723,7 @@ fn a_snapshot_taken_mid_firing_resumes_the_firing_on_restore() {
     }
     chain.feed(clone_emit(&stream[w + 1]), 0, &mut out).unwrap();
     assert!(chain.pending(), "the watermark's timers are still firing");
-    let blob = chain
-        .snapshot(1)
-        .unwrap()
-        .into_iter()
-        .next()
-        .unwrap()
-        .encode(&crate::state::NoSharedFiles)
-        .unwrap()
-        .unwrap();
-    let files = vec![decode_parts(&blob, "w").unwrap()];
+    let files = snapshot_files(&mut chain);
     // The rest of the stream after a restart, in a new chain: the firing goes on first.
     let mut restored = chain_of(&s, 0, 1);
     restored.restore(0, &files, &crate::state::NoSharedFiles).unwrap();
