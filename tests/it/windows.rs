@@ -730,18 +730,21 @@ async fn barriers_pass_between_the_slices_of_a_million_windows_firing() {
         all.extend(reference(&second));
         all
     };
-    // All of it in the topic first: the job then reads the second round from its
-    // backlog while the first windows fire, as fast as it can.
+    // The first round and the watermark that closes it are in the topic before the
+    // job starts; the second round is produced live, while those windows fire.
     let topic = j.topic.clone();
     tokio::task::spawn_blocking(move || {
         produce_events(&topic, &first, None, None);
         produce_flush(&topic, 0..2, BASE);
-        produce_events(&topic, &second, None, None);
-        produce_flush(&topic, 0..2, BASE + 3_620_000);
     })
     .await
     .expect("producer");
     let s = j.start(&[]);
+    let topic = j.topic.clone();
+    let live = tokio::task::spawn_blocking(move || {
+        produce_events(&topic, &second, None, None);
+        produce_flush(&topic, 0..2, BASE + 3_620_000);
+    });
     // Sample the rows written and the checkpoints completed while the first windows fire.
     let mut samples: Vec<(std::time::Instant, i64, u64)> = Vec::new();
     let want = expected.len() as i64;
@@ -758,6 +761,7 @@ async fn barriers_pass_between_the_slices_of_a_million_windows_firing() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    live.await.expect("producer");
     let t0 = samples[0].0;
     for (at, rows, done) in samples.iter().step_by(5) {
         eprintln!("{:>6.1} s: {rows} rows, {done} checkpoints", (*at - t0).as_secs_f64());

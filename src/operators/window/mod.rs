@@ -159,6 +159,8 @@ pub struct WindowOperator<B: StateBackend> {
     topic: Arc<str>,
     key_buf: Vec<u8>,
     assigned: Vec<Window>,
+    /// A key's due timers while a firing is caught up (kept to spare an allocation).
+    due: Vec<(i64, Window)>,
     metrics: WindowMetrics,
     stats: Arc<JobStats>,
     /// Where the runtime is to keep this operator's timers (with its state), handed
@@ -176,6 +178,7 @@ impl<B: StateBackend> WindowOperator<B> {
             spec,
             key_buf: Vec::with_capacity(64),
             assigned: Vec::with_capacity(4),
+            due: Vec::new(),
             stats,
             timers: None,
         }
@@ -373,7 +376,13 @@ impl<B: StateBackend> WindowOperator<B> {
     /// trigger's mark; timers of windows merged away do nothing when they fire.
     fn catch_up(&mut self, kg: KeyGroup, ctx: &mut Context<'_>) -> Result<()> {
         let wm = ctx.watermark;
-        let mut due: Vec<(i64, Window)> = Vec::new();
+        let mut due = std::mem::take(&mut self.due);
+        let fired = self.fire_due(kg, wm, &mut due, ctx);
+        self.due = due;
+        fired
+    }
+
+    fn fire_due(&mut self, kg: KeyGroup, wm: i64, due: &mut Vec<(i64, Window)>, ctx: &mut Context<'_>) -> Result<()> {
         loop {
             let Some(kw) = self.table.get(kg, &self.key_buf, Namespace::GLOBAL) else {
                 return Ok(());
