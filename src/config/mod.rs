@@ -166,9 +166,10 @@ pub struct JobSection {
     #[serde(default = "defaults::status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
     /// Bytes for records read and not yet processed: librdkafka's pre-fetch queues
-    /// (divided over the source subtasks) are held within it, so a job reading a backlog
-    /// over many partitions stays in a known footprint (default 64 MiB; `0`: librdkafka's
-    /// own limits, 64 MiB per consumer queue and up to 50 MiB per fetch). Batches in flight
+    /// (divided over the source subtasks; their bytes and, at a kibibyte a message, their
+    /// message count) are held within it, so a job reading a backlog over many partitions
+    /// stays in a known footprint (default 64 MiB; `0`: librdkafka's own limits, 64 MiB
+    /// and 100,000 messages per consumer queue and up to 50 MiB per fetch). Batches in flight
     /// between stages are bounded apart from it, by `source.batch_size` records per batch
     /// and eight batches per channel.
     #[serde(default = "defaults::buffer_memory_bytes", deserialize_with = "whole::number")]

@@ -42,6 +42,11 @@ pub struct SourceState {
 /// `fetch.queue.backoff.ms` of the source's consumers (a user's property wins).
 pub const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 
+/// What librdkafka holds per queued message, for sizing its queue from the budget: its
+/// structures (about 400 bytes in a heap profile of the bench's windowed job) and the
+/// message's share of its decompressed message set.
+const QUEUED_MESSAGE_COST: u64 = 1024;
+
 /// librdkafka settings for the source's consumer. Partitions are assigned by sluice, so
 /// group management and offset commits are off; user properties come last and win.
 pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
@@ -76,8 +81,16 @@ pub fn consumer_config(cfg: &JobConfig, bootstrap: &str) -> ClientConfig {
             .and_then(|(_, v)| v.parse::<u64>().ok())
             .unwrap_or(1_000_000);
         let fetch = (share / 4).clamp(1 << 20, 50 << 20).max(largest);
-        let queued_kb = (share.saturating_sub(fetch) / 1024).max(1024);
+        let queued = share.saturating_sub(fetch);
+        let queued_kb = (queued / 1024).max(1024);
+        // librdkafka counts only payload bytes against the kilobyte limit, but holds
+        // several hundred bytes more per queued message (its op and message structs, a
+        // share of the decompressed message set): small messages reach its default of
+        // 100,000 queued messages first, at several times the budget. A message count
+        // at a kibibyte apiece keeps the whole queue within its share.
+        let queued_messages = (queued / QUEUED_MESSAGE_COST).clamp(1_000, 100_000);
         c.set("queued.max.messages.kbytes", queued_kb.to_string())
+            .set("queued.min.messages", queued_messages.to_string())
             .set("fetch.max.bytes", fetch.to_string());
     }
     for (k, v) in user {
@@ -200,6 +213,11 @@ mod tests {
         // 64 MiB over two subtasks: a quarter of each share per fetch, the rest queued.
         assert_eq!(c.get("fetch.max.bytes"), Some("8388608"));
         assert_eq!(c.get("queued.max.messages.kbytes"), Some("24576"));
+        assert_eq!(
+            c.get("queued.min.messages"),
+            Some("24576"),
+            "a kibibyte per queued message"
+        );
         assert_eq!(c.get("fetch.queue.backoff.ms"), Some(FETCH_QUEUE_BACKOFF_MS));
         let made: rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> = c.create();
         assert!(made.is_ok(), "librdkafka refused the settings");
