@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod api;
 pub mod app;
 pub mod checkpoint;
