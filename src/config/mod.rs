@@ -905,7 +905,8 @@ pub struct SinkConfig {
     /// statement timeout) before it is dead-lettered. Default 3.
     pub max_record_attempts: u32,
     /// Strategies that may write before the checkpoint (`idempotent`) write a partly
-    /// filled buffer once its oldest record waited this long.
+    /// filled buffer once its oldest record waited this long, or sooner, once no input
+    /// came for 50 ms.
     pub flush_interval: Duration,
     /// Keys of another kind that were given (`sink.redis_command` to a postgres sink):
     /// refused by validation, naming them.
@@ -1214,7 +1215,8 @@ struct RawSinkConfig {
     #[serde(default = "defaults::record_attempts", deserialize_with = "whole::number")]
     max_record_attempts: u32,
     /// Strategies that may write before the checkpoint (`idempotent`) write a partly
-    /// filled buffer once its oldest record waited this long.
+    /// filled buffer once its oldest record waited this long, or sooner, once no input
+    /// came for 50 ms.
     #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
     flush_interval: Duration,
     /// A directory of sqlx migrations (`<version>_<name>.sql`).
