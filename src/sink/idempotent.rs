@@ -252,7 +252,10 @@ mod tests {
             .with_flush_interval(std::time::Duration::from_secs(60));
         w.write(batch(3)).await.expect("write");
         let due = w.flush_due().expect("rows wait");
-        assert!(due <= Instant::now() + QUIET_INPUT, "due at the quiet linger, not in a minute");
+        assert!(
+            due <= Instant::now() + QUIET_INPUT,
+            "due at the quiet linger, not in a minute"
+        );
         // Before the input went quiet nothing is written; after, the rows are.
         w.on_quiet().await.expect("quiet");
         assert_eq!(*target.0.lock().expect("lock"), 0, "written while input still came");
