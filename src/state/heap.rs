@@ -78,6 +78,11 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         e.value.clone()
     }
 
+    fn peek<R>(&self, _kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(Option<&V>) -> R) -> R {
+        let entry = self.map.get(&ns).and_then(|keys| keys.get(key));
+        f(entry.filter(|e| !self.expired(e)).and_then(|e| e.value.as_ref()))
+    }
+
     fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R {
         let now = self.now_ms;
         let ttl = self.ttl_ms;
@@ -307,6 +312,13 @@ mod tests {
         t.set_time(1_120);
         assert_eq!(t.get(0, b"old", Namespace::GLOBAL), None, "expired on read");
         assert_eq!(t.get(0, b"new", Namespace::GLOBAL), Some(2));
+        assert_eq!(
+            t.peek(0, b"old", Namespace::GLOBAL, |v| v.copied()),
+            None,
+            "expired on a look"
+        );
+        assert_eq!(t.peek(0, b"new", Namespace::GLOBAL, |v| v.copied()), Some(2));
+        assert_eq!(t.peek(0, b"none", Namespace::GLOBAL, |v| v.copied()), None);
         // An expired entry updates as if absent.
         t.update(0, b"old", Namespace::GLOBAL, |v| {
             assert!(v.is_none());

@@ -158,6 +158,12 @@ pub trait KeyedTable<V: StateValue>: Send + 'static {
     /// The value of (key group, key, namespace), if any.
     fn get(&self, kg: KeyGroup, key: &[u8], ns: Namespace) -> Option<V>;
 
+    /// Look at an entry without copying it out (as [`KeyedTable::get`] does) or marking
+    /// it changed (as [`KeyedTable::update`] does): `f` sees `None` when absent.
+    fn peek<R>(&self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(Option<&V>) -> R) -> R {
+        f(self.get(kg, key, ns).as_ref())
+    }
+
     /// Read, change and write back one entry in one step: `f` sees `None` when absent,
     /// and leaving `None` deletes the entry.
     fn update<R>(&mut self, kg: KeyGroup, key: &[u8], ns: Namespace, f: impl FnOnce(&mut Option<V>) -> R) -> R;
