@@ -786,14 +786,7 @@ fn measure(job: &str, topic: &str, n: u64) -> Option<Measured> {
 
 // mimalloc reserves its first arena at the first allocation, before `main`: the
 // settings must be in place before that (see sluice::allocator).
-#[used]
-#[cfg_attr(target_os = "linux", link_section = ".init_array")]
-static TUNE_ALLOCATOR: extern "C" fn() = {
-    extern "C" fn tune() {
-        sluice::allocator::return_freed_memory_promptly();
-    }
-    tune
-};
+sluice::tune_allocator_before_main!();
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");

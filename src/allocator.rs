@@ -29,6 +29,23 @@ pub fn return_freed_memory_promptly() {
     }
 }
 
+/// Puts [`return_freed_memory_promptly`] in the binary's `.init_array`, so that it runs
+/// before `main`, before mimalloc reserves its first arena. Use once, in a binary whose
+/// global allocator is mimalloc.
+#[macro_export]
+macro_rules! tune_allocator_before_main {
+    () => {
+        #[used]
+        #[cfg_attr(target_os = "linux", link_section = ".init_array")]
+        static TUNE_ALLOCATOR: extern "C" fn() = {
+            extern "C" fn tune() {
+                $crate::allocator::return_freed_memory_promptly();
+            }
+            tune
+        };
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -259,14 +259,7 @@ macro_rules! say {
 
 // mimalloc reserves its first arena at the first allocation, before `main`: the
 // settings must be in place before that (see sluice::allocator).
-#[used]
-#[cfg_attr(target_os = "linux", link_section = ".init_array")]
-static TUNE_ALLOCATOR: extern "C" fn() = {
-    extern "C" fn tune() {
-        sluice::allocator::return_freed_memory_promptly();
-    }
-    tune
-};
+sluice::tune_allocator_before_main!();
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
