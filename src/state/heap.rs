@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode, encode, is_incremental, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SharedFiles, SnapshotFn,
+    decode, encode, is_incremental, KeyBytes, KeyGroup, KeyGroupRange, KeyedTable, Namespace, SharedFiles, SnapshotFn,
     SnapshotRow, StateBackend, StateConfig, StateValue,
 };
 #[cfg(not(feature = "rocksdb"))]
@@ -60,7 +60,7 @@ pub struct HeapTable<V> {
 }
 
 /// The entries of one namespace, by key; both shared with the snapshots that hold them.
-type Keys<V> = FxHashMap<Arc<[u8]>, Arc<Entry<V>>>;
+type Keys<V> = FxHashMap<KeyBytes, Arc<Entry<V>>>;
 
 impl<V> HeapTable<V> {
     fn expired(&self, e: &Entry<V>) -> bool {
@@ -91,14 +91,14 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
             // Copied here if a snapshot still holds it.
             let e = Arc::make_mut(e);
             let live = ttl.is_none_or(|ttl| now.saturating_sub(e.written_ms) <= ttl);
-            // Take the value out so `f` can own it, then put back what it leaves.
-            let mut slot = if live { e.value.take() } else { None };
-            let r = f(&mut slot);
-            match slot {
-                Some(v) => {
-                    e.value = Some(v);
-                    e.written_ms = now;
-                }
+            if !live {
+                e.value = None;
+            }
+            // In place: a value can be a few hundred bytes (a key's windows with their
+            // accumulators inline), not worth moving out and back per record.
+            let r = f(&mut e.value);
+            match e.value {
+                Some(_) => e.written_ms = now,
                 None => {
                     keys.remove(key);
                     self.len -= 1;

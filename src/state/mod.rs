@@ -29,6 +29,13 @@ pub use rocks::{RocksBackend, RocksOptions, RocksTable};
 
 use crate::error::{Error, Result};
 
+/// A key's encoded bytes as state and timers keep them: up to 24 bytes inline (an
+/// integer key takes 13, a string 5 plus its length), so that a lookup compares keys
+/// without following a pointer and a new entry or timer does not allocate for its key.
+/// Encoded as a byte sequence, exactly as the `Arc<[u8]>` it replaced: checkpoints
+/// read either way.
+pub type KeyBytes = smallvec::SmallVec<[u8; 24]>;
+
 /// A key group: keys hash into `0..max_parallelism`, fixed for a job's life.
 pub type KeyGroup = u16;
 
@@ -353,6 +360,21 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_bytes_encode_as_the_shared_slices_they_replaced() {
+        // Checkpoints written before keys were held inline must still restore, and the
+        // other way round; both a short (inline) and a long (spilled) key.
+        for key in [b"k".to_vec(), vec![7u8; 100]] {
+            let old: std::sync::Arc<[u8]> = key.clone().into();
+            let new: KeyBytes = key.as_slice().into();
+            assert_eq!(encode(&old).unwrap(), encode(&new).unwrap());
+            let back: KeyBytes = decode(&encode(&old).unwrap(), "key").unwrap();
+            assert_eq!(back.as_slice(), key.as_slice());
+            let forth: std::sync::Arc<[u8]> = decode(&encode(&new).unwrap(), "key").unwrap();
+            assert_eq!(&*forth, key.as_slice());
+        }
+    }
 
     #[test]
     fn value_list_and_map_state_are_addressed_by_key_and_namespace() {

@@ -16,7 +16,7 @@ pub struct Timer {
     /// The key's group.
     pub key_group: KeyGroup,
     /// The key's encoded bytes.
-    pub key: std::sync::Arc<[u8]>,
+    pub key: crate::state::KeyBytes,
     /// The namespace (e.g. the window).
     pub namespace: Namespace,
 }

@@ -104,10 +104,11 @@ pub enum Acc {
     /// The distinct values, by their encoding.
     Distinct(BTreeSet<Vec<u8>>),
     /// By (event time, partition, offset): ties between equal times break the same way
-    /// on every replay.
-    First(Option<(i64, i32, i64, Value)>),
+    /// on every replay. Boxed, as is `Last`: they are rare, and every accumulator is as
+    /// large as the largest kind (a window keeps its accumulators inline).
+    First(Option<Box<(i64, i32, i64, Value)>>),
     /// The latest value by (timestamp, partition, offset), so replays agree.
-    Last(Option<(i64, i32, i64, Value)>),
+    Last(Option<Box<(i64, i32, i64, Value)>>),
     /// A user function's accumulator.
     User(Value),
 }
@@ -219,14 +220,14 @@ impl Aggregate {
             }
             Acc::First(f) => {
                 let (t, p, o) = at();
-                if f.as_ref().is_none_or(|(ft, fp, fo, _)| (t, p, o) < (*ft, *fp, *fo)) {
-                    *f = Some((t, p, o, value.clone()));
+                if f.as_deref().is_none_or(|(ft, fp, fo, _)| (t, p, o) < (*ft, *fp, *fo)) {
+                    *f = Some(Box::new((t, p, o, value.clone())));
                 }
             }
             Acc::Last(l) => {
                 let (t, p, o) = at();
-                if l.as_ref().is_none_or(|(lt, lp, lo, _)| (t, p, o) > (*lt, *lp, *lo)) {
-                    *l = Some((t, p, o, value.clone()));
+                if l.as_deref().is_none_or(|(lt, lp, lo, _)| (t, p, o) > (*lt, *lp, *lo)) {
+                    *l = Some(Box::new((t, p, o, value.clone())));
                 }
             }
             Acc::User(a) => {
@@ -275,7 +276,7 @@ impl Aggregate {
             Acc::Avg { n: 0, .. } => Value::Null,
             Acc::Avg { sum, n } => Value::Float(sum / *n as f64),
             Acc::Distinct(set) => Value::Int(set.len() as i64),
-            Acc::First(v) | Acc::Last(v) => v.as_ref().map_or(Value::Null, |(_, _, _, v)| v.clone()),
+            Acc::First(v) | Acc::Last(v) => v.as_deref().map_or(Value::Null, |(_, _, _, v)| v.clone()),
             Acc::User(a) => match &self.kind {
                 AggregateKind::User(u) => u.result(a),
                 AggregateKind::Builtin(_) => Value::Null,
