@@ -501,7 +501,14 @@ async fn run_until(
     let (trace, mut last_trace) = (std::env::var_os("SLUICE_BENCH_TRACE").is_some(), Instant::now());
     while !done(&stats) {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(!job.is_finished(), "the job stopped early");
+        if job.is_finished() {
+            let why = match job.await {
+                Ok(Ok(())) => "without an error".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => format!("{e}"),
+            };
+            panic!("the job stopped early: {why}");
+        }
         // A job that cannot reach its sink retries for ever: the bench says so instead.
         assert!(
             started.elapsed() < Duration::from_secs(600),
@@ -552,7 +559,10 @@ async fn sluice_windowed(pool: &PgPool, topic: &str, n: u64, w: &Windowed<'_>) -
     pool.execute(
         format!(
             "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (\"{key}\" text, window_start bigint, \
-             window_end bigint, n bigint, total float8, firing text, PRIMARY KEY (\"{key}\", window_start))",
+             window_end bigint, n bigint, total float8, firing text, PRIMARY KEY (\"{key}\", window_start)); \
+             CREATE TABLE IF NOT EXISTS bench_dead (topic text NOT NULL, partition int NOT NULL, \
+             \"offset\" bigint NOT NULL, kafka_timestamp bigint, reason text, payload bytea, \
+             PRIMARY KEY (topic, partition, \"offset\"))",
             key = w.key
         )
         .as_str(),
