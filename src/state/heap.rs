@@ -4,8 +4,10 @@
 //! Entries are laid out by namespace, then key, so that state of one window is found
 //! without scanning others, and keys are looked up by their bytes without allocating.
 //!
-//! Keys and entries are shared (`Arc`), so the copy a snapshot takes is of pointers: a
-//! million entries cost milliseconds at the barrier, not a deep copy of every value.
+//! Entries are shared (`Arc`) and keys of up to 24 bytes held inline ([`KeyBytes`]), so
+//! the copy a snapshot takes is of pointers and short keys: a million entries cost
+//! milliseconds at the barrier, not a deep copy of every value. (A longer key is
+//! copied with an allocation of its own; keys are rarely that long.)
 //! An entry changed while a snapshot still holds it is copied then, once (Flink's
 //! copy-on-write state map): memory grows by what changes before the encoding ends,
 //! not by the whole state.
