@@ -181,23 +181,7 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
         // The copy (of pointers) is the only work on the processing path; encoding
         // happens later.
         let copy = self.map.clone();
-        Box::new(move |_| {
-            let rows: Vec<SnapshotRow<&V>> = copy
-                .iter()
-                .flat_map(|(ns, keys)| {
-                    keys.iter().filter_map(move |(key, e)| {
-                        Some(SnapshotRow {
-                            kg: e.kg,
-                            key: key.to_vec(),
-                            ns: *ns,
-                            value: e.value.as_ref()?,
-                            written_ms: e.written_ms,
-                        })
-                    })
-                })
-                .collect();
-            encode(&rows)
-        })
+        Box::new(move |_| encode(&Rows(&copy)))
     }
 
     fn restore(&mut self, bytes: &[u8], range: KeyGroupRange, shared: &dyn SharedFiles) -> Result<usize> {
@@ -214,6 +198,33 @@ impl<V: StateValue> KeyedTable<V> for HeapTable<V> {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+/// The rows of a snapshot, written one by one as the sequence of [`SnapshotRow`]s every
+/// backend reads, without a list of them and a copy of every key first.
+struct Rows<'a, V>(&'a FxHashMap<Namespace, Keys<V>>);
+
+impl<V: Serialize> Serialize for Rows<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let entries = || {
+            self.0
+                .iter()
+                .flat_map(|(ns, keys)| keys.iter().map(move |(key, e)| (ns, key, e)))
+                .filter_map(|(ns, key, e)| Some((ns, key, e, e.value.as_ref()?)))
+        };
+        let mut seq = s.serialize_seq(Some(entries().count()))?;
+        for (ns, key, e, value) in entries() {
+            seq.serialize_element(&SnapshotRow {
+                kg: e.kg,
+                key: key.as_slice(),
+                ns: *ns,
+                value,
+                written_ms: e.written_ms,
+            })?;
+        }
+        seq.end()
     }
 }
 
@@ -299,6 +310,29 @@ mod tests {
         assert_eq!(low.get(5, &[5], Namespace::GLOBAL), None);
         assert_eq!(high.get(5, &[5], Namespace::GLOBAL).as_deref(), Some("v5"));
         assert_eq!(low.get(0, b"late", Namespace::GLOBAL), None);
+    }
+
+    #[test]
+    fn a_snapshot_writes_the_rows_a_list_of_them_wrote() {
+        let mut t: HeapTable<String> = HeapBackend.table("t", StateConfig::default());
+        for (i, key) in [&b"k"[..], &[9u8; 40]].into_iter().enumerate() {
+            t.update(i as KeyGroup, key, ns(i as i64), |v| *v = Some(format!("v{i}")));
+        }
+        let listed: Vec<SnapshotRow<&String>> = t
+            .map
+            .iter()
+            .flat_map(|(ns, keys)| {
+                keys.iter().map(move |(key, e)| SnapshotRow {
+                    kg: e.kg,
+                    key: key.to_vec(),
+                    ns: *ns,
+                    value: e.value.as_ref().unwrap(),
+                    written_ms: e.written_ms,
+                })
+            })
+            .collect();
+        let listed = encode(&listed).unwrap();
+        assert_eq!(t.snapshot()(&NoSharedFiles).unwrap(), listed);
     }
 
     #[test]

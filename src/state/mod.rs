@@ -335,10 +335,12 @@ impl<K: StateValue + Ord, V: StateValue, T: KeyedTable<BTreeMap<K, V>>> MapState
 
 /// One entry of an encoded snapshot. Every backend writes and reads this form (a
 /// postcard sequence of rows), so a checkpoint restores into either backend.
+/// (`K` is how the key is held: written from a borrowed slice, it encodes as the
+/// `Vec` it is read back into.)
 #[derive(Serialize, Deserialize)]
-pub(crate) struct SnapshotRow<V> {
+pub(crate) struct SnapshotRow<V, K = Vec<u8>> {
     pub(crate) kg: KeyGroup,
-    pub(crate) key: Vec<u8>,
+    pub(crate) key: K,
     pub(crate) ns: Namespace,
     pub(crate) value: V,
     pub(crate) written_ms: i64,
