@@ -310,7 +310,6 @@ pub(super) fn source_time(cfg: &JobConfig, plan: &Plan) -> Option<SourceTimeConf
     Some(SourceTimeConfig {
         assigner,
         generator: Arc::new(move || Box::new(BoundedOutOfOrderness::new(bound)) as Box<dyn WatermarkGenerator>),
-        interval: t.watermark_interval,
         idle_timeout: Some(t.idle_timeout),
         max_future: Some(t.max_future).filter(|d| !d.is_zero()),
     })

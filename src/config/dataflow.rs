@@ -53,7 +53,10 @@ pub struct TimeConfig {
     /// How far out of order events may arrive before they count as late.
     #[serde(default = "defaults::out_of_orderness", with = "humantime_serde")]
     pub max_out_of_orderness: Duration,
-    /// How often sources emit watermarks.
+    /// How often a hop source (reading another instance's output) emits watermarks. A
+    /// Kafka source emits one after every batch it reads instead (`source.batch_size`
+    /// records, or what came within 20 ms): on a clock, a backlog's records ran a
+    /// clock period past the watermark, and the windows they opened all waited.
     #[serde(default = "defaults::watermark_interval", with = "humantime_serde")]
     pub watermark_interval: Duration,
     /// A partition without records for this long stops holding the watermark back
