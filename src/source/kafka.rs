@@ -356,9 +356,9 @@ impl KafkaSource {
         // reading a backlog at 100,000 records/s read 20,000 records past each
         // watermark, and every window they opened waited for the next one: the
         // bench's 10,000-key windowed job held 100,000 timers and more per subtask,
-        // with their windows and their copies in snapshots, and peaked at 210-250 MiB;
-        // with a watermark per batch, 190 MiB at the same rate. A watermark that did
-        // not move is not sent, so a quiet or steady stream sends no more than before.
+        // with their windows and their copies in snapshots, and peaked at 213-251 MiB;
+        // with a watermark per batch, at 176-194 MiB in four runs of five (228 in one)
+        // at the same rate. A watermark that did not move is not sent.
         let time = if self.time.is_some() {
             run.watermarks.on_interval(Instant::now())
         } else {

@@ -152,8 +152,8 @@ impl TimerQueue for HeapTimers {
         // Encoded now rather than copied and encoded later: the copy of a set of
         // timers (a B-tree of 64-byte entries) and then a list of it took about three
         // times the bytes of the encoding, and a window job reading a backlog holds
-        // a timer per open window, 100,000 and more per subtask. Encoding costs about
-        // what the copy did.
+        // a timer per open window, 100,000 and more per subtask. The encoding is one
+        // pass over the timers, as the copy was.
         let bytes = encode(&EncodedRef {
             event: &self.event,
             processing: &self.processing,
