@@ -788,3 +788,96 @@ fn timestamp_at(client: &ClientConfig, topic: &str, partition: i32, offset: i64)
         "no answer reading {topic}/{partition} at offset {offset} to check the restored position"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::watermark::{BoundedOutOfOrderness, SourceTime};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    const BATCH: usize = 100;
+
+    fn config(bootstrap: &str) -> crate::config::JobConfig {
+        let toml = format!(
+            "[job]\nname = \"t\"\n[source]\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"t\"]\n\
+             [[decode.fields]]\nname = \"n\"\ntype = \"int\"\n\
+             [sink]\nkind = \"sqlite\"\nurl = \"sqlite::memory:\"\ntable = \"t\"\nstrategy = \"idempotent\"\n"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, toml).expect("write");
+        crate::config::load(&path).expect("config")
+    }
+
+    /// A backlog read in full batches, faster than any clock would tick: each batch
+    /// comes with the watermark its records allow (it used to wait up to 200 ms, and the
+    /// windows a backlog's records opened waited with it).
+    #[test]
+    fn every_full_batch_of_a_backlog_comes_with_its_watermark() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("producer");
+        let total = 5 * BATCH;
+        for i in 0..total {
+            let record = BaseRecord::<(), str>::to("t")
+                .payload(r#"{"n": 1}"#)
+                .partition(0)
+                .timestamp(1_700_000_000_000 + i as i64);
+            producer.send(record).map_err(|(e, _)| e).expect("send");
+        }
+        producer.flush(Duration::from_secs(10)).expect("flush");
+        let cfg = config(&bootstrap);
+        let (_done, completed) = watch::channel(0u64);
+        let mut source = KafkaSource::new(
+            0,
+            1,
+            super::super::consumer_config(&cfg, &bootstrap),
+            TopicSelector::new(&cfg.source.topics).expect("topics"),
+            StartPosition {
+                from: StartFrom::Earliest,
+                offsets: HashMap::new(),
+            },
+            IsolationLevel::ReadUncommitted,
+            BATCH,
+            Duration::from_secs(60),
+            Decoders::new(&cfg.decode, false).expect("decoders"),
+            Some(SourceTimeConfig {
+                assigner: TimestampAssigner::Kafka,
+                generator: Arc::new(|| Box::new(BoundedOutOfOrderness::monotonous()) as Box<dyn WatermarkGenerator>),
+                idle_timeout: None,
+                max_future: None,
+            }),
+            Arc::new(JobStats::default()),
+            false,
+            completed,
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (mut read, mut full) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while read < total && Instant::now() < deadline {
+            let poll = source.poll_batch().expect("poll");
+            let Some(last) = poll.batch.records.last().map(|r| r.timestamp) else {
+                continue;
+            };
+            read += poll.batch.records.len();
+            if poll.batch.records.len() == BATCH {
+                full += 1;
+                assert_eq!(
+                    poll.time,
+                    vec![SourceTime::Watermark(last - 1)],
+                    "a full batch without the watermark of its records"
+                );
+            }
+        }
+        assert_eq!(read, total, "read the backlog");
+        assert!(
+            full >= 2,
+            "the backlog came in {full} full batches: too few to show anything"
+        );
+    }
+}
