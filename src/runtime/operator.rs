@@ -229,6 +229,14 @@ pub trait Operator: Send + 'static {
         Ok(())
     }
 
+    /// After [`Operator::restore`]: register the timers the restored state needs that
+    /// its snapshot did not hold for this operator (a snapshot of another layout of the
+    /// same state, or timers of key groups another subtask held).
+    fn restore_timers(&mut self, timers: &mut TimerService, key_groups: KeyGroupRange) -> Result<()> {
+        let _ = (timers, key_groups);
+        Ok(())
+    }
+
     /// Checkpoint `checkpoint` (and every one before it) is complete.
     fn on_checkpoint_complete(&mut self, checkpoint: u64) -> Result<()> {
         let _ = checkpoint;
@@ -512,7 +520,8 @@ impl Chain {
             let held: Vec<Timer> = decode(bytes, "held timers")?;
             c.timers.restore_held(held, c.info.key_groups);
         }
-        c.op.restore(&state)
+        c.op.restore(&state)?;
+        c.op.restore_timers(&mut c.timers, c.info.key_groups)
     }
 
     /// Tell every operator that checkpoint `id` completed.

@@ -229,6 +229,22 @@ impl<V: Serialize> Serialize for Rows<'_, V> {
 }
 
 impl<V: StateValue> HeapTable<V> {
+    /// Every entry, the table consumed (state read from a snapshot into another layout).
+    pub(crate) fn into_rows(self) -> impl Iterator<Item = SnapshotRow<V, KeyBytes>> {
+        self.map.into_iter().flat_map(|(ns, keys)| {
+            keys.into_iter().filter_map(move |(key, e)| {
+                let e = Arc::unwrap_or_clone(e);
+                Some(SnapshotRow {
+                    kg: e.kg,
+                    key,
+                    ns,
+                    value: e.value?,
+                    written_ms: e.written_ms,
+                })
+            })
+        })
+    }
+
     fn insert_row(&mut self, row: SnapshotRow<V>) {
         let keys = self.map.entry(row.ns).or_default();
         let entry = Arc::new(Entry {

@@ -16,6 +16,7 @@
 
 pub mod aggregate;
 pub mod assigner;
+mod bins;
 pub mod build;
 pub mod process;
 pub mod trigger;
@@ -129,6 +130,25 @@ enum Contents {
 const WINDOWS: &str = "windows";
 /// What the state's bytes mean (key fields, function): checked on restore.
 const LAYOUT: &str = "layout";
+/// Present when the state was kept by window ([`bins`]): its checkpoint holds a timer
+/// per window, not per key and window, and the general layout registers its own.
+const BINNED: &str = "binned";
+
+/// Refuse a checkpoint whose window state means something else than `spec`'s.
+fn check_layout(spec: &WindowSpec, state: &RestoredState<'_>) -> Result<()> {
+    let ours = layout(spec);
+    for bytes in state.parts(LAYOUT) {
+        let theirs: String = crate::state::decode(bytes, "window layout")?;
+        if theirs != ours {
+            return Err(crate::Error::Unsupported(format!(
+                "window operator `{}`: its checkpointed state holds {theirs}, but the job now has {ours}; \
+                 state cannot be carried over: give the window a new id (its old state is then ignored)",
+                spec.id
+            )));
+        }
+    }
+    Ok(())
+}
 
 fn layout(spec: &WindowSpec) -> String {
     let keys: Vec<String> = spec
@@ -169,6 +189,9 @@ pub struct WindowOperator<B: StateBackend> {
     /// Where the runtime is to keep this operator's timers (with its state), handed
     /// over once when it is chained; none: the heap.
     timers: Option<Box<dyn crate::time::timers::TimerQueue>>,
+    /// Keys' windows restored from state kept by window, whose timers are still to be
+    /// registered.
+    restored: Vec<(KeyGroup, crate::state::KeyBytes, Window)>,
 }
 
 impl<B: StateBackend> WindowOperator<B> {
@@ -184,6 +207,7 @@ impl<B: StateBackend> WindowOperator<B> {
             due: Vec::new(),
             stats,
             timers: None,
+            restored: Vec::new(),
         }
     }
 }
@@ -338,26 +362,10 @@ impl Fire<'_> {
             }
             _ => {}
         }
-        values.push(Value::Text(kind.as_str().to_string()));
-        values.resize(spec.output.fields.len(), Value::Null);
         ws.firings += 1;
-        let mut h = StableHasher::default();
-        h.write(self.key);
-        h.write(&ws.window.start.to_le_bytes());
-        h.write(&ws.window.end.to_le_bytes());
-        h.write(&ws.firings.to_le_bytes());
-        self.out.record(Record {
-            origin: Origin {
-                topic: self.topic.clone(),
-                partition: Origin::MADE,
-                offset: (h.finish() & i64::MAX as u64) as i64,
-                timestamp_ms: max_timestamp(&ws.window),
-            },
-            values,
-            payload: None,
-            timestamp: max_timestamp(&ws.window),
-            op: crate::record::Op::Upsert,
-        });
+        self.out.record(result_record(
+            spec, self.topic, self.key, ws.window, ws.firings, kind, values,
+        ));
         self.fired += 1;
     }
 
@@ -368,6 +376,57 @@ impl Fire<'_> {
         } else {
             FiringKind::Early
         }
+    }
+}
+
+/// A firing's result: `values` (the key's fields, the window's bounds and what the
+/// function computed) with the firing's name and an offset that names this firing of
+/// this key's window uniquely, the same on every replay.
+fn result_record(
+    spec: &WindowSpec,
+    topic: &Arc<str>,
+    key: &[u8],
+    window: Window,
+    firings: u32,
+    kind: FiringKind,
+    mut values: Vec<Value>,
+) -> Record {
+    values.push(Value::Text(kind.as_str().to_string()));
+    values.resize(spec.output.fields.len(), Value::Null);
+    let mut h = StableHasher::default();
+    h.write(key);
+    h.write(&window.start.to_le_bytes());
+    h.write(&window.end.to_le_bytes());
+    h.write(&firings.to_le_bytes());
+    Record {
+        origin: Origin {
+            topic: topic.clone(),
+            partition: Origin::MADE,
+            offset: (h.finish() & i64::MAX as u64) as i64,
+            timestamp_ms: max_timestamp(&window),
+        },
+        values,
+        payload: None,
+        timestamp: max_timestamp(&window),
+        op: crate::record::Op::Upsert,
+    }
+}
+
+/// A record later than allowed lateness, as the dead letter that says why.
+fn late_record(spec: &WindowSpec, r: Record, ts: i64, watermark: i64) -> DeadLetter {
+    let mut last = Vec::new();
+    spec.assigner.assign(ts, &mut last);
+    let window = last.last().copied().unwrap_or(Window { start: ts, end: ts });
+    let behind = watermark.saturating_sub(ts);
+    let reason = format!(
+        "late record at window operator `{}`: event time {ts} is {behind} ms behind the watermark {watermark}; \
+         its window [{}, {}) closed (allowed lateness {} ms)",
+        spec.id, window.start, window.end, spec.allowed_lateness
+    );
+    DeadLetter {
+        payload: super::record_json(&spec.input_fields, &r.values),
+        origin: r.origin,
+        reason,
     }
 }
 
@@ -437,24 +496,6 @@ impl<B: StateBackend> WindowOperator<B> {
             fired?;
         }
     }
-
-    fn late_record(&self, r: Record, ts: i64, watermark: i64) -> DeadLetter {
-        let spec = &*self.spec;
-        let mut last = Vec::new();
-        spec.assigner.assign(ts, &mut last);
-        let window = last.last().copied().unwrap_or(Window { start: ts, end: ts });
-        let behind = watermark.saturating_sub(ts);
-        let reason = format!(
-            "late record at window operator `{}`: event time {ts} is {behind} ms behind the watermark {watermark}; \
-             its window [{}, {}) closed (allowed lateness {} ms)",
-            spec.id, window.start, window.end, spec.allowed_lateness
-        );
-        DeadLetter {
-            payload: super::record_json(&spec.input_fields, &r.values),
-            origin: r.origin,
-            reason,
-        }
-    }
 }
 
 fn is_late(w: &Window, lateness: i64, watermark: i64) -> bool {
@@ -489,7 +530,7 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
                     if crate::failpoint::sabotage("drop_late") {
                         continue;
                     }
-                    let dead = self.late_record(r, ts, wm);
+                    let dead = late_record(&spec, r, ts, wm);
                     ctx.out.dead_letter(dead);
                     continue;
                 }
@@ -621,21 +662,42 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
     }
 
     fn restore(&mut self, state: &RestoredState<'_>) -> Result<()> {
-        let ours = layout(&self.spec);
-        for bytes in state.parts(LAYOUT) {
-            let theirs: String = crate::state::decode(bytes, "window layout")?;
-            if theirs != ours {
-                return Err(crate::Error::Unsupported(format!(
-                    "window operator `{}`: its checkpointed state holds {theirs}, but the job now has {ours}; \
-                     state cannot be carried over: give the window a new id (its old state is then ignored)",
-                    self.spec.id
-                )));
-            }
-        }
+        check_layout(&self.spec, state)?;
+        let binned = state.parts(BINNED).next().is_some();
         for bytes in state.parts(WINDOWS) {
             self.table.restore(bytes, state.key_groups, state.shared)?;
+            if binned {
+                // Kept by window, the state came with a timer per window: each key's
+                // window needs its own here. (That layout writes the heap's rows.)
+                let rows: Vec<crate::state::SnapshotRow<KeyWindows>> = crate::state::decode(bytes, WINDOWS)?;
+                for row in rows.into_iter().filter(|r| state.key_groups.contains(r.kg)) {
+                    let key: crate::state::KeyBytes = row.key.as_slice().into();
+                    self.restored
+                        .extend(row.value.windows.iter().map(|ws| (row.kg, key.clone(), ws.window)));
+                }
+            }
         }
         self.metrics.open_windows.set(self.table.len() as f64);
+        Ok(())
+    }
+
+    fn restore_timers(&mut self, timers: &mut TimerService, _: crate::state::KeyGroupRange) -> Result<()> {
+        let spec = self.spec.clone();
+        for (kg, key, w) in std::mem::take(&mut self.restored) {
+            let mut out = crate::runtime::operator::Output::default();
+            let mut fire = Fire {
+                spec: &spec,
+                topic: &self.topic,
+                key: &key,
+                key_group: kg,
+                out: &mut out,
+                timers,
+                watermark: i64::MIN,
+                processing_time: 0,
+                fired: 0,
+            };
+            fire.register_window_timers(w);
+        }
         Ok(())
     }
 }
@@ -676,9 +738,13 @@ fn merge_session(fire: &mut Fire<'_>, kw: &mut KeyWindows, w: Window) -> usize {
     }
 }
 
-/// The window operator over the heap backend, as built from config.
+/// The window operator over the heap backend, as built from config: state kept by
+/// window where the job's windows allow it ([`bins`]), by key otherwise.
 pub fn heap_operator(spec: Arc<WindowSpec>, subtask: usize, stats: Arc<JobStats>) -> Box<dyn Operator> {
-    Box::new(WindowOperator::new(spec, &crate::state::HeapBackend, subtask, stats))
+    match bins::BinnedWindows::new(spec.clone(), subtask, stats.clone()) {
+        Some(op) => Box::new(op),
+        None => Box::new(WindowOperator::new(spec, &crate::state::HeapBackend, subtask, stats)),
+    }
 }
 
 /// The window operator over a RocksDB of its own under `root`.

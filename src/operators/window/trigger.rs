@@ -92,6 +92,12 @@ pub trait Trigger: Send + Sync {
     fn clear(&self, window: Window, state: &mut TriggerState, ctx: &mut TriggerContext) {
         let _ = (window, state, ctx);
     }
+    /// Whether this trigger fires a window once, when the watermark passes its end, and
+    /// at once for a late record, and does nothing else ([`EventTimeTrigger`]): the
+    /// window operator can then keep its state by window.
+    fn fires_at_event_time_end_only(&self) -> bool {
+        false
+    }
 }
 
 /// Fires when the watermark passes the window's end, and at once for every late record
@@ -115,6 +121,9 @@ impl Trigger for EventTimeTrigger {
     }
     fn on_processing_time(&self, _: i64, _: Window, _: &mut TriggerState, _: &mut TriggerContext) -> TriggerResult {
         TriggerResult::Continue
+    }
+    fn fires_at_event_time_end_only(&self) -> bool {
+        true
     }
 }
 

@@ -1,0 +1,374 @@
+//! The window operator's state kept by window, for the commonest windowed job: event-time
+//! tumbling or sliding windows of incremental aggregates that fire once, at their end
+//! (the default trigger, no allowed lateness), on the heap.
+//!
+//! Each open window is a map of its keys to their accumulators, held inline, and it
+//! fires by draining that map, as a batch computation (and Flink SQL's window
+//! aggregation, and Arroyo's tumbling aggregate) would: one timer per window instead of
+//! one per key and window, and a record touches one entry of a map of small entries
+//! instead of a key's entry holding all its windows behind a pointer. Kept by key (the
+//! general layout, [`super::WindowOperator`]), 10,000 keys' state and timers spilled out
+//! of the core's cache and a window cost about a microsecond to open, time and fire.
+//!
+//! A checkpoint holds the same rows as the general layout (a key's windows per key), so
+//! a job moves between the two through a checkpoint (a trigger or allowed lateness
+//! added, RocksDB chosen, an older checkpoint): each registers, on restore, the timers
+//! its layout needs, which is also what a subtask restoring other key groups needs.
+//!
+//! Copy-on-write at the granularity of a window: a snapshot holds each open window's map
+//! (`Arc`); the first record into a window whose map a snapshot still holds copies the
+//! map. A window job writes into one or two windows at a time, so a checkpoint costs at
+//! most a copy of those, made while the snapshot is being encoded.
+
+use std::collections::btree_map::Entry as MapEntry;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use serde::Serialize;
+use smallvec::SmallVec;
+
+use super::aggregate::{Acc, Aggregate};
+use super::trigger::TriggerState;
+use super::{
+    check_layout, is_late, late_record, layout, result_record, Contents, FiringKind, KeyWindows, WindowFunction,
+    WindowSpec, WindowState, BINNED, LAYOUT, WINDOWS,
+};
+use crate::error::Result;
+use crate::record::{decode_key, Batch, Value};
+use crate::runtime::operator::{Context, Operator, RestoredState, SnapshotParts};
+use crate::runtime::partition::hash_key_bytes;
+use crate::state::{
+    encode, key_group, HeapBackend, KeyBytes, KeyGroup, KeyGroupRange, Namespace, SnapshotRow, StateBackend,
+    StateConfig,
+};
+use crate::telemetry::{JobStats, WindowMetrics};
+use crate::time::timers::TimeDomain;
+use crate::time::{max_timestamp, Timer, TimerService, Window};
+
+/// Keys a window's timer fires each time it comes up. It comes back until the window is
+/// drained, so a firing of many keys passes barriers and records between slices of
+/// `FIRE_PER_STEP` timers as the general layout's does (there, a timer is one key).
+const KEYS_PER_TIMER: usize = 8;
+
+/// One key's accumulators in one window, and what the general layout keeps beside them.
+#[derive(Clone)]
+struct Slot {
+    kg: KeyGroup,
+    accs: SmallVec<[Acc; 4]>,
+    count: u64,
+    pending: u64,
+    firings: u32,
+    fired_on_time: bool,
+}
+
+type Bin = IndexMap<KeyBytes, Slot, FxBuildHasher>;
+
+/// The window operator with state by window (see the module doc).
+pub struct BinnedWindows {
+    spec: Arc<WindowSpec>,
+    topic: Arc<str>,
+    bins: BTreeMap<Window, Arc<Bin>>,
+    /// Keys held, over all windows.
+    open: usize,
+    key_buf: Vec<u8>,
+    assigned: Vec<Window>,
+    now_ms: i64,
+    metrics: WindowMetrics,
+    stats: Arc<JobStats>,
+}
+
+impl BinnedWindows {
+    /// The operator for `spec`, if its windows can be kept this way: event time, not
+    /// sessions, aggregates, the default trigger, no allowed lateness.
+    pub fn new(spec: Arc<WindowSpec>, subtask: usize, stats: Arc<JobStats>) -> Option<Self> {
+        let fits = spec.domain == TimeDomain::EventTime
+            && !spec.assigner.is_merging()
+            && spec.allowed_lateness == 0
+            && spec.trigger.fires_at_event_time_end_only()
+            && matches!(spec.function, WindowFunction::Aggregate(_));
+        fits.then(|| Self {
+            topic: Arc::from(spec.id.as_str()),
+            metrics: WindowMetrics::new(&spec.id, subtask),
+            spec,
+            bins: BTreeMap::new(),
+            open: 0,
+            key_buf: Vec::with_capacity(64),
+            assigned: Vec::with_capacity(4),
+            now_ms: 0,
+            stats,
+        })
+    }
+
+    fn aggregates(&self) -> &[Aggregate] {
+        match &self.spec.function {
+            WindowFunction::Aggregate(aggs) => aggs,
+            WindowFunction::Process { .. } => &[],
+        }
+    }
+
+    /// Fire one key of `window` as the general layout does at the window's end (which
+    /// is also its cleanup): its result, unless nothing came in since the last.
+    fn fire(&self, key: &[u8], window: Window, slot: &Slot, ctx: &mut Context<'_>) -> u64 {
+        if slot.pending == 0 {
+            return 0;
+        }
+        let spec = &*self.spec;
+        let mut values = Vec::with_capacity(spec.output.fields.len());
+        values.extend(decode_key(key, &spec.key_types).unwrap_or_default());
+        values.push(Value::Int(window.start));
+        values.push(Value::Int(window.end));
+        values.extend(
+            slot.accs
+                .iter()
+                .zip(self.aggregates())
+                .map(|(acc, agg)| agg.result(acc)),
+        );
+        let kind = if slot.fired_on_time {
+            FiringKind::Late
+        } else {
+            FiringKind::OnTime
+        };
+        ctx.out.record(result_record(
+            spec,
+            &self.topic,
+            key,
+            window,
+            slot.firings + 1,
+            kind,
+            values,
+        ));
+        1
+    }
+
+    fn insert(&mut self, window: Window, key: KeyBytes, slot: Slot) {
+        let bin = Arc::make_mut(self.bins.entry(window).or_default());
+        if bin.insert(key, slot).is_none() {
+            self.open += 1;
+        }
+    }
+}
+
+impl Operator for BinnedWindows {
+    fn process_batch(&mut self, batch: Batch, ctx: &mut Context<'_>) -> Result<()> {
+        self.now_ms = ctx.processing_time;
+        for d in batch.dead {
+            ctx.out.dead_letter(d);
+        }
+        let spec = self.spec.clone();
+        let WindowFunction::Aggregate(aggs) = &spec.function else {
+            return Ok(());
+        };
+        let max_parallelism = ctx.info.max_parallelism;
+        // A window's timer belongs to no key; it is registered under a key group of this
+        // subtask so that a checkpoint keeps it with this subtask's state.
+        let timer_kg = ctx.info.key_groups.start as KeyGroup;
+        let wm = ctx.watermark;
+        for r in batch.records {
+            let ts = r.timestamp;
+            spec.assigner.assign(ts, &mut self.assigned);
+            self.assigned.retain(|w| !is_late(w, 0, wm));
+            if self.assigned.is_empty() {
+                self.metrics.dropped.increment(1);
+                self.stats.late_dropped.fetch_add(1, Ordering::Relaxed);
+                if crate::failpoint::sabotage("drop_late") {
+                    continue;
+                }
+                ctx.out.dead_letter(late_record(&spec, r, ts, wm));
+                continue;
+            }
+            r.key_bytes_into(&spec.key, &mut self.key_buf);
+            let kg = key_group(hash_key_bytes(&self.key_buf), max_parallelism);
+            for w in &self.assigned {
+                let bin = match self.bins.entry(*w) {
+                    MapEntry::Occupied(e) => e.into_mut(),
+                    MapEntry::Vacant(e) => {
+                        ctx.timers
+                            .register(TimeDomain::EventTime, max_timestamp(w), timer_kg, &[], *w);
+                        e.insert(Arc::default())
+                    }
+                };
+                // Copied here if a snapshot still holds it.
+                let bin = Arc::make_mut(bin);
+                let i = match bin.get_index_of(self.key_buf.as_slice()) {
+                    Some(i) => i,
+                    None => {
+                        self.open += 1;
+                        let slot = Slot {
+                            kg,
+                            accs: aggs.iter().map(Aggregate::create).collect(),
+                            count: 0,
+                            pending: 0,
+                            firings: 0,
+                            fired_on_time: false,
+                        };
+                        bin.insert_full(KeyBytes::from_slice(&self.key_buf), slot).0
+                    }
+                };
+                let slot = &mut bin[i];
+                for (acc, agg) in slot.accs.iter_mut().zip(aggs) {
+                    agg.add(acc, &r, ts);
+                }
+                slot.count += 1;
+                slot.pending += 1;
+            }
+        }
+        self.metrics.open_windows.set(self.open as f64);
+        Ok(())
+    }
+
+    fn on_timer(&mut self, timer: Timer, domain: TimeDomain, ctx: &mut Context<'_>) -> Result<()> {
+        let window = timer.namespace;
+        // Only a window's end does anything here (its cleanup too, without allowed
+        // lateness); a timer a trigger registered in another layout has no work left.
+        if domain != TimeDomain::EventTime || timer.time != max_timestamp(&window) {
+            return Ok(());
+        }
+        let Some(shared) = self.bins.get_mut(&window) else {
+            return Ok(());
+        };
+        let mut bin = std::mem::take(Arc::make_mut(shared));
+        let mut fired = 0;
+        let mut removed = 0;
+        if timer.key.is_empty() {
+            // The window's own timer (or a key's of a job without key fields: the same).
+            for _ in 0..KEYS_PER_TIMER {
+                let Some((key, slot)) = bin.pop() else { break };
+                fired += self.fire(&key, window, &slot, ctx);
+                removed += 1;
+            }
+        } else if let Some(slot) = bin.swap_remove(timer.key.as_slice()) {
+            // A key's timer, from a checkpoint of the general layout.
+            fired += self.fire(&timer.key, window, &slot, ctx);
+            removed += 1;
+        }
+        self.open -= removed;
+        if bin.is_empty() {
+            self.bins.remove(&window);
+        } else {
+            if timer.key.is_empty() {
+                ctx.timers
+                    .register(TimeDomain::EventTime, timer.time, timer.key_group, &[], window);
+            }
+            if let Some(shared) = self.bins.get_mut(&window) {
+                *Arc::make_mut(shared) = bin;
+            }
+        }
+        self.metrics.fired.increment(fired);
+        self.stats.windows_fired.fetch_add(fired, Ordering::Relaxed);
+        self.metrics.open_windows.set(self.open as f64);
+        Ok(())
+    }
+
+    fn interruptible_timers(&self) -> bool {
+        // A record never changes a window whose end the watermark passed (without
+        // allowed lateness it is late), so nothing waits for a firing to finish.
+        true
+    }
+
+    fn snapshot(&mut self, _checkpoint: u64) -> Result<SnapshotParts> {
+        let bins: Vec<(Window, Arc<Bin>)> = self.bins.iter().map(|(w, b)| (*w, b.clone())).collect();
+        let now = self.now_ms;
+        let layout = layout(&self.spec);
+        Ok(vec![
+            (WINDOWS.to_string(), Box::new(move |_| encode(&ByKey::of(&bins, now)))),
+            (LAYOUT.to_string(), Box::new(move |_| encode(&layout))),
+            (BINNED.to_string(), Box::new(|_| encode(&true))),
+        ])
+    }
+
+    fn restore(&mut self, state: &RestoredState<'_>) -> Result<()> {
+        check_layout(&self.spec, state)?;
+        for bytes in state.parts(WINDOWS) {
+            // Read as the heap backend reads it (either layout, or RocksDB's snapshot
+            // of the general one), then moved into windows.
+            let mut table = HeapBackend.table::<KeyWindows>(WINDOWS, StateConfig::default());
+            crate::state::KeyedTable::restore(&mut table, bytes, state.key_groups, state.shared)?;
+            for row in table.into_rows() {
+                for ws in row.value.windows {
+                    let Contents::Aggregates(accs) = ws.contents else {
+                        continue;
+                    };
+                    let slot = Slot {
+                        kg: row.kg,
+                        accs,
+                        count: ws.trigger.count,
+                        pending: ws.pending,
+                        firings: ws.firings,
+                        fired_on_time: ws.fired_on_time,
+                    };
+                    self.insert(ws.window, row.key.clone(), slot);
+                }
+            }
+        }
+        self.metrics.open_windows.set(self.open as f64);
+        Ok(())
+    }
+
+    fn restore_timers(&mut self, timers: &mut TimerService, key_groups: KeyGroupRange) -> Result<()> {
+        for w in self.bins.keys() {
+            timers.register(
+                TimeDomain::EventTime,
+                max_timestamp(w),
+                key_groups.start as KeyGroup,
+                &[],
+                *w,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The windows' keys as the general layout's rows: each key with its windows.
+struct ByKey<'a> {
+    rows: Vec<(&'a [u8], KeyGroup, KeyWindows)>,
+    written_ms: i64,
+}
+
+impl<'a> ByKey<'a> {
+    fn of(bins: &'a [(Window, Arc<Bin>)], written_ms: i64) -> Self {
+        let mut by_key: FxHashMap<&'a [u8], (KeyGroup, KeyWindows)> = FxHashMap::default();
+        for (window, bin) in bins {
+            for (key, slot) in bin.iter() {
+                let (_, kw) = by_key
+                    .entry(key.as_slice())
+                    .or_insert_with(|| (slot.kg, KeyWindows::default()));
+                kw.windows.push(WindowState {
+                    window: *window,
+                    contents: Contents::Aggregates(slot.accs.clone()),
+                    trigger: TriggerState {
+                        count: slot.count,
+                        mark: 0,
+                    },
+                    pending: slot.pending,
+                    fired_on_time: slot.fired_on_time,
+                    firings: slot.firings,
+                });
+            }
+        }
+        let rows = by_key.into_iter().map(|(key, (kg, kw))| (key, kg, kw)).collect();
+        Self { rows, written_ms }
+    }
+}
+
+impl Serialize for ByKey<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.rows.len()))?;
+        for (key, kg, kw) in &self.rows {
+            seq.serialize_element(&SnapshotRow {
+                kg: *kg,
+                key: *key,
+                ns: Namespace::GLOBAL,
+                value: kw,
+                written_ms: self.written_ms,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[cfg(test)]
+mod tests;
