@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxBuildHasher;
 use serde::Serialize;
 use smallvec::SmallVec;
 
@@ -34,7 +34,7 @@ use super::aggregate::{Acc, Aggregate};
 use super::trigger::TriggerState;
 use super::{
     check_layout, is_late, late_record, layout, result_record, Contents, FiringKind, KeyWindows, WindowFunction,
-    WindowSpec, WindowState, BINNED, LAYOUT, WINDOWS,
+    WindowSpec, BINNED, LAYOUT, WINDOWS,
 };
 use crate::error::Result;
 use crate::record::{decode_key, Batch, Value};
@@ -321,48 +321,86 @@ impl Operator for BinnedWindows {
     }
 }
 
-/// The windows' keys as the general layout's rows: each key with its windows.
+/// The windows' keys as the general layout's rows (a key with its windows), written
+/// from the windows' maps without a copy of the state: the slots are sorted by key (a
+/// few words each), and each key's row is written from its slots, field for field as
+/// [`KeyWindows`] is written.
 struct ByKey<'a> {
-    rows: Vec<(&'a [u8], KeyGroup, KeyWindows)>,
+    bins: &'a [(Window, Arc<Bin>)],
     written_ms: i64,
 }
 
 impl<'a> ByKey<'a> {
     fn of(bins: &'a [(Window, Arc<Bin>)], written_ms: i64) -> Self {
-        let mut by_key: FxHashMap<&'a [u8], (KeyGroup, KeyWindows)> = FxHashMap::default();
-        for (window, bin) in bins {
-            for (key, slot) in bin.iter() {
-                let (_, kw) = by_key
-                    .entry(key.as_slice())
-                    .or_insert_with(|| (slot.kg, KeyWindows::default()));
-                kw.windows.push(WindowState {
-                    window: *window,
-                    contents: Contents::Aggregates(slot.accs.clone()),
-                    trigger: TriggerState {
-                        count: slot.count,
-                        mark: 0,
-                    },
-                    pending: slot.pending,
-                    fired_on_time: slot.fired_on_time,
-                    firings: slot.firings,
-                });
-            }
-        }
-        let rows = by_key.into_iter().map(|(key, (kg, kw))| (key, kg, kw)).collect();
-        Self { rows, written_ms }
+        Self { bins, written_ms }
     }
+}
+
+/// [`KeyWindows`], borrowed.
+#[derive(Serialize)]
+struct KeyWindowsRef<'a> {
+    windows: SmallVec<[WindowRef<'a>; 2]>,
+}
+
+/// [`WindowState`], borrowed.
+#[derive(Serialize)]
+struct WindowRef<'a> {
+    window: Window,
+    contents: ContentsRef<'a>,
+    trigger: TriggerState,
+    pending: u64,
+    fired_on_time: bool,
+    firings: u32,
+}
+
+/// [`Contents`], borrowed: its first variant.
+#[derive(Serialize)]
+enum ContentsRef<'a> {
+    Aggregates(&'a [Acc]),
 }
 
 impl Serialize for ByKey<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.rows.len()))?;
-        for (key, kg, kw) in &self.rows {
+        let mut slots: Vec<(&[u8], u32, u32)> = self
+            .bins
+            .iter()
+            .enumerate()
+            .flat_map(|(b, (_, bin))| {
+                bin.keys()
+                    .enumerate()
+                    .map(move |(i, key)| (key.as_slice(), b as u32, i as u32))
+            })
+            .collect();
+        slots.sort_unstable();
+        let rows = slots.chunk_by(|a, b| a.0 == b.0);
+        let mut seq = s.serialize_seq(Some(rows.clone().count()))?;
+        for row in rows {
+            let mut kg = 0;
+            let windows = row
+                .iter()
+                .filter_map(|(_, b, i)| {
+                    let (window, bin) = &self.bins[*b as usize];
+                    let (_, slot) = bin.get_index(*i as usize)?;
+                    kg = slot.kg;
+                    Some(WindowRef {
+                        window: *window,
+                        contents: ContentsRef::Aggregates(&slot.accs),
+                        trigger: TriggerState {
+                            count: slot.count,
+                            mark: 0,
+                        },
+                        pending: slot.pending,
+                        fired_on_time: slot.fired_on_time,
+                        firings: slot.firings,
+                    })
+                })
+                .collect();
             seq.serialize_element(&SnapshotRow {
-                kg: *kg,
-                key: *key,
+                kg,
+                key: row[0].0,
                 ns: Namespace::GLOBAL,
-                value: kw,
+                value: KeyWindowsRef { windows },
                 written_ms: self.written_ms,
             })?;
         }

@@ -306,3 +306,70 @@ fn a_job_moves_between_the_layouts_through_checkpoints() {
         "{rows:?}"
     );
 }
+
+/// A checkpoint of windows kept by window holds, byte for byte, the rows the general
+/// layout writes for the same state: each key once, with all its windows.
+#[test]
+fn the_rows_are_written_as_the_general_layout_writes_them() {
+    use crate::operators::window::{Contents, KeyWindows, WindowState};
+    use crate::state::{encode, Namespace, SnapshotRow};
+    let s = spec(WindowAssigner::Sliding {
+        size: 10,
+        slide: 5,
+        offset: 0,
+    });
+    let mut op = BinnedWindows::new(s, 0, Arc::new(JobStats::default())).unwrap();
+    let mut job = Job::new(&op.spec, &[true]);
+    for (i, (user, ts)) in [(1, 3), (2, 7), (1, 12), (3, 30)].into_iter().enumerate() {
+        job.send(record(i as i64, user, 10 * i as i64, ts));
+    }
+    // The same state in an operator of our own, to read its maps.
+    let files = {
+        let pending = job.chains[0].snapshot(1).unwrap().into_iter().next().unwrap();
+        let blob = pending.encode(&NoSharedFiles).unwrap().unwrap();
+        vec![decode_parts(&blob, "test").unwrap()]
+    };
+    let state = crate::runtime::operator::RestoredState {
+        files: &files,
+        key_groups: KeyGroupRange::all(MAX_PARALLELISM),
+        shared: &NoSharedFiles,
+    };
+    op.restore(&state).unwrap();
+    let mut by_key: std::collections::BTreeMap<Vec<u8>, (u16, KeyWindows)> = Default::default();
+    for (window, bin) in &op.bins {
+        for (key, slot) in bin.iter() {
+            let (_, kw) = by_key.entry(key.to_vec()).or_insert((slot.kg, KeyWindows::default()));
+            kw.windows.push(WindowState {
+                window: *window,
+                contents: Contents::Aggregates(slot.accs.clone()),
+                trigger: crate::operators::window::trigger::TriggerState {
+                    count: slot.count,
+                    mark: 0,
+                },
+                pending: slot.pending,
+                fired_on_time: slot.fired_on_time,
+                firings: slot.firings,
+            });
+        }
+    }
+    assert_eq!(by_key.len(), 3);
+    assert_eq!(by_key[&op_key(&op, 1)].1.windows.len(), 4, "user 1 is in four windows");
+    let rows: Vec<SnapshotRow<&KeyWindows, &[u8]>> = by_key
+        .iter()
+        .map(|(key, (kg, kw))| SnapshotRow {
+            kg: *kg,
+            key: key.as_slice(),
+            ns: Namespace::GLOBAL,
+            value: kw,
+            written_ms: 0,
+        })
+        .collect();
+    let bins: Vec<_> = op.bins.iter().map(|(w, b)| (*w, b.clone())).collect();
+    assert_eq!(encode(&super::ByKey::of(&bins, 0)).unwrap(), encode(&rows).unwrap());
+}
+
+fn op_key(op: &BinnedWindows, user: u8) -> Vec<u8> {
+    let mut key = Vec::new();
+    record(0, user, 0, 0).key_bytes_into(&op.spec.key, &mut key);
+    key
+}
