@@ -166,45 +166,67 @@ impl Operator for BinnedWindows {
         // subtask so that a checkpoint keeps it with this subtask's state.
         let timer_kg = ctx.info.key_groups.start as KeyGroup;
         let wm = ctx.watermark;
+        let Self {
+            bins,
+            open,
+            key_buf,
+            assigned,
+            metrics,
+            stats,
+            ..
+        } = self;
+        // The window the last record went to, its map made this operator's own once:
+        // most of a batch goes to one window, and making a shared map one's own is an
+        // atomic operation.
+        let mut current: Option<(Window, &mut Bin)> = None;
+        let last_len = bins.values().next_back().map_or(0, |b| b.len());
         for r in batch.records {
             let ts = r.timestamp;
-            spec.assigner.assign(ts, &mut self.assigned);
-            self.assigned.retain(|w| !is_late(w, 0, wm));
-            if self.assigned.is_empty() {
-                self.metrics.dropped.increment(1);
-                self.stats.late_dropped.fetch_add(1, Ordering::Relaxed);
+            spec.assigner.assign(ts, assigned);
+            assigned.retain(|w| !is_late(w, 0, wm));
+            if assigned.is_empty() {
+                metrics.dropped.increment(1);
+                stats.late_dropped.fetch_add(1, Ordering::Relaxed);
                 if crate::failpoint::sabotage("drop_late") {
                     continue;
                 }
                 ctx.out.dead_letter(late_record(&spec, r, ts, wm));
                 continue;
             }
-            r.key_bytes_into(&spec.key, &mut self.key_buf);
-            let kg = key_group(hash_key_bytes(&self.key_buf), max_parallelism);
-            for w in &self.assigned {
-                let bin = match self.bins.entry(*w) {
-                    MapEntry::Occupied(e) => e.into_mut(),
-                    MapEntry::Vacant(e) => {
-                        ctx.timers
-                            .register(TimeDomain::EventTime, max_timestamp(w), timer_kg, &[], *w);
-                        e.insert(Arc::default())
-                    }
+            r.key_bytes_into(&spec.key, key_buf);
+            for w in assigned.iter() {
+                if !matches!(&current, Some((cw, _)) if cw == w) {
+                    let shared = match bins.entry(*w) {
+                        MapEntry::Occupied(e) => e.into_mut(),
+                        MapEntry::Vacant(e) => {
+                            ctx.timers
+                                .register(TimeDomain::EventTime, max_timestamp(w), timer_kg, &[], *w);
+                            // Sized as the last window is: a map grown key by key to
+                            // thousands moved its entries a dozen times.
+                            e.insert(Arc::new(Bin::with_capacity_and_hasher(last_len, FxBuildHasher)))
+                        }
+                    };
+                    // Copied here if a snapshot still holds it.
+                    current = Some((*w, Arc::make_mut(shared)));
+                }
+                let Some((_, bin)) = current.as_mut() else {
+                    continue;
                 };
-                // Copied here if a snapshot still holds it.
-                let bin = Arc::make_mut(bin);
-                let i = match bin.get_index_of(self.key_buf.as_slice()) {
+                let i = match bin.get_index_of(key_buf.as_slice()) {
                     Some(i) => i,
                     None => {
-                        self.open += 1;
+                        *open += 1;
+                        // Only a new slot needs its key group (for checkpoints): the
+                        // stable hash goes byte by byte.
                         let slot = Slot {
-                            kg,
+                            kg: key_group(hash_key_bytes(key_buf), max_parallelism),
                             accs: aggs.iter().map(Aggregate::create).collect(),
                             count: 0,
                             pending: 0,
                             firings: 0,
                             fired_on_time: false,
                         };
-                        bin.insert_full(KeyBytes::from_slice(&self.key_buf), slot).0
+                        bin.insert_full(KeyBytes::from_slice(key_buf), slot).0
                     }
                 };
                 let slot = &mut bin[i];
