@@ -589,6 +589,12 @@ impl<B: StateBackend> Operator for WindowOperator<B> {
     }
 
     fn on_timer(&mut self, timer: Timer, domain: TimeDomain, ctx: &mut Context<'_>) -> Result<()> {
+        if timer.key.is_empty() && timer.key_group != key_group(hash_key_bytes(&[]), ctx.info.max_parallelism) {
+            // A window's timer from a checkpoint of state kept by window: each key's
+            // window has its own here (registered on restore). Only a job without key
+            // fields has keys of no bytes, and their key group is this one.
+            return Ok(());
+        }
         let spec = self.spec.clone();
         let mut fire = Fire {
             spec: &spec,

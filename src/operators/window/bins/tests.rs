@@ -132,6 +132,12 @@ impl Job {
 
     /// Checkpoint every subtask and restore the state into subtasks of `layouts`.
     fn rescale(&mut self, layouts: &[bool]) {
+        let spec = self.spec.clone();
+        self.restart_as(&spec, layouts);
+    }
+
+    /// The same, the job now configured as `spec`.
+    fn restart_as(&mut self, spec: &Arc<WindowSpec>, layouts: &[bool]) {
         let files: Vec<_> = self
             .chains
             .iter_mut()
@@ -141,7 +147,7 @@ impl Job {
                 decode_parts(&blob, "test").unwrap()
             })
             .collect();
-        let mut next = Job::new(&self.spec, layouts);
+        let mut next = Job::new(spec, layouts);
         for c in &mut next.chains {
             c.restore(0, &files, &NoSharedFiles).unwrap();
         }
@@ -372,4 +378,39 @@ fn op_key(op: &BinnedWindows, user: u8) -> Vec<u8> {
     let mut key = Vec::new();
     record(0, user, 0, 0).key_bytes_into(&op.spec.key, &mut key);
     key
+}
+
+/// A job without key fields (one key of no bytes) moved from state kept by window to
+/// the general layout with allowed lateness added: each window fires once, on time,
+/// though the window's own timer and the key's both come due.
+#[test]
+fn a_job_without_key_fields_fires_each_window_once_after_moving_layouts() {
+    let keyless = |lateness: i64| {
+        let s = spec(WindowAssigner::Tumbling { size: 10, offset: 0 });
+        let mut output = s.output.clone();
+        output.fields.remove(0);
+        Arc::new(WindowSpec {
+            id: s.id.clone(),
+            key: vec![],
+            key_types: vec![],
+            input_fields: s.input_fields.clone(),
+            assigner: s.assigner,
+            trigger: Box::new(EventTimeTrigger),
+            domain: s.domain,
+            allowed_lateness: lateness,
+            function: s.function.clone(),
+            output,
+        })
+    };
+    for parallelism in [1, 2] {
+        let mut job = Job::new(&keyless(0), &[true]);
+        job.send(record(1, 1, 3, 5));
+        job.send(record(2, 2, 4, 15));
+        job.restart_as(&keyless(5), &vec![false; parallelism]);
+        job.finish();
+        let (rows, late) = job.results();
+        assert!(late.is_empty());
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().all(|r| r.contains("on_time")), "{rows:?}");
+    }
 }
