@@ -29,7 +29,13 @@ fn agg(f: AggregateFunction, input: Option<usize>, name: &str) -> Aggregate {
     }
 }
 
-fn spec(assigner: WindowAssigner, trigger: Box<dyn Trigger>, domain: TimeDomain, lateness: i64) -> Arc<WindowSpec> {
+/// Count, sum and max of `amount` per `user`.
+pub(super) fn spec(
+    assigner: WindowAssigner,
+    trigger: Box<dyn Trigger>,
+    domain: TimeDomain,
+    lateness: i64,
+) -> Arc<WindowSpec> {
     let aggs = vec![
         agg(AggregateFunction::Count, None, "n"),
         agg(AggregateFunction::Sum, Some(1), "total"),

@@ -7,12 +7,10 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::BinnedWindows;
-use crate::config::AggregateFunction;
-use crate::operators::window::aggregate::{builtin_output, Aggregate, AggregateKind};
 use crate::operators::window::assigner::WindowAssigner;
 use crate::operators::window::trigger::EventTimeTrigger;
-use crate::operators::window::{WindowFunction, WindowOperator, WindowSpec};
-use crate::record::{Batch, Field, FieldType, Record, Schema, Value, ValueSource};
+use crate::operators::window::{WindowOperator, WindowSpec};
+use crate::record::{Batch, Record, Value};
 use crate::runtime::operator::{decode_parts, Chain, Emit, Operator, SubtaskInfo};
 use crate::runtime::partition::hash_key_bytes;
 use crate::state::{key_group, HeapBackend, KeyGroupRange, NoSharedFiles};
@@ -22,44 +20,7 @@ use crate::time::timers::TimeDomain;
 const MAX_PARALLELISM: u32 = 16;
 
 fn spec(assigner: WindowAssigner) -> Arc<WindowSpec> {
-    let agg = |f, input: Option<usize>, name: &str| Aggregate {
-        kind: AggregateKind::Builtin(f),
-        input,
-        output: name.into(),
-        output_type: builtin_output(f, input.map(|_| FieldType::Int)).unwrap(),
-    };
-    let aggs = vec![
-        agg(AggregateFunction::Count, None, "n"),
-        agg(AggregateFunction::Sum, Some(1), "total"),
-        agg(AggregateFunction::Max, Some(1), "max"),
-    ];
-    let mut fields = vec![
-        Field::new("user", FieldType::String),
-        Field::new("window_start", FieldType::Int),
-        Field::new("window_end", FieldType::Int),
-    ];
-    fields.extend(aggs.iter().map(|a| Field::new(&a.output, a.output_type)));
-    fields.push(Field::new("firing", FieldType::String));
-    Arc::new(WindowSpec {
-        id: "w".into(),
-        key: vec![ValueSource::Field(0)],
-        key_types: vec![FieldType::String],
-        input_fields: vec![
-            Field::new("user", FieldType::String),
-            Field::new("amount", FieldType::Int),
-        ],
-        assigner,
-        trigger: Box::new(EventTimeTrigger),
-        domain: TimeDomain::EventTime,
-        allowed_lateness: 0,
-        function: WindowFunction::Aggregate(aggs),
-        output: Schema {
-            fields,
-            kafka_origin: false,
-            row_key: vec![],
-            keyed_by: vec![],
-        },
-    })
+    crate::operators::window::tests::spec(assigner, Box::new(EventTimeTrigger), TimeDomain::EventTime, 0)
 }
 
 fn operator(spec: &Arc<WindowSpec>, binned: bool, index: usize) -> Box<dyn Operator> {
