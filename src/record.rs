@@ -322,6 +322,22 @@ impl Schema {
 /// fields it was made from. `None` if the bytes are not such a key.
 pub fn decode_key(bytes: &[u8], types: &[FieldType]) -> Option<Vec<Value>> {
     let mut out = Vec::with_capacity(types.len());
+    decode_key_into(bytes, types, &mut out).then_some(out)
+}
+
+/// [`decode_key`], appending the values to `out`; `false`, and `out` as it was, if the
+/// bytes are not such a key. A window result starts with its key's values, so they go
+/// straight into the result's vector.
+pub fn decode_key_into(bytes: &[u8], types: &[FieldType], out: &mut Vec<Value>) -> bool {
+    let len = out.len();
+    let ok = decode_key_parts(bytes, types, out).is_some();
+    if !ok {
+        out.truncate(len);
+    }
+    ok
+}
+
+fn decode_key_parts(bytes: &[u8], types: &[FieldType], out: &mut Vec<Value>) -> Option<()> {
     let mut rest = bytes;
     for t in types {
         let (&tag, r) = rest.split_first()?;
@@ -344,5 +360,5 @@ pub fn decode_key(bytes: &[u8], types: &[FieldType]) -> Option<Vec<Value>> {
         };
         out.push(v);
     }
-    rest.is_empty().then_some(out)
+    rest.is_empty().then_some(())
 }

@@ -33,11 +33,11 @@ use smallvec::SmallVec;
 use super::aggregate::{Acc, Aggregate};
 use super::trigger::TriggerState;
 use super::{
-    check_layout, is_late, late_record, layout, result_record, Contents, FiringKind, KeyWindows, WindowFunction,
-    WindowSpec, BINNED, LAYOUT, WINDOWS,
+    check_layout, is_late, late_record, layout, result_head, result_record, Contents, FiringKind, KeyWindows,
+    WindowFunction, WindowSpec, BINNED, LAYOUT, WINDOWS,
 };
 use crate::error::Result;
-use crate::record::{decode_key, Batch, Value};
+use crate::record::Batch;
 use crate::runtime::operator::{Context, Operator, RestoredState, SnapshotParts};
 use crate::runtime::partition::hash_key_bytes;
 use crate::state::{
@@ -116,10 +116,7 @@ impl BinnedWindows {
             return 0;
         }
         let spec = &*self.spec;
-        let mut values = Vec::with_capacity(spec.output.fields.len());
-        values.extend(decode_key(key, &spec.key_types).unwrap_or_default());
-        values.push(Value::Int(window.start));
-        values.push(Value::Int(window.end));
+        let mut values = result_head(spec, key, window);
         values.extend(
             slot.accs
                 .iter()
@@ -180,17 +177,15 @@ impl Operator for BinnedWindows {
         // atomic operation.
         let mut current: Option<(Window, &mut Bin)> = None;
         let last_len = bins.values().next_back().map_or(0, |b| b.len());
-        for r in batch.records {
+        // Records are read in place (a record is a hundred bytes to move); the rare late
+        // one is taken out afterwards to become a dead letter.
+        let mut late = Vec::new();
+        for (n, r) in batch.records.iter().enumerate() {
             let ts = r.timestamp;
             spec.assigner.assign(ts, assigned);
             assigned.retain(|w| !is_late(w, 0, wm));
             if assigned.is_empty() {
-                metrics.dropped.increment(1);
-                stats.late_dropped.fetch_add(1, Ordering::Relaxed);
-                if crate::failpoint::sabotage("drop_late") {
-                    continue;
-                }
-                ctx.out.dead_letter(late_record(&spec, r, ts, wm));
+                late.push(n);
                 continue;
             }
             r.key_bytes_into(&spec.key, key_buf);
@@ -231,10 +226,25 @@ impl Operator for BinnedWindows {
                 };
                 let slot = &mut bin[i];
                 for (acc, agg) in slot.accs.iter_mut().zip(aggs) {
-                    agg.add(acc, &r, ts);
+                    agg.add(acc, r, ts);
                 }
                 slot.count += 1;
                 slot.pending += 1;
+            }
+        }
+        if !late.is_empty() {
+            let mut late = late.into_iter().peekable();
+            for (n, r) in batch.records.into_iter().enumerate() {
+                if late.next_if_eq(&n).is_none() {
+                    continue;
+                }
+                metrics.dropped.increment(1);
+                stats.late_dropped.fetch_add(1, Ordering::Relaxed);
+                if crate::failpoint::sabotage("drop_late") {
+                    continue;
+                }
+                let ts = r.timestamp;
+                ctx.out.dead_letter(late_record(&spec, r, ts, wm));
             }
         }
         self.metrics.open_windows.set(self.open as f64);

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::error::Result;
-use crate::record::{decode_key, Batch, DeadLetter, Field, FieldType, Origin, Record, Schema, Value, ValueSource};
+use crate::record::{
+    decode_key, decode_key_into, Batch, DeadLetter, Field, FieldType, Origin, Record, Schema, Value, ValueSource,
+};
 use crate::runtime::operator::{Context, Operator, RestoredState, SnapshotParts};
 use crate::runtime::partition::{hash_key_bytes, StableHasher};
 use crate::state::{key_group, KeyGroup, KeyedTable, Namespace, StateBackend, StateConfig};
@@ -341,17 +343,14 @@ impl Fire<'_> {
 
     fn emit(&mut self, ws: &mut WindowState, kind: FiringKind) {
         let spec = self.spec;
-        let key = decode_key(self.key, &spec.key_types).unwrap_or_default();
-        let mut values = Vec::with_capacity(spec.output.fields.len());
-        values.extend(key.iter().cloned());
-        values.push(Value::Int(ws.window.start));
-        values.push(Value::Int(ws.window.end));
+        let mut values = result_head(spec, self.key, ws.window);
         match (&mut ws.contents, &spec.function) {
             (Contents::Aggregates(accs), WindowFunction::Aggregate(aggs)) => {
                 values.extend(accs.iter().zip(aggs).map(|(acc, agg)| agg.result(acc)));
             }
             (Contents::Elements(els), WindowFunction::Process { function, input }) => {
                 els.sort_by_key(|e| (e.timestamp, e.partition, e.offset));
+                let key = decode_key(self.key, &spec.key_types).unwrap_or_default();
                 let ctx = WindowContext {
                     key: &key,
                     window: ws.window,
@@ -377,6 +376,16 @@ impl Fire<'_> {
             FiringKind::Early
         }
     }
+}
+
+/// The start of a firing's result values: the key's fields (none if `key` does not
+/// decode) and the window's bounds, with room for the rest of the output's fields.
+fn result_head(spec: &WindowSpec, key: &[u8], window: Window) -> Vec<Value> {
+    let mut values = Vec::with_capacity(spec.output.fields.len());
+    decode_key_into(key, &spec.key_types, &mut values);
+    values.push(Value::Int(window.start));
+    values.push(Value::Int(window.end));
+    values
 }
 
 /// A firing's result: `values` (the key's fields, the window's bounds and what the
