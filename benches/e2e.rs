@@ -17,6 +17,7 @@
 //! - Kafka, Redis, MariaDB and Parquet files against their bare loops.
 //!
 //! Needs the services of `scripts/test`; run it with `scripts/bench`.
+//! `SLUICE_BENCH_BUFFER_MEMORY` sets the budgeted windowed jobs' `job.buffer_memory_bytes`.
 
 // The allocator of the `sluice` binary, so the bench measures what runs.
 #[global_allocator]
@@ -571,7 +572,13 @@ async fn sluice_windowed(pool: &PgPool, topic: &str, n: u64, w: &Windowed<'_>) -
     .expect("create window table");
     let expected = window_rows(n, w.keys);
     let dir = tempfile::tempdir().expect("tempdir");
-    let budget = if w.budget { "" } else { "buffer_memory_bytes = 0" };
+    // `SLUICE_BENCH_BUFFER_MEMORY` (bytes) sets the budget of the budgeted jobs, to
+    // measure what a budget costs and saves.
+    let budget = match (w.budget, std::env::var("SLUICE_BENCH_BUFFER_MEMORY")) {
+        (false, _) => "buffer_memory_bytes = 0".to_string(),
+        (true, Ok(bytes)) => format!("buffer_memory_bytes = {bytes}"),
+        (true, Err(_)) => String::new(),
+    };
     let toml = format!(
         r#"
 [job]

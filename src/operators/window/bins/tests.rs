@@ -304,11 +304,11 @@ fn the_rows_are_written_as_the_general_layout_writes_them() {
     op.restore(&state).unwrap();
     let mut by_key: std::collections::BTreeMap<Vec<u8>, (u16, KeyWindows)> = Default::default();
     for (window, bin) in &op.bins {
-        for (key, slot) in bin.iter() {
+        for (key, slot, accs) in bin.iter() {
             let (_, kw) = by_key.entry(key.to_vec()).or_insert((slot.kg, KeyWindows::default()));
             kw.windows.push(WindowState {
                 window: *window,
-                contents: Contents::Aggregates(slot.accs.clone()),
+                contents: Contents::Aggregates(accs.iter().cloned().collect()),
                 trigger: crate::operators::window::trigger::TriggerState {
                     count: slot.count,
                     mark: 0,
@@ -374,4 +374,42 @@ fn a_job_without_key_fields_fires_each_window_once_after_moving_layouts() {
         assert_eq!(rows.len(), 2, "{rows:?}");
         assert!(rows.iter().all(|r| r.contains("on_time")), "{rows:?}");
     }
+}
+
+#[test]
+fn a_window_keeps_each_keys_accumulators_with_it_through_removals() {
+    use super::{Bin, Slot};
+    use crate::operators::window::aggregate::Acc;
+    use crate::state::KeyBytes;
+    let slot = |n| Slot {
+        count: n,
+        pending: n,
+        firings: 0,
+        kg: 0,
+        fired_on_time: false,
+    };
+    let accs = |n: u64| [Acc::Count(n), Acc::SumInt(n as i64 * 10)];
+    let mut bin = Bin::with_capacity(0, 2);
+    for n in 0..6u64 {
+        bin.insert(KeyBytes::from_slice(&[n as u8]), slot(n), accs(n), || Acc::Count(0));
+    }
+    // Replaced in place, and a short list padded with fresh accumulators.
+    bin.insert(KeyBytes::from_slice(&[4]), slot(4), [Acc::Count(4)], || Acc::SumInt(-1));
+    // From the middle (the last takes its place), the end and the front.
+    for i in [1, 4, 0] {
+        bin.swap_remove_index(i);
+    }
+    let mut left: Vec<(u8, u64, Vec<Acc>)> = bin
+        .iter()
+        .map(|(key, slot, accs)| (key[0], slot.count, accs.to_vec()))
+        .collect();
+    left.sort_by_key(|(key, ..)| *key);
+    let expected: Vec<(u8, u64, Vec<Acc>)> = [2u64, 3, 5]
+        .into_iter()
+        .map(|n| (n as u8, n, accs(n).to_vec()))
+        .collect();
+    assert_eq!(left, expected);
+    assert_eq!(bin.accs.len(), 6);
+    bin.insert(KeyBytes::from_slice(&[4]), slot(4), [Acc::Count(4)], || Acc::SumInt(-1));
+    assert_eq!(bin.accs(bin.len() - 1), &[Acc::Count(4), Acc::SumInt(-1)]);
 }
