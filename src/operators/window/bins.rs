@@ -104,6 +104,19 @@ impl Bin {
             .unwrap_or(&mut [])
     }
 
+    /// Add a key that is not in the window; its index. The accumulators' vector grows
+    /// with the map (which grows its entries to its table's capacity), not by doubling
+    /// on its own.
+    fn push(&mut self, key: KeyBytes, slot: Slot, accs: impl IntoIterator<Item = Acc>) -> usize {
+        let (i, _) = self.slots.insert_full(key, slot);
+        if self.accs.len() + self.width > self.accs.capacity() {
+            let room = self.slots.capacity() * self.width;
+            self.accs.reserve_exact(room.saturating_sub(self.accs.len()));
+        }
+        self.accs.extend(accs.into_iter().take(self.width));
+        i
+    }
+
     /// Add (or replace) `key`'s slot with `accs`, cut or padded with `fresh` to the
     /// bin's width; its index.
     fn insert(
@@ -313,9 +326,7 @@ impl Operator for BinnedWindows {
                             firings: 0,
                             fired_on_time: false,
                         };
-                        bin.slots.insert_full(KeyBytes::from_slice(key_buf), slot);
-                        bin.accs.extend(aggs.iter().map(Aggregate::create));
-                        bin.len() - 1
+                        bin.push(KeyBytes::from_slice(key_buf), slot, aggs.iter().map(Aggregate::create))
                     }
                 };
                 for (acc, agg) in bin.accs_mut(i).iter_mut().zip(aggs) {
