@@ -210,12 +210,12 @@ mod tests {
     #[test]
     fn the_budget_sets_the_queue_limits_and_a_consumer_can_be_made() {
         let c = consumer_config(&config(""), "127.0.0.1:1");
-        // 64 MiB over two subtasks: a quarter of each share per fetch, the rest queued.
-        assert_eq!(c.get("fetch.max.bytes"), Some("8388608"));
-        assert_eq!(c.get("queued.max.messages.kbytes"), Some("24576"));
+        // 32 MiB over two subtasks: a quarter of each share per fetch, the rest queued.
+        assert_eq!(c.get("fetch.max.bytes"), Some("4194304"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("12288"));
         assert_eq!(
             c.get("queued.min.messages"),
-            Some("24576"),
+            Some("12288"),
             "a kibibyte per queued message"
         );
         assert_eq!(c.get("fetch.queue.backoff.ms"), Some(FETCH_QUEUE_BACKOFF_MS));
