@@ -2,11 +2,12 @@
 //! tumbling or sliding windows of incremental aggregates that fire once, at their end
 //! (the default trigger, no allowed lateness), on the heap.
 //!
-//! Each open window is a map of its keys to their accumulators, held inline, and it
-//! fires by draining that map, as a batch computation (and Flink SQL's window
-//! aggregation, and Arroyo's tumbling aggregate) would: one timer per window instead of
-//! one per key and window, and a record touches one entry of a map of small entries
-//! instead of a key's entry holding all its windows behind a pointer. Kept by key (the
+//! Each open window is a map of its keys to their slots, its keys' accumulators side by
+//! side in one vector in the map's order, and it fires by draining that map, as a batch
+//! computation (and Flink SQL's window aggregation, and Arroyo's tumbling aggregate)
+//! would: one timer per window instead of one per key and window, and a record touches
+//! one entry of a map of small entries instead of a key's entry holding all its windows
+//! behind a pointer. Kept by key (the
 //! general layout, [`super::WindowOperator`]), 10,000 keys' state and timers spilled out
 //! of the core's cache and a window cost about a microsecond to open, time and fire.
 //!
