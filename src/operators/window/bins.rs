@@ -7,9 +7,9 @@
 //! computation (and Flink SQL's window aggregation, and Arroyo's tumbling aggregate)
 //! would: one timer per window instead of one per key and window, and a record touches
 //! one entry of a map of small entries instead of a key's entry holding all its windows
-//! behind a pointer. Kept by key (the
-//! general layout, [`super::WindowOperator`]), 10,000 keys' state and timers spilled out
-//! of the core's cache and a window cost about a microsecond to open, time and fire.
+//! behind a pointer. Kept by key (the general layout, [`super::WindowOperator`]), 10,000
+//! keys' state and timers spilled out of the core's cache and a window cost about a
+//! microsecond to open, time and fire.
 //!
 //! A checkpoint holds the same rows as the general layout (a key's windows per key), so
 //! a job moves between the two through a checkpoint (a trigger or allowed lateness
@@ -66,10 +66,10 @@ struct Slot {
 
 /// One window's keys: a map of each key to its slot, and the slots' accumulators side
 /// by side in the map's order, `width` (the job's aggregate count) per slot, so a slot's
-/// index in the map is its place in both. Apart from the map, an entry is 64 bytes
-/// whatever the aggregates, and the accumulators take what the job's count of them
-/// takes: held inline in the entry (room for four), a two-aggregate job's windows took
-/// 60 % more memory, most of a backlogged job's peak.
+/// index in the map is its place in both. A map entry is 64 bytes whatever the
+/// aggregates, and the accumulators take what the job's count of them takes: held
+/// inline in the entry (room for four), a two-aggregate job's windows took 60 % more
+/// memory, the largest part of a backlogged job's heap at its peak.
 #[derive(Clone, Default)]
 struct Bin {
     slots: IndexMap<KeyBytes, Slot, FxBuildHasher>,
@@ -109,7 +109,8 @@ impl Bin {
     /// with the map (which grows its entries to its table's capacity), not by doubling
     /// on its own.
     fn push(&mut self, key: KeyBytes, slot: Slot, accs: impl IntoIterator<Item = Acc>) -> usize {
-        let (i, _) = self.slots.insert_full(key, slot);
+        let (i, old) = self.slots.insert_full(key, slot);
+        debug_assert!(old.is_none(), "a key pushed twice into one window");
         if self.accs.len() + self.width > self.accs.capacity() {
             let room = self.slots.capacity() * self.width;
             self.accs.reserve_exact(room.saturating_sub(self.accs.len()));
