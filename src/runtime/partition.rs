@@ -353,6 +353,25 @@ mod tests {
     }
 
     #[test]
+    fn a_key_that_does_not_decode_leaves_the_values_it_was_appended_to_as_they_were() {
+        let r = Record::for_test(1, vec![Value::Text("user-7".into()), Value::Int(3)]);
+        let key = [ValueSource::Field(0), ValueSource::Field(1)];
+        let mut bytes = Vec::new();
+        r.key_bytes_into(&key, &mut bytes);
+        let types = [crate::record::FieldType::String, crate::record::FieldType::Int];
+        let mut values = vec![Value::Int(9)];
+        // Cut inside the second part: the first part decodes, and must not stay behind.
+        assert!(!crate::record::decode_key_into(
+            &bytes[..bytes.len() - 1],
+            &types,
+            &mut values
+        ));
+        assert_eq!(values, vec![Value::Int(9)]);
+        assert!(crate::record::decode_key_into(&bytes, &types, &mut values));
+        assert_eq!(values, vec![Value::Int(9), Value::Text("user-7".into()), Value::Int(3)]);
+    }
+
+    #[test]
     fn shuffle_spreads() {
         let mut p = Partitioner::new(PartitionerKind::Shuffle, 4, 0, 1, vec![], 128);
         let out = p.route(batch(400));
